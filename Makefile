@@ -1,0 +1,43 @@
+# kubetron developer entry points. Every target installs what it needs (idempotent, cached).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+export KUBETRON_CACHE ?= $(HOME)/.cache/kubetron
+
+.PHONY: setup test test-unit lint demo tools cluster-up cluster-down crd generate fmt
+
+setup:
+	@bash hack/setup-venv.sh
+
+tools:
+	@bash hack/build-tools.sh
+
+# make test: unit + distributed + cluster tests; builds the control-plane binaries when missing.
+test: setup tools
+	@bash hack/run-tests.sh
+
+test-unit: setup
+	@$(PY) -m pytest -q tests/unit
+
+lint: setup
+	@$(PY) -m ruff check operator trainer tests benchmarks hack
+	@$(PY) -m ruff format --check operator trainer tests benchmarks hack
+	@$(PY) -m mypy
+
+fmt: setup
+	@$(PY) -m ruff format operator trainer tests benchmarks hack
+	@$(PY) -m ruff check --fix operator trainer tests benchmarks hack
+
+# Regenerate the checked-in CRD from the pydantic models.
+generate crd: setup
+	@$(VENV)/bin/kubetron crd > manifests/crds/kubetron.io_megatronjobs.yaml
+	@echo "wrote manifests/crds/kubetron.io_megatronjobs.yaml"
+
+demo: setup
+	@bash hack/demo.sh
+
+cluster-up: setup tools
+	@$(PY) -m tests.cluster.harness up
+
+cluster-down: setup
+	@$(PY) -m tests.cluster.harness down

@@ -1,0 +1,1 @@
+"""kubetron operator: turns MegatronJobs into Kubeflow PyTorchJobs."""

@@ -1,0 +1,268 @@
+"""MegatronJob, kubetron.io/v1alpha1: the pydantic models that are the one schema source.
+
+The CRD (OpenAPI schema, CEL rules, `kubectl explain` text) is generated from these models by
+`kubetron_operator.crd`; the operator parses every object with them; the trainer's part of the
+spec is `kubetron_trainer.config`, embedded here, so all three read one schema.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import Field
+
+from kubetron_trainer.config import (
+    ApiModel,
+    CheckpointSpec,
+    DataSpec,
+    MetricsSpec,
+    ModelSpec,
+    ParallelismSpec,
+    RecipeSpec,
+)
+
+GROUP = "kubetron.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "MegatronJob"
+PLURAL = "megatronjobs"
+SINGULAR = "megatronjob"
+SHORT_NAMES = ("mj",)
+CATEGORIES = ("kubetron",)
+
+# Free-form Kubernetes objects (affinity, tolerations, volumes) are kept as-is: the API server
+# validates them again when the operator puts them into the PyTorchJob's pod template.
+FREE_FORM = {"x-kubernetes-preserve-unknown-fields": True}
+K8sObject = dict[str, Any]
+
+
+class CheckpointVolume(ApiModel):
+    """A PersistentVolumeClaim mounted at the checkpoint path in every pod."""
+
+    claim_name: str = Field(
+        min_length=1, max_length=253, description="Name of a PersistentVolumeClaim to mount."
+    )
+    read_only: bool = Field(default=False, description="Mount read-only (resume only).")
+
+
+class JobCheckpointSpec(CheckpointSpec):
+    """Checkpoint settings plus the volume that holds them."""
+
+    volume: CheckpointVolume | None = Field(
+        default=None, description="Volume mounted at `path`; without it `path` must be on a "
+        "volume added through spec.resources.volumes.",
+    )
+
+
+class EnvVar(ApiModel):
+    """An extra environment variable for the trainer container."""
+
+    name: str = Field(min_length=1, max_length=256, description="Variable name.")
+    value: str | None = Field(default=None, max_length=32768, description="Literal value.")
+    value_from: K8sObject | None = Field(
+        default=None, json_schema_extra=FREE_FORM, description="A Kubernetes EnvVarSource."
+    )
+
+
+class ResourcesSpec(ApiModel):
+    """Where and on what the trainer pods run."""
+
+    nodes: int = Field(default=1, ge=1, le=4096, description="Pods (one per node).")
+    gpus_per_node: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="GPUs per pod (CPU processes with device cpu); torchrun starts one process "
+        "per GPU.",
+    )
+    image: str = Field(
+        default="ghcr.io/kubetron/trainer:0.1.0",
+        min_length=1,
+        max_length=1024,
+        description="Trainer image (built from the Dockerfile's trainer target).",
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        default="IfNotPresent", description="Image pull policy."
+    )
+    device: Literal["gpu", "cpu"] = Field(
+        default="gpu",
+        description="gpu: one process per GPU with NCCL; cpu: gpusPerNode CPU processes with gloo "
+        "(tests and sandboxes; needs recipe.precision fp32).",
+    )
+    gpu_resource: str = Field(
+        default="nvidia.com/gpu", max_length=253, description="Extended resource name of a GPU."
+    )
+    cpu: str | None = Field(default=None, max_length=32, description="CPU request and limit.")
+    memory: str | None = Field(default=None, max_length=32, description="Memory request/limit.")
+    shared_memory: str = Field(
+        default="16Gi", max_length=32, description="Size of the memory-backed /dev/shm."
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels the pods must match."
+    )
+    tolerations: list[K8sObject] = Field(
+        default_factory=list,
+        max_length=64,
+        json_schema_extra={"items": {"type": "object", **FREE_FORM}},
+        description="Pod tolerations (core/v1 Toleration).",
+    )
+    affinity: K8sObject | None = Field(
+        default=None, json_schema_extra=FREE_FORM, description="Pod affinity (core/v1 Affinity)."
+    )
+    priority_class_name: str | None = Field(
+        default=None, max_length=253, description="PriorityClass of the pods."
+    )
+    env: list[EnvVar] = Field(
+        default_factory=list, max_length=256, description="Extra environment variables."
+    )
+    volumes: list[K8sObject] = Field(
+        default_factory=list,
+        max_length=64,
+        json_schema_extra={"items": {"type": "object", **FREE_FORM}},
+        description="Extra pod volumes (core/v1 Volume).",
+    )
+    volume_mounts: list[K8sObject] = Field(
+        default_factory=list,
+        max_length=64,
+        json_schema_extra={"items": {"type": "object", **FREE_FORM}},
+        description="Extra mounts in the trainer container (core/v1 VolumeMount).",
+    )
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+class SchedulingSpec(ApiModel):
+    """Queueing and gang scheduling."""
+
+    queue: str | None = Field(
+        default=None,
+        max_length=63,
+        description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name) or Volcano queue.",
+    )
+    scheduler_name: str | None = Field(
+        default=None, max_length=253, description="Pod scheduler, e.g. volcano."
+    )
+    min_available: int | None = Field(
+        default=None, ge=1, description="Gang size: pods that must start together."
+    )
+
+
+class CleanPodPolicy(StrEnum):
+    NONE = "None"
+    RUNNING = "Running"
+    ALL = "All"
+
+
+class RunPolicySpec(ApiModel):
+    """Lifecycle of the PyTorchJob; only `suspend` may change after creation."""
+
+    backoff_limit: int = Field(default=3, ge=0, description="Retries before the job fails.")
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=1, description="Wall-clock limit of the job."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None, ge=0, description="Delete the PyTorchJob this long after it finishes."
+    )
+    suspend: bool = Field(default=False, description="Suspend (delete pods) or resume the job.")
+    clean_pod_policy: CleanPodPolicy = Field(
+        default=CleanPodPolicy.NONE, description="Pods to delete when the job finishes."
+    )
+
+
+class MegatronJobSpec(ApiModel):
+    """A Megatron-Core training job: model, recipe, parallel shape and resources."""
+
+    model: ModelSpec = Field(description="Model preset and overrides.")
+    recipe: RecipeSpec = Field(default_factory=RecipeSpec, description="Training recipe.")
+    parallelism: ParallelismSpec = Field(
+        default_factory=ParallelismSpec, description="Parallel shape; data parallel is derived."
+    )
+    data: DataSpec = Field(default_factory=DataSpec, description="Training data.")
+    checkpoint: JobCheckpointSpec = Field(
+        default_factory=JobCheckpointSpec, description="Checkpointing."
+    )
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec, description="Pods, GPUs, image and placement."
+    )
+    scheduling: SchedulingSpec = Field(
+        default_factory=SchedulingSpec, description="Queue and gang scheduling."
+    )
+    run_policy: RunPolicySpec = Field(
+        default_factory=RunPolicySpec, description="Retries, deadlines, suspend."
+    )
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="Trainer metrics.")
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+class Condition(ApiModel):
+    """A standard Kubernetes condition."""
+
+    type: str = Field(max_length=316, description="Condition type, e.g. Valid, Running.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(default="", max_length=1024, description="CamelCase reason.")
+    message: str = Field(default="", max_length=32768, description="Human-readable details.")
+    last_transition_time: str | None = Field(
+        default=None, description="When the status last changed (RFC 3339)."
+    )
+
+
+class ResolvedParallelism(ApiModel):
+    """The parallel degrees the job runs with, data parallel included."""
+
+    tensor: int = Field(description="Tensor-parallel degree.")
+    pipeline: int = Field(description="Pipeline stages.")
+    virtual_pipeline: int = Field(description="Model chunks per stage.")
+    context: int = Field(description="Context-parallel degree.")
+    expert: int = Field(description="Expert-parallel degree.")
+    expert_tensor: int = Field(description="Expert tensor-parallel degree.")
+    data: int = Field(description="Data-parallel degree (derived).")
+
+
+class MegatronJobStatus(ApiModel):
+    """Observed state, written by the operator."""
+
+    phase: Phase | None = Field(default=None, description="Summary phase.")
+    conditions: list[Condition] = Field(
+        default_factory=list, max_length=32, description="Conditions."
+    )
+    observed_generation: int | None = Field(
+        default=None, description="Generation of the spec this status describes."
+    )
+    world_size: int | None = Field(default=None, description="Trainer processes in total.")
+    parallelism: ResolvedParallelism | None = Field(default=None, description="Resolved shape.")
+    pytorch_job: str | None = Field(default=None, description="Name of the PyTorchJob.")
+    start_time: str | None = Field(default=None, description="When the job started running.")
+    completion_time: str | None = Field(default=None, description="When the job finished.")
+    step: int | None = Field(default=None, description="Last reported training step.")
+    loss: str | None = Field(default=None, description="Last reported training loss.")
+
+
+class MegatronJob(ApiModel):
+    """The whole object as the API server stores it."""
+
+    api_version: Literal["kubetron.io/v1alpha1"] = Field(
+        default=API_VERSION, alias="apiVersion", description="kubetron.io/v1alpha1"
+    )
+    kind: Literal["MegatronJob"] = Field(default=KIND, description="MegatronJob")
+    metadata: K8sObject = Field(default_factory=dict, description="Standard object metadata.")
+    spec: MegatronJobSpec = Field(description="Desired state.")
+    status: MegatronJobStatus | None = Field(default=None, description="Observed state.")
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata.get("name", ""))
+
+    @property
+    def namespace(self) -> str:
+        return str(self.metadata.get("namespace") or "default")

@@ -1,0 +1,89 @@
+"""The `kubetron` command: validate and render MegatronJobs offline, print the CRD.
+
+`kubetron validate` runs the same parse and plan as the operator, so a spec that passes here is
+accepted by the operator; `kubetron render` prints exactly the objects the operator applies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from kubetron_operator.api.parse import SpecError, load_documents, parse_job
+from kubetron_operator.crd import crd_yaml
+from kubetron_operator.plan import Plan, PlanError, plan
+from kubetron_operator.render import render
+
+
+def _check(path: Path) -> tuple[list[tuple[str, Plan, object]], list[str]]:
+    """Parse and plan every document; return the good ones and every error message."""
+    good: list[tuple[str, Plan, object]] = []
+    errors: list[str] = []
+    try:
+        docs = list(load_documents(path))
+    except (OSError, yaml.YAMLError) as err:
+        return good, [f"{path}: cannot read: {err}"]
+    for source, obj in docs:
+        try:
+            job = parse_job(obj, source)
+            good.append((source, plan(job), job))
+        except SpecError as err:
+            errors += [f"{source}: {p}" for p in err.problems]
+        except PlanError as err:
+            errors += [f"{source}: {p}" for p in err.problems]
+    return good, errors
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    failed = False
+    for path in args.files:
+        good, errors = _check(Path(path))
+        for source, p, _ in good:
+            extra = f" (needs {', '.join(p.requirements)})" if p.requirements else ""
+            print(f"{source}: valid: {p.dims.describe()}{extra}")
+        for line in errors:
+            print(line, file=sys.stderr)
+        failed |= bool(errors)
+    return 1 if failed else 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    good, errors = _check(Path(args.file))
+    for line in errors:
+        print(line, file=sys.stderr)
+    if errors:
+        return 1
+    objs = [obj for _, p, job in good for obj in render(job, p)]  # type: ignore[arg-type]
+    sys.stdout.write(yaml.safe_dump_all(objs, sort_keys=False, width=100))
+    return 0
+
+
+def cmd_crd(_: argparse.Namespace) -> int:
+    sys.stdout.write(crd_yaml())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kubetron", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("validate", help="check MegatronJob files (schema and plan)")
+    v.add_argument("files", nargs="+", help="YAML files")
+    v.set_defaults(func=cmd_validate)
+    r = sub.add_parser("render", help="print the objects the operator would create")
+    r.add_argument("file", help="a YAML file")
+    r.set_defaults(func=cmd_render)
+    c = sub.add_parser("crd", help="print the MegatronJob CRD generated from the models")
+    c.set_defaults(func=cmd_crd)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

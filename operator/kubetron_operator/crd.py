@@ -1,0 +1,247 @@
+"""Generate the MegatronJob CustomResourceDefinition from the pydantic models.
+
+The API server needs a structural OpenAPI v3 schema: every `$ref` inlined, `anyOf: [X, null]`
+turned into X, no `title`, and JSON-Schema 2020 `exclusiveMinimum` numbers mapped to the OpenAPI
+3.0 boolean form. Objects get `default: {}` so the API server fills nested defaults. CEL rules
+cover what needs no preset data; the operator re-checks the rest (`kubetron_trainer.rules`).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import yaml
+
+from kubetron_operator.api import v1alpha1 as api
+
+Schema = dict[str, Any]
+
+_DROP_KEYS = {"title", "additionalProperties", "$defs"}
+
+WORLD = "(self.resources.nodes * self.resources.gpusPerNode)"
+MODEL_PARALLEL = "(self.parallelism.tensor * self.parallelism.context * self.parallelism.pipeline)"
+EXPERT_PARALLEL = (
+    "(self.parallelism.expertTensor * self.parallelism.expert * self.parallelism.pipeline)"
+)
+
+# (rule, message, fieldPath) on spec: only rules that need no preset numbers.
+SPEC_RULES: list[tuple[str, str, str]] = [
+    (
+        f"{WORLD} % {MODEL_PARALLEL} == 0",
+        "the world size resources.nodes*resources.gpusPerNode must be divisible by "
+        "parallelism.tensor*parallelism.context*parallelism.pipeline",
+        ".parallelism",
+    ),
+    (
+        f"{WORLD} % {EXPERT_PARALLEL} == 0",
+        "the world size resources.nodes*resources.gpusPerNode must be divisible by "
+        "parallelism.expertTensor*parallelism.expert*parallelism.pipeline",
+        ".parallelism.expert",
+    ),
+    (
+        "self.resources.gpusPerNode % self.parallelism.tensor == 0",
+        "parallelism.tensor must divide resources.gpusPerNode so that every tensor-parallel "
+        "group stays inside one node",
+        ".parallelism.tensor",
+    ),
+    (
+        f"{WORLD} % {MODEL_PARALLEL} != 0 || self.recipe.globalBatchSize % "
+        f"(self.recipe.microBatchSize * ({WORLD} / {MODEL_PARALLEL})) == 0",
+        "recipe.globalBatchSize must be divisible by recipe.microBatchSize times the data-"
+        "parallel degree (world size / (tensor*context*pipeline))",
+        ".recipe.globalBatchSize",
+    ),
+    (
+        "self.parallelism.virtualPipeline == 1 || self.parallelism.pipeline > 1",
+        "parallelism.virtualPipeline > 1 needs parallelism.pipeline > 1",
+        ".parallelism.virtualPipeline",
+    ),
+    (
+        "self.parallelism.context == 1 || self.recipe.seqLength % (2 * self.parallelism.context)"
+        " == 0",
+        "recipe.seqLength must be divisible by 2*parallelism.context",
+        ".recipe.seqLength",
+    ),
+    (
+        "self.data.type != 'indexed' || size(self.data.paths) > 0",
+        "data.paths must list at least one dataset prefix when data.type is indexed",
+        ".data.paths",
+    ),
+]
+
+# Everything but runPolicy.suspend is fixed once created: a running job cannot change shape.
+IMMUTABLE_FIELDS = ("model", "recipe", "parallelism", "data", "checkpoint", "resources")
+IMMUTABLE_FIELDS += ("scheduling", "metrics")
+IMMUTABLE_RUN_POLICY = ("backoffLimit", "cleanPodPolicy")
+OPTIONAL_RUN_POLICY = ("activeDeadlineSeconds", "ttlSecondsAfterFinished")
+
+
+def _immutability_rules() -> list[dict[str, str]]:
+    hint = "; delete and recreate the MegatronJob to change it (only runPolicy.suspend may change)"
+    rules = [
+        {
+            "rule": f"self.{f} == oldSelf.{f}",
+            "message": f"spec.{f} is immutable{hint}",
+            "fieldPath": f".{f}",
+        }
+        for f in IMMUTABLE_FIELDS
+    ]
+    rules += [
+        {
+            "rule": f"self.runPolicy.{f} == oldSelf.runPolicy.{f}",
+            "message": f"spec.runPolicy.{f} is immutable{hint}",
+            "fieldPath": f".runPolicy.{f}",
+        }
+        for f in IMMUTABLE_RUN_POLICY
+    ]
+    rules += [
+        {
+            "rule": f"has(self.runPolicy.{f}) == has(oldSelf.runPolicy.{f}) && "
+            f"(!has(self.runPolicy.{f}) || self.runPolicy.{f} == oldSelf.runPolicy.{f})",
+            "message": f"spec.runPolicy.{f} is immutable{hint}",
+            "fieldPath": f".runPolicy.{f}",
+        }
+        for f in OPTIONAL_RUN_POLICY
+    ]
+    return rules
+
+
+def openapi_schema(model: type[api.ApiModel]) -> Schema:
+    """The structural OpenAPI v3 schema of a pydantic model."""
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    return _convert(raw, raw.get("$defs", {}))
+
+
+def _convert(node: Schema, defs: dict[str, Schema]) -> Schema:
+    node = _inline(node, defs)
+    out: Schema = {}
+    for key, value in node.items():
+        if key in _DROP_KEYS:
+            continue
+        if key == "properties":
+            out[key] = {name: _convert(sub, defs) for name, sub in value.items()}
+        elif key == "items":
+            out[key] = _convert(value, defs)
+        elif key == "exclusiveMinimum":
+            out["minimum"], out["exclusiveMinimum"] = value, True
+        elif key == "exclusiveMaximum":
+            out["maximum"], out["exclusiveMaximum"] = value, True
+        else:
+            out[key] = copy.deepcopy(value)
+    extra = node.get("additionalProperties")
+    if isinstance(extra, dict) and extra:
+        out["additionalProperties"] = _convert(extra, defs)
+    if out.get("type") == "object" and "properties" in out:
+        _default_nested_objects(out)
+    return out
+
+
+def _inline(node: Schema, defs: dict[str, Schema]) -> Schema:
+    """Resolve `$ref` and optional `anyOf: [X, null]`, keeping sibling keys."""
+    node = dict(node)
+    if "anyOf" in node:
+        options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
+        if len(options) != 1:
+            raise ValueError(f"cannot express anyOf with {len(options)} options structurally")
+        node = {**_inline(options[0], defs), **node}
+        if node.get("default", "absent") is None:
+            node.pop("default")
+    if "$ref" in node:
+        target = defs[node.pop("$ref").split("/")[-1]]
+        node = {**_inline(target, defs), **node}
+    return node
+
+
+def _default_nested_objects(obj: Schema) -> None:
+    """Give optional sub-objects `default: {}` so the API server fills their defaults."""
+    required = set(obj.get("required", []))
+    for name, prop in obj["properties"].items():
+        fillable = prop.get("type") == "object" and "properties" in prop
+        if fillable and name not in required and "default" not in prop:
+            if not prop.get("required"):
+                prop["default"] = {}
+
+
+def spec_schema() -> Schema:
+    schema = openapi_schema(api.MegatronJobSpec)
+    schema["x-kubernetes-validations"] = [
+        {"rule": rule, "message": message, "fieldPath": path}
+        for rule, message, path in SPEC_RULES
+    ] + _immutability_rules()
+    return schema
+
+
+def _printer_columns() -> list[Schema]:
+    def col(name: str, path: str, typ: str = "string", priority: int = 0, desc: str = "") -> Schema:
+        c: Schema = {"name": name, "type": typ, "jsonPath": path, "description": desc}
+        if priority:
+            c["priority"] = priority
+        return c
+
+    return [
+        col("Phase", ".status.phase", desc="Summary phase"),
+        col("World", ".status.worldSize", "integer", desc="Trainer processes"),
+        col("TP", ".spec.parallelism.tensor", "integer", desc="Tensor parallel"),
+        col("PP", ".spec.parallelism.pipeline", "integer", desc="Pipeline parallel"),
+        col("DP", ".status.parallelism.data", "integer", desc="Data parallel (derived)"),
+        col("Step", ".status.step", "integer", priority=1, desc="Last training step"),
+        col("Loss", ".status.loss", priority=1, desc="Last training loss"),
+        col("Age", ".metadata.creationTimestamp", "date"),
+    ]
+
+
+def crd() -> Schema:
+    """The full CustomResourceDefinition object."""
+    root: Schema = {
+        "type": "object",
+        "description": api.MegatronJob.__doc__ or "",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string", "description": "kubetron.io/v1alpha1"},
+            "kind": {"type": "string", "description": "MegatronJob"},
+            "metadata": {"type": "object"},
+            "spec": spec_schema(),
+            "status": openapi_schema(api.MegatronJobStatus),
+        },
+    }
+    root["description"] = (
+        "MegatronJob runs Megatron-Core training as a Kubeflow PyTorchJob: model preset, "
+        "recipe, parallel shape (tensor, pipeline, context, expert; data parallel derived) and "
+        "resources."
+    )
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{api.PLURAL}.{api.GROUP}",
+            "labels": {"app.kubernetes.io/name": "kubetron", "app.kubernetes.io/part-of": "kubetron"},
+        },
+        "spec": {
+            "group": api.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": api.KIND,
+                "listKind": f"{api.KIND}List",
+                "plural": api.PLURAL,
+                "singular": api.SINGULAR,
+                "shortNames": list(api.SHORT_NAMES),
+                "categories": list(api.CATEGORIES),
+            },
+            "versions": [
+                {
+                    "name": api.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": _printer_columns(),
+                    "schema": {"openAPIV3Schema": root},
+                }
+            ],
+        },
+    }
+
+
+def crd_yaml() -> str:
+    header = "# Generated by `kubetron crd` from kubetron_operator.api; do not edit by hand.\n"
+    return header + yaml.safe_dump(crd(), sort_keys=False, width=100)

@@ -1,0 +1,117 @@
+"""plan(): from a parsed MegatronJob to everything needed to render it. Pure, no I/O.
+
+The plan resolves the preset, derives the parallel degrees, checks every rule the API server's
+CEL cannot (preset numbers), and builds the trainer's config. A bad spec raises `PlanError`
+listing every broken rule; the operator turns that into `Valid=False` and creates nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kubetron_operator.api.v1alpha1 import MegatronJob, MegatronJobSpec, ResolvedParallelism
+from kubetron_trainer.config import (
+    CheckpointSpec,
+    ModelArch,
+    Precision,
+    TrainerConfig,
+)
+from kubetron_trainer.dims import ParallelConfigError, ParallelDims
+from kubetron_trainer.rules import check_shape
+
+
+class PlanError(ValueError):
+    """The spec passed the schema but cannot run; `problems` names every broken rule."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The resolved job: architecture, degrees, world size and the trainer config."""
+
+    arch: ModelArch
+    dims: ParallelDims
+    nodes: int
+    procs_per_node: int
+    requirements: tuple[str, ...]
+    trainer_config: TrainerConfig
+
+    @property
+    def world_size(self) -> int:
+        return self.dims.world_size
+
+    def resolved_parallelism(self) -> ResolvedParallelism:
+        d = self.dims
+        return ResolvedParallelism(
+            tensor=d.tp,
+            pipeline=d.pp,
+            virtual_pipeline=d.vpp,
+            context=d.cp,
+            expert=d.ep,
+            expert_tensor=d.etp,
+            data=d.dp,
+        )
+
+
+def plan(job: MegatronJob) -> Plan:
+    """Resolve and validate a MegatronJob; raise `PlanError` naming every broken rule."""
+    spec = job.spec
+    arch = spec.model.resolve()
+    res = spec.resources
+    problems = _device_rules(spec)
+    try:
+        shape = check_shape(
+            arch=arch,
+            recipe=spec.recipe,
+            parallelism=spec.parallelism,
+            data=spec.data,
+            world_size=res.world_size,
+            gpus_per_node=res.gpus_per_node,
+        )
+    except ParallelConfigError as err:
+        raise PlanError([*err.problems, *problems]) from err
+    if problems:
+        raise PlanError(problems)
+    config = TrainerConfig(
+        job_name=job.name or "local",
+        model=arch,
+        preset=spec.model.preset,
+        recipe=spec.recipe,
+        parallelism=spec.parallelism,
+        data=spec.data,
+        checkpoint=CheckpointSpec.model_validate(
+            spec.checkpoint.model_dump(exclude={"volume"})
+        ),
+        metrics=spec.metrics,
+        world_size=res.world_size,
+        gpus_per_node=res.gpus_per_node,
+    )
+    return Plan(
+        arch=arch,
+        dims=shape.dims,
+        nodes=res.nodes,
+        procs_per_node=res.gpus_per_node,
+        requirements=shape.requirements,
+        trainer_config=config,
+    )
+
+
+def _device_rules(spec: MegatronJobSpec) -> list[str]:
+    res, recipe = spec.resources, spec.recipe
+    problems: list[str] = []
+    if res.device == "cpu" and recipe.precision != Precision.FP32:
+        problems.append(
+            f"spec.recipe.precision={recipe.precision.value} needs a GPU; use fp32 with "
+            "spec.resources.device cpu"
+        )
+    if res.device == "cpu" and spec.parallelism.pipeline > 1:
+        problems.append(
+            "spec.parallelism.pipeline > 1 needs GPUs (Megatron's pipeline schedules are "
+            "CUDA-only); use pipeline 1 with spec.resources.device cpu"
+        )
+    if spec.checkpoint.volume is not None and not spec.checkpoint.path:
+        problems.append("spec.checkpoint.volume needs spec.checkpoint.path (the mount point)")
+    return problems

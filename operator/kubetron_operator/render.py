@@ -1,0 +1,244 @@
+"""render(): from a MegatronJob and its Plan to the objects the operator applies. Pure.
+
+The output is a ConfigMap holding the trainer config and a Kubeflow PyTorchJob (behind the
+small `JobBuilder` interface, so a Trainer v2 TrainJob builder can follow). Same input, same
+bytes: dictionaries are built in a fixed order and nothing reads the clock or the cluster.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+from kubetron_operator.api.v1alpha1 import API_VERSION, KIND, MegatronJob, ResourcesSpec
+from kubetron_operator.plan import Plan
+
+Obj = dict[str, Any]
+
+CONFIG_DIR = "/etc/kubetron"
+CONFIG_FILE = "config.json"
+METRICS_DIR = "/tmp/kubetron-metrics"
+CONTAINER = "pytorch"  # the training-operator requires this container name
+MASTER_PORT = 23456
+JOB_NAME_LABEL = "kubetron.io/job-name"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# The trainer exits 1-127 for errors a restart cannot fix and >= 128 for retryable ones, which is
+# exactly the training-operator's ExitCode policy.
+RESTART_POLICY = "ExitCode"
+
+
+def labels(job: MegatronJob, component: str) -> dict[str, str]:
+    """Labels on every object kubetron creates for a job."""
+    return {
+        "app.kubernetes.io/name": "kubetron",
+        "app.kubernetes.io/instance": job.name,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": "kubetron-operator",
+        "app.kubernetes.io/part-of": "kubetron",
+        JOB_NAME_LABEL: job.name,
+    }
+
+
+def owner_reference(job: MegatronJob) -> Obj:
+    """Controller owner reference, so garbage collection deletes children with the job."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": job.name,
+        "uid": str(job.metadata["uid"]),
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def child_metadata(job: MegatronJob, name: str, component: str) -> Obj:
+    """Name, namespace, labels and (when the job has a uid) the owner reference."""
+    meta: Obj = {"name": name, "namespace": job.namespace, "labels": labels(job, component)}
+    if job.metadata.get("uid"):
+        meta["ownerReferences"] = [owner_reference(job)]
+    return meta
+
+
+def config_map_name(job: MegatronJob) -> str:
+    return f"{job.name}-config"
+
+
+def render_config_map(job: MegatronJob, plan: Plan) -> Obj:
+    body = plan.trainer_config.model_dump_json(by_alias=True, indent=2)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": child_metadata(job, config_map_name(job), "config"),
+        "data": {CONFIG_FILE: body + "\n"},
+    }
+
+
+class JobBuilder(Protocol):
+    """Builds the backend job object (PyTorchJob today, TrainJob later)."""
+
+    api_version: str
+    kind: str
+
+    def build(self, job: MegatronJob, plan: Plan) -> Obj: ...
+
+
+class PyTorchJobBuilder:
+    """Kubeflow training-operator v1 PyTorchJob: one Master plus nodes-1 Workers."""
+
+    api_version = "kubeflow.org/v1"
+    kind = "PyTorchJob"
+
+    def build(self, job: MegatronJob, plan: Plan) -> Obj:
+        replicas: Obj = {"Master": self._replica(job, plan, 1)}
+        if plan.nodes > 1:
+            replicas["Worker"] = self._replica(job, plan, plan.nodes - 1)
+        meta = child_metadata(job, job.name, "trainer")
+        if job.spec.scheduling.queue:
+            meta["labels"][KUEUE_QUEUE_LABEL] = job.spec.scheduling.queue
+        return {
+            "apiVersion": self.api_version,
+            "kind": self.kind,
+            "metadata": meta,
+            "spec": {
+                "nprocPerNode": str(plan.procs_per_node),
+                "runPolicy": _run_policy(job),
+                "pytorchReplicaSpecs": replicas,
+            },
+        }
+
+    def _replica(self, job: MegatronJob, plan: Plan, count: int) -> Obj:
+        return {
+            "replicas": count,
+            "restartPolicy": RESTART_POLICY,
+            "template": {
+                "metadata": {"labels": labels(job, "trainer")},
+                "spec": _pod_spec(job, plan),
+            },
+        }
+
+
+def _run_policy(job: MegatronJob) -> Obj:
+    rp, sched = job.spec.run_policy, job.spec.scheduling
+    out: Obj = {
+        "backoffLimit": rp.backoff_limit,
+        "cleanPodPolicy": rp.clean_pod_policy.value,
+        "suspend": rp.suspend,
+    }
+    if rp.active_deadline_seconds is not None:
+        out["activeDeadlineSeconds"] = rp.active_deadline_seconds
+    if rp.ttl_seconds_after_finished is not None:
+        out["ttlSecondsAfterFinished"] = rp.ttl_seconds_after_finished
+    policy: Obj = {}
+    if sched.min_available is not None:
+        policy["minAvailable"] = sched.min_available
+    if sched.queue:
+        policy["queue"] = sched.queue
+    if job.spec.resources.priority_class_name:
+        policy["priorityClass"] = job.spec.resources.priority_class_name
+    if policy:
+        out["schedulingPolicy"] = policy
+    return out
+
+
+def _pod_spec(job: MegatronJob, plan: Plan) -> Obj:
+    res = job.spec.resources
+    spec: Obj = {
+        "automountServiceAccountToken": False,  # trainers never talk to the API server
+        "containers": [_container(job, plan)],
+        "volumes": _volumes(job),
+    }
+    optional = {
+        "nodeSelector": dict(sorted(res.node_selector.items())) or None,
+        "tolerations": list(res.tolerations) or None,
+        "affinity": res.affinity,
+        "priorityClassName": res.priority_class_name,
+        "schedulerName": job.spec.scheduling.scheduler_name,
+    }
+    spec.update({k: v for k, v in optional.items() if v})
+    return spec
+
+
+def _container(job: MegatronJob, plan: Plan) -> Obj:
+    res = job.spec.resources
+    metrics_port = job.spec.metrics.port
+    return {
+        "name": CONTAINER,
+        "image": res.image,
+        "imagePullPolicy": res.image_pull_policy,
+        # torchrun reads PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK and PET_MASTER_* set by
+        # the training-operator, and gives each process its own RANK/LOCAL_RANK/WORLD_SIZE.
+        "command": ["torchrun"],
+        "args": ["-m", "kubetron_trainer", "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"],
+        "env": _env(job),
+        "ports": [
+            {"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"},
+            {"name": "pytorchjob-port", "containerPort": MASTER_PORT, "protocol": "TCP"},
+        ],
+        "resources": _resources(res),
+        "volumeMounts": _volume_mounts(job),
+    }
+
+
+def _env(job: MegatronJob) -> list[Obj]:
+    field = {"POD_NAME": "metadata.name", "NODE_NAME": "spec.nodeName"}
+    env: list[Obj] = [
+        {"name": "KUBETRON_JOB_NAME", "value": job.name},
+        {"name": "PROMETHEUS_MULTIPROC_DIR", "value": METRICS_DIR},
+    ]
+    env += [
+        {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+        for name, path in field.items()
+    ]
+    for var in job.spec.resources.env:
+        env.append(var.model_dump(by_alias=True, exclude_none=True))
+    return env
+
+
+def _resources(res: ResourcesSpec) -> Obj:
+    limits: Obj = {}
+    requests: Obj = {}
+    if res.device == "gpu":
+        limits[res.gpu_resource] = res.gpus_per_node
+    for key, value in (("cpu", res.cpu), ("memory", res.memory)):
+        if value:
+            limits[key] = requests[key] = value
+    out: Obj = {"limits": limits}
+    if requests:
+        out["requests"] = requests
+    return out
+
+
+def _volumes(job: MegatronJob) -> list[Obj]:
+    res, ckpt = job.spec.resources, job.spec.checkpoint
+    volumes: list[Obj] = [
+        {"name": "config", "configMap": {"name": config_map_name(job)}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shared_memory}},
+        {"name": "metrics", "emptyDir": {}},
+    ]
+    if ckpt.volume is not None:
+        claim = {"claimName": ckpt.volume.claim_name, "readOnly": ckpt.volume.read_only}
+        volumes.append({"name": "checkpoints", "persistentVolumeClaim": claim})
+    return volumes + list(res.volumes)
+
+
+def _volume_mounts(job: MegatronJob) -> list[Obj]:
+    ckpt = job.spec.checkpoint
+    mounts: list[Obj] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "metrics", "mountPath": METRICS_DIR},
+    ]
+    if ckpt.volume is not None and ckpt.path:
+        mounts.append({"name": "checkpoints", "mountPath": ckpt.path})
+    return mounts + list(job.spec.resources.volume_mounts)
+
+
+def render(job: MegatronJob, plan: Plan, builder: JobBuilder | None = None) -> list[Obj]:
+    """The ConfigMap and the backend job for a MegatronJob, in apply order."""
+    builder = builder or PyTorchJobBuilder()
+    return [render_config_map(job, plan), builder.build(job, plan)]
+
+
+def config_digest(objs: list[Obj]) -> str:
+    """A stable text form of rendered objects (golden files, change detection)."""
+    return json.dumps(objs, sort_keys=True, separators=(",", ":"))

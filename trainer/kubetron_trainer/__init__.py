@@ -1,0 +1,1 @@
+"""kubetron trainer: Megatron-Core training with decentralized process groups."""

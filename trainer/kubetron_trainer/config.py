@@ -1,0 +1,308 @@
+"""The trainer's configuration: pydantic models shared by the operator, the CRD and the trainer.
+
+This module imports no torch, so the operator image can embed these models in the MegatronJob
+API. The operator writes a `TrainerConfig` as JSON into a ConfigMap; the trainer reads the same
+model back. Field names are camelCase on the wire (Kubernetes style) and snake_case in Python.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+
+class ApiModel(BaseModel):
+    """Base of every schema model: camelCase aliases, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+# --------------------------------------------------------------------------- model architecture
+
+
+class ModelArch(ApiModel):
+    """The architecture numbers Megatron-Core's TransformerConfig needs for a GPT model."""
+
+    num_layers: int = Field(ge=1, description="Number of transformer layers.")
+    hidden_size: int = Field(ge=1, description="Hidden size (model width).")
+    ffn_hidden_size: int = Field(ge=1, description="Hidden size of the MLP of a dense layer.")
+    num_attention_heads: int = Field(ge=1, description="Number of query heads.")
+    num_query_groups: int = Field(
+        ge=1, description="Number of key/value heads (grouped-query attention)."
+    )
+    kv_channels: int = Field(ge=1, description="Size of one attention head.")
+    vocab_size: int = Field(ge=1, description="Vocabulary size before padding.")
+    max_position_embeddings: int = Field(ge=1, description="Longest sequence the model supports.")
+    swiglu: bool = Field(default=True, description="SwiGLU MLP (else GELU).")
+    normalization: Literal["RMSNorm", "LayerNorm"] = Field(
+        default="RMSNorm", description="Normalization layer."
+    )
+    qk_layernorm: bool = Field(default=False, description="Normalize queries and keys (Qwen3).")
+    untie_embeddings: bool = Field(
+        default=False, description="Separate output layer weights instead of tied embeddings."
+    )
+    position_embedding_type: Literal["rope", "learned_absolute"] = Field(
+        default="rope", description="Rotary or learned absolute position embeddings."
+    )
+    rotary_base: int = Field(default=10000, ge=1, description="RoPE base (theta).")
+    num_experts: int | None = Field(
+        default=None, ge=1, description="Experts per MoE layer; unset for a dense model."
+    )
+    moe_router_topk: int = Field(default=2, ge=1, description="Experts each token is routed to.")
+    moe_ffn_hidden_size: int | None = Field(
+        default=None, ge=1, description="Hidden size of each expert's MLP."
+    )
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts is not None
+
+
+def _arch(**kw: object) -> ModelArch:
+    return ModelArch.model_validate(kw)
+
+
+# One table for every preset. Numbers from the models' published configs.
+PRESETS: dict[str, ModelArch] = {
+    "gpt-tiny": _arch(
+        num_layers=2, hidden_size=64, ffn_hidden_size=256, num_attention_heads=4,
+        num_query_groups=2, kv_channels=16, vocab_size=512, max_position_embeddings=512,
+        untie_embeddings=True, position_embedding_type="learned_absolute",
+    ),
+    "gpt-tiny-moe": _arch(
+        num_layers=2, hidden_size=64, ffn_hidden_size=256, num_attention_heads=4,
+        num_query_groups=2, kv_channels=16, vocab_size=512, max_position_embeddings=512,
+        untie_embeddings=True, position_embedding_type="learned_absolute",
+        num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=128,
+    ),
+    "qwen3-0.6b": _arch(
+        num_layers=28, hidden_size=1024, ffn_hidden_size=3072, num_attention_heads=16,
+        num_query_groups=8, kv_channels=128, vocab_size=151936, max_position_embeddings=40960,
+        qk_layernorm=True, rotary_base=1000000,
+    ),
+    "qwen3-1.7b": _arch(
+        num_layers=28, hidden_size=2048, ffn_hidden_size=6144, num_attention_heads=16,
+        num_query_groups=8, kv_channels=128, vocab_size=151936, max_position_embeddings=40960,
+        qk_layernorm=True, rotary_base=1000000,
+    ),
+    "qwen3-4b": _arch(
+        num_layers=36, hidden_size=2560, ffn_hidden_size=9728, num_attention_heads=32,
+        num_query_groups=8, kv_channels=128, vocab_size=151936, max_position_embeddings=40960,
+        qk_layernorm=True, rotary_base=1000000,
+    ),
+    "qwen3-8b": _arch(
+        num_layers=36, hidden_size=4096, ffn_hidden_size=12288, num_attention_heads=32,
+        num_query_groups=8, kv_channels=128, vocab_size=151936, max_position_embeddings=40960,
+        qk_layernorm=True, rotary_base=1000000, untie_embeddings=True,
+    ),
+    "llama3-8b": _arch(
+        num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
+        num_query_groups=8, kv_channels=128, vocab_size=128256, max_position_embeddings=8192,
+        rotary_base=500000, untie_embeddings=True,
+    ),
+    "qwen3-30b-a3b": _arch(
+        num_layers=48, hidden_size=2048, ffn_hidden_size=6144, num_attention_heads=32,
+        num_query_groups=4, kv_channels=128, vocab_size=151936, max_position_embeddings=40960,
+        qk_layernorm=True, rotary_base=1000000, untie_embeddings=True,
+        num_experts=128, moe_router_topk=8, moe_ffn_hidden_size=768,
+    ),
+}  # fmt: skip
+
+PresetName = Literal[
+    "gpt-tiny",
+    "gpt-tiny-moe",
+    "qwen3-0.6b",
+    "qwen3-1.7b",
+    "qwen3-4b",
+    "qwen3-8b",
+    "llama3-8b",
+    "qwen3-30b-a3b",
+]
+
+
+class ModelOverrides(ApiModel):
+    """Typed changes to a preset's architecture; unset fields keep the preset's value."""
+
+    num_layers: int | None = Field(default=None, ge=1, description="Number of layers.")
+    hidden_size: int | None = Field(default=None, ge=1, description="Hidden size.")
+    ffn_hidden_size: int | None = Field(default=None, ge=1, description="Dense MLP hidden size.")
+    num_attention_heads: int | None = Field(default=None, ge=1, description="Query heads.")
+    num_query_groups: int | None = Field(default=None, ge=1, description="Key/value heads.")
+    kv_channels: int | None = Field(default=None, ge=1, description="Size of one head.")
+    vocab_size: int | None = Field(default=None, ge=1, description="Vocabulary size.")
+    max_position_embeddings: int | None = Field(
+        default=None, ge=1, description="Longest supported sequence."
+    )
+    num_experts: int | None = Field(default=None, ge=1, description="Experts per MoE layer.")
+    moe_router_topk: int | None = Field(default=None, ge=1, description="Experts per token.")
+    moe_ffn_hidden_size: int | None = Field(default=None, ge=1, description="Expert MLP size.")
+
+
+class ModelSpec(ApiModel):
+    """Which model to train: a preset plus typed overrides."""
+
+    preset: PresetName = Field(description="Architecture preset (see the README's table).")
+    overrides: ModelOverrides = Field(
+        default_factory=ModelOverrides, description="Changes to the preset's numbers."
+    )
+
+    def resolve(self) -> ModelArch:
+        """The preset's architecture with the overrides applied."""
+        changes = self.overrides.model_dump(exclude_none=True)
+        return PRESETS[self.preset].model_copy(update=changes)
+
+
+# --------------------------------------------------------------------------- recipe
+
+
+class Precision(StrEnum):
+    BF16 = "bf16"
+    FP8 = "fp8"
+    FP32 = "fp32"
+
+
+class OptimizerSpec(ApiModel):
+    """Optimizer settings (Megatron's OptimizerConfig)."""
+
+    name: Literal["adam", "sgd"] = Field(default="adam", description="Optimizer.")
+    lr: float = Field(default=3e-4, gt=0, description="Peak learning rate.")
+    min_lr: float = Field(default=3e-5, ge=0, description="Learning rate at the end of decay.")
+    weight_decay: float = Field(default=0.1, ge=0, description="Decoupled weight decay.")
+    adam_beta1: float = Field(default=0.9, ge=0, lt=1, description="Adam beta1.")
+    adam_beta2: float = Field(default=0.95, ge=0, lt=1, description="Adam beta2.")
+    adam_eps: float = Field(default=1e-8, gt=0, description="Adam epsilon.")
+    clip_grad: float = Field(default=1.0, ge=0, description="Gradient norm clip; 0 disables.")
+    distributed: bool = Field(
+        default=True, description="Shard optimizer state over data-parallel ranks (GPU only)."
+    )
+
+
+class LRScheduleSpec(ApiModel):
+    """Learning-rate schedule (Megatron's OptimizerParamScheduler)."""
+
+    style: Literal["cosine", "linear", "constant"] = Field(
+        default="cosine", description="Decay style after warmup."
+    )
+    warmup_iters: int = Field(default=0, ge=0, description="Linear warmup steps.")
+    decay_iters: int | None = Field(
+        default=None, ge=1, description="Decay steps; defaults to trainIters."
+    )
+
+
+class RecipeSpec(ApiModel):
+    """How to train: steps, batch sizes, precision, optimizer and schedule."""
+
+    kind: Literal["pretrain", "finetune"] = Field(default="pretrain", description="Recipe kind.")
+    train_iters: int = Field(default=100, ge=1, description="Optimizer steps to run.")
+    global_batch_size: int = Field(default=8, ge=1, description="Sequences per optimizer step.")
+    micro_batch_size: int = Field(default=1, ge=1, description="Sequences per forward pass.")
+    seq_length: int = Field(default=2048, ge=8, description="Tokens per sequence.")
+    precision: Precision = Field(
+        default=Precision.BF16, description="bf16 (GPU), fp8 (needs Transformer Engine), fp32."
+    )
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer.")
+    lr_schedule: LRScheduleSpec = Field(
+        default_factory=LRScheduleSpec, description="Learning-rate schedule."
+    )
+    seed: int = Field(default=1234, ge=0, description="Random seed (model init and data).")
+    log_interval: int = Field(default=10, ge=1, description="Steps between progress lines.")
+
+
+# --------------------------------------------------------------------------- parallelism
+
+
+class ParallelismSpec(ApiModel):
+    """Parallel shape; the data-parallel degree is derived from the world size."""
+
+    tensor: int = Field(default=1, ge=1, description="Tensor-parallel degree (inside a node).")
+    pipeline: int = Field(default=1, ge=1, description="Pipeline-parallel stages.")
+    virtual_pipeline: int = Field(
+        default=1, ge=1, description="Model chunks per pipeline stage (interleaved schedule)."
+    )
+    context: int = Field(default=1, ge=1, description="Context-parallel degree (needs TE).")
+    expert: int = Field(default=1, ge=1, description="Expert-parallel degree (MoE).")
+    expert_tensor: int = Field(default=1, ge=1, description="Tensor parallel inside experts.")
+    sequence_parallel: bool = Field(
+        default=False, description="Sequence parallel with tensor > 1 (needs TE)."
+    )
+
+
+# --------------------------------------------------------------------------- data
+
+
+class TokenizerSpec(ApiModel):
+    """Tokenizer; `byte` needs no download and is what tests and the demo use."""
+
+    type: Literal["byte", "huggingface"] = Field(default="byte", description="Tokenizer kind.")
+    name: str | None = Field(
+        default=None, max_length=253, description="Hugging Face tokenizer name or local path."
+    )
+
+
+class DatasetPath(ApiModel):
+    """One Megatron indexed dataset (`<prefix>.bin` and `<prefix>.idx`) and its weight."""
+
+    prefix: str = Field(min_length=1, max_length=1024, description="Path prefix without suffix.")
+    weight: float = Field(default=1.0, gt=0, description="Relative sampling weight.")
+
+
+class DataSpec(ApiModel):
+    """Training data: deterministic mock tokens, or Megatron indexed datasets."""
+
+    type: Literal["mock", "indexed"] = Field(default="mock", description="Data source.")
+    paths: list[DatasetPath] = Field(
+        default_factory=list, max_length=64, description="Indexed datasets (type indexed)."
+    )
+    split: str = Field(
+        default="99,1,0",
+        pattern=r"^\d+(\.\d+)?,\d+(\.\d+)?,\d+(\.\d+)?$",
+        max_length=64,
+        description="Train,validation,test split weights.",
+    )
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec, description="Tokenizer.")
+    num_workers: int = Field(default=1, ge=0, le=64, description="DataLoader workers per rank.")
+
+
+# --------------------------------------------------------------------------- checkpoint, metrics
+
+
+class CheckpointSpec(ApiModel):
+    """Where and how often to save; resume picks the latest complete checkpoint."""
+
+    path: str | None = Field(
+        default=None, max_length=1024, description="Directory for checkpoints; unset disables."
+    )
+    save_interval: int = Field(default=100, ge=1, description="Steps between saves.")
+    resume: Literal["auto", "never"] = Field(
+        default="auto", description="auto resumes from the latest checkpoint when one exists."
+    )
+
+
+class MetricsSpec(ApiModel):
+    """Prometheus metrics served by each trainer pod."""
+
+    enabled: bool = Field(default=True, description="Serve /metrics from local rank 0.")
+    port: int = Field(default=9400, ge=1024, le=65535, description="Metrics port (named metrics).")
+
+
+# --------------------------------------------------------------------------- the trainer config
+
+
+class TrainerConfig(ApiModel):
+    """Everything one trainer process needs; the operator writes it to a ConfigMap as JSON."""
+
+    job_name: str = Field(default="local", description="MegatronJob name, used in metric labels.")
+    model: ModelArch = Field(description="Resolved architecture.")
+    preset: str = Field(default="custom", description="Preset the architecture came from.")
+    recipe: RecipeSpec = Field(default_factory=RecipeSpec)
+    parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec)
+    world_size: Annotated[int, Field(ge=1)] = Field(default=1, description="Expected world size.")
+    gpus_per_node: int = Field(default=1, ge=1, description="Processes per node.")

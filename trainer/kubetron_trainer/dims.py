@@ -1,0 +1,129 @@
+"""Parallel degrees shared by the operator and the trainer, torch-free.
+
+One `ParallelDims` object validates that the degrees multiply into the world size, derives the
+data-parallel degree (never given by the user) and exposes the degrees Megatron-Core needs. The
+operator imports this without torch; the trainer builds its process groups from it.
+
+Every check collects all broken rules and raises one `ParallelConfigError` (a `ValueError`) whose
+message names every degree, so a user sees the whole shape and every problem at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class ParallelConfigError(ValueError):
+    """A parallel shape that cannot run; `problems` lists every broken rule."""
+
+    def __init__(self, problems: list[str], shape: str) -> None:
+        self.problems = list(problems)
+        self.shape = shape
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid parallel shape ({shape}):\n{lines}")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Degrees of one model's parallel grid over `world_size` ranks.
+
+    Dense grid order is [tp, cp, dp, pp] (tp fastest, so TP stays inside a node); the expert grid
+    over the same ranks is [etp, ep, edp, pp].
+    """
+
+    world_size: int
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+    etp: int = 1
+    vpp: int = 1
+    dp: int = 1
+
+    @classmethod
+    def from_degrees(
+        cls,
+        world_size: int,
+        *,
+        tp: int = 1,
+        pp: int = 1,
+        cp: int = 1,
+        ep: int = 1,
+        etp: int = 1,
+        vpp: int = 1,
+    ) -> ParallelDims:
+        """Derive dp from the world size; raise one error naming every broken rule."""
+        degrees = {"tensor": tp, "pipeline": pp, "context": cp, "expert": ep}
+        degrees |= {"expertTensor": etp, "virtualPipeline": vpp}
+        problems = [
+            f"{name}={value} must be >= 1" for name, value in degrees.items() if value < 1
+        ]
+        if world_size < 1:
+            problems.append(f"world size {world_size} must be >= 1")
+        if problems:
+            raise ParallelConfigError(problems, _shape(world_size, degrees, dp=None))
+        model_parallel = tp * cp * pp
+        if world_size % model_parallel:
+            problems.append(
+                f"world size {world_size} is not divisible by tensor*context*pipeline = "
+                f"{tp}*{cp}*{pp} = {model_parallel}; change the degrees or the number of GPUs"
+            )
+        expert_parallel = etp * ep * pp
+        if world_size % expert_parallel:
+            problems.append(
+                f"world size {world_size} is not divisible by expertTensor*expert*pipeline = "
+                f"{etp}*{ep}*{pp} = {expert_parallel}; change the expert degrees"
+            )
+        if vpp > 1 and pp == 1:
+            problems.append(
+                f"virtualPipeline={vpp} needs pipeline > 1; set virtualPipeline to 1 or raise "
+                "pipeline"
+            )
+        dp = world_size // model_parallel if not world_size % model_parallel else None
+        if problems:
+            raise ParallelConfigError(problems, _shape(world_size, degrees, dp=dp))
+        assert dp is not None  # for the type checker: no problems means divisible
+        return cls(world_size=world_size, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, vpp=vpp, dp=dp)
+
+    @property
+    def edp(self) -> int:
+        """Expert data-parallel degree: the expert grid's remaining dimension."""
+        return self.world_size // (self.etp * self.ep * self.pp)
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
+
+    @property
+    def cp_enabled(self) -> bool:
+        return self.cp > 1
+
+    @property
+    def ep_enabled(self) -> bool:
+        return self.ep > 1
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp > 1
+
+    @property
+    def vpp_size(self) -> int | None:
+        """Megatron's `virtual_pipeline_model_parallel_size`: None when not interleaved."""
+        return self.vpp if self.vpp > 1 else None
+
+    def describe(self) -> str:
+        return (
+            f"world={self.world_size} tensor={self.tp} pipeline={self.pp} "
+            f"virtualPipeline={self.vpp} context={self.cp} expert={self.ep} "
+            f"expertTensor={self.etp} data={self.dp}"
+        )
+
+
+def _shape(world_size: int, degrees: dict[str, int], dp: int | None) -> str:
+    parts = [f"world={world_size}"] + [f"{k}={v}" for k, v in degrees.items()]
+    parts.append(f"data={dp if dp is not None else '?'}")
+    return " ".join(parts)

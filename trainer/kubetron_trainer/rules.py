@@ -1,0 +1,158 @@
+"""Every rule a training shape must satisfy, checked in one pure function.
+
+The operator calls this before it creates anything, and the trainer calls it again at start, so
+a spec that slips past the API server's CEL rules (which cannot see preset numbers) is refused
+with one message that lists every broken rule and names the fields to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kubetron_trainer.config import DataSpec, ModelArch, ParallelismSpec, Precision, RecipeSpec
+from kubetron_trainer.dims import ParallelConfigError, ParallelDims
+
+TRANSFORMER_ENGINE = "transformer-engine"
+
+
+@dataclass(frozen=True)
+class ShapeCheck:
+    """A valid shape: the derived degrees and what the image must provide."""
+
+    dims: ParallelDims
+    requirements: tuple[str, ...]
+
+
+def check_shape(
+    *,
+    arch: ModelArch,
+    recipe: RecipeSpec,
+    parallelism: ParallelismSpec,
+    data: DataSpec,
+    world_size: int,
+    gpus_per_node: int,
+) -> ShapeCheck:
+    """Validate the whole shape; raise one `ParallelConfigError` naming every broken rule."""
+    p = parallelism
+    problems: list[str] = []
+    dims: ParallelDims | None = None
+    try:
+        dims = ParallelDims.from_degrees(
+            world_size,
+            tp=p.tensor,
+            pp=p.pipeline,
+            cp=p.context,
+            ep=p.expert,
+            etp=p.expert_tensor,
+            vpp=p.virtual_pipeline,
+        )
+    except ParallelConfigError as err:
+        problems.extend(f"spec.parallelism: {msg}" for msg in err.problems)
+    problems += _node_rules(p, gpus_per_node)
+    problems += _model_rules(arch, p, recipe)
+    if dims is not None:
+        problems += _batch_rules(recipe, dims)
+    problems += _data_rules(data)
+    if problems:
+        raise ParallelConfigError(problems, _shape(world_size, gpus_per_node, p, dims))
+    assert dims is not None  # no problems means the degrees were valid
+    return ShapeCheck(dims=dims, requirements=_requirements(recipe, p))
+
+
+def _node_rules(p: ParallelismSpec, gpus_per_node: int) -> list[str]:
+    if gpus_per_node % p.tensor:
+        return [
+            f"spec.parallelism.tensor={p.tensor} must divide spec.resources.gpusPerNode="
+            f"{gpus_per_node} so every tensor-parallel group stays inside one node; use a "
+            f"tensor degree that divides {gpus_per_node}"
+        ]
+    return []
+
+
+def _model_rules(arch: ModelArch, p: ParallelismSpec, recipe: RecipeSpec) -> list[str]:
+    problems: list[str] = []
+    if arch.num_attention_heads % p.tensor:
+        problems.append(
+            f"model numAttentionHeads={arch.num_attention_heads} is not divisible by "
+            f"spec.parallelism.tensor={p.tensor}"
+        )
+    if arch.num_query_groups % p.tensor:
+        problems.append(
+            f"model numQueryGroups={arch.num_query_groups} is not divisible by "
+            f"spec.parallelism.tensor={p.tensor}"
+        )
+    stages = p.pipeline * p.virtual_pipeline
+    if arch.num_layers % stages:
+        problems.append(
+            f"model numLayers={arch.num_layers} is not divisible by spec.parallelism.pipeline*"
+            f"virtualPipeline={p.pipeline}*{p.virtual_pipeline}={stages}"
+        )
+    if p.context > 1 and recipe.seq_length % (2 * p.context):
+        problems.append(
+            f"spec.recipe.seqLength={recipe.seq_length} must be divisible by 2*spec.parallelism."
+            f"context={2 * p.context} (context parallelism splits each sequence in 2*context chunks)"
+        )
+    if recipe.seq_length > arch.max_position_embeddings:
+        problems.append(
+            f"spec.recipe.seqLength={recipe.seq_length} exceeds the model's "
+            f"maxPositionEmbeddings={arch.max_position_embeddings}"
+        )
+    problems += _moe_rules(arch, p)
+    if p.sequence_parallel and p.tensor == 1:
+        problems.append("spec.parallelism.sequenceParallel needs tensor > 1; set it to false")
+    return problems
+
+
+def _moe_rules(arch: ModelArch, p: ParallelismSpec) -> list[str]:
+    if arch.num_experts is None:
+        if p.expert > 1 or p.expert_tensor > 1:
+            return [
+                f"spec.parallelism.expert={p.expert}/expertTensor={p.expert_tensor} need an MoE "
+                "model (numExperts set); set both to 1 for a dense model"
+            ]
+        return []
+    problems: list[str] = []
+    if arch.num_experts % p.expert:
+        problems.append(
+            f"model numExperts={arch.num_experts} is not divisible by spec.parallelism.expert="
+            f"{p.expert}"
+        )
+    if arch.moe_router_topk > arch.num_experts:
+        problems.append(
+            f"model moeRouterTopk={arch.moe_router_topk} exceeds numExperts={arch.num_experts}"
+        )
+    return problems
+
+
+def _batch_rules(recipe: RecipeSpec, dims: ParallelDims) -> list[str]:
+    per_step = recipe.micro_batch_size * dims.dp
+    if recipe.global_batch_size % per_step:
+        return [
+            f"spec.recipe.globalBatchSize={recipe.global_batch_size} is not divisible by "
+            f"microBatchSize*dataParallel={recipe.micro_batch_size}*{dims.dp}={per_step}"
+        ]
+    return []
+
+
+def _data_rules(data: DataSpec) -> list[str]:
+    if data.type == "indexed" and not data.paths:
+        return ["spec.data.paths must list at least one dataset prefix when type is indexed"]
+    if data.type == "mock" and data.paths:
+        return ["spec.data.paths is only used with type indexed; remove it or set type: indexed"]
+    if data.tokenizer.type == "huggingface" and not data.tokenizer.name:
+        return ["spec.data.tokenizer.name is required when tokenizer type is huggingface"]
+    return []
+
+
+def _requirements(recipe: RecipeSpec, p: ParallelismSpec) -> tuple[str, ...]:
+    needs_te = recipe.precision == Precision.FP8 or p.context > 1 or p.sequence_parallel
+    return (TRANSFORMER_ENGINE,) if needs_te else ()
+
+
+def _shape(world: int, gpn: int, p: ParallelismSpec, dims: ParallelDims | None) -> str:
+    dp = dims.dp if dims is not None else "?"
+    return (
+        f"world={world} gpusPerNode={gpn} tensor={p.tensor} pipeline={p.pipeline} "
+        f"virtualPipeline={p.virtual_pipeline} context={p.context} expert={p.expert} "
+        f"expertTensor={p.expert_tensor} data={dp}"
+    )
