@@ -13,14 +13,15 @@ from pathlib import Path
 import yaml
 
 from kubetron_operator.api.parse import SpecError, load_documents, parse_job
+from kubetron_operator.api.v1alpha1 import MegatronJob
 from kubetron_operator.crd import crd_yaml
 from kubetron_operator.plan import Plan, PlanError, plan
-from kubetron_operator.render import render
+from kubetron_operator.render import render, to_yaml
 
 
-def _check(path: Path) -> tuple[list[tuple[str, Plan, object]], list[str]]:
+def _check(path: Path) -> tuple[list[tuple[str, Plan, MegatronJob]], list[str]]:
     """Parse and plan every document; return the good ones and every error message."""
-    good: list[tuple[str, Plan, object]] = []
+    good: list[tuple[str, Plan, MegatronJob]] = []
     errors: list[str] = []
     try:
         docs = list(load_documents(path))
@@ -56,8 +57,8 @@ def cmd_render(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr)
     if errors:
         return 1
-    objs = [obj for _, p, job in good for obj in render(job, p)]  # type: ignore[arg-type]
-    sys.stdout.write(yaml.safe_dump_all(objs, sort_keys=False, width=100))
+    objs = [obj for _, p, job in good for obj in render(job, p)]
+    sys.stdout.write(to_yaml(objs))
     return 0
 
 

@@ -71,8 +71,8 @@ SPEC_RULES: list[tuple[str, str, str]] = [
 ]
 
 # Everything but runPolicy.suspend is fixed once created: a running job cannot change shape.
-IMMUTABLE_FIELDS = ("model", "recipe", "parallelism", "data", "checkpoint", "resources")
-IMMUTABLE_FIELDS += ("scheduling", "metrics")
+IMMUTABLE_FIELDS: tuple[str, ...] = ("model", "recipe", "parallelism", "data", "checkpoint")
+IMMUTABLE_FIELDS += ("resources", "scheduling", "metrics")
 IMMUTABLE_RUN_POLICY = ("backoffLimit", "cleanPodPolicy")
 OPTIONAL_RUN_POLICY = ("activeDeadlineSeconds", "ttlSecondsAfterFinished")
 
@@ -158,16 +158,14 @@ def _default_nested_objects(obj: Schema) -> None:
     required = set(obj.get("required", []))
     for name, prop in obj["properties"].items():
         fillable = prop.get("type") == "object" and "properties" in prop
-        if fillable and name not in required and "default" not in prop:
-            if not prop.get("required"):
-                prop["default"] = {}
+        if fillable and name not in required and "default" not in prop and not prop.get("required"):
+            prop["default"] = {}
 
 
 def spec_schema() -> Schema:
     schema = openapi_schema(api.MegatronJobSpec)
     schema["x-kubernetes-validations"] = [
-        {"rule": rule, "message": message, "fieldPath": path}
-        for rule, message, path in SPEC_RULES
+        {"rule": rule, "message": message, "fieldPath": path} for rule, message, path in SPEC_RULES
     ] + _immutability_rules()
     return schema
 
@@ -215,7 +213,10 @@ def crd() -> Schema:
         "kind": "CustomResourceDefinition",
         "metadata": {
             "name": f"{api.PLURAL}.{api.GROUP}",
-            "labels": {"app.kubernetes.io/name": "kubetron", "app.kubernetes.io/part-of": "kubetron"},
+            "labels": {
+                "app.kubernetes.io/name": "kubetron",
+                "app.kubernetes.io/part-of": "kubetron",
+            },
         },
         "spec": {
             "group": api.GROUP,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kubetron_operator.api.v1alpha1 import MegatronJob, MegatronJobSpec, ResolvedParallelism
 from kubetron_trainer.config import (
     CheckpointSpec,
     ModelArch,
@@ -18,6 +17,8 @@ from kubetron_trainer.config import (
 )
 from kubetron_trainer.dims import ParallelConfigError, ParallelDims
 from kubetron_trainer.rules import check_shape
+
+from kubetron_operator.api.v1alpha1 import MegatronJob, MegatronJobSpec, ResolvedParallelism
 
 
 class PlanError(ValueError):
@@ -82,9 +83,7 @@ def plan(job: MegatronJob) -> Plan:
         recipe=spec.recipe,
         parallelism=spec.parallelism,
         data=spec.data,
-        checkpoint=CheckpointSpec.model_validate(
-            spec.checkpoint.model_dump(exclude={"volume"})
-        ),
+        checkpoint=CheckpointSpec.model_validate(spec.checkpoint.model_dump(exclude={"volume"})),
         metrics=spec.metrics,
         world_size=res.world_size,
         gpus_per_node=res.gpus_per_node,

@@ -7,8 +7,9 @@ bytes: dictionaries are built in a fixed order and nothing reads the clock or th
 
 from __future__ import annotations
 
-import json
 from typing import Any, Protocol
+
+import yaml
 
 from kubetron_operator.api.v1alpha1 import API_VERSION, KIND, MegatronJob, ResourcesSpec
 from kubetron_operator.plan import Plan
@@ -239,6 +240,18 @@ def render(job: MegatronJob, plan: Plan, builder: JobBuilder | None = None) -> l
     return [render_config_map(job, plan), builder.build(job, plan)]
 
 
-def config_digest(objs: list[Obj]) -> str:
-    """A stable text form of rendered objects (golden files, change detection)."""
-    return json.dumps(objs, sort_keys=True, separators=(",", ":"))
+class _BlockDumper(yaml.SafeDumper):
+    """Writes multi-line strings (the trainer config) as readable `|` blocks."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_BlockDumper.add_representer(str, _str)
+
+
+def to_yaml(objs: list[Obj]) -> str:
+    """Rendered objects as a multi-document YAML stream (CLI output, golden files)."""
+    return yaml.dump_all(objs, Dumper=_BlockDumper, sort_keys=False, width=100)

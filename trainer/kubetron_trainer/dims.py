@@ -55,9 +55,7 @@ class ParallelDims:
         """Derive dp from the world size; raise one error naming every broken rule."""
         degrees = {"tensor": tp, "pipeline": pp, "context": cp, "expert": ep}
         degrees |= {"expertTensor": etp, "virtualPipeline": vpp}
-        problems = [
-            f"{name}={value} must be >= 1" for name, value in degrees.items() if value < 1
-        ]
+        problems = [f"{name}={value} must be >= 1" for name, value in degrees.items() if value < 1]
         if world_size < 1:
             problems.append(f"world size {world_size} must be >= 1")
         if problems:

@@ -90,7 +90,7 @@ def _model_rules(arch: ModelArch, p: ParallelismSpec, recipe: RecipeSpec) -> lis
     if p.context > 1 and recipe.seq_length % (2 * p.context):
         problems.append(
             f"spec.recipe.seqLength={recipe.seq_length} must be divisible by 2*spec.parallelism."
-            f"context={2 * p.context} (context parallelism splits each sequence in 2*context chunks)"
+            f"context={2 * p.context} (context parallelism cuts each sequence in 2*context chunks)"
         )
     if recipe.seq_length > arch.max_position_embeddings:
         problems.append(

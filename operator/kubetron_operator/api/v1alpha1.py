@@ -10,8 +10,6 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import Field
-
 from kubetron_trainer.config import (
     ApiModel,
     CheckpointSpec,
@@ -21,6 +19,8 @@ from kubetron_trainer.config import (
     ParallelismSpec,
     RecipeSpec,
 )
+from pydantic import Field
+from pydantic.config import JsonDict
 
 GROUP = "kubetron.io"
 VERSION = "v1alpha1"
@@ -33,7 +33,7 @@ CATEGORIES = ("kubetron",)
 
 # Free-form Kubernetes objects (affinity, tolerations, volumes) are kept as-is: the API server
 # validates them again when the operator puts them into the PyTorchJob's pod template.
-FREE_FORM = {"x-kubernetes-preserve-unknown-fields": True}
+FREE_FORM: JsonDict = {"x-kubernetes-preserve-unknown-fields": True}
 K8sObject = dict[str, Any]
 
 
@@ -50,7 +50,8 @@ class JobCheckpointSpec(CheckpointSpec):
     """Checkpoint settings plus the volume that holds them."""
 
     volume: CheckpointVolume | None = Field(
-        default=None, description="Volume mounted at `path`; without it `path` must be on a "
+        default=None,
+        description="Volume mounted at `path`; without it `path` must be on a "
         "volume added through spec.resources.volumes.",
     )
 
@@ -252,9 +253,9 @@ class MegatronJob(ApiModel):
     """The whole object as the API server stores it."""
 
     api_version: Literal["kubetron.io/v1alpha1"] = Field(
-        default=API_VERSION, alias="apiVersion", description="kubetron.io/v1alpha1"
+        default="kubetron.io/v1alpha1", alias="apiVersion", description="kubetron.io/v1alpha1"
     )
-    kind: Literal["MegatronJob"] = Field(default=KIND, description="MegatronJob")
+    kind: Literal["MegatronJob"] = Field(default="MegatronJob", description="MegatronJob")
     metadata: K8sObject = Field(default_factory=dict, description="Standard object metadata.")
     spec: MegatronJobSpec = Field(description="Desired state.")
     status: MegatronJobStatus | None = Field(default=None, description="Observed state.")

@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# Build the pinned control-plane binaries (hack/versions.env) from the Go module proxy into
+# $KUBETRON_CACHE/bin/<kubernetes version>/ so the cluster tests can run a real API server,
+# controller-manager, scheduler, etcd, kwok and the Kubeflow training-operator without Docker.
+#
+# Idempotent: every binary has a stamp holding a hash of what it was built from; a second run
+# with nothing changed only checks stamps. The Kubernetes build is the slow one (tens of minutes
+# cold on 2 cores), so it starts first, in the background, while the small tools build.
+# Prints the bin dir on its last line.
+set -euo pipefail
+
+HACK=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=hack/tools-env.sh
+source "$HACK/tools-env.sh"
+BIN=$KUBETRON_BIN_DIR
+STAMPS=$BIN/.stamps
+LOGS=$KUBETRON_CACHE/logs
+JOBS=${KUBETRON_BUILD_JOBS:-2}
+# Bump to force a rebuild when this script's build recipe changes.
+RECIPE=1
+export CGO_ENABLED=0
+
+mkdir -p "$BIN" "$STAMPS" "$LOGS"
+exec 9>"$BIN/.lock"
+flock 9
+
+log() { echo "build-tools: $*" >&2; }
+
+# key NAME PARTS... -> a hash of the recipe, the version and the given files or strings.
+key() {
+  local name=$1
+  shift
+  {
+    echo "$name recipe=$RECIPE"
+    for part in "$@"; do
+      if [[ -f "$part" ]]; then cat "$part"; else echo "$part"; fi
+    done
+  } | sha256sum | cut -d' ' -f1
+}
+
+# fresh KEY BINARIES... -> true when every binary exists and was built from KEY.
+fresh() {
+  local want=$1 name=$2
+  shift 2
+  for b in "$@"; do [[ -x "$BIN/$b" ]] || return 1; done
+  [[ -f "$STAMPS/$name" && "$(cat "$STAMPS/$name")" == "$want" ]]
+}
+
+kube_ldflags() {
+  local v=$KUBERNETES_VERSION major minor
+  major=${v#v}
+  major=${major%%.*}
+  minor=${v#v"$major".}
+  minor=${minor%%.*}
+  local flags="-s -w"
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    flags+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
+    flags+=" -X $pkg.gitTreeState=clean"
+  done
+  echo "$flags"
+}
+
+KUBE_BINS=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+
+# Build the Kubernetes binaries into a staging dir, then move them into place and stamp them.
+build_kube() {
+  local want=$1 ldflags=$2 stage="$BIN/.stage-kube"
+  rm -rf "$stage" && mkdir -p "$stage"
+  local pkgs=()
+  for b in "${KUBE_BINS[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$b"); done
+  (cd "$HACK/go/kube" && go build -p "$JOBS" -trimpath -ldflags "$ldflags" -o "$stage/" "${pkgs[@]}")
+  for b in "${KUBE_BINS[@]}"; do mv -f "$stage/$b" "$BIN/$b"; done
+  rm -rf "$stage"
+  echo "$want" >"$STAMPS/kube"
+}
+
+KUBE_PID=""
+start_kube() {
+  local ldflags want
+  ldflags=$(kube_ldflags)
+  want=$(key kube "$KUBERNETES_VERSION" "$HACK/go/kube/go.mod" "$HACK/go/kube/go.sum" "$ldflags")
+  if fresh "$want" kube "${KUBE_BINS[@]}"; then
+    log "kubernetes $KUBERNETES_VERSION: up to date"
+    return
+  fi
+  log "kubernetes $KUBERNETES_VERSION: resolving modules"
+  (cd "$HACK/go/kube" && go mod download)
+  log "kubernetes $KUBERNETES_VERSION: building in the background (log: $LOGS/kube.log)"
+  # Job control gives the background build its own process group, so stop_kube can end it.
+  set -m
+  build_kube "$want" "$ldflags" >"$LOGS/kube.log" 2>&1 &
+  KUBE_PID=$!
+  set +m
+  trap stop_kube EXIT
+}
+
+# On an early exit, stop the background build instead of leaving it running.
+stop_kube() {
+  if [[ -n "$KUBE_PID" ]] && kill -0 "$KUBE_PID" 2>/dev/null; then
+    log "stopping the background kubernetes build"
+    kill -TERM -- "-$KUBE_PID" 2>/dev/null || true
+  fi
+}
+
+build_etcd() {
+  local want
+  want=$(key etcd "$ETCD_VERSION" "$HACK/go/etcd/go.mod" "$HACK/go/etcd/go.sum" \
+    "$HACK/go/etcd/main.go")
+  if fresh "$want" etcd etcd; then
+    log "etcd $ETCD_VERSION: up to date"
+    return
+  fi
+  log "etcd $ETCD_VERSION: building"
+  (cd "$HACK/go/etcd" && go build -p "$JOBS" -trimpath -ldflags "-s -w" -o "$BIN/etcd.new" .)
+  mv -f "$BIN/etcd.new" "$BIN/etcd"
+  echo "$want" >"$STAMPS/etcd"
+}
+
+# go_install NAME BINARY MODULE/PKG VERSION [LDFLAGS]: `go install` into the bin dir.
+go_install() {
+  local name=$1 binary=$2 pkg=$3 version=$4 ldflags="-s -w ${5:-}" want
+  want=$(key "$name" "$pkg@$version" "$ldflags")
+  if fresh "$want" "$name" "$binary"; then
+    log "$name $version: up to date"
+    return
+  fi
+  log "$name $version: go install $pkg@$version"
+  GOBIN="$BIN" go install -p "$JOBS" -trimpath -ldflags "$ldflags" "$pkg@$version"
+  echo "$want" >"$STAMPS/$name"
+}
+
+# The PyTorchJob CRD ships in the training-operator module; copy it next to the binaries.
+copy_crd() {
+  local mod=github.com/kubeflow/training-operator@$TRAINING_OPERATOR_VERSION dir
+  dir=$(go mod download -json "$mod" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+  mkdir -p "$BIN/crds"
+  install -m 0644 "$dir/manifests/base/crds/kubeflow.org_pytorchjobs.yaml" "$BIN/crds/"
+}
+
+wait_kube() {
+  [[ -n "$KUBE_PID" ]] || return 0
+  log "waiting for the kubernetes build (pid $KUBE_PID)"
+  if ! wait "$KUBE_PID"; then
+    log "kubernetes build failed; last lines of $LOGS/kube.log:"
+    tail -n 40 "$LOGS/kube.log" >&2
+    exit 1
+  fi
+  KUBE_PID=""
+  log "kubernetes $KUBERNETES_VERSION: built"
+}
+
+main() {
+  local start=$SECONDS
+  start_kube
+  build_etcd
+  go_install kwok kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION" \
+    "-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}"
+  go_install training-operator training-operator.v1 \
+    github.com/kubeflow/training-operator/cmd/training-operator.v1 "$TRAINING_OPERATOR_VERSION"
+  go_install helm helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION" \
+    "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+  copy_crd
+  wait_kube
+  cp -f "$HACK/versions.env" "$BIN/versions.env"
+  log "done in $((SECONDS - start))s"
+  (cd "$BIN" && du -h -- * | sed 's/^/build-tools:   /' >&2)
+  echo "$BIN"
+}
+
+main "$@"

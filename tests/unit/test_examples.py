@@ -1,0 +1,56 @@
+"""Every example in manifests/examples/ parses, plans and renders (cluster tests apply them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from kubetron_operator.api.parse import load_documents, parse_job
+from kubetron_operator.cli import main
+from kubetron_operator.plan import plan
+from kubetron_operator.render import render
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "manifests" / "examples").glob("*.yaml"))
+
+
+def test_examples_cover_the_required_cases() -> None:
+    names = {p.stem for p in EXAMPLES}
+    assert {"gpt-tiny-cpu", "qwen3-1.7b-1gpu", "qwen3-8b-2x8", "qwen3-30b-a3b-moe"} <= names
+    assert {"suspended", "kueue-queue"} <= names
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_parses_plans_and_renders(path: Path) -> None:
+    for source, obj in load_documents(path):
+        job = parse_job(obj, source)
+        objs = render(job, plan(job))
+        assert [o["kind"] for o in objs] == ["ConfigMap", "PyTorchJob"]
+
+
+def test_cli_validate_accepts_every_example(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", *map(str, EXAMPLES)]) == 0
+    assert capsys.readouterr().out.count("valid:") == len(EXAMPLES)
+
+
+def test_cli_validate_names_tensor_and_gpus_per_node(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        (EXAMPLES[0].parent / "qwen3-8b-2x8.yaml").read_text().replace("tensor: 4", "tensor: 3")
+    )
+    assert main(["validate", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "spec.parallelism.tensor=3 must divide spec.resources.gpusPerNode=8" in err
+
+
+def test_cli_validate_reports_schema_errors_by_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    text = (EXAMPLES[0].parent / "gpt-tiny-cpu.yaml").read_text()
+    bad.write_text(text.replace("tensor: 2", "tensor: 0\n    tensr: 2"))
+    assert main(["validate", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "spec.parallelism.tensor: Input should be greater than or equal to 1" in err
+    assert "spec.parallelism.tensr: Extra inputs are not permitted" in err

@@ -1,0 +1,161 @@
+"""Every validation rule, table-driven: each bad shape fails with a message naming its fields."""
+
+from __future__ import annotations
+
+import pytest
+from kubetron_operator.plan import PlanError, plan
+from kubetron_trainer.dims import ParallelConfigError, ParallelDims
+
+from tests.builders import make_job
+
+# (case id, preset, fields, expected message fragments)
+BAD: list[tuple[str, str | None, dict[str, object], list[str]]] = [
+    (
+        "tensor-3-on-8-gpus-per-node",
+        None,
+        {"tensor": 3},
+        ["spec.parallelism.tensor=3 must divide spec.resources.gpusPerNode=8"],
+    ),
+    (
+        "world-not-divisible-by-tp-cp-pp",
+        None,
+        {"tensor": 2, "pipeline": 3, "nodes": 1, "gpusPerNode": 8},
+        ["world size 8 is not divisible by tensor*context*pipeline = 2*1*3 = 6"],
+    ),
+    (
+        "heads-not-divisible-by-tensor",
+        None,
+        {"tensor": 32, "nodes": 1, "gpusPerNode": 32, "globalBatchSize": 1},
+        ["numAttentionHeads=16 is not divisible by spec.parallelism.tensor=32"],
+    ),
+    (
+        "query-groups-not-divisible-by-tensor",
+        None,
+        {"tensor": 16, "nodes": 1, "gpusPerNode": 16, "globalBatchSize": 1},
+        ["numQueryGroups=8 is not divisible by spec.parallelism.tensor=16"],
+    ),
+    (
+        "layers-not-divisible-by-pipeline-stages",
+        None,
+        {"pipeline": 8, "globalBatchSize": 1},
+        ["numLayers=28 is not divisible by spec.parallelism.pipeline*virtualPipeline=8*1=8"],
+    ),
+    (
+        "layers-not-divisible-by-virtual-stages",
+        None,
+        {"pipeline": 2, "virtualPipeline": 3, "globalBatchSize": 4},
+        ["numLayers=28 is not divisible by spec.parallelism.pipeline*virtualPipeline=2*3=6"],
+    ),
+    (
+        "global-batch-not-divisible",
+        None,
+        {"globalBatchSize": 12, "microBatchSize": 2},
+        ["globalBatchSize=12 is not divisible by microBatchSize*dataParallel=2*8=16"],
+    ),
+    (
+        "seq-not-divisible-by-2cp",
+        None,
+        {"context": 4, "seqLength": 4100, "globalBatchSize": 2},
+        ["spec.recipe.seqLength=4100 must be divisible by 2*spec.parallelism.context=8"],
+    ),
+    (
+        "experts-not-divisible-by-ep",
+        "qwen3-30b-a3b",
+        {"expert": 3, "nodes": 3, "gpusPerNode": 8, "globalBatchSize": 24},
+        ["numExperts=128 is not divisible by spec.parallelism.expert=3"],
+    ),
+    (
+        "expert-parallel-on-dense-model",
+        None,
+        {"expert": 2, "globalBatchSize": 8},
+        ["spec.parallelism.expert=2/expertTensor=1 need an MoE model"],
+    ),
+    (
+        "virtual-pipeline-without-pipeline",
+        None,
+        {"virtualPipeline": 2},
+        ["virtualPipeline=2 needs pipeline > 1"],
+    ),
+    (
+        "seq-longer-than-model",
+        "gpt-tiny",
+        {"seqLength": 1024, "globalBatchSize": 8},
+        ["spec.recipe.seqLength=1024 exceeds the model's maxPositionEmbeddings=512"],
+    ),
+    (
+        "sequence-parallel-without-tensor",
+        None,
+        {"sequenceParallel": True},
+        ["spec.parallelism.sequenceParallel needs tensor > 1"],
+    ),
+    (
+        "cpu-needs-fp32",
+        "gpt-tiny",
+        {"device": "cpu", "precision": "bf16", "seqLength": 64},
+        ["spec.recipe.precision=bf16 needs a GPU; use fp32"],
+    ),
+    (
+        "cpu-pipeline",
+        "gpt-tiny",
+        {"device": "cpu", "precision": "fp32", "pipeline": 2, "seqLength": 64},
+        ["spec.parallelism.pipeline > 1 needs GPUs"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("preset", "fields", "fragments"), [c[1:] for c in BAD], ids=[c[0] for c in BAD]
+)
+def test_bad_shape_is_rejected_with_named_fields(
+    preset: str | None, fields: dict[str, object], fragments: list[str]
+) -> None:
+    job = make_job(preset, **fields)
+    with pytest.raises(PlanError) as info:
+        plan(job)
+    text = "\n".join(info.value.problems)
+    for fragment in fragments:
+        assert fragment in text, f"missing {fragment!r} in:\n{text}"
+
+
+def test_every_broken_rule_is_reported_at_once() -> None:
+    job = make_job(tensor=3, pipeline=8, globalBatchSize=7)
+    with pytest.raises(PlanError) as info:
+        plan(job)
+    text = "\n".join(info.value.problems)
+    assert "tensor=3 must divide" in text
+    assert "numLayers=28 is not divisible" in text
+    assert "numAttentionHeads=16 is not divisible by spec.parallelism.tensor=3" in text
+
+
+def test_valid_shape_derives_data_parallel() -> None:
+    p = plan(make_job("qwen3-8b", tensor=4, pipeline=2, nodes=2, globalBatchSize=64))
+    assert (p.dims.tp, p.dims.pp, p.dims.dp, p.world_size) == (4, 2, 2, 16)
+    assert p.resolved_parallelism().data == 2
+
+
+def test_fp8_and_context_parallel_are_image_requirements() -> None:
+    p = plan(make_job(precision="fp8", context=2, globalBatchSize=4))
+    assert p.requirements == ("transformer-engine",)
+    assert plan(make_job()).requirements == ()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"tp": 0}, "tensor=0 must be >= 1"),
+        ({"tp": 3}, "world size 8 is not divisible by tensor*context*pipeline = 3*1*1 = 3"),
+        ({"ep": 3}, "not divisible by expertTensor*expert*pipeline = 1*3*1 = 3"),
+    ],
+)
+def test_parallel_dims_error_names_every_degree(kwargs: dict[str, int], fragment: str) -> None:
+    with pytest.raises(ParallelConfigError) as info:
+        ParallelDims.from_degrees(8, **kwargs)
+    message = str(info.value)
+    assert fragment in message
+    for name in ("world=8", "tensor=", "pipeline=", "context=", "expert=", "data="):
+        assert name in message
+
+
+def test_parallel_dims_expert_grid() -> None:
+    d = ParallelDims.from_degrees(16, tp=2, pp=2, ep=4)
+    assert (d.dp, d.edp, d.tp_enabled, d.ep_enabled, d.vpp_size) == (4, 2, True, True, None)
