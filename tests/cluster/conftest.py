@@ -1,0 +1,124 @@
+"""pytest fixtures for tests that need a real Kubernetes control plane.
+
+Why: kubetron's operator must be tested against a real API server (validation, RBAC, owner
+references, garbage collection) and a real Kubeflow training-operator, not against mocks. The
+control plane comes from tests/cluster/harness.py, built from binaries `make tools` puts in
+$KUBETRON_CACHE/bin/<kubernetes version>/.
+
+Fixtures
+--------
+``cluster`` (session scope) -> ``harness.Cluster``, started once per test session:
+
+- ``cluster.kubeconfig: Path`` -- admin kubeconfig (client cert in ``system:masters``).
+- ``cluster.server: str`` -- ``https://127.0.0.1:<port>``.
+- ``cluster.bin_dir: Path`` -- kubectl, helm, kwok, ... and ``crds/kubeflow.org_pytorchjobs.yaml``.
+- ``cluster.kubectl(*args, check=True, input=None, timeout=120) -> CompletedProcess[str]``;
+  ``check=True`` raises ``harness.ClusterError`` on a non-zero exit.
+- ``cluster.apply(manifest)`` -- server-side apply of YAML text, a ``Path``, a dict or a list.
+- ``cluster.get(kind, name, namespace=None) -> dict | None`` (None when NotFound).
+- ``cluster.api_client() -> kubernetes.client.ApiClient`` for the admin kubeconfig; close it
+  (``with cluster.api_client() as api: ...``).
+- ``cluster.wait_for(predicate, timeout=..., what=..., interval=0.2)`` -- polls until the
+  predicate returns something truthy (returned); raises ``ClusterError`` on timeout or as soon
+  as a control-plane process dies. ``harness.wait_until`` is the same without that check.
+- ``cluster.start_training_operator()`` / ``cluster.stop_training_operator()`` -- it runs by
+  default (PyTorchJob controller only, no webhook); the PyTorchJob CRD is installed.
+- ``cluster.node_names()`` -- the fake GPU nodes (``kwok-gpu-<i>``, 2 by default).
+- ``cluster.logs(name)`` / ``cluster.tails()`` -- component logs (etcd, kube-apiserver,
+  kube-controller-manager, kube-scheduler, kwok, training-operator).
+
+``namespace`` (function scope) -> ``str``: a fresh namespace for one test, deleted afterwards.
+
+Fake GPU nodes: capacity ``nvidia.com/gpu: 8``, labels ``kubetron.io/fake-gpu=true`` and
+``nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3``, taint ``kwok.x-k8s.io/node=fake:NoSchedule``.
+Pods reach them with ``harness.FAKE_NODE_SELECTOR`` and ``harness.FAKE_NODE_TOLERATIONS``. kwok
+marks a bound pod Running; with the pod annotation ``kwok.kubetron.io/complete-after: "3s"`` it
+then ends after that delay with exit code ``kwok.kubetron.io/exit-code`` (default "0";
+non-zero makes the pod Failed). See kwok_stages.yaml.
+
+Tests in other directories can use the fixtures with
+``from tests.cluster.conftest import cluster, namespace  # noqa: F401``.
+Mark such tests ``@pytest.mark.cluster``.
+
+Missing binaries: the tests skip with the reason on a dev box, but fail when $CI is set
+(``make test`` runs ``make tools`` first, so CI never lacks them).
+Set ``KUBETRON_REUSE_CLUSTER=1`` to run against a cluster started by
+``python -m tests.cluster.harness up`` instead of starting a new one (it is left running).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.cluster.harness import (
+    Cluster,
+    ClusterError,
+    default_bin_dir,
+    missing_tools,
+    running_cluster,
+)
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _require_tools() -> None:
+    """Skip (dev box) or fail (CI) when `make tools` has not built the binaries."""
+    bin_dir = default_bin_dir()
+    missing = missing_tools(bin_dir)
+    if not missing:
+        return
+    reason = f"control-plane tools missing in {bin_dir}: {', '.join(missing)}; run `make tools`"
+    if _in_ci():
+        pytest.fail(f"{reason} (CI is set, so this is an error, not a skip)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    """A running control plane shared by the session; see the module docstring for its API."""
+    if os.environ.get("KUBETRON_REUSE_CLUSTER"):
+        existing = running_cluster()
+        if existing is None:
+            pytest.fail("KUBETRON_REUSE_CLUSTER is set but no cluster is up (harness up)")
+        yield existing
+        return
+    _require_tools()
+    started = Cluster.start()
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.fixture
+def namespace(cluster: Cluster) -> Iterator[str]:
+    """A fresh namespace for one test; deleted (without waiting) afterwards."""
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    cluster.kubectl("create", "namespace", name)
+    cluster.wait_for(
+        lambda: cluster.get("serviceaccount", "default", name),
+        timeout=30,
+        what=f"ServiceAccount default in {name}",
+    )
+    yield name
+    try:
+        cluster.kubectl("delete", "namespace", name, "--wait=false")
+    except ClusterError as err:  # a dead cluster already failed the test
+        print(f"namespace cleanup failed: {err}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """On a failed cluster test, attach the tail of each component's log to the report."""
+    outcome = yield
+    report = outcome.get_result()
+    fixture_values = getattr(item, "funcargs", {})
+    running = fixture_values.get("cluster")
+    if report.failed and isinstance(running, Cluster):
+        report.sections.append(("control-plane logs (tails)", running.tails()))
