@@ -16,6 +16,7 @@ from kubetron_operator.api.parse import SpecError, load_documents, parse_job
 from kubetron_operator.api.v1alpha1 import MegatronJob
 from kubetron_operator.crd import crd_yaml
 from kubetron_operator.plan import Plan, PlanError, plan
+from kubetron_operator.rbac import rbac_yaml
 from kubetron_operator.render import render, to_yaml
 
 
@@ -67,6 +68,11 @@ def cmd_crd(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rbac(_: argparse.Namespace) -> int:
+    sys.stdout.write(rbac_yaml())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubetron", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_render)
     c = sub.add_parser("crd", help="print the MegatronJob CRD generated from the models")
     c.set_defaults(func=cmd_crd)
+    b = sub.add_parser("rbac", help="print the operator's least-privilege RBAC manifests")
+    b.set_defaults(func=cmd_rbac)
     return parser
 
 
