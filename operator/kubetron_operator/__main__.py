@@ -1,0 +1,129 @@
+"""`kubetron-operator` / `python -m kubetron_operator`: the operator process.
+
+Starts the metrics and health endpoints, waits for the Lease when leader election is on, then
+runs kopf until a signal or the loss of leadership. A replica that loses the lease stops kopf at
+once and exits 1, so its Deployment restarts it as a standby (what controller-runtime does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+import kopf
+
+from kubetron_operator.controller import Controller
+from kubetron_operator.handlers import make_registry
+from kubetron_operator.kube import Kube, load_api_client
+from kubetron_operator.leader import LeaderElector, LeaseConfig
+from kubetron_operator.metrics import Health, OperatorMetrics, health_routes, metrics_routes, serve
+from kubetron_operator.settings import Settings, parse_settings
+
+log = logging.getLogger("kubetron.operator")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {
+                "time": self.formatTime(record),
+                "level": record.levelname,
+                "logger": record.name,
+                "message": record.getMessage(),
+            }
+        )
+
+
+def configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
+    logging.getLogger("kopf").setLevel(max(logging.INFO, logging.getLevelName(settings.log_level)))
+
+
+def run(settings: Settings) -> int:
+    """Run until stopped; 0 on a signal, 1 when leadership was lost."""
+    if settings.kubeconfig:
+        os.environ["KUBECONFIG"] = settings.kubeconfig  # kopf's login reads it too
+    metrics, health = OperatorMetrics(), Health()
+    serve(settings.bind_address, settings.metrics_port, metrics_routes(metrics))
+    serve(settings.bind_address, settings.health_port, health_routes(health))
+    kube = Kube(load_api_client(settings.kubeconfig), on_error=metrics.api_error)
+    stop = threading.Event()  # a signal: stop everything
+    kopf_stop = threading.Event()  # stop kopf: a signal or lost leadership
+
+    def on_signal(*_: object) -> None:
+        stop.set()
+        kopf_stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+    elector: LeaderElector | None = None
+    lost = threading.Event()
+    if settings.leader_elect:
+        cfg = LeaseConfig(
+            settings.lease_name,
+            settings.lease_namespace,
+            settings.identity,
+            settings.lease_duration,
+            settings.renew_deadline,
+            settings.retry_period,
+        )
+        elector = LeaderElector(
+            kube, cfg, on_started=lambda: metrics.leader.set(1), on_stopped=kopf_stop.set
+        )
+
+        def elect() -> None:
+            if elector is not None and elector.run(stop):
+                lost.set()
+            metrics.leader.set(0)
+            kopf_stop.set()
+
+        threading.Thread(target=elect, name="leader-election", daemon=True).start()
+        health.ready.set()  # a standby is healthy and ready
+        log.info("waiting for lease %s/%s as %s", cfg.namespace, cfg.name, cfg.identity)
+        while not stop.is_set() and not elector.is_leader and not kopf_stop.is_set():
+            stop.wait(0.2)
+        if stop.is_set() or not elector.is_leader:
+            return 1 if lost.is_set() else 0
+    else:
+        metrics.leader.set(1)
+
+    may_act = (lambda: elector.is_leader) if elector is not None else (lambda: True)
+    controller = Controller(kube, metrics, may_act=may_act, namespaces=settings.namespaces)
+    registry = make_registry(controller, settings.resync_period)
+    health.ready.set()
+    log.info("reconciling MegatronJobs in %s", ",".join(settings.namespaces) or "all namespaces")
+    asyncio.run(
+        kopf.operator(
+            registry=registry,
+            standalone=True,
+            clusterwide=settings.all_namespaces,
+            namespaces=list(settings.namespaces),
+            stop_flag=kopf_stop,
+        )
+    )
+    if lost.is_set():
+        log.error("leadership lost: exiting so that a standby can lead")
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = parse_settings(argv)
+    configure_logging(settings)
+    return run(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

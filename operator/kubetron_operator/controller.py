@@ -1,0 +1,148 @@
+"""The reconcile loop for one MegatronJob: parse, plan, render, apply, mirror status.
+
+Level-based and idempotent: each call reads the current state and converges, so a crash at any
+point is repaired by the next call (from a watch event or the periodic resync). kopf only
+delivers the events; nothing here depends on kopf's handler-progress storage.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from kubetron_operator.api.parse import SpecError, parse_job
+from kubetron_operator.api.v1alpha1 import Phase
+from kubetron_operator.kube import ApiError, Kube, Obj
+from kubetron_operator.metrics import OperatorMetrics
+from kubetron_operator.plan import PlanError, plan
+from kubetron_operator.render import JOB_NAME_LABEL, render
+from kubetron_operator.status import (
+    Observed,
+    invalid_status,
+    job_status,
+    phase_changed,
+    status_differs,
+)
+
+log = logging.getLogger("kubetron.controller")
+
+_WARNING_PHASES = {Phase.FAILED.value, Phase.RESTARTING.value}
+
+
+def utcnow() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Controller:
+    """Reconciles MegatronJobs; only while `may_act()` says this replica leads."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        metrics: OperatorMetrics,
+        may_act: Callable[[], bool] = lambda: True,
+        namespaces: tuple[str, ...] = (),
+    ) -> None:
+        self.kube, self.metrics, self.may_act = kube, metrics, may_act
+        self.namespaces = namespaces
+        self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+        self._locks_guard = threading.Lock()
+
+    def _lock(self, namespace: str, name: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks[(namespace, name)]
+
+    def reconcile(self, namespace: str, name: str) -> str:
+        """Converge one job; returns the result label counted in the metrics."""
+        if not self.may_act():
+            self.metrics.reconciles.labels("skipped").inc()
+            return "skipped"
+        start = time.perf_counter()
+        with self._lock(namespace, name):
+            try:
+                result = self._reconcile(namespace, name)
+            except ApiError as err:
+                log.warning("reconcile %s/%s failed: %s", namespace, name, err)
+                result = "error"
+        self.metrics.reconcile_duration.observe(time.perf_counter() - start)
+        self.metrics.reconciles.labels(result).inc()
+        return result
+
+    def forget(self, namespace: str, name: str) -> None:
+        self.metrics.jobs.forget(namespace, name)
+
+    def resync(self) -> None:
+        """Reconcile every job in the watched namespaces (retries, missed events)."""
+        for ns in self.namespaces or (None,):
+            try:
+                jobs = self.kube.list("MegatronJob", ns)
+            except ApiError as err:
+                log.warning("resync list failed: %s", err)
+                continue
+            for body in jobs:
+                meta = body["metadata"]
+                self.reconcile(meta["namespace"], meta["name"])
+
+    def _reconcile(self, namespace: str, name: str) -> str:
+        body = self.kube.get("MegatronJob", namespace, name)
+        if body is None:
+            self.forget(namespace, name)
+            return "success"
+        old_status: Obj = body.get("status") or {}
+        generation = int(body["metadata"].get("generation", 1))
+        try:
+            job = parse_job(body)
+            job_plan = plan(job)
+        except (SpecError, PlanError) as err:
+            observed = Observed(generation, old_status, None, [])
+            new_status = invalid_status(observed, err.problems, utcnow())
+            self._write_status(body, old_status, new_status, "InvalidSpec", "; ".join(err.problems))
+            return "invalid"
+        pytorch_job = self.kube.get("PyTorchJob", namespace, name)
+        if pytorch_job is None or old_status.get("observedGeneration") != generation:
+            for obj in render(job, job_plan):
+                applied = self.kube.apply(obj)
+                if obj["kind"] == "PyTorchJob":
+                    pytorch_job = applied
+        pods = self._pods_if_failing(namespace, name, pytorch_job)
+        observed = Observed(generation, old_status, pytorch_job, pods)
+        new_status = job_status(observed, job_plan, name, utcnow())
+        self._write_status(body, old_status, new_status, new_status["phase"], "")
+        return "success"
+
+    def _pods_if_failing(self, namespace: str, name: str, pytorch_job: Obj | None) -> list[Obj]:
+        conditions = (pytorch_job or {}).get("status", {}).get("conditions", [])
+        failing = any(
+            c.get("type") in ("Failed", "Restarting") and c.get("status") == "True"
+            for c in conditions
+        )
+        return self.kube.list("Pod", namespace, f"{JOB_NAME_LABEL}={name}") if failing else []
+
+    def _write_status(
+        self, body: Obj, old_status: Obj, new_status: Obj, reason: str, message: str
+    ) -> None:
+        meta = body["metadata"]
+        self.metrics.jobs.set(meta["namespace"], meta["name"], new_status["phase"])
+        if not status_differs(old_status, new_status):
+            return
+        if not self.may_act():  # lost the lease meanwhile: write nothing
+            return
+        self.kube.patch_status("MegatronJob", meta["namespace"], meta["name"], new_status)
+        if phase_changed(old_status, new_status):
+            phase = new_status["phase"]
+            kind = "Warning" if phase in _WARNING_PHASES else "Normal"
+            text = message or _phase_message(new_status)
+            log.info("%s/%s: phase %s (%s)", meta["namespace"], meta["name"], phase, text)
+            self.kube.event(body, kind, reason, text)
+
+
+def _phase_message(status: Obj) -> str:
+    phase = status["phase"]
+    for cond in status.get("conditions", []):
+        if cond["type"] == phase and cond.get("message"):
+            return f"{phase}: {cond['message']}"
+    return f"MegatronJob is {phase}"

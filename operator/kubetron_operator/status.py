@@ -1,0 +1,136 @@
+"""MegatronJob status from what the cluster shows. Pure: the caller passes `now`.
+
+The PyTorchJob's conditions decide the phase; failed pods add which replica failed, with its exit
+code and reason. Conditions keep their lastTransitionTime while their status does not change, so
+a status written twice with the same facts is byte-identical (no write, no event).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kubetron_operator.api.v1alpha1 import Phase
+from kubetron_operator.plan import Plan
+
+Obj = dict[str, Any]
+
+# PyTorchJob condition type -> MegatronJob phase, in order of precedence.
+_PHASES: list[tuple[str, Phase]] = [
+    ("Succeeded", Phase.SUCCEEDED),
+    ("Failed", Phase.FAILED),
+    ("Suspended", Phase.SUSPENDED),
+    ("Restarting", Phase.RESTARTING),
+    ("Running", Phase.RUNNING),
+    ("Created", Phase.PENDING),
+]
+MIRRORED = ("Created", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
+VALID = "Valid"
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the operator saw: the job's old status, its backend job and pods."""
+
+    generation: int
+    old_status: Obj
+    pytorch_job: Obj | None
+    pods: list[Obj]
+
+
+def condition(old: list[Obj], type_: str, status: str, reason: str, message: str, now: str) -> Obj:
+    """A condition that keeps its old lastTransitionTime if its status is unchanged."""
+    prev = next((c for c in old if c.get("type") == type_), None)
+    if prev is None or prev.get("status") != status:
+        when = now
+    else:
+        when = prev.get("lastTransitionTime") or now
+    return {
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": when,
+    }
+
+
+def invalid_status(observed: Observed, problems: list[str], now: str) -> Obj:
+    """Status of a spec that cannot run: Valid=False, phase Failed, nothing created."""
+    old = observed.old_status.get("conditions", [])
+    message = "; ".join(problems)
+    return {
+        "phase": Phase.FAILED.value,
+        "observedGeneration": observed.generation,
+        "conditions": [condition(old, VALID, "False", "InvalidSpec", message, now)],
+    }
+
+
+def job_status(observed: Observed, plan: Plan, job_name: str, now: str) -> Obj:
+    """Status of a valid job from its PyTorchJob and pods."""
+    old = observed.old_status.get("conditions", [])
+    pj_status = (observed.pytorch_job or {}).get("status", {})
+    pj_conditions = {c["type"]: c for c in pj_status.get("conditions", []) if "type" in c}
+    phase = _phase(pj_conditions)
+    failure = describe_pod_failures(observed.pods)
+    conditions = [condition(old, VALID, "True", "SpecValid", "spec is valid", now)]
+    for type_ in MIRRORED:
+        src = pj_conditions.get(type_)
+        if src is None:
+            continue
+        message = src.get("message", "")
+        if type_ in ("Failed", "Restarting") and src.get("status") == "True" and failure:
+            message = f"{message}; {failure}" if message else failure
+        conditions.append(
+            {
+                "type": type_,
+                "status": src.get("status", "Unknown"),
+                "reason": src.get("reason", "") or type_,
+                "message": message,
+                "lastTransitionTime": src.get("lastTransitionTime") or now,
+            }
+        )
+    status: Obj = {
+        "phase": phase.value,
+        "observedGeneration": observed.generation,
+        "conditions": conditions,
+        "worldSize": plan.world_size,
+        "parallelism": plan.resolved_parallelism().model_dump(by_alias=True),
+        "pytorchJob": job_name,
+    }
+    for src, dst in (("startTime", "startTime"), ("completionTime", "completionTime")):
+        if pj_status.get(src):
+            status[dst] = pj_status[src]
+    return status
+
+
+def _phase(conditions: dict[str, Obj]) -> Phase:
+    for type_, phase in _PHASES:
+        if conditions.get(type_, {}).get("status") == "True":
+            return phase
+    return Phase.PENDING
+
+
+def describe_pod_failures(pods: list[Obj]) -> str:
+    """'worker-0 exited with code 1 (Error)' for every pod with a failed container."""
+    out: list[str] = []
+    for pod in sorted(pods, key=lambda p: p.get("metadata", {}).get("name", "")):
+        labels = pod.get("metadata", {}).get("labels", {})
+        replica = labels.get("training.kubeflow.org/replica-type", "replica").lower()
+        index = labels.get("training.kubeflow.org/replica-index", "?")
+        for cs in pod.get("status", {}).get("containerStatuses", []) or []:
+            term = (cs.get("state", {}) or {}).get("terminated") or (
+                cs.get("lastState", {}) or {}
+            ).get("terminated")
+            if term and term.get("exitCode", 0) != 0:
+                reason = term.get("reason") or "Error"
+                out.append(f"{replica}-{index} exited with code {term['exitCode']} ({reason})")
+    return "; ".join(out)
+
+
+def phase_changed(old_status: Obj, new_status: Obj) -> bool:
+    return old_status.get("phase") != new_status.get("phase")
+
+
+def status_differs(old_status: Obj, new_status: Obj) -> bool:
+    """True when a write would change anything the operator owns."""
+    return any(old_status.get(k) != v for k, v in new_status.items())
