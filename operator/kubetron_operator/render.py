@@ -108,13 +108,14 @@ class PyTorchJobBuilder:
         }
 
     def _replica(self, job: MegatronJob, plan: Plan, count: int) -> Obj:
+        res = job.spec.resources
+        meta: Obj = {"labels": {**dict(sorted(res.pod_labels.items())), **labels(job, "trainer")}}
+        if res.pod_annotations:
+            meta["annotations"] = dict(sorted(res.pod_annotations.items()))
         return {
             "replicas": count,
             "restartPolicy": RESTART_POLICY,
-            "template": {
-                "metadata": {"labels": labels(job, "trainer")},
-                "spec": _pod_spec(job, plan),
-            },
+            "template": {"metadata": meta, "spec": _pod_spec(job, plan)},
         }
 
 

@@ -99,6 +99,12 @@ class ResourcesSpec(ApiModel):
     shared_memory: str = Field(
         default="16Gi", max_length=32, description="Size of the memory-backed /dev/shm."
     )
+    pod_labels: dict[str, str] = Field(
+        default_factory=dict, description="Extra labels on the trainer pods."
+    )
+    pod_annotations: dict[str, str] = Field(
+        default_factory=dict, description="Extra annotations on the trainer pods."
+    )
     node_selector: dict[str, str] = Field(
         default_factory=dict, description="Node labels the pods must match."
     )
