@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kubetron_operator.api.v1alpha1 import MegatronJob, MegatronJobSpec, ResolvedParallelism
 from kubetron_trainer.config import (
     CheckpointSpec,
     ModelArch,
@@ -17,8 +18,6 @@ from kubetron_trainer.config import (
 )
 from kubetron_trainer.dims import ParallelConfigError, ParallelDims
 from kubetron_trainer.rules import check_shape
-
-from kubetron_operator.api.v1alpha1 import MegatronJob, MegatronJobSpec, ResolvedParallelism
 
 
 class PlanError(ValueError):

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from kubetron_operator.crd import crd, crd_yaml
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from kubetron_operator.api.parse import load_documents, parse_job
 from kubetron_operator.cli import main
 from kubetron_operator.plan import plan

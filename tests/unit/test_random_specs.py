@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kubetron_operator.api.parse import SpecError, parse_job
 from kubetron_operator.plan import PlanError, plan
 from kubetron_operator.render import render

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from kubetron_operator.api.parse import load_documents, parse_job
 from kubetron_operator.plan import plan
 from kubetron_operator.render import render, to_yaml
 from kubetron_trainer.config import TrainerConfig
-
 from tests.builders import job_dict, make_job
 
 ROOT = Path(__file__).resolve().parents[2]

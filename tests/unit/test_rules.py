@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+
 from kubetron_operator.plan import PlanError, plan
 from kubetron_trainer.dims import ParallelConfigError, ParallelDims
-
 from tests.builders import make_job
 
 # (case id, preset, fields, expected message fragments)

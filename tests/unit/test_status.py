@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from kubetron_operator.plan import plan
 from kubetron_operator.status import (
     Observed,
@@ -13,7 +14,6 @@ from kubetron_operator.status import (
     job_status,
     status_differs,
 )
-
 from tests.builders import make_job
 
 T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"

@@ -10,6 +10,9 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any, Literal
 
+from pydantic import Field
+from pydantic.config import JsonDict
+
 from kubetron_trainer.config import (
     ApiModel,
     CheckpointSpec,
@@ -19,8 +22,6 @@ from kubetron_trainer.config import (
     ParallelismSpec,
     RecipeSpec,
 )
-from pydantic import Field
-from pydantic.config import JsonDict
 
 GROUP = "kubetron.io"
 VERSION = "v1alpha1"
