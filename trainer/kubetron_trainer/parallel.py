@@ -1,0 +1,476 @@
+"""Each trainer's own process groups: a Megatron-Core `ProcessGroupCollection` from HyperCommGrids.
+
+Megatron's `parallel_state.initialize_model_parallel` keeps one set of groups in module globals,
+so a process can hold only one parallel shape and every rank creates every group (plus Gloo
+twins). kubetron builds the groups instead from two `HyperCommGrid`s per model, the dense grid
+`[tp, cp, dp, pp]` and the expert grid `[etp, ep, edp, pp]` (tp fastest, Megatron's
+`tp-cp-ep-dp-pp` order), and hands the collection to the model, DDP, optimizer and schedules.
+A grid may cover a slice of the world (`rank_offset`), so two models of different shapes (an RL
+policy and its reference) can live in one job.
+
+Every field of Megatron-Core 0.19's `ProcessGroupCollection` is set, to a group, to an alias
+where Megatron aliases too, or to None for features kubetron does not configure (0.19 checks
+that fields were set). `setup_megatron_globals` does the little process-wide setup Megatron
+still reads from globals: the memory buffer and the RNG seeds.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.hyper_comm_grid import HyperCommGrid
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+from kubetron_trainer.dims import ParallelDims
+from kubetron_trainer.topology import Topology
+
+DENSE_DIM_NAMES = ["tp", "cp", "dp", "pp"]
+EXPERT_DIM_NAMES = ["etp", "ep", "edp", "pp"]
+
+# Collection fields that are one combination of grid dimensions.
+DENSE_GROUPS: dict[str, list[str]] = {
+    "tp": ["tp"],
+    "cp": ["cp"],
+    "dp": ["dp"],
+    "pp": ["pp"],
+    "mp": ["tp", "pp"],
+    "tp_cp": ["tp", "cp"],
+    "dp_cp": ["cp", "dp"],
+    "tp_dp_cp": ["tp", "cp", "dp"],
+}
+EXPERT_GROUPS: dict[str, list[str]] = {
+    "ep": ["ep"],
+    "expt_tp": ["etp"],
+    "expt_dp": ["edp"],
+    "tp_ep": ["etp", "ep"],
+    "tp_ep_pp": ["etp", "ep", "pp"],
+}
+# Fields that hold the same group as another field while GTP weight rematerialisation is off;
+# Megatron's own initialize_model_parallel aliases them the same way.
+ALIASES = {
+    "dp_cp_gtp_remat": "dp_cp",
+    "expt_dp_gtp_remat": "expt_dp",
+    "tp_ep_pp_with_egtp_remat": "tp_ep_pp",
+}
+# Fields for features kubetron does not configure: hierarchical CP, GTP weight rematerialisation
+# (None means "off" to Megatron), separate all-gather communicators for AG/RS overlap.
+UNUSED = ("hcp", "gtp_remat", "expt_gtp_remat", "dp_cp_ag", "expt_dp_ag")
+
+
+class ParallelGroupsError(ValueError):
+    """A grid that cannot be built on this topology; the message names the degree and the fix."""
+
+
+def default_backend() -> str:
+    """NCCL where CUDA is, gloo on CPU (tests, the local sandbox)."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def make_grids(
+    dims: ParallelDims, rank_offset: int = 0, backend: str | None = None
+) -> tuple[HyperCommGrid, HyperCommGrid]:
+    """The dense and expert grids of one model, over ranks [rank_offset, rank_offset + world).
+
+    HyperCommGrid reads the job's size from `WORLD_SIZE` or the initialised default group.
+    """
+    dense = HyperCommGrid(
+        [dims.tp, dims.cp, dims.dp, dims.pp], DENSE_DIM_NAMES, rank_offset, backend
+    )
+    expert = HyperCommGrid(
+        [dims.etp, dims.ep, dims.edp, dims.pp], EXPERT_DIM_NAMES, rank_offset, backend
+    )
+    return dense, expert
+
+
+def rank_lists(
+    dense: HyperCommGrid, expert: HyperCommGrid, dist_opt_instances: int = 1
+) -> dict[str, list[list[int]]]:
+    """Every group of every field that gets its own groups, as lists of global ranks.
+
+    Pure rank arithmetic (no process groups are created), in the order the groups are built.
+    """
+    lists = {name: dense.get_rank_enum(d) for name, d in DENSE_GROUPS.items()}
+    lists |= {name: expert.get_rank_enum(d) for name, d in EXPERT_GROUPS.items()}
+    if lists["pp"] != expert.get_rank_enum("pp"):
+        raise ParallelGroupsError("dense and expert grids disagree on the pipeline groups")
+    # Word embeddings live on the first and last stage, position embeddings on the first,
+    # as in parallel_state's default_embedding_ranks / default_position_embedding_ranks.
+    lists["embd"] = [sorted({pp[0], pp[-1]}) for pp in lists["pp"]]
+    lists["pos_embd"] = [[pp[0]] for pp in lists["pp"]]
+    lists |= _dist_opt_lists(lists, dist_opt_instances)
+    return lists
+
+
+def _dist_opt_lists(lists: dict[str, list[list[int]]], n: int) -> dict[str, list[list[int]]]:
+    """Groups of the distributed optimizer split into `n` instances, as Megatron lays them out.
+
+    Each instance shards over a contiguous part of every dp-cp / expert-dp group; the
+    inter-instance group joins the ranks at the same position of each part.
+    """
+    edp = len(lists["expt_dp"][0])
+    dp_cp = len(lists["dp_cp"][0])
+    if n < 1 or dp_cp % n or edp % n:
+        raise ParallelGroupsError(
+            f"distributed optimizer instances={n} must be >= 1 and divide data*context="
+            f"{dp_cp} and the expert data-parallel degree {edp}; choose a divisor of both"
+        )
+    per_edp, per_dp = edp // n, dp_cp // n
+    model_groups = lists["tp_ep_pp"]
+    out = {
+        "intra_dist_opt": [
+            sorted(r for g in model_groups[i * per_edp : (i + 1) * per_edp] for r in g)
+            for i in range(n)
+        ]
+    }
+    if n > 1:
+        out["intra_dp_cp"] = [
+            g[i * per_dp : (i + 1) * per_dp] for g in lists["dp_cp"] for i in range(n)
+        ]
+        out["intra_expt_dp"] = [
+            g[i * per_edp : (i + 1) * per_edp] for g in lists["expt_dp"] for i in range(n)
+        ]
+        out["inter_dist_opt"] = [g[j::per_edp] for g in lists["expt_dp"] for j in range(per_edp)]
+    return out
+
+
+def check_grid_fits(dims: ParallelDims, topology: Topology, rank_offset: int = 0) -> None:
+    """Raise unless the grid's ranks exist and every (expert) TP group stays inside one pod.
+
+    Tensor parallelism exchanges activations in every layer and needs NVLink, so a TP group that
+    straddles two pods would run, slowly, over the network; we refuse it instead.
+    """
+    end = rank_offset + dims.world_size
+    if rank_offset < 0 or end > topology.world_size:
+        raise ParallelGroupsError(
+            f"grid of {dims.world_size} ranks at rank_offset={rank_offset} needs ranks "
+            f"[{rank_offset}, {end}) but the job has WORLD_SIZE={topology.world_size}; "
+            "shrink the grid or the offset"
+        )
+    for degree, size in (("tensor", dims.tp), ("expertTensor", dims.etp)):
+        for first in range(rank_offset, end, size):
+            last = first + size - 1
+            if topology.node_of(first) != topology.node_of(last):
+                raise ParallelGroupsError(
+                    f"{degree}={size} puts ranks {first}..{last} of one TP group on pods "
+                    f"{topology.node_of(first)} and {topology.node_of(last)} "
+                    f"(LOCAL_WORLD_SIZE={topology.local_world_size} processes per pod, "
+                    f"rank_offset={rank_offset}); TP needs the GPUs of one node: make {degree} "
+                    f"divide {topology.local_world_size} and rank_offset a multiple of it"
+                )
+
+
+def init_distributed(topology: Topology, backend: str | None = None) -> None:
+    """Join the job's default process group (idempotent); binds the GPU first under NCCL."""
+    if dist.is_initialized():
+        return
+    backend = backend or default_backend()
+    device_id = None
+    if backend == "nccl":
+        torch.cuda.set_device(topology.local_rank)
+        device_id = torch.device("cuda", topology.local_rank)
+    dist.init_process_group(
+        backend,
+        init_method=topology.init_method,
+        rank=topology.rank,
+        world_size=topology.world_size,
+        device_id=device_id,
+    )
+
+
+@dataclass
+class ParallelGroups:
+    """One model's process groups on this rank, with the rank lists and grids they came from.
+
+    `pg` is None on ranks outside the grid's slice; they still took part in creating it.
+    """
+
+    dims: ParallelDims
+    rank_offset: int
+    rank: int
+    rank_lists: dict[str, list[list[int]]]
+    dense_grid: HyperCommGrid
+    expert_grid: HyperCommGrid
+    pg: ProcessGroupCollection | None
+    aliases: dict[str, str] = field(default_factory=dict)
+    _extra: list[dist.ProcessGroup] = field(default_factory=list, repr=False)
+
+    @property
+    def is_member(self) -> bool:
+        return self.rank_offset <= self.rank < self.rank_offset + self.dims.world_size
+
+    def members(self, name: str) -> list[int]:
+        """Global ranks of this rank's group in collection field `name` ([] if in none)."""
+        name = self.aliases.get(name, name)
+        for ranks in self.rank_lists.get(name, []):
+            if self.rank in ranks:
+                return sorted(ranks)
+        return []
+
+    def rank_in(self, name: str) -> int:
+        """This rank's index in its group of field `name` (torch orders by global rank), or -1."""
+        ranks = self.members(name)
+        return ranks.index(self.rank) if ranks else -1
+
+    def destroy(self) -> None:
+        """Destroy the groups this rank belongs to; every rank calls it, in the same order."""
+        self.dense_grid.destroy()
+        self.expert_grid.destroy()
+        for group in self._extra:
+            dist.destroy_process_group(group)
+        self._extra.clear()
+        self.pg = None
+
+
+def aliases(dist_opt_instances: int) -> dict[str, str]:
+    """Fields that share another field's group; with one optimizer instance the intra-instance
+    groups are the whole data-parallel groups, as in Megatron."""
+    if dist_opt_instances > 1:
+        return dict(ALIASES)
+    return ALIASES | {"intra_dp_cp": "dp_cp", "intra_expt_dp": "expt_dp"}
+
+
+def build_process_groups(
+    dims: ParallelDims,
+    topology: Topology,
+    backend: str | None = None,
+    *,
+    rank_offset: int = 0,
+    dist_opt_instances: int = 1,
+    local_sync: bool = False,
+) -> ParallelGroups:
+    """Build one model's groups over ranks [rank_offset, rank_offset + dims.world_size).
+
+    Every rank of the job must call this with the same arguments in the same order (group
+    creation is collective); ranks outside the slice get `pg=None`. `local_sync=True` makes each
+    rank create only its own groups (`use_local_synchronization`); it needs a grid over the whole
+    world and gives up `HyperCommGrid.get_pg`.
+    """
+    _check_initialized(topology)
+    check_grid_fits(dims, topology, rank_offset)
+    backend = backend or default_backend()
+    dense, expert = make_grids(dims, rank_offset, backend)
+    lists = rank_lists(dense, expert, dist_opt_instances)
+    if local_sync:
+        if dims.world_size != topology.world_size:
+            raise ParallelGroupsError(
+                f"local_sync needs a grid over all {topology.world_size} ranks, this one has "
+                f"{dims.world_size} at rank_offset={rank_offset}; build it with local_sync=False"
+            )
+        groups, extra = _create_local(lists, topology.rank, backend)
+    else:
+        groups, extra = _create_collective(dense, expert, lists, topology.rank, backend)
+    result = ParallelGroups(
+        dims, rank_offset, topology.rank, lists, dense, expert, None, aliases(dist_opt_instances)
+    )
+    result._extra = extra
+    if result.is_member:
+        result.pg = _collection(groups, result.aliases)
+    return result
+
+
+def _check_initialized(topology: Topology) -> None:
+    if not dist.is_initialized():
+        raise ParallelGroupsError(
+            "torch.distributed is not initialised; call init_distributed(topology) first"
+        )
+    if (dist.get_rank(), dist.get_world_size()) != (topology.rank, topology.world_size):
+        raise ParallelGroupsError(
+            f"default group has rank {dist.get_rank()} of {dist.get_world_size()} but the "
+            f"topology says RANK={topology.rank} of WORLD_SIZE={topology.world_size}; "
+            "initialise torch.distributed from the same Topology"
+        )
+
+
+Groups = dict[str, dist.ProcessGroup | None]
+
+
+def _create_collective(
+    dense: HyperCommGrid,
+    expert: HyperCommGrid,
+    lists: dict[str, list[list[int]]],
+    rank: int,
+    backend: str,
+) -> tuple[Groups, list[dist.ProcessGroup]]:
+    """Every rank creates every group; grid groups stay registered in their grid (get_pg)."""
+    groups: Groups = {}
+    for name, dims in DENSE_GROUPS.items():
+        groups[name] = dense.create_pg(dims, group_desc=f"KUBETRON_{name.upper()}")
+    for name, dims in EXPERT_GROUPS.items():
+        groups[name] = expert.create_pg(dims, group_desc=f"KUBETRON_{name.upper()}")
+    extra = []
+    # In the order of `lists` (never a set's): every rank must create groups in the same order.
+    for name in [n for n in lists if n not in groups]:
+        groups[name] = None
+        for ranks in lists[name]:
+            group = _new_group(ranks, backend, name, local=False)
+            if group is not None:
+                groups[name] = group
+                extra.append(group)
+    return groups, extra
+
+
+def _create_local(
+    lists: dict[str, list[list[int]]], rank: int, backend: str
+) -> tuple[Groups, list[dist.ProcessGroup]]:
+    """Each rank creates only the groups it is in, synchronising with their members only.
+
+    torch names such groups from a per-process counter that only advances on members, so every
+    rank must create the same number of them or later groups get different names on different
+    ranks and hang: a rank in no embedding group creates a group of itself instead.
+    """
+    groups: Groups = {}
+    extra = []
+    for name, all_ranks in lists.items():
+        own = next((r for r in all_ranks if rank in r), None)
+        group = _new_group(own or [rank], backend, name, local=True)
+        assert group is not None
+        groups[name] = group if own else None
+        extra.append(group)
+    return groups, extra
+
+
+def _new_group(
+    ranks: list[int], backend: str, name: str, *, local: bool
+) -> dist.ProcessGroup | None:
+    """`dist.new_group`, with None instead of torch's non-member sentinel."""
+    group = dist.new_group(
+        ranks,
+        backend=backend,
+        use_local_synchronization=local,
+        group_desc=f"KUBETRON_{name.upper()}",
+    )
+    return group if isinstance(group, dist.ProcessGroup) else None
+
+
+def _collection(groups: Groups, alias: dict[str, str]) -> ProcessGroupCollection:
+    """The collection with every field set: own group, alias, or None for unused features."""
+    values = dict(groups)
+    values |= {name: values[target] for name, target in alias.items()}
+    values |= dict.fromkeys(UNUSED)
+    values.setdefault("inter_dist_opt", None)
+    return ProcessGroupCollection(**values)
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """One model's grid in a job that holds several: its name, shape and first rank."""
+
+    name: str
+    dims: ParallelDims
+    rank_offset: int = 0
+    dist_opt_instances: int = 1
+
+
+def build_process_groups_multi(
+    specs: Sequence[GridSpec], topology: Topology, backend: str | None = None
+) -> dict[str, ParallelGroups]:
+    """Build several grids (e.g. an RL policy on ranks 0-3 and its reference on 4-7, or both on
+    all ranks with different shapes). Every rank builds every grid, in the order given, because
+    creating a group is collective over the world; each rank gets `pg=None` where it is outside.
+    """
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise ParallelGroupsError(f"grid names must be unique, got {names}")
+    for spec in specs:  # check all before creating any group: nothing half-built
+        check_grid_fits(spec.dims, topology, spec.rank_offset)
+    return {
+        spec.name: build_process_groups(
+            spec.dims,
+            topology,
+            backend,
+            rank_offset=spec.rank_offset,
+            dist_opt_instances=spec.dist_opt_instances,
+        )
+        for spec in specs
+    }
+
+
+@dataclass(frozen=True)
+class RngSeeds:
+    """Seeds as Megatron's training derives them for one rank.
+
+    `base` seeds Python, NumPy, torch's CPU generator and the CUDA data-parallel state;
+    the CUDA tracker adds the tensor-parallel and expert-parallel states.
+    """
+
+    base: int
+    tensor_model_parallel: int
+    expert_parallel: int
+
+
+def rng_seeds(
+    seed: int,
+    *,
+    pp_rank: int,
+    tp_rank: int,
+    ep_rank: int,
+    etp_rank: int,
+    dp_rank: int = 0,
+    data_parallel_random_init: bool = False,
+) -> RngSeeds:
+    """Megatron's arithmetic: `_set_random_seed` offsets by stage (and dp rank when asked),
+    `model_parallel_cuda_manual_seed` derives the tracker seeds from tp/ep/etp ranks."""
+    if seed <= 0:
+        raise ParallelGroupsError(f"seed={seed} must be > 0 (Megatron skips seeding otherwise)")
+    base = seed + 100 * pp_rank + (10 * dp_rank if data_parallel_random_init else 0)
+    return RngSeeds(
+        base=base,
+        tensor_model_parallel=base + 2718 + tp_rank,
+        expert_parallel=base + 1024 + 100 * ep_rank + etp_rank,
+    )
+
+
+def setup_megatron_globals(
+    groups: ParallelGroups,
+    seed: int,
+    *,
+    data_parallel_random_init: bool = False,
+    te_rng_tracker: bool = False,
+) -> RngSeeds:
+    """The process-wide state Megatron-Core reads even with explicit groups; nothing else of
+    `parallel_state` is initialised. Call once per process, with the grid whose seeds it uses.
+    """
+    pg = groups.pg
+    if pg is None:
+        raise ParallelGroupsError(
+            f"rank {groups.rank} is outside this grid (ranks {groups.rank_offset}.."
+            f"{groups.rank_offset + groups.dims.world_size - 1}); seed from a grid it belongs to"
+        )
+    _ensure_global_memory_buffer()
+    seeds = rng_seeds(
+        seed,
+        pp_rank=pg.pp.rank(),
+        tp_rank=pg.tp.rank(),
+        ep_rank=pg.ep.rank(),
+        etp_rank=pg.expt_tp.rank(),
+        dp_rank=pg.dp.rank(),
+        data_parallel_random_init=data_parallel_random_init,
+    )
+    random.seed(seeds.base)
+    np.random.seed(seeds.base)
+    torch.manual_seed(seeds.base)
+    if torch.cuda.device_count() > 0:  # the CUDA RNG tracker needs a GPU
+        tensor_parallel.model_parallel_cuda_manual_seed(
+            seeds.base,
+            te_rng_tracker,
+            tp_rank=pg.tp.rank(),
+            ep_rank=pg.ep.rank(),
+            etp_rank=pg.expt_tp.rank(),
+        )
+    return seeds
+
+
+def _ensure_global_memory_buffer() -> None:
+    """DotProductAttention and sequence parallelism read this buffer from a global."""
+    try:
+        buffer = parallel_state.get_global_memory_buffer()
+    except AssertionError:
+        buffer = None
+    if buffer is None:
+        parallel_state._set_global_memory_buffer()
