@@ -122,3 +122,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     running = fixture_values.get("cluster")
     if report.failed and isinstance(running, Cluster):
         report.sections.append(("control-plane logs (tails)", running.tails()))
+
+
+# kubetron's own fixtures (CRD + RBAC installed, operator processes), shared by cluster tests.
+from tests.cluster.kubetron_fixtures import (  # noqa: E402
+    kubetron,
+    operator_kubeconfig,
+    start_operator,
+)
+
+__all__ = ["cluster", "kubetron", "namespace", "operator_kubeconfig", "start_operator"]

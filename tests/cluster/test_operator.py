@@ -1,0 +1,218 @@
+"""The operator end to end on the real control plane, running as its ServiceAccount.
+
+API server, etcd, controller-manager (garbage collection), scheduler, kwok fake GPU nodes and
+the real Kubeflow training-operator: MegatronJob -> ConfigMap + PyTorchJob -> pods on fake
+nodes -> status mirrored back.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from typing import Any
+
+import pytest
+
+from kubetron_operator.api.parse import parse_job
+from kubetron_operator.plan import plan
+from kubetron_operator.render import render
+from tests.cluster.harness import Cluster
+from tests.cluster.kubetron_fixtures import OPERATOR_NS, OPERATOR_SA, fake_gpu_job, wait_phase
+
+pytestmark = pytest.mark.cluster
+SELECTOR = "app.kubernetes.io/managed-by=kubetron-operator"
+
+
+def _apply(cluster: Cluster, ns: str, obj: dict[str, Any]) -> None:
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(obj))
+
+
+def _items(cluster: Cluster, kind: str, ns: str, selector: str = SELECTOR) -> list[dict[str, Any]]:
+    out = cluster.kubectl("get", kind, "-n", ns, "-l", selector, "-o", "json").stdout
+    return list(json.loads(out)["items"])
+
+
+def _events(cluster: Cluster, ns: str, name: str) -> list[dict[str, Any]]:
+    out = cluster.kubectl(
+        "get", "events", "-n", ns, "--field-selector", f"involvedObject.name={name}", "-o", "json"
+    ).stdout
+    return [e for e in json.loads(out)["items"] if e["involvedObject"]["kind"] == "MegatronJob"]
+
+
+def test_lifecycle_to_succeeded(kubetron: Cluster, namespace: str, start_operator: Any) -> None:
+    op = start_operator()
+    _apply(kubetron, namespace, fake_gpu_job("life", complete_after="3s"))
+    pj = kubetron.wait_for(
+        lambda: kubetron.get("pytorchjob", "life", namespace), timeout=30, what="PyTorchJob"
+    )
+    stored = kubetron.get("megatronjob", "life", namespace)
+    assert stored is not None
+    job = parse_job(stored)
+    want_cm, want_pj = render(job, plan(job))
+    cm = kubetron.get("configmap", "life-config", namespace)
+    assert cm is not None and cm["data"] == want_cm["data"]
+    assert pj["spec"]["pytorchReplicaSpecs"] == want_pj["spec"]["pytorchReplicaSpecs"]
+    assert pj["spec"]["nprocPerNode"] == "8"
+    (ref,) = pj["metadata"]["ownerReferences"]
+    assert ref["uid"] == stored["metadata"]["uid"] and ref["controller"] is True
+
+    pods = kubetron.wait_for(
+        lambda: (
+            (p := _items(kubetron, "pods", namespace, "kubetron.io/job-name=life"))
+            and len(p) == 2
+            and all(x["spec"].get("nodeName") for x in p)
+            and p
+        ),
+        timeout=60,
+        what="2 pods bound to fake GPU nodes",
+    )
+    assert {p["spec"]["nodeName"] for p in pods} <= set(kubetron.node_names())
+    done = wait_phase(kubetron, namespace, "life", "Succeeded")
+    status = done["status"]
+    assert status["startTime"] and status["completionTime"]
+    assert status["worldSize"] == 16 and status["parallelism"]["data"] == 16
+    assert status["observedGeneration"] == done["metadata"]["generation"]
+    assert "kopf" not in status and not any(
+        k.startswith("kopf.") for k in done["metadata"].get("annotations", {})
+    )
+    reasons = {e["reason"] for e in _events(kubetron, namespace, "life")}
+    assert "Succeeded" in reasons
+    assert (op.sample("kubetron_operator_reconciles_total", result="success") or 0) > 0
+    phases = op.sample("kubetron_megatronjobs", namespace=namespace, phase="Succeeded")
+    assert phases == 1.0
+
+
+def test_permanent_pod_failure_fails_the_job(
+    kubetron: Cluster, namespace: str, start_operator: Any
+) -> None:
+    start_operator()
+    _apply(kubetron, namespace, fake_gpu_job("boom", nodes=1, complete_after="2s", exit_code=3))
+    failed = wait_phase(kubetron, namespace, "boom", "Failed")
+    cond = next(c for c in failed["status"]["conditions"] if c["type"] == "Failed")
+    assert "master-0 exited with code 3" in cond["message"], cond
+    warnings = [e for e in _events(kubetron, namespace, "boom") if e["type"] == "Warning"]
+    assert warnings, "a Warning event is expected for the Failed phase"
+
+
+def test_invalid_deep_spec_creates_nothing(
+    kubetron: Cluster, namespace: str, start_operator: Any
+) -> None:
+    start_operator()
+    bad = fake_gpu_job("deep", nodes=1, parallelism={"pipeline": 8})  # 28 layers on 8 stages
+    _apply(kubetron, namespace, bad)
+    failed = wait_phase(kubetron, namespace, "deep", "Failed", timeout=30)
+    (valid,) = failed["status"]["conditions"]
+    assert (valid["type"], valid["status"], valid["reason"]) == ("Valid", "False", "InvalidSpec")
+    assert "numLayers=28 is not divisible" in valid["message"]
+    events = _events(kubetron, namespace, "deep")
+    assert any(e["type"] == "Warning" and e["reason"] == "InvalidSpec" for e in events)
+    assert kubetron.get("pytorchjob", "deep", namespace) is None
+    assert kubetron.get("configmap", "deep-config", namespace) is None
+
+
+def test_delete_garbage_collects_children(
+    kubetron: Cluster, namespace: str, start_operator: Any
+) -> None:
+    start_operator()
+    _apply(kubetron, namespace, fake_gpu_job("gc", nodes=1, complete_after="600s"))
+    kubetron.wait_for(lambda: kubetron.get("pytorchjob", "gc", namespace), timeout=30)
+    kubetron.kubectl("delete", "mj", "gc", "-n", namespace, "--wait=false")
+    kubetron.wait_for(
+        lambda: (
+            kubetron.get("pytorchjob", "gc", namespace) is None
+            and kubetron.get("configmap", "gc-config", namespace) is None
+        ),
+        timeout=60,
+        what="PyTorchJob and ConfigMap garbage-collected",
+    )
+
+
+def test_suspend_and_resume(kubetron: Cluster, namespace: str, start_operator: Any) -> None:
+    start_operator()
+    _apply(kubetron, namespace, fake_gpu_job("sus", nodes=1, complete_after="2s", suspend=True))
+    wait_phase(kubetron, namespace, "sus", "Suspended", timeout=60)
+    pj = kubetron.get("pytorchjob", "sus", namespace)
+    assert pj is not None and pj["spec"]["runPolicy"]["suspend"] is True
+    assert _items(kubetron, "pods", namespace, "kubetron.io/job-name=sus") == []
+    patch = json.dumps({"spec": {"runPolicy": {"suspend": False}}})
+    kubetron.kubectl("patch", "mj", "sus", "-n", namespace, "--type", "merge", "-p", patch)
+    wait_phase(kubetron, namespace, "sus", "Succeeded", timeout=90)
+
+
+def test_operator_killed_mid_reconcile_converges_without_duplicates(
+    kubetron: Cluster, namespace: str, start_operator: Any
+) -> None:
+    names = [f"crash-{i}" for i in range(5)]
+    for name in names:
+        _apply(kubetron, namespace, fake_gpu_job(name, nodes=1, complete_after="4s"))
+    first = start_operator("op-first")
+    kubetron.wait_for(lambda: _items(kubetron, "pytorchjobs", namespace), timeout=30)
+    first.kill(signal.SIGKILL)
+    start_operator("op-second")
+    for name in names:
+        wait_phase(kubetron, namespace, name, "Succeeded", timeout=120)
+    assert (
+        sorted(p["metadata"]["name"] for p in _items(kubetron, "pytorchjobs", namespace)) == names
+    )
+    assert len(_items(kubetron, "configmaps", namespace)) == len(names)
+
+
+def test_leader_election_one_reconciles_and_standby_takes_over(
+    kubetron: Cluster, namespace: str, start_operator: Any
+) -> None:
+    lease = f"lease-{namespace}"
+    flags = ("--leader-elect", "--lease-name", lease, "--lease-duration", "6")
+    flags += ("--renew-deadline", "4", "--retry-period", "1")
+    a, b = start_operator("op-a", *flags), start_operator("op-b", *flags)
+    kubetron.wait_for(lambda: a.is_leader() or b.is_leader(), timeout=30, what="a leader")
+    leader, standby = (a, b) if a.is_leader() else (b, a)
+    assert not standby.is_leader()
+    _apply(kubetron, namespace, fake_gpu_job("le-1", nodes=1, complete_after="600s"))
+    kubetron.wait_for(lambda: kubetron.get("pytorchjob", "le-1", namespace), timeout=30)
+    assert (standby.sample("kubetron_operator_reconciles_total", result="success") or 0) == 0
+    holder = kubetron.get("lease", lease, OPERATOR_NS)
+    assert holder is not None and holder["spec"]["holderIdentity"] == leader.name
+
+    leader.kill(signal.SIGKILL)
+    t0 = time.monotonic()
+    kubetron.wait_for(standby.is_leader, timeout=20, what="standby takes the lease")
+    takeover = time.monotonic() - t0
+    assert takeover <= 6 + 2, f"takeover took {takeover:.1f}s, lease duration is 6s"
+    _apply(kubetron, namespace, fake_gpu_job("le-2", nodes=1, complete_after="600s"))
+    kubetron.wait_for(lambda: kubetron.get("pytorchjob", "le-2", namespace), timeout=30)
+
+
+ALLOWED = [
+    ("create", "pytorchjobs.kubeflow.org", None),
+    ("patch", "megatronjobs.kubetron.io/status", None),
+    ("watch", "megatronjobs.kubetron.io", None),
+    ("create", "configmaps", None),
+    ("list", "pods", None),
+    ("create", "events", None),
+    ("update", "leases.coordination.k8s.io", OPERATOR_NS),
+]
+FORBIDDEN = [
+    ("get", "secrets", None),
+    ("create", "pods/exec", None),
+    ("delete", "megatronjobs.kubetron.io", None),
+    ("create", "pods", None),
+    ("create", "deployments.apps", None),
+    ("update", "leases.coordination.k8s.io", "default"),
+    ("create", "clusterrolebindings.rbac.authorization.k8s.io", None),
+]
+
+
+@pytest.mark.parametrize(
+    ("verb", "resource", "ns", "allowed"),
+    [(*c, True) for c in ALLOWED] + [(*c, False) for c in FORBIDDEN],
+    ids=[f"may-{v}-{r}" for v, r, _ in ALLOWED] + [f"not-{v}-{r}" for v, r, _ in FORBIDDEN],
+)
+def test_operator_rbac_is_least_privilege(
+    kubetron: Cluster, verb: str, resource: str, ns: str | None, allowed: bool
+) -> None:
+    scope = ["-n", ns] if ns else ["-A"]
+    res = kubetron.kubectl(
+        "auth", "can-i", verb, resource, *scope, f"--as={OPERATOR_SA}", check=False
+    )
+    assert res.stdout.strip() == ("yes" if allowed else "no"), res.stdout + res.stderr
