@@ -15,6 +15,7 @@ import yaml
 from kubetron_operator.api.parse import SpecError, load_documents, parse_job
 from kubetron_operator.api.v1alpha1 import MegatronJob
 from kubetron_operator.crd import crd_yaml
+from kubetron_operator.docs import generated_block
 from kubetron_operator.plan import Plan, PlanError, plan
 from kubetron_operator.rbac import rbac_yaml
 from kubetron_operator.render import render, to_yaml
@@ -68,6 +69,11 @@ def cmd_crd(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_docs(_: argparse.Namespace) -> int:
+    sys.stdout.write(generated_block() + "\n")
+    return 0
+
+
 def cmd_rbac(_: argparse.Namespace) -> int:
     sys.stdout.write(rbac_yaml())
     return 0
@@ -86,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_crd)
     b = sub.add_parser("rbac", help="print the operator's least-privilege RBAC manifests")
     b.set_defaults(func=cmd_rbac)
+    d = sub.add_parser("docs", help="print the README's generated configuration reference")
+    d.set_defaults(func=cmd_docs)
     return parser
 
 
