@@ -1,0 +1,177 @@
+"""`python -m kubetron_trainer --config FILE`: one trainer process, started by torchrun.
+
+This is the container's entry point, so it owns the process-level contract with Kubernetes:
+read and validate the config (a bad field exits 2 naming the field), read the rank environment,
+join the job's process group, serve the pod's metrics from local rank 0, train, and map every
+way of ending to an exit code the PyTorchJob `ExitCode` restart policy understands
+(see `exitcodes`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import get_args
+
+import torch
+from pydantic import ValidationError
+
+from kubetron_trainer.config import TrainerConfig
+from kubetron_trainer.dims import ParallelDims
+from kubetron_trainer.exitcodes import ConfigError, ExitCode, Terminated, classify
+from kubetron_trainer.rules import check_shape
+from kubetron_trainer.topology import Topology
+
+log = logging.getLogger("kubetron_trainer")
+
+
+def load_config(path: Path) -> TrainerConfig:
+    """Parse the ConfigMap's JSON; errors name the field (camelCase, as in the spec)."""
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError("--config", f"{path} does not exist; mount the job's ConfigMap") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError("--config", f"{path} is not valid JSON: {err}") from None
+    try:
+        return TrainerConfig.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "<root>"
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+        )
+        raise ConfigError(field, f"{problems} (in {path})") from None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from kubetron_trainer.models.build import AttentionBackend
+
+    p = argparse.ArgumentParser(prog="kubetron-train", description="kubetron trainer process")
+    p.add_argument("--config", type=Path, required=True, help="TrainerConfig JSON")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument(
+        "--groups",
+        choices=["decentralized", "global"],
+        default="decentralized",
+        help="process groups: our own HyperCommGrid collection, or Megatron's parallel_state",
+    )
+    p.add_argument("--attention", choices=list(get_args(AttentionBackend)), default="auto")
+    p.add_argument("--summary", type=Path, help="rank 0 writes per-step numbers here (JSON)")
+    p.add_argument(
+        "--metrics-linger",
+        type=float,
+        default=0.0,
+        help="keep serving /metrics this many seconds after training, for a last scrape",
+    )
+    return p.parse_args(argv)
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(rank)
+    try:
+        cfg = load_config(args.config)
+        topology = Topology.from_env()
+        if cfg.world_size != topology.world_size:
+            raise ConfigError(
+                "worldSize",
+                f"the config expects {cfg.world_size} processes but torchrun started "
+                f"{topology.world_size}; match nnodes*nproc-per-node to worldSize",
+            )
+        shape = check_shape(
+            arch=cfg.model,
+            recipe=cfg.recipe,
+            parallelism=cfg.parallelism,
+            data=cfg.data,
+            world_size=cfg.world_size,
+            gpus_per_node=cfg.gpus_per_node,
+        )
+        return run(cfg, shape.dims, topology, args)
+    except BaseException as err:  # every way out gets an exit code for the restart policy
+        code = classify(err)
+        if isinstance(err, Terminated):
+            log.warning("%s; exiting %d (retryable)", err, code)
+        elif isinstance(err, KeyboardInterrupt):
+            code = ExitCode.SIGTERM
+        elif code == ExitCode.ERROR:
+            log.exception("training failed; exiting %d", code)
+        else:
+            kind = "retryable" if code.retryable else "not retryable"
+            log.error("%s; exiting %d (%s)", err, code, kind)
+        return int(code)
+
+
+def run(
+    cfg: TrainerConfig, dims: ParallelDims, topology: Topology, args: argparse.Namespace
+) -> int:
+    """Join the job, train, clean up (imports Megatron only now, after the config is valid)."""
+    import torch.distributed as dist
+
+    from kubetron_trainer.metrics import prepare_multiproc_dir
+    from kubetron_trainer.parallel import init_distributed
+
+    device = pick_device(args.device, topology.local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    metrics_dir = f"/tmp/kubetron-metrics-{cfg.job_name}-{topology.master_port}"
+    prepare_multiproc_dir(topology.local_rank, metrics_dir)
+    init_distributed(topology, backend)
+    dist.barrier()  # the metrics directory is clean before any rank writes to it
+    from kubetron_trainer import loop
+    from kubetron_trainer.metrics import TrainerMetrics
+
+    metrics = None
+    if cfg.metrics.enabled:
+        metrics = TrainerMetrics(
+            cfg.job_name, topology.rank, topology.local_rank, topology.world_size
+        )
+        if topology.local_rank == 0:
+            metrics.serve(cfg.metrics.port)
+    options = loop.RunOptions(args.groups, args.attention, args.summary, args.metrics_linger)
+    state = loop.setup(cfg, dims, topology, device, backend, options, metrics)
+    log.info(
+        "kubetron trainer: %s, %s, %s groups, attention: %s",
+        topology.describe(), dims, args.groups, state.attention,
+    )  # fmt: skip
+    try:
+        summary = loop.train(state)
+    finally:
+        if args.metrics_linger > 0 and topology.local_rank == 0:
+            time.sleep(args.metrics_linger)
+    log.info(
+        "done: %d steps, final loss %.4f, %.0f tokens/s",
+        len(summary.steps), summary.steps[-1]["loss"] if summary.steps else float("nan"),
+        summary.tokens_per_s,
+    )  # fmt: skip
+    dist.barrier()
+    dist.destroy_process_group()
+    return int(ExitCode.OK)
+
+
+def pick_device(choice: str, local_rank: int) -> torch.device:
+
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device", "cuda was asked for but no GPU is visible")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Checkpoints with `megatron.core.dist_checkpointing` (torch_dist), crash-safe and resumable.
+
+Layout under `checkpoint.path`: one directory per saved step (`iter_0000010/`) and a `latest`
+file holding the step of the newest complete checkpoint. Every rank writes its shards into the
+step's directory; only after all ranks finished does rank 0 replace `latest` atomically (write a
+temporary file, fsync, `os.replace`). A crash or preemption mid-save therefore never leaves
+`latest` pointing at a partial checkpoint: the next start resumes from the previous one, and the
+partial directory is removed before it is written again.
+
+A checkpoint holds the model chunks' sharded state (with `metadata={'dp_cp_group': pg.dp_cp}`),
+the optimizer's state sharded like the parameters, the LR scheduler, every rank's RNG states and
+the step (the data position: `data.Batches` derives every sample index from the step).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedStateDict
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner,
+    TorchDistSaveShardedStrategy,
+    _replace_state_dict_keys_with_sharded_keys,
+    mcore_to_pyt_state_dict,
+)
+from torch.distributed.checkpoint import FileSystemWriter
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+log = logging.getLogger(__name__)
+LATEST = "latest"
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"iter_{step:07d}"
+
+
+def read_latest(root: Path) -> int | None:
+    """The step of the newest complete checkpoint under `root`, or None."""
+    marker = root / LATEST
+    if not marker.is_file():
+        return None
+    text = marker.read_text().strip()
+    if not text.isdigit():
+        raise ValueError(f"{marker} holds {text!r}, not a step number; remove or fix it")
+    return int(text)
+
+
+def write_latest(root: Path, step: int) -> None:
+    """Atomically point `latest` at `step` (readers see the old or the new value, never half)."""
+    tmp = root / f".{LATEST}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{step}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / LATEST)
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
+    """Megatron's torch_dist format, written by torch DCP's plain synchronous FileSystemWriter.
+
+    Megatron-Core 0.19 always saves through its async writer, whose staging step calls
+    `torch.cuda.synchronize()` unconditionally (filesystem_async.preload_tensors), so it fails
+    on a machine without CUDA. The files are the same torch DCP layout plus Megatron's metadata,
+    loaded by Megatron's ordinary torch_dist load strategy. Used on CPU only.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("torch_dist", 1)
+
+    def save(self, sharded_state_dict: ShardedStateDict, checkpoint_dir: Path) -> None:
+        flat, _, _ = _replace_state_dict_keys_with_sharded_keys(
+            sharded_state_dict, self.keep_only_main_replica
+        )
+        torch.distributed.checkpoint.save(
+            mcore_to_pyt_state_dict(flat, False),
+            storage_writer=FileSystemWriter(checkpoint_dir),
+            planner=MCoreSavePlanner(
+                dedup_replicated_tensors=not self.keep_only_main_replica,
+                flatten_state_dict=False,
+                flatten_sharded_tensors=False,
+            ),
+        )
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+        state["tracker"] = get_cuda_rng_tracker().get_states()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+        get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+class Checkpointer:
+    """Saves and loads the whole training state of this rank under `root`."""
+
+    def __init__(
+        self,
+        root: Path,
+        chunks: list[torch.nn.Module],
+        optimizer: Any,
+        scheduler: OptimizerParamScheduler,
+        pg: ProcessGroupCollection,
+        device: torch.device,
+    ) -> None:
+        self.root = root
+        self.chunks = chunks
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.pg = pg
+        self.device = device
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+
+    def _model_state(self) -> dict[str, Any]:
+        meta = {"dp_cp_group": self.pg.dp_cp}
+        if len(self.chunks) == 1:
+            return {"model": self.chunks[0].sharded_state_dict(metadata=meta)}
+        return {
+            f"model{i}": chunk.sharded_state_dict(metadata=meta)
+            for i, chunk in enumerate(self.chunks)
+        }
+
+    def _sharded_state(self, step: int, is_loading: bool) -> dict[str, Any]:
+        state = self._model_state()
+        state["optimizer"] = self.optimizer.sharded_state_dict(state, is_loading=is_loading)
+        state["scheduler"] = self.scheduler.state_dict()
+        state["iteration"] = step
+        state["rng_state"] = ShardedObject(
+            "rng_state", _rng_state(self.device), (self.world,), (self.rank,), replica_id=0
+        )
+        return state
+
+    def save(self, step: int) -> float:
+        """Write step `step` and point `latest` at it; returns the seconds it took (collective)."""
+        start = time.perf_counter()
+        target = step_dir(self.root, step)
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if target.exists():  # a partial save of this step from a crashed run
+                shutil.rmtree(target)
+            target.mkdir()
+        dist.barrier()
+        strategy = SyncTorchDistSaveStrategy() if self.device.type == "cpu" else None
+        state = self._sharded_state(step, is_loading=False)
+        dist_checkpointing.save(state, str(target), sharded_strategy=strategy)
+        dist.barrier()
+        if self.rank == 0:
+            write_latest(self.root, step)
+        dist.barrier()
+        seconds = time.perf_counter() - start
+        log.info("saved checkpoint of step %d to %s in %.2fs", step, target, seconds)
+        return seconds
+
+    def load_latest(self) -> int:
+        """Restore the newest complete checkpoint; returns its step (0 when there is none)."""
+        step = read_latest(self.root)
+        if step is None:
+            return 0
+        source = step_dir(self.root, step)
+        loaded = dist_checkpointing.load(self._sharded_state(step, is_loading=True), str(source))
+        if len(self.chunks) == 1:
+            self.chunks[0].load_state_dict(loaded["model"])
+        else:
+            for i, chunk in enumerate(self.chunks):
+                chunk.load_state_dict(loaded[f"model{i}"])
+        self.optimizer.load_state_dict(loaded["optimizer"])
+        self.scheduler.load_state_dict(loaded["scheduler"])
+        _set_rng_state(loaded["rng_state"])
+        if loaded["iteration"] != step:
+            raise ValueError(f"{source} holds iteration {loaded['iteration']}, expected {step}")
+        log.info("resumed from %s (step %d)", source, step)
+        return step

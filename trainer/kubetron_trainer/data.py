@@ -1,0 +1,201 @@
+"""Training batches: deterministic mock tokens or Megatron indexed datasets, sharded by dp rank.
+
+Every sample has a global index, and the index of each sample in each micro-batch is a pure
+function of (step, micro-batch, dp rank) laid out as Megatron's pretraining sampler does (each
+global batch is cut into micro-batch rows of `micro_batch * dp` samples; dp rank r takes its
+slice of each row). So the data position is just the step: a resumed run reads exactly the
+samples an uninterrupted run would have read, and no sampler state needs saving. Only the first
+and last pipeline stages read data (tokens feed the embedding, labels the loss); the others get
+`None` micro-batches. Indexed datasets go through Megatron-Core's `BlendedMegatronDatasetBuilder`
+and `GPTDataset`, so blends, splits and the index caches are Megatron's own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import (
+    BlendedMegatronDatasetBuilder,
+)
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+from kubetron_trainer.config import TrainerConfig
+from kubetron_trainer.exitcodes import ConfigError
+from kubetron_trainer.tokenize import ByteTokenizer
+
+log = logging.getLogger(__name__)
+
+
+class SampleSource(Protocol):
+    def __len__(self) -> int: ...
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One micro-batch, `[micro_batch, seq]` each, on the training device."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    position_ids: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.numel()
+
+
+class MockDataset:
+    """Learnable, deterministic sequences: `(start + stride * t) % vocab` per sample.
+
+    Start and stride come from a generator seeded by (seed, index), so any rank can produce any
+    sample, and a model that learns the rule drives the loss well below `ln(vocab)`.
+    """
+
+    def __init__(self, vocab_size: int, seq_length: int, num_samples: int, seed: int) -> None:
+        self.vocab_size = vocab_size
+        self.seq_length = seq_length
+        self.num_samples = num_samples
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, idx])
+        start, stride = int(rng.integers(self.vocab_size)), int(rng.integers(1, 8))
+        text = (start + stride * np.arange(self.seq_length + 1)) % self.vocab_size
+        seq = torch.from_numpy(text).long()
+        return {
+            "tokens": seq[:-1],
+            "labels": seq[1:],
+            "loss_mask": torch.ones(self.seq_length),
+            "position_ids": torch.arange(self.seq_length),
+        }
+
+
+def indexed_dataset(cfg: TrainerConfig, num_samples: int, reads_data: bool) -> GPTDataset | None:
+    """The training split of the configured blend, built by Megatron-Core (collective: every
+    rank of the job must call this; ranks that read no data get None)."""
+    data = cfg.data
+    if data.tokenizer.type != "byte":
+        raise ConfigError(
+            "data.tokenizer.type",
+            f"tokenizer type {data.tokenizer.type!r} is not supported by this trainer yet; use "
+            "'byte' and tokenize with `python -m kubetron_trainer.tokenize`",
+        )
+    for i, path in enumerate(data.paths):
+        for suffix in (".bin", ".idx"):
+            if not Path(path.prefix + suffix).is_file():
+                raise ConfigError(
+                    f"data.paths[{i}].prefix",
+                    f"{path.prefix}{suffix} does not exist; give the prefix of an indexed "
+                    "dataset (PREFIX.bin and PREFIX.idx)",
+                )
+    config = GPTDatasetConfig(
+        random_seed=cfg.recipe.seed,
+        sequence_length=cfg.recipe.seq_length,
+        blend=([p.prefix for p in data.paths], [p.weight for p in data.paths]),
+        split=data.split,
+        tokenizer=ByteTokenizer(),  # type: ignore[arg-type]  # duck-typed: eod, pad, vocab_size
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+    builder = BlendedMegatronDatasetBuilder(
+        GPTDataset, [num_samples, 0, 0], lambda: reads_data, config
+    )
+    train, _, _ = builder.build()
+    return train
+
+
+class Batches:
+    """This rank's micro-batches of each step, from a global-index `SampleSource`."""
+
+    def __init__(
+        self,
+        source: SampleSource | None,
+        *,
+        global_batch: int,
+        micro_batch: int,
+        dp_rank: int,
+        dp_size: int,
+        device: torch.device,
+        on_wait: Callable[[float], None] | None = None,
+    ) -> None:
+        self.source = source
+        self.global_batch = global_batch
+        self.micro_batch = micro_batch
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.device = device
+        self.on_wait = on_wait
+
+    @property
+    def num_micro_batches(self) -> int:
+        return self.global_batch // (self.micro_batch * self.dp_size)
+
+    def indices(self, step: int, micro: int) -> list[int]:
+        """Global sample indices of micro-batch `micro` of step `step` (0-based) on this rank."""
+        first = step * self.global_batch + micro * self.micro_batch * self.dp_size
+        first += self.dp_rank * self.micro_batch
+        return list(range(first, first + self.micro_batch))
+
+    def step(self, step: int) -> list[Batch | None]:
+        """The micro-batches of one optimizer step; None on ranks that read no data."""
+        start = time.perf_counter()
+        if self.source is None:
+            return [None] * self.num_micro_batches
+        out: list[Batch | None] = [self._batch(step, m) for m in range(self.num_micro_batches)]
+        if self.on_wait is not None:
+            self.on_wait(time.perf_counter() - start)
+        return out
+
+    def _batch(self, step: int, micro: int) -> Batch:
+        source = self.source
+        assert source is not None
+        samples = [source[i % len(source)] for i in self.indices(step, micro)]
+
+        def stack(key: str) -> torch.Tensor:
+            return torch.stack([s[key] for s in samples]).to(self.device, non_blocking=True)
+
+        return Batch(stack("tokens"), stack("labels"), stack("loss_mask"), stack("position_ids"))
+
+
+def build_batches(
+    cfg: TrainerConfig,
+    *,
+    reads_data: bool,
+    dp_rank: int,
+    dp_size: int,
+    device: torch.device,
+    on_wait: Callable[[float], None] | None = None,
+) -> Batches:
+    """Mock or indexed batches for this rank (collective for indexed data)."""
+    num_samples = cfg.recipe.train_iters * cfg.recipe.global_batch_size
+    source: SampleSource | None
+    if cfg.data.type == "mock":
+        mock = MockDataset(
+            cfg.model.vocab_size, cfg.recipe.seq_length, num_samples, cfg.recipe.seed
+        )
+        source = mock if reads_data else None
+    else:
+        source = indexed_dataset(cfg, num_samples, reads_data)
+    log.info("data: %s, %s", cfg.data.type, "read on this rank" if reads_data else "not read")
+    return Batches(
+        source,
+        global_batch=cfg.recipe.global_batch_size,
+        micro_batch=cfg.recipe.micro_batch_size,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        device=device,
+        on_wait=on_wait,
+    )

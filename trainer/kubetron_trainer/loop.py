@@ -1,0 +1,283 @@
+"""The training loop: groups -> model -> optimizer step -> data -> checkpoints -> metrics.
+
+Everything around the optimizer step is the same on CPU and GPU; `step_cpu` / `step_gpu`
+provide the step. SIGTERM only sets a flag; at each step boundary the ranks agree (a MAX
+all-reduce) whether any rank was signalled, so they all save the same step and exit together
+with the retryable code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Literal, Protocol
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+from kubetron_trainer.checkpoint import Checkpointer
+from kubetron_trainer.config import TrainerConfig
+from kubetron_trainer.data import Batch, build_batches
+from kubetron_trainer.dims import ParallelDims
+from kubetron_trainer.exitcodes import Terminated
+from kubetron_trainer.flops import flops_per_token, peak_flops
+from kubetron_trainer.metrics import StepStats, TrainerMetrics
+from kubetron_trainer.models import build_model
+from kubetron_trainer.models.build import AttentionBackend
+from kubetron_trainer.parallel import build_process_groups
+from kubetron_trainer.topology import Topology
+from kubetron_trainer.train_common import (
+    StepResult,
+    build_scheduler,
+    current_lr,
+    ensure_global_memory_buffer,
+    seed_everything,
+    share_from_last_stage,
+)
+
+log = logging.getLogger(__name__)
+GroupsMode = Literal["decentralized", "global"]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run, beyond the config: chosen by the launcher or a test, not by the user's spec."""
+
+    groups: GroupsMode = "decentralized"
+    attention: AttentionBackend = "auto"
+    summary: Path | None = None
+    metrics_linger_s: float = 0.0
+
+
+class Engine(Protocol):
+    optimizer: object
+
+    def step(self, micro_batches: list[Batch | None]) -> StepResult: ...
+
+
+@dataclass
+class Summary:
+    """What rank 0 writes to `--summary` at the end: per-step numbers and the run's totals."""
+
+    job: str
+    device: str
+    attention: str
+    groups: str
+    resumed_from: int
+    steps: list[dict[str, float]] = field(default_factory=list)
+    tokens_per_s: float = 0.0
+    mfu: float | None = None
+    wall_s: float = 0.0
+    stopped_by: str = "completed"
+
+
+class StopFlag:
+    """Set by SIGTERM; `agreed` asks every rank (collective) whether any was signalled."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.signalled = False
+        self.device = device
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signalled = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.signalled else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def make_groups(
+    cfg: TrainerConfig, dims: ParallelDims, topology: Topology, backend: str, mode: GroupsMode
+) -> ProcessGroupCollection:
+    """The model's process groups: our own (decentralized) or Megatron's global ones."""
+    if mode == "global":
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=dims.tp,
+            pipeline_model_parallel_size=dims.pp,
+            virtual_pipeline_model_parallel_size=dims.vpp_size,
+            context_parallel_size=dims.cp,
+            expert_model_parallel_size=dims.ep,
+            expert_tensor_parallel_size=dims.etp,
+        )
+        return ProcessGroupCollection.use_mpu_process_groups()
+    groups = build_process_groups(dims, topology, backend)
+    if groups.pg is None:
+        raise RuntimeError(f"rank {topology.rank} is outside its own grid")
+    return groups.pg
+
+
+def make_engine(
+    cfg: TrainerConfig, chunks: list, pg: ProcessGroupCollection, device: torch.device
+) -> Engine:
+    if device.type == "cuda":
+        from kubetron_trainer.step_gpu import GpuEngine
+
+        return GpuEngine(cfg, chunks, pg)
+    from kubetron_trainer.step_cpu import CpuEngine
+
+    return CpuEngine(cfg, chunks, pg)
+
+
+class Progress:
+    """Turns step results into `StepStats`, the progress line and the summary."""
+
+    def __init__(self, cfg: TrainerConfig, padded_vocab: int, device: torch.device) -> None:
+        r = cfg.recipe
+        self.cfg = cfg
+        self.tokens = r.global_batch_size * r.seq_length
+        self.flops_per_token = flops_per_token(cfg.model, r.seq_length, padded_vocab)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+        self.peak = peak_flops(name, r.precision.value)
+        self.durations: list[float] = []
+
+    def stats(self, step: int, result: StepResult, lr: float, seconds: float) -> StepStats:
+        self.durations.append(seconds)
+        tps = self.tokens / seconds
+        flops_per_gpu = tps * self.flops_per_token / dist.get_world_size()
+        mfu = flops_per_gpu / self.peak if self.peak else None
+        return StepStats(
+            step, result.loss, result.grad_norm, lr, seconds, self.tokens, tps,
+            flops_per_gpu / 1e12, mfu,
+        )  # fmt: skip
+
+    def line(self, s: StepStats) -> str:
+        total = self.cfg.recipe.train_iters
+        recent = self.durations[-10:]
+        eta = (total - s.step) * sum(recent) / len(recent)
+        mfu = f"{100 * s.mfu:.1f}%" if s.mfu is not None else "n/a"
+        return (
+            f"step {s.step}/{total} | loss {s.loss:.4f} | grad norm {s.grad_norm:.3f} | "
+            f"lr {s.lr:.2e} | {s.tokens_per_s:,.0f} tok/s | {s.tflops_per_gpu:.2f} TFLOP/s/GPU | "
+            f"MFU {mfu} | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}"
+        )
+
+
+@dataclass
+class Run:
+    """Everything one rank built for training; `train` drives it."""
+
+    cfg: TrainerConfig
+    options: RunOptions
+    topology: Topology
+    device: torch.device
+    pg: ProcessGroupCollection
+    chunks: list
+    attention: str
+    engine: Engine
+    scheduler: object
+    checkpointer: Checkpointer | None
+    metrics: TrainerMetrics | None
+    progress: Progress
+
+
+def setup(
+    cfg: TrainerConfig,
+    dims: ParallelDims,
+    topology: Topology,
+    device: torch.device,
+    backend: str,
+    options: RunOptions,
+    metrics: TrainerMetrics | None,
+) -> Run:
+    """Groups, seeds, model, optimizer, scheduler and checkpointer, in Megatron's order."""
+    pg = make_groups(cfg, dims, topology, backend, options.groups)
+    ensure_global_memory_buffer()
+    seed_everything(cfg.recipe.seed, pg, device)
+    built = build_model(cfg, pg, device, options.attention)
+    engine = make_engine(cfg, built.chunks, pg, device)
+    scheduler = build_scheduler(engine.optimizer, cfg.recipe)
+    checkpointer = None
+    if cfg.checkpoint.path is not None:
+        checkpointer = Checkpointer(
+            Path(cfg.checkpoint.path), built.chunks, engine.optimizer, scheduler, pg, device
+        )
+    progress = Progress(cfg, built.padded_vocab_size, device)
+    return Run(
+        cfg, options, topology, device, pg, built.chunks, built.attention, engine, scheduler,
+        checkpointer, metrics, progress,
+    )  # fmt: skip
+
+
+def train(run: Run) -> Summary:
+    """Resume, train to `trainIters`, save on schedule and on SIGTERM; raises `Terminated`."""
+    cfg, pg = run.cfg, run.pg
+    start = 0
+    if run.checkpointer is not None and cfg.checkpoint.resume == "auto":
+        start = run.checkpointer.load_latest()
+    first, last = pg.pp.rank() == 0, pg.pp.rank() == pg.pp.size() - 1
+    batches = build_batches(
+        cfg,
+        reads_data=first or last,
+        dp_rank=pg.dp.rank(),
+        dp_size=pg.dp.size(),
+        device=run.device,
+        on_wait=run.metrics.record_data_wait if run.metrics else None,
+    )
+    summary = Summary(cfg.job_name, str(run.device), run.attention, run.options.groups, start)
+    stop = StopFlag(run.device)
+    began = time.perf_counter()
+    log.info("training steps %d..%d", start + 1, cfg.recipe.train_iters)
+    for step in range(start, cfg.recipe.train_iters):
+        if stop.agreed():
+            save(run, step)
+            summary.stopped_by = "SIGTERM"
+            finish(run, summary, began)
+            raise Terminated(f"SIGTERM: saved step {step} and stopped")
+        one_step(run, batches.step(step), step + 1, summary)
+        if run.checkpointer and (step + 1) % cfg.checkpoint.save_interval == 0:
+            save(run, step + 1)
+    done = cfg.recipe.train_iters
+    if run.checkpointer and done % cfg.checkpoint.save_interval and start < done:
+        save(run, done)
+    finish(run, summary, began)
+    return summary
+
+
+def one_step(run: Run, micro: list[Batch | None], step: int, summary: Summary) -> None:
+    t0 = time.perf_counter()
+    result = run.engine.step(micro)
+    run.scheduler.step(1)  # type: ignore[attr-defined]
+    loss, norm = share_from_last_stage([result.loss, result.grad_norm], run.pg)
+    seconds = time.perf_counter() - t0
+    lr = current_lr(run.engine.optimizer)
+    stats = run.progress.stats(step, StepResult(loss, norm, result.ok), lr, seconds)
+    summary.steps.append({"step": step, "loss": loss, "grad_norm": norm, "lr": lr, "s": seconds})
+    if run.metrics is not None:
+        run.metrics.record_step(stats)
+        if run.device.type == "cuda":
+            run.metrics.record_memory(
+                torch.cuda.memory_allocated(run.device), torch.cuda.memory_reserved(run.device)
+            )
+    if run.topology.rank == 0 and (step % run.cfg.recipe.log_interval == 0 or step == 1):
+        log.info(run.progress.line(stats))
+
+
+def save(run: Run, step: int) -> None:
+    if run.checkpointer is None:
+        return
+    seconds = run.checkpointer.save(step)
+    if run.metrics is not None:
+        run.metrics.record_save(seconds)
+
+
+def finish(run: Run, summary: Summary, began: float) -> None:
+    """Totals over the steps this process ran (the first two are warmup), summary on rank 0."""
+    summary.wall_s = time.perf_counter() - began
+    timed = [s["s"] for s in summary.steps[2:]] or [s["s"] for s in summary.steps]
+    if timed:
+        summary.tokens_per_s = run.progress.tokens * len(timed) / sum(timed)
+        if run.progress.peak:
+            per_gpu = summary.tokens_per_s * run.progress.flops_per_token / dist.get_world_size()
+            summary.mfu = per_gpu / run.progress.peak
+    if run.topology.rank == 0 and run.options.summary is not None:
+        run.options.summary.parent.mkdir(parents=True, exist_ok=True)
+        run.options.summary.write_text(json.dumps(asdict(summary), indent=1))

@@ -1,0 +1,86 @@
+"""Core attention on `torch.nn.functional.scaled_dot_product_attention` for the local spec.
+
+Without Transformer Engine, Megatron-Core's local spec uses `DotProductAttention`, which
+materialises the full `[b, heads, s, s]` score matrix (the Qwen3-1.7B shape at seq 4096 runs out
+of memory on an H100), reads Megatron's global memory buffer and forks the CUDA RNG tracker for
+dropout (so it cannot run on CPU). This module is a drop-in `core_attention` for the local spec
+that hands the work to torch's SDPA kernels (flash / memory-efficient on GPU, math on CPU):
+causal masking and grouped-query attention are done by SDPA itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+class SdpaAttention(MegatronModule):
+    """Causal self-attention over one tensor-parallel shard of heads, computed by torch SDPA.
+
+    Takes Megatron's layout (`[s, b, heads, head_dim]`) and returns `[s, b, heads*head_dim]`,
+    like `DotProductAttention`, so `SelfAttention` needs no change.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection: ProcessGroupCollection | None = None,
+    ) -> None:
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError(
+                "SdpaAttention does not support context parallelism; set "
+                "spec.parallelism.context to 1 or use an image with Transformer Engine"
+            )
+        if pg_collection is None:
+            raise ValueError("SdpaAttention needs the model's pg_collection (its tp group)")
+        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask):
+            raise ValueError(f"SdpaAttention supports causal attention only, got {attn_mask_type}")
+        self.tp_group = pg_collection.tp  # MegatronModule.sharded_state_dict reads it
+        tp = pg_collection.tp.size()
+        self.heads = config.num_attention_heads // tp
+        self.groups = config.num_query_groups // tp
+        self.head_dim = config.kv_channels
+        self.causal = attn_mask_type == AttnMaskType.causal
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.scale = softmax_scale or 1.0 / math.sqrt(self.head_dim)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+    ) -> torch.Tensor:
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("SdpaAttention supports neither packed sequences nor attention bias")
+        # [s, b, n, d] -> [b, n, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            is_causal=self.causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            scale=self.scale,
+            enable_gqa=self.groups != self.heads,
+        )
+        # [b, n, s, d] -> [s, b, n*d]
+        s, b = out.shape[2], out.shape[0]
+        return out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim)

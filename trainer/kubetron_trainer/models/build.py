@@ -1,0 +1,171 @@
+"""Megatron-Core `GPTModel`s for a `TrainerConfig`, built on explicit process groups.
+
+Every Megatron-Core object here takes the trainer's `ProcessGroupCollection`; nothing reads
+`parallel_state`. The layer spec is Transformer Engine's when TE imports, otherwise Megatron's
+local spec with `SdpaAttention` as core attention (or, on request, Megatron's unfused
+`DotProductAttention`, which tests compare against). With virtual pipeline stages a rank holds
+several model chunks; only the very first chunk embeds and only the very last computes the loss.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from kubetron_trainer.config import ModelArch, Precision, TrainerConfig
+from kubetron_trainer.models.attention import SdpaAttention
+
+log = logging.getLogger(__name__)
+
+AttentionBackend = Literal["auto", "te", "sdpa", "unfused"]
+# Megatron pads the vocabulary to a multiple of this times the tensor-parallel degree.
+VOCAB_DIVISIBLE_BY = 128
+
+
+@dataclass(frozen=True)
+class ModelChunks:
+    """This rank's model chunks (one per virtual pipeline stage) and how they were built."""
+
+    chunks: list[GPTModel]
+    config: TransformerConfig
+    attention: str
+    padded_vocab_size: int
+
+
+def te_available() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    multiple = VOCAB_DIVISIBLE_BY * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def transformer_config(cfg: TrainerConfig, device: torch.device) -> TransformerConfig:
+    """Megatron's TransformerConfig for the resolved architecture, precision and shape."""
+    arch, par = cfg.model, cfg.parallelism
+    bf16 = cfg.recipe.precision in (Precision.BF16, Precision.FP8)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    on_gpu = device.type == "cuda"
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.kv_channels,
+        gated_linear_unit=arch.swiglu,
+        activation_func=F.silu if arch.swiglu else F.gelu,
+        normalization=arch.normalization,
+        layernorm_epsilon=1e-6,
+        qk_layernorm=arch.qk_layernorm,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=0.02,
+        tensor_model_parallel_size=par.tensor,
+        pipeline_model_parallel_size=par.pipeline,
+        virtual_pipeline_model_parallel_size=par.virtual_pipeline if par.pipeline > 1 else None,
+        context_parallel_size=par.context,
+        expert_model_parallel_size=par.expert,
+        expert_tensor_parallel_size=par.expert_tensor,
+        sequence_parallel=par.sequence_parallel,
+        num_moe_experts=arch.num_experts,
+        moe_router_topk=arch.moe_router_topk if arch.is_moe else 2,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_token_dispatcher_type="alltoall",
+        moe_aux_loss_coeff=1e-3 if arch.is_moe else 0.0,
+        bf16=bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        autocast_dtype=dtype,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+        masked_softmax_fusion=False,
+        bias_activation_fusion=on_gpu and arch.swiglu,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        cross_entropy_loss_fusion=False,
+    )
+
+
+def layer_spec(arch: ModelArch, backend: AttentionBackend) -> tuple[ModuleSpec, str]:
+    """The transformer layer spec and a name for the attention path it uses."""
+    if backend == "auto":
+        backend = "te" if te_available() else "sdpa"
+    if backend == "te":
+        spec = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=arch.num_experts, qk_layernorm=arch.qk_layernorm
+        )
+        return spec, "transformer-engine"
+    spec = get_gpt_layer_local_spec(
+        num_experts=arch.num_experts,
+        qk_layernorm=arch.qk_layernorm,
+        normalization=arch.normalization,
+    )
+    attention = spec.submodules.self_attention.submodules
+    if backend == "sdpa":
+        attention.core_attention = SdpaAttention
+        return spec, "local spec + torch SDPA core attention"
+    attention.core_attention = DotProductAttention
+    return spec, "local spec + Megatron unfused DotProductAttention"
+
+
+class CpuRotaryEmbedding(RotaryEmbedding):
+    """Megatron's RoPE, minus the move of `inv_freq` to CUDA on the first forward."""
+
+    def get_emb(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
+        freqs = self.get_freqs_non_repeated(max_seq_len, offset)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb[:, None, None, :]
+
+
+def build_model(
+    cfg: TrainerConfig,
+    pg: ProcessGroupCollection,
+    device: torch.device,
+    backend: AttentionBackend = "auto",
+) -> ModelChunks:
+    """This rank's GPTModel chunks, on `device`, with pre/post-process from the pipeline rank."""
+    arch = cfg.model
+    config = transformer_config(cfg, device)
+    spec, attention = layer_spec(arch, backend)
+    pp_rank, pp_size = pg.pp.rank(), pg.pp.size()
+    vpp = cfg.parallelism.virtual_pipeline if pp_size > 1 else 1
+    vocab = padded_vocab_size(arch.vocab_size, pg.tp.size())
+    chunks = []
+    for stage in range(vpp):
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=vocab,
+            max_sequence_length=cfg.recipe.seq_length,
+            pre_process=pp_rank == 0 and stage == 0,
+            post_process=pp_rank == pp_size - 1 and stage == vpp - 1,
+            share_embeddings_and_output_weights=not arch.untie_embeddings,
+            position_embedding_type=arch.position_embedding_type,
+            rotary_base=arch.rotary_base,
+            pg_collection=pg,
+            vp_stage=stage if vpp > 1 else None,
+        )
+        if device.type == "cpu" and arch.position_embedding_type == "rope":
+            model.rotary_pos_emb.__class__ = CpuRotaryEmbedding
+        chunks.append(model.to(device))
+    log.info("attention path: %s (padded vocab %d)", attention, vocab)
+    return ModelChunks(chunks, config, attention, vocab)

@@ -1,0 +1,182 @@
+"""The optimizer step on CPU (gloo), where Megatron-Core's schedules, DDP and optimizers can't run.
+
+DESIGN.md lists what is CUDA-only in Megatron-Core 0.19: every `get_forward_backward_func`
+schedule, `DistributedDataParallel`, the distributed optimizer and `get_grad_norm_fp32`. So on
+CPU this module does the same arithmetic itself: forward and backward per micro-batch (loss
+averaged over micro-batches, as Megatron's schedules do), gradients averaged over the dp group,
+the global grad norm over unique tensor-parallel shards reduced over the model-parallel group,
+clipping, a torch optimizer with Megatron's weight-decay grouping, and Megatron's
+`OptimizerParamScheduler`. Model, groups, data, checkpoints and metrics are shared with the GPU
+path. Pipeline parallelism needs a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core.dist_checkpointing.optimizer import (
+    get_param_id_to_sharded_param_map,
+    optim_state_to_sharding_state,
+)
+from megatron.core.models.gpt import GPTModel
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
+
+from kubetron_trainer.config import OptimizerSpec, Precision, TrainerConfig
+from kubetron_trainer.data import Batch
+from kubetron_trainer.exitcodes import ConfigError
+from kubetron_trainer.train_common import StepResult, masked_mean
+
+log = logging.getLogger(__name__)
+
+
+class CpuOptimizer:
+    """A torch optimizer with dp gradient averaging, clipping and Megatron-style checkpoints.
+
+    Exposes what the loop and `checkpoint` use of a Megatron optimizer: `param_groups`,
+    `zero_grad`, `step() -> (ok, grad_norm, None)`, `sharded_state_dict`, `load_state_dict`.
+    """
+
+    def __init__(self, chunks: list[GPTModel], spec: OptimizerSpec, pg: ProcessGroupCollection):
+        self.pg = pg
+        self.clip_grad = spec.clip_grad
+        self.params = [p for c in chunks for p in c.parameters() if p.requires_grad]
+        decay = [p for p in self.params if p.ndim > 1]
+        no_decay = [p for p in self.params if p.ndim <= 1]  # biases and norms, as Megatron
+        groups: list[dict[str, Any]] = [
+            {"params": decay, "wd_mult": 1.0},
+            {"params": no_decay, "wd_mult": 0.0},
+        ]
+        self.optimizer: torch.optim.Optimizer
+        if spec.name == "adam":
+            self.optimizer = torch.optim.AdamW(
+                groups,
+                lr=spec.lr,
+                betas=(spec.adam_beta1, spec.adam_beta2),
+                eps=spec.adam_eps,
+                weight_decay=spec.weight_decay,
+            )
+        else:
+            self.optimizer = torch.optim.SGD(
+                groups, lr=spec.lr, momentum=0.9, weight_decay=spec.weight_decay
+            )
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=False)
+
+    def step(self) -> tuple[bool, float, None]:
+        """Average grads over dp, clip by the global norm, update; returns Megatron's triple."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if self.pg.dp_cp.size() > 1 and grads:
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=self.pg.dp_cp)
+            flat /= self.pg.dp_cp.size()
+            for g, synced in zip(
+                grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True
+            ):
+                g.copy_(synced)
+        norm = self.grad_norm()
+        if self.clip_grad > 0 and norm > self.clip_grad:
+            scale = self.clip_grad / (norm + 1e-6)
+            for g in grads:
+                g.mul_(scale)
+        self.optimizer.step()
+        return True, norm, None
+
+    def grad_norm(self) -> float:
+        """L2 norm of the whole model's gradient: each tensor-parallel shard counted once."""
+        total = torch.zeros(1, dtype=torch.float64)
+        for p in self.params:
+            if p.grad is not None and param_is_not_tensor_parallel_duplicate(p, self.pg.tp):
+                total += p.grad.detach().double().pow(2).sum()
+        dist.all_reduce(total, group=self.pg.mp)
+        return float(total.sqrt())
+
+    def init_state(self) -> None:
+        """Create empty optimizer state, so a checkpoint can be loaded before the first step."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                state = self.optimizer.state[p]
+                if state:
+                    continue
+                if isinstance(self.optimizer, torch.optim.AdamW):
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                else:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+
+    def sharded_state_dict(
+        self, model_sharded_state_dict: dict[str, Any], is_loading: bool = False
+    ) -> dict[str, Any]:
+        """The optimizer state as ShardedTensors shaped like the model's parameters."""
+        if is_loading:
+            self.init_state()
+        state = self.optimizer.state_dict()
+        ordered = [p for group in self.optimizer.param_groups for p in group["params"]]
+        id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, ordered)
+        steps = {float(s["step"]) for s in state["state"].values() if "step" in s}
+        optim_state_to_sharding_state(state, id_map, exclude_keys=("step",))
+        if steps:
+            state["state"]["common_step"] = torch.tensor(steps.pop())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        step = state["state"].pop("common_step", None)
+        if step is not None:
+            for param_state in state["state"].values():
+                param_state["step"] = step.clone().float()
+        self.optimizer.load_state_dict(state)
+
+
+def cpu_train_step(
+    chunks: list[GPTModel], optimizer: CpuOptimizer, micro_batches: list[Batch | None]
+) -> StepResult:
+    """One optimizer step over this rank's micro-batches; the loss is averaged over dp."""
+    if len(chunks) != 1:
+        raise ValueError("the CPU step supports one model chunk (no pipeline parallelism)")
+    model = chunks[0]
+    model.train()
+    optimizer.zero_grad()
+    total = torch.zeros(1)
+    for batch in micro_batches:
+        if batch is None:
+            raise ValueError("every CPU rank reads data (pipeline parallelism needs a GPU)")
+        losses = model(batch.tokens, batch.position_ids, None, labels=batch.labels)
+        loss = masked_mean(losses, batch.loss_mask)
+        (loss / len(micro_batches)).backward()
+        total += loss.detach()
+    ok, grad_norm, _ = optimizer.step()
+    mean = total / len(micro_batches)
+    dist.all_reduce(mean, group=optimizer.pg.dp_cp)
+    return StepResult(loss=float(mean) / optimizer.pg.dp_cp.size(), grad_norm=grad_norm, ok=ok)
+
+
+class CpuEngine:
+    """The CPU optimizer step behind the loop's `Engine` interface."""
+
+    def __init__(
+        self, cfg: TrainerConfig, chunks: list[GPTModel], pg: ProcessGroupCollection
+    ) -> None:
+        if pg.pp.size() > 1:
+            raise ConfigError(
+                "parallelism.pipeline",
+                f"pipeline={pg.pp.size()} needs GPUs (Megatron's pipeline schedules are "
+                "CUDA-only); set it to 1 for a CPU run",
+            )
+        if cfg.recipe.precision != Precision.FP32:
+            log.warning("precision %s on CPU: parameters are kept in bf16", cfg.recipe.precision)
+        if cfg.recipe.optimizer.distributed and pg.dp_cp.size() > 1:
+            log.info("CPU path: optimizer state is replicated, not sharded (GPU only)")
+        self.chunks = chunks
+        self.optimizer = CpuOptimizer(chunks, cfg.recipe.optimizer, pg)
+
+    def step(self, micro_batches: list[Batch | None]) -> StepResult:
+        return cpu_train_step(self.chunks, self.optimizer, micro_batches)
