@@ -96,9 +96,7 @@ def template_error(
 
 def find(objs: list[Obj], kind: str, name: str | None = None) -> list[Obj]:
     return [
-        o
-        for o in objs
-        if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)
+        o for o in objs if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)
     ]
 
 

@@ -48,7 +48,7 @@ def container(objs: list[Obj]) -> Obj:
 
 
 def trainer_pod_template() -> Obj:
-    """The pod template the operator renders for the CPU example: what the PodMonitor must select."""
+    """The CPU example's pod template, as the operator renders it: what the PodMonitor selects."""
     (source, obj), *_ = load_documents(REPO_ROOT / "manifests" / "examples" / "gpt-tiny-cpu.yaml")
     obj.setdefault("metadata", {}).update(namespace="research", uid="uid")
     job = parse_job(obj, source)
@@ -121,7 +121,11 @@ def test_cluster_scope_rbac_is_exactly_the_operator_rules() -> None:
     sa = one(objs, "ServiceAccount")
     for binding in (one(objs, "ClusterRoleBinding"), one(objs, "RoleBinding")):
         assert binding["subjects"] == [
-            {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "kubetron-system"}
+            {
+                "kind": "ServiceAccount",
+                "name": sa["metadata"]["name"],
+                "namespace": "kubetron-system",
+            }
         ]
     assert one(objs, "ClusterRoleBinding")["roleRef"]["name"] == role["metadata"]["name"]
     assert one(objs, "RoleBinding")["roleRef"]["name"] == lease_role["metadata"]["name"]
@@ -203,7 +207,11 @@ def test_image_tag_and_digest() -> None:
 
 @pytest.mark.parametrize(
     ("replicas", "enabled", "flag"),
-    [(1, "true", "--leader-elect"), (1, "false", "--no-leader-elect"), (3, "true", "--leader-elect")],
+    [
+        (1, "true", "--leader-elect"),
+        (1, "false", "--no-leader-elect"),
+        (3, "true", "--leader-elect"),
+    ],
     ids=["one-replica-default", "one-replica-opted-out", "three-replicas"],
 )
 def test_leader_election_flag(replicas: int, enabled: str, flag: str) -> None:
@@ -221,9 +229,14 @@ def test_several_replicas_without_leader_election_are_refused() -> None:
 
 def test_names_are_truncated_to_63_characters() -> None:
     release = "r" * 53  # helm's own limit on release names
-    objs = template(release=release, sets={"metrics.serviceMonitor.enabled": "true",
-                                           "metrics.podMonitor.enabled": "true",
-                                           "dashboard.enabled": "true"})
+    objs = template(
+        release=release,
+        sets={
+            "metrics.serviceMonitor.enabled": "true",
+            "metrics.podMonitor.enabled": "true",
+            "dashboard.enabled": "true",
+        },
+    )
     names = [o["metadata"]["name"] for o in objs if o["kind"] != "CustomResourceDefinition"]
     for name in names:
         assert len(name) <= 63 and DNS_1123_LABEL.match(name), name
@@ -306,7 +319,8 @@ def test_monitors_and_dashboard_are_off_by_default() -> None:
     assert not {"ServiceMonitor", "PodMonitor"} & kinds
     assert "Service" in kinds
     assert not any(
-        "grafana_dashboard" in o["metadata"].get("labels", {}) for o in find(template(), "ConfigMap")
+        "grafana_dashboard" in o["metadata"].get("labels", {})
+        for o in find(template(), "ConfigMap")
     )
 
 
@@ -322,7 +336,9 @@ def test_service_monitor_selects_the_metrics_service() -> None:
     assert endpoint["honorLabels"] is True  # kubetron_megatronjobs{namespace} is the job's
     pod_labels = deployment(objs)["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
-    assert service["spec"]["ports"][0]["targetPort"] in {p["name"] for p in container(objs)["ports"]}
+    assert service["spec"]["ports"][0]["targetPort"] in {
+        p["name"] for p in container(objs)["ports"]
+    }
 
 
 def test_service_monitor_needs_the_service() -> None:
@@ -357,7 +373,10 @@ def test_pod_monitor_follows_watched_namespaces() -> None:
 
 
 def test_monitor_labels_can_be_changed() -> None:
-    sets = {"metrics.podMonitor.enabled": "true", "metrics.podMonitor.additionalLabels.release": "prom"}
+    sets = {
+        "metrics.podMonitor.enabled": "true",
+        "metrics.podMonitor.additionalLabels.release": "prom",
+    }
     assert one(template(sets=sets), "PodMonitor")["metadata"]["labels"]["release"] == "prom"
 
 
