@@ -8,6 +8,7 @@ dev box and fail in CI, like the cluster tests.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -16,12 +17,32 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.cluster.harness import REPO_ROOT, default_bin_dir
+from tests.cluster.harness import REPO_ROOT, default_bin_dir, read_versions
 
 CHART = REPO_ROOT / "charts" / "kubetron"
 CI_VALUES = CHART / "ci" / "ci-values.yaml"
+# Offline renders assume the Kubernetes version the test cluster runs (hack/versions.env), not
+# whatever default the helm binary was linked with.
+KUBE_VERSION = read_versions()["KUBERNETES_VERSION"]
 
 Obj = dict[str, Any]
+
+
+class Yaml12Loader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where `3e-05` (no dot) is a string; helm and the API server read it
+    as the number it is (YAML 1.2). Parse helm's output the way the API server does."""
+
+
+Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
+def load_all(text: str) -> list[Obj]:
+    """The documents of a multi-document YAML stream, empty ones dropped."""
+    return [doc for doc in yaml.load_all(text, Loader=Yaml12Loader) if doc]
 
 
 def helm_binary() -> Path:
@@ -70,6 +91,7 @@ def template_text(
     namespace: str = "kubetron-system",
 ) -> str:
     args = ["template", release, str(CHART), "--namespace", namespace]
+    args += ["--kube-version", KUBE_VERSION]
     return str(run_helm(*args, *value_args(values, sets)).stdout)
 
 
@@ -80,15 +102,15 @@ def template(
     namespace: str = "kubetron-system",
 ) -> list[Obj]:
     """The rendered objects (empty documents dropped)."""
-    text = template_text(values, sets, release, namespace)
-    return [doc for doc in yaml.safe_load_all(text) if doc]
+    return load_all(template_text(values, sets, release, namespace))
 
 
 def template_error(
     values: Iterable[Path] = (), sets: Mapping[str, str] | None = None, release: str = "kubetron"
 ) -> str:
     """helm template that must fail; returns its stderr."""
-    args = ["template", release, str(CHART), *value_args(values, sets)]
+    args = ["template", release, str(CHART), "--kube-version", KUBE_VERSION]
+    args += value_args(values, sets)
     proc = run_helm(*args, check=False)
     assert proc.returncode != 0, f"helm template unexpectedly succeeded:\n{proc.stdout[:2000]}"
     return str(proc.stderr)

@@ -21,6 +21,7 @@ from kubetron_operator.render import render
 from tests.chart.helm import (
     CHART,
     CI_VALUES,
+    KUBE_VERSION,
     REPO_ROOT,
     Obj,
     find,
@@ -62,7 +63,7 @@ def trainer_pod_template() -> Obj:
 @pytest.mark.parametrize("values", [[], [CI_VALUES]], ids=["default-values", "ci-values"])
 def test_helm_lint_strict_passes(values: list[Path]) -> None:
     args = [arg for v in values for arg in ("--values", str(v))]
-    proc = run_helm("lint", "--strict", str(CHART), *args)
+    proc = run_helm("lint", "--strict", str(CHART), "--kube-version", KUBE_VERSION, *args)
     assert "0 chart(s) failed" in proc.stdout
 
 
@@ -281,7 +282,9 @@ def test_schema_rejects_unknown_keys(sets: dict[str, str], named: str) -> None:
     ids=["string-for-int", "string-for-bool", "enum", "log-format", "namespace-name", "duration"],
 )
 def test_schema_rejects_mistyped_values(args: list[str], named: str) -> None:
-    proc = run_helm("template", "kubetron", str(CHART), *args, check=False)
+    proc = run_helm(
+        "template", "kubetron", str(CHART), "--kube-version", KUBE_VERSION, *args, check=False
+    )
     assert proc.returncode != 0
     assert "values don't meet the specifications of the schema" in proc.stderr
     assert named in proc.stderr
@@ -422,14 +425,3 @@ def test_dashboard_queries_use_only_documented_metric_names() -> None:
         assert needed in used, f"no panel shows {needed}"
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
-
-
-def test_notes_print_real_commands_for_the_release() -> None:
-    proc = run_helm(
-        "install", "prod", str(CHART), "--namespace", "ml-ops", "--dry-run=client",
-        "--set", "metrics.podMonitor.enabled=true",
-    )  # fmt: skip
-    notes = proc.stdout.split("NOTES:", 1)[1]
-    assert "kubectl -n ml-ops rollout status deployment/prod-kubetron" in notes
-    assert "kubectl -n ml-ops get lease prod-kubetron" in notes
-    assert "kubectl -n ml-ops get podmonitor prod-kubetron-trainer" in notes
