@@ -40,7 +40,7 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,6 +179,12 @@ def insecure_tls() -> ssl.SSLContext:
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+def crd_established(crd: dict[str, Any] | None) -> bool:
+    """True when a CustomResourceDefinition (as a dict) has condition Established=True."""
+    conditions = (crd or {}).get("status", {}).get("conditions") or []
+    return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
 
 
 # --------------------------------------------------------------------------- certificates
@@ -425,6 +431,7 @@ class Cluster:
         self.components: dict[str, Component] = {}
         self.created_outside: list[str] = []  # paths outside workdir we made (removed on stop)
         self.detached = False
+        self.timings: dict[str, float] = {}  # startup phase -> seconds, for reports
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -454,18 +461,32 @@ class Cluster:
 
     def _boot(self) -> None:
         (self.workdir / "logs").mkdir()
-        make_pki(self.pki.dir)
-        write_kubeconfig(self.kubeconfig, self.server, self.pki)
-        self._start_etcd()
-        self._start_apiserver()
-        self._launch("kube-controller-manager", self._controller_manager_argv())
-        self._launch("kube-scheduler", self._scheduler_argv())
-        self._launch("kwok", self._kwok_argv())
-        self.apply(self._node_manifests())
+        with self._phase("pki"):
+            make_pki(self.pki.dir)
+            write_kubeconfig(self.kubeconfig, self.server, self.pki)
+        with self._phase("etcd"):
+            self._start_etcd()
+        with self._phase("kube-apiserver"):
+            self._start_apiserver()
+        with self._phase("controllers"):
+            self._launch("kube-controller-manager", self._controller_manager_argv())
+            self._launch("kube-scheduler", self._scheduler_argv())
+            self._launch("kwok", self._kwok_argv())
+            self.apply(self._node_manifests())
+            self._wait_controllers_ready()
         if self.config.training_operator:
-            self.start_training_operator()
-        self._wait_controllers_ready()
-        self._wait_nodes_ready()
+            with self._phase("training-operator"):
+                self.start_training_operator()
+        with self._phase("nodes"):
+            self._wait_nodes_ready()
+
+    @contextlib.contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(time.monotonic() - started, 2)
 
     def stop(self) -> None:
         """Stop every process started (reverse order), then remove the temp dir."""
@@ -712,10 +733,11 @@ class Cluster:
     def install_pytorchjob_crd(self) -> None:
         """Apply the PyTorchJob CRD from the training-operator module; wait until Established."""
         self.kubectl("apply", "--server-side", "-f", str(self.bin_dir / PYTORCHJOB_CRD))
-        self.kubectl(
-            "wait", "--for=condition=Established", "--timeout=60s",
-            "crd/pytorchjobs.kubeflow.org",
-        )  # fmt: skip
+        self.wait_for(
+            lambda: crd_established(self.get("crd", "pytorchjobs.kubeflow.org")),
+            timeout=60,
+            what="the PyTorchJob CRD to be Established",
+        )
 
     def start_training_operator(self) -> None:
         """Start the training-operator (PyTorchJob controller only) and wait for /readyz."""
@@ -747,7 +769,8 @@ class Cluster:
         self, *args: str, check: bool = True, input: str | None = None, timeout: float = 120
     ) -> subprocess.CompletedProcess[str]:
         """Run kubectl against this cluster. With check=True a non-zero exit raises ClusterError."""
-        cmd = [self._bin("kubectl"), f"--kubeconfig={self.kubeconfig}", *args]
+        cache = f"--cache-dir={self.workdir / 'kubectl-cache'}"  # not ~/.kube/cache
+        cmd = [self._bin("kubectl"), f"--kubeconfig={self.kubeconfig}", cache, *args]
         proc = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             joined = " ".join(args)
