@@ -11,12 +11,13 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from kubetron_operator.rbac import LEASE_RULES, RULES
-from tests.chart.helm import CHART, CI_VALUES, load_all, require_helm, run_helm
+from tests.chart.helm import CHART, CI_VALUES, REPO_ROOT, load_all, require_helm, run_helm
 from tests.chart.monitoring import monitoring_crds
 from tests.cluster.conftest import cluster, namespace  # noqa: F401
 from tests.cluster.harness import Cluster
@@ -49,8 +50,15 @@ def monitoring(cluster: Cluster) -> None:  # noqa: F811
         )
 
 
+@pytest.fixture(scope="module")
+def megatronjob_crd(cluster: Cluster) -> None:  # noqa: F811
+    """The MegatronJob CRD (kubectl must resolve megatronjobs.kubetron.io for `auth can-i`)."""
+    cluster.apply(REPO_ROOT / "manifests" / "crds" / "kubetron.io_megatronjobs.yaml")
+    cluster.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
+
+
 @pytest.fixture
-def release(cluster: Cluster, namespace: str) -> Iterator[str]:  # noqa: F811
+def release(cluster: Cluster, namespace: str, megatronjob_crd: None) -> Iterator[str]:  # noqa: F811
     """A release name unique to the test; uninstalled afterwards (cluster objects included)."""
     require_helm()
     name = unique("kt")
@@ -210,25 +218,30 @@ def test_crd_is_upgraded_with_the_release_and_kept_on_uninstall(
 
 
 def can_i(c: Cluster, sa: str, verb: str, resource: str, ns: str | None) -> bool:
-    """`kubectl auth can-i` as `sa` in namespace `ns` (None: across all namespaces)."""
+    """`kubectl auth can-i` as `sa` in namespace `ns` (None: across all namespaces).
+
+    `resource` is `name[.group][/subresource]`; the subresource goes to --subresource, since
+    kubectl silently drops it from `megatronjobs.kubetron.io/status`.
+    """
     where = ["--namespace", ns] if ns else ["--all-namespaces"]
-    proc = c.kubectl("auth", "can-i", verb, resource, f"--as={sa}", *where, check=False)
+    name, _, sub = resource.partition("/")
+    extra = [f"--subresource={sub}"] if sub else []
+    proc = c.kubectl("auth", "can-i", verb, name, *extra, f"--as={sa}", *where, check=False)
     answer = proc.stdout.strip()
     assert answer in ("yes", "no"), f"can-i {verb} {resource}: {proc.stdout} {proc.stderr}"
     return answer == "yes"
 
 
-def granted(rules: list[dict[str, object]]) -> list[tuple[str, str]]:
-    """(verb, resource.group) for every rule, in the form `kubectl auth can-i` takes."""
+def granted(rules: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(verb, name[.group][/subresource]) for every verb and resource the rules grant."""
     out = []
     for rule in rules:
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
-                name = resource if not group else f"{resource.split('/')[0]}.{group}"
-                if "/" in resource:
-                    name += "/" + resource.split("/", 1)[1]
+                base, _, sub = resource.partition("/")
+                name = f"{base}.{group}" if group else base
                 for verb in rule["verbs"]:
-                    out.append((verb, name))
+                    out.append((verb, f"{name}/{sub}" if sub else name))
     return out
 
 
@@ -245,6 +258,8 @@ FORBIDDEN = [
     ("create", "megatronjobs.kubetron.io"),
     ("delete", "megatronjobs.kubetron.io"),
     ("update", "megatronjobs.kubetron.io"),
+    ("update", "megatronjobs.kubetron.io/scale"),
+    ("delete", "pytorchjobs.kubeflow.org/status"),
     ("deletecollection", "pytorchjobs.kubeflow.org"),
     ("create", "serviceaccounts/token"),
     ("create", "rolebindings.rbac.authorization.k8s.io"),
