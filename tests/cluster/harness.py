@@ -468,15 +468,19 @@ class Cluster:
             self._start_etcd()
         with self._phase("kube-apiserver"):
             self._start_apiserver()
-        with self._phase("controllers"):
+        # Launch everything, then wait: the components start up concurrently.
+        with self._phase("launch"):
             self._launch("kube-controller-manager", self._controller_manager_argv())
             self._launch("kube-scheduler", self._scheduler_argv())
             self._launch("kwok", self._kwok_argv())
             self.apply(self._node_manifests())
+            if self.config.training_operator:
+                self._launch_training_operator()
+        with self._phase("controllers"):
             self._wait_controllers_ready()
         if self.config.training_operator:
             with self._phase("training-operator"):
-                self.start_training_operator()
+                self._wait_training_operator()
         with self._phase("nodes"):
             self._wait_nodes_ready()
 
@@ -741,6 +745,10 @@ class Cluster:
 
     def start_training_operator(self) -> None:
         """Start the training-operator (PyTorchJob controller only) and wait for /readyz."""
+        self._launch_training_operator()
+        self._wait_training_operator()
+
+    def _launch_training_operator(self) -> None:
         if "training-operator" in self.components and self.components["training-operator"].alive():
             return
         self._prepare_training_operator()
@@ -751,6 +759,8 @@ class Cluster:
             f"--webhook-server-port={self.ports.operator_webhook}", "--zap-log-level=info",
         ]  # fmt: skip
         self._launch("training-operator", argv, self._env({"TMPDIR": str(self.workdir)}))
+
+    def _wait_training_operator(self) -> None:
         self.wait_for(
             lambda: http_get(f"http://127.0.0.1:{self.ports.operator_probe}/readyz") == "ok",
             timeout=self.config.startup_timeout,
@@ -884,7 +894,8 @@ def cmd_up() -> int:
     state_file().parent.mkdir(parents=True, exist_ok=True)
     state_file().write_text(json.dumps(cluster.to_state(), indent=2))
     elapsed = time.monotonic() - started
-    print(f"cluster ready in {elapsed:.1f}s; state: {state_file()}", file=sys.stderr)
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in cluster.timings.items())
+    print(f"cluster ready in {elapsed:.1f}s ({phases}); state: {state_file()}", file=sys.stderr)
     print(f"  export KUBECONFIG={cluster.kubeconfig}", file=sys.stderr)
     print(cluster.kubeconfig)
     return 0
