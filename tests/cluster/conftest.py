@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import pytest
 
@@ -113,15 +113,16 @@ def namespace(cluster: Cluster) -> Iterator[str]:
         print(f"namespace cleanup failed: {err}")
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """On a failed cluster test, attach the tail of each component's log to the report."""
-    outcome = yield
-    report = outcome.get_result()
-    fixture_values = getattr(item, "funcargs", {})
-    running = fixture_values.get("cluster")
+    report = yield
+    running = getattr(item, "funcargs", {}).get("cluster")
     if report.failed and isinstance(running, Cluster):
         report.sections.append(("control-plane logs (tails)", running.tails()))
+    return report
 
 
 # kubetron's own fixtures (CRD + RBAC installed, operator processes), shared by cluster tests.

@@ -27,6 +27,7 @@ import argparse
 import base64
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import shutil
@@ -171,6 +172,11 @@ def http_get(url: str, context: ssl.SSLContext | None = None, timeout: float = 2
     """GET `url`; return the body on HTTP 200, raise otherwise."""
     with urllib.request.urlopen(url, context=context, timeout=timeout) as resp:
         return str(resp.read().decode())
+
+
+def healthz_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
+    """True when a health endpoint answers 200 "ok"."""
+    return http_get(url, context) == "ok"
 
 
 def insecure_tls() -> ssl.SSLContext:
@@ -633,8 +639,9 @@ class Cluster:
         }
         tls = insecure_tls()
         for name, url in checks.items():
+            context = tls if url.startswith("https") else None
             self.wait_for(
-                lambda url=url: http_get(url, tls if url.startswith("https") else None) == "ok",
+                functools.partial(healthz_ok, url, context),
                 timeout=self.config.startup_timeout,
                 what=f"{name} {url}",
             )
@@ -817,7 +824,9 @@ class Cluster:
         """A `kubernetes.client.ApiClient` for the admin kubeconfig (caller closes it)."""
         from kubernetes import config as k8s_config
 
-        return k8s_config.new_client_from_config(config_file=str(self.kubeconfig))
+        return k8s_config.new_client_from_config(  # type: ignore[no-untyped-call]
+            config_file=str(self.kubeconfig)
+        )
 
     # ------------------------------------------------------------------ logs + state
 
