@@ -16,7 +16,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import get_args
 
 import torch
 from pydantic import ValidationError
@@ -50,8 +49,6 @@ def load_config(path: Path) -> TrainerConfig:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from kubetron_trainer.models.build import AttentionBackend
-
     p = argparse.ArgumentParser(prog="kubetron-train", description="kubetron trainer process")
     p.add_argument("--config", type=Path, required=True, help="TrainerConfig JSON")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -61,7 +58,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="decentralized",
         help="process groups: our own HyperCommGrid collection, or Megatron's parallel_state",
     )
-    p.add_argument("--attention", choices=list(get_args(AttentionBackend)), default="auto")
+    p.add_argument(
+        "--attention",
+        choices=["auto", "te", "sdpa", "unfused"],
+        default="auto",
+        help="core attention: auto (TE if importable, else sdpa), te, sdpa, or Megatron's unfused",
+    )
     p.add_argument("--summary", type=Path, help="rank 0 writes per-step numbers here (JSON)")
     p.add_argument(
         "--metrics-linger",

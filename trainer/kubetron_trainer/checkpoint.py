@@ -33,10 +33,11 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     _replace_state_dict_keys_with_sharded_keys,
     mcore_to_pyt_state_dict,
 )
-from torch.distributed.checkpoint import FileSystemWriter
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from megatron.core.transformer.module import MegatronModule
+from torch.distributed.checkpoint import FileSystemWriter
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
@@ -126,7 +127,7 @@ class Checkpointer:
     def __init__(
         self,
         root: Path,
-        chunks: list[torch.nn.Module],
+        chunks: list[MegatronModule],
         optimizer: Any,
         scheduler: OptimizerParamScheduler,
         pg: ProcessGroupCollection,
@@ -152,7 +153,13 @@ class Checkpointer:
 
     def _sharded_state(self, step: int, is_loading: bool) -> dict[str, Any]:
         state = self._model_state()
-        state["optimizer"] = self.optimizer.sharded_state_dict(state, is_loading=is_loading)
+        # dp_reshardable is Megatron training's default for the distributed optimizer; 0.19's
+        # fallback (fully_sharded_model_space) builds flattened ShardedTensors that 0.19's own
+        # checks reject ("ShardedTensor.flattened_range is not supported", seen on H100).
+        meta = {"distrib_optim_sharding_type": "dp_reshardable", "dp_cp_group": self.pg.dp_cp}
+        state["optimizer"] = self.optimizer.sharded_state_dict(
+            state, is_loading=is_loading, metadata=meta
+        )
         state["scheduler"] = self.scheduler.state_dict()
         state["iteration"] = step
         state["rng_state"] = ShardedObject(

@@ -40,7 +40,7 @@ class ConfigError(ValueError):
         super().__init__(f"config field {field}: {message}")
 
 
-class Terminated(Exception):  # noqa: N818 - a signal, not an error
+class Terminated(Exception):
     """SIGTERM arrived; raised at a step boundary after the checkpoint was written."""
 
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.distributed as dist
@@ -57,7 +57,8 @@ class RunOptions:
 
 
 class Engine(Protocol):
-    optimizer: object
+    @property
+    def optimizer(self) -> Any: ...
 
     def step(self, micro_batches: list[Batch | None]) -> StepResult: ...
 

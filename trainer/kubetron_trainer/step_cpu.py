@@ -114,9 +114,13 @@ class CpuOptimizer:
                     state["momentum_buffer"] = torch.zeros_like(p)
 
     def sharded_state_dict(
-        self, model_sharded_state_dict: dict[str, Any], is_loading: bool = False
+        self,
+        model_sharded_state_dict: dict[str, Any],
+        is_loading: bool = False,
+        metadata: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """The optimizer state as ShardedTensors shaped like the model's parameters."""
+        """The optimizer state as ShardedTensors shaped like the model's parameters (the
+        `metadata` Megatron's optimizers take is accepted and not needed: state is replicated)."""
         if is_loading:
             self.init_state()
         state = self.optimizer.state_dict()

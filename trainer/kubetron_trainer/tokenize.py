@@ -27,6 +27,11 @@ class ByteTokenizer:
     pad: int = 257
     vocab_size: int = 258
 
+    @property
+    def unique_identifiers(self) -> dict[str, object]:
+        """What Megatron hashes into the dataset cache's name."""
+        return {"class": "ByteTokenizer", "eod": self.eod, "pad": self.pad}
+
     def tokenize(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 

@@ -1,0 +1,129 @@
+"""The optimizer step on GPUs: Megatron-Core's DDP, distributed optimizer and pipeline schedules.
+
+Everything takes the trainer's `ProcessGroupCollection`: `DistributedDataParallel`,
+`get_megatron_optimizer`, `finalize_model_grads` and every schedule from
+`get_forward_backward_func(pp_size=, vp_size=)` (with a `P2PCommunicator` on the pp group, so
+1F1B and the interleaved schedule work without `parallel_state`). Gradient clipping and the
+grad norm come from Megatron's optimizer (`OptimizerConfig.clip_grad`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.models.gpt import GPTModel
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.module import Float16Module
+
+from kubetron_trainer.config import TrainerConfig
+from kubetron_trainer.data import Batch
+from kubetron_trainer.train_common import StepResult, masked_mean
+
+
+def optimizer_config(cfg: TrainerConfig, bf16: bool) -> OptimizerConfig:
+    o = cfg.recipe.optimizer
+    return OptimizerConfig(
+        optimizer=o.name,
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=o.distributed,
+    )
+
+
+def _loss_func(loss_mask: torch.Tensor | None, output: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    if loss_mask is None:
+        raise RuntimeError("loss requested on a pipeline stage that read no labels")
+    loss = masked_mean(output, loss_mask)
+    # clone: the schedule divides the returned loss by the micro-batch count in place, and a
+    # detached view would share that storage (the logged loss came out 1/num_microbatches).
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def _forward_step(data: Iterator[Batch | None], model: torch.nn.Module) -> tuple[Any, Any]:
+    """Megatron's forward_step_func: tokens on the first stage, labels on the last."""
+    batch = next(data)
+    if batch is None:  # a middle pipeline stage: activations come from the previous stage
+        output = model(None, None, None)
+        return output, partial(_loss_func, None)
+    output = model(batch.tokens, batch.position_ids, None, labels=batch.labels)
+    return output, partial(_loss_func, batch.loss_mask)
+
+
+class GpuEngine:
+    """Megatron DDP + optimizer + schedule behind the loop's `Engine` interface."""
+
+    def __init__(
+        self, cfg: TrainerConfig, chunks: list[GPTModel], pg: ProcessGroupCollection
+    ) -> None:
+        self.cfg = cfg
+        self.pg = pg
+        config = chunks[0].config
+        wrapped: list[torch.nn.Module] = [
+            Float16Module(config, c) if config.bf16 else c for c in chunks
+        ]
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=cfg.recipe.optimizer.distributed,
+        )
+        self.model = [
+            DistributedDataParallel(
+                config, ddp_config, m, disable_bucketing=i > 0, pg_collection=pg
+            )
+            for i, m in enumerate(wrapped)
+        ]
+        self.optimizer = get_megatron_optimizer(
+            optimizer_config(cfg, config.bf16),
+            self.model,
+            use_gloo_process_groups=False,
+            pg_collection=pg,
+        )
+        config.finalize_model_grads_func = partial(finalize_model_grads, pg_collection=pg)
+        config.grad_scale_func = self.optimizer.scale_loss
+        config.no_sync_func = [m.no_sync for m in self.model]
+        if len(self.model) == 1:
+            config.no_sync_func = config.no_sync_func[0]
+        vp = len(self.model) if len(self.model) > 1 else None
+        self.schedule = get_forward_backward_func(pp_size=pg.pp.size(), vp_size=vp)
+        self.p2p = P2PCommunicator(pg.pp, config)
+
+    def step(self, micro_batches: list[Batch | None]) -> StepResult:
+        for m in self.model:
+            m.train()
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        iters: Any = [iter(micro_batches) for _ in self.model]
+        recipe = self.cfg.recipe
+        losses = self.schedule(
+            forward_step_func=_forward_step,
+            data_iterator=iters if len(iters) > 1 else iters[0],
+            model=self.model,
+            num_microbatches=len(micro_batches),
+            seq_length=recipe.seq_length,
+            micro_batch_size=recipe.micro_batch_size,
+            forward_only=False,
+            p2p_communicator=self.p2p,
+            pg_collection=self.pg,
+        )
+        ok, grad_norm, _ = self.optimizer.step()
+        loss = 0.0
+        if losses:  # last pipeline stage: average over micro-batches, then over dp
+            mean = torch.stack([x["lm loss"] for x in losses]).float().mean()
+            torch.distributed.all_reduce(mean, group=self.pg.dp_cp)
+            loss = float(mean) / self.pg.dp_cp.size()
+        return StepResult(loss=loss, grad_norm=float(grad_norm or 0.0), ok=bool(ok))
