@@ -27,6 +27,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from kubetron_trainer.dims import ParallelConfigError, ParallelDims
 from kubetron_trainer.parallel import (
     GridSpec,
+    GroupOptions,
     build_process_groups,
     build_process_groups_multi,
     init_distributed,
@@ -34,6 +35,8 @@ from kubetron_trainer.parallel import (
 )
 from kubetron_trainer.topology import Topology
 
+VARIANTS: list[dict[str, bool]] = [{}, {"share_identical": True}, {"local_sync": True}]
+BACKEND = "gloo"  # also on a GPU: several workers may share one device
 FIELDS = [f.name for f in fields(ProcessGroupCollection)]
 
 
@@ -96,17 +99,21 @@ def destroy_megatron() -> None:
 def run_oracle(topo: Topology, stride: int = 1) -> list[dict[str, Any]]:
     results = []
     cases = [(s, 1) for s in all_shapes(topo.world_size)[::stride]]
-    cases += [(s, 2) for s, _ in cases if _instances_fit(s, topo.world_size, 2)][:6]
-    for shape, instances in cases:
+    if parallel_state.HAVE_EINOPS:  # Megatron needs einops for several optimizer instances
+        cases += [(s, 2) for s, _ in cases if _instances_fit(s, topo.world_size, 2)][:6]
+    for index, (shape, instances) in enumerate(cases):
         dims = ParallelDims.from_degrees(topo.world_size, **shape)
         theirs = megatron_groups(shape, num_distributed_optimizer_instances=instances)
-        groups = build_process_groups(dims, topo, dist_opt_instances=instances)
+        # each way of building, in turn: Megatron's communicators, shared ones, local sync
+        variant = VARIANTS[index % len(VARIANTS)]
+        options = GroupOptions(dist_opt_instances=instances, **variant)
+        groups = build_process_groups(dims, topo, BACKEND, options=options)
         ours = describe(groups.pg)
         members = {name: groups.members(name) for name in FIELDS}
         groups.destroy()
         results.append(
             {"shape": shape, "instances": instances, "ours": ours, "megatron": theirs}
-            | {"members": members}
+            | {"members": members, "variant": variant}
         )
     return results
 
@@ -130,7 +137,7 @@ def run_multi(topo: Topology) -> dict[str, Any]:
             GridSpec(name, ParallelDims.from_degrees(size, **full[name]), offset)
             for name, _, offset, size in grids
         ]
-        built = build_process_groups_multi(specs, topo)
+        built = build_process_groups_multi(specs, topo, BACKEND)
         sums = {}
         for name, groups in built.items():
             if groups.pg is not None:  # a collective on each grid proves the groups work
@@ -154,11 +161,20 @@ def _full_shape(shape: dict[str, int]) -> dict[str, int]:
 
 
 def rng_state() -> dict[str, str]:
+    """Digests of every generator Megatron seeds: Python, NumPy, torch CPU, and on a GPU the CUDA
+    generator and each state of Megatron's CUDA RNG tracker."""
     digest = hashlib.sha256()
     digest.update(torch.get_rng_state().numpy().tobytes())
     digest.update(np.random.get_state()[1].tobytes())
     digest.update(repr(random.getstate()).encode())
-    return {"torch": str(torch.initial_seed()), "digest": digest.hexdigest()}
+    out = {"torch": str(torch.initial_seed()), "digest": digest.hexdigest()}
+    if torch.cuda.is_available():
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        out["cuda"] = hashlib.sha256(torch.cuda.get_rng_state().numpy().tobytes()).hexdigest()
+        for name, state in sorted(get_cuda_rng_tracker().get_states().items()):
+            out[f"tracker:{name}"] = hashlib.sha256(state.numpy().tobytes()).hexdigest()
+    return out
 
 
 def run_rng(topo: Topology) -> list[dict[str, Any]]:
@@ -174,8 +190,10 @@ def run_rng(topo: Topology) -> list[dict[str, Any]]:
             _set_random_seed(1234, data_parallel_random_init=dp_init)
             theirs = rng_state() | _megatron_ranks()
             destroy_megatron()
-            groups = build_process_groups(ParallelDims.from_degrees(topo.world_size, **full), topo)
-            seeds = setup_megatron_globals(groups, 1234, data_parallel_random_init=dp_init)
+            groups = build_process_groups(
+                ParallelDims.from_degrees(topo.world_size, **full), topo, BACKEND
+            )
+            seeds = setup_megatron_globals(groups.pg, 1234, data_parallel_random_init=dp_init)
             ours = rng_state() | _our_ranks(groups.pg)
             buffer_set = parallel_state.get_global_memory_buffer() is not None
             groups.destroy()

@@ -60,7 +60,7 @@ def test_every_group_equals_parallel_state(world: tuple[int, list[dict[str, Any]
         assert seen["topology"]["world_size"] == size
         for case in seen["oracle"]:
             ours, theirs = case["ours"], case["megatron"]
-            label = f"rank {rank} {case['shape']} instances={case['instances']}"
+            label = f"rank {rank} {case['shape']} {case['instances']} {case['variant']}"
             assert ours["_set"] == sorted(f for f in theirs if not f.startswith("_")), label
             assert ours["_alias_ok"], label
             for name, ranks_theirs in theirs.items():
@@ -78,6 +78,8 @@ def test_every_shape_was_checked(world: tuple[int, list[dict[str, Any]]]) -> Non
     shapes = {json.dumps(case["shape"]) for case in ranks[0]["oracle"]}
     stride = RUNS[size][1]
     assert len(shapes) == len(range(0, {1: 1, 2: 10, 4: 46, 8: 146}[size], stride))
+    if size > 1:  # each way of building the groups met the oracle
+        assert len({json.dumps(case["variant"]) for case in ranks[0]["oracle"]}) == 3
 
 
 def test_rng_state_equals_megatron_training(tmp_path_factory: pytest.TempPathFactory) -> None:

@@ -235,40 +235,58 @@ def aliases(dist_opt_instances: int) -> dict[str, str]:
     return ALIASES | {"intra_dp_cp": "dp_cp", "intra_expt_dp": "expt_dp"}
 
 
+@dataclass(frozen=True)
+class GroupOptions:
+    """How to build a grid's groups; the defaults give exactly Megatron's set of communicators.
+
+    dist_opt_instances: distributed-optimizer instances (Megatron's
+        num_distributed_optimizer_instances); > 1 adds the intra/inter-instance groups.
+    share_identical: fields whose groups have the same members share one communicator (with
+        cp=1, tp_cp is tp, dp_cp is dp, ...). Fewer groups and a faster start, but collectives of
+        those fields then queue on one communicator instead of overlapping.
+    local_sync: each rank creates only its own groups (`use_local_synchronization=True`); needs
+        a grid over the whole world, and the grids' `get_pg` stays empty.
+    """
+
+    dist_opt_instances: int = 1
+    share_identical: bool = False
+    local_sync: bool = False
+
+
 def build_process_groups(
     dims: ParallelDims,
     topology: Topology,
     backend: str | None = None,
     *,
     rank_offset: int = 0,
-    dist_opt_instances: int = 1,
-    local_sync: bool = False,
+    options: GroupOptions = GroupOptions(),
 ) -> ParallelGroups:
     """Build one model's groups over ranks [rank_offset, rank_offset + dims.world_size).
 
     Every rank of the job must call this with the same arguments in the same order (group
-    creation is collective); ranks outside the slice get `pg=None`. `local_sync=True` makes each
-    rank create only its own groups (`use_local_synchronization`); it needs a grid over the whole
-    world and gives up `HyperCommGrid.get_pg`.
+    creation is collective); ranks outside the slice get `pg=None`.
     """
     _check_initialized(topology)
     check_grid_fits(dims, topology, rank_offset)
+    if options.local_sync and dims.world_size != topology.world_size:
+        raise ParallelGroupsError(
+            f"local_sync needs a grid over all {topology.world_size} ranks, this one has "
+            f"{dims.world_size} at rank_offset={rank_offset}; build it with local_sync=False"
+        )
     backend = backend or default_backend()
     dense, expert = make_grids(dims, rank_offset, backend)
-    lists = rank_lists(dense, expert, dist_opt_instances)
-    if local_sync:
-        if dims.world_size != topology.world_size:
-            raise ParallelGroupsError(
-                f"local_sync needs a grid over all {topology.world_size} ranks, this one has "
-                f"{dims.world_size} at rank_offset={rank_offset}; build it with local_sync=False"
-            )
-        groups, extra = _create_local(lists, topology.rank, backend)
-    else:
-        groups, extra = _create_collective(dense, expert, lists, topology.rank, backend)
+    lists = rank_lists(dense, expert, options.dist_opt_instances)
     result = ParallelGroups(
-        dims, rank_offset, topology.rank, lists, dense, expert, None, aliases(dist_opt_instances)
+        dims,
+        rank_offset,
+        topology.rank,
+        lists,
+        dense,
+        expert,
+        None,
+        aliases(options.dist_opt_instances),
     )
-    result._extra = extra
+    groups = _create_groups(result, backend, options)
     if result.is_member:
         result.pg = _collection(groups, result.aliases)
     return result
@@ -290,49 +308,51 @@ def _check_initialized(topology: Topology) -> None:
 Groups = dict[str, dist.ProcessGroup | None]
 
 
-def _create_collective(
-    dense: HyperCommGrid,
-    expert: HyperCommGrid,
-    lists: dict[str, list[list[int]]],
-    rank: int,
-    backend: str,
-) -> tuple[Groups, list[dist.ProcessGroup]]:
-    """Every rank creates every group; grid groups stay registered in their grid (get_pg)."""
+def _create_groups(built: ParallelGroups, backend: str, options: GroupOptions) -> Groups:
+    """Create every field's groups, in the order of `rank_lists` (the same on every rank)."""
     groups: Groups = {}
-    for name, dims in DENSE_GROUPS.items():
-        groups[name] = dense.create_pg(dims, group_desc=f"KUBETRON_{name.upper()}")
-    for name, dims in EXPERT_GROUPS.items():
-        groups[name] = expert.create_pg(dims, group_desc=f"KUBETRON_{name.upper()}")
-    extra = []
-    # In the order of `lists` (never a set's): every rank must create groups in the same order.
-    for name in [n for n in lists if n not in groups]:
-        groups[name] = None
-        for ranks in lists[name]:
-            group = _new_group(ranks, backend, name, local=False)
-            if group is not None:
-                groups[name] = group
-                extra.append(group)
-    return groups, extra
+    first_with: dict[frozenset[frozenset[int]], str] = {}
+    for name, all_ranks in built.rank_lists.items():
+        members = frozenset(frozenset(g) for g in all_ranks)
+        if options.share_identical and members in first_with:
+            groups[name] = groups[first_with[members]]
+            continue
+        first_with.setdefault(members, name)
+        if options.local_sync:
+            groups[name] = _create_own(all_ranks, built, backend, name)
+        elif name in DENSE_GROUPS:  # registered in the grid, so grid.get_pg works
+            groups[name] = built.dense_grid.create_pg(DENSE_GROUPS[name], group_desc=_desc(name))
+        elif name in EXPERT_GROUPS:
+            groups[name] = built.expert_grid.create_pg(EXPERT_GROUPS[name], group_desc=_desc(name))
+        else:
+            groups[name] = None
+            for ranks in all_ranks:
+                group = _new_group(ranks, backend, name, local=False)
+                if group is not None:
+                    groups[name] = group
+                    built._extra.append(group)
+    return groups
 
 
-def _create_local(
-    lists: dict[str, list[list[int]]], rank: int, backend: str
-) -> tuple[Groups, list[dist.ProcessGroup]]:
-    """Each rank creates only the groups it is in, synchronising with their members only.
+def _create_own(
+    all_ranks: list[list[int]], built: ParallelGroups, backend: str, name: str
+) -> dist.ProcessGroup | None:
+    """Create only this rank's group, synchronising with its members alone.
 
-    torch names such groups from a per-process counter that only advances on members, so every
-    rank must create the same number of them or later groups get different names on different
-    ranks and hang: a rank in no embedding group creates a group of itself instead.
+    torch names such groups from a per-process counter that advances only on members, so every
+    rank must create as many of them as every other, or later groups get different names on
+    different ranks and hang: a rank in no group of this field (embeddings live on the first
+    and last stage only) creates a group of itself instead.
     """
-    groups: Groups = {}
-    extra = []
-    for name, all_ranks in lists.items():
-        own = next((r for r in all_ranks if rank in r), None)
-        group = _new_group(own or [rank], backend, name, local=True)
-        assert group is not None
-        groups[name] = group if own else None
-        extra.append(group)
-    return groups, extra
+    own = next((ranks for ranks in all_ranks if built.rank in ranks), None)
+    group = _new_group(own or [built.rank], backend, name, local=True)
+    if group is not None:
+        built._extra.append(group)
+    return group if own else None
+
+
+def _desc(name: str) -> str:
+    return f"KUBETRON_{name.upper()}"
 
 
 def _new_group(
@@ -343,7 +363,7 @@ def _new_group(
         ranks,
         backend=backend,
         use_local_synchronization=local,
-        group_desc=f"KUBETRON_{name.upper()}",
+        group_desc=_desc(name),
     )
     return group if isinstance(group, dist.ProcessGroup) else None
 
@@ -364,7 +384,7 @@ class GridSpec:
     name: str
     dims: ParallelDims
     rank_offset: int = 0
-    dist_opt_instances: int = 1
+    options: GroupOptions = GroupOptions()
 
 
 def build_process_groups_multi(
@@ -385,7 +405,7 @@ def build_process_groups_multi(
             topology,
             backend,
             rank_offset=spec.rank_offset,
-            dist_opt_instances=spec.dist_opt_instances,
+            options=spec.options,
         )
         for spec in specs
     }
@@ -427,20 +447,20 @@ def rng_seeds(
 
 
 def setup_megatron_globals(
-    groups: ParallelGroups,
+    pg: ProcessGroupCollection | None,
     seed: int,
     *,
     data_parallel_random_init: bool = False,
     te_rng_tracker: bool = False,
 ) -> RngSeeds:
     """The process-wide state Megatron-Core reads even with explicit groups; nothing else of
-    `parallel_state` is initialised. Call once per process, with the grid whose seeds it uses.
+    `parallel_state` is initialised. Call once per process, with the collection whose ranks seed
+    it (any collection works, also `ProcessGroupCollection.use_mpu_process_groups()`).
     """
-    pg = groups.pg
     if pg is None:
         raise ParallelGroupsError(
-            f"rank {groups.rank} is outside this grid (ranks {groups.rank_offset}.."
-            f"{groups.rank_offset + groups.dims.world_size - 1}); seed from a grid it belongs to"
+            "this rank is outside the grid (its ParallelGroups.pg is None); seed from the "
+            "collection of a grid it belongs to"
         )
     _ensure_global_memory_buffer()
     seeds = rng_seeds(
