@@ -148,9 +148,12 @@ def test_operator_extra_imports_without_torch(tmp_path: Path) -> None:
     venv = cache_dir() / "venvs" / f"operator-{key}"
     python = venv / "bin" / "python"
     src = _project_copy(tmp_path / "src")
-    if not python.exists():
+    complete = venv / ".kubetron-deps-installed"  # written only after a full install
+    if not complete.exists():
+        shutil.rmtree(venv, ignore_errors=True)
         _venv(venv)
         _pip(python, "install", ".[operator]", cwd=src)  # the Dockerfile's command
+        complete.touch()
     else:  # dependencies unchanged: refresh kubetron itself from the current sources
         _pip(python, "install", "--no-deps", "--force-reinstall", ".", cwd=src)
     probe = textwrap.dedent(
