@@ -18,6 +18,7 @@ import platform
 import shlex
 import sys
 from importlib.metadata import version
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,9 @@ def main() -> None:
         "versions": {
             "python": platform.python_version(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "megatron-core": version("megatron-core"),
-            "transformer-engine": None,
+            "transformer-engine": (
+                version("transformer-engine") if find_spec("transformer_engine") else None
+            ),
         },
         "peak_flops": "989e12 (H100/H200 dense BF16)",
         "runs": [measure(args, "decentralized"), measure(args, "global")],

@@ -52,7 +52,7 @@ class Launch:
     logs: list[Path]
     summary: Path
 
-    def wait(self, timeout: float = 180) -> list[int]:
+    def wait(self, timeout: float = 600) -> list[int]:
         deadline = time.monotonic() + timeout
         codes = []
         for p in self.procs:
@@ -116,7 +116,7 @@ def scrape(port: int) -> str:
         return str(resp.read().decode())
 
 
-def wait_for_line(started: Launch, needle: str, timeout: float = 120) -> None:
+def wait_for_line(started: Launch, needle: str, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if needle in started.logs[0].read_text():

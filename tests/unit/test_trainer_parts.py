@@ -1,0 +1,117 @@
+"""Trainer parts that need no process group: exit codes, config errors, the data layout, the
+byte tokenizer, the checkpoint pointer and the metrics a step records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+from prometheus_client import CollectorRegistry
+
+from kubetron_trainer.__main__ import load_config
+from kubetron_trainer.checkpoint import read_latest, write_latest
+from kubetron_trainer.data import Batches, MockDataset
+from kubetron_trainer.dims import ParallelConfigError
+from kubetron_trainer.exitcodes import ConfigError, ExitCode, Terminated, classify
+from kubetron_trainer.metrics import StepStats, TrainerMetrics
+from kubetron_trainer.tokenize import ByteTokenizer, documents, write_indexed
+from kubetron_trainer.topology import TopologyError
+
+
+@pytest.mark.parametrize(
+    ("err", "code"),
+    [
+        (ConfigError("recipe.seqLength", "too long"), ExitCode.CONFIG),
+        (ParallelConfigError(["tensor=3 ..."], "world=4"), ExitCode.CONFIG),
+        (TopologyError(["RANK is not set"]), ExitCode.ENVIRONMENT),
+        (Terminated("SIGTERM"), ExitCode.SIGTERM),
+        (dist.DistError("watchdog"), ExitCode.COMMUNICATION),
+        (RuntimeError("[gloo] Connection closed by peer [127.0.0.1]:1234"), ExitCode.COMMUNICATION),
+        (torch.OutOfMemoryError("CUDA out of memory"), ExitCode.OUT_OF_MEMORY),
+        (ValueError("a bug"), ExitCode.ERROR),
+    ],
+)
+def test_exit_codes_split_permanent_from_retryable(err: BaseException, code: ExitCode) -> None:
+    assert classify(err) == code
+    assert classify(err).retryable == (code >= 128)
+
+
+def test_bad_config_error_names_the_camel_case_field(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model": {"numLayers": 2}, "recipe": {"seqLength": 4}}))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "model.hiddenSize" in str(err.value) and "recipe.seqLength" in str(err.value)
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        path.write_text("{")
+        load_config(path)
+
+
+@pytest.mark.parametrize(("gbs", "mbs", "dp"), [(8, 2, 2), (16, 1, 4), (12, 3, 1)])
+def test_each_global_batch_is_split_exactly_over_dp_ranks(gbs: int, mbs: int, dp: int) -> None:
+    def indices(step: int, rank: int) -> list[int]:
+        b = Batches(None, global_batch=gbs, micro_batch=mbs, dp_rank=rank, dp_size=dp, device="cpu")  # type: ignore[arg-type]
+        return [i for m in range(b.num_micro_batches) for i in b.indices(step, m)]
+
+    for step in range(3):
+        seen = sorted(i for r in range(dp) for i in indices(step, r))
+        assert seen == list(range(step * gbs, (step + 1) * gbs))
+
+
+def test_mock_samples_are_deterministic_and_shifted_by_one() -> None:
+    a, b = MockDataset(512, 16, 100, seed=7), MockDataset(512, 16, 100, seed=7)
+    assert torch.equal(a[3]["tokens"], b[3]["tokens"])
+    assert not torch.equal(a[3]["tokens"], a[4]["tokens"])
+    assert torch.equal(a[3]["tokens"][1:], a[3]["labels"][:-1])
+    assert int(a[3]["tokens"].max()) < 512
+
+
+def test_byte_tokenizer_writes_a_megatron_indexed_dataset(tmp_path: Path) -> None:
+    docs = documents("héllo world\n\n\n\nsecond doc\n\n  ")
+    assert docs == ["héllo world", "second doc"]
+    tokens = write_indexed(docs, tmp_path / "d", ByteTokenizer())
+    ds = IndexedDataset(str(tmp_path / "d"))
+    assert len(ds) == 2 and tokens == sum(len(d.encode()) + 1 for d in docs)
+    first = ds[0]
+    assert isinstance(first, np.ndarray)
+    assert first[-1] == ByteTokenizer.eod
+    assert ByteTokenizer().detokenize(first.tolist()) == "héllo world"
+
+
+def test_latest_pointer_is_replaced_atomically(tmp_path: Path) -> None:
+    assert read_latest(tmp_path) is None
+    write_latest(tmp_path, 10)
+    write_latest(tmp_path, 20)
+    assert read_latest(tmp_path) == 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]
+    (tmp_path / "latest").write_text("garbage")
+    with pytest.raises(ValueError, match="not a step number"):
+        read_latest(tmp_path)
+
+
+def test_metrics_of_a_step_on_a_private_registry() -> None:
+    m = TrainerMetrics("job-a", rank=0, local_rank=0, world_size=4, multiprocess=False)
+    stats = StepStats(5, 2.5, 0.7, 1e-4, 0.2, 4096, 20480.0, 1.5, None)
+    m.record_step(stats)
+    m.record_step(stats)
+    reg = m.registry
+    assert isinstance(reg, CollectorRegistry)
+    job = {"job": "job-a"}
+    assert reg.get_sample_value("kubetron_train_step", job) == 5
+    assert reg.get_sample_value("kubetron_train_loss", job) == 2.5
+    assert reg.get_sample_value("kubetron_train_tokens_total", job) == 2 * 4096 / 4
+    assert reg.get_sample_value("kubetron_train_step_duration_seconds_count", job) == 2
+    assert reg.get_sample_value("kubetron_train_mfu_ratio", job) is None  # no peak known
+
+
+def test_metrics_of_other_local_ranks_only_count_tokens() -> None:
+    m = TrainerMetrics("job-b", rank=1, local_rank=1, world_size=2, multiprocess=False)
+    m.record_step(StepStats(1, 3.0, 1.0, 1e-3, 0.1, 100, 1000.0, 0.1, 0.5))
+    assert m.registry is not None
+    assert m.registry.get_sample_value("kubetron_train_tokens_total", {"job": "job-b"}) == 50
+    assert m.registry.get_sample_value("kubetron_train_step", {"job": "job-b"}) is None
