@@ -23,6 +23,10 @@ Fixtures
   as a control-plane process dies. ``harness.wait_until`` is the same without that check.
 - ``cluster.start_training_operator()`` / ``cluster.stop_training_operator()`` -- it runs by
   default (PyTorchJob controller only, no webhook); the PyTorchJob CRD is installed.
+- ``cluster.install_crds(paths)`` -- server-side apply CRD files, wait until Established.
+  kubetron's own CRDs (manifests/crds/*.yaml) are already installed by the fixture, before the
+  controller-manager starts: its garbage collector only notices CRDs installed later at its next
+  30 s resync, so owner-reference cleanup of their objects could lag by up to 30 s.
 - ``cluster.node_names()`` -- the fake GPU nodes (``kwok-gpu-<i>``, 2 by default).
 - ``cluster.logs(name)`` / ``cluster.tails()`` -- component logs (etcd, kube-apiserver,
   kube-controller-manager, kube-scheduler, kwok, training-operator).
@@ -55,12 +59,17 @@ from collections.abc import Generator, Iterator
 import pytest
 
 from tests.cluster.harness import (
+    REPO_ROOT,
     Cluster,
+    ClusterConfig,
     ClusterError,
     default_bin_dir,
     missing_tools,
     running_cluster,
 )
+
+# kubetron's own CRDs, installed before the controller-manager starts (see ClusterConfig.crds).
+KUBETRON_CRDS = sorted((REPO_ROOT / "manifests" / "crds").glob("*.yaml"))
 
 
 def _in_ci() -> bool:
@@ -89,7 +98,7 @@ def cluster() -> Iterator[Cluster]:
         yield existing
         return
     _require_tools()
-    started = Cluster.start()
+    started = Cluster.start(ClusterConfig(crds=[str(p) for p in KUBETRON_CRDS]))
     try:
         yield started
     finally:

@@ -393,6 +393,9 @@ class ClusterConfig:
     gpu_product: str = GPU_PRODUCT
     training_operator: bool = True
     startup_timeout: float = 90.0
+    # CRD files installed before kube-controller-manager starts, so that its garbage collector
+    # watches them from the start (it rediscovers API resources only every 30 s).
+    crds: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -474,6 +477,8 @@ class Cluster:
             self._start_etcd()
         with self._phase("kube-apiserver"):
             self._start_apiserver()
+        with self._phase("crds"):
+            self.install_crds([self.bin_dir / PYTORCHJOB_CRD, *map(Path, self.config.crds)])
         # Launch everything, then wait: the components start up concurrently.
         with self._phase("launch"):
             self._launch("kube-controller-manager", self._controller_manager_argv())
@@ -721,7 +726,8 @@ class Cluster:
                               "namespace": TRAINING_OPERATOR_NAMESPACE}},
             ]
         )  # fmt: skip
-        self.install_pytorchjob_crd()
+        if not crd_established(self.get("crd", "pytorchjobs.kubeflow.org")):
+            self.install_crds([self.bin_dir / PYTORCHJOB_CRD])
         # The webhook server reads $TMPDIR/k8s-webhook-server/serving-certs (TMPDIR=workdir).
         certs = self.workdir / "k8s-webhook-server" / "serving-certs"
         certs.mkdir(parents=True, exist_ok=True)
@@ -741,13 +747,26 @@ class Cluster:
         shutil.copy(self.pki.webhook_crt, target)
         self.created_outside.append(str(target))
 
-    def install_pytorchjob_crd(self) -> None:
-        """Apply the PyTorchJob CRD from the training-operator module; wait until Established."""
-        self.kubectl("apply", "--server-side", "-f", str(self.bin_dir / PYTORCHJOB_CRD))
+    def install_crds(self, paths: Iterable[Path]) -> None:
+        """Server-side apply CRD files and wait until every CRD in them is Established.
+
+        The garbage collector only learns about CRDs installed after kube-controller-manager
+        started at its next 30 s resync; prefer ClusterConfig.crds for CRDs whose objects own
+        others.
+        """
+        files = list(paths)
+        names = [
+            doc["metadata"]["name"]
+            for path in files
+            for doc in yaml.safe_load_all(path.read_text())
+            if doc and doc.get("kind") == "CustomResourceDefinition"
+        ]
+        args = [arg for path in files for arg in ("-f", str(path))]
+        self.kubectl("apply", "--server-side", "--force-conflicts", *args)
         self.wait_for(
-            lambda: crd_established(self.get("crd", "pytorchjobs.kubeflow.org")),
+            lambda: all(crd_established(self.get("crd", name)) for name in names),
             timeout=60,
-            what="the PyTorchJob CRD to be Established",
+            what=f"CRDs {', '.join(names)} to be Established",
         )
 
     def start_training_operator(self) -> None:
