@@ -149,16 +149,14 @@ def run(
         "kubetron trainer: %s, %s, %s groups, attention: %s",
         topology.describe(), dims, args.groups, state.attention,
     )  # fmt: skip
-    try:
-        summary = loop.train(state)
-    finally:
-        if args.metrics_linger > 0 and topology.local_rank == 0:
-            time.sleep(args.metrics_linger)
+    summary = loop.train(state)
     log.info(
         "done: %d steps, final loss %.4f, %.0f tokens/s",
         len(summary.steps), summary.steps[-1]["loss"] if summary.steps else float("nan"),
         summary.tokens_per_s,
     )  # fmt: skip
+    if args.metrics_linger > 0 and topology.local_rank == 0:
+        time.sleep(args.metrics_linger)  # the other ranks wait in the barrier below
     dist.barrier()
     dist.destroy_process_group()
     return int(ExitCode.OK)
