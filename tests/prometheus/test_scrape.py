@@ -15,6 +15,7 @@ Set-up (all on loopback, all processes ended at teardown):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -134,9 +135,16 @@ class Processes:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop_all(self) -> None:
+        """SIGTERM every process and its descendants, SIGKILL what is left after 20 s.
+
+        torchrun starts its workers in sessions of their own, so killing its process group
+        alone would orphan them; the descendants are collected before any signal is sent.
+        """
+        pids = {pid for proc in self.procs.values() for pid in descendants(proc.pid)}
         for proc in self.procs.values():
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
+        signal_all(pids, signal.SIGTERM)
         deadline = time.monotonic() + 20
         for proc in self.procs.values():
             try:
@@ -144,6 +152,35 @@ class Processes:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        while pids and time.monotonic() < deadline:
+            pids = {pid for pid in pids if Path(f"/proc/{pid}").exists()}
+            time.sleep(0.2)
+        signal_all(pids, signal.SIGKILL)
+
+
+def descendants(root: int) -> set[int]:
+    """Every live process below `root`, from /proc's parent links."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: set[int] = set()
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def signal_all(pids: set[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
 
 
 def http_ok(url: str) -> bool:
