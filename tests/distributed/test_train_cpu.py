@@ -72,7 +72,7 @@ def tp2_dp2(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         data={"type": "indexed", "paths": [{"prefix": tokenize(tmp)}]},
         checkpoint={"path": str(tmp / "ckpt"), "saveInterval": SAVE_EVERY},
     )
-    started = launch(cfg, tmp / "run", "--metrics-linger", "20")
+    started = launch(cfg, tmp / "run", "--metrics-linger", "8")
     wait_for_line(started, "done:")
     text = scrape(cfg["metrics"]["port"])
     codes = started.wait()
