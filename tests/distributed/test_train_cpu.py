@@ -166,7 +166,8 @@ def test_sigterm_saves_and_exits_retryable(tmp_path: Path) -> None:
         checkpoint={"path": str(tmp_path / "ckpt"), "saveInterval": 1000},
         metrics={"enabled": False},
     )
-    started = launch(cfg, tmp_path / "run")
+    codes_dir = tmp_path / "codes"
+    started = launch(cfg, tmp_path / "run", extra_env={"KUBETRON_EXIT_CODE_DIR": str(codes_dir)})
     wait_for_line(started, "step 3/5000")
     started.procs[0].send_signal(signal.SIGTERM)  # one rank is enough: the ranks agree
     codes = started.wait()
@@ -175,6 +176,7 @@ def test_sigterm_saves_and_exits_retryable(tmp_path: Path) -> None:
     assert 3 <= saved < 1000
     assert (tmp_path / "ckpt" / f"iter_{saved:07d}" / "metadata.json").is_file()
     assert "exiting 143 (retryable)" in started.output()
+    assert sorted(p.read_text().strip() for p in codes_dir.iterdir()) == ["143"] * 4
 
 
 @pytest.mark.parametrize(

@@ -71,14 +71,20 @@ class Launch:
         return json.loads(self.summary.read_text())
 
 
-def launch(cfg: dict[str, Any], workdir: Path, *args: str, groups: str = "decentralized") -> Launch:
+def launch(
+    cfg: dict[str, Any],
+    workdir: Path,
+    *args: str,
+    groups: str = "decentralized",
+    extra_env: dict[str, str] | None = None,
+) -> Launch:
     """Start `cfg["worldSize"]` trainer processes on this host (gloo, one thread each)."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "config.json"
     config.write_text(json.dumps(cfg))
     world, port = cfg["worldSize"], free_port()
     summary = workdir / "summary.json"
-    env = dict(os.environ)
+    env = dict(os.environ) | (extra_env or {})
     paths = [str(ROOT / "trainer"), str(ROOT / "operator"), env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env |= {"OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
