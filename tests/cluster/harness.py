@@ -27,6 +27,7 @@ import argparse
 import base64
 import contextlib
 import ctypes
+import fcntl
 import functools
 import json
 import os
@@ -62,6 +63,7 @@ REQUIRED_BINARIES = (
     "training-operator.v1",
 )
 PYTORCHJOB_CRD = "crds/kubeflow.org_pytorchjobs.yaml"
+CRD_PATH = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
 
 # What the fake GPU nodes look like; tests put these on pods to land there.
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -441,6 +443,7 @@ class Cluster:
         self.created_outside: list[str] = []  # paths outside workdir we made (removed on stop)
         self.detached = False
         self.timings: dict[str, float] = {}  # startup phase -> seconds, for reports
+        self.state_path: Path | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -450,8 +453,13 @@ class Cluster:
         config: ClusterConfig | None = None,
         bin_dir: Path | None = None,
         detached: bool = False,
+        state_path: Path | None = None,
     ) -> Cluster:
-        """Start everything and wait until it is ready; on failure print logs, clean up, raise."""
+        """Start everything and wait until it is ready; on failure print logs, clean up, raise.
+
+        With `state_path`, the state (pids, temp dir) is rewritten there after every process
+        start, so `down` can clean up even if this Python process is killed mid-start.
+        """
         config = config or ClusterConfig()
         bin_dir = bin_dir or default_bin_dir()
         missing = missing_tools(bin_dir)
@@ -460,6 +468,7 @@ class Cluster:
         workdir = Path(tempfile.mkdtemp(prefix="kubetron-cluster-"))
         cluster = cls(workdir, bin_dir, config, Ports())
         cluster.detached = detached
+        cluster.state_path = state_path
         try:
             cluster._boot()
         except BaseException:
@@ -477,14 +486,17 @@ class Cluster:
             self._start_etcd()
         with self._phase("kube-apiserver"):
             self._start_apiserver()
-        with self._phase("crds"):
-            self.install_crds([self.bin_dir / PYTORCHJOB_CRD, *map(Path, self.config.crds)])
-        # Launch everything, then wait: the components start up concurrently.
+        # Launch everything, then wait: the components start up concurrently. Only the
+        # controller-manager waits for the CRDs, so its garbage collector sees them at once.
         with self._phase("launch"):
-            self._launch("kube-controller-manager", self._controller_manager_argv())
             self._launch("kube-scheduler", self._scheduler_argv())
             self._launch("kwok", self._kwok_argv())
+            crds = self._apply_crds([self.bin_dir / PYTORCHJOB_CRD, *map(Path, self.config.crds)])
             self.apply(self._node_manifests())
+        with self._phase("crds"):
+            self._wait_crds(crds)
+        with self._phase("launch-controllers"):
+            self._launch("kube-controller-manager", self._controller_manager_argv())
             if self.config.training_operator:
                 self._launch_training_operator()
         with self._phase("controllers"):
@@ -534,6 +546,16 @@ class Cluster:
         component = Component(name, argv, self.workdir / "logs" / f"{name}.log")
         component.start(env or self._env(), self.detached)
         self.components[name] = component
+        self.save_state()
+
+    def save_state(self) -> None:
+        """Write to_state() to state_path (if set), atomically."""
+        if self.state_path is None:
+            return
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_state(), indent=2))
+        tmp.replace(self.state_path)
 
     def check_alive(self) -> None:
         """Raise ClusterError if any started component has exited."""
@@ -652,7 +674,7 @@ class Cluster:
             )
         # Pods need the `default` ServiceAccount (serviceaccount controller + admission plugin).
         self.wait_for(
-            lambda: self.kubectl("get", "serviceaccount", "default", check=False).returncode == 0,
+            lambda: self.api_get("/api/v1/namespaces/default/serviceaccounts/default"),
             timeout=self.config.startup_timeout,
             what="the default ServiceAccount",
         )
@@ -697,7 +719,7 @@ class Cluster:
         ]
 
     def _nodes_ready(self) -> bool:
-        nodes = json.loads(self.kubectl("get", "nodes", "-o", "json").stdout)["items"]
+        nodes = (self.api_get("/api/v1/nodes") or {}).get("items", [])
         ready = 0
         for node in nodes:
             conditions = {c["type"]: c["status"] for c in node["status"].get("conditions", [])}
@@ -726,7 +748,7 @@ class Cluster:
                               "namespace": TRAINING_OPERATOR_NAMESPACE}},
             ]
         )  # fmt: skip
-        if not crd_established(self.get("crd", "pytorchjobs.kubeflow.org")):
+        if not crd_established(self.api_get(f"{CRD_PATH}/pytorchjobs.kubeflow.org")):
             self.install_crds([self.bin_dir / PYTORCHJOB_CRD])
         # The webhook server reads $TMPDIR/k8s-webhook-server/serving-certs (TMPDIR=workdir).
         certs = self.workdir / "k8s-webhook-server" / "serving-certs"
@@ -746,6 +768,7 @@ class Cluster:
                 self.created_outside.append(str(parent))
         shutil.copy(self.pki.webhook_crt, target)
         self.created_outside.append(str(target))
+        self.save_state()
 
     def install_crds(self, paths: Iterable[Path]) -> None:
         """Server-side apply CRD files and wait until every CRD in them is Established.
@@ -754,6 +777,10 @@ class Cluster:
         started at its next 30 s resync; prefer ClusterConfig.crds for CRDs whose objects own
         others.
         """
+        self._wait_crds(self._apply_crds(paths))
+
+    def _apply_crds(self, paths: Iterable[Path]) -> list[str]:
+        """Server-side apply CRD files; return the names of the CRDs in them."""
         files = list(paths)
         names = [
             doc["metadata"]["name"]
@@ -763,8 +790,11 @@ class Cluster:
         ]
         args = [arg for path in files for arg in ("-f", str(path))]
         self.kubectl("apply", "--server-side", "--force-conflicts", *args)
+        return names
+
+    def _wait_crds(self, names: list[str]) -> None:
         self.wait_for(
-            lambda: all(crd_established(self.get("crd", name)) for name in names),
+            lambda: all(crd_established(self.api_get(f"{CRD_PATH}/{name}")) for name in names),
             timeout=60,
             what=f"CRDs {', '.join(names)} to be Established",
         )
@@ -827,6 +857,16 @@ class Cluster:
             "apply", "--server-side", "--force-conflicts", "--field-manager=kubetron-tests",
             "-f", "-", input=text,
         )  # fmt: skip
+
+    def api_get(self, path: str) -> dict[str, Any] | None:
+        """GET an API path (e.g. /api/v1/nodes) as admin; None on 404. Cheaper than kubectl."""
+        try:
+            body: dict[str, Any] = json.loads(http_get(self.server + path, self.admin_tls(), 10))
+        except urllib.error.HTTPError as err:
+            if err.code == 404:
+                return None
+            raise
+        return body
 
     def get(self, kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
         """One object as a dict, or None when it does not exist."""
@@ -909,18 +949,41 @@ def running_cluster() -> Cluster | None:
     return cluster if all(c.alive() for c in cluster.components.values()) else None
 
 
+@contextlib.contextmanager
+def _state_lock() -> Iterator[None]:
+    """Serialise `up`/`down` of concurrent callers sharing one $KUBETRON_CACHE."""
+    lock = state_file().with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _raise_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def cmd_up() -> int:
+    with _state_lock():
+        return _up()
+
+
+def _up() -> int:
     running = running_cluster()
     if running is not None:
         print(f"already up; state: {state_file()}", file=sys.stderr)
         print(running.kubeconfig)
         return 0
     if _read_state() is not None:
-        cmd_down()  # a half-dead earlier cluster: clean it up first
+        _down()  # a half-dead earlier cluster: clean it up first
+    # `timeout make cluster-up` sends SIGTERM: clean up instead of leaving processes behind.
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
     started = time.monotonic()
-    cluster = Cluster.start(detached=True)
-    state_file().parent.mkdir(parents=True, exist_ok=True)
-    state_file().write_text(json.dumps(cluster.to_state(), indent=2))
+    try:
+        cluster = Cluster.start(detached=True, state_path=state_file())
+    except BaseException:
+        state_file().unlink(missing_ok=True)
+        raise
     elapsed = time.monotonic() - started
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in cluster.timings.items())
     print(f"cluster ready in {elapsed:.1f}s ({phases}); state: {state_file()}", file=sys.stderr)
@@ -930,6 +993,11 @@ def cmd_up() -> int:
 
 
 def cmd_down() -> int:
+    with _state_lock():
+        return _down()
+
+
+def _down() -> int:
     state = _read_state()
     if state is None:
         print("no cluster state; nothing to stop", file=sys.stderr)
@@ -966,6 +1034,9 @@ def main(argv: list[str] | None = None) -> int:
     except ClusterError as err:
         print(f"harness: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("harness: interrupted; stopped what was started", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
