@@ -47,7 +47,10 @@ def configure_logging(settings: Settings) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
-    logging.getLogger("kopf").setLevel(max(logging.INFO, logging.getLevelName(settings.log_level)))
+    level = logging.getLevelName(settings.log_level)
+    logging.getLogger("kopf").setLevel(max(logging.INFO, level))
+    # one line per handled watch event is noise; kubetron logs what it does itself
+    logging.getLogger("kopf.objects").setLevel(max(logging.WARNING, level))
 
 
 def run(settings: Settings) -> int:
@@ -104,19 +107,32 @@ def run(settings: Settings) -> int:
     registry = make_registry(controller, settings.resync_period)
     health.ready.set()
     log.info("reconciling MegatronJobs in %s", ",".join(settings.namespaces) or "all namespaces")
-    asyncio.run(
-        kopf.operator(
+    asyncio.run(_run_kopf(registry, settings, kopf_stop, stop))
+    if lost.is_set():
+        log.error("leadership lost: exiting so that a standby can lead")
+        return 1
+    return 0
+
+
+async def _run_kopf(
+    registry: kopf.OperatorRegistry,
+    settings: Settings,
+    kopf_stop: threading.Event,
+    stop: threading.Event,
+) -> None:
+    try:
+        await kopf.operator(
             registry=registry,
             standalone=True,
             clusterwide=settings.all_namespaces,
             namespaces=list(settings.namespaces),
             stop_flag=kopf_stop,
         )
-    )
-    if lost.is_set():
-        log.error("leadership lost: exiting so that a standby can lead")
-        return 1
-    return 0
+    finally:
+        # kopf may stop on its own signal handling; release the thread waiting on the flag,
+        # or the event loop's executor never shuts down.
+        kopf_stop.set()
+        stop.set()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from kubetron_operator.plan import PlanError, plan
 from kubetron_operator.render import JOB_NAME_LABEL, render
 from kubetron_operator.status import (
     Observed,
+    describe_pod_failures,
     invalid_status,
     job_status,
     phase_changed,
@@ -51,6 +52,7 @@ class Controller:
         self.namespaces = namespaces
         self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
+        self._failures: defaultdict[tuple[str, str], set[str]] = defaultdict(set)
 
     def _lock(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
@@ -74,6 +76,17 @@ class Controller:
 
     def forget(self, namespace: str, name: str) -> None:
         self.metrics.jobs.forget(namespace, name)
+        self._failures.pop((namespace, name), None)
+
+    def note_pod(self, pod: Obj) -> str | None:
+        """Remember a trainer pod's failed containers; returns the job to reconcile."""
+        meta = pod.get("metadata", {})
+        job = meta.get("labels", {}).get(JOB_NAME_LABEL)
+        failure = describe_pod_failures([pod])
+        if not job or not failure:
+            return None
+        self._failures[(meta["namespace"], job)].update(failure.split("; "))
+        return str(job)
 
     def resync(self) -> None:
         """Reconcile every job in the watched namespaces (retries, missed events)."""
@@ -109,7 +122,8 @@ class Controller:
                 if obj["kind"] == "PyTorchJob":
                     pytorch_job = applied
         pods = self._pods_if_failing(namespace, name, pytorch_job)
-        observed = Observed(generation, old_status, pytorch_job, pods)
+        seen = tuple(sorted(self._failures.get((namespace, name), ())))
+        observed = Observed(generation, old_status, pytorch_job, pods, seen)
         new_status = job_status(observed, job_plan, name, utcnow())
         self._write_status(body, old_status, new_status, new_status["phase"], "")
         return "success"

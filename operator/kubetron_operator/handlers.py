@@ -25,7 +25,8 @@ def make_registry(controller: Controller, resync_period: float) -> kopf.Operator
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        return kopf.login_via_client(**kwargs)
+        # kopf's own readers: the client-library piggyback misses token kubeconfigs
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -48,6 +49,12 @@ def make_registry(controller: Controller, resync_period: float) -> kopf.Operator
         for ref in meta.get("ownerReferences", []):
             if ref.get("kind") == KIND and ref.get("apiVersion", "").startswith(GROUP):
                 await asyncio.to_thread(controller.reconcile, meta["namespace"], ref["name"])
+
+    @kopf.on.event("", "v1", "pods", labels=MANAGED_BY, registry=registry)
+    async def on_pod(body: kopf.Body, **_: Any) -> None:
+        job = controller.note_pod(dict(body))
+        if job is not None:
+            await asyncio.to_thread(controller.reconcile, body["metadata"]["namespace"], job)
 
     @kopf.on.startup(registry=registry)
     async def start_resync(memo: kopf.Memo, **_: Any) -> None:

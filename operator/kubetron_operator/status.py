@@ -26,16 +26,22 @@ _PHASES: list[tuple[str, Phase]] = [
 ]
 MIRRORED = ("Created", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
 VALID = "Valid"
+POD_FAILED = "PodFailed"
 
 
 @dataclass(frozen=True)
 class Observed:
-    """What the operator saw: the job's old status, its backend job and pods."""
+    """What the operator saw: the job's old status, its backend job and pods.
+
+    `seen_failures` are failed containers seen in pod watch events: the training-operator
+    deletes failed pods quickly, so the reason must be kept from the moment it is seen.
+    """
 
     generation: int
     old_status: Obj
     pytorch_job: Obj | None
     pods: list[Obj]
+    seen_failures: tuple[str, ...] = ()
 
 
 def condition(old: list[Obj], type_: str, status: str, reason: str, message: str, now: str) -> Obj:
@@ -71,8 +77,10 @@ def job_status(observed: Observed, plan: Plan, job_name: str, now: str) -> Obj:
     pj_status = (observed.pytorch_job or {}).get("status", {})
     pj_conditions = {c["type"]: c for c in pj_status.get("conditions", []) if "type" in c}
     phase = _phase(pj_conditions)
-    failure = describe_pod_failures(observed.pods)
+    failure = _failures(observed, old)
     conditions = [condition(old, VALID, "True", "SpecValid", "spec is valid", now)]
+    if failure:
+        conditions.append(condition(old, POD_FAILED, "True", "ContainerFailed", failure, now))
     for type_ in MIRRORED:
         src = pj_conditions.get(type_)
         if src is None:
@@ -101,6 +109,18 @@ def job_status(observed: Observed, plan: Plan, job_name: str, now: str) -> Obj:
         if pj_status.get(src):
             status[dst] = pj_status[src]
     return status
+
+
+def _failures(observed: Observed, old: list[Obj]) -> str:
+    """Failed containers seen now, in watch events, or kept in the old status."""
+    current = [f for f in describe_pod_failures(observed.pods).split("; ") if f]
+    for seen in observed.seen_failures:
+        if seen not in current:
+            current.append(seen)
+    if current:
+        return "; ".join(sorted(current))
+    kept = next((c for c in old if c.get("type") == POD_FAILED), None)
+    return str(kept.get("message", "")) if kept else ""
 
 
 def _phase(conditions: dict[str, Obj]) -> Phase:

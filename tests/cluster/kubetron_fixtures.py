@@ -116,8 +116,9 @@ class OperatorProcess:
         return self.sample("kubetron_operator_leader") == 1.0
 
     def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text()[-4000:]
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text()[-6000:]
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc.poll() is None:

@@ -116,7 +116,9 @@ def test_delete_garbage_collects_children(
 ) -> None:
     start_operator()
     _apply(kubetron, namespace, fake_gpu_job("gc", nodes=1, complete_after="600s"))
-    kubetron.wait_for(lambda: kubetron.get("pytorchjob", "gc", namespace), timeout=30)
+    kubetron.wait_for(
+        lambda: kubetron.get("pytorchjob", "gc", namespace), timeout=30, what="PyTorchJob gc"
+    )
     kubetron.kubectl("delete", "mj", "gc", "-n", namespace, "--wait=false")
     kubetron.wait_for(
         lambda: (
@@ -147,7 +149,9 @@ def test_operator_killed_mid_reconcile_converges_without_duplicates(
     for name in names:
         _apply(kubetron, namespace, fake_gpu_job(name, nodes=1, complete_after="4s"))
     first = start_operator("op-first")
-    kubetron.wait_for(lambda: _items(kubetron, "pytorchjobs", namespace), timeout=30)
+    kubetron.wait_for(
+        lambda: _items(kubetron, "pytorchjobs", namespace), timeout=30, what="a PyTorchJob"
+    )
     first.kill(signal.SIGKILL)
     start_operator("op-second")
     for name in names:
@@ -169,7 +173,9 @@ def test_leader_election_one_reconciles_and_standby_takes_over(
     leader, standby = (a, b) if a.is_leader() else (b, a)
     assert not standby.is_leader()
     _apply(kubetron, namespace, fake_gpu_job("le-1", nodes=1, complete_after="600s"))
-    kubetron.wait_for(lambda: kubetron.get("pytorchjob", "le-1", namespace), timeout=30)
+    kubetron.wait_for(
+        lambda: kubetron.get("pytorchjob", "le-1", namespace), timeout=30, what="PyTorchJob le-1"
+    )
     assert (standby.sample("kubetron_operator_reconciles_total", result="success") or 0) == 0
     holder = kubetron.get("lease", lease, OPERATOR_NS)
     assert holder is not None and holder["spec"]["holderIdentity"] == leader.name
@@ -180,7 +186,9 @@ def test_leader_election_one_reconciles_and_standby_takes_over(
     takeover = time.monotonic() - t0
     assert takeover <= 6 + 2, f"takeover took {takeover:.1f}s, lease duration is 6s"
     _apply(kubetron, namespace, fake_gpu_job("le-2", nodes=1, complete_after="600s"))
-    kubetron.wait_for(lambda: kubetron.get("pytorchjob", "le-2", namespace), timeout=30)
+    kubetron.wait_for(
+        lambda: kubetron.get("pytorchjob", "le-2", namespace), timeout=30, what="PyTorchJob le-2"
+    )
 
 
 ALLOWED = [

@@ -90,3 +90,16 @@ def test_invalid_status_names_problems_and_fails() -> None:
 def test_running_pods_are_not_failures() -> None:
     pod = {"metadata": {"name": "p"}, "status": {"containerStatuses": [{"state": {"running": {}}}]}}
     assert describe_pod_failures([pod]) == ""
+
+
+def test_failure_seen_in_a_watch_event_survives_pod_deletion() -> None:
+    p = plan(make_job())
+    seen = ("master-0 exited with code 3 (Error)",)
+    running = _pj(("Running", "True"))
+    first = job_status(Observed(1, {}, running, [], seen), p, "job", T0)
+    pod_failed = next(c for c in first["conditions"] if c["type"] == "PodFailed")
+    assert pod_failed["message"] == seen[0]
+    # the training-operator deleted the pod and the operator restarted: only the status remains
+    failed = job_status(Observed(1, first, _pj(("Failed", "True")), []), p, "job", T1)
+    cond = next(c for c in failed["conditions"] if c["type"] == "Failed")
+    assert cond["message"].endswith(seen[0])
