@@ -211,3 +211,15 @@ def test_bad_config_exits_2_naming_the_field(
     )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert field in proc.stdout + proc.stderr
+
+
+def test_sigterm_while_lingering_for_metrics_exits_0(tmp_path: Path) -> None:
+    # Training is complete; a SIGTERM (pod deleted) must end the linger, not be ignored.
+    cfg = example_config(
+        recipe={"trainIters": 2}, checkpoint={"path": None}, worldSize=2, gpusPerNode=2
+    )
+    started = launch(cfg, tmp_path / "run", "--metrics-linger", "600")
+    wait_for_line(started, "done:")
+    for proc in started.procs:  # as torchrun forwards it to every worker
+        proc.send_signal(signal.SIGTERM)
+    assert started.wait(timeout=60) == [0, 0], started.output()[-4000:]

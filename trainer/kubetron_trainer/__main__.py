@@ -13,8 +13,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
-import time
+import threading
 from pathlib import Path
 
 import torch
@@ -170,10 +171,18 @@ def run(
         summary.tokens_per_s,
     )  # fmt: skip
     if args.metrics_linger > 0 and topology.local_rank == 0:
-        time.sleep(args.metrics_linger)  # the other ranks wait in the barrier below
+        linger(args.metrics_linger)  # the other ranks wait in the barrier below
     dist.barrier()
     dist.destroy_process_group()
     return int(ExitCode.OK)
+
+
+def linger(seconds: float) -> None:
+    """Keep serving /metrics after training for `seconds`, or until SIGTERM (then exit 0:
+    training is complete, there is nothing to save)."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    stop.wait(seconds)
 
 
 def pick_device(choice: str, local_rank: int) -> torch.device:
