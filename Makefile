@@ -31,7 +31,9 @@ fmt: setup
 # Regenerate the checked-in CRD from the pydantic models.
 generate crd: setup
 	@$(VENV)/bin/kubetron crd > manifests/crds/kubetron.io_megatronjobs.yaml
-	@echo "wrote manifests/crds/kubetron.io_megatronjobs.yaml"
+	@cp manifests/crds/kubetron.io_megatronjobs.yaml charts/kubetron/files/crds/
+	@$(VENV)/bin/kubetron rbac > manifests/rbac/operator.yaml
+	@echo "wrote manifests/crds/, charts/kubetron/files/crds/ and manifests/rbac/"
 
 demo: setup
 	@bash hack/demo.sh

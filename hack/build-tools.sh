@@ -157,8 +157,16 @@ main() {
     "-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}"
   go_install training-operator training-operator.v1 \
     github.com/kubeflow/training-operator/cmd/training-operator.v1 "$TRAINING_OPERATOR_VERSION"
+  # helm's offline default Kubernetes version is 1.20; make it the version we build, so
+  # `helm template` and `helm lint` accept charts with a recent kubeVersion.
+  local kminor=${KUBERNETES_VERSION#v1.}
+  kminor=${kminor%%.*}
   go_install helm helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION" \
-    "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+    "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION \
+     -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 \
+     -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$kminor \
+     -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 \
+     -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$kminor"
   copy_crd
   wait_kube
   cp -f "$HACK/versions.env" "$BIN/versions.env"

@@ -40,9 +40,8 @@ marks a bound pod Running; with the pod annotation ``kwok.kubetron.io/complete-a
 then ends after that delay with exit code ``kwok.kubetron.io/exit-code`` (default "0";
 non-zero makes the pod Failed). See kwok_stages.yaml.
 
-Tests in other directories can use the fixtures with
-``from tests.cluster.conftest import cluster, namespace  # noqa: F401``.
-Mark such tests ``@pytest.mark.cluster``.
+This conftest sits at the top of tests/, so every test directory shares one control plane per
+session. Mark such tests ``@pytest.mark.cluster``.
 
 Missing binaries: the tests skip with the reason on a dev box, but fail when $CI is set
 (``make test`` runs ``make tools`` first, so CI never lacks them).

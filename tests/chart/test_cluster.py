@@ -19,7 +19,6 @@ import yaml
 from kubetron_operator.rbac import LEASE_RULES, RULES
 from tests.chart.helm import CHART, CI_VALUES, REPO_ROOT, load_all, require_helm, run_helm
 from tests.chart.monitoring import monitoring_crds
-from tests.cluster.conftest import cluster, namespace  # noqa: F401
 from tests.cluster.harness import Cluster
 
 pytestmark = pytest.mark.cluster
@@ -41,7 +40,7 @@ def unique(prefix: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def monitoring(cluster: Cluster) -> None:  # noqa: F811
+def monitoring(cluster: Cluster) -> None:
     """The minimal ServiceMonitor/PodMonitor CRDs, established."""
     cluster.apply(monitoring_crds())
     for crd in monitoring_crds():
@@ -51,14 +50,14 @@ def monitoring(cluster: Cluster) -> None:  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def megatronjob_crd(cluster: Cluster) -> None:  # noqa: F811
+def megatronjob_crd(cluster: Cluster) -> None:
     """The MegatronJob CRD (kubectl must resolve megatronjobs.kubetron.io for `auth can-i`)."""
     cluster.apply(REPO_ROOT / "manifests" / "crds" / "kubetron.io_megatronjobs.yaml")
     cluster.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
 
 
 @pytest.fixture
-def release(cluster: Cluster, namespace: str, megatronjob_crd: None) -> Iterator[str]:  # noqa: F811
+def release(cluster: Cluster, namespace: str, megatronjob_crd: None) -> Iterator[str]:
     """A release name unique to the test; uninstalled afterwards (cluster objects included)."""
     require_helm()
     name = unique("kt")
@@ -71,8 +70,8 @@ def release(cluster: Cluster, namespace: str, megatronjob_crd: None) -> Iterator
 
 @pytest.mark.parametrize("values", [[], [CI_VALUES]], ids=["default-values", "ci-values"])
 def test_rendered_chart_passes_server_side_dry_run(
-    cluster: Cluster,  # noqa: F811
-    namespace: str,  # noqa: F811
+    cluster: Cluster,
+    namespace: str,
     monitoring: None,
     values: list[Path],
 ) -> None:
@@ -97,8 +96,8 @@ def test_rendered_chart_passes_server_side_dry_run(
 
 
 def test_dry_run_catches_a_misspelled_monitor_field(
-    cluster: Cluster,  # noqa: F811
-    namespace: str,  # noqa: F811
+    cluster: Cluster,
+    namespace: str,
     monitoring: None,
 ) -> None:
     """The stand-in CRDs are strict: the dry run above could fail, it is not a formality."""
@@ -119,8 +118,8 @@ def test_dry_run_catches_a_misspelled_monitor_field(
 
 
 def test_helm_install_creates_the_configured_objects(
-    cluster: Cluster,  # noqa: F811
-    namespace: str,  # noqa: F811
+    cluster: Cluster,
+    namespace: str,
     monitoring: None,
     release: str,
 ) -> None:
@@ -169,8 +168,8 @@ def test_helm_install_creates_the_configured_objects(
 
 
 def test_install_with_values_breaking_the_schema_is_refused(
-    cluster: Cluster,  # noqa: F811
-    namespace: str,  # noqa: F811
+    cluster: Cluster,
+    namespace: str,
     release: str,
     tmp_path: Path,
 ) -> None:
@@ -190,8 +189,8 @@ def test_install_with_values_breaking_the_schema_is_refused(
 
 
 def test_crd_is_upgraded_with_the_release_and_kept_on_uninstall(
-    cluster: Cluster,  # noqa: F811
-    namespace: str,  # noqa: F811
+    cluster: Cluster,
+    namespace: str,
     release: str,
 ) -> None:
     # Other cluster tests apply manifests/crds/ themselves; take the CRD over as an upgrade from
@@ -279,8 +278,8 @@ CLUSTER_FORBIDDEN = [
 
 
 def test_cluster_scope_service_account_can_do_what_the_operator_does_and_no_more(
-    cluster: Cluster,  # noqa: F811
-    namespace: str,  # noqa: F811
+    cluster: Cluster,
+    namespace: str,
     release: str,
 ) -> None:
     helm(
@@ -306,8 +305,8 @@ def test_cluster_scope_service_account_can_do_what_the_operator_does_and_no_more
 
 
 def test_namespaces_scope_grants_nothing_outside_the_watched_namespaces(
-    cluster: Cluster,  # noqa: F811
-    namespace: str,  # noqa: F811
+    cluster: Cluster,
+    namespace: str,
     release: str,
 ) -> None:
     watched, other = unique("team"), unique("other")

@@ -40,7 +40,6 @@ from kubetron_operator.api.parse import load_documents, parse_job
 from kubetron_operator.plan import plan
 from kubetron_operator.render import render
 from tests.chart.helm import one, template
-from tests.cluster.conftest import cluster  # noqa: F401
 from tests.cluster.harness import REPO_ROOT, Cluster, free_port, wait_until
 from tests.prometheus.scrape import pod_monitor_job, service_monitor_job
 
@@ -216,7 +215,7 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:  # noqa: F811
+def stack(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     prom_bin = prometheus_binary()
     tmp = tmp_path_factory.mktemp("prometheus-stack")
     suffix = uuid.uuid4().hex[:6]
