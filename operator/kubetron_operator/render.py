@@ -167,9 +167,11 @@ def _container(job: MegatronJob, plan: Plan) -> Obj:
         "name": CONTAINER,
         "image": res.image,
         "imagePullPolicy": res.image_pull_policy,
-        # torchrun reads PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK and PET_MASTER_* set by
-        # the training-operator, and gives each process its own RANK/LOCAL_RANK/WORLD_SIZE.
-        "command": ["torchrun"],
+        # kubetron_trainer.launch runs torchrun, which reads PET_NNODES, PET_NPROC_PER_NODE,
+        # PET_NODE_RANK and PET_MASTER_* set by the training-operator and gives each process its
+        # own RANK/LOCAL_RANK/WORLD_SIZE; the launcher then exits with the workers' own code
+        # (torchrun alone exits 1 for every failure, preemption included).
+        "command": ["python", "-m", "kubetron_trainer.launch"],
         "args": ["-m", "kubetron_trainer", "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"],
         "env": _env(job),
         "ports": [

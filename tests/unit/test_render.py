@@ -64,7 +64,7 @@ def test_pod_template_runs_torchrun_with_gpus_shm_and_metrics_port() -> None:
     pod = _pytorchjob()["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     (c,) = pod["containers"]
     assert c["name"] == "pytorch"
-    assert c["command"] == ["torchrun"]
+    assert c["command"] == ["python", "-m", "kubetron_trainer.launch"]  # wraps torchrun
     assert c["args"] == ["-m", "kubetron_trainer", "--config", "/etc/kubetron/config.json"]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 8
     assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in c["ports"]

@@ -1,0 +1,80 @@
+"""The pod's entry point: run torchrun, then exit with the workers' own exit code.
+
+torchrun exits 1 whenever any worker fails and also when it is sent SIGTERM itself, so as the
+container's main process it would turn a preemption (a retryable 143) into a permanent failure
+under the PyTorchJob's `ExitCode` restart policy. This launcher gives each worker a directory
+to record its code in (`KUBETRON_EXIT_CODE_DIR`), forwards SIGTERM/SIGINT to torchrun, and exits
+with the code that describes the pod: a permanent worker error wins (the same config would fail
+again), then the largest retryable code. Torch-free: it only starts processes.
+
+    python -m kubetron_trainer.launch [torchrun arguments] -m kubetron_trainer --config FILE
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger("kubetron.launch")
+
+SIGTERM_CODE = 143
+# A worker that died without recording a code was killed by a signal (NCCL's watchdog abort,
+# the kernel): a restart may well succeed, and backoffLimit bounds the retries.
+LOST_WORKER_CODE = 134
+
+
+def pod_exit_code(torchrun_code: int, worker_codes: Sequence[int], signalled: bool) -> int:
+    """The pod's exit code from torchrun's code and the codes the workers recorded."""
+    permanent = [c for c in worker_codes if 0 < c < 128]
+    if permanent:
+        return max(permanent)
+    retryable = [c for c in worker_codes if c >= 128]
+    if retryable:
+        return max(retryable)
+    if torchrun_code == 0:
+        return 0
+    return SIGTERM_CODE if signalled else LOST_WORKER_CODE
+
+
+def read_worker_codes(directory: Path) -> list[int]:
+    codes: list[int] = []
+    for path in sorted(directory.glob("rank-*")):
+        text = path.read_text().strip()
+        if text.lstrip("-").isdigit():
+            codes.append(int(text))
+    return codes
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    with tempfile.TemporaryDirectory(prefix="kubetron-exit-") as codes_dir:
+        env = {**os.environ, "KUBETRON_EXIT_CODE_DIR": codes_dir}
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], env=env)
+        signalled = False
+
+        def forward(signum: int, _frame: object) -> None:
+            nonlocal signalled
+            signalled = True
+            proc.send_signal(signum)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, forward)
+        torchrun_code = proc.wait()
+        workers = read_worker_codes(Path(codes_dir))
+    code = pod_exit_code(torchrun_code, workers, signalled)
+    if code != torchrun_code:
+        log.info("torchrun exited %d, workers %s: exiting %d", torchrun_code, workers, code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
