@@ -54,7 +54,8 @@ def preset_table() -> str:
     lines = ["| preset | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, a in PRESETS.items():
         experts = f"{a.num_experts} ({a.moe_router_topk})" if a.num_experts else "-"
-        values = [a.num_layers, a.hidden_size, a.ffn_hidden_size, a.num_attention_heads]
+        values: list[int | str] = [a.num_layers, a.hidden_size, a.ffn_hidden_size]
+        values += [a.num_attention_heads]
         values += [a.num_query_groups, a.vocab_size, experts]
         lines.append(f"| `{name}` | " + " | ".join(str(v) for v in values) + " |")
     return "\n".join(lines)
