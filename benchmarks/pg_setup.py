@@ -49,7 +49,9 @@ def worker(out: Path, reps: int) -> None:
 
     def megatron() -> None:
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=SHAPE["tp"], pipeline_model_parallel_size=SHAPE["pp"]
+            tensor_model_parallel_size=dims.tp,
+            pipeline_model_parallel_size=dims.pp,
+            expert_tensor_parallel_size=dims.etp,
         )
 
     def megatron_teardown() -> None:
@@ -144,7 +146,12 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.reps)
         return
-    report = {"machine": machine(), "results": [run_world(w, args.reps) for w in args.worlds]}
+    load_before = os.getloadavg()
+    results = [run_world(w, args.reps) for w in args.worlds]
+    # other work on the machine inflates the absolute times; the variants of one repetition run
+    # back to back, so their ratios suffer less
+    load = {"before": load_before, "after": os.getloadavg()}
+    report = {"machine": machine() | {"load_average_1m_5m_15m": load}, "results": results}
     print(json.dumps(report, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -94,6 +94,7 @@ def destroy_megatron() -> None:
             dist.destroy_process_group(group)
     parallel_state.destroy_model_parallel()
     parallel_state._global_process_group_list = None
+    dist.barrier()
 
 
 def run_oracle(topo: Topology, stride: int = 1) -> list[dict[str, Any]]:
@@ -111,6 +112,7 @@ def run_oracle(topo: Topology, stride: int = 1) -> list[dict[str, Any]]:
         ours = describe(groups.pg)
         members = {name: groups.members(name) for name in FIELDS}
         groups.destroy()
+        dist.barrier()  # every rank has torn the shape down before the next one starts
         results.append(
             {"shape": shape, "instances": instances, "ours": ours, "megatron": theirs}
             | {"members": members, "variant": variant}

@@ -30,11 +30,14 @@ RUNS = {1: ("oracle", 1), 2: ("oracle", 1), 4: ("oracle,rng", 1), 8: ("oracle,mu
 def run_world(world: int, out: Path) -> list[dict[str, Any]]:
     modes, stride = RUNS[world]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--log-dir={out / 'logs'}", "--redirects=3"]  # one log file per rank
     cmd += [f"--nproc-per-node={world}", str(WORKER), modes, str(out), str(stride)]
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode:
-        pytest.fail(f"workers failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+        logs = sorted((out / "logs").rglob("stderr.log"))
+        tails = "\n".join(f"--- {log}\n{log.read_text()[-3000:]}" for log in logs)
+        pytest.fail(f"workers failed ({proc.returncode}):\n{proc.stderr[-3000:]}\n{tails}")
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 
 

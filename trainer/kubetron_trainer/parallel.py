@@ -51,8 +51,8 @@ EXPERT_GROUPS: dict[str, list[str]] = {
     "tp_ep": ["etp", "ep"],
     "tp_ep_pp": ["etp", "ep", "pp"],
 }
-# Fields that hold the same group as another field while GTP weight rematerialisation is off;
-# Megatron's own initialize_model_parallel aliases them the same way.
+# Fields that hold the same group as another field while GTP weight rematerialisation is off
+# (Megatron aliases the first two and builds a twin with the same members for the third).
 ALIASES = {
     "dp_cp_gtp_remat": "dp_cp",
     "expt_dp_gtp_remat": "expt_dp",
@@ -243,7 +243,8 @@ class GroupOptions:
         num_distributed_optimizer_instances); > 1 adds the intra/inter-instance groups.
     share_identical: fields whose groups have the same members share one communicator (with
         cp=1, tp_cp is tp, dp_cp is dp, ...). Fewer groups and a faster start, but collectives of
-        those fields then queue on one communicator instead of overlapping.
+        those fields then queue on one communicator instead of overlapping, and the grids'
+        `get_pg` knows only the first field of each identical set.
     local_sync: each rank creates only its own groups (`use_local_synchronization=True`); needs
         a grid over the whole world, and the grids' `get_pg` stays empty.
     """
