@@ -19,13 +19,15 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedStateDict
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner,
@@ -41,6 +43,13 @@ from torch.distributed.checkpoint import FileSystemWriter
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
+# How the distributed optimizer's state is saved. fully_reshardable stores it in model space
+# (one tensor per parameter, like a plain optimizer), so a checkpoint loads into another TP/PP/DP
+# shape; Megatron's default dp_reshardable stores the flat per-rank buffers and reloads only into
+# the same TP/PP. Its cost: each save all-gathers the optimizer state over the dp group.
+# (0.19's fully_sharded_model_space builds flattened ShardedTensors that 0.19's own checks reject,
+# "ShardedTensor.flattened_range is not supported", seen on H100.)
+OPTIMIZER_SHARDING = "fully_reshardable"
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -73,6 +82,16 @@ def write_latest(root: Path, step: int) -> None:
         os.close(fd)
 
 
+def saved_optimizer_sharding(source: Path) -> str:
+    """The distributed optimizer's sharding type a checkpoint was saved with (older kubetron
+    checkpoints used dp_reshardable); loading must ask for the same one."""
+    common = dist_checkpointing.load_common_state_dict(str(source))
+    optimizer = common.get("optimizer") if isinstance(common, dict) else None
+    if isinstance(optimizer, dict) and "param_state_sharding_type" in optimizer:
+        return str(optimizer["param_state_sharding_type"])
+    return OPTIMIZER_SHARDING
+
+
 class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
     """Megatron's torch_dist format, written by torch DCP's plain synchronous FileSystemWriter.
 
@@ -98,6 +117,19 @@ class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
                 flatten_sharded_tensors=False,
             ),
         )
+
+
+@contextmanager
+def _megatron_dp_rank(rank: int) -> Iterator[None]:
+    """Megatron-Core 0.19 reads the global data-parallel rank for the tied output layer of the
+    last pipeline stage (LanguageModule.tie_embeddings_and_output_weights_state_dict), which
+    fails without parallel_state's groups: lend it this rank's dp-cp rank meanwhile."""
+    before = parallel_state._MPU_DATA_PARALLEL_RANK
+    parallel_state._MPU_DATA_PARALLEL_RANK = rank
+    try:
+        yield
+    finally:
+        parallel_state._MPU_DATA_PARALLEL_RANK = before
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -144,19 +176,19 @@ class Checkpointer:
 
     def _model_state(self) -> dict[str, Any]:
         meta = {"dp_cp_group": self.pg.dp_cp}
-        if len(self.chunks) == 1:
-            return {"model": self.chunks[0].sharded_state_dict(metadata=meta)}
-        return {
-            f"model{i}": chunk.sharded_state_dict(metadata=meta)
-            for i, chunk in enumerate(self.chunks)
-        }
+        with _megatron_dp_rank(self.pg.dp_cp.rank()):
+            if len(self.chunks) == 1:
+                return {"model": self.chunks[0].sharded_state_dict(metadata=meta)}
+            return {
+                f"model{i}": chunk.sharded_state_dict(metadata=meta)
+                for i, chunk in enumerate(self.chunks)
+            }
 
-    def _sharded_state(self, step: int, is_loading: bool) -> dict[str, Any]:
+    def _sharded_state(
+        self, step: int, is_loading: bool, sharding: str = OPTIMIZER_SHARDING
+    ) -> dict[str, Any]:
         state = self._model_state()
-        # dp_reshardable is Megatron training's default for the distributed optimizer; 0.19's
-        # fallback (fully_sharded_model_space) builds flattened ShardedTensors that 0.19's own
-        # checks reject ("ShardedTensor.flattened_range is not supported", seen on H100).
-        meta = {"distrib_optim_sharding_type": "dp_reshardable", "dp_cp_group": self.pg.dp_cp}
+        meta = {"distrib_optim_sharding_type": sharding, "dp_cp_group": self.pg.dp_cp}
         state["optimizer"] = self.optimizer.sharded_state_dict(
             state, is_loading=is_loading, metadata=meta
         )
@@ -194,7 +226,10 @@ class Checkpointer:
         if step is None:
             return 0
         source = step_dir(self.root, step)
-        loaded = dist_checkpointing.load(self._sharded_state(step, is_loading=True), str(source))
+        sharding = saved_optimizer_sharding(source)
+        loaded = dist_checkpointing.load(
+            self._sharded_state(step, is_loading=True, sharding=sharding), str(source)
+        )
         if len(self.chunks) == 1:
             self.chunks[0].load_state_dict(loaded["model"])
         else:

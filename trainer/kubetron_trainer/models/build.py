@@ -80,7 +80,9 @@ def transformer_config(cfg: TrainerConfig, device: torch.device) -> TransformerC
         init_method_std=0.02,
         tensor_model_parallel_size=par.tensor,
         pipeline_model_parallel_size=par.pipeline,
-        virtual_pipeline_model_parallel_size=par.virtual_pipeline if par.pipeline > 1 else None,
+        virtual_pipeline_model_parallel_size=(
+            par.virtual_pipeline if par.pipeline > 1 and par.virtual_pipeline > 1 else None
+        ),
         context_parallel_size=par.context,
         expert_model_parallel_size=par.expert,
         expert_tensor_parallel_size=par.expert_tensor,
