@@ -1,0 +1,599 @@
+"""Multi-GPU validation of kubetron's decentralized process groups: NCCL, one process per GPU.
+
+One command runs every piece that fits the GPUs of this host and prints one JSON document:
+
+  oracle      every shape of the world (tests/distributed/_pg_worker.py's oracle, with NCCL):
+              each ProcessGroupCollection field's members vs Megatron's global parallel_state
+  multi       two models of different shapes in one world (policy TP2, reference TP1 x DP2)
+              over all ranks: members vs parallel_state, and an all-reduce on each grid's groups
+  setup       seconds to build all process groups with NCCL: Megatron's
+              initialize_model_parallel vs kubetron's collection (and its variants)
+  train       the real trainer (`python -m kubetron_trainer`, one process per GPU) per shape,
+              with `--groups decentralized` and `--groups global`: losses, step times,
+              tokens/s and MFU per GPU
+  checkpoint  a TP2 checkpoint resumed as PP2 and as TP1 x DP2: losses vs the uninterrupted run
+
+Then it runs tests/gpu/test_multigpu.py in this process with pytest: the tests reuse the runs
+above (cached per process) instead of training again, and their outcome goes into the JSON.
+
+    python benchmarks/multigpu.py --output benchmarks/results/multigpu.json
+
+Shapes are for 2 GPUs (world size = the number of visible GPUs must be 2); with fewer GPUs it
+exits with a message. Pieces run in priority order and stop once `--budget-s` is spent, so a
+lease that runs short still returns what finished (each skipped piece is listed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+for _path in (ROOT / "operator", ROOT / "trainer", ROOT):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import torch  # noqa: E402
+
+from kubetron_trainer.config import PRESETS, ModelArch, TrainerConfig  # noqa: E402
+
+WORLD = 2
+# "cpu" and "fp32" only to check this script's plumbing with gloo on a machine without GPUs
+DEVICE, PRECISION = "cuda", "bf16"
+TEST_FILE = ROOT / "tests/gpu/test_multigpu.py"
+WORKDIR = Path(os.environ.get("KUBETRON_MULTIGPU_WORKDIR", tempfile.gettempdir())) / "kubetron-mg"
+
+# ------------------------------------------------------------------------------ trainer cases
+
+
+@dataclass(frozen=True)
+class Case:
+    """One training shape, run with decentralized and with global groups."""
+
+    name: str
+    preset: str
+    parallelism: dict[str, int]
+    arch_overrides: dict[str, Any] = field(default_factory=dict)
+    steps: int = 10
+    seq: int = 2048
+    micro_batch: int = 2
+    global_batch: int = 16
+    distributed_optimizer: bool = True
+    global_first: bool = False  # alternate which run goes first, so warm caches favour neither
+    # timed: the two runs one after the other, each alone on the GPUs; else both at once (two
+    # processes a GPU), which checks the losses in half the time but says nothing about speed
+    timed: bool = True
+
+    def arch(self) -> ModelArch:
+        return PRESETS[self.preset].model_copy(update=self.arch_overrides)
+
+
+# qwen3-0.6b as published (28 layers: PP2 x VPP2 gives 7 layers a chunk), bf16, distributed
+# optimizer; the MoE case is qwen3-30b-a3b's widths with 4 layers and 16 experts (top-4).
+CASES: dict[str, Case] = {
+    c.name: c
+    for c in [
+        Case("tp2", "qwen3-0.6b", {"tensor": 2}),
+        Case("dp2", "qwen3-0.6b", {}, global_first=True),
+        Case("pp2", "qwen3-0.6b", {"pipeline": 2}, timed=False),
+        Case("pp2_vpp2", "qwen3-0.6b", {"pipeline": 2, "virtualPipeline": 2}, timed=False),
+        Case(
+            "ep2_moe",
+            "qwen3-30b-a3b",
+            {"expert": 2},
+            {"num_layers": 4, "num_experts": 16, "moe_router_topk": 4},
+            seq=1024,
+            timed=False,
+        ),
+    ]
+}
+
+# Checkpoint resharding: a small, fast-learning model (qwen3-0.6b widths, 4 layers, a 4096-token
+# vocabulary), saved every 4 steps as TP2, resumed from step 4 in other shapes.
+CKPT_ARCH = {"num_layers": 4, "vocab_size": 4096}
+CKPT_STEPS, CKPT_AT = 8, 4
+CKPT_TARGETS = {"pp2": {"pipeline": 2}, "tp1_dp2": {}}
+
+
+def trainer_config(
+    name: str,
+    arch: ModelArch,
+    preset: str,
+    parallelism: dict[str, int],
+    *,
+    steps: int,
+    seq: int,
+    micro_batch: int,
+    global_batch: int,
+    distributed_optimizer: bool = True,
+    lr: float = 1e-3,
+    checkpoint: Path | None = None,
+    save_interval: int = 100,
+) -> dict[str, Any]:
+    recipe = {
+        "trainIters": steps,
+        "globalBatchSize": global_batch,
+        "microBatchSize": micro_batch,
+        "seqLength": seq,
+        "precision": PRECISION,
+        "optimizer": {"lr": lr, "minLr": lr / 10, "distributed": distributed_optimizer},
+        "lrSchedule": {"warmupIters": 1},
+        "logInterval": 1,
+    }
+    cfg = TrainerConfig.model_validate(
+        {
+            "jobName": f"mg-{name}".replace("_", "-"),
+            "model": arch.model_dump(),
+            "preset": preset,
+            "recipe": recipe,
+            "parallelism": parallelism,
+            "worldSize": WORLD,
+            "gpusPerNode": WORLD,
+            "checkpoint": {
+                "path": str(checkpoint) if checkpoint else None,
+                "saveInterval": save_interval,
+            },
+            "metrics": {"enabled": False},
+        }
+    )
+    return cfg.model_dump(mode="json", by_alias=True)
+
+
+def launch_trainer(cfg: dict[str, Any], workdir: Path, groups: str) -> Any:
+    """Start the trainer's processes (one per GPU, LOCAL_RANK = rank); returns the Launch."""
+    from tests.distributed.train_harness import launch
+
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    return launch(cfg, workdir, "--device", DEVICE, "--attention", "sdpa", groups=groups)
+
+
+def finish(started: Any, what: str) -> dict[str, Any]:
+    codes = started.wait(timeout=150)
+    if codes != [0] * len(codes):
+        raise RuntimeError(f"{what}: exit codes {codes}\n{started.output()[-6000:]}")
+    result: dict[str, Any] = started.result()
+    return result
+
+
+def summarize(result: dict[str, Any], warmup: int = 2) -> dict[str, Any]:
+    steps = result["steps"]
+    timed = [s["s"] for s in steps[warmup:]]
+    return {
+        "groups": result["groups"],
+        "attention": result["attention"],
+        "resumed_from": result["resumed_from"],
+        "losses": [s["loss"] for s in steps],
+        "grad_norms": [s["grad_norm"] for s in steps],
+        "step_s": timed,
+        "median_step_s": statistics.median(timed) if timed else None,
+        "tokens_per_s": result["tokens_per_s"],
+        "mfu_per_gpu": result["mfu"],
+    }
+
+
+def train_pair(name: str) -> dict[str, Any]:
+    """Case `name` with both kinds of groups, one after the other (each alone on the GPUs)."""
+    case = CASES[name]
+    cfg = trainer_config(
+        name,
+        case.arch(),
+        case.preset,
+        case.parallelism,
+        steps=case.steps,
+        seq=case.seq,
+        micro_batch=case.micro_batch,
+        global_batch=case.global_batch,
+        distributed_optimizer=case.distributed_optimizer,
+    )
+    order = ["global", "decentralized"] if case.global_first else ["decentralized", "global"]
+    runs = {}
+    if case.timed:
+        for groups in order:
+            started = launch_trainer(cfg, WORKDIR / name / groups, groups)
+            runs[groups] = summarize(finish(started, f"{name} {groups}"))
+    else:
+        both = {groups: launch_trainer(cfg, WORKDIR / name / groups, groups) for groups in order}
+        runs = {groups: summarize(finish(s, f"{name} {groups}")) for groups, s in both.items()}
+    dec, glo = runs["decentralized"], runs["global"]
+    diffs = [abs(a - b) for a, b in zip(dec["losses"], glo["losses"], strict=True)]
+    return {
+        "case": name,
+        "preset": case.preset,
+        "arch_overrides": case.arch_overrides,
+        "parallelism": case.parallelism,
+        "recipe": {
+            "steps": case.steps, "seq_length": case.seq, "micro_batch": case.micro_batch,
+            "global_batch": case.global_batch, "precision": PRECISION,
+            "distributed_optimizer": case.distributed_optimizer, "warmup_steps_excluded": 2,
+        },
+        "order": order if case.timed else "both at once, 2 processes a GPU: timings not comparable",
+        "decentralized": dec,
+        "global": glo,
+        "losses_bitwise_equal": dec["losses"] == glo["losses"],
+        "max_abs_loss_diff": max(diffs),
+        "step_time_ratio_decentralized_over_global": dec["median_step_s"] / glo["median_step_s"],
+        "tokens_per_s_ratio": dec["tokens_per_s"] / glo["tokens_per_s"],
+    }  # fmt: skip
+
+
+def checkpoint_reshard() -> dict[str, Any]:
+    """TP2 trains CKPT_STEPS steps saving every CKPT_AT; the step-CKPT_AT checkpoint is then
+    resumed as each of CKPT_TARGETS (concurrently: only losses are compared here)."""
+    arch = PRESETS["qwen3-0.6b"].model_copy(update=CKPT_ARCH)
+    base = WORKDIR / "ckpt"
+    if base.exists():
+        shutil.rmtree(base)
+
+    def cfg(name: str, parallelism: dict[str, int], ckpt: Path) -> dict[str, Any]:
+        return trainer_config(
+            f"ckpt-{name}", arch, "qwen3-0.6b", parallelism, steps=CKPT_STEPS, seq=512,
+            micro_batch=2, global_batch=8, lr=3e-3, checkpoint=ckpt, save_interval=CKPT_AT,
+        )  # fmt: skip
+
+    source = base / "tp2"
+    full = summarize(finish(launch_trainer(cfg("tp2", {"tensor": 2}, source), base / "run-tp2",
+                                           "decentralized"), "checkpoint source tp2"))  # fmt: skip
+    started = {}
+    for target, parallelism in CKPT_TARGETS.items():
+        ckpt = base / f"from-tp2-to-{target}"
+        ckpt.mkdir(parents=True)
+        shutil.copytree(source / f"iter_{CKPT_AT:07d}", ckpt / f"iter_{CKPT_AT:07d}")
+        (ckpt / "latest").write_text(f"{CKPT_AT}\n")
+        started[target] = launch_trainer(
+            cfg(target, parallelism, ckpt), base / f"run-{target}", "decentralized"
+        )
+    resumed = {
+        target: summarize(finish(s, f"resume as {target}"), warmup=0)
+        for target, s in started.items()
+    }
+    after = full["losses"][CKPT_AT:]
+    return {
+        "arch": "qwen3-0.6b widths, " + ", ".join(f"{k}={v}" for k, v in CKPT_ARCH.items()),
+        "saved_as": {"tensor": 2},
+        "saved_step": CKPT_AT,
+        "optimizer": "Megatron distributed optimizer, saved fully_reshardable",
+        "uninterrupted_tp2": full,
+        "resumed": resumed,
+        "max_rel_loss_diff": {
+            target: max(abs(a - b) / abs(b) for a, b in zip(r["losses"], after, strict=True))
+            for target, r in resumed.items()
+        },
+        "loss_drop_steps_1_to_resume": full["losses"][0] - full["losses"][CKPT_AT],
+    }
+
+
+# ------------------------------------------------------------------------- groups (torchrun)
+
+
+MULTI_GRIDS = [("policy", {"tp": 2}), ("reference", {"tp": 1})]  # both over all ranks
+
+
+def full_shape(shape: dict[str, int]) -> dict[str, int]:
+    return {"tp": 1, "pp": 1, "cp": 1, "ep": 1, "etp": 1} | shape
+
+
+def worker(out_dir: Path, reps: int, backend: str = "nccl") -> None:
+    """One torchrun process: oracle, two grids in one world, setup timing (gloo: a CPU check
+    of this script)."""
+    import torch.distributed as dist
+
+    from kubetron_trainer.parallel import init_distributed
+    from kubetron_trainer.topology import Topology
+    from tests.distributed import _pg_worker as oracle
+
+    oracle.BACKEND = backend  # the oracle's own groups, built with NCCL like the trainer's
+    topo = Topology.from_env()
+    init_distributed(topo, backend=backend)
+    default = dist.distributed_c10d._get_default_group()
+    result: dict[str, Any] = {
+        "topology": topo.__dict__,
+        "backend": dist.get_backend(),
+        "bound_device_id": str(getattr(default, "bound_device_id", None)),
+    }
+    begin = time.perf_counter()
+    result["oracle"] = oracle.run_oracle(topo)
+    result["oracle_s"] = time.perf_counter() - begin
+    result["multi"] = run_multi(topo, oracle, backend)
+    result["setup"] = time_setup(topo, reps, oracle, backend)
+    (out_dir / f"rank{topo.rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_multi(topo: Any, oracle: Any, backend: str) -> dict[str, Any]:
+    """Policy TP2 and reference TP1 x DP2 on the same two ranks; a CUDA all-reduce (sum of
+    rank + 1) over each grid's tp and dp groups proves the communicators work."""
+    import torch.distributed as dist
+
+    from kubetron_trainer.dims import ParallelDims
+    from kubetron_trainer.parallel import GridSpec, build_process_groups_multi
+
+    specs = [
+        GridSpec(name, ParallelDims.from_degrees(topo.world_size, **full_shape(shape)))
+        for name, shape in MULTI_GRIDS
+    ]
+    built = build_process_groups_multi(specs, topo, backend)
+    device = "cuda" if backend == "nccl" else "cpu"
+    sums: dict[str, dict[str, float]] = {}
+    for name, groups in built.items():
+        assert groups.pg is not None
+        sums[name] = {}
+        for dim in ("tp", "dp"):
+            value = torch.tensor([float(topo.rank + 1)], device=device)
+            dist.all_reduce(value, group=getattr(groups.pg, dim))
+            sums[name][dim] = value.item()
+    ours = {name: oracle.describe(g.pg) for name, g in built.items()}
+    for groups in built.values():
+        groups.destroy()
+    theirs = {name: oracle.megatron_groups(full_shape(shape)) for name, shape in MULTI_GRIDS}
+    return {"ours": ours, "megatron": theirs, "sums": sums}
+
+
+SETUP_SHAPES = [{"tp": 2}, {"pp": 2}]
+
+
+def time_setup(topo: Any, reps: int, oracle: Any, backend: str) -> list[dict[str, Any]]:
+    """Seconds from a barrier to the slowest rank's finish, per variant, `reps` times after one
+    untimed round (NCCL's first communicator pays one-off costs)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from kubetron_trainer.dims import ParallelDims
+    from kubetron_trainer.parallel import GroupOptions, build_process_groups
+
+    nccl = backend == "nccl"
+    out = []
+    built: list[Any] = []
+    for shape in SETUP_SHAPES:
+        dims = ParallelDims.from_degrees(topo.world_size, **full_shape(shape))
+
+        def megatron(gloo: bool, dims: ParallelDims = dims) -> None:
+            parallel_state.initialize_model_parallel(
+                tensor_model_parallel_size=dims.tp,
+                pipeline_model_parallel_size=dims.pp,
+                expert_tensor_parallel_size=dims.etp,
+                create_gloo_process_groups=gloo,
+            )
+
+        def ours(options: GroupOptions, dims: ParallelDims = dims) -> None:
+            built.append(build_process_groups(dims, topo, backend, options=options))
+
+        variants = {
+            "megatron": functools.partial(megatron, True),
+            "megatron_no_gloo": functools.partial(megatron, False),
+            "kubetron": functools.partial(ours, GroupOptions()),
+            "kubetron_shared": functools.partial(ours, GroupOptions(share_identical=True)),
+            "kubetron_local": functools.partial(ours, GroupOptions(local_sync=True)),
+        }
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        for rep in range(reps + 1):
+            for variant, build in variants.items():
+                dist.barrier(device_ids=[torch.cuda.current_device()] if nccl else None)
+                start = time.perf_counter()
+                build()
+                elapsed = torch.tensor(
+                    [time.perf_counter() - start], device="cuda" if nccl else "cpu"
+                )
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+                if rep:
+                    times[variant].append(elapsed.item())
+                if variant.startswith("megatron"):
+                    oracle.destroy_megatron()
+                while built:
+                    built.pop().destroy()
+        entry: dict[str, Any] = {"shape": shape, "reps": reps}
+        for variant, values in times.items():
+            entry[variant] = {"median_s": statistics.median(values), "runs_s": values}
+        for variant in variants:
+            entry[f"{variant}_over_megatron"] = (
+                entry[variant]["median_s"] / entry["megatron"]["median_s"]
+            )
+        out.append(entry)
+    return out
+
+
+def groups_run(reps: int = 3, backend: str = "nccl") -> list[dict[str, Any]]:
+    """One torchrun of `worker` over all GPUs; every rank's JSON."""
+    out = WORKDIR / "groups"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc-per-node={WORLD}", __file__, "--worker", str(out), "--reps", str(reps)]
+    cmd += ["--backend", backend]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), str(ROOT / "trainer"), str(ROOT / "operator"), env.get("PYTHONPATH", "")]
+    )
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=200)
+    if proc.returncode:
+        raise RuntimeError(f"group workers failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def groups_report(ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """What to record: shapes checked, per-rank agreement, the multi-grid sums, setup times."""
+    fields_checked = 0
+    mismatches = []
+    for seen in ranks:
+        for case in seen["oracle"]:
+            for name, theirs in case["megatron"].items():
+                if name.startswith("_") or name in ("gtp_remat", "expt_gtp_remat"):
+                    continue
+                fields_checked += 1
+                if case["ours"].get(name) != theirs:
+                    mismatches.append((seen["topology"]["rank"], case["shape"], name))
+    return {
+        "backend": ranks[0]["backend"],
+        "bound_device_id": [seen["bound_device_id"] for seen in ranks],
+        "oracle_cases": [
+            {"shape": c["shape"], "dist_opt_instances": c["instances"], "variant": c["variant"]}
+            for c in ranks[0]["oracle"]
+        ],
+        "oracle_fields_compared": fields_checked,
+        "oracle_mismatches": mismatches,
+        "oracle_s": [seen["oracle_s"] for seen in ranks],
+        "multi": {seen["topology"]["rank"]: seen["multi"] for seen in ranks},
+        "setup": ranks[0]["setup"],
+    }
+
+
+# ----------------------------------------------------------------------------------- the run
+
+
+def _version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def machine() -> dict[str, Any]:
+    smi = shutil.which("nvidia-smi")
+    driver = None
+    if smi:
+        query = [smi, "--query-gpu=driver_version", "--format=csv,noheader"]
+        driver = subprocess.run(query, capture_output=True, text=True).stdout.split("\n")[0]
+    return {
+        "gpus": torch.cuda.device_count(),
+        "gpu": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "driver": driver,
+        "cpu_cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")},
+    }
+
+
+def versions() -> dict[str, Any]:
+    nccl = torch.cuda.nccl.version() if torch.cuda.is_available() else None
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "nccl": ".".join(map(str, nccl)) if isinstance(nccl, tuple) else nccl,
+        "megatron-core": _version("megatron-core"),
+        "transformer-engine": _version("transformer-engine"),
+    }
+
+
+PIECES = ["groups", "tp2", "dp2", "pp2", "checkpoint", "pp2_vpp2", "ep2_moe"]
+
+
+# Each piece's raw result (or the exception it raised) in this process. The benchmark fills it;
+# tests/gpu/test_multigpu.py reads it, and with REUSE_ONLY skips pieces that did not run here.
+RESULTS: dict[str, Any] = {}
+REUSE_ONLY = False
+
+
+def run_piece(piece: str) -> Any:
+    """Run `piece` once per process; later calls return the stored result or raise again."""
+    if piece not in RESULTS:
+        try:
+            if piece == "groups":
+                RESULTS[piece] = groups_run()
+            elif piece == "checkpoint":
+                RESULTS[piece] = checkpoint_reshard()
+            else:
+                RESULTS[piece] = train_pair(piece)
+        except Exception as err:
+            RESULTS[piece] = err
+    if isinstance(RESULTS[piece], Exception):
+        raise RESULTS[piece]
+    return RESULTS[piece]
+
+
+def run_tests(report: dict[str, Any]) -> int:
+    """tests/gpu/test_multigpu.py in this process: the tests read this process's results (a
+    piece that failed fails its test; one skipped for the budget is skipped, not run)."""
+    import pytest
+
+    global REUSE_ONLY
+    REUSE_ONLY = True
+    args = ["-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT), str(TEST_FILE)]
+    began = time.perf_counter()
+    code = int(pytest.main(args))
+    report["tests"] = {
+        "command": "pytest " + shlex.join(args),
+        "exit_code": code,
+        "seconds": time.perf_counter() - began,
+    }
+    return code
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--output", type=Path, help="also write the JSON here")
+    p.add_argument("--only", nargs="+", choices=PIECES, help="run only these pieces")
+    p.add_argument("--budget-s", type=float, default=1e9, help="start no piece after this")
+    p.add_argument("--no-tests", action="store_true", help="skip the in-process pytest run")
+    p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--reps", type=int, default=3, help=argparse.SUPPRESS)
+    p.add_argument("--backend", default="nccl", choices=["nccl", "gloo"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args.worker, args.reps, args.backend)
+        return 0
+    if torch.cuda.device_count() != WORLD:
+        print(f"multigpu needs exactly {WORLD} visible GPUs, found {torch.cuda.device_count()}")
+        return 2
+    began = time.perf_counter()
+    report: dict[str, Any] = {
+        "benchmark": "multigpu",
+        "command": "python " + shlex.join(sys.argv),
+        "machine": machine(),
+        "versions": versions(),
+        "world_size": WORLD,
+        "peak_flops": "989e12 (H100/H200 dense BF16), MFU per GPU",
+        "results": {},
+        "errors": {},
+        "skipped_for_budget": [],
+    }
+    done = []
+    for piece in args.only or PIECES:
+        if time.perf_counter() - began > args.budget_s:
+            report["skipped_for_budget"].append(piece)
+            continue
+        t0 = time.perf_counter()
+        try:
+            raw = run_piece(piece)
+            report["results"][piece] = groups_report(raw) if piece == "groups" else raw
+            done.append(piece)
+        except Exception as err:  # record and go on: one broken shape must not hide the others
+            report["errors"][piece] = f"{type(err).__name__}: {err}"[-8000:]
+        report.setdefault("piece_s", {})[piece] = time.perf_counter() - t0
+        print(f"[multigpu] {piece}: {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+        write(report, args.output)
+    code = run_tests(report) if done and not args.no_tests else 0
+    report["wall_s"] = time.perf_counter() - began
+    write(report, args.output)
+    print(json.dumps(report, indent=1))
+    return 1 if report["errors"] or code else 0
+
+
+def write(report: dict[str, Any], output: Path | None) -> None:
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    # Run as the module `benchmarks.multigpu`, so the tests that pytest imports in this process
+    # share its cached runs.
+    from benchmarks import multigpu
+
+    sys.exit(multigpu.main())
