@@ -1,24 +1,35 @@
-"""Trainer throughput on this machine's GPU: tokens/s and MFU of a preset at a given shape.
+"""Trainer throughput on this machine's GPU: baseline and fast path side by side, JSON out.
 
-Runs the real trainer (`python -m kubetron_trainer`, one process per GPU, mock data, no
-checkpoints) twice, with kubetron's decentralized process groups and with Megatron's global
-`parallel_state` as the baseline, and prints one JSON document: what was measured, on which
-GPU, with which versions, and the command that reproduces it. The first two steps are warmup
-and excluded from the averages.
+Runs the real trainer (`python -m kubetron_trainer`, one process on one GPU, mock data, no
+checkpoints, distributed optimizer, Megatron's LR schedule and loss) several times in one
+invocation on the same machine:
 
-    python benchmarks/trainer_throughput.py --preset qwen3-1.7b --seq 4096 --micro-batch 2 \
-        --global-batch 8 --steps 10 --output benchmarks/results/trainer_h100.json
+- `baseline`: the local spec + torch SDPA core attention, decentralized process groups, and the
+  same with Megatron's global `parallel_state`;
+- `optimised`: the same with `--fast-path` (fused pieces, `models/fused.py`) and
+  `--fast-micro-batch`, decentralized and global (the step-time ratio between them);
+- optional ablations (`--variants ce,rope:2 ...`: fast-path pieces and micro-batch, fewer steps);
+- optional `--profile`: one baseline and one optimised step under `torch.profiler` (a separate
+  single-rank process), the top GPU kernels and time by kernel family.
+
+The first two steps are warmup and excluded from tokens/s, MFU and the step times. Losses of
+all steps are recorded, so baseline and optimised can be compared step by step.
+
+    python benchmarks/trainer_throughput.py --fast-path on --fast-micro-batch 2 --profile \
+        --steps 20 --output benchmarks/results/trainer_h100.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
+import statistics
+import subprocess
 import sys
-from importlib.metadata import version
-from importlib.util import find_spec
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +39,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "trainer"), str(ROOT / "operator")]
 
 from kubetron_trainer.config import PRESETS, RecipeSpec, TrainerConfig  # noqa: E402
-from tests.distributed.train_harness import run  # noqa: E402
+from tests.distributed.train_harness import free_port, launch  # noqa: E402
+
+WARMUP = 2
 
 
-def config(args: argparse.Namespace) -> dict[str, Any]:
+def config(args: argparse.Namespace, micro_batch: int, steps: int) -> dict[str, Any]:
     recipe = RecipeSpec.model_validate(
         {
-            "trainIters": args.steps,
+            "trainIters": steps,
             "globalBatchSize": args.global_batch,
-            "microBatchSize": args.micro_batch,
+            "microBatchSize": micro_batch,
             "seqLength": args.seq,
             "precision": "bf16",
             "optimizer": {"distributed": True},
@@ -50,58 +63,256 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
     return cfg
 
 
-def measure(args: argparse.Namespace, groups: str) -> dict[str, Any]:
-    workdir = Path(args.workdir) / groups
-    result = run(config(args), workdir, "--attention", args.attention, groups=groups).result()
-    steps = result["steps"][2:]
-    return {
-        "groups": groups,
+def measure(
+    args: argparse.Namespace,
+    name: str,
+    groups: str,
+    fast: str,
+    micro_batch: int,
+    steps: int | None = None,
+) -> dict[str, Any]:
+    """One trainer run; a failed run (say, out of memory) is recorded, not raised."""
+    workdir = Path(args.workdir) / f"{name}-{groups}"
+    cli = ["--attention", args.attention, "--fast-path", fast]
+    steps = steps or args.steps
+    started = launch(config(args, micro_batch, steps), workdir, *cli, groups=groups)
+    entry: dict[str, Any] = {
+        "path": name, "groups": groups, "fast_path": fast, "micro_batch": micro_batch,
+    }  # fmt: skip
+    codes = started.wait(timeout=args.run_timeout)
+    if codes != [0] * len(codes):
+        tail = started.output()[-1500:]
+        print(f"run {name}/{groups} failed: {codes}\n{tail}", file=sys.stderr)
+        return entry | {"ok": False, "exit_codes": codes, "log_tail": tail}
+    result = started.result()
+    timed = [s["s"] for s in result["steps"][WARMUP:]]
+    return entry | {
+        "ok": True,
         "attention": result["attention"],
         "tokens_per_s": round(result["tokens_per_s"]),
         "mfu": round(result["mfu"], 4) if result["mfu"] is not None else None,
-        "step_s": [round(s["s"], 4) for s in steps],
-        "losses": [round(s["loss"], 4) for s in result["steps"]],
+        "median_step_s": round(statistics.median(timed), 4),
+        "step_s": [round(s, 4) for s in timed],
+        "losses": [round(s["loss"], 5) for s in result["steps"]],
     }
 
 
-def main() -> None:
+def profile(args: argparse.Namespace, name: str, fast: str, micro_batch: int) -> dict[str, Any]:
+    """A profiled step in a separate single-rank process (same trainer setup as `measure`)."""
+    workdir = Path(args.workdir) / f"profile-{name}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg_path, out = workdir / "config.json", workdir / "profile.json"
+    cfg_path.write_text(json.dumps(config(args, micro_batch, args.profile_steps + 3)))
+    env = dict(os.environ) | {
+        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+        "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+    }  # fmt: skip
+    paths = [str(ROOT), str(ROOT / "trainer"), str(ROOT / "operator"), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    cmd = [sys.executable, __file__, "--profile-worker", str(cfg_path), "--profile-out", str(out)]
+    cmd += ["--fast-path", fast, "--attention", args.attention]
+    cmd += ["--profile-steps", str(args.profile_steps)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.run_timeout)
+    if done.returncode != 0:
+        tail = (done.stdout + done.stderr)[-1500:]
+        print(f"profile {name} failed:\n{tail}", file=sys.stderr)
+        return {"ok": False, "log_tail": tail}
+    return {"ok": True, "fast_path": fast, "micro_batch": micro_batch} | json.loads(out.read_text())
+
+
+GEMM = ("gemm", "nvjet", "xmma", "cutlass", "cublas", "sm90_")
+ATTENTION = ("flash", "fmha", "cudnn", "attention", "sdpa")
+
+
+def family(kernel: str) -> str:
+    k = kernel.lower()
+    if any(a in k for a in ATTENTION):
+        return "attention"
+    if any(g in k for g in GEMM):
+        return "gemm"
+    if "nccl" in k:
+        return "nccl"
+    if "memcpy" in k or "memset" in k:
+        return "copy"
+    return "elementwise/reduce/other"
+
+
+def profile_worker(cfg_path: Path, out: Path, args: argparse.Namespace) -> None:
+    """Single rank: set the trainer up, warm up, profile `--profile-steps` optimizer steps."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from kubetron_trainer import loop
+    from kubetron_trainer.data import build_batches
+    from kubetron_trainer.parallel import init_distributed
+    from kubetron_trainer.rules import check_shape
+    from kubetron_trainer.topology import Topology
+
+    cfg = TrainerConfig.model_validate(json.loads(cfg_path.read_text()))
+    topology = Topology.from_env()
+    init_distributed(topology, "nccl")
+    shape = check_shape(
+        arch=cfg.model, recipe=cfg.recipe, parallelism=cfg.parallelism, data=cfg.data,
+        world_size=1, gpus_per_node=1,
+    )  # fmt: skip
+    device = torch.device("cuda", 0)
+    options = loop.RunOptions(attention=args.attention, fast_path=args.fast_path)
+    run = loop.setup(cfg, shape.dims, topology, device, "nccl", options, None)
+    batches = build_batches(cfg, reads_data=True, dp_rank=0, dp_size=1, device=device)
+    step = 0
+    for step in range(3):
+        run.engine.step(batches.step(step))
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start.record()
+        for i in range(args.profile_steps):
+            run.engine.step(batches.step(step + 1 + i))
+        end.record()
+        torch.cuda.synchronize()
+    n = args.profile_steps
+    cuda = torch.autograd.DeviceType.CUDA
+    kernels = [e for e in prof.key_averages() if getattr(e, "device_type", None) == cuda]
+    kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    total_us = sum(e.self_device_time_total for e in kernels)
+    families: dict[str, float] = {}
+    for e in kernels:
+        fam = family(e.key)
+        families[fam] = families.get(fam, 0.0) + e.self_device_time_total
+    result = {
+        "attention": run.attention,
+        "step_ms": round(start.elapsed_time(end) / n, 2),
+        "gpu_kernel_ms_per_step": round(total_us / 1e3 / n, 2),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
+        "families_ms_per_step": {
+            k: round(v / 1e3 / n, 2) for k, v in sorted(families.items(), key=lambda kv: -kv[1])
+        },
+        "top_kernels": [
+            {
+                "kernel": e.key[:140],
+                "family": family(e.key),
+                "ms_per_step": round(e.self_device_time_total / 1e3 / n, 2),
+                "share": round(e.self_device_time_total / total_us, 4),
+                "calls_per_step": e.count // n,
+            }
+            for e in kernels[:20]
+        ],
+    }
+    out.write_text(json.dumps(result, indent=1))
+    torch.distributed.destroy_process_group()
+
+
+def compare(base: dict[str, Any], fast: dict[str, Any], fast_global: dict[str, Any]) -> dict:
+    """Speed-up, decentralized/global step-time ratio, and the per-step loss differences."""
+    out: dict[str, Any] = {}
+    if base.get("ok") and fast.get("ok"):
+        out["speedup_tokens_per_s"] = round(fast["tokens_per_s"] / base["tokens_per_s"], 4)
+        n = min(len(base["losses"]), len(fast["losses"]))
+        diffs = [abs(a - b) for a, b in zip(base["losses"][:n], fast["losses"][:n], strict=True)]
+        rel = [d / abs(a) for d, a in zip(diffs, base["losses"][:n], strict=True)]
+        out["loss_steps_compared"] = n
+        out["loss_max_abs_diff"] = round(max(diffs), 5)
+        out["loss_max_rel_diff"] = round(max(rel), 5)
+    if fast.get("ok") and fast_global.get("ok"):
+        ratio = fast["median_step_s"] / fast_global["median_step_s"]
+        out["decentralized_over_global_step_time"] = round(ratio, 4)
+    return out
+
+
+def versions() -> dict[str, str | None]:
+    def ver(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {
+        "python": platform.python_version(), "torch": torch.__version__,
+        "cuda": torch.version.cuda, "cudnn": str(torch.backends.cudnn.version()),
+        "megatron-core": ver("megatron-core"), "transformer-engine": ver("transformer-engine"),
+        "liger-kernel": ver("liger-kernel"), "triton": ver("triton"),
+    }  # fmt: skip
+
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="qwen3-1.7b", choices=sorted(PRESETS))
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--global-batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--attention", default="auto", choices=["auto", "te", "sdpa", "unfused"])
+    p.add_argument("--fast-path", default="on", help="the optimised run's --fast-path")
+    p.add_argument("--fast-micro-batch", type=int, help="the optimised run's micro-batch")
+    p.add_argument("--variants", nargs="*", default=[], help="ablations: FAST[:MICRO_BATCH]")
+    p.add_argument("--variant-steps", type=int, default=8)
+    p.add_argument("--profile", action="store_true", help="profile baseline and optimised")
+    p.add_argument("--profile-steps", type=int, default=1)
+    p.add_argument("--skip-global-baseline", action="store_true")
+    p.add_argument("--run-timeout", type=float, default=400)
     p.add_argument("--workdir", default="/tmp/kubetron-bench")
     p.add_argument("--output", type=Path)
-    args = p.parse_args()
+    p.add_argument("--profile-worker", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--profile-out", type=Path, help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.profile_worker:
+        profile_worker(args.profile_worker, args.profile_out, args)
+        return
     if not torch.cuda.is_available():
         sys.exit("trainer_throughput needs a CUDA GPU")
-    out = {
+    mb, fast_mb = args.micro_batch, args.fast_micro_batch or args.micro_batch
+    fast_spec = args.fast_path
+    out: dict[str, Any] = {
         "benchmark": "trainer_throughput",
         "command": "python " + shlex.join(sys.argv),
         "shape": {
-            "preset": args.preset, "seq_length": args.seq, "micro_batch": args.micro_batch,
+            "preset": args.preset, "seq_length": args.seq, "micro_batch": mb,
             "global_batch": args.global_batch, "precision": "bf16",
-            "distributed_optimizer": True, "steps": args.steps, "warmup_steps_excluded": 2,
+            "distributed_optimizer": True, "steps": args.steps, "warmup_steps_excluded": WARMUP,
         },
         "machine": {
             "gpu": torch.cuda.get_device_name(0), "gpus": 1, "cpu": platform.processor(),
         },
-        "versions": {
-            "python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "megatron-core": version("megatron-core"),
-            "transformer-engine": (
-                version("transformer-engine") if find_spec("transformer_engine") else None
-            ),
-        },
+        "versions": versions(),
         "peak_flops": "989e12 (H100/H200 dense BF16)",
-        "runs": [measure(args, "decentralized"), measure(args, "global")],
     }  # fmt: skip
-    text = json.dumps(out, indent=1)
-    print(text)
+    out |= {"runs": [], "comparison": {}, "ablations": [], "profiles": {}}
+    # Written after every run, so a run cut off by a time limit keeps what was measured.
+    base = record(args, out, "runs", measure(args, "baseline", "decentralized", "off", mb))
+    if not args.skip_global_baseline:
+        record(args, out, "runs", measure(args, "baseline", "global", "off", mb))
+    for groups in ("decentralized", "global"):
+        record(args, out, "runs", measure(args, "optimised", groups, fast_spec, fast_mb))
+    fast, fast_global = out["runs"][-2:]
+    out["comparison"] = compare(base, fast, fast_global)
+    record(args, out, None, out["comparison"])
+    if args.profile:
+        out["profiles"]["baseline"] = profile(args, "baseline", "off", mb)
+        out["profiles"]["optimised"] = profile(args, "optimised", fast_spec, fast_mb)
+        record(args, out, None, {"profiled": list(out["profiles"])})
+    for spec in args.variants:
+        vfast, _, vmb = spec.partition(":")
+        name = f"variant-{vfast}-mb{vmb or mb}".replace(",", "+")
+        run = measure(args, name, "decentralized", vfast, int(vmb or mb), args.variant_steps)
+        record(args, out, "ablations", {k: v for k, v in run.items() if k != "step_s"})
+    print(json.dumps(out, indent=1))
+
+
+def record(
+    args: argparse.Namespace, out: dict[str, Any], key: str | None, entry: dict[str, Any]
+) -> dict[str, Any]:
+    """Add `entry` under `out[key]`, print a one-line summary, rewrite `--output`."""
+    if key is not None:
+        out[key].append(entry)
+    brief = {k: v for k, v in entry.items() if k not in ("step_s", "losses", "log_tail")}
+    print(json.dumps(brief), flush=True)
     if args.output:
-        args.output.write_text(text + "\n")
+        args.output.write_text(json.dumps(out, indent=1) + "\n")
+    return entry
 
 
 if __name__ == "__main__":

@@ -65,6 +65,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="auto",
         help="core attention: auto (TE if importable, else sdpa), te, sdpa, or Megatron's unfused",
     )
+    p.add_argument(
+        "--fast-path",
+        default="off",
+        help="fused kernels without Transformer Engine (GPU, sdpa attention only): off, on, or "
+        "a comma list of ce (fused linear cross-entropy), norm (RMSNorm), rope, cudnn (SDPA "
+        "backend); needs liger-kernel for ce and norm",
+    )
     p.add_argument("--summary", type=Path, help="rank 0 writes per-step numbers here (JSON)")
     p.add_argument(
         "--metrics-linger",
@@ -140,8 +147,13 @@ def run(
     import torch.distributed as dist
 
     from kubetron_trainer.metrics import prepare_multiproc_dir
+    from kubetron_trainer.models.fused import FastPath
     from kubetron_trainer.parallel import init_distributed
 
+    try:
+        FastPath.parse(args.fast_path)
+    except ValueError as err:
+        raise ConfigError("--fast-path", str(err)) from None
     device = pick_device(args.device, topology.local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     metrics_dir = f"/tmp/kubetron-metrics-{cfg.job_name}-{topology.master_port}"
@@ -158,7 +170,9 @@ def run(
         )
         if topology.local_rank == 0:
             metrics.serve(cfg.metrics.port)
-    options = loop.RunOptions(args.groups, args.attention, args.summary, args.metrics_linger)
+    options = loop.RunOptions(
+        args.groups, args.attention, args.summary, args.metrics_linger, args.fast_path
+    )
     state = loop.setup(cfg, dims, topology, device, backend, options, metrics)
     log.info(
         "kubetron trainer: %s, %s, %s groups, attention: %s",

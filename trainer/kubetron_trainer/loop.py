@@ -31,6 +31,7 @@ from kubetron_trainer.flops import flops_per_token, peak_flops
 from kubetron_trainer.metrics import StepStats, TrainerMetrics
 from kubetron_trainer.models import build_model
 from kubetron_trainer.models.build import AttentionBackend
+from kubetron_trainer.models.fused import FastPath
 from kubetron_trainer.parallel import build_process_groups
 from kubetron_trainer.topology import Topology
 from kubetron_trainer.train_common import (
@@ -54,6 +55,7 @@ class RunOptions:
     attention: AttentionBackend = "auto"
     summary: Path | None = None
     metrics_linger_s: float = 0.0
+    fast_path: str = "off"
 
 
 class Engine(Protocol):
@@ -117,12 +119,16 @@ def make_groups(
 
 
 def make_engine(
-    cfg: TrainerConfig, chunks: list, pg: ProcessGroupCollection, device: torch.device
+    cfg: TrainerConfig,
+    chunks: list,
+    pg: ProcessGroupCollection,
+    device: torch.device,
+    fused_loss: bool = False,
 ) -> Engine:
     if device.type == "cuda":
         from kubetron_trainer.step_gpu import GpuEngine
 
-        return GpuEngine(cfg, chunks, pg)
+        return GpuEngine(cfg, chunks, pg, fused_loss=fused_loss)
     from kubetron_trainer.step_cpu import CpuEngine
 
     return CpuEngine(cfg, chunks, pg)
@@ -193,8 +199,9 @@ def setup(
     pg = make_groups(cfg, dims, topology, backend, options.groups)
     ensure_global_memory_buffer()
     seed_everything(cfg.recipe.seed, pg, device)
-    built = build_model(cfg, pg, device, options.attention)
-    engine = make_engine(cfg, built.chunks, pg, device)
+    fast = FastPath.parse(options.fast_path)
+    built = build_model(cfg, pg, device, options.attention, fast)
+    engine = make_engine(cfg, built.chunks, pg, device, fused_loss=built.fast.ce)
     scheduler = build_scheduler(engine.optimizer, cfg.recipe)
     checkpointer = None
     if cfg.checkpoint.path is not None:

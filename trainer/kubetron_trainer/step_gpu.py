@@ -5,6 +5,10 @@ Everything takes the trainer's `ProcessGroupCollection`: `DistributedDataParalle
 `get_forward_backward_func(pp_size=, vp_size=)` (with a `P2PCommunicator` on the pp group, so
 1F1B and the interleaved schedule work without `parallel_state`). Gradient clipping and the
 grad norm come from Megatron's optimizer (`OptimizerConfig.clip_grad`).
+
+With the fast path's `ce` piece the last stage hands `GPTModel` an `output_processor` that
+returns the masked-mean loss from the hidden states (fused linear cross-entropy) instead of
+per-token losses from materialised logits; the loss function then only reports it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from megatron.core.transformer.module import Float16Module
 
 from kubetron_trainer.config import TrainerConfig
 from kubetron_trainer.data import Batch
+from kubetron_trainer.models.fused import fused_lm_loss
 from kubetron_trainer.train_common import StepResult, masked_mean
 
 
@@ -54,12 +59,27 @@ def _loss_func(loss_mask: torch.Tensor | None, output: torch.Tensor) -> tuple[to
     return loss, {"lm loss": loss.detach().clone()}
 
 
-def _forward_step(data: Iterator[Batch | None], model: torch.nn.Module) -> tuple[Any, Any]:
+def _reduced_loss_func(output: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The fused loss path: the model already returned the masked-mean loss (a scalar)."""
+    return output, {"lm loss": output.detach().clone()}
+
+
+def _forward_step(
+    data: Iterator[Batch | None], model: torch.nn.Module, fused_loss: bool = False
+) -> tuple[Any, Any]:
     """Megatron's forward_step_func: tokens on the first stage, labels on the last."""
     batch = next(data)
     if batch is None:  # a middle pipeline stage: activations come from the previous stage
         output = model(None, None, None)
         return output, partial(_loss_func, None)
+    if fused_loss and batch.labels is not None:
+        output = model(
+            batch.tokens, batch.position_ids, None, labels=batch.labels,
+            loss_mask=batch.loss_mask, output_processor=fused_lm_loss,
+        )  # fmt: skip
+        if output.dim() == 0:  # the last stage: the loss itself
+            return output, _reduced_loss_func
+        return output, partial(_loss_func, batch.loss_mask)
     output = model(batch.tokens, batch.position_ids, None, labels=batch.labels)
     return output, partial(_loss_func, batch.loss_mask)
 
@@ -68,10 +88,15 @@ class GpuEngine:
     """Megatron DDP + optimizer + schedule behind the loop's `Engine` interface."""
 
     def __init__(
-        self, cfg: TrainerConfig, chunks: list[GPTModel], pg: ProcessGroupCollection
+        self,
+        cfg: TrainerConfig,
+        chunks: list[GPTModel],
+        pg: ProcessGroupCollection,
+        fused_loss: bool = False,
     ) -> None:
         self.cfg = cfg
         self.pg = pg
+        self.forward_step = partial(_forward_step, fused_loss=fused_loss)
         config = chunks[0].config
         wrapped: list[torch.nn.Module] = [
             Float16Module(config, c) if config.bf16 else c for c in chunks
@@ -110,7 +135,7 @@ class GpuEngine:
         iters: Any = [iter(micro_batches) for _ in self.model]
         recipe = self.cfg.recipe
         losses = self.schedule(
-            forward_step_func=_forward_step,
+            forward_step_func=self.forward_step,
             data_iterator=iters if len(iters) > 1 else iters[0],
             model=self.model,
             num_microbatches=len(micro_batches),

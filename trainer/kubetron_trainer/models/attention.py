@@ -6,6 +6,10 @@ of memory on an H100), reads Megatron's global memory buffer and forks the CUDA 
 dropout (so it cannot run on CPU). This module is a drop-in `core_attention` for the local spec
 that hands the work to torch's SDPA kernels (flash / memory-efficient on GPU, math on CPU):
 causal masking and grouped-query attention are done by SDPA itself.
+
+Fast-path options (`models/fused.py`): `backend="cudnn"` asks SDPA for cuDNN attention first
+(flash as the fallback; K/V heads are expanded for it, as SDPA's own GQA does), and `rope=True`
+applies RoPE here in one fused kernel, with the frequencies `RopeSelfAttention` handed over.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ class SdpaAttention(MegatronModule):
         softmax_scale: float | None = None,
         cp_comm_type: str | None = None,
         pg_collection: ProcessGroupCollection | None = None,
+        backend: str = "default",
+        rope: bool = False,
     ) -> None:
         super().__init__(config=config)
         if config.context_parallel_size != 1:
@@ -57,6 +63,11 @@ class SdpaAttention(MegatronModule):
         self.causal = attn_mask_type == AttnMaskType.causal
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.scale = softmax_scale or 1.0 / math.sqrt(self.head_dim)
+        if backend not in ("default", "cudnn"):
+            raise ValueError(f"SdpaAttention backend must be default or cudnn, got {backend}")
+        self.backend = backend
+        self.rope = rope
+        self.pending_rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(
         self,
@@ -70,17 +81,42 @@ class SdpaAttention(MegatronModule):
     ) -> torch.Tensor:
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("SdpaAttention supports neither packed sequences nor attention bias")
+        if self.rope and self.pending_rope is not None:
+            from kubetron_trainer.models.rope import apply_rope, cos_sin
+
+            q_freqs, k_freqs = self.pending_rope
+            cos, sin = cos_sin(q_freqs, query.shape[0])
+            query = apply_rope(query, cos, sin)
+            if k_freqs is not q_freqs:
+                cos, sin = cos_sin(k_freqs, key.shape[0])
+            key = apply_rope(key, cos, sin)
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        out = F.scaled_dot_product_attention(
+        if self.backend == "cudnn" and q.is_cuda:
+            out = self._cudnn(q, k, v)
+        else:
+            out = self._sdpa(q, k, v, gqa=self.groups != self.heads)
+        # [b, n, s, d] -> [s, b, n*d]
+        s, b = out.shape[2], out.shape[0]
+        return out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim)
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
             q,
             k,
             v,
             is_causal=self.causal,
             dropout_p=self.dropout if self.training else 0.0,
             scale=self.scale,
-            enable_gqa=self.groups != self.heads,
+            enable_gqa=gqa,
         )
-        # [b, n, s, d] -> [s, b, n*d]
-        s, b = out.shape[2], out.shape[0]
-        return out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim)
+
+    def _cudnn(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        if self.groups != self.heads:  # what enable_gqa does, for backends without it
+            k = k.repeat_interleave(self.heads // self.groups, dim=1)
+            v = v.repeat_interleave(self.heads // self.groups, dim=1)
+        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
+        with sdpa_kernel(order, set_priority=True):
+            return self._sdpa(q, k, v, gqa=False)

@@ -5,13 +5,16 @@ Every Megatron-Core object here takes the trainer's `ProcessGroupCollection`; no
 local spec with `SdpaAttention` as core attention (or, on request, Megatron's unfused
 `DotProductAttention`, which tests compare against). With virtual pipeline stages a rank holds
 several model chunks; only the very first chunk embeds and only the very last computes the loss.
+The fast path (`models/fused.py`, `--fast-path`) swaps fused pieces into the local spec; it is
+off under Transformer Engine and on the CPU, where it is a no-op.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Literal
 
 import torch
@@ -29,6 +32,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from kubetron_trainer.config import ModelArch, Precision, TrainerConfig
 from kubetron_trainer.models.attention import SdpaAttention
+from kubetron_trainer.models.fused import OFF, FastPath, LigerRMSNorm
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,7 @@ class ModelChunks:
     config: TransformerConfig
     attention: str
     padded_vocab_size: int
+    fast: FastPath = OFF
 
 
 def te_available() -> bool:
@@ -107,7 +112,40 @@ def transformer_config(cfg: TrainerConfig, device: torch.device) -> TransformerC
     )
 
 
-def layer_spec(arch: ModelArch, backend: AttentionBackend) -> tuple[ModuleSpec, str]:
+def effective_fast_path(fast: FastPath, backend: str, device: torch.device) -> FastPath:
+    """The fast path that applies: none under TE, on the CPU, or with the unfused attention."""
+    if not fast.enabled:
+        return fast
+    if backend == "auto":
+        backend = "te" if te_available() else "sdpa"
+    if device.type != "cuda" or backend != "sdpa":
+        log.warning("%s requested; not applied (%s, %s)", fast.describe(), device.type, backend)
+        return OFF
+    return fast
+
+
+def fast_layer_spec(spec: ModuleSpec, fast: FastPath) -> str:
+    """Swap the fast path's pieces into a local spec with SdpaAttention; returns a description."""
+    attention = spec.submodules.self_attention
+    if fast.rope:
+        from kubetron_trainer.models.rope import RopeSelfAttention
+
+        attention.module = RopeSelfAttention
+    attention.submodules.core_attention = partial(
+        SdpaAttention, backend="cudnn" if fast.cudnn else "default", rope=fast.rope
+    )
+    if fast.norm:
+        spec.submodules.input_layernorm = LigerRMSNorm
+        spec.submodules.pre_mlp_layernorm = LigerRMSNorm
+        if attention.submodules.q_layernorm is not None:
+            attention.submodules.q_layernorm = LigerRMSNorm
+            attention.submodules.k_layernorm = LigerRMSNorm
+    return fast.describe()
+
+
+def layer_spec(
+    arch: ModelArch, backend: AttentionBackend, fast: FastPath = OFF
+) -> tuple[ModuleSpec, str]:
     """The transformer layer spec and a name for the attention path it uses."""
     if backend == "auto":
         backend = "te" if te_available() else "sdpa"
@@ -124,7 +162,10 @@ def layer_spec(arch: ModelArch, backend: AttentionBackend) -> tuple[ModuleSpec, 
     attention = spec.submodules.self_attention.submodules
     if backend == "sdpa":
         attention.core_attention = SdpaAttention
-        return spec, "local spec + torch SDPA core attention"
+        name = "local spec + torch SDPA core attention"
+        if fast.enabled:
+            name += ", " + fast_layer_spec(spec, fast)
+        return spec, name
     attention.core_attention = DotProductAttention
     return spec, "local spec + Megatron unfused DotProductAttention"
 
@@ -143,11 +184,15 @@ def build_model(
     pg: ProcessGroupCollection,
     device: torch.device,
     backend: AttentionBackend = "auto",
+    fast: FastPath = OFF,
 ) -> ModelChunks:
     """This rank's GPTModel chunks, on `device`, with pre/post-process from the pipeline rank."""
     arch = cfg.model
     config = transformer_config(cfg, device)
-    spec, attention = layer_spec(arch, backend)
+    fast = effective_fast_path(fast, backend, device)
+    if fast.rope and arch.position_embedding_type != "rope":
+        fast = replace(fast, rope=False)
+    spec, attention = layer_spec(arch, backend, fast)
     pp_rank, pp_size = pg.pp.rank(), pg.pp.size()
     vpp = cfg.parallelism.virtual_pipeline if pp_size > 1 else 1
     vocab = padded_vocab_size(arch.vocab_size, pg.tp.size())
@@ -170,4 +215,4 @@ def build_model(
             model.rotary_pos_emb.__class__ = CpuRotaryEmbedding
         chunks.append(model.to(device))
     log.info("attention path: %s (padded vocab %d)", attention, vocab)
-    return ModelChunks(chunks, config, attention, vocab)
+    return ModelChunks(chunks, config, attention, vocab, fast)

@@ -1,0 +1,155 @@
+"""The fast path without Transformer Engine: fused kernels chosen in the layer spec.
+
+Each piece is a spec choice, switched on by `--fast-path` (off by default, and ignored when
+Transformer Engine builds the layers or the model runs on the CPU):
+
+- `ce`: the output layer and the cross-entropy in one chunked pass (Liger's fused linear
+  cross-entropy, through `GPTModel`'s `output_processor` hook), so the `[tokens, vocab]` logits
+  are never materialised in fp32; the loss is the same masked mean over the kept tokens.
+- `norm`: every RMSNorm of the layer (input, pre-MLP, q/k) as Liger's Triton RMSNorm.
+- `rope`: RoPE applied by one Triton kernel inside core attention (`models/rope.py`) instead of
+  Megatron's unfused `t*cos + rotate_half(t)*sin` (five passes over q and k).
+- `cudnn`: torch SDPA's cuDNN attention first (flash as the fallback) instead of flash.
+
+`on` means all of them. Liger (`pip install kubetron[fast]`) is imported only when a piece that
+needs it is on. Megatron-Core is not modified: the pieces replace submodules in the spec.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+PIECES = ("ce", "norm", "rope", "cudnn")
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """Which fused pieces are on."""
+
+    ce: bool = False
+    norm: bool = False
+    rope: bool = False
+    cudnn: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> FastPath:
+        """`off`, `on` (everything), or a comma list of pieces, e.g. `ce,rope`."""
+        text = text.strip().lower()
+        if text in ("", "off", "none"):
+            return cls()
+        if text in ("on", "all"):
+            return cls(**{p: True for p in PIECES})
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in PIECES]
+        if unknown:
+            raise ValueError(
+                f"unknown piece(s) {unknown}; use off, on, or a comma list of {', '.join(PIECES)}"
+            )
+        return cls(**{n: True for n in names})
+
+    @property
+    def enabled(self) -> bool:
+        return self.ce or self.norm or self.rope or self.cudnn
+
+    def describe(self) -> str:
+        on = [p for p in PIECES if getattr(self, p)]
+        return "fast path: " + "+".join(on) if on else "fast path off"
+
+
+def liger(module: str) -> ModuleType:
+    """Import `liger_kernel.<module>`, or say how to install it."""
+    try:
+        return importlib.import_module(f"liger_kernel.{module}")
+    except ImportError as err:
+        raise RuntimeError(
+            "--fast-path ce/norm needs liger-kernel (pip install 'kubetron[fast]' or "
+            f"'liger-kernel>=0.5'); it did not import: {err}"
+        ) from err
+
+
+class LigerRMSNorm(torch.nn.Module):
+    """RMSNorm with Liger's Triton kernels, a drop-in for Megatron's `WrappedTorchNorm`.
+
+    Same parameter (`weight`, ones at init) and state-dict key as `torch.nn.RMSNorm`; the
+    inverse RMS is computed in fp32 ("llama" casting), the output in the input's dtype.
+    """
+
+    def __init__(
+        self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: Any
+    ) -> None:
+        super().__init__()
+        if config.normalization != "RMSNorm":
+            raise ValueError("the fused norm is an RMSNorm; the model asks for LayerNorm")
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+        self.weight.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]
+        self._fn = liger("ops.rms_norm").LigerRMSNormFunction
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fn.apply(x, self.weight, self.eps, 0.0, "llama", False)
+
+
+OFF = FastPath()
+IGNORE_INDEX = -100
+# Tokens per chunk of the fused cross-entropy, as a multiple of Liger's default budget (about
+# `tokens x hidden` logits elements). Liger's default (1) gives 128-token chunks for a 152k
+# vocabulary at hidden 2048, and every chunk then reads and writes the whole fp32 weight-gradient
+# accumulator (1.2 GB): 64 passes per micro-batch. 16 gives 2048-token chunks (4 passes, about
+# 0.6 GB of transient bf16 logits). Liger < 0.8.5 has no such knob and keeps its default.
+CHUNK_MEM_CONST = 16
+
+
+def _liger_flce(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Liger's fused linear cross-entropy (mean over kept tokens), its arguments by name."""
+    fn = liger("ops.fused_linear_cross_entropy").LigerFusedLinearCrossEntropyFunction
+    params = list(inspect.signature(fn.forward).parameters.values())[1:]  # after ctx
+    wanted: dict[str, Any] = {
+        "_input": x, "weight": weight, "target": target, "ignore_index": IGNORE_INDEX,
+        "reduction": "mean", "accum_dtype": torch.float32, "chunk_mem_const": CHUNK_MEM_CONST,
+    }  # fmt: skip
+    args = [wanted.get(p.name, p.default) for p in params]
+    if any(a is inspect.Parameter.empty for a in args):
+        raise RuntimeError(f"unexpected LigerFusedLinearCrossEntropyFunction signature {params}")
+    return fn.apply(*args)[0]
+
+
+def fused_lm_loss(
+    *,
+    hidden_states: torch.Tensor,
+    output_layer: torch.nn.Module,
+    output_weight: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    loss_mask: torch.Tensor | None,
+    **_: Any,
+) -> torch.Tensor:
+    """`GPTModel` output processor: the masked-mean LM loss straight from the hidden states.
+
+    Equal to `masked_mean(cross_entropy(hidden @ W.T, labels), loss_mask)` (the unfused path),
+    computed by Liger's chunked fused linear cross-entropy: logits exist one chunk of tokens at
+    a time in bf16, softmax and loss in fp32 inside the kernel, and the gradients of the hidden
+    states and of W are formed in the same pass (W's accumulated in fp32). Returns a scalar.
+    """
+    if labels is None or loss_mask is None:
+        raise RuntimeError("the fused loss needs labels and loss_mask on the last stage")
+    tp: Any = getattr(output_layer, "tp_group", None)
+    if tp is not None and tp.size() > 1:
+        raise RuntimeError("--fast-path ce supports tensor parallel size 1 only")
+    weight: torch.Tensor = output_weight if output_weight is not None else output_layer.weight  # type: ignore[assignment]
+    s, b, h = hidden_states.shape
+    x = hidden_states.reshape(s * b, h)  # [s, b] order, like the labels below
+    target = labels.transpose(0, 1).reshape(-1)
+    keep = loss_mask.transpose(0, 1).reshape(-1) > 0
+    if not bool(keep.any()):  # nothing to learn from: a zero loss with zero gradients
+        return hidden_states.float().sum() * 0.0 + weight.float().sum() * 0.0
+    target = target.masked_fill(~keep, IGNORE_INDEX)
+    loss = _liger_flce(x, weight, target)
+    return loss.float()
