@@ -32,14 +32,12 @@ from kubetron_trainer.metrics import StepStats, TrainerMetrics
 from kubetron_trainer.models import build_model
 from kubetron_trainer.models.build import AttentionBackend
 from kubetron_trainer.models.fused import FastPath
-from kubetron_trainer.parallel import build_process_groups
+from kubetron_trainer.parallel import build_process_groups, setup_megatron_globals
 from kubetron_trainer.topology import Topology
 from kubetron_trainer.train_common import (
     StepResult,
     build_scheduler,
     current_lr,
-    ensure_global_memory_buffer,
-    seed_everything,
     share_from_last_stage,
 )
 
@@ -197,8 +195,7 @@ def setup(
 ) -> Run:
     """Groups, seeds, model, optimizer, scheduler and checkpointer, in Megatron's order."""
     pg = make_groups(cfg, dims, topology, backend, options.groups)
-    ensure_global_memory_buffer()
-    seed_everything(cfg.recipe.seed, pg, device)
+    setup_megatron_globals(pg, cfg.recipe.seed)  # global memory buffer and RNG seeds
     fast = FastPath.parse(options.fast_path)
     built = build_model(cfg, pg, device, options.attention, fast)
     engine = make_engine(cfg, built.chunks, pg, device, fused_loss=built.fast.ce)

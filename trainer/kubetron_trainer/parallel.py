@@ -483,6 +483,7 @@ def setup_megatron_globals(
             tp_rank=pg.tp.rank(),
             ep_rank=pg.ep.rank(),
             etp_rank=pg.expt_tp.rank(),
+            force_reset_rng=True,  # a second model or run in the same process re-seeds
         )
     return seeds
 

@@ -6,20 +6,15 @@ and so the two paths cannot drift in how they average the loss or schedule the l
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from kubetron_trainer.config import RecipeSpec
-from kubetron_trainer.parallel import rng_seeds
 
 
 @dataclass(frozen=True)
@@ -59,39 +54,6 @@ def build_scheduler(optimizer: Any, recipe: RecipeSpec) -> OptimizerParamSchedul
 def current_lr(optimizer: Any) -> float:
     """The learning rate of the first parameter group (all groups share it)."""
     return float(optimizer.param_groups[0]["lr"])
-
-
-def seed_everything(seed: int, pg: ProcessGroupCollection, device: torch.device) -> None:
-    """Seed Python, NumPy and torch with Megatron's arithmetic (`parallel.rng_seeds`).
-
-    Works from any `ProcessGroupCollection` (decentralized or from `parallel_state`), so both
-    runs of a comparison seed identically. On GPU, also Megatron's CUDA RNG tracker with explicit
-    tp/ep/etp ranks.
-    """
-    seeds = rng_seeds(
-        seed,
-        pp_rank=pg.pp.rank(),
-        tp_rank=pg.tp.rank(),
-        ep_rank=pg.ep.rank(),
-        etp_rank=pg.expt_tp.rank(),
-    )
-    random.seed(seeds.base)
-    np.random.seed(seeds.base)
-    torch.manual_seed(seeds.base)
-    if device.type == "cuda":
-        model_parallel_cuda_manual_seed(
-            seeds.base,
-            tp_rank=pg.tp.rank(),
-            ep_rank=pg.ep.rank(),
-            etp_rank=pg.expt_tp.rank(),
-            force_reset_rng=True,
-        )
-
-
-def ensure_global_memory_buffer() -> None:
-    """Megatron's unfused attention and sequence parallelism read this process-wide buffer."""
-    if parallel_state._GLOBAL_MEMORY_BUFFER is None:
-        parallel_state._set_global_memory_buffer()
 
 
 def share_from_last_stage(values: list[float], pg: ProcessGroupCollection) -> list[float]:
