@@ -132,6 +132,26 @@ def _megatron_dp_rank(rank: int) -> Iterator[None]:
         parallel_state._MPU_DATA_PARALLEL_RANK = before
 
 
+def _init_fresh_optimizer_state(optimizer: Any) -> None:
+    """Give a fresh Megatron optimizer the state entries that loading reads before it loads.
+
+    Without Transformer Engine or Apex, Megatron-Core 0.19's DistributedOptimizer.state_dict()
+    (called by sharded_state_dict, also when loading) takes the step from the torch optimizer's
+    per-parameter state, which a freshly built optimizer does not have yet ("assert len(steps)
+    == 1", seen on 2 H100s resuming a checkpoint). Zero moments and step 0, as Megatron's own
+    init_state_fn plus a step; every value is replaced by the checkpoint's. The CPU optimizer
+    has no init_state_fn and is left alone.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner, init = getattr(opt, "optimizer", None), getattr(opt, "init_state_fn", None)
+        if inner is None or init is None:
+            continue
+        init(inner, getattr(opt, "config", None))
+        for group in inner.param_groups:
+            for param in group["params"]:
+                inner.state[param].setdefault("step", torch.tensor(0.0))
+
+
 def _rng_state(device: torch.device) -> dict[str, Any]:
     state: dict[str, Any] = {
         "random": random.getstate(),
@@ -227,6 +247,7 @@ class Checkpointer:
             return 0
         source = step_dir(self.root, step)
         sharding = saved_optimizer_sharding(source)
+        _init_fresh_optimizer_state(self.optimizer)
         loaded = dist_checkpointing.load(
             self._sharded_state(step, is_loading=True, sharding=sharding), str(source)
         )
