@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -191,7 +190,3 @@ def wait_phase(cluster: Cluster, ns: str, name: str, phase: str, timeout: float 
         return obj if status.get("phase") == phase else None
 
     return cluster.wait_for(check, timeout=timeout, what=f"MegatronJob {ns}/{name} {phase}")
-
-
-def since(t0: float) -> str:
-    return f"{time.monotonic() - t0:.1f}s"

@@ -23,6 +23,10 @@ class ParallelConfigError(ValueError):
         super().__init__(f"invalid parallel shape ({shape}):\n{lines}")
 
 
+class ParallelGroupsError(ValueError):
+    """Groups that cannot be built or seeded on this topology; the message names the fix."""
+
+
 @dataclass(frozen=True)
 class ParallelDims:
     """Degrees of one model's parallel grid over `world_size` ranks.

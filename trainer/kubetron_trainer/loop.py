@@ -32,7 +32,8 @@ from kubetron_trainer.metrics import StepStats, TrainerMetrics
 from kubetron_trainer.models import build_model
 from kubetron_trainer.models.build import AttentionBackend
 from kubetron_trainer.models.fused import FastPath
-from kubetron_trainer.parallel import build_process_groups, setup_megatron_globals
+from kubetron_trainer.parallel import build_process_groups
+from kubetron_trainer.seeding import setup_megatron_globals
 from kubetron_trainer.topology import Topology
 from kubetron_trainer.train_common import (
     StepResult,

@@ -16,18 +16,15 @@ still reads from globals: the memory buffer and the RNG seeds.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state, tensor_parallel
 from megatron.core.hyper_comm_grid import HyperCommGrid
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from kubetron_trainer.dims import ParallelDims
+from kubetron_trainer.dims import ParallelDims, ParallelGroupsError
 from kubetron_trainer.topology import Topology
 
 DENSE_DIM_NAMES = ["tp", "cp", "dp", "pp"]
@@ -61,10 +58,6 @@ ALIASES = {
 # Fields for features kubetron does not configure: hierarchical CP, GTP weight rematerialisation
 # (None means "off" to Megatron), separate all-gather communicators for AG/RS overlap.
 UNUSED = ("hcp", "gtp_remat", "expt_gtp_remat", "dp_cp_ag", "expt_dp_ag")
-
-
-class ParallelGroupsError(ValueError):
-    """A grid that cannot be built on this topology; the message names the degree and the fix."""
 
 
 def default_backend() -> str:
@@ -412,87 +405,18 @@ def build_process_groups_multi(
     }
 
 
-@dataclass(frozen=True)
-class RngSeeds:
-    """Seeds as Megatron's training derives them for one rank.
+# Seeding lives in its own module; re-exported here for callers that import it from parallel.
+from kubetron_trainer.seeding import RngSeeds, rng_seeds, setup_megatron_globals  # noqa: E402
 
-    `base` seeds Python, NumPy, torch's CPU generator and the CUDA data-parallel state;
-    the CUDA tracker adds the tensor-parallel and expert-parallel states.
-    """
-
-    base: int
-    tensor_model_parallel: int
-    expert_parallel: int
-
-
-def rng_seeds(
-    seed: int,
-    *,
-    pp_rank: int,
-    tp_rank: int,
-    ep_rank: int,
-    etp_rank: int,
-    dp_rank: int = 0,
-    data_parallel_random_init: bool = False,
-) -> RngSeeds:
-    """Megatron's arithmetic: `_set_random_seed` offsets by stage (and dp rank when asked),
-    `model_parallel_cuda_manual_seed` derives the tracker seeds from tp/ep/etp ranks."""
-    if seed <= 0:
-        raise ParallelGroupsError(f"seed={seed} must be > 0 (Megatron skips seeding otherwise)")
-    base = seed + 100 * pp_rank + (10 * dp_rank if data_parallel_random_init else 0)
-    return RngSeeds(
-        base=base,
-        tensor_model_parallel=base + 2718 + tp_rank,
-        expert_parallel=base + 1024 + 100 * ep_rank + etp_rank,
-    )
-
-
-def setup_megatron_globals(
-    pg: ProcessGroupCollection | None,
-    seed: int,
-    *,
-    data_parallel_random_init: bool = False,
-    te_rng_tracker: bool = False,
-) -> RngSeeds:
-    """The process-wide state Megatron-Core reads even with explicit groups; nothing else of
-    `parallel_state` is initialised. Call once per process, with the collection whose ranks seed
-    it (any collection works, also `ProcessGroupCollection.use_mpu_process_groups()`).
-    """
-    if pg is None:
-        raise ParallelGroupsError(
-            "this rank is outside the grid (its ParallelGroups.pg is None); seed from the "
-            "collection of a grid it belongs to"
-        )
-    _ensure_global_memory_buffer()
-    seeds = rng_seeds(
-        seed,
-        pp_rank=pg.pp.rank(),
-        tp_rank=pg.tp.rank(),
-        ep_rank=pg.ep.rank(),
-        etp_rank=pg.expt_tp.rank(),
-        dp_rank=pg.dp.rank(),
-        data_parallel_random_init=data_parallel_random_init,
-    )
-    random.seed(seeds.base)
-    np.random.seed(seeds.base)
-    torch.manual_seed(seeds.base)
-    if torch.cuda.device_count() > 0:  # the CUDA RNG tracker needs a GPU
-        tensor_parallel.model_parallel_cuda_manual_seed(
-            seeds.base,
-            te_rng_tracker,
-            tp_rank=pg.tp.rank(),
-            ep_rank=pg.ep.rank(),
-            etp_rank=pg.expt_tp.rank(),
-            force_reset_rng=True,  # a second model or run in the same process re-seeds
-        )
-    return seeds
-
-
-def _ensure_global_memory_buffer() -> None:
-    """DotProductAttention and sequence parallelism read this buffer from a global."""
-    try:
-        buffer = parallel_state.get_global_memory_buffer()
-    except AssertionError:
-        buffer = None
-    if buffer is None:
-        parallel_state._set_global_memory_buffer()
+__all__ = [
+    "GridSpec",
+    "GroupOptions",
+    "ParallelGroups",
+    "ParallelGroupsError",
+    "RngSeeds",
+    "build_process_groups",
+    "build_process_groups_multi",
+    "init_distributed",
+    "rng_seeds",
+    "setup_megatron_globals",
+]
