@@ -29,6 +29,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -75,11 +76,13 @@ def measure(
     workdir = Path(args.workdir) / f"{name}-{groups}"
     cli = ["--attention", args.attention, "--fast-path", fast]
     steps = steps or args.steps
+    t0 = time.monotonic()
     started = launch(config(args, micro_batch, steps), workdir, *cli, groups=groups)
     entry: dict[str, Any] = {
         "path": name, "groups": groups, "fast_path": fast, "micro_batch": micro_batch,
     }  # fmt: skip
     codes = started.wait(timeout=args.run_timeout)
+    entry["wall_s"] = round(time.monotonic() - t0, 1)
     if codes != [0] * len(codes):
         tail = started.output()[-1500:]
         print(f"run {name}/{groups} failed: {codes}\n{tail}", file=sys.stderr)
@@ -92,6 +95,7 @@ def measure(
         "tokens_per_s": round(result["tokens_per_s"]),
         "mfu": round(result["mfu"], 4) if result["mfu"] is not None else None,
         "median_step_s": round(statistics.median(timed), 4),
+        "peak_memory_gib": result.get("peak_memory_gib"),
         "step_s": [round(s, 4) for s in timed],
         "losses": [round(s["loss"], 5) for s in result["steps"]],
     }
@@ -249,6 +253,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="profile baseline and optimised")
     p.add_argument("--profile-steps", type=int, default=1)
     p.add_argument("--skip-global-baseline", action="store_true")
+    p.add_argument(
+        "--skip-runs", action="store_true", help="no side-by-side runs: profiles/variants only"
+    )
     p.add_argument("--run-timeout", type=float, default=400)
     p.add_argument("--workdir", default="/tmp/kubetron-bench")
     p.add_argument("--output", type=Path)
@@ -281,6 +288,9 @@ def main() -> None:
         "peak_flops": "989e12 (H100/H200 dense BF16)",
     }  # fmt: skip
     out |= {"runs": [], "comparison": {}, "ablations": [], "profiles": {}}
+    if args.skip_runs:
+        profile_and_variants(args, out, mb, fast_spec, fast_mb)
+        return
     # Written after every run, so a run cut off by a time limit keeps what was measured.
     base = record(args, out, "runs", measure(args, "baseline", "decentralized", "off", mb))
     if not args.skip_global_baseline:
@@ -290,6 +300,12 @@ def main() -> None:
     fast, fast_global = out["runs"][-2:]
     out["comparison"] = compare(base, fast, fast_global)
     record(args, out, None, out["comparison"])
+    profile_and_variants(args, out, mb, fast_spec, fast_mb)
+
+
+def profile_and_variants(
+    args: argparse.Namespace, out: dict[str, Any], mb: int, fast_spec: str, fast_mb: int
+) -> None:
     if args.profile:
         out["profiles"]["baseline"] = profile(args, "baseline", "off", mb)
         out["profiles"]["optimised"] = profile(args, "optimised", fast_spec, fast_mb)

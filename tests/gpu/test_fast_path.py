@@ -132,3 +132,42 @@ def test_fast_path_gives_the_same_losses_on_global_groups() -> None:
     ours = losses("on", "decentralized")
     theirs = losses("on", "global")
     assert ours == pytest.approx(theirs, rel=2e-3), (ours, theirs)
+
+
+def test_wgrad_accumulation_matches_fp64() -> None:
+    from kubetron_trainer.models.fused import _WgradAccumulate, enable_wgrad_fusion
+
+    assert enable_wgrad_fusion(torch.device("cuda")) is None
+    tokens, d_in, d_out = 4096, 512, 1024
+    main_grad = torch.randn(d_out, d_in, device="cuda")
+    ref = main_grad.double()
+    for _ in range(3):  # three micro-batches accumulate into the same fp32 buffer
+        x = torch.randn(tokens, d_in, device="cuda").bfloat16()
+        g = torch.randn(tokens, d_out, device="cuda").bfloat16()
+        _WgradAccumulate.wgrad_gemm_accum_fp32(x, g, main_grad)
+        ref += g.double().t() @ x.double()
+    assert main_grad.dtype == torch.float32
+    assert rel_err(main_grad, ref) < 1e-5  # fp32 accumulation of exact bf16 products
+
+
+def test_fused_adam_matches_foreach_adam() -> None:
+    from kubetron_trainer.models.fused import use_fused_adam
+
+    class Holder:  # the shape of Megatron's optimizer wrapper: `.optimizer` is torch's
+        def __init__(self, opt: torch.optim.Optimizer) -> None:
+            self.optimizer = opt
+
+    torch.manual_seed(0)
+    p1 = torch.randn(1000, 257, device="cuda", requires_grad=True)
+    p2 = p1.detach().clone().requires_grad_()
+    foreach = torch.optim.AdamW([p1], lr=1e-2, weight_decay=0.1, foreach=True)
+    fused = torch.optim.AdamW([p2], lr=1e-2, weight_decay=0.1)
+    assert use_fused_adam(Holder(fused)) == 1
+    assert fused.param_groups[0]["fused"] and not fused.param_groups[0]["foreach"]
+    for _ in range(5):
+        g = torch.randn_like(p1)
+        p1.grad, p2.grad = g.clone(), g.clone()
+        foreach.step()
+        fused.step()
+    assert fused.state[p2]["step"].device.type == "cuda"
+    assert rel_err(p2, p1) < 1e-6

@@ -77,6 +77,7 @@ class Summary:
     tokens_per_s: float = 0.0
     mfu: float | None = None
     wall_s: float = 0.0
+    peak_memory_gib: float | None = None  # this rank's peak allocated GPU memory
     stopped_by: str = "completed"
 
 
@@ -122,12 +123,12 @@ def make_engine(
     chunks: list,
     pg: ProcessGroupCollection,
     device: torch.device,
-    fused_loss: bool = False,
+    fast: FastPath | None = None,
 ) -> Engine:
     if device.type == "cuda":
         from kubetron_trainer.step_gpu import GpuEngine
 
-        return GpuEngine(cfg, chunks, pg, fused_loss=fused_loss)
+        return GpuEngine(cfg, chunks, pg, fast=fast)
     from kubetron_trainer.step_cpu import CpuEngine
 
     return CpuEngine(cfg, chunks, pg)
@@ -199,7 +200,7 @@ def setup(
     setup_megatron_globals(pg, cfg.recipe.seed)  # global memory buffer and RNG seeds
     fast = FastPath.parse(options.fast_path)
     built = build_model(cfg, pg, device, options.attention, fast)
-    engine = make_engine(cfg, built.chunks, pg, device, fused_loss=built.fast.ce)
+    engine = make_engine(cfg, built.chunks, pg, device, fast=built.fast)
     scheduler = build_scheduler(engine.optimizer, cfg.recipe)
     checkpointer = None
     if cfg.checkpoint.path is not None:
@@ -219,6 +220,10 @@ def train(run: Run) -> Summary:
     start = 0
     if run.checkpointer is not None and cfg.checkpoint.resume == "auto":
         start = run.checkpointer.load_latest()
+        if start:
+            after_load = getattr(run.engine, "after_load", None)
+            if after_load is not None:
+                after_load()
     first, last = pg.pp.rank() == 0, pg.pp.rank() == pg.pp.size() - 1
     batches = build_batches(
         cfg,
@@ -284,6 +289,8 @@ def finish(run: Run, summary: Summary, began: float) -> None:
         if run.progress.peak:
             per_gpu = summary.tokens_per_s * run.progress.flops_per_token / dist.get_world_size()
             summary.mfu = per_gpu / run.progress.peak
+    if run.device.type == "cuda":
+        summary.peak_memory_gib = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2)
     if run.topology.rank == 0 and run.options.summary is not None:
         run.options.summary.parent.mkdir(parents=True, exist_ok=True)
         run.options.summary.write_text(json.dumps(asdict(summary), indent=1))

@@ -29,7 +29,7 @@ from megatron.core.transformer.module import Float16Module
 
 from kubetron_trainer.config import TrainerConfig
 from kubetron_trainer.data import Batch
-from kubetron_trainer.models.fused import fused_lm_loss
+from kubetron_trainer.models.fused import OFF, FastPath, fused_lm_loss, use_fused_adam
 from kubetron_trainer.train_common import StepResult, masked_mean
 
 
@@ -92,11 +92,12 @@ class GpuEngine:
         cfg: TrainerConfig,
         chunks: list[GPTModel],
         pg: ProcessGroupCollection,
-        fused_loss: bool = False,
+        fast: FastPath | None = None,
     ) -> None:
         self.cfg = cfg
         self.pg = pg
-        self.forward_step = partial(_forward_step, fused_loss=fused_loss)
+        self.fast = fast or OFF
+        self.forward_step = partial(_forward_step, fused_loss=self.fast.ce)
         config = chunks[0].config
         wrapped: list[torch.nn.Module] = [
             Float16Module(config, c) if config.bf16 else c for c in chunks
@@ -118,6 +119,8 @@ class GpuEngine:
             use_gloo_process_groups=False,
             pg_collection=pg,
         )
+        if self.fast.adam:
+            use_fused_adam(self.optimizer)
         config.finalize_model_grads_func = partial(finalize_model_grads, pg_collection=pg)
         config.grad_scale_func = self.optimizer.scale_loss
         config.no_sync_func = [m.no_sync for m in self.model]
@@ -126,6 +129,11 @@ class GpuEngine:
         vp = len(self.model) if len(self.model) > 1 else None
         self.schedule = get_forward_backward_func(pp_size=pg.pp.size(), vp_size=vp)
         self.p2p = P2PCommunicator(pg.pp, config)
+
+    def after_load(self) -> None:
+        """A checkpoint replaced the optimizer's param groups and state: fused Adam again."""
+        if self.fast.adam:
+            use_fused_adam(self.optimizer)
 
     def step(self, micro_batches: list[Batch | None]) -> StepResult:
         for m in self.model:

@@ -32,7 +32,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from kubetron_trainer.config import ModelArch, Precision, TrainerConfig
 from kubetron_trainer.models.attention import SdpaAttention
-from kubetron_trainer.models.fused import OFF, FastPath, LigerRMSNorm
+from kubetron_trainer.models.fused import OFF, FastPath, LigerRMSNorm, enable_wgrad_fusion
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,16 @@ def build_model(
     fast = effective_fast_path(fast, backend, device)
     if fast.rope and arch.position_embedding_type != "rope":
         fast = replace(fast, rope=False)
+    if fast.wgrad and not (fast.ce or arch.untie_embeddings):
+        log.warning("fast path: wgrad needs ce (or untied embeddings); wgrad not applied")
+        fast = replace(fast, wgrad=False)
+    if fast.wgrad:
+        why_not = enable_wgrad_fusion(device)
+        if why_not:
+            log.warning("fast path: wgrad not applied: %s", why_not)
+            fast = replace(fast, wgrad=False)
+        else:
+            config.gradient_accumulation_fusion = True
     spec, attention = layer_spec(arch, backend, fast)
     pp_rank, pp_size = pg.pp.rank(), pg.pp.size()
     vpp = cfg.parallelism.virtual_pipeline if pp_size > 1 else 1

@@ -10,6 +10,14 @@ Transformer Engine builds the layers or the model runs on the CPU):
 - `rope`: RoPE applied by one Triton kernel inside core attention (`models/rope.py`) instead of
   Megatron's unfused `t*cos + rotate_half(t)*sin` (five passes over q and k).
 - `cudnn`: torch SDPA's cuDNN attention first (flash as the fallback) instead of flash.
+- `wgrad`: weight gradients accumulated straight into DDP's fp32 `main_grad` by one GEMM with
+  an fp32 output (Megatron's `gradient_accumulation_fusion`, with `torch.addmm(...,
+  out_dtype=float32)` standing in for APEX's `fused_weight_gradient_mlp_cuda` extension)
+  instead of a bf16 weight gradient per micro-batch that a hook then adds to `main_grad`.
+  Needs `ce` (or untied embeddings): Megatron's fused path would drop the embedding-lookup
+  gradient of a tied output weight.
+- `adam`: torch AdamW's single-kernel `fused=True` implementation for the distributed
+  optimizer's fp32 master weights instead of the multi-kernel `foreach` one (same update rule).
 
 `on` means all of them. Liger (`pip install kubetron[fast]`) is imported only when a piece that
 needs it is on. Megatron-Core is not modified: the pieces replace submodules in the spec.
@@ -28,7 +36,7 @@ import torch
 if TYPE_CHECKING:
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-PIECES = ("ce", "norm", "rope", "cudnn")
+PIECES = ("ce", "norm", "rope", "cudnn", "wgrad", "adam")
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,8 @@ class FastPath:
     norm: bool = False
     rope: bool = False
     cudnn: bool = False
+    wgrad: bool = False
+    adam: bool = False
 
     @classmethod
     def parse(cls, text: str) -> FastPath:
@@ -58,7 +68,7 @@ class FastPath:
 
     @property
     def enabled(self) -> bool:
-        return self.ce or self.norm or self.rope or self.cudnn
+        return any(getattr(self, p) for p in PIECES)
 
     def describe(self) -> str:
         on = [p for p in PIECES if getattr(self, p)]
@@ -153,3 +163,86 @@ def fused_lm_loss(
     target = target.masked_fill(~keep, IGNORE_INDEX)
     loss = _liger_flce(x, weight, target)
     return loss.float()
+
+
+class _WgradAccumulate:
+    """What Megatron calls on APEX's `fused_weight_gradient_mlp_cuda`, on torch's GEMMs.
+
+    `main_grad += grad_output.T @ total_input` with the product formed and accumulated in the
+    GEMM's fp32 epilogue (no bf16 rounding of the per-micro-batch weight gradient, no extra
+    pass over `main_grad`). Inputs are Megatron's 2-D `[tokens, features]` views.
+    """
+
+    @staticmethod
+    def wgrad_gemm_accum_fp32(
+        total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor
+    ) -> None:
+        torch.addmm(main_grad, grad_output.t(), total_input, torch.float32, out=main_grad)
+
+    @staticmethod
+    def wgrad_gemm_accum_fp16(
+        total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor
+    ) -> None:
+        main_grad.addmm_(grad_output.t(), total_input)
+
+
+def enable_wgrad_fusion(device: torch.device) -> str | None:
+    """Let Megatron's linear layers use `gradient_accumulation_fusion` without APEX.
+
+    Megatron-Core looks the extension up as a module global of `tensor_parallel.layers`; when
+    APEX's is absent, this hands it `_WgradAccumulate` (its code is not modified). Returns why
+    it cannot be used (torch without `addmm(..., out_dtype)`), or None when it is on.
+    """
+    from megatron.core.tensor_parallel import layers
+
+    if getattr(layers, "_grad_accum_fusion_available", False):
+        return None  # APEX's own extension is installed
+    try:  # probe the fp32-output GEMM once (torch >= 2.8 on CUDA)
+        acc = torch.zeros(2, 2, device=device)
+        x = torch.ones(3, 2, device=device, dtype=torch.bfloat16)
+        _WgradAccumulate.wgrad_gemm_accum_fp32(x, x, acc)
+        if not bool((acc == 3).all()):
+            return f"torch.addmm(out_dtype=float32) gave {acc.tolist()}"
+    except (RuntimeError, TypeError) as err:
+        return f"torch.addmm(out_dtype=float32) is not available: {err}"
+    layers.fused_weight_gradient_mlp_cuda = _WgradAccumulate  # type: ignore[attr-defined]
+    layers._grad_accum_fusion_available = True
+    return None
+
+
+def _torch_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    out: list[torch.optim.Optimizer] = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            out.append(inner)
+    return out
+
+
+def use_fused_adam(optimizer: Any) -> int:
+    """Switch the torch Adam(W) inside Megatron's optimizer to `fused=True`; returns how many.
+
+    The same update rule in one kernel per dtype group; the fused kernel wants each `step`
+    on the parameter's device (moved here, and again after a checkpoint load by
+    `fused_adam_state_to_device`).
+    """
+    found = _torch_optimizers(optimizer)
+    for opt in found:
+        opt.defaults.update(fused=True, foreach=False)
+        for group in opt.param_groups:
+            group.update(fused=True, foreach=False)
+    fused_adam_state_to_device(optimizer)
+    return len(found)
+
+
+def fused_adam_state_to_device(optimizer: Any) -> None:
+    """Put each parameter's `step` where the fused Adam kernel reads it (fp32, on device)."""
+    for opt in _torch_optimizers(optimizer):
+        for group in opt.param_groups:
+            if not group.get("fused"):
+                continue
+            for param in group["params"]:
+                state = opt.state.get(param, {})
+                step = state.get("step")
+                if isinstance(step, torch.Tensor) and step.device != param.device:
+                    state["step"] = step.to(param.device, torch.float32)
