@@ -176,7 +176,15 @@ def profile_worker(cfg_path: Path, out: Path, args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
     n = args.profile_steps
     cuda = torch.autograd.DeviceType.CUDA
-    kernels = [e for e in prof.key_averages() if getattr(e, "device_type", None) == cuda]
+    # GPU kernels only: user annotations (e.g. "Optimizer.step#AdamW.step") also carry device
+    # time, the sum of the kernels they enclose, and would be counted twice.
+    kernels = [
+        e
+        for e in prof.key_averages()
+        if getattr(e, "device_type", None) == cuda
+        and "#" not in e.key
+        and not e.key.startswith(("ProfilerStep", "Optimizer."))
+    ]
     kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
     total_us = sum(e.self_device_time_total for e in kernels)
     families: dict[str, float] = {}

@@ -29,7 +29,8 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).norm() / ref.float().norm())
 
 
-def test_fused_rope_matches_megatron() -> None:
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_fused_rope_matches_megatron(layout: str) -> None:
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
     from kubetron_trainer.models.rope import apply_rope, cos_sin
@@ -42,7 +43,11 @@ def test_fused_rope_matches_megatron() -> None:
     ref = _apply_rotary_pos_emb_bshd(x, emb.double())  # float64 reference
     grad = torch.randn_like(ref)
     (ref_grad,) = torch.autograd.grad(ref, x, grad)
-    xb = x.detach().bfloat16().requires_grad_()
+    xb = x.detach().bfloat16()
+    if layout == "strided":  # a [b, n, s, d] buffer seen as [s, b, n, d], as SDPA's gradients
+        xb = xb.permute(1, 2, 0, 3).contiguous().permute(2, 0, 1, 3)
+        assert not xb.is_contiguous()
+    xb.requires_grad_()
     cos, sin = cos_sin(emb, s)
     out = apply_rope(xb, cos, sin)
     (out_grad,) = torch.autograd.grad(out, xb, grad.bfloat16())

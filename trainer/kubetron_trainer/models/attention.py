@@ -8,7 +8,7 @@ that hands the work to torch's SDPA kernels (flash / memory-efficient on GPU, ma
 causal masking and grouped-query attention are done by SDPA itself.
 
 Fast-path options (`models/fused.py`): `backend="cudnn"` asks SDPA for cuDNN attention first
-(flash as the fallback; K/V heads are expanded for it, as SDPA's own GQA does), and `rope=True`
+(flash as the fallback; grouped-query attention inside the kernel), and `rope=True`
 applies RoPE here in one fused kernel, with the frequencies `RopeSelfAttention` handed over.
 """
 
@@ -114,9 +114,8 @@ class SdpaAttention(MegatronModule):
     def _cudnn(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        if self.groups != self.heads:  # what enable_gqa does, for backends without it
-            k = k.repeat_interleave(self.heads // self.groups, dim=1)
-            v = v.repeat_interleave(self.heads // self.groups, dim=1)
+        # cuDNN's kernel does grouped-query attention itself (torch >= 2.5 passes enable_gqa
+        # through): no expanded copies of K/V, no reduction of their gradients.
         order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
         with sdpa_kernel(order, set_priority=True):
-            return self._sdpa(q, k, v, gqa=False)
+            return self._sdpa(q, k, v, gqa=self.groups != self.heads)

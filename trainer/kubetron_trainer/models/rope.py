@@ -29,6 +29,9 @@ def _rope_kernel(
     sin_ptr,
     batch,
     heads,
+    stride_s,
+    stride_b,
+    stride_h,
     HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
     SIGN: tl.constexpr,
@@ -38,9 +41,10 @@ def _rope_kernel(
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, HALF)[None, :]
     mask = h < heads
-    base = row * heads * 2 * HALF + h * 2 * HALF + d
-    x1 = tl.load(x_ptr + base, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + base + HALF, mask=mask, other=0.0).to(tl.float32)
+    base = row * heads * 2 * HALF + h * 2 * HALF + d  # the contiguous output
+    src = pos * stride_s + (row % batch) * stride_b + h * stride_h + d  # any strided input
+    x1 = tl.load(x_ptr + src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + src + HALF, mask=mask, other=0.0).to(tl.float32)
     c = tl.load(cos_ptr + pos * HALF + d)
     s = tl.load(sin_ptr + pos * HALF + d) * SIGN
     tl.store(out_ptr + base, (x1 * c - x2 * s).to(out_ptr.dtype.element_ty), mask=mask)
@@ -48,11 +52,14 @@ def _rope_kernel(
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
-    x = x.contiguous()
+    """`x` rotated into a new contiguous tensor; `x` may be any strided view whose last
+    (head_dim) axis is contiguous, like the gradient SDPA hands back, so no copy is made first."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
     s, b, heads, dim = x.shape
-    out = torch.empty_like(x)
+    out = torch.empty((s, b, heads, dim), dtype=x.dtype, device=x.device)
     _rope_kernel[(s * b,)](
-        x, out, cos, sin, b, heads,
+        x, out, cos, sin, b, heads, x.stride(0), x.stride(1), x.stride(2),
         HALF=dim // 2, BLOCK_H=triton.next_power_of_2(heads), SIGN=sign,
     )  # fmt: skip
     return out
