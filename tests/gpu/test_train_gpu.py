@@ -53,9 +53,13 @@ def qwen3_small_config(checkpoint: Path | None = None) -> dict[str, Any]:
 def losses(attention: str, groups: str) -> list[float]:
     """Each (attention, groups) run once per session; the tests compare them."""
     tmp = Path(tempfile.mkdtemp(prefix="kubetron-gpu-"))
-    CHECKPOINTS[(attention, groups)] = tmp / "ckpt"
+    # Only the run the resume test continues saves: a distributed-optimizer save of this
+    # 152k-vocabulary model gathers about 3 GB of optimizer state through the CPU.
+    ckpt = tmp / "ckpt" if (attention, groups) == ("sdpa", "decentralized") else None
+    if ckpt is not None:
+        CHECKPOINTS[(attention, groups)] = ckpt
     started = run(
-        qwen3_small_config(tmp / "ckpt"),
+        qwen3_small_config(ckpt),
         tmp / f"{attention}-{groups}",
         "--device",
         "cuda",
