@@ -54,7 +54,8 @@ COPY trainer/ trainer/
 # ship, so this adds Megatron-Core and kubetron without replacing NVIDIA's CUDA build of torch.
 # DL3013 (pin versions): this is the local project; pyproject.toml bounds its dependencies.
 # hadolint ignore=DL3013
-RUN pip install ".[trainer]" \
+# [fast]: liger-kernel (pure Python + Triton) for recipe.fastPath when TE is absent.
+RUN pip install ".[trainer,fast]" \
     && python -c "import torch, megatron.core, kubetron_trainer; print(torch.__version__)"
 # A non-root user with a home for Triton/Transformer Engine caches (UID 1000 is Ubuntu's own).
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin kubetron

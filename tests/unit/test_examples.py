@@ -55,3 +55,22 @@ def test_cli_validate_reports_schema_errors_by_field(
     err = capsys.readouterr().err
     assert "spec.parallelism.tensor: Input should be greater than or equal to 1" in err
     assert "spec.parallelism.tensr: Extra inputs are not permitted" in err
+
+
+@pytest.mark.parametrize("value", ["on", "off", "ce", "ce,norm,rope", "wgrad,adam"])
+def test_fast_path_accepts_off_on_and_piece_lists(value: str) -> None:
+    (_, obj), *_ = load_documents(EXAMPLES[0])
+    obj["spec"].setdefault("recipe", {})["fastPath"] = value
+    assert parse_job(obj).spec.recipe.fast_path == value
+
+
+@pytest.mark.parametrize("value", ["fast", "ce,", "ce norm", "liger"])
+def test_bad_fast_path_names_the_field_and_the_pieces(value: str) -> None:
+    from kubetron_operator.api.parse import SpecError
+
+    (_, obj), *_ = load_documents(EXAMPLES[0])
+    obj["spec"].setdefault("recipe", {})["fastPath"] = value
+    with pytest.raises(SpecError) as info:
+        parse_job(obj)
+    text = str(info.value)
+    assert "spec.recipe.fastPath" in text and "ce|norm|rope|cudnn|wgrad|adam" in text

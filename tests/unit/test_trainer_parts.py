@@ -115,3 +115,31 @@ def test_metrics_of_other_local_ranks_only_count_tokens() -> None:
     assert m.registry is not None
     assert m.registry.get_sample_value("kubetron_train_tokens_total", {"job": "job-b"}) == 50
     assert m.registry.get_sample_value("kubetron_train_step", {"job": "job-b"}) is None
+
+
+def test_adam_steps_are_floats_during_a_load_and_tensors_after() -> None:
+    from kubetron_trainer.checkpoint import steps_aside_while_loading
+
+    class Wrapper:  # Megatron's optimizers hold the torch one as `.optimizer`
+        def __init__(self, opt: torch.optim.Optimizer) -> None:
+            self.optimizer = opt
+
+    p = torch.nn.Parameter(torch.ones(4))
+    trained = torch.optim.AdamW([p], lr=0.1)
+    for _ in range(3):
+        p.grad = torch.ones(4)
+        trained.step()
+    saved = trained.state_dict()
+
+    q = torch.nn.Parameter(torch.ones(4))
+    fresh = torch.optim.AdamW([q], lr=0.1)
+    with steps_aside_while_loading(Wrapper(fresh)):
+        fresh.load_state_dict(saved)
+        inside = fresh.state[q]["step"]
+        # what Megatron's per-key copy sees: only the moments are tensors
+        assert not isinstance(inside, torch.Tensor) and inside == 3.0
+    step = fresh.state[q]["step"]
+    assert isinstance(step, torch.Tensor) and step.dtype == torch.float32 and float(step) == 3.0
+    q.grad = torch.ones(4)
+    fresh.step()  # torch Adam accepts the restored state
+    assert float(fresh.state[q]["step"]) == 4.0

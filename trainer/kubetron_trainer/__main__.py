@@ -67,10 +67,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--fast-path",
-        default="off",
-        help="fused kernels without Transformer Engine (GPU, sdpa attention only): off, on, or "
-        "a comma list of ce (fused linear cross-entropy), norm (RMSNorm), rope, cudnn (SDPA "
-        "backend); needs liger-kernel for ce and norm",
+        default=None,
+        help="overrides recipe.fastPath: fused kernels without Transformer Engine (GPU, sdpa "
+        "attention only): off, on, or a comma list of ce (fused linear cross-entropy), norm "
+        "(RMSNorm), rope, cudnn (SDPA backend), wgrad (fp32 weight-gradient accumulation), "
+        "adam (fused AdamW); needs liger-kernel for ce and norm",
     )
     p.add_argument("--summary", type=Path, help="rank 0 writes per-step numbers here (JSON)")
     p.add_argument(
@@ -150,8 +151,9 @@ def run(
     from kubetron_trainer.models.fused import FastPath
     from kubetron_trainer.parallel import init_distributed
 
+    fast_path = cfg.recipe.fast_path if args.fast_path is None else args.fast_path
     try:
-        FastPath.parse(args.fast_path)
+        FastPath.parse(fast_path)
     except ValueError as err:
         raise ConfigError("--fast-path", str(err)) from None
     device = pick_device(args.device, topology.local_rank)
@@ -171,7 +173,7 @@ def run(
         if topology.local_rank == 0:
             metrics.serve(cfg.metrics.port)
     options = loop.RunOptions(
-        args.groups, args.attention, args.summary, args.metrics_linger, args.fast_path
+        args.groups, args.attention, args.summary, args.metrics_linger, fast_path
     )
     state = loop.setup(cfg, dims, topology, device, backend, options, metrics)
     log.info(

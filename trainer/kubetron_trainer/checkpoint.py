@@ -152,6 +152,44 @@ def _init_fresh_optimizer_state(optimizer: Any) -> None:
                 inner.state[param].setdefault("step", torch.tensor(0.0))
 
 
+def _inner_torch_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    inners = (
+        getattr(o, "optimizer", None) for o in getattr(optimizer, "chained_optimizers", [optimizer])
+    )
+    return [o for o in inners if isinstance(o, torch.optim.Optimizer)]
+
+
+def _steps_to_floats(opt: torch.optim.Optimizer) -> None:
+    for state in opt.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = float(state["step"])
+
+
+@contextmanager
+def steps_aside_while_loading(optimizer: Any) -> Iterator[None]:
+    """Keep torch Adam's per-parameter `step` out of Megatron's parameter-state copy.
+
+    Megatron-Core 0.19's DistributedOptimizer.load_state_dict without Transformer Engine or
+    Apex first loads the torch optimizer (every parameter's state then holds a tensor `step`),
+    then copies each saved tensor into the state's tensors by key from a source that has no
+    `step`: KeyError 'step' (seen on an H100 resuming a fully_reshardable checkpoint). A
+    post-hook on the torch optimizer's own load turns each `step` into a float, which that copy
+    skips; on the way out the steps become fp32 tensors again (torch Adam needs tensors).
+    """
+    inners = _inner_torch_optimizers(optimizer)
+    hooks = [opt.register_load_state_dict_post_hook(_steps_to_floats) for opt in inners]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for opt in inners:
+            for state in opt.state.values():
+                step = state.get("step")
+                if step is not None and not isinstance(step, torch.Tensor):
+                    state["step"] = torch.tensor(float(step), dtype=torch.float32)
+
+
 def _rng_state(device: torch.device) -> dict[str, Any]:
     state: dict[str, Any] = {
         "random": random.getstate(),
@@ -256,7 +294,8 @@ class Checkpointer:
         else:
             for i, chunk in enumerate(self.chunks):
                 chunk.load_state_dict(loaded[f"model{i}"])
-        self.optimizer.load_state_dict(loaded["optimizer"])
+        with steps_aside_while_loading(self.optimizer):
+            self.optimizer.load_state_dict(loaded["optimizer"])
         self.scheduler.load_state_dict(loaded["scheduler"])
         _set_rng_state(loaded["rng_state"])
         if loaded["iteration"] != step:

@@ -33,10 +33,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kubetron_trainer.config import FAST_PATH_PIECES
+
 if TYPE_CHECKING:
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-PIECES = ("ce", "norm", "rope", "cudnn", "wgrad", "adam")
+PIECES = FAST_PATH_PIECES
 
 
 @dataclass(frozen=True)
