@@ -53,8 +53,8 @@ COPY trainer/ trainer/
 # NGC images set PIP_CONSTRAINT to a file pinning the torch, NCCL and Transformer Engine they
 # ship, so this adds Megatron-Core and kubetron without replacing NVIDIA's CUDA build of torch.
 # DL3013 (pin versions): this is the local project; pyproject.toml bounds its dependencies.
-# hadolint ignore=DL3013
 # [fast]: liger-kernel (pure Python + Triton) for recipe.fastPath when TE is absent.
+# hadolint ignore=DL3013
 RUN pip install ".[trainer,fast]" \
     && python -c "import torch, megatron.core, kubetron_trainer; print(torch.__version__)"
 # A non-root user with a home for Triton/Transformer Engine caches (UID 1000 is Ubuntu's own).

@@ -15,7 +15,7 @@ invocation on the same machine:
 The first two steps are warmup and excluded from tokens/s, MFU and the step times. Losses of
 all steps are recorded, so baseline and optimised can be compared step by step.
 
-    python benchmarks/trainer_throughput.py --fast-path on --fast-micro-batch 2 --profile \
+    python benchmarks/trainer_throughput.py --fast-path on --fast-micro-batch 4 --profile \
         --steps 20 --output benchmarks/results/trainer_h100.json
 """
 

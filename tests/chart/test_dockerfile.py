@@ -112,7 +112,7 @@ def test_targets_bases_and_users() -> None:
     assert 'ENTRYPOINT ["kubetron-operator"]' in operator
     build = " ".join(st["operator-build"])
     assert '".[operator]"' in build and "trainer]" not in build and "torch" not in build
-    assert '".[trainer]"' in " ".join(st["trainer"])
+    assert '".[trainer,fast]"' in " ".join(st["trainer"])
 
 
 def test_dockerignore_keeps_local_state_out() -> None:
