@@ -20,7 +20,14 @@ BASE: dict[str, Any] = {
 }
 
 _SECTIONS = {
-    "recipe": {"trainIters", "globalBatchSize", "microBatchSize", "seqLength", "precision"},
+    "recipe": {
+        "trainIters",
+        "globalBatchSize",
+        "microBatchSize",
+        "seqLength",
+        "precision",
+        "fastPath",
+    },
     "parallelism": {
         "tensor",
         "pipeline",

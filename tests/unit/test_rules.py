@@ -83,6 +83,12 @@ BAD: list[tuple[str, str | None, dict[str, object], list[str]]] = [
         ["spec.recipe.seqLength=1024 exceeds the model's maxPositionEmbeddings=512"],
     ),
     (
+        "fused-cross-entropy-with-tensor-parallel",
+        None,
+        {"tensor": 2, "fastPath": "ce,norm", "globalBatchSize": 8},
+        ["spec.recipe.fastPath lists ce", "needs spec.parallelism.tensor=1 (it is 2)"],
+    ),
+    (
         "sequence-parallel-without-tensor",
         None,
         {"sequenceParallel": True},

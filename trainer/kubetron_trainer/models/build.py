@@ -192,6 +192,9 @@ def build_model(
     fast = effective_fast_path(fast, backend, device)
     if fast.rope and arch.position_embedding_type != "rope":
         fast = replace(fast, rope=False)
+    if fast.ce and pg.tp.size() > 1:
+        log.warning("fast path: ce needs tensor parallel size 1; ce not applied")
+        fast = replace(fast, ce=False)
     if fast.wgrad and not (fast.ce or arch.untie_embeddings):
         log.warning("fast path: wgrad needs ce (or untied embeddings); wgrad not applied")
         fast = replace(fast, wgrad=False)
