@@ -41,6 +41,8 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.transformer.module import MegatronModule
 from torch.distributed.checkpoint import FileSystemWriter
 
+from kubetron_trainer.train_common import torch_optimizers
+
 log = logging.getLogger(__name__)
 LATEST = "latest"
 # How the distributed optimizer's state is saved. fully_reshardable stores it in model space
@@ -152,13 +154,6 @@ def _init_fresh_optimizer_state(optimizer: Any) -> None:
                 inner.state[param].setdefault("step", torch.tensor(0.0))
 
 
-def _inner_torch_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
-    inners = (
-        getattr(o, "optimizer", None) for o in getattr(optimizer, "chained_optimizers", [optimizer])
-    )
-    return [o for o in inners if isinstance(o, torch.optim.Optimizer)]
-
-
 def _steps_to_floats(opt: torch.optim.Optimizer) -> None:
     for state in opt.state.values():
         if isinstance(state.get("step"), torch.Tensor):
@@ -176,7 +171,7 @@ def steps_aside_while_loading(optimizer: Any) -> Iterator[None]:
     post-hook on the torch optimizer's own load turns each `step` into a float, which that copy
     skips; on the way out the steps become fp32 tensors again (torch Adam needs tensors).
     """
-    inners = _inner_torch_optimizers(optimizer)
+    inners = torch_optimizers(optimizer)
     hooks = [opt.register_load_state_dict_post_hook(_steps_to_floats) for opt in inners]
     try:
         yield

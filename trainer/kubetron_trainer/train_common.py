@@ -26,6 +26,15 @@ class StepResult:
     ok: bool = True
 
 
+def torch_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    """The torch optimizers inside a Megatron optimizer (chained or not; each holds its torch
+    optimizer as `.optimizer`)."""
+    inners = (
+        getattr(o, "optimizer", None) for o in getattr(optimizer, "chained_optimizers", [optimizer])
+    )
+    return [o for o in inners if isinstance(o, torch.optim.Optimizer)]
+
+
 def masked_mean(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Mean language-model loss over the tokens the mask keeps (in fp32)."""
     mask = loss_mask.float()

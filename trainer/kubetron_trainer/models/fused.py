@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kubetron_trainer.config import FAST_PATH_PIECES
+from kubetron_trainer.train_common import torch_optimizers
 
 if TYPE_CHECKING:
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -212,13 +213,12 @@ def enable_wgrad_fusion(device: torch.device) -> str | None:
     return None
 
 
-def _torch_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
-    out: list[torch.optim.Optimizer] = []
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
-            out.append(inner)
-    return out
+def _adams(optimizer: Any) -> list[torch.optim.Optimizer]:
+    return [
+        o
+        for o in torch_optimizers(optimizer)
+        if isinstance(o, torch.optim.Adam | torch.optim.AdamW)
+    ]
 
 
 def use_fused_adam(optimizer: Any) -> int:
@@ -228,7 +228,7 @@ def use_fused_adam(optimizer: Any) -> int:
     on the parameter's device (moved here, and again after a checkpoint load by
     `fused_adam_state_to_device`).
     """
-    found = _torch_optimizers(optimizer)
+    found = _adams(optimizer)
     for opt in found:
         opt.defaults.update(fused=True, foreach=False)
         for group in opt.param_groups:
@@ -239,7 +239,7 @@ def use_fused_adam(optimizer: Any) -> int:
 
 def fused_adam_state_to_device(optimizer: Any) -> None:
     """Put each parameter's `step` where the fused Adam kernel reads it (fp32, on device)."""
-    for opt in _torch_optimizers(optimizer):
+    for opt in _adams(optimizer):
         for group in opt.param_groups:
             if not group.get("fused"):
                 continue
