@@ -63,6 +63,10 @@ class Engine(Protocol):
 
     def step(self, micro_batches: list[Batch | None]) -> StepResult: ...
 
+    def after_load(self) -> None:
+        """Called once a checkpoint has been loaded into the optimizer."""
+        ...
+
 
 @dataclass
 class Summary:
@@ -221,9 +225,7 @@ def train(run: Run) -> Summary:
     if run.checkpointer is not None and cfg.checkpoint.resume == "auto":
         start = run.checkpointer.load_latest()
         if start:
-            after_load = getattr(run.engine, "after_load", None)
-            if after_load is not None:
-                after_load()
+            run.engine.after_load()
     first, last = pg.pp.rank() == 0, pg.pp.rank() == pg.pp.size() - 1
     batches = build_batches(
         cfg,

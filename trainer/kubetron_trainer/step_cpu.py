@@ -182,5 +182,8 @@ class CpuEngine:
         self.chunks = chunks
         self.optimizer = CpuOptimizer(chunks, cfg.recipe.optimizer, pg)
 
+    def after_load(self) -> None:
+        """Nothing to redo after a load on the CPU path."""
+
     def step(self, micro_batches: list[Batch | None]) -> StepResult:
         return cpu_train_step(self.chunks, self.optimizer, micro_batches)

@@ -33,13 +33,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kubetron_trainer.config import FAST_PATH_PIECES
+from kubetron_trainer.config import FAST_PATH_PIECES as PIECES
 from kubetron_trainer.train_common import torch_optimizers
 
 if TYPE_CHECKING:
     from megatron.core.transformer.transformer_config import TransformerConfig
-
-PIECES = FAST_PATH_PIECES
 
 
 @dataclass(frozen=True)
@@ -224,27 +222,18 @@ def _adams(optimizer: Any) -> list[torch.optim.Optimizer]:
 def use_fused_adam(optimizer: Any) -> int:
     """Switch the torch Adam(W) inside Megatron's optimizer to `fused=True`; returns how many.
 
-    The same update rule in one kernel per dtype group; the fused kernel wants each `step`
-    on the parameter's device (moved here, and again after a checkpoint load by
-    `fused_adam_state_to_device`).
+    The same update rule in one kernel per dtype group. Called again after a checkpoint load,
+    which brings the saved param groups (and CPU `step`s) back; the fused kernel wants each
+    `step` on the parameter's device.
     """
     found = _adams(optimizer)
     for opt in found:
         opt.defaults.update(fused=True, foreach=False)
         for group in opt.param_groups:
             group.update(fused=True, foreach=False)
-    fused_adam_state_to_device(optimizer)
-    return len(found)
-
-
-def fused_adam_state_to_device(optimizer: Any) -> None:
-    """Put each parameter's `step` where the fused Adam kernel reads it (fp32, on device)."""
-    for opt in _adams(optimizer):
-        for group in opt.param_groups:
-            if not group.get("fused"):
-                continue
             for param in group["params"]:
                 state = opt.state.get(param, {})
                 step = state.get("step")
                 if isinstance(step, torch.Tensor) and step.device != param.device:
                     state["step"] = step.to(param.device, torch.float32)
+    return len(found)
