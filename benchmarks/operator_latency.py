@@ -30,11 +30,11 @@ from tests.cluster.harness import (
     FAKE_NODE_SELECTOR,
     FAKE_NODE_TOLERATIONS,
     Cluster,
-    free_port,
     http_get,
     wait_until,
 )
 from tests.cluster.kubetron_fixtures import fake_gpu_job, install_kubetron
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "operator_latency.json"

@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "trainer"), str(ROOT / "operator")]
 
 from kubetron_trainer.config import PRESETS, RecipeSpec, TrainerConfig  # noqa: E402
-from tests.distributed.train_harness import free_port, launch  # noqa: E402
+from tests.distributed.train_harness import launch  # noqa: E402
+from tests.ports import free_port  # noqa: E402
 
 WARMUP = 2
 

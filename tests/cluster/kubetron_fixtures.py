@@ -23,10 +23,10 @@ from tests.cluster.harness import (
     FAKE_NODE_SELECTOR,
     FAKE_NODE_TOLERATIONS,
     Cluster,
-    free_port,
     http_get,
     wait_until,
 )
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "manifests" / "crds" / "kubetron.io_megatronjobs.yaml"

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.train_harness import ROOT, example_config, free_port
+from tests.distributed.train_harness import ROOT, example_config
+from tests.ports import free_port
 
 pytestmark = pytest.mark.distributed
 

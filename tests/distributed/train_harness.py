@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,15 +21,10 @@ import yaml
 
 from kubetron_operator.api.parse import parse_job
 from kubetron_operator.plan import plan
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "manifests/examples/gpt-tiny-cpu.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def example_config(**sections: dict[str, Any]) -> dict[str, Any]:

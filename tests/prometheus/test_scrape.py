@@ -40,7 +40,8 @@ from kubetron_operator.api.parse import load_documents, parse_job
 from kubetron_operator.plan import plan
 from kubetron_operator.render import render
 from tests.chart.helm import one, template
-from tests.cluster.harness import REPO_ROOT, Cluster, free_port, wait_until
+from tests.cluster.harness import REPO_ROOT, Cluster, wait_until
+from tests.ports import free_port
 from tests.prometheus.scrape import pod_monitor_job, service_monitor_job
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
