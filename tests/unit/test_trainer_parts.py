@@ -143,3 +143,81 @@ def test_adam_steps_are_floats_during_a_load_and_tensors_after() -> None:
     q.grad = torch.ones(4)
     fresh.step()  # torch Adam accepts the restored state
     assert float(fresh.state[q]["step"]) == 4.0
+
+
+def _megatron_style_load(opt: torch.optim.Optimizer, saved: list[dict[str, torch.Tensor]]) -> None:
+    """What Megatron-Core 0.19's DistributedOptimizer.load_state_dict does without TE or Apex,
+    through its own `_set_main_param_and_optimizer_states`: one shared `step` tensor put into
+    every parameter's state, torch's load, then a per-key copy of each saved shard."""
+    from types import SimpleNamespace
+
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    shared_step = torch.tensor(float(opt.param_groups[0].get("step", 3)))
+    empty = [{k: torch.zeros_like(v) for k, v in t.items() if k != "param"} for t in saved]
+    groups = opt.state_dict()["param_groups"]
+    opt.load_state_dict(
+        {
+            "state": {i: {**e, "step": shared_step} for i, e in enumerate(empty)},
+            "param_groups": groups,
+        }
+    )
+    model_params = [torch.nn.Parameter(torch.zeros(1)) for _ in saved]  # keys, as bf16 params are
+    host = SimpleNamespace(
+        optimizer=opt,
+        config=SimpleNamespace(use_precision_aware_optimizer_no_fp8_or_ds_fp8=False),
+        model_param_group_index_map={m: (0, i) for i, m in enumerate(model_params)},
+    )
+    with torch.no_grad():  # as in Megatron's checkpoint load
+        for model_param, tensors in zip(model_params, saved, strict=True):
+            DistributedOptimizer._set_main_param_and_optimizer_states(host, model_param, tensors)
+
+
+def test_megatron_distributed_optimizer_load_resumes_torch_adam_exactly() -> None:
+    """The H100 failure (KeyError 'step') through Megatron's own copy, and the workaround: after
+    it the optimizer continues exactly as one that was never interrupted."""
+    from kubetron_trainer.checkpoint import steps_aside_while_loading
+
+    class Wrapper:
+        def __init__(self, opt: torch.optim.Optimizer) -> None:
+            self.optimizer = opt
+
+    def grads(step: int) -> list[torch.Tensor]:
+        return [torch.full((4,), 0.1 * step + 0.5), torch.full((3,), 1.0 - 0.2 * step)]
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(3))]
+    trained = torch.optim.AdamW(params, lr=0.1)
+    for k in range(3):
+        for p, g in zip(params, grads(k), strict=True):
+            p.grad = g
+        trained.step()
+    saved = [
+        {
+            "param": p.detach().clone(),
+            **{k: trained.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")},
+        }
+        for p in params
+    ]
+
+    def fresh() -> tuple[list[torch.nn.Parameter], torch.optim.AdamW]:
+        ps = [torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(3))]
+        return ps, torch.optim.AdamW(ps, lr=0.1)
+
+    _, broken = fresh()
+    with pytest.raises(KeyError, match="step"):  # Megatron-Core 0.19.2 as it is
+        _megatron_style_load(broken, saved)
+
+    resumed_params, resumed = fresh()
+    with steps_aside_while_loading(Wrapper(resumed)):
+        _megatron_style_load(resumed, saved)
+    steps = [resumed.state[p]["step"] for p in resumed_params]
+    assert steps[0] is not steps[1]  # one tensor each: torch Adam increments them in place
+    for k in range(3, 6):
+        for ps in (params, resumed_params):
+            for p, g in zip(ps, grads(k), strict=True):
+                p.grad = g.clone()
+        trained.step()
+        resumed.step()
+    for a, b in zip(params, resumed_params, strict=True):
+        assert torch.equal(a, b)
