@@ -117,12 +117,15 @@ def test_metrics_of_other_local_ranks_only_count_tokens() -> None:
     assert m.registry.get_sample_value("kubetron_train_step", {"job": "job-b"}) is None
 
 
+class Wrapper:
+    """As Megatron's optimizers hold the torch one: as `.optimizer`."""
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        self.optimizer = opt
+
+
 def test_adam_steps_are_floats_during_a_load_and_tensors_after() -> None:
     from kubetron_trainer.checkpoint import steps_aside_while_loading
-
-    class Wrapper:  # Megatron's optimizers hold the torch one as `.optimizer`
-        def __init__(self, opt: torch.optim.Optimizer) -> None:
-            self.optimizer = opt
 
     p = torch.nn.Parameter(torch.ones(4))
     trained = torch.optim.AdamW([p], lr=0.1)
@@ -145,7 +148,9 @@ def test_adam_steps_are_floats_during_a_load_and_tensors_after() -> None:
     assert float(fresh.state[q]["step"]) == 4.0
 
 
-def _megatron_style_load(opt: torch.optim.Optimizer, saved: list[dict[str, torch.Tensor]]) -> None:
+def _megatron_style_load(
+    opt: torch.optim.Optimizer, saved: list[dict[str, torch.Tensor]], step: int
+) -> None:
     """What Megatron-Core 0.19's DistributedOptimizer.load_state_dict does without TE or Apex,
     through its own `_set_main_param_and_optimizer_states`: one shared `step` tensor put into
     every parameter's state, torch's load, then a per-key copy of each saved shard."""
@@ -153,7 +158,7 @@ def _megatron_style_load(opt: torch.optim.Optimizer, saved: list[dict[str, torch
 
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    shared_step = torch.tensor(float(opt.param_groups[0].get("step", 3)))
+    shared_step = torch.tensor(float(step))
     empty = [{k: torch.zeros_like(v) for k, v in t.items() if k != "param"} for t in saved]
     groups = opt.state_dict()["param_groups"]
     opt.load_state_dict(
@@ -178,17 +183,14 @@ def test_megatron_distributed_optimizer_load_resumes_torch_adam_exactly() -> Non
     it the optimizer continues exactly as one that was never interrupted."""
     from kubetron_trainer.checkpoint import steps_aside_while_loading
 
-    class Wrapper:
-        def __init__(self, opt: torch.optim.Optimizer) -> None:
-            self.optimizer = opt
-
     def grads(step: int) -> list[torch.Tensor]:
         return [torch.full((4,), 0.1 * step + 0.5), torch.full((3,), 1.0 - 0.2 * step)]
 
+    saved_at = 3
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(3))]
     trained = torch.optim.AdamW(params, lr=0.1)
-    for k in range(3):
+    for k in range(saved_at):
         for p, g in zip(params, grads(k), strict=True):
             p.grad = g
         trained.step()
@@ -206,14 +208,14 @@ def test_megatron_distributed_optimizer_load_resumes_torch_adam_exactly() -> Non
 
     _, broken = fresh()
     with pytest.raises(KeyError, match="step"):  # Megatron-Core 0.19.2 as it is
-        _megatron_style_load(broken, saved)
+        _megatron_style_load(broken, saved, step=saved_at)
 
     resumed_params, resumed = fresh()
     with steps_aside_while_loading(Wrapper(resumed)):
-        _megatron_style_load(resumed, saved)
+        _megatron_style_load(resumed, saved, step=saved_at)
     steps = [resumed.state[p]["step"] for p in resumed_params]
     assert steps[0] is not steps[1]  # one tensor each: torch Adam increments them in place
-    for k in range(3, 6):
+    for k in range(saved_at, saved_at + 3):
         for ps in (params, resumed_params):
             for p, g in zip(ps, grads(k), strict=True):
                 p.grad = g.clone()

@@ -41,7 +41,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.transformer.module import MegatronModule
 from torch.distributed.checkpoint import FileSystemWriter
 
-from kubetron_trainer.train_common import torch_optimizers
+from kubetron_trainer.train_common import megatron_optimizers, torch_optimizers
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
@@ -144,7 +144,7 @@ def _init_fresh_optimizer_state(optimizer: Any) -> None:
     init_state_fn plus a step; every value is replaced by the checkpoint's. The CPU optimizer
     has no init_state_fn and is left alone.
     """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for opt in megatron_optimizers(optimizer):
         inner, init = getattr(opt, "optimizer", None), getattr(opt, "init_state_fn", None)
         if inner is None or init is None:
             continue

@@ -26,12 +26,15 @@ class StepResult:
     ok: bool = True
 
 
+def megatron_optimizers(optimizer: Any) -> list[Any]:
+    """The optimizers a Megatron optimizer chains (itself when it chains none)."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
 def torch_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
-    """The torch optimizers inside a Megatron optimizer (chained or not; each holds its torch
-    optimizer as `.optimizer`)."""
-    inners = (
-        getattr(o, "optimizer", None) for o in getattr(optimizer, "chained_optimizers", [optimizer])
-    )
+    """The torch optimizers inside a Megatron optimizer (each holds its torch optimizer as
+    `.optimizer`)."""
+    inners = (getattr(o, "optimizer", None) for o in megatron_optimizers(optimizer))
     return [o for o in inners if isinstance(o, torch.optim.Optimizer)]
 
 
