@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export KUBETRON_CACHE ?= $(HOME)/.cache/kubetron
 
-.PHONY: setup test test-unit lint demo tools cluster-up cluster-down crd generate fmt
+.PHONY: setup test test-unit lint demo tools images cluster-up cluster-down crd generate fmt
 
 setup:
 	@bash hack/setup-venv.sh
@@ -12,8 +12,13 @@ setup:
 tools:
 	@bash hack/build-tools.sh
 
-# make test: unit + distributed + cluster tests; builds the control-plane binaries when missing.
-test: setup tools
+# The operator, CPU trainer and pause images from the Dockerfile (buildah, no daemon), as OCI
+# archives the real node's containerd imports; rebuilt only when their inputs change.
+images: tools
+	@bash hack/build-images.sh
+
+# make test: unit, distributed, cluster and e2e tests; builds the tools and images when missing.
+test: setup tools images
 	@bash hack/run-tests.sh
 
 test-unit: setup
@@ -35,10 +40,11 @@ generate crd: setup
 	@$(VENV)/bin/kubetron rbac > manifests/rbac/operator.yaml
 	@echo "wrote manifests/crds/, charts/kubetron/files/crds/ and manifests/rbac/"
 
-demo: setup
+# make demo: the CPU example through Kubernetes on the local cluster (kept up; DOWN=1 stops it).
+demo: setup tools images
 	@bash hack/demo.sh
 
-cluster-up: setup tools
+cluster-up: setup tools images
 	@$(PY) -m tests.cluster.harness up
 
 cluster-down: setup

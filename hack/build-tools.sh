@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the pinned control-plane binaries (hack/versions.env) from the Go module proxy into
 # $KUBETRON_CACHE/bin/<kubernetes version>/ so the cluster tests can run a real API server,
-# controller-manager, scheduler, etcd, kwok and the Kubeflow training-operator without Docker.
+# controller-manager, scheduler, etcd, kwok and the Kubeflow training-operator without Docker,
+# plus a slim CoreDNS for the cluster DNS.
 #
 # Idempotent: every binary has a stamp holding a hash of what it was built from; a second run
 # with nothing changed only checks stamps. The Kubernetes build is the slow one (tens of minutes
@@ -60,7 +61,7 @@ kube_ldflags() {
   echo "$flags"
 }
 
-KUBE_BINS=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+KUBE_BINS=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy)
 
 # Build the Kubernetes binaries into a staging dir, then move them into place and stamp them.
 build_kube() {
@@ -116,6 +117,26 @@ build_etcd() {
   echo "$want" >"$STAMPS/etcd"
 }
 
+# A slim CoreDNS: the wrapper module links only the plugins the test cluster uses.
+build_coredns() {
+  local dir="$HACK/go/coredns" want
+  if ! grep -q "^require github.com/coredns/coredns $COREDNS_VERSION\$" "$dir/go.mod"; then
+    log "coredns: $dir/go.mod does not require github.com/coredns/coredns $COREDNS_VERSION"
+    exit 1
+  fi
+  want=$(key coredns "$COREDNS_VERSION" "$dir/go.mod" "$dir/go.sum" "$dir/main.go")
+  if fresh "$want" coredns coredns; then
+    log "coredns $COREDNS_VERSION: up to date"
+    return
+  fi
+  log "coredns $COREDNS_VERSION: building"
+  (cd "$dir" && go build -p "$JOBS" -trimpath \
+    -ldflags "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION" \
+    -o "$BIN/coredns.new" .)
+  mv -f "$BIN/coredns.new" "$BIN/coredns"
+  echo "$want" >"$STAMPS/coredns"
+}
+
 # go_install NAME BINARY MODULE/PKG VERSION [LDFLAGS]: `go install` into the bin dir.
 go_install() {
   local name=$1 binary=$2 pkg=$3 version=$4 ldflags="-s -w ${5:-}" want
@@ -151,8 +172,12 @@ wait_kube() {
 
 main() {
   local start=$SECONDS
+  # Debian packages of the real worker node and of the image build (containerd, runc, CNI
+  # plugins, iptables, conntrack, buildah, mmdebstrap): apt-get only when one is missing.
+  bash "$HACK/install-node-deps.sh"
   start_kube
   build_etcd
+  build_coredns
   go_install kwok kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION" \
     "-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}"
   go_install training-operator training-operator.v1 \

@@ -33,6 +33,12 @@ Fixtures
 
 ``namespace`` (function scope) -> ``str``: a fresh namespace for one test, deleted afterwards.
 
+Real node: when this machine can run one (root, `make tools`, `make images`; see
+``tests/cluster/node.py``), the session's cluster also has a real worker node
+``kubetron-node`` (label ``kubetron.io/real-node=true``) whose pods run for real, from the images
+``make images`` built; ``cluster.node`` is then a ``node.RealNode`` (else None, and the e2e tests
+skip, or fail when $CI is set). ``KUBETRON_REAL_NODE=0`` turns it off.
+
 Fake GPU nodes: capacity ``nvidia.com/gpu: 8``, labels ``kubetron.io/fake-gpu=true`` and
 ``nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3``, taint ``kwok.x-k8s.io/node=fake:NoSchedule``.
 Pods reach them with ``harness.FAKE_NODE_SELECTOR`` and ``harness.FAKE_NODE_TOLERATIONS``. kwok
@@ -57,22 +63,28 @@ from collections.abc import Generator, Iterator
 
 import pytest
 
+from tests.cluster import node as realnode
 from tests.cluster.harness import (
-    REPO_ROOT,
+    KUBETRON_CRDS,
     Cluster,
     ClusterConfig,
     ClusterError,
+    cache_dir,
     default_bin_dir,
     missing_tools,
     running_cluster,
 )
 
-# kubetron's own CRDs, installed before the controller-manager starts (see ClusterConfig.crds).
-KUBETRON_CRDS = sorted((REPO_ROOT / "manifests" / "crds").glob("*.yaml"))
-
 
 def _in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def real_node_missing() -> list[str]:
+    """Why the session's cluster has no real node ([] when it has one)."""
+    if os.environ.get("KUBETRON_REAL_NODE", "1") == "0":
+        return ["KUBETRON_REAL_NODE=0"]
+    return realnode.missing_prerequisites(default_bin_dir(), cache_dir())
 
 
 def _require_tools() -> None:
@@ -97,11 +109,15 @@ def cluster() -> Iterator[Cluster]:
         yield existing
         return
     _require_tools()
-    started = Cluster.start(ClusterConfig(crds=[str(p) for p in KUBETRON_CRDS]))
+    config = ClusterConfig(crds=[str(p) for p in KUBETRON_CRDS], real_node=not real_node_missing())
+    started = Cluster.start(config)
     try:
         yield started
     finally:
         started.stop()
+    if config.real_node:  # teardown is tested on every run that had a real node
+        left = realnode.leftovers(started.workdir)
+        assert not left, f"the real node's teardown left: {left}"
 
 
 @pytest.fixture

@@ -9,7 +9,10 @@ $KUBETRON_CACHE/bin/<kubernetes version>/:
 - kube-controller-manager and kube-scheduler,
 - kwok, which fakes N GPU nodes (`nvidia.com/gpu: 8`) and the lifecycle of the pods bound to
   them (see kwok_stages.yaml: annotations pick when a pod ends and with which exit code),
-- the Kubeflow training-operator (PyTorchJob only), outside the cluster.
+- the Kubeflow training-operator (PyTorchJob only), outside the cluster,
+- optionally (ClusterConfig.real_node) a real worker node that runs pods: containerd, kubelet,
+  kube-proxy and CoreDNS on a bridge of its own (tests/cluster/node.py); the API server then
+  binds the bridge address so that pods reach it through the `kubernetes` Service.
 
 Every process listens on free loopback ports and writes only under one temp dir (plus, for the
 training-operator, a `tls.crt` it insists on in /tmp/k8s-webhook-server/serving-certs, created
@@ -48,10 +51,13 @@ from typing import Any
 
 import yaml
 
+from tests.cluster import node as realnode
 from tests.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VERSIONS_FILE = REPO_ROOT / "hack" / "versions.env"
+# kubetron's own CRDs, installed before the controller-manager starts (see ClusterConfig.crds).
+KUBETRON_CRDS = sorted((REPO_ROOT / "manifests" / "crds").glob("*.yaml"))
 KWOK_STAGES = Path(__file__).with_name("kwok_stages.yaml")
 
 REQUIRED_BINARIES = (
@@ -124,6 +130,11 @@ def missing_tools(bin_dir: Path) -> list[str]:
     """Binaries (and the PyTorchJob CRD) that `make tools` should have built but did not."""
     wanted = [*REQUIRED_BINARIES, PYTORCHJOB_CRD]
     return [name for name in wanted if not (bin_dir / name).is_file()]
+
+
+def containerd_root() -> Path:
+    """The real node's containerd root: persistent, so imported images survive clusters."""
+    return cache_dir() / "containerd"
 
 
 def state_file() -> Path:
@@ -243,11 +254,15 @@ def make_pki(directory: Path) -> Pki:
     pki = Pki(directory)
     _new_ca(pki)
     apiserver_sans = ",".join(
-        ["IP:127.0.0.1", "IP:10.0.0.1", "DNS:localhost", "DNS:kubernetes"]
+        ["IP:127.0.0.1", f"IP:{realnode.NODE_IP}", f"IP:{realnode.KUBERNETES_SERVICE_IP}"]
+        + ["DNS:localhost", "DNS:kubernetes"]
         + [f"DNS:kubernetes.default{s}" for s in ("", ".svc", ".svc.cluster.local")]
     )
     _new_leaf(pki, "apiserver", "/CN=kube-apiserver", "serverAuth", apiserver_sans)
     _new_leaf(pki, "admin", "/O=system:masters/CN=kubetron-admin", "clientAuth")
+    # The API server's identity towards kubelets (logs, exec, port-forward).
+    _new_leaf(pki, "apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet",
+              "clientAuth")  # fmt: skip
     webhook_sans = "DNS:training-operator.kubeflow.svc,DNS:localhost,IP:127.0.0.1"
     _new_leaf(pki, "webhook", "/CN=training-operator", "serverAuth", webhook_sans)
     _openssl(
@@ -389,6 +404,8 @@ class ClusterConfig:
     gpu_product: str = GPU_PRODUCT
     training_operator: bool = True
     startup_timeout: float = 90.0
+    # A real worker node (tests/cluster/node.py): needs root, `make tools` and `make images`.
+    real_node: bool = False
     # CRD files installed before kube-controller-manager starts, so that its garbage collector
     # watches them from the start (it rediscovers API resources only every 30 s).
     crds: list[str] = field(default_factory=list)
@@ -406,6 +423,7 @@ class Ports:
     kwok: int = field(default_factory=free_port)
     operator_probe: int = field(default_factory=free_port)
     operator_webhook: int = field(default_factory=free_port)
+    node: realnode.NodePorts = field(default_factory=realnode.NodePorts.pick)
 
 
 class Cluster:
@@ -432,7 +450,13 @@ class Cluster:
         self.ports = ports
         self.pki = Pki(workdir / "pki")
         self.kubeconfig = workdir / "kubeconfig"
-        self.server = f"https://127.0.0.1:{ports.apiserver}"
+        self.cache = cache_dir()
+        # With a real node the API server binds the bridge address, so pods can reach it.
+        self.address = realnode.NODE_IP if config.real_node else "127.0.0.1"
+        self.server = f"https://{self.address}:{ports.apiserver}"
+        self.node = (
+            realnode.RealNode(self, ports.node, containerd_root()) if config.real_node else None
+        )
         self.components: dict[str, Component] = {}
         self.created_outside: list[str] = []  # paths outside workdir we made (removed on stop)
         self.detached = False
@@ -459,6 +483,16 @@ class Cluster:
         missing = missing_tools(bin_dir)
         if missing:
             raise ClusterError(f"missing in {bin_dir}: {', '.join(missing)}; run `make tools`")
+        if config.real_node:
+            missing = realnode.missing_prerequisites(bin_dir, cache_dir())
+            if missing:
+                raise ClusterError(f"the real node needs: {'; '.join(missing)}")
+            busy = realnode.node_owner()
+            if busy is not None:
+                raise ClusterError(
+                    f"a real node is already running (cluster {busy}); one node per machine: "
+                    "`make cluster-down` stops the cluster of `make demo`/`make cluster-up`"
+                )
         workdir = Path(tempfile.mkdtemp(prefix="kubetron-cluster-"))
         cluster = cls(workdir, bin_dir, config, Ports())
         cluster.detached = detached
@@ -473,6 +507,10 @@ class Cluster:
 
     def _boot(self) -> None:
         (self.workdir / "logs").mkdir()
+        if self.node is not None:
+            with self._phase("network"):
+                realnode.claim_node(self.workdir)
+                realnode.network_up()
         with self._phase("pki"):
             make_pki(self.pki.dir)
             write_kubeconfig(self.kubeconfig, self.server, self.pki)
@@ -487,6 +525,9 @@ class Cluster:
             self._launch("kwok", self._kwok_argv())
             crds = self._apply_crds([self.bin_dir / PYTORCHJOB_CRD, *map(Path, self.config.crds)])
             self.apply(self._node_manifests())
+        if self.node is not None:
+            with self._phase("node"):
+                self.node.launch()
         with self._phase("crds"):
             self._wait_crds(crds)
         with self._phase("launch-controllers"):
@@ -500,6 +541,9 @@ class Cluster:
                 self._wait_training_operator()
         with self._phase("nodes"):
             self._wait_nodes_ready()
+        if self.node is not None:
+            with self._phase("real-node"):
+                self.node.wait_ready(self.config.startup_timeout)
 
     @contextlib.contextmanager
     def _phase(self, name: str) -> Iterator[None]:
@@ -511,6 +555,8 @@ class Cluster:
 
     def stop(self) -> None:
         """Stop every process started (reverse order), then remove the temp dir."""
+        if self.config.real_node:
+            realnode.teardown(self.workdir, containerd_root(), self._stop_component)
         for name in STOP_ORDER:
             component = self.components.get(name)
             if component is not None:
@@ -520,7 +566,15 @@ class Cluster:
                 p = Path(path)
                 p.rmdir() if p.is_dir() else p.unlink()
         self.created_outside.clear()
+        if self.config.real_node:
+            realnode.network_down()
+            realnode.release_node(self.workdir)
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _stop_component(self, name: str) -> None:
+        component = self.components.get(name)
+        if component is not None:
+            component.stop()
 
     def __enter__(self) -> Cluster:
         return self
@@ -591,12 +645,19 @@ class Cluster:
         return [
             self._bin("kube-apiserver"),
             f"--etcd-servers=http://127.0.0.1:{self.ports.etcd}",
-            f"--secure-port={self.ports.apiserver}", "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1", "--endpoint-reconciler-type=none",
+            f"--secure-port={self.ports.apiserver}", f"--bind-address={self.address}",
+            f"--advertise-address={self.address}",
+            # With a real node the `kubernetes` Service points at the bridge address (pods use
+            # it); without one there is no address pods could reach, so no endpoints at all.
+            f"--endpoint-reconciler-type={'lease' if self.node else 'none'}",
+            "--kubelet-preferred-address-types=InternalIP",
+            f"--kubelet-client-certificate={pki.apiserver_kubelet_client_crt}",
+            f"--kubelet-client-key={pki.apiserver_kubelet_client_key}",
+            f"--kubelet-certificate-authority={pki.ca_crt}",
             f"--cert-dir={self.workdir / 'apiserver-certs'}",
             f"--tls-cert-file={pki.apiserver_crt}", f"--tls-private-key-file={pki.apiserver_key}",
             f"--client-ca-file={pki.ca_crt}", "--authorization-mode=RBAC",
-            "--service-cluster-ip-range=10.0.0.0/24", "--allow-privileged=true",
+            f"--service-cluster-ip-range={realnode.SERVICE_CIDR}", "--allow-privileged=true",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={pki.sa_pub}",
             f"--service-account-signing-key-file={pki.sa_key}",
@@ -635,7 +696,8 @@ class Cluster:
             f"--cert-dir={self.workdir / 'kcm-certs'}", "--controllers=*",
             f"--service-account-private-key-file={pki.sa_key}", f"--root-ca-file={pki.ca_crt}",
             f"--cluster-signing-cert-file={pki.ca_crt}", f"--cluster-signing-key-file={pki.ca_key}",
-            "--use-service-account-credentials=false", "--service-cluster-ip-range=10.0.0.0/24",
+            "--use-service-account-credentials=false",
+            f"--service-cluster-ip-range={realnode.SERVICE_CIDR}",
         ]  # fmt: skip
 
     def _scheduler_argv(self) -> list[str]:
@@ -808,6 +870,8 @@ class Cluster:
             f"--health-probe-bind-address=127.0.0.1:{self.ports.operator_probe}",
             f"--webhook-server-port={self.ports.operator_webhook}", "--zap-log-level=info",
         ]  # fmt: skip
+        if self.node is not None:
+            argv += self.node.init_container_flags()
         self._launch("training-operator", argv, self._env({"TMPDIR": str(self.workdir)}))
 
     def _wait_training_operator(self) -> None:
@@ -913,7 +977,7 @@ class Cluster:
             Path(state["workdir"]),
             Path(state["bin_dir"]),
             ClusterConfig(**state["config"]),
-            Ports(**state["ports"]),
+            Ports(**{**state["ports"], "node": realnode.NodePorts(**state["ports"]["node"])}),
         )
         cluster.detached = True
         cluster.created_outside = list(state["created_outside"])
@@ -957,24 +1021,38 @@ def _raise_on_sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def cmd_up() -> int:
+def cmd_up(real_node: bool | None = None) -> int:
+    up(real_node)
+    return 0
+
+
+def up(real_node: bool | None = None) -> Cluster:
+    """Start the detached cluster (or return the one already up). `real_node`: None means "when
+    this machine can run one"; True fails with what is missing; False never starts one."""
     with _state_lock():
-        return _up()
+        return _up(real_node)
 
 
-def _up() -> int:
+def _up(real_node: bool | None) -> Cluster:
     running = running_cluster()
-    if running is not None:
+    if running is not None and (real_node is None or real_node == running.config.real_node):
         print(f"already up; state: {state_file()}", file=sys.stderr)
         print(running.kubeconfig)
-        return 0
+        return running
+    if running is not None:
+        print("the running cluster has a different node setup; restarting it", file=sys.stderr)
+        _down()
+    if real_node is None:
+        real_node = not realnode.missing_prerequisites(default_bin_dir(), cache_dir())
     if _read_state() is not None:
         _down()  # a half-dead earlier cluster: clean it up first
     # `timeout make cluster-up` sends SIGTERM: clean up instead of leaving processes behind.
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     started = time.monotonic()
     try:
-        cluster = Cluster.start(detached=True, state_path=state_file())
+        # No kubetron CRD: `make demo` installs it with the chart, as a user does.
+        config = ClusterConfig(real_node=real_node)
+        cluster = Cluster.start(config, detached=True, state_path=state_file())
     except BaseException:
         state_file().unlink(missing_ok=True)
         raise
@@ -983,7 +1061,7 @@ def _up() -> int:
     print(f"cluster ready in {elapsed:.1f}s ({phases}); state: {state_file()}", file=sys.stderr)
     print(f"  export KUBECONFIG={cluster.kubeconfig}", file=sys.stderr)
     print(cluster.kubeconfig)
-    return 0
+    return cluster
 
 
 def cmd_down() -> int:
@@ -1021,8 +1099,22 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("command", choices=["up", "down", "status"])
+    node = parser.add_mutually_exclusive_group()
+    node.add_argument(
+        "--real-node",
+        dest="real_node",
+        action="store_true",
+        default=None,
+        help="start the real worker node (fail if this machine cannot)",
+    )
+    node.add_argument(
+        "--no-real-node",
+        dest="real_node",
+        action="store_false",
+        help="only the control plane and the kwok nodes",
+    )
     args = parser.parse_args(argv)
-    commands = {"up": cmd_up, "down": cmd_down, "status": cmd_status}
+    commands = {"up": lambda: cmd_up(args.real_node), "down": cmd_down, "status": cmd_status}
     try:
         return commands[args.command]()
     except ClusterError as err:

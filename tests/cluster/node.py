@@ -1,0 +1,770 @@
+"""A real worker node beside the test control plane: containerd, kubelet, kube-proxy, CoreDNS.
+
+kwok nodes run no containers; this node does. It runs pods from images built locally from the
+project's Dockerfile (hack/build-images.sh), on a Linux bridge that exists only for it:
+
+    bridge kubetron0    10.213.0.1/24: the node's InternalIP and the pods' gateway
+    pods                10.213.0.16 - 10.213.0.250 (CNI bridge + host-local, no masquerade)
+    Services            10.213.1.0/24 (kubernetes = .1, kube-dns = .10), routed onto the bridge
+
+The API server binds the bridge address (reachable from pods through the `kubernetes` Service)
+and reaches the kubelet by InternalIP. Nothing leaves the bridge: a FORWARD rule drops whatever
+would be routed from it to another interface, CoreDNS has no forwarder, pods get no default
+route (their only route is the Service range). Needs root (the harness skips it without).
+
+Everything started is recorded so that `teardown()` removes it, and teardown also finds by name
+what an interrupted start may have left (the bridge, rules tagged with a comment, cgroups under
+/kubetron, mounts under our directories, shims started for our socket), so it is safe to run
+after a crash, twice, or with nothing to do. One real node per machine: the bridge name and the
+iptables chains of kube-proxy are machine-wide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from tests.ports import free_port
+
+if TYPE_CHECKING:
+    from tests.cluster.harness import Cluster
+
+BRIDGE = "kubetron0"
+NODE_IP = "10.213.0.1"
+NODE_CIDR = "10.213.0.0/24"
+POD_RANGE = ("10.213.0.16", "10.213.0.250")
+SERVICE_CIDR = "10.213.1.0/24"
+KUBERNETES_SERVICE_IP = "10.213.1.1"
+DNS_SERVICE_IP = "10.213.1.10"
+CLUSTER_DOMAIN = "cluster.local"
+NODE_NAME = "kubetron-node"
+NODE_LABEL = "kubetron.io/real-node"
+CGROUP_ROOT = "kubetron"  # kubelet's cgroupRoot: /kubetron in every v1 hierarchy
+RULE_COMMENT = "kubetron-test-node"  # tags our own iptables rules so teardown finds them
+CNI_NETWORK = "kubetron"
+STORAGE_CLASS = "kubetron-local"
+# Debian's containernetworking-plugins package.
+CNI_BIN_DIR = Path("/usr/lib/cni")
+NODE_PACKAGES = {"containerd": "containerd", "runc": "runc", "ctr": "containerd",
+                 "iptables": "iptables", "conntrack": "conntrack", "ip": "iproute2"}  # fmt: skip
+NODE_BINARIES = ("kubelet", "kube-proxy", "coredns")
+PAUSE_IMAGE_PREFIX = "localhost/kubetron/pause:"
+
+
+class NodeError(RuntimeError):
+    """The real node could not be set up (missing tools, root, images) or failed to start."""
+
+
+# --------------------------------------------------------------------------- prerequisites
+
+
+def images_manifest(cache: Path) -> list[dict[str, Any]]:
+    """The images hack/build-images.sh built ($KUBETRON_CACHE/images/images.json), or []."""
+    path = cache / "images" / "images.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    return list(data)
+
+
+def missing_prerequisites(bin_dir: Path, cache: Path) -> list[str]:
+    """What a real node needs and this machine lacks, each with the command that provides it."""
+    missing = []
+    if os.geteuid() != 0:
+        missing.append("root (the node creates a bridge, iptables rules, mounts and cgroups)")
+    for tool, package in NODE_PACKAGES.items():
+        if shutil.which(tool) is None:
+            missing.append(f"{tool} (Debian package {package}: make tools)")
+    if not (CNI_BIN_DIR / "bridge").is_file():
+        missing.append(f"CNI plugins in {CNI_BIN_DIR} (containernetworking-plugins: make tools)")
+    missing += [f"{b} (make tools)" for b in NODE_BINARIES if not (bin_dir / b).is_file()]
+    if not any(i["name"].startswith(PAUSE_IMAGE_PREFIX) for i in images_manifest(cache)):
+        missing.append("the pause image (make images)")
+    return missing
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def run(*argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise NodeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def dns_query(server: str, name: str, timeout: float = 1.0) -> list[str]:
+    """IPv4 addresses for `name` from `server`:53 (one UDP A query, no search domains)."""
+    qid = random.randrange(1 << 16)
+    question = b"".join(bytes([len(p)]) + p.encode() for p in name.rstrip(".").split(".")) + b"\0"
+    packet = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0) + question + struct.pack(">HH", 1, 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.sendto(packet, (server, 53))
+        reply = sock.recv(4096)
+    rid, flags, _qd, ancount = struct.unpack(">HHHH", reply[:8])
+    if rid != qid or flags & 0xF:
+        return []
+    offset = 12 + len(question) + 4
+    addresses = []
+    for _ in range(ancount):
+        if reply[offset] & 0xC0 == 0xC0:  # compressed name pointer
+            offset += 2
+        else:
+            while reply[offset]:
+                offset += reply[offset] + 1
+            offset += 1
+        rtype, _cls, _ttl, length = struct.unpack(">HHIH", reply[offset : offset + 10])
+        offset += 10
+        if rtype == 1 and length == 4:
+            addresses.append(socket.inet_ntoa(reply[offset : offset + 4]))
+        offset += length
+    return addresses
+
+
+# --------------------------------------------------------------------------- network
+
+
+def network_up() -> None:
+    """The bridge, its address, the Service route, forwarding and the rules that fence it."""
+    network_down()  # whatever an interrupted earlier run left
+    run("ip", "link", "add", BRIDGE, "type", "bridge")
+    run("ip", "addr", "add", f"{NODE_IP}/24", "dev", BRIDGE)
+    run("ip", "link", "set", BRIDGE, "up")
+    # Traffic to Service IPs that kube-proxy does not (yet) translate stays on the bridge.
+    run("ip", "route", "add", SERVICE_CIDR, "dev", BRIDGE)
+    Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+    tag = ["-m", "comment", "--comment", RULE_COMMENT]
+    for rule in (
+        ["FORWARD", "-i", BRIDGE, "!", "-o", BRIDGE, *tag, "-j", "DROP"],
+        ["FORWARD", "-o", BRIDGE, "!", "-i", BRIDGE, *tag, "-j", "DROP"],
+    ):
+        run("iptables", "-I", *rule)
+
+
+def _delete_tagged_rules(binary: str) -> None:
+    for table in ("filter", "nat", "mangle"):
+        listing = run(binary, "-t", table, "-S", check=False).stdout.splitlines()
+        for line in listing:
+            if RULE_COMMENT in line and line.startswith("-A "):
+                args = line[3:].split()
+                # -S prints the comment quoted only when it has spaces; ours has none.
+                run(binary, "-t", table, "-D", *args, check=False)
+
+
+def _delete_kube_chains(binary: str) -> None:
+    """kube-proxy's KUBE-* chains (its --cleanup needs ipset, which this machine lacks)."""
+    for table in ("filter", "nat", "mangle"):
+        listing = run(binary, "-t", table, "-S", check=False).stdout.splitlines()
+        for line in listing:  # first the jumps from the built-in chains into ours
+            parts = line.split()
+            if line.startswith("-A ") and not parts[1].startswith("KUBE-") and "KUBE-" in line:
+                run(binary, "-t", table, "-D", *parts[1:], check=False)
+        chains = [ln.split()[1] for ln in listing if ln.startswith("-N KUBE-")]
+        for chain in chains:
+            run(binary, "-t", table, "-F", chain, check=False)
+        for chain in chains:
+            run(binary, "-t", table, "-X", chain, check=False)
+
+
+def network_down() -> None:
+    """Remove the bridge (and with it its address and route), our rules and kube-proxy's."""
+    if Path(f"/sys/class/net/{BRIDGE}").exists():
+        run("ip", "link", "del", BRIDGE, check=False)
+    for binary in ("iptables", "ip6tables"):
+        if shutil.which(binary):
+            _delete_tagged_rules(binary)
+            _delete_kube_chains(binary)
+
+
+# --------------------------------------------------------------------------- cleanup by search
+
+
+def _mounts_under(roots: list[Path]) -> list[str]:
+    prefixes = [str(r.resolve()) + "/" for r in roots if r.exists()] + [str(r) + "/" for r in roots]
+    found = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        target = line.split()[1].replace("\\040", " ")
+        if any(target.startswith(p) or target + "/" == p for p in prefixes):
+            found.append(target)
+    return sorted(set(found), key=len, reverse=True)
+
+
+def unmount_under(roots: list[Path]) -> None:
+    """Unmount everything mounted below `roots`, deepest first (lazily, if busy)."""
+    for _ in range(3):
+        targets = _mounts_under(roots)
+        if not targets:
+            return
+        for target in targets:
+            if run("umount", target, check=False).returncode != 0:
+                run("umount", "-l", target, check=False)
+
+
+def kill_processes_mentioning(needle: str) -> None:
+    """SIGKILL processes whose command line contains `needle` (our socket or directory)."""
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if needle in cmdline:
+            with contextlib.suppress(OSError):
+                os.kill(int(entry.name), 9)
+
+
+def remove_cgroups() -> None:
+    """Remove /sys/fs/cgroup/<controller>/kubetron trees, deepest first (procs killed before)."""
+    base = Path("/sys/fs/cgroup")
+    for hierarchy in base.iterdir() if base.exists() else []:
+        root = hierarchy / CGROUP_ROOT
+        if not root.is_dir():
+            continue
+        dirs = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+        for d in [*dirs, root]:
+            for _ in range(20):
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:  # processes still exiting
+                    time.sleep(0.1)
+
+
+def remove_netns(prefix: str = "cni-") -> None:
+    """Network namespaces the CRI made for pods (their veths go with them)."""
+    netns_dir = Path("/run/netns")
+    if not netns_dir.is_dir():
+        return
+    for ns in netns_dir.iterdir():
+        if ns.name.startswith(prefix):
+            run("ip", "netns", "del", ns.name, check=False)
+            with contextlib.suppress(OSError):
+                run("umount", "-l", str(ns), check=False)
+                ns.unlink()
+
+
+# --------------------------------------------------------------------------- one per machine
+
+OWNER_FILE = Path("/run/kubetron-node")
+
+
+def _alive(workdir: Path) -> bool:
+    needle = f"{workdir}/node/".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if needle in (entry / "cmdline").read_bytes():
+                    return True
+    return False
+
+
+def node_owner() -> str | None:
+    """The workdir of the cluster whose real node runs on this machine, or None.
+
+    A node left by a crashed run (its processes gone) is cleaned up here instead.
+    """
+    try:
+        workdir = Path(OWNER_FILE.read_text().strip())
+    except FileNotFoundError:
+        workdir = None
+    if workdir is not None and _alive(workdir):
+        return str(workdir)
+    if workdir is not None:
+        teardown(workdir, containerd_root=None, stop=lambda name: None)
+    network_down()
+    OWNER_FILE.unlink(missing_ok=True)
+    return None
+
+
+def claim_node(workdir: Path) -> None:
+    OWNER_FILE.write_text(f"{workdir}\n")
+
+
+def release_node(workdir: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if OWNER_FILE.read_text().strip() == str(workdir):
+            OWNER_FILE.unlink()
+
+
+# --------------------------------------------------------------------------- the node
+
+
+@dataclass
+class NodePorts:
+    kubelet: int
+    kubelet_healthz: int
+    proxy_healthz: int
+    proxy_metrics: int
+    dns_health: int
+    dns_ready: int
+
+    @classmethod
+    def pick(cls) -> NodePorts:
+        return cls(*(free_port() for _ in range(6)))
+
+
+class RealNode:
+    """Configuration and processes of the real node of one Cluster."""
+
+    def __init__(self, cluster: Cluster, ports: NodePorts, containerd_root: Path):
+        self.cluster = cluster
+        self.ports = ports
+        self.dir = cluster.workdir / "node"
+        self.containerd_root = containerd_root  # persistent: imported images survive clusters
+        self.socket = self.dir / "containerd" / "containerd.sock"
+
+    # ------------------------------------------------------------------ certificates
+
+    def make_certs(self) -> None:
+        from tests.cluster.harness import _new_leaf
+
+        pki = self.cluster.pki
+        node = f"/O=system:nodes/CN=system:node:{NODE_NAME}"
+        _new_leaf(pki, "kubelet-client", node, "clientAuth")
+        _new_leaf(pki, "kubelet-serving", f"/CN={NODE_NAME}", "serverAuth",
+                  f"IP:{NODE_IP},DNS:{NODE_NAME}")  # fmt: skip
+        _new_leaf(pki, "kube-proxy", "/CN=system:kube-proxy", "clientAuth")
+        _new_leaf(pki, "coredns", "/CN=kubetron:coredns", "clientAuth")
+
+    def _kubeconfig(self, name: str) -> Path:
+        from tests.cluster.harness import _b64
+
+        pki = self.cluster.pki
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "c", "cluster": {
+                "server": self.cluster.server, "certificate-authority-data": _b64(pki.ca_crt)}}],
+            "users": [{"name": "u", "user": {
+                "client-certificate-data": _b64(pki.dir / f"{name}.crt"),
+                "client-key-data": _b64(pki.dir / f"{name}.key")}}],
+            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+            "current-context": "c",
+        }  # fmt: skip
+        path = _write(self.dir / f"{name}.kubeconfig", yaml.safe_dump(config))
+        path.chmod(0o600)
+        return path
+
+    # ------------------------------------------------------------------ containerd
+
+    def _containerd_config(self) -> Path:
+        state = self.dir / "containerd" / "state"
+        pause = self.pause_image()
+        cni_conf = self.dir / "cni" / "net.d"
+        cni = {
+            "cniVersion": "0.4.0",
+            "name": CNI_NETWORK,
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": BRIDGE,
+                    "isGateway": False,  # the harness owns the bridge and its address
+                    "ipMasq": False,
+                    "hairpinMode": True,
+                    "ipam": {
+                        "type": "host-local",
+                        "dataDir": str(self.dir / "cni" / "ipam"),
+                        "ranges": [[{"subnet": NODE_CIDR, "rangeStart": POD_RANGE[0],
+                                     "rangeEnd": POD_RANGE[1], "gateway": NODE_IP}]],
+                        # No default route: pods reach only the bridge and the Service range.
+                        "routes": [{"dst": SERVICE_CIDR, "gw": NODE_IP}],
+                    },
+                },
+            ],  # the CRI sets up each pod's loopback itself
+        }  # fmt: skip
+        _write(cni_conf / "10-kubetron.conflist", json.dumps(cni, indent=2))
+        text = f"""
+version = 2
+root = "{self.containerd_root}"
+state = "{state}"
+oom_score = 0
+[grpc]
+  address = "{self.socket}"
+[ttrpc]
+  address = "{self.socket}.ttrpc"
+[debug]
+  level = "info"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{self.dir / "containerd" / "opt"}"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{pause}"
+  restrict_oom_score_adj = true
+  disable_apparmor = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{CNI_BIN_DIR}"
+    conf_dir = "{cni_conf}"
+    max_conf_num = 1
+"""
+        return _write(self.dir / "containerd.toml", text)
+
+    def pause_image(self) -> str:
+        return self.image(PAUSE_IMAGE_PREFIX)
+
+    def ctr(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        return run("ctr", "--address", str(self.socket), "-n", "k8s.io", *args, timeout=timeout)
+
+    def start_containerd(self) -> None:
+        self.containerd_root.mkdir(parents=True, exist_ok=True)
+        config = self._containerd_config()
+        # Pulls go to a proxy that is not there: nothing leaves the machine, and an image that
+        # was not built and imported fails at once with ErrImagePull instead of hanging.
+        dead_proxy = "http://127.0.0.1:9"
+        env = self.cluster._env({"HTTP_PROXY": dead_proxy, "HTTPS_PROXY": dead_proxy,
+                                 "NO_PROXY": "", "http_proxy": dead_proxy,
+                                 "https_proxy": dead_proxy, "no_proxy": ""})  # fmt: skip
+        self.cluster._launch("containerd", ["containerd", "--config", str(config)], env)
+        self.cluster.wait_for(
+            lambda: self.socket.exists() and self.ctr("version", timeout=5),
+            timeout=60,
+            what="containerd",
+        )
+
+    def import_images(self) -> list[str]:
+        """Import every built image whose archive containerd does not hold yet; return names.
+
+        An image is current when containerd has its name with the label of the archive's
+        inputs hash, so a rebuilt image (new hash) is imported again under the same name.
+        """
+        have = {}
+        for line in self.ctr("images", "ls").stdout.splitlines()[1:]:
+            parts = line.split()
+            labels = parts[-1] if parts else ""
+            have[parts[0]] = labels
+        imported = []
+        for image in images_manifest(self.cluster.cache):
+            name, digest = image["name"], image["hash"]
+            if f"io.kubetron.inputs={digest}" in have.get(name, ""):
+                continue
+            archive = image["archive"]
+            if not Path(archive).is_file():
+                raise NodeError(f"image archive {archive} for {name} is missing; run `make images`")
+            self.ctr("images", "import", archive)
+            self.ctr("images", "label", name, f"io.kubetron.inputs={digest}")
+            imported.append(name)
+        return imported
+
+    # ------------------------------------------------------------------ kubelet
+
+    def _kubelet_config(self) -> Path:
+        pki = self.cluster.pki
+        config = {
+            "apiVersion": "kubelet.config.k8s.io/v1beta1",
+            "kind": "KubeletConfiguration",
+            "address": NODE_IP,
+            "port": self.ports.kubelet,
+            "readOnlyPort": 0,
+            "healthzBindAddress": "127.0.0.1",
+            "healthzPort": self.ports.kubelet_healthz,
+            "authentication": {
+                "anonymous": {"enabled": False},
+                "webhook": {"enabled": True},
+                "x509": {"clientCAFile": str(pki.ca_crt)},
+            },
+            "authorization": {"mode": "Webhook"},
+            "tlsCertFile": str(pki.dir / "kubelet-serving.crt"),
+            "tlsPrivateKeyFile": str(pki.dir / "kubelet-serving.key"),
+            "containerRuntimeEndpoint": f"unix://{self.socket}",
+            "cgroupDriver": "cgroupfs",
+            "cgroupRoot": f"/{CGROUP_ROOT}",
+            "failCgroupV1": False,
+            "failSwapOn": False,
+            "oomScoreAdj": 0,  # no CAP_SYS_RESOURCE here: negative scores make runc fail
+            "resolvConf": "",  # the host's resolver is never copied into pods
+            "clusterDNS": [DNS_SERVICE_IP],
+            "clusterDomain": CLUSTER_DOMAIN,
+            "podLogsDir": str(self.dir / "pod-logs"),
+            "evictionHard": {"memory.available": "1%", "nodefs.available": "1%",
+                             "imagefs.available": "1%", "nodefs.inodesFree": "1%"},
+            "imageGCHighThresholdPercent": 100,
+            "imageGCLowThresholdPercent": 99,
+            "serializeImagePulls": False,
+            "maxPods": 40,
+            "syncFrequency": "10s",
+            "nodeStatusReportFrequency": "10s",
+            "fileCheckFrequency": "20s",
+        }  # fmt: skip
+        return _write(self.dir / "kubelet.yaml", yaml.safe_dump(config))
+
+    def start_kubelet(self) -> None:
+        argv = [
+            str(self.cluster.bin_dir / "kubelet"), f"--config={self._kubelet_config()}",
+            f"--kubeconfig={self._kubeconfig('kubelet-client')}",
+            f"--root-dir={self.dir / 'kubelet'}", f"--cert-dir={self.dir / 'kubelet-certs'}",
+            f"--hostname-override={NODE_NAME}", f"--node-ip={NODE_IP}",
+            f"--node-labels={NODE_LABEL}=true", "--v=1",
+        ]  # fmt: skip
+        self.cluster._launch("kubelet", argv)
+
+    # ------------------------------------------------------------------ kube-proxy
+
+    def start_kube_proxy(self) -> None:
+        config = {
+            "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+            "kind": "KubeProxyConfiguration",
+            "clientConnection": {"kubeconfig": str(self._kubeconfig("kube-proxy"))},
+            "mode": "iptables",
+            "clusterCIDR": NODE_CIDR,
+            "hostnameOverride": NODE_NAME,
+            "bindAddress": NODE_IP,
+            "healthzBindAddress": f"127.0.0.1:{self.ports.proxy_healthz}",
+            "metricsBindAddress": f"127.0.0.1:{self.ports.proxy_metrics}",
+            "nodePortAddresses": [f"{NODE_IP}/32"],
+            "iptables": {"localhostNodePorts": False, "masqueradeAll": False},
+            # Zero: kube-proxy leaves the host's conntrack settings alone.
+            "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s",
+                          "tcpCloseWaitTimeout": "0s"},
+        }  # fmt: skip
+        path = _write(self.dir / "kube-proxy.yaml", yaml.safe_dump(config))
+        self.cluster._launch("kube-proxy", [str(self.cluster.bin_dir / "kube-proxy"),
+                                            f"--config={path}", "--v=1"])  # fmt: skip
+
+    # ------------------------------------------------------------------ CoreDNS
+
+    def start_coredns(self) -> None:
+        kubeconfig = self._kubeconfig("coredns")
+        corefile = f"""
+.:53 {{
+    bind {NODE_IP}
+    errors
+    health 127.0.0.1:{self.ports.dns_health}
+    ready 127.0.0.1:{self.ports.dns_ready}
+    kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{
+        kubeconfig {kubeconfig}
+        pods insecure
+        fallthrough in-addr.arpa ip6.arpa
+        ttl 5
+    }}
+    cache 5 {{
+        denial 0
+    }}
+    loadbalance
+}}
+"""
+        path = _write(self.dir / "Corefile", corefile)
+        self.cluster._launch("coredns", [str(self.cluster.bin_dir / "coredns"), "-conf", str(path)])
+
+    def _cluster_objects(self) -> list[dict[str, Any]]:
+        """RBAC for the node and CoreDNS, the kube-dns Service and its endpoints, storage."""
+        dns_ports = [{"name": "dns", "port": 53, "protocol": "UDP"},
+                     {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]  # fmt: skip
+        return [
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+             "metadata": {"name": "kubetron:nodes"},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                         "name": "system:node"},
+             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group",
+                           "name": "system:nodes"}]},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+             "metadata": {"name": "kubetron:coredns"},
+             "rules": [{"apiGroups": [""], "resources": ["endpoints", "services", "pods",
+                                                        "namespaces"],
+                        "verbs": ["list", "watch"]},
+                       {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                        "verbs": ["list", "watch"]}]},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+             "metadata": {"name": "kubetron:coredns"},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                         "name": "kubetron:coredns"},
+             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
+                           "name": "kubetron:coredns"}]},
+            {"apiVersion": "v1", "kind": "Service",
+             "metadata": {"name": "kube-dns", "namespace": "kube-system",
+                          "labels": {"k8s-app": "kube-dns"}},
+             "spec": {"clusterIP": DNS_SERVICE_IP, "ports": dns_ports}},
+            {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+             "metadata": {"name": "kube-dns-host", "namespace": "kube-system",
+                          "labels": {"kubernetes.io/service-name": "kube-dns",
+                                     "endpointslice.kubernetes.io/managed-by": "kubetron-tests"}},
+             "addressType": "IPv4",
+             "endpoints": [{"addresses": [NODE_IP], "conditions": {"ready": True}}],
+             "ports": [{"name": p["name"], "port": 53, "protocol": p["protocol"]}
+                       for p in dns_ports]},
+            {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+             "metadata": {"name": STORAGE_CLASS},
+             "provisioner": "kubernetes.io/no-provisioner",
+             "volumeBindingMode": "Immediate", "reclaimPolicy": "Retain"},
+        ]  # fmt: skip
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def launch(self) -> None:
+        """containerd (and image import), then the node's processes; does not wait for Ready."""
+        self.make_certs()
+        self.start_containerd()
+        self.cluster.timings["images-imported"] = len(self.import_images())
+        self.cluster.apply(self._cluster_objects())
+        self.start_kubelet()
+        self.start_kube_proxy()
+        self.start_coredns()
+
+    def init_container_flags(self) -> list[str]:
+        """The training-operator's init container for PyTorchJob workers waits for the master's
+        DNS name with `nslookup` in alpine:3.10, which no registry here serves. Point it at the
+        locally built operator image (Debian: sh, seq, getent) and a template using getent,
+        which resolves short names through the pod's search domains as the trainer will."""
+        image = self.image("ghcr.io/kubetron/operator:")
+        template = [{
+            "name": "init-pytorch",
+            "image": "{{.InitContainerImage}}",
+            "imagePullPolicy": "IfNotPresent",
+            "resources": {"limits": {"cpu": "100m", "memory": "64Mi"},
+                          "requests": {"cpu": "10m", "memory": "16Mi"}},
+            "command": ["sh", "-c",
+                        "for i in $(seq {{.MaxTries}}); do getent hosts {{.MasterAddr}} && exit 0; "
+                        "echo waiting for master {{.MasterAddr}}; sleep 1; done; exit 1"],
+        }]  # fmt: skip
+        path = _write(self.dir / "pytorch-init-container.yaml", yaml.safe_dump(template))
+        return [f"--pytorch-init-container-image={image}",
+                f"--pytorch-init-container-template-file={path}"]  # fmt: skip
+
+    def image(self, prefix: str) -> str:
+        """The name of the built image starting with `prefix` (images.json)."""
+        for image in images_manifest(self.cluster.cache):
+            if image["name"].startswith(prefix):
+                return str(image["name"])
+        raise NodeError(f"no image {prefix}* is built; run `make images`")
+
+    def wait_ready(self, timeout: float) -> None:
+        self.cluster.wait_for(self._ready, timeout=timeout, what=f"node {NODE_NAME} Ready",
+                              interval=0.3)  # fmt: skip
+        self.cluster.wait_for(
+            lambda: self._http_ok(self.ports.proxy_healthz),
+            timeout=timeout,
+            what="kube-proxy /healthz (rules synced)",
+        )
+        # CoreDNS's ready endpoint answers before its listener does: ask a real question.
+        self.cluster.wait_for(
+            lambda: (
+                dns_query(NODE_IP, f"kubernetes.default.svc.{CLUSTER_DOMAIN}")
+                == [KUBERNETES_SERVICE_IP]
+            ),
+            timeout=timeout,
+            what=f"CoreDNS on {NODE_IP}:53 to resolve kubernetes.default",
+        )
+
+    @staticmethod
+    def _http_ok(port: int) -> bool:
+        from tests.cluster.harness import http_get
+
+        http_get(f"http://127.0.0.1:{port}/healthz")
+        return True
+
+    def _ready(self) -> bool:
+        node = self.cluster.api_get(f"/api/v1/nodes/{NODE_NAME}") or {}
+        conditions = {c["type"]: c["status"] for c in node.get("status", {}).get("conditions", [])}
+        taints = {t["key"] for t in node.get("spec", {}).get("taints", []) or []}
+        return conditions.get("Ready") == "True" and "node.kubernetes.io/not-ready" not in taints
+
+    def host_path_volume(self, name: str, size: str = "1Gi") -> dict[str, Any]:
+        """A ReadWriteMany PersistentVolume backed by a directory on this node (world-writable:
+        the trainer image runs as a non-root user). Bind a claim to it with `volumeName`."""
+        path = self.dir / "volumes" / name
+        path.mkdir(parents=True, exist_ok=True)
+        path.chmod(0o777)
+        return {
+            "apiVersion": "v1", "kind": "PersistentVolume",
+            "metadata": {"name": name, "labels": {"kubetron.io/test-volume": name}},
+            "spec": {"capacity": {"storage": size}, "accessModes": ["ReadWriteMany"],
+                     "persistentVolumeReclaimPolicy": "Retain", "storageClassName": STORAGE_CLASS,
+                     "hostPath": {"path": str(path), "type": "Directory"}},
+        }  # fmt: skip
+
+    def stop_containers(self) -> None:
+        """With containerd still up: kill and remove every pod container and sandbox."""
+        if not self.socket.exists():
+            return
+        with contextlib.suppress(NodeError, subprocess.TimeoutExpired):
+            tasks = self.ctr("tasks", "ls", "-q", timeout=20).stdout.split()
+            for task in tasks:
+                run("ctr", "--address", str(self.socket), "-n", "k8s.io", "tasks", "kill", "-a",
+                    "-s", "SIGKILL", task, check=False, timeout=20)  # fmt: skip
+            deadline = time.monotonic() + 10
+            for task in tasks:
+                while time.monotonic() < deadline:
+                    rm = run("ctr", "--address", str(self.socket), "-n", "k8s.io", "tasks", "rm",
+                             "-f", task, check=False, timeout=20)  # fmt: skip
+                    if rm.returncode == 0 or "not found" in rm.stderr:
+                        break
+                    time.sleep(0.2)
+            for container in self.ctr("containers", "ls", "-q", timeout=20).stdout.split():
+                run("ctr", "--address", str(self.socket), "-n", "k8s.io", "containers", "rm",
+                    container, check=False, timeout=20)  # fmt: skip
+
+
+def leftovers(workdir: Path | None = None) -> list[str]:
+    """What a node (of `workdir`, or any) left on this machine; [] after a clean teardown."""
+    found = []
+    if Path(f"/sys/class/net/{BRIDGE}").exists():
+        found.append(f"interface {BRIDGE}")
+    for binary in ("iptables", "ip6tables"):
+        for table in ("filter", "nat", "mangle"):
+            rules = run(binary, "-t", table, "-S", check=False).stdout
+            found += [f"{binary} -t {table} {ln}" for ln in rules.splitlines()
+                      if RULE_COMMENT in ln or "KUBE-" in ln]  # fmt: skip
+    base = Path("/sys/fs/cgroup")
+    found += [f"cgroup {h / CGROUP_ROOT}" for h in base.iterdir() if (h / CGROUP_ROOT).exists()]
+    netns = Path("/run/netns")
+    found += [f"netns {n.name}" for n in netns.iterdir()] if netns.is_dir() else []
+    if workdir is not None:
+        found += [f"mount {m}" for m in _mounts_under([workdir / "node"])]
+        if _alive(workdir):
+            found.append(f"processes of {workdir}/node")
+    return found
+
+
+def teardown(workdir: Path, containerd_root: Path | None, stop: Callable[[str], None]) -> None:
+    """Remove everything a real node of `workdir` made; safe after a crash or a partial start.
+
+    `stop(name)` stops one recorded process (the harness's Component.stop); what survives that
+    is found by its command line.
+    """
+    node_dir = workdir / "node"
+    socket_path = node_dir / "containerd" / "containerd.sock"
+    for name in ("coredns", "kube-proxy", "kubelet"):
+        stop(name)
+    if socket_path.exists():
+        shim = RealNode.__new__(RealNode)
+        shim.socket = socket_path
+        shim.stop_containers()
+    stop("containerd")
+    kill_processes_mentioning(str(socket_path))  # shims, if containerd died first
+    kill_processes_mentioning(str(node_dir))
+    time.sleep(0.3)
+    remove_netns()
+    unmount_under([node_dir] + ([containerd_root] if containerd_root else []))
+    remove_cgroups()
+    network_down()

@@ -1,0 +1,174 @@
+"""kubetron on a cluster with a real node, as a user installs and uses it: `helm install` of the
+chart (operator in a pod from the locally built image), a PersistentVolumeClaim for checkpoints,
+`kubectl apply` of a MegatronJob, and watching it. Shared by `make demo` (tests/e2e/demo.py)
+and the e2e tests, so the demo shows exactly what the tests check.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.cluster.harness import REPO_ROOT, Cluster, ClusterError, cache_dir
+from tests.cluster.node import NodeError, RealNode, images_manifest
+
+CHART = REPO_ROOT / "charts" / "kubetron"
+EXAMPLE = REPO_ROOT / "manifests" / "examples" / "gpt-tiny-cpu.yaml"
+OPERATOR_IMAGE = "ghcr.io/kubetron/operator:"
+TRAINER_CPU_IMAGE = "ghcr.io/kubetron/trainer:"
+FINAL_PHASES = ("Succeeded", "Failed")
+# A trainer's step line (kubetron_trainer.loop.Progress.line).
+STEP_LINE = re.compile(r"step (\d+)/(\d+) \| loss ([0-9.]+) .*? \| ([0-9,]+) tok/s")
+
+Obj = dict[str, Any]
+
+
+def built_image(prefix: str) -> str:
+    """The name of the image `make images` built with this prefix (trainer: the CPU build)."""
+    for image in images_manifest(cache_dir()):
+        name = str(image["name"])
+        if name.startswith(prefix) and (prefix != TRAINER_CPU_IMAGE or name.endswith("-cpu")):
+            return name
+    what = f"{prefix}*-cpu" if prefix == TRAINER_CPU_IMAGE else f"{prefix}*"
+    raise NodeError(f"image {what} is not built: run `make images`")
+
+
+def real_node(cluster: Cluster) -> RealNode:
+    if cluster.node is None:
+        raise NodeError("this cluster has no real node (ClusterConfig.real_node)")
+    return cluster.node
+
+
+def helm(cluster: Cluster, *args: str, timeout: float = 300) -> str:
+    argv = [str(cluster.bin_dir / "helm"), "--kubeconfig", str(cluster.kubeconfig), *args]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise ClusterError(f"helm {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
+    return proc.stdout
+
+
+def install_operator(
+    cluster: Cluster,
+    release: str = "kubetron",
+    namespace: str = "kubetron-system",
+    watch: list[str] | None = None,
+    crds: bool = True,
+) -> None:
+    """`helm upgrade --install` the chart with the built operator image; waits until it is
+    Available (its readiness probe passes only once it reaches the API server from the pod).
+    `crds=False` when the CRD is already there (the test session applies it at start)."""
+    repository, _, tag = built_image(OPERATOR_IMAGE).rpartition(":")
+    sets = {
+        "image.repository": repository,
+        "image.tag": tag,
+        "image.pullPolicy": "Never",  # imported into the node's containerd, never pulled
+        "crds.install": str(crds).lower(),
+    }
+    args = ["upgrade", "--install", release, str(CHART), "--namespace", namespace]
+    args += ["--create-namespace", "--wait", "--timeout", "180s"]
+    args += [a for key, value in sets.items() for a in ("--set", f"{key}={value}")]
+    if watch:
+        args += ["--set", f"watchNamespaces={{{','.join(watch)}}}"]
+    helm(cluster, *args)
+
+
+def uninstall_operator(
+    cluster: Cluster, release: str = "kubetron", namespace: str = "kubetron-system"
+) -> None:
+    helm(cluster, "uninstall", release, "--namespace", namespace, "--wait", "--timeout", "120s")
+
+
+def checkpoint_claim(cluster: Cluster, namespace: str, claim: str) -> Path:
+    """A ReadWriteMany claim `claim` in `namespace`, bound to a hostPath volume on the real
+    node; returns the volume's directory on the host (where the checkpoints land)."""
+    node = real_node(cluster)
+    pv = node.host_path_volume(f"{namespace}-{claim}")
+    spec = {
+        "accessModes": ["ReadWriteMany"],
+        "storageClassName": pv["spec"]["storageClassName"],
+        "volumeName": pv["metadata"]["name"],
+        "resources": {"requests": {"storage": "1Gi"}},
+    }
+    pvc = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": claim, "namespace": namespace},
+        "spec": spec,
+    }
+    cluster.apply([pv, pvc])
+    cluster.wait_for(
+        lambda: (
+            (cluster.get("pvc", claim, namespace) or {}).get("status", {}).get("phase") == "Bound"
+        ),
+        timeout=30,
+        what=f"PersistentVolumeClaim {namespace}/{claim} Bound",
+    )
+    return Path(pv["spec"]["hostPath"]["path"])
+
+
+def example_job(path: Path = EXAMPLE, **changes: Any) -> Obj:
+    """The example MegatronJob as written, with `changes` merged into its spec (dicts merge)."""
+    job: Obj = yaml.safe_load(path.read_text())
+    _merge(job["spec"], changes)
+    return job
+
+
+def _merge(into: Obj, changes: Obj) -> None:
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = copy.deepcopy(value)
+
+
+def phase(cluster: Cluster, namespace: str, name: str) -> str:
+    job = cluster.get("megatronjob", name, namespace) or {}
+    return str(job.get("status", {}).get("phase", ""))
+
+
+def wait_final(
+    cluster: Cluster,
+    namespace: str,
+    name: str,
+    timeout: float,
+    on_phase: Callable[[str, float], None] = lambda phase, elapsed: None,
+) -> Obj:
+    """Wait until the MegatronJob is Succeeded or Failed; report each phase change."""
+    started, seen = time.monotonic(), ""
+
+    def final() -> Obj | None:
+        nonlocal seen
+        job = cluster.get("megatronjob", name, namespace) or {}
+        current = str(job.get("status", {}).get("phase", ""))
+        if current and current != seen:
+            seen = current
+            on_phase(current, time.monotonic() - started)
+        return job if current in FINAL_PHASES else None
+
+    return cluster.wait_for(
+        final, timeout=timeout, what=f"MegatronJob {namespace}/{name} to finish", interval=1.0
+    )
+
+
+def pods(cluster: Cluster, namespace: str, job: str) -> list[Obj]:
+    selector = f"training.kubeflow.org/job-name={job}"
+    out = cluster.kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json").stdout
+    items: list[Obj] = json.loads(out)["items"]
+    return sorted(items, key=lambda p: p["metadata"]["name"])
+
+
+def logs(cluster: Cluster, namespace: str, pod: str, container: str = "pytorch") -> str:
+    return cluster.kubectl("logs", "-n", namespace, pod, "-c", container).stdout
+
+
+def steps(log: str) -> list[tuple[int, float, float]]:
+    """(step, loss, tokens/s) of every step line in a trainer log."""
+    return [(int(m[1]), float(m[3]), float(m[4].replace(",", ""))) for m in STEP_LINE.finditer(log)]

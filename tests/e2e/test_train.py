@@ -1,0 +1,123 @@
+"""`kubectl apply` of a MegatronJob trains, for real, through every part a user's cluster has: the
+operator in a pod (installed by `helm install` from the locally built image), the real
+training-operator, pods on the real node from the CPU trainer image, torchrun rendezvous through
+the master Service's DNS name, checkpoints on a PersistentVolume every pod mounts, resume of a
+second job from the first one's checkpoint, and a permanent failure named in the status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cluster import node as realnode
+from tests.cluster.harness import Cluster
+from tests.e2e import deploy
+
+pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.slow]
+
+CLAIM = "gpt-tiny-cpu-checkpoints"  # what manifests/examples/gpt-tiny-cpu.yaml mounts
+TRAIN_TIMEOUT = 900.0
+
+
+@pytest.fixture(scope="module")
+def trained(cluster: Cluster) -> Iterator[tuple[str, Path]]:
+    """A namespace watched by an operator that `helm install` put in a pod, with the example's
+    checkpoint claim; yields (namespace, the claim's directory on the host)."""
+    namespace = "e2e-train"
+    cluster.kubectl("create", "namespace", namespace)
+    release, operator_ns = "kubetron-e2e", "kubetron-e2e"
+    deploy.install_operator(cluster, release, operator_ns, watch=[namespace], crds=False)
+    volume = deploy.checkpoint_claim(cluster, namespace, CLAIM)
+    yield namespace, volume
+    deploy.uninstall_operator(cluster, release, operator_ns)
+    cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+
+
+def report(cluster: Cluster, namespace: str, name: str) -> str:
+    """Pods and the tail of each trainer log, for assertion messages."""
+    parts = []
+    for p in deploy.pods(cluster, namespace, name):
+        pod = p["metadata"]["name"]
+        proc = cluster.kubectl("logs", "-n", namespace, pod, "-c", "pytorch", check=False)
+        parts.append(f"--- {pod} {p['status'].get('phase')}\n{proc.stdout[-3000:]}{proc.stderr}")
+    return "\n".join(parts)
+
+
+def test_example_trains_to_succeeded_through_the_operator(
+    cluster: Cluster, trained: tuple[str, Path]
+) -> None:
+    namespace, volume = trained
+    job = deploy.example_job()
+    name = job["metadata"]["name"]
+    job["metadata"]["namespace"] = namespace
+    cluster.apply(job)
+    phases: list[str] = []
+    final = deploy.wait_final(
+        cluster, namespace, name, TRAIN_TIMEOUT, lambda p, _: phases.append(p)
+    )
+    assert final["status"]["phase"] == "Succeeded", report(cluster, namespace, name)
+    assert "Running" in phases
+
+    pods = deploy.pods(cluster, namespace, name)
+    assert [p["metadata"]["name"] for p in pods] == [f"{name}-master-0", f"{name}-worker-0"]
+    for p in pods:
+        assert p["spec"]["nodeName"] == realnode.NODE_NAME
+        assert p["status"]["phase"] == "Succeeded"
+    # The worker rendezvoused with the master through the master Service's DNS name: its init
+    # container waited for that name, and torchrun dialled it.
+    worker = pods[1]
+    env = {e["name"]: e.get("value") for e in worker["spec"]["containers"][0]["env"]}
+    assert env["PET_MASTER_ADDR"] == f"{name}-master-0"
+    init = worker["status"]["initContainerStatuses"][0]
+    assert init["state"]["terminated"]["exitCode"] == 0
+
+    # Both pods trained (each logs its own ranks' steps); the loss fell.
+    for p in pods:
+        steps = deploy.steps(deploy.logs(cluster, namespace, p["metadata"]["name"]))
+        assert steps and steps[-1][0] == 30, report(cluster, namespace, name)
+    master = deploy.steps(deploy.logs(cluster, namespace, pods[0]["metadata"]["name"]))
+    assert master[-1][1] < master[0][1]
+    assert all(tokens > 0 for _, _, tokens in master)
+
+    # The checkpoints are on the shared volume: saves at 10, 20 and 30, `latest` at 30.
+    assert (volume / "latest").read_text().strip() == "30"
+    assert {p.name for p in volume.iterdir()} >= {"iter_0000010", "iter_0000020", "iter_0000030"}
+
+
+def test_second_job_resumes_from_the_first_ones_checkpoint(
+    cluster: Cluster, trained: tuple[str, Path]
+) -> None:
+    namespace, volume = trained
+    if not (volume / "latest").exists():
+        pytest.skip("needs the checkpoint of test_example_trains_to_succeeded_through_the_operator")
+    job = deploy.example_job(recipe={"trainIters": 40})
+    job["metadata"] = {"name": "gpt-tiny-cpu-more", "namespace": namespace}
+    cluster.apply(job)
+    final = deploy.wait_final(cluster, namespace, "gpt-tiny-cpu-more", TRAIN_TIMEOUT)
+    assert final["status"]["phase"] == "Succeeded", report(cluster, namespace, "gpt-tiny-cpu-more")
+    log = deploy.logs(cluster, namespace, "gpt-tiny-cpu-more-master-0")
+    assert "(step 30)" in log and "resumed from" in log, log[-3000:]
+    steps = [s for s, _, _ in deploy.steps(log)]
+    assert steps and steps[0] > 30 and steps[-1] == 40
+    assert (volume / "latest").read_text().strip() == "40"
+
+
+def test_permanent_exit_code_fails_the_job_naming_pod_and_code(
+    cluster: Cluster, trained: tuple[str, Path]
+) -> None:
+    """A dataset that is not on the volume passes every check an API server can make; the
+    trainer exits 2 (permanent) and the MegatronJob says which pod and code."""
+    namespace, _ = trained
+    job = deploy.example_job(
+        data={"type": "indexed", "paths": [{"prefix": "/checkpoints/no/such/dataset"}]}
+    )
+    job["metadata"] = {"name": "gpt-tiny-cpu-bad-data", "namespace": namespace}
+    job["spec"]["checkpoint"]["path"] = "/checkpoints/bad-data"
+    cluster.apply(job)
+    final = deploy.wait_final(cluster, namespace, "gpt-tiny-cpu-bad-data", TRAIN_TIMEOUT)
+    assert final["status"]["phase"] == "Failed"
+    messages = " ".join(c.get("message", "") for c in final["status"]["conditions"])
+    assert "exited with code 2" in messages and "gpt-tiny-cpu-bad-data-" in messages, messages
