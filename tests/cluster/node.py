@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import random
+import shlex
 import shutil
 import socket
 import struct
@@ -154,12 +155,16 @@ def network_up() -> None:
     # Traffic to Service IPs that kube-proxy does not (yet) translate stays on the bridge.
     run("ip", "route", "add", SERVICE_CIDR, "dev", BRIDGE)
     Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+    # In the mangle table, which runs before kube-proxy's filter rules (they could accept first):
+    # nothing is routed off the bridge or onto it, and pods reach no host address but the
+    # node's (the API server and CoreDNS; Service IPs are translated to it before INPUT).
     tag = ["-m", "comment", "--comment", RULE_COMMENT]
     for rule in (
         ["FORWARD", "-i", BRIDGE, "!", "-o", BRIDGE, *tag, "-j", "DROP"],
         ["FORWARD", "-o", BRIDGE, "!", "-i", BRIDGE, *tag, "-j", "DROP"],
+        ["INPUT", "-i", BRIDGE, "!", "-d", NODE_IP, *tag, "-j", "DROP"],
     ):
-        run("iptables", "-I", *rule)
+        run("iptables", "-t", "mangle", "-I", *rule)
 
 
 def _delete_tagged_rules(binary: str) -> None:
@@ -167,17 +172,15 @@ def _delete_tagged_rules(binary: str) -> None:
         listing = run(binary, "-t", table, "-S", check=False).stdout.splitlines()
         for line in listing:
             if RULE_COMMENT in line and line.startswith("-A "):
-                args = line[3:].split()
-                # -S prints the comment quoted only when it has spaces; ours has none.
-                run(binary, "-t", table, "-D", *args, check=False)
+                run(binary, "-t", table, "-D", *shlex.split(line)[1:], check=False)
 
 
 def _delete_kube_chains(binary: str) -> None:
     """kube-proxy's KUBE-* chains (its --cleanup needs ipset, which this machine lacks)."""
     for table in ("filter", "nat", "mangle"):
         listing = run(binary, "-t", table, "-S", check=False).stdout.splitlines()
-        for line in listing:  # first the jumps from the built-in chains into ours
-            parts = line.split()
+        for line in listing:  # first the jumps from the built-in chains into kube-proxy's
+            parts = shlex.split(line)  # -S quotes comments with spaces
             if line.startswith("-A ") and not parts[1].startswith("KUBE-") and "KUBE-" in line:
                 run(binary, "-t", table, "-D", *parts[1:], check=False)
         chains = [ln.split()[1] for ln in listing if ln.startswith("-N KUBE-")]
@@ -234,6 +237,19 @@ def kill_processes_mentioning(needle: str) -> None:
         if needle in cmdline:
             with contextlib.suppress(OSError):
                 os.kill(int(entry.name), 9)
+
+
+def create_cgroups() -> None:
+    """kubelet's cgroupRoot must exist in every cgroup v1 hierarchy before it starts."""
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        _dev, target, fstype, *_ = line.split()
+        if fstype != "cgroup":
+            continue
+        root = Path(target) / CGROUP_ROOT
+        root.mkdir(exist_ok=True)
+        if (root / "cpuset.cpus").exists():  # a v1 cpuset starts empty: inherit the parent's
+            for name in ("cpuset.cpus", "cpuset.mems"):
+                (root / name).write_text((Path(target) / name).read_text())
 
 
 def remove_cgroups() -> None:
@@ -466,7 +482,7 @@ oom_score = 0
             have[parts[0]] = labels
         imported = []
         for image in images_manifest(self.cluster.cache):
-            name, digest = image["name"], image["hash"]
+            name, digest = image["name"], image["inputs"]
             if f"io.kubetron.inputs={digest}" in have.get(name, ""):
                 continue
             archive = image["archive"]
@@ -520,6 +536,7 @@ oom_score = 0
         return _write(self.dir / "kubelet.yaml", yaml.safe_dump(config))
 
     def start_kubelet(self) -> None:
+        create_cgroups()
         argv = [
             str(self.cluster.bin_dir / "kubelet"), f"--config={self._kubelet_config()}",
             f"--kubeconfig={self._kubeconfig('kubelet-client')}",
@@ -636,7 +653,10 @@ oom_score = 0
         DNS name with `nslookup` in alpine:3.10, which no registry here serves. Point it at the
         locally built operator image (Debian: sh, seq, getent) and a template using getent,
         which resolves short names through the pod's search domains as the trainer will."""
-        image = self.image("ghcr.io/kubetron/operator:")
+        try:
+            image = self.image("ghcr.io/kubetron/operator:")
+        except NodeError:  # without it PyTorchJob workers wait on alpine:3.10 (ErrImagePull)
+            return []
         template = [{
             "name": "init-pytorch",
             "image": "{{.InitContainerImage}}",
