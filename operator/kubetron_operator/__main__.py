@@ -17,6 +17,7 @@ import threading
 from collections.abc import Sequence
 
 import kopf
+from kopf._core.engines.peering import Identity
 
 from kubetron_operator.controller import Controller
 from kubetron_operator.handlers import make_registry
@@ -127,6 +128,9 @@ async def _run_kopf(
             clusterwide=settings.all_namespaces,
             namespaces=list(settings.namespaces),
             stop_flag=kopf_stop,
+            # Our identity (pod name), not kopf's guess: that calls getpass.getuser(), which
+            # fails for a UID with no passwd entry (the image's 65532) and no $USER.
+            identity=Identity(settings.identity),
         )
     finally:
         # kopf may stop on its own signal handling; release the thread waiting on the flag,

@@ -146,6 +146,9 @@ def _pod_spec(job: MegatronJob, plan: Plan) -> Obj:
     res = job.spec.resources
     spec: Obj = {
         "automountServiceAccountToken": False,  # trainers never talk to the API server
+        # No Docker-link variables: the namespace's Services (the job's own among them) would
+        # add <SERVICE>_PORT=tcp://... variables, and some names collide with real settings.
+        "enableServiceLinks": False,
         "containers": [_container(job, plan)],
         "volumes": _volumes(job),
     }
