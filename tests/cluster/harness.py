@@ -1037,6 +1037,10 @@ def _up(real_node: bool | None) -> Cluster:
     running = running_cluster()
     if running is not None and (real_node is None or real_node == running.config.real_node):
         print(f"already up; state: {state_file()}", file=sys.stderr)
+        if running.node is not None:  # images rebuilt since it started
+            imported = running.node.import_images()
+            if imported:
+                print(f"imported rebuilt images: {', '.join(imported)}", file=sys.stderr)
         print(running.kubeconfig)
         return running
     if running is not None:

@@ -85,17 +85,19 @@ def show_results(cluster: Cluster, name: str, volume: Path) -> None:
                           "-l", f"training.kubeflow.org/job-name={name}").stdout  # fmt: skip
     for line in out.splitlines():
         print("    " + " ".join(line.split()[:7]))
-    for pod in deploy.pods(cluster, NAMESPACE, name):
-        pod_name = pod["metadata"]["name"]
-        steps = deploy.steps(deploy.logs(cluster, NAMESPACE, pod_name))
-        if not steps:
-            raise AssertionError(f"no step lines in the log of {pod_name}")
-        first, last = steps[0], steps[-1]
-        rate = sum(t for _, _, t in steps[1:]) / max(len(steps) - 1, 1)
-        print(f"    {pod_name}: steps {first[0]}..{last[0]}, loss {first[1]:.3f} -> "
-              f"{last[1]:.3f}, {rate:,.0f} tokens/s (mean after the first log)")  # fmt: skip
-        if last[1] >= first[1]:
-            raise AssertionError(f"the loss did not fall in {pod_name}")
+    master = f"{name}-master-0"  # global rank 0 logs the steps of the whole job
+    log = deploy.logs(cluster, NAMESPACE, master)
+    steps = deploy.steps(log)
+    if not steps:
+        raise AssertionError(f"no step lines in the log of {master}")
+    print(f"    $ kubectl logs {master} | grep step")
+    for step, loss, tokens in steps:
+        print(f"    step {step:3d}  loss {loss:.4f}  {tokens:8,.0f} tokens/s")
+    for line in log.splitlines():
+        if "kubetron trainer: rank=" in line or " done: " in line:
+            print("    " + line.split(" INFO ", 1)[-1])
+    if steps[-1][1] >= steps[0][1]:
+        raise AssertionError(f"the loss did not fall: {steps[0][1]} -> {steps[-1][1]}")
     latest = (volume / "latest").read_text().strip()
     saved = sorted(p.name for p in volume.iterdir() if p.is_dir())
     print(f"    checkpoints on the volume ({volume}): {', '.join(saved)}; latest -> {latest}")
