@@ -2,24 +2,42 @@
 # kubetron images. Two targets:
 #   docker build --target operator -t ghcr.io/kubetron/operator:0.1.0 .
 #   docker build --target trainer  -t ghcr.io/kubetron/trainer:0.1.0 .
-# The operator image holds only the operator's dependencies (no torch); the trainer image is
-# NVIDIA's NGC PyTorch image (CUDA, NCCL, Transformer Engine, torch built for them) plus
-# Megatron-Core and kubetron.
+# The operator image holds only the operator's dependencies (no torch). The trainer image is, by
+# default (the GPU build), NVIDIA's NGC PyTorch image (CUDA, NCCL, Transformer Engine, torch built
+# for them) plus Megatron-Core and kubetron.
+#
+# CPU build without a Docker daemon: hack/build-images.sh builds a Debian python base
+# (localhost/kubetron/python-base:<hash>, a venv on PATH like python:*-slim) and runs buildah with
+#   --build-arg PYTHON_IMAGE=localhost/kubetron/python-base:<hash>           (operator)
+#   --build-arg TRAINER_BASE=localhost/kubetron/python-base:<hash> \
+#   --build-arg TRAINER_PINS="torch==2.14.1 megatron-core==0.19.2"          (trainer: 0.1.0-cpu)
+# TRAINER_PINS are requirements-constraints.txt's pins, for bases that bring no torch of their own.
+#
+# Layer caching: each image installs its dependencies from pyproject.toml alone (an empty README and
+# empty package directories stand in for the rest), then copies the sources and installs kubetron
+# with --no-deps, so a source change does not reinstall torch. Pip's download cache is a build cache
+# mount, never part of an image.
 
 ARG PYTHON_IMAGE=python:3.12.12-slim-bookworm
-ARG NGC_PYTORCH_IMAGE=nvcr.io/nvidia/pytorch:25.09-py3
+ARG TRAINER_BASE=nvcr.io/nvidia/pytorch:25.09-py3
 
 # ---------------------------------------------------------------- operator: build stage
 FROM ${PYTHON_IMAGE} AS operator-build
-ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 # A virtual environment is easy to copy whole into the runtime stage, without pip in it.
 RUN python -m venv /opt/kubetron
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
+RUN --mount=type=cache,target=/root/.cache/pip \
+    mkdir -p operator trainer && touch README.md \
+    && /opt/kubetron/bin/python -m pip install ".[operator]" \
+    && /opt/kubetron/bin/python -m pip uninstall --yes kubetron \
+    && rm -rf build ./*.egg-info README.md operator trainer
+COPY README.md ./
 COPY operator/ operator/
 COPY trainer/ trainer/
-RUN /opt/kubetron/bin/python -m pip install ".[operator]"
+RUN --mount=type=cache,target=/root/.cache/pip \
+    /opt/kubetron/bin/python -m pip install --no-deps .
 
 # ---------------------------------------------------------------- operator: runtime
 FROM ${PYTHON_IMAGE} AS operator
@@ -38,27 +56,37 @@ EXPOSE 8080 8081
 ENTRYPOINT ["kubetron-operator"]
 
 # ---------------------------------------------------------------- trainer
-FROM ${NGC_PYTORCH_IMAGE} AS trainer
+FROM ${TRAINER_BASE} AS trainer
 LABEL org.opencontainers.image.title="kubetron-trainer" \
       org.opencontainers.image.description="kubetron trainer: Megatron-Core on torchrun" \
       org.opencontainers.image.source="https://github.com/kubetron/kubetron" \
       org.opencontainers.image.licenses="Apache-2.0"
-ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1
-WORKDIR /opt/kubetron/src
-COPY pyproject.toml README.md ./
-COPY operator/ operator/
-COPY trainer/ trainer/
-# NGC images set PIP_CONSTRAINT to a file pinning the torch, NCCL and Transformer Engine they
-# ship, so this adds Megatron-Core and kubetron without replacing NVIDIA's CUDA build of torch.
-# DL3013 (pin versions): this is the local project; pyproject.toml bounds its dependencies.
-# [fast]: liger-kernel (pure Python + Triton) for recipe.fastPath when TE is absent.
-# hadolint ignore=DL3013
-RUN pip install ".[trainer,fast]" \
-    && python -c "import torch, megatron.core, kubetron_trainer; print(torch.__version__)"
 # A non-root user with a home for Triton/Transformer Engine caches (UID 1000 is Ubuntu's own).
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin kubetron
+WORKDIR /opt/kubetron/src
+COPY pyproject.toml ./
+# NGC images set PIP_CONSTRAINT to a file pinning the torch, NCCL and Transformer Engine they
+# ship, so this adds Megatron-Core and kubetron without replacing NVIDIA's CUDA build of torch;
+# TRAINER_PINS (empty by default) adds pins for bases without a torch of their own.
+# DL3013 (pin versions): this is the local project; pyproject.toml bounds its dependencies.
+# [fast]: liger-kernel (pure Python + Triton) for recipe.fastPath when TE is absent.
+ARG TRAINER_PINS=""
+# hadolint ignore=DL3013
+RUN --mount=type=cache,target=/root/.cache/pip \
+    mkdir -p operator trainer && touch README.md \
+    && for pin in $TRAINER_PINS; do echo "$pin"; done >/tmp/kubetron-pins.txt \
+    && PIP_CONSTRAINT="${PIP_CONSTRAINT:-} /tmp/kubetron-pins.txt" pip install ".[trainer,fast]" \
+    && pip uninstall --yes kubetron \
+    && rm -rf /tmp/kubetron-pins.txt build ./*.egg-info README.md operator trainer
+COPY README.md ./
+COPY operator/ operator/
+COPY trainer/ trainer/
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install --no-deps . \
+    && rm -rf build ./*.egg-info \
+    && python -c "import torch, megatron.core, kubetron_trainer; print(torch.__version__)"
 WORKDIR /home/kubetron
 USER 10001:10001
 EXPOSE 9400

@@ -1,0 +1,3 @@
+module kubetron.local/hack/pause
+
+go 1.22
