@@ -130,8 +130,13 @@ def _phase(conditions: dict[str, Obj]) -> Phase:
     return Phase.PENDING
 
 
+# How much of a container's termination message a condition carries, per pod.
+MESSAGE_LIMIT = 300
+
+
 def describe_pod_failures(pods: list[Obj]) -> str:
-    """'worker-0 exited with code 1 (Error)' for every pod with a failed container."""
+    """'worker-0 exited with code 2 (Error): <the trainer's error>' for every pod with a failed
+    container (the message part only when the container left a termination message)."""
     out: list[str] = []
     for pod in sorted(pods, key=lambda p: p.get("metadata", {}).get("name", "")):
         labels = pod.get("metadata", {}).get("labels", {})
@@ -143,7 +148,11 @@ def describe_pod_failures(pods: list[Obj]) -> str:
             ).get("terminated")
             if term and term.get("exitCode", 0) != 0:
                 reason = term.get("reason") or "Error"
-                out.append(f"{replica}-{index} exited with code {term['exitCode']} ({reason})")
+                line = f"{replica}-{index} exited with code {term['exitCode']} ({reason})"
+                # The trainer's own error (kubetron_trainer.launch writes it as the
+                # termination message): what to fix, not just that it failed.
+                message = " ".join(str(term.get("message") or "").split())
+                out.append(f"{line}: {message[:MESSAGE_LIMIT]}" if message else line)
     return "; ".join(out)
 
 

@@ -108,7 +108,7 @@ def test_permanent_exit_code_fails_the_job_naming_pod_and_code(
     cluster: Cluster, trained: tuple[str, Path]
 ) -> None:
     """A dataset that is not on the volume passes every check an API server can make; the
-    trainer exits 2 (permanent) and the MegatronJob says which pod and code."""
+    trainer exits 2 (permanent) and the MegatronJob says which pod, which code and why."""
     namespace, _ = trained
     job = deploy.example_job(
         data={"type": "indexed", "paths": [{"prefix": "/checkpoints/no/such/dataset"}]}
@@ -119,4 +119,8 @@ def test_permanent_exit_code_fails_the_job_naming_pod_and_code(
     final = deploy.wait_final(cluster, namespace, "gpt-tiny-cpu-bad-data", TRAIN_TIMEOUT)
     assert final["status"]["phase"] == "Failed"
     messages = " ".join(c.get("message", "") for c in final["status"]["conditions"])
-    assert "exited with code 2" in messages and "gpt-tiny-cpu-bad-data-" in messages, messages
+    # The pod, the code and the trainer's own error (its termination message), naming the field.
+    assert (
+        "master-0 exited with code 2 (Error): rank-0: config field data.paths[0].prefix: "
+        "/checkpoints/no/such/dataset.bin does not exist" in messages
+    ), messages

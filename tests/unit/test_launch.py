@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from kubetron_trainer.launch import pod_exit_code
+from kubetron_trainer.launch import (
+    pod_exit_code,
+    read_worker_codes,
+    termination_message,
+    write_termination_message,
+)
 
 
 @pytest.mark.parametrize(
@@ -21,3 +28,30 @@ from kubetron_trainer.launch import pod_exit_code
 )
 def test_pod_exit_code(torchrun: int, workers: list[int], signalled: bool, expected: int) -> None:
     assert pod_exit_code(torchrun, workers, signalled) == expected
+
+
+def test_termination_message_is_the_root_cause_workers_error(tmp_path: Path) -> None:
+    codes = tmp_path / "codes"
+    codes.mkdir()
+    (codes / "rank-10").write_text("134\ngloo: connection closed by peer")
+    (codes / "rank-2").write_text("2\nconfig field data.paths[0].prefix: /d.bin does not exist")
+    (codes / "rank-3").write_text("2\nconfig field data.paths[0].prefix: /d.bin does not exist")
+    (codes / "rank-0").write_text("0\n")
+    workers = read_worker_codes(codes)
+    assert [c for c, _ in workers] == [0, 2, 2, 134]  # by rank number, not by name
+    code = pod_exit_code(1, [c for c, _ in workers], signalled=False)
+    message = termination_message(code, workers)
+    assert message == "rank-2: config field data.paths[0].prefix: /d.bin does not exist"
+
+    log = tmp_path / "termination-log"
+    write_termination_message(message, log)
+    assert not log.exists()  # only where Kubernetes provides the file
+    log.write_text("")
+    write_termination_message(message, log)
+    assert log.read_text() == message
+
+
+def test_old_style_code_files_without_a_message_still_count(tmp_path: Path) -> None:
+    (tmp_path / "rank-0").write_text("143\n")
+    assert read_worker_codes(tmp_path) == [(143, "")]
+    assert termination_message(143, [(143, "")]) == ""

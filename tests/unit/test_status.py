@@ -87,6 +87,18 @@ def test_invalid_status_names_problems_and_fails() -> None:
     assert cond["message"] == "a is wrong; b is wrong"
 
 
+def test_the_trainers_termination_message_is_in_the_failure() -> None:
+    pod = _failed_pod("Master", "0", 2)
+    term = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    term["message"] = (
+        "rank-0: config field data.paths[0].prefix:\n /d.bin does not exist" + "x" * 500
+    )
+    text = describe_pod_failures([pod])
+    assert text.startswith("master-0 exited with code 2 (Error): rank-0: config field ")
+    assert "prefix: /d.bin does not exist" in text  # whitespace folded to one line
+    assert len(text) < 400  # bounded: a condition is no log
+
+
 def test_running_pods_are_not_failures() -> None:
     pod = {"metadata": {"name": "p"}, "status": {"containerStatuses": [{"state": {"running": {}}}]}}
     assert describe_pod_failures([pod]) == ""

@@ -124,21 +124,22 @@ def main(argv: list[str] | None = None) -> int:
         else:
             kind = "retryable" if code.retryable else "not retryable"
             log.error("%s; exiting %d (%s)", err, code, kind)
-        record_exit_code(rank, code)
+        record_exit_code(rank, code, "" if code == ExitCode.OK else f"{err}")
         return int(code)
 
 
-def record_exit_code(rank: int, code: int) -> None:
-    """Leave this rank's code in `$KUBETRON_EXIT_CODE_DIR/rank-<r>` when the variable is set.
+def record_exit_code(rank: int, code: int, message: str = "") -> None:
+    """Leave this rank's code (first line) and the error that ended it (the rest) in
+    `$KUBETRON_EXIT_CODE_DIR/rank-<r>` when the variable is set.
 
     torchrun exits 1 whenever a worker fails or it is itself sent SIGTERM, which the PyTorchJob
-    `ExitCode` policy reads as permanent; a pod command can restore the workers' own codes
-    (e.g. the largest of these files) before exiting.
+    `ExitCode` policy reads as permanent; the pod command (kubetron_trainer.launch) restores the
+    workers' own codes and hands the message to Kubernetes as the termination message.
     """
     directory = os.environ.get("KUBETRON_EXIT_CODE_DIR")
     if directory:
         Path(directory).mkdir(parents=True, exist_ok=True)
-        (Path(directory) / f"rank-{rank}").write_text(f"{int(code)}\n")
+        (Path(directory) / f"rank-{rank}").write_text(f"{int(code)}\n{message}")
 
 
 def run(

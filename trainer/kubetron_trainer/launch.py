@@ -12,6 +12,7 @@ again), then the largest retryable code. Torch-free: it only starts processes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -42,13 +43,35 @@ def pod_exit_code(torchrun_code: int, worker_codes: Sequence[int], signalled: bo
     return SIGTERM_CODE if signalled else LOST_WORKER_CODE
 
 
-def read_worker_codes(directory: Path) -> list[int]:
-    codes: list[int] = []
-    for path in sorted(directory.glob("rank-*")):
-        text = path.read_text().strip()
-        if text.lstrip("-").isdigit():
-            codes.append(int(text))
+# Kubernetes reads a container's termination message from here (terminationMessagePath) and
+# shows it in the pod status, where the operator picks it up; at most 4096 bytes are kept.
+TERMINATION_LOG = Path("/dev/termination-log")
+MESSAGE_LIMIT = 1024
+
+
+def read_worker_codes(directory: Path) -> list[tuple[int, str]]:
+    """(code, message) of every worker that recorded one, by rank."""
+    codes: list[tuple[int, str]] = []
+    for path in sorted(directory.glob("rank-*"), key=lambda p: int(p.name.split("-")[1])):
+        first, _, message = path.read_text().partition("\n")
+        if first.strip().lstrip("-").isdigit():
+            codes.append((int(first), f"{path.name}: {message.strip()}" if message.strip() else ""))
     return codes
+
+
+def termination_message(code: int, workers: Sequence[tuple[int, str]]) -> str:
+    """The message of the first worker that exited with the pod's code (the root cause)."""
+    for worker_code, message in workers:
+        if worker_code == code and message:
+            return message[:MESSAGE_LIMIT]
+    return ""
+
+
+def write_termination_message(message: str, path: Path = TERMINATION_LOG) -> None:
+    """Best effort: outside Kubernetes the file does not exist, and that is fine."""
+    if message and path.exists():
+        with contextlib.suppress(OSError):
+            path.write_text(message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,9 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(sig, forward)
         torchrun_code = proc.wait()
         workers = read_worker_codes(Path(codes_dir))
-    code = pod_exit_code(torchrun_code, workers, signalled)
+    codes = [c for c, _ in workers]
+    code = pod_exit_code(torchrun_code, codes, signalled)
     if code != torchrun_code:
-        log.info("torchrun exited %d, workers %s: exiting %d", torchrun_code, workers, code)
+        log.info("torchrun exited %d, workers %s: exiting %d", torchrun_code, codes, code)
+    write_termination_message(termination_message(code, workers))
     return code
 
 
