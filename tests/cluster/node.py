@@ -57,6 +57,7 @@ CGROUP_ROOT = "kubetron"  # kubelet's cgroupRoot: /kubetron in every v1 hierarch
 RULE_COMMENT = "kubetron-test-node"  # tags our own iptables rules so teardown finds them
 CNI_NETWORK = "kubetron"
 STORAGE_CLASS = "kubetron-local"
+COREDNS_USER = "kubetron:coredns"  # CoreDNS's client certificate name and its ClusterRole
 # Debian's containernetworking-plugins package.
 CNI_BIN_DIR = Path("/usr/lib/cni")
 NODE_PACKAGES = {"containerd": "containerd", "runc": "runc", "ctr": "containerd",
@@ -284,6 +285,17 @@ def remove_netns(prefix: str = "cni-") -> None:
                 ns.unlink()
 
 
+def _cluster_role_binding(name: str, role: str, kind: str, subject: str) -> dict[str, Any]:
+    rbac = "rbac.authorization.k8s.io"
+    return {
+        "apiVersion": f"{rbac}/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": rbac, "kind": "ClusterRole", "name": role},
+        "subjects": [{"apiGroup": rbac, "kind": kind, "name": subject}],
+    }
+
+
 # --------------------------------------------------------------------------- one per machine
 
 OWNER_FILE = Path("/run/kubetron-node")
@@ -365,7 +377,7 @@ class RealNode:
         _new_leaf(pki, "kubelet-serving", f"/CN={NODE_NAME}", "serverAuth",
                   f"IP:{NODE_IP},DNS:{NODE_NAME}")  # fmt: skip
         _new_leaf(pki, "kube-proxy", "/CN=system:kube-proxy", "clientAuth")
-        _new_leaf(pki, "coredns", "/CN=kubetron:coredns", "clientAuth")
+        _new_leaf(pki, "coredns", f"/CN={COREDNS_USER}", "clientAuth")
 
     def _kubeconfig(self, name: str) -> Path:
         from tests.cluster.harness import _b64
@@ -599,25 +611,16 @@ oom_score = 0
         dns_ports = [{"name": "dns", "port": 53, "protocol": "UDP"},
                      {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]  # fmt: skip
         return [
-            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-             "metadata": {"name": "kubetron:nodes"},
-             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                         "name": "system:node"},
-             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group",
-                           "name": "system:nodes"}]},
+            # The API server authorizes with RBAC only (no Node authorizer).
+            _cluster_role_binding("kubetron:nodes", "system:node", "Group", "system:nodes"),
             {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-             "metadata": {"name": "kubetron:coredns"},
+             "metadata": {"name": COREDNS_USER},
              "rules": [{"apiGroups": [""], "resources": ["endpoints", "services", "pods",
                                                         "namespaces"],
                         "verbs": ["list", "watch"]},
                        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
                         "verbs": ["list", "watch"]}]},
-            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-             "metadata": {"name": "kubetron:coredns"},
-             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                         "name": "kubetron:coredns"},
-             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
-                           "name": "kubetron:coredns"}]},
+            _cluster_role_binding(COREDNS_USER, COREDNS_USER, "User", COREDNS_USER),
             {"apiVersion": "v1", "kind": "Service",
              "metadata": {"name": "kube-dns", "namespace": "kube-system",
                           "labels": {"k8s-app": "kube-dns"}},
@@ -723,26 +726,29 @@ oom_score = 0
                      "hostPath": {"path": str(path), "type": "Directory"}},
         }  # fmt: skip
 
-    def stop_containers(self) -> None:
-        """With containerd still up: kill and remove every pod container and sandbox."""
-        if not self.socket.exists():
-            return
-        with contextlib.suppress(NodeError, subprocess.TimeoutExpired):
-            tasks = self.ctr("tasks", "ls", "-q", timeout=20).stdout.split()
-            for task in tasks:
-                run("ctr", "--address", str(self.socket), "-n", "k8s.io", "tasks", "kill", "-a",
-                    "-s", "SIGKILL", task, check=False, timeout=20)  # fmt: skip
-            deadline = time.monotonic() + 10
-            for task in tasks:
-                while time.monotonic() < deadline:
-                    rm = run("ctr", "--address", str(self.socket), "-n", "k8s.io", "tasks", "rm",
-                             "-f", task, check=False, timeout=20)  # fmt: skip
-                    if rm.returncode == 0 or "not found" in rm.stderr:
-                        break
-                    time.sleep(0.2)
-            for container in self.ctr("containers", "ls", "-q", timeout=20).stdout.split():
-                run("ctr", "--address", str(self.socket), "-n", "k8s.io", "containers", "rm",
-                    container, check=False, timeout=20)  # fmt: skip
+
+def stop_containers(socket_path: Path) -> None:
+    """With containerd still up: kill and remove every pod container and sandbox."""
+
+    def ctr(*args: str) -> subprocess.CompletedProcess[str]:
+        return run("ctr", "--address", str(socket_path), "-n", "k8s.io", *args, check=False,
+                   timeout=20)  # fmt: skip
+
+    if not socket_path.exists():
+        return
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        tasks = ctr("tasks", "ls", "-q").stdout.split()
+        for task in tasks:
+            ctr("tasks", "kill", "-a", "-s", "SIGKILL", task)
+        deadline = time.monotonic() + 10
+        for task in tasks:
+            while time.monotonic() < deadline:
+                rm = ctr("tasks", "rm", "-f", task)
+                if rm.returncode == 0 or "not found" in rm.stderr:
+                    break
+                time.sleep(0.2)
+        for container in ctr("containers", "ls", "-q").stdout.split():
+            ctr("containers", "rm", container)
 
 
 def leftovers(workdir: Path | None = None) -> list[str]:
@@ -776,10 +782,7 @@ def teardown(workdir: Path, containerd_root: Path | None, stop: Callable[[str], 
     socket_path = node_dir / "containerd" / "containerd.sock"
     for name in ("coredns", "kube-proxy", "kubelet"):
         stop(name)
-    if socket_path.exists():
-        shim = RealNode.__new__(RealNode)
-        shim.socket = socket_path
-        shim.stop_containers()
+    stop_containers(socket_path)
     stop("containerd")
     kill_processes_mentioning(str(socket_path))  # shims, if containerd died first
     kill_processes_mentioning(str(node_dir))
