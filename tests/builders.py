@@ -37,7 +37,17 @@ _SECTIONS = {
         "expertTensor",
         "sequenceParallel",
     },
-    "resources": {"nodes", "gpusPerNode", "device", "image"},
+    "resources": {
+        "nodes",
+        "gpusPerNode",
+        "device",
+        "image",
+        "cpu",
+        "memory",
+        "sharedMemory",
+        "podSecurityContext",
+        "securityContext",
+    },
 }
 
 

@@ -11,7 +11,15 @@ from typing import Any, Protocol
 
 import yaml
 
-from kubetron_operator.api.v1alpha1 import API_VERSION, KIND, MegatronJob, ResourcesSpec
+from kubetron_operator.api.v1alpha1 import (
+    API_VERSION,
+    DEFAULT_CPU_PER_PROCESS,
+    DEFAULT_MEMORY_PER_PROCESS_MI,
+    KIND,
+    TRAINER_UID,
+    MegatronJob,
+    ResourcesSpec,
+)
 from kubetron_operator.plan import Plan
 
 Obj = dict[str, Any]
@@ -149,6 +157,7 @@ def _pod_spec(job: MegatronJob, plan: Plan) -> Obj:
         # No Docker-link variables: the namespace's Services (the job's own among them) would
         # add <SERVICE>_PORT=tcp://... variables, and some names collide with real settings.
         "enableServiceLinks": False,
+        "securityContext": pod_security_context(res),
         "containers": [_container(job, plan)],
         "volumes": _volumes(job),
     }
@@ -182,6 +191,7 @@ def _container(job: MegatronJob, plan: Plan) -> Obj:
             {"name": "pytorchjob-port", "containerPort": MASTER_PORT, "protocol": "TCP"},
         ],
         "resources": _resources(res),
+        "securityContext": container_security_context(res),
         "volumeMounts": _volume_mounts(job),
     }
 
@@ -201,7 +211,20 @@ def _env(job: MegatronJob) -> list[Obj]:
     return env
 
 
+_MEMORY_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
+                 "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}  # fmt: skip
+
+
+def quantity_bytes(quantity: str) -> int:
+    """Bytes of a memory quantity in the forms the schema admits (MEMORY_QUANTITY)."""
+    unit = quantity.lstrip("0123456789.")
+    number = quantity[: len(quantity) - len(unit)]
+    return int(float(number) * _MEMORY_UNITS.get(unit, 1))
+
+
 def _resources(res: ResourcesSpec) -> Obj:
+    """Requests (and limits where the spec gives a value). The memory-backed /dev/shm is charged
+    to the pod, so the default memory request includes it."""
     limits: Obj = {}
     requests: Obj = {}
     if res.device == "gpu":
@@ -209,10 +232,32 @@ def _resources(res: ResourcesSpec) -> Obj:
     for key, value in (("cpu", res.cpu), ("memory", res.memory)):
         if value:
             limits[key] = requests[key] = value
-    out: Obj = {"limits": limits}
-    if requests:
-        out["requests"] = requests
-    return out
+    if not res.cpu:
+        requests["cpu"] = str(DEFAULT_CPU_PER_PROCESS[res.device] * res.gpus_per_node)
+    if not res.memory:
+        shm_mi = -(-quantity_bytes(res.shared_memory) // 2**20)  # rounded up
+        per_process = DEFAULT_MEMORY_PER_PROCESS_MI[res.device]
+        requests["memory"] = f"{per_process * res.gpus_per_node + shm_mi}Mi"
+    return {"limits": limits, "requests": requests}
+
+
+def pod_security_context(res: ResourcesSpec) -> Obj:
+    """What the restricted Pod Security Standard asks of a pod, unless the spec replaces it."""
+    if res.pod_security_context is not None:
+        return dict(res.pod_security_context)
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": TRAINER_UID,
+        "runAsGroup": TRAINER_UID,
+        "fsGroup": TRAINER_UID,  # checkpoint volumes writable by the trainer
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context(res: ResourcesSpec) -> Obj:
+    if res.security_context is not None:
+        return dict(res.security_context)
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 
 def _volumes(job: MegatronJob) -> list[Obj]:

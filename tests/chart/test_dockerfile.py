@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from kubetron_operator.api.v1alpha1 import TRAINER_UID
 from tests.cluster.harness import REPO_ROOT, cache_dir
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
@@ -108,6 +109,9 @@ def test_targets_bases_and_users() -> None:
         assert users, f"{target} has no USER"
         uid = users[-1].split(":")[0]
         assert uid.isdigit() and int(uid) != 0, f"{target} must end as a numeric non-root USER"
+    # The operator renders trainer pods to run as the trainer image's user (restricted PSS).
+    trainer_user = [line.split()[1] for line in st["trainer"] if line.upper().startswith("USER ")]
+    assert trainer_user[-1] == f"{TRAINER_UID}:{TRAINER_UID}"
     operator = " ".join(st["operator"])
     assert 'ENTRYPOINT ["kubetron-operator"]' in operator
     build = " ".join(st["operator-build"])

@@ -666,6 +666,10 @@ oom_score = 0
             "imagePullPolicy": "IfNotPresent",
             "resources": {"limits": {"cpu": "100m", "memory": "64Mi"},
                           "requests": {"cpu": "10m", "memory": "16Mi"}},
+            # Admitted where the restricted Pod Security Standard is enforced (the trainer
+            # pod's own securityContext sets the user and the seccomp profile).
+            "securityContext": {"allowPrivilegeEscalation": False,
+                                "capabilities": {"drop": ["ALL"]}},
             "command": ["sh", "-c",
                         "for i in $(seq {{.MaxTries}}); do getent hosts {{.MasterAddr}} && exit 0; "
                         "echo waiting for master {{.MasterAddr}}; sleep 1; done; exit 1"],

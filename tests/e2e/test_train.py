@@ -2,7 +2,8 @@
 operator in a pod (installed by `helm install` from the locally built image), the real
 training-operator, pods on the real node from the CPU trainer image, torchrun rendezvous through
 the master Service's DNS name, checkpoints on a PersistentVolume every pod mounts, resume of a
-second job from the first one's checkpoint, and a permanent failure named in the status.
+second job from the first one's checkpoint, and a permanent failure named in the status. Both
+namespaces enforce the restricted Pod Security Standard, so every pod here passes it.
 """
 
 from __future__ import annotations
@@ -27,13 +28,16 @@ def trained(cluster: Cluster) -> Iterator[tuple[str, Path]]:
     """A namespace watched by an operator that `helm install` put in a pod, with the example's
     checkpoint claim; yields (namespace, the claim's directory on the host)."""
     namespace = "e2e-train"
-    cluster.kubectl("create", "namespace", namespace)
     release, operator_ns = "kubetron-e2e", "kubetron-e2e"
+    restricted = {"pod-security.kubernetes.io/enforce": "restricted"}
+    for ns in (namespace, operator_ns):  # trainer and operator pods pass the restricted level
+        metadata = {"name": ns, "labels": restricted}
+        cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": metadata})
     deploy.install_operator(cluster, release, operator_ns, watch=[namespace], crds=False)
     volume = deploy.checkpoint_claim(cluster, namespace, CLAIM)
     yield namespace, volume
     deploy.uninstall_operator(cluster, release, operator_ns)
-    cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+    cluster.kubectl("delete", "namespace", namespace, operator_ns, "--wait=false")
 
 
 def report(cluster: Cluster, namespace: str, name: str) -> str:

@@ -108,3 +108,46 @@ def test_cpu_device_requests_no_gpu() -> None:
     pj = _pytorchjob(preset="gpt-tiny", device="cpu", precision="fp32", seqLength=64)
     limits = pj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in limits["resources"]["limits"]
+
+
+def _trainer_pod(**fields: Any) -> dict[str, Any]:
+    return _pytorchjob(**fields)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+
+
+def test_default_requests_cover_the_processes_and_shared_memory() -> None:
+    gpu = _trainer_pod(gpusPerNode=8, sharedMemory="16Gi")["containers"][0]["resources"]
+    assert gpu["requests"] == {"cpu": "32", "memory": f"{8 * 16 * 1024 + 16 * 1024}Mi"}
+    assert gpu["limits"] == {"nvidia.com/gpu": 8}  # no CPU/memory limit to throttle loaders
+    cpu = _trainer_pod(
+        preset="gpt-tiny", device="cpu", precision="fp32", seqLength=64, gpusPerNode=2,
+        sharedMemory="1.5G",
+    )["containers"][0]["resources"]  # fmt: skip
+    assert cpu["requests"] == {"cpu": "2", "memory": f"{2 * 2048 + 1431}Mi"}  # 1.5e9 B, rounded up
+    set_ = _trainer_pod(cpu="900m", memory="3Gi")["containers"][0]["resources"]
+    assert set_["requests"] == {"cpu": "900m", "memory": "3Gi"}
+    assert set_["limits"] == {"nvidia.com/gpu": 8, "cpu": "900m", "memory": "3Gi"}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("memory", "3 GiB"), ("sharedMemory", "lots"), ("cpu", "2 cores")]
+)
+def test_quantities_are_checked_by_the_schema(field: str, value: str) -> None:
+    from kubetron_operator.api.parse import SpecError
+
+    with pytest.raises(SpecError, match=f"spec.resources.{field}: String should match pattern"):
+        make_job(**{field: value})
+
+
+def test_pods_meet_the_restricted_pod_security_standard_by_default() -> None:
+    pod = _trainer_pod()
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }  # fmt: skip
+    (container,) = pod["containers"]
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+    }  # fmt: skip
+    custom = _trainer_pod(podSecurityContext={"runAsUser": 0}, securityContext={"privileged": True})
+    assert custom["securityContext"] == {"runAsUser": 0}
+    assert custom["containers"][0]["securityContext"] == {"privileged": True}

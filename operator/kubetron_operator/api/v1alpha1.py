@@ -36,6 +36,15 @@ CATEGORIES = ("kubetron",)
 # validates them again when the operator puts them into the PyTorchJob's pod template.
 FREE_FORM: JsonDict = {"x-kubernetes-preserve-unknown-fields": True}
 K8sObject = dict[str, Any]
+# Kubernetes quantities, the forms these fields use: "500m", "4", "1.5"; "512Mi", "16Gi", "1G".
+CPU_QUANTITY = r"^[0-9]+(\.[0-9]+)?m?$"
+MEMORY_QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"
+# Default requests per trainer process (a GPU, or a CPU process with device cpu) when the spec
+# names none: room for data loading and host-side buffers, and no limit to throttle them.
+DEFAULT_CPU_PER_PROCESS = {"gpu": 4, "cpu": 1}
+DEFAULT_MEMORY_PER_PROCESS_MI = {"gpu": 16 * 1024, "cpu": 2 * 1024}
+# The trainer image's user (Dockerfile: `USER 10001:10001`); tests/chart checks they match.
+TRAINER_UID = 10001
 
 
 class CheckpointVolume(ApiModel):
@@ -95,10 +104,42 @@ class ResourcesSpec(ApiModel):
     gpu_resource: str = Field(
         default="nvidia.com/gpu", max_length=253, description="Extended resource name of a GPU."
     )
-    cpu: str | None = Field(default=None, max_length=32, description="CPU request and limit.")
-    memory: str | None = Field(default=None, max_length=32, description="Memory request/limit.")
+    cpu: str | None = Field(
+        default=None,
+        max_length=32,
+        pattern=CPU_QUANTITY,
+        description=f"CPU request and limit per pod. Unset: a request of "
+        f"{DEFAULT_CPU_PER_PROCESS['gpu']} cores per GPU ({DEFAULT_CPU_PER_PROCESS['cpu']} per "
+        "process with device cpu) and no limit.",
+    )
+    memory: str | None = Field(
+        default=None,
+        max_length=32,
+        pattern=MEMORY_QUANTITY,
+        description="Memory request and limit per pod; it must cover sharedMemory, which is "
+        f"charged to the pod. Unset: a request of {DEFAULT_MEMORY_PER_PROCESS_MI['gpu']}Mi per "
+        f"GPU ({DEFAULT_MEMORY_PER_PROCESS_MI['cpu']}Mi per process with device cpu) plus "
+        "sharedMemory, and no limit.",
+    )
     shared_memory: str = Field(
-        default="16Gi", max_length=32, description="Size of the memory-backed /dev/shm."
+        default="16Gi",
+        max_length=32,
+        pattern=MEMORY_QUANTITY,
+        description="Size of the memory-backed /dev/shm.",
+    )
+    pod_security_context: K8sObject | None = Field(
+        default=None,
+        json_schema_extra=FREE_FORM,
+        description="Pod securityContext (core/v1 PodSecurityContext) replacing the default: "
+        f"non-root as the trainer image's user {TRAINER_UID} (fsGroup too, so volumes are "
+        "writable) and "
+        "the RuntimeDefault seccomp profile, which the restricted Pod Security Standard admits.",
+    )
+    security_context: K8sObject | None = Field(
+        default=None,
+        json_schema_extra=FREE_FORM,
+        description="Trainer container securityContext (core/v1 SecurityContext) replacing the "
+        "default: no privilege escalation, all capabilities dropped.",
     )
     pod_labels: dict[str, str] = Field(
         default_factory=dict, description="Extra labels on the trainer pods."
