@@ -50,6 +50,9 @@ def test_example_pods_are_admitted_under_restricted(
     cluster: Cluster, restricted: str, path: Path
 ) -> None:
     for pod in _pods(path, restricted):
+        if name := pod["spec"].get("priorityClassName"):  # admission checks that it exists
+            cluster.apply({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+                           "metadata": {"name": name}, "value": 100})  # fmt: skip
         cluster.kubectl("create", "--dry-run=server", "-f", "-", input=yaml.safe_dump(pod))
 
 
