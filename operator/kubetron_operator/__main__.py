@@ -22,11 +22,12 @@ from kopf._core.engines.peering import Identity
 from kubetron_operator.controller import Controller
 from kubetron_operator.handlers import make_registry
 from kubetron_operator.kube import Kube, load_api_client
-from kubetron_operator.leader import LeaderElector, LeaseConfig
+from kubetron_operator.leader import LeaderElector, LeaseConfig, LeaseNamespaceMissing
 from kubetron_operator.metrics import Health, OperatorMetrics, health_routes, metrics_routes, serve
 from kubetron_operator.settings import Settings, parse_settings
 
 log = logging.getLogger("kubetron.operator")
+EXIT_CONFIG = 2  # a setting is wrong (like argparse's usage errors); restarting will not help
 
 
 class JsonFormatter(logging.Formatter):
@@ -55,7 +56,7 @@ def configure_logging(settings: Settings) -> None:
 
 
 def run(settings: Settings) -> int:
-    """Run until stopped; 0 on a signal, 1 when leadership was lost."""
+    """Run until stopped; 0 on a signal, 1 when leadership was lost, 2 on a wrong setting."""
     if settings.kubeconfig:
         os.environ["KUBECONFIG"] = settings.kubeconfig  # kopf's login reads it too
     metrics, health = OperatorMetrics(), Health()
@@ -74,6 +75,7 @@ def run(settings: Settings) -> int:
 
     elector: LeaderElector | None = None
     lost = threading.Event()
+    fatal = threading.Event()  # a setting no retry can fix
     if settings.leader_elect:
         cfg = LeaseConfig(
             settings.lease_name,
@@ -88,8 +90,13 @@ def run(settings: Settings) -> int:
         )
 
         def elect() -> None:
-            if elector is not None and elector.run(stop):
-                lost.set()
+            try:
+                if elector is not None and elector.run(stop):
+                    lost.set()
+            except LeaseNamespaceMissing as err:
+                log.error("cannot elect a leader: %s", err)
+                fatal.set()
+                stop.set()
             metrics.leader.set(0)
             kopf_stop.set()
 
@@ -98,6 +105,8 @@ def run(settings: Settings) -> int:
         log.info("waiting for lease %s/%s as %s", cfg.namespace, cfg.name, cfg.identity)
         while not stop.is_set() and not elector.is_leader and not kopf_stop.is_set():
             stop.wait(0.2)
+        if fatal.is_set():
+            return EXIT_CONFIG
         if stop.is_set() or not elector.is_leader:
             return 1 if lost.is_set() else 0
     else:
@@ -108,19 +117,28 @@ def run(settings: Settings) -> int:
     registry = make_registry(controller, settings.resync_period)
     health.ready.set()
     log.info("reconciling MegatronJobs in %s", ",".join(settings.namespaces) or "all namespaces")
-    asyncio.run(_run_kopf(registry, settings, kopf_stop, stop))
+    asyncio.run(_run_kopf(registry, settings, health, kopf_stop, stop))
     if lost.is_set():
         log.error("leadership lost: exiting so that a standby can lead")
         return 1
     return 0
 
 
+async def _heartbeat(health: Health) -> None:
+    """Beat every second while the event loop runs; /healthz fails when the beats stop."""
+    while True:
+        health.beat()
+        await asyncio.sleep(1.0)
+
+
 async def _run_kopf(
     registry: kopf.OperatorRegistry,
     settings: Settings,
+    health: Health,
     kopf_stop: threading.Event,
     stop: threading.Event,
 ) -> None:
+    heartbeat = asyncio.create_task(_heartbeat(health))
     try:
         await kopf.operator(
             registry=registry,
@@ -133,6 +151,7 @@ async def _run_kopf(
             identity=Identity(settings.identity),
         )
     finally:
+        heartbeat.cancel()
         # kopf may stop on its own signal handling; release the thread waiting on the flag,
         # or the event loop's executor never shuts down.
         kopf_stop.set()

@@ -31,6 +31,18 @@ class LeaseConfig:
     retry_period: float = 2.0
 
 
+class LeaseNamespaceMissing(RuntimeError):
+    """The lease's namespace does not exist: no retry can succeed, so the operator exits."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        super().__init__(
+            f"the lease namespace {namespace!r} does not exist: create it (`kubectl create "
+            f"namespace {namespace}`) or point --lease-namespace (env POD_NAMESPACE) at an "
+            "existing namespace"
+        )
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -56,7 +68,7 @@ class LeaderElector:
     def is_leader(self) -> bool:
         return self._leading.is_set()
 
-    def run(self, stop: threading.Event) -> bool:
+    def run(self, stop: threading.Event) -> bool:  # raises LeaseNamespaceMissing
         """Block until leadership is lost (returns True) or `stop` is set (returns False)."""
         while not stop.is_set() and not self._try_safely():
             stop.wait(self.cfg.retry_period)
@@ -136,6 +148,8 @@ class LeaderElector:
         except ApiError as err:
             if err.status == 409:
                 return False
+            if err.status == 404:  # a lease is refused with 404 only when its namespace is gone
+                raise LeaseNamespaceMissing(self.cfg.namespace) from err
             raise
         self._remember(created)
         return True

@@ -7,11 +7,21 @@ custom collector: it is read from the operator's view of the jobs, not counted.
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -73,17 +83,39 @@ class OperatorMetrics:
         )
         self.jobs = JobPhases()
         r.register(self.jobs)
+        # process_* (CPU, memory, open files), python_info and python_gc_*, as every
+        # prometheus-client process exports on the default registry.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
 
     def api_error(self, verb: str, resource: str) -> None:
         self.api_errors.labels(verb, resource).inc()
 
 
 class Health:
-    """Liveness and readiness, flipped by the operator's main loop."""
+    """Liveness and readiness. The operator's event loop calls `beat()` every second once it
+    runs; liveness fails when it has not for `stuck_after` seconds (a blocked loop reconciles
+    nothing, and the kubelet should restart the pod)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stuck_after: float = 30.0, clock: Callable[[], float] = time.monotonic):
         self.alive = True
         self.ready = threading.Event()
+        self.stuck_after = stuck_after
+        self.clock = clock
+        self._last_beat: float | None = None  # None until the event loop runs
+
+    def beat(self) -> None:
+        self._last_beat = self.clock()
+
+    def live(self) -> tuple[bool, str]:
+        if not self.alive:
+            return False, "dead"
+        if self._last_beat is not None:
+            silent = self.clock() - self._last_beat
+            if silent > self.stuck_after:
+                return False, f"event loop stuck: no heartbeat for {silent:.0f}s"
+        return True, "ok"
 
 
 def serve(
@@ -116,7 +148,8 @@ def metrics_routes(metrics: OperatorMetrics) -> dict[str, Callable[[], tuple[int
 
 def health_routes(health: Health) -> dict[str, Callable[[], tuple[int, bytes, str]]]:
     def healthz() -> tuple[int, bytes, str]:
-        return (200, b"ok\n", "text/plain") if health.alive else (500, b"dead\n", "text/plain")
+        ok, detail = health.live()
+        return (200 if ok else 500), f"{detail}\n".encode(), "text/plain"
 
     def readyz() -> tuple[int, bytes, str]:
         ok = health.ready.is_set()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -19,6 +21,7 @@ from kubetron_operator.plan import plan
 from kubetron_operator.render import render
 from tests.cluster.harness import Cluster
 from tests.cluster.kubetron_fixtures import OPERATOR_NS, OPERATOR_SA, fake_gpu_job, wait_phase
+from tests.ports import free_port
 
 pytestmark = pytest.mark.cluster
 SELECTOR = "app.kubernetes.io/managed-by=kubetron-operator"
@@ -224,3 +227,16 @@ def test_operator_rbac_is_least_privilege(
         "auth", "can-i", verb, resource, *scope, f"--as={OPERATOR_SA}", check=False
     )
     assert res.stdout.strip() == ("yes" if allowed else "no"), res.stdout + res.stderr
+
+
+def test_missing_lease_namespace_ends_the_operator_with_the_fix(kubetron: Cluster) -> None:
+    """Not a warning every retry period forever: exit 2, naming the namespace and the fix."""
+    argv = [
+        sys.executable, "-m", "kubetron_operator", "--kubeconfig", str(kubetron.kubeconfig),
+        "--leader-elect", "--lease-namespace", "no-such-namespace", "--bind-address", "127.0.0.1",
+        "--metrics-port", str(free_port()), "--health-port", str(free_port()),
+    ]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "the lease namespace 'no-such-namespace' does not exist" in proc.stderr
+    assert "kubectl create namespace no-such-namespace" in proc.stderr
