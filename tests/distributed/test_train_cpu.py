@@ -176,7 +176,9 @@ def test_sigterm_saves_and_exits_retryable(tmp_path: Path) -> None:
     assert 3 <= saved < 1000
     assert (tmp_path / "ckpt" / f"iter_{saved:07d}" / "metadata.json").is_file()
     assert "exiting 143 (retryable)" in started.output()
-    assert sorted(p.read_text().strip() for p in codes_dir.iterdir()) == ["143"] * 4
+    records = [p.read_text().partition("\n") for p in codes_dir.iterdir()]
+    assert sorted(code for code, _, _ in records) == ["143"] * 4  # first line: the code
+    assert all("SIGTERM" in message for _, _, message in records)  # then why (the pod's message)
 
 
 @pytest.mark.parametrize(
