@@ -12,6 +12,11 @@ One command runs every piece that fits the GPUs of this host and prints one JSON
               with `--groups decentralized` and `--groups global`: losses, step times,
               tokens/s and MFU per GPU
   checkpoint  a TP2 checkpoint resumed as PP2 and as TP1 x DP2: losses vs the uninterrupted run
+  sp_grads    sequence parallelism without TE: one fp32 step of a small TP2 model with and
+              without SP (local spec, fast-path norm) through Megatron's DDP and
+              finalize_model_grads: losses and every parameter's gradient compared
+  sp          the trainer at TP2 with and without SP (local spec and `fastPath: on`), bf16,
+              each run alone on the GPUs: losses, peak memory, step time; SP with global groups
 
 Then it runs tests/gpu/test_multigpu.py in this process with pytest: the tests reuse the runs
 above (cached per process) instead of training again, and their outcome goes into the JSON.
@@ -113,7 +118,7 @@ def trainer_config(
     name: str,
     arch: ModelArch,
     preset: str,
-    parallelism: dict[str, int],
+    parallelism: dict[str, Any],
     *,
     steps: int,
     seq: int,
@@ -123,13 +128,16 @@ def trainer_config(
     lr: float = 1e-3,
     checkpoint: Path | None = None,
     save_interval: int = 100,
+    fast_path: str = "off",
+    precision: str | None = None,
 ) -> dict[str, Any]:
     recipe = {
         "trainIters": steps,
         "globalBatchSize": global_batch,
         "microBatchSize": micro_batch,
         "seqLength": seq,
-        "precision": PRECISION,
+        "precision": precision or PRECISION,
+        "fastPath": fast_path,
         "optimizer": {"lr": lr, "minLr": lr / 10, "distributed": distributed_optimizer},
         "lrSchedule": {"warmupIters": 1},
         "logInterval": 1,
@@ -183,6 +191,7 @@ def summarize(result: dict[str, Any], warmup: int = 2) -> dict[str, Any]:
         "median_step_s": statistics.median(timed) if timed else None,
         "tokens_per_s": result["tokens_per_s"],
         "mfu_per_gpu": result["mfu"],
+        "peak_memory_gib_rank0": result.get("peak_memory_gib"),
     }
 
 
@@ -275,6 +284,190 @@ def checkpoint_reshard() -> dict[str, Any]:
         },
         "loss_drop_steps_1_to_resume": full["losses"][0] - full["losses"][CKPT_AT],
     }
+
+
+# ------------------------------------------------------------------ sequence parallelism (TE-free)
+
+# The trainer runs: qwen3-0.6b as published at TP2, like the tp2 case, on the local spec and with
+# `fastPath: on` (at TP2 that is norm+rope+cudnn+adam: ce needs TP1, wgrad needs ce or untied
+# embeddings), each with and without sequence parallelism, then SP on Megatron's global groups.
+SP_CASE = Case("sp", "qwen3-0.6b", {"tensor": 2})
+SP_PATHS = {"local": "off", "fast": "on"}
+# The gradient check: qwen3-0.6b widths, 4 layers (q/k norms), a 4096-token vocabulary, fp32,
+# 2 micro-batches of 2 x 1024 tokens; the fast path's norm piece is Liger's RMSNorm in fp32.
+SP_GRAD_ARCH = {"num_layers": 4, "vocab_size": 4096}
+SP_GRAD_PATHS = {"local": "off", "fast_norm": "norm"}
+
+
+def sp_trainer_config(name: str, sp: bool, fast_path: str) -> dict[str, Any]:
+    case = SP_CASE
+    return trainer_config(
+        name, case.arch(), case.preset, {**case.parallelism, "sequenceParallel": sp},
+        steps=case.steps, seq=case.seq, micro_batch=case.micro_batch,
+        global_batch=case.global_batch, distributed_optimizer=case.distributed_optimizer,
+        fast_path=fast_path,
+    )  # fmt: skip
+
+
+def loss_diffs(a: list[float], b: list[float]) -> dict[str, Any]:
+    diffs = [abs(x - y) for x, y in zip(a, b, strict=True)]
+    return {
+        "abs_loss_diff_per_step": diffs,
+        "max_abs_loss_diff": max(diffs),
+        "max_rel_loss_diff": max(d / abs(y) for d, y in zip(diffs, b, strict=True)),
+        "losses_bitwise_equal": a == b,
+    }
+
+
+def sequence_parallel_runs() -> dict[str, Any]:
+    """TP2 with and without SP per path, one run after the other (each alone on the GPUs;
+    the order alternates between paths), then SP on the local spec with global groups."""
+    runs: dict[str, Any] = {}
+    plan = []
+    for i, (path, fast) in enumerate(SP_PATHS.items()):
+        order = [False, True] if i % 2 == 0 else [True, False]
+        plan += [(f"{path}_{'sp' if sp else 'nosp'}", sp, fast, "decentralized") for sp in order]
+    plan.append(("local_sp_global", True, SP_PATHS["local"], "global"))
+    for name, sp, fast, groups in plan:
+        cfg = sp_trainer_config(name, sp, fast)
+        started = launch_trainer(cfg, WORKDIR / "sp" / name, groups)
+        runs[name] = summarize(finish(started, f"sp {name}")) | {"fast_path": fast, "sp": sp}
+    compare = {}
+    for path in SP_PATHS:
+        on, off = runs[f"{path}_sp"], runs[f"{path}_nosp"]
+        compare[path] = loss_diffs(on["losses"], off["losses"]) | {
+            "peak_memory_gib_rank0": {"sp": on["peak_memory_gib_rank0"],
+                                      "nosp": off["peak_memory_gib_rank0"]},
+            "median_step_s": {"sp": on["median_step_s"], "nosp": off["median_step_s"]},
+            "step_time_ratio_sp_over_nosp": on["median_step_s"] / off["median_step_s"],
+            "tokens_per_s": {"sp": on["tokens_per_s"], "nosp": off["tokens_per_s"]},
+        }  # fmt: skip
+    glo, dec = runs["local_sp_global"], runs["local_sp"]
+    compare["local_sp_decentralized_vs_global"] = loss_diffs(dec["losses"], glo["losses"])
+    case = SP_CASE
+    return {
+        "preset": case.preset,
+        "parallelism": {**case.parallelism, "sequenceParallel": "both"},
+        "recipe": {
+            "steps": case.steps, "seq_length": case.seq, "micro_batch": case.micro_batch,
+            "global_batch": case.global_batch, "precision": PRECISION,
+            "distributed_optimizer": case.distributed_optimizer, "warmup_steps_excluded": 2,
+        },
+        "order": [name for name, *_ in plan],
+        "runs": runs,
+        "compare": compare,
+    }  # fmt: skip
+
+
+def sp_grads_worker(out_dir: Path) -> None:
+    """One torchrun process of the gradient check: per path, the same seed, data and TP2 model
+    without and with SP; one forward/backward through the trainer's GpuEngine (Megatron's DDP,
+    schedule and finalize_model_grads), then every parameter's `main_grad` compared."""
+    import torch.distributed as dist
+
+    from kubetron_trainer.data import build_batches
+    from kubetron_trainer.dims import ParallelDims
+    from kubetron_trainer.loop import make_groups
+    from kubetron_trainer.models.build import build_model
+    from kubetron_trainer.models.fused import FastPath
+    from kubetron_trainer.parallel import init_distributed
+    from kubetron_trainer.seeding import setup_megatron_globals
+    from kubetron_trainer.step_gpu import GpuEngine
+    from kubetron_trainer.topology import Topology
+
+    topo = Topology.from_env()
+    init_distributed(topo, "nccl")
+    device = torch.device("cuda", topo.local_rank)
+    arch = PRESETS["qwen3-0.6b"].model_copy(update=SP_GRAD_ARCH)
+    pg = None
+    report: dict[str, Any] = {"arch": SP_GRAD_ARCH, "precision": "fp32", "paths": {}}
+    for path, fast in SP_GRAD_PATHS.items():
+        seen: dict[bool, Any] = {}
+        for sp in (False, True):
+            raw = trainer_config(
+                f"spg-{path}", arch, "qwen3-0.6b", {"tensor": 2, "sequenceParallel": sp},
+                steps=1, seq=1024, micro_batch=2, global_batch=4,
+                distributed_optimizer=False, fast_path=fast, precision="fp32",
+            )  # fmt: skip
+            cfg = TrainerConfig.model_validate(raw)
+            if pg is None:
+                dims = ParallelDims.from_degrees(WORLD, tp=2)
+                pg = make_groups(cfg, dims, topo, "nccl", "decentralized")
+            setup_megatron_globals(pg, cfg.recipe.seed)
+            built = build_model(cfg, pg, device, "sdpa", FastPath.parse(fast))
+            engine = GpuEngine(cfg, built.chunks, pg, fast=built.fast)
+            batches = build_batches(cfg, reads_data=True, dp_rank=0, dp_size=1, device=device)
+            losses = engine.forward_backward(batches.step(0))
+            named = list(engine.model[0].named_parameters())
+            grads = {n: p.main_grad.detach().float().clone() for n, p in named}
+            marked = [n for n, p in named if getattr(p, "sequence_parallel", False)]
+            # the all-reduced norm gradients must be equal on both tensor-parallel ranks
+            spread = 0.0
+            for n in marked:
+                first = grads[n].clone()
+                dist.broadcast(first, src=dist.get_global_rank(pg.tp, 0), group=pg.tp)
+                spread = max(spread, float((grads[n] - first).abs().max()))
+            seen[sp] = {
+                "losses": [float(x["lm loss"]) for x in losses],
+                "grads": grads,
+                "marked": marked,
+                "tp_spread": spread,
+                "attention": built.attention,
+            }
+            del engine, built
+            torch.cuda.empty_cache()
+        off, on = seen[False], seen[True]
+        rel = {
+            n: float((on["grads"][n] - g).abs().max() / g.abs().max().clamp_min(1e-30))
+            for n, g in off["grads"].items()
+        }
+        norms = {n: r for n, r in rel.items() if n in on["marked"]}
+        worst = max(rel, key=lambda n: rel[n])
+        report["paths"][path] = {
+            "fast_path": fast,
+            "attention": on["attention"],
+            "losses": {"nosp": off["losses"], "sp": on["losses"]},
+            "max_abs_loss_diff": max(
+                abs(a - b) for a, b in zip(on["losses"], off["losses"], strict=True)
+            ),
+            "params": len(rel),
+            "sp_marked_params": len(on["marked"]),
+            "sp_marked_without_sp": len(off["marked"]),
+            "max_rel_grad_diff": rel[worst],
+            "worst_param": worst,
+            "max_rel_grad_diff_norms": max(norms.values()) if norms else None,
+            "sp_norm_grad_spread_over_tp": on["tp_spread"],
+        }
+    (out_dir / f"rank{topo.rank}.json").write_text(json.dumps(report))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def sp_grads_run() -> dict[str, Any]:
+    """One torchrun of `sp_grads_worker` over both GPUs; rank 0's report plus rank 1's spread."""
+    out = WORKDIR / "sp-grads"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    ranks = torchrun_worker(["--sp-worker", str(out)], out)
+    report = ranks[0]
+    report["rank1"] = {p: r["sp_norm_grad_spread_over_tp"] for p, r in ranks[1]["paths"].items()}
+    return dict(report)
+
+
+def torchrun_worker(args: list[str], out: Path, timeout: float = 200) -> list[dict[str, Any]]:
+    """This script under torchrun, one process a GPU, with `args`; every rank's JSON from
+    `out/rank<r>.json`."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc-per-node={WORLD}", __file__, *args]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), str(ROOT / "trainer"), str(ROOT / "operator"), env.get("PYTHONPATH", "")]
+    )
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode:
+        raise RuntimeError(f"workers failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
 # ------------------------------------------------------------------------- groups (torchrun)
@@ -413,17 +606,7 @@ def groups_run(reps: int = 2, backend: str = "nccl") -> list[dict[str, Any]]:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd += [f"--nproc-per-node={WORLD}", __file__, "--worker", str(out), "--reps", str(reps)]
-    cmd += ["--backend", backend]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT), str(ROOT / "trainer"), str(ROOT / "operator"), env.get("PYTHONPATH", "")]
-    )
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=200)
-    if proc.returncode:
-        raise RuntimeError(f"group workers failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return torchrun_worker(["--worker", str(out), "--reps", str(reps), "--backend", backend], out)
 
 
 def groups_report(ranks: list[dict[str, Any]]) -> dict[str, Any]:
@@ -488,10 +671,11 @@ def versions() -> dict[str, Any]:
         "nccl": ".".join(map(str, nccl)) if isinstance(nccl, tuple) else nccl,
         "megatron-core": _version("megatron-core"),
         "transformer-engine": _version("transformer-engine"),
+        "liger-kernel": _version("liger-kernel"),
     }
 
 
-PIECES = ["groups", "tp2", "dp2", "pp2", "checkpoint", "pp2_vpp2", "ep2_moe"]
+PIECES = ["groups", "tp2", "dp2", "pp2", "checkpoint", "pp2_vpp2", "ep2_moe", "sp_grads", "sp"]
 
 
 # Each piece's raw result (or the exception it raised) in this process. The benchmark fills it;
@@ -508,6 +692,10 @@ def run_piece(piece: str) -> Any:
                 RESULTS[piece] = groups_run()
             elif piece == "checkpoint":
                 RESULTS[piece] = checkpoint_reshard()
+            elif piece == "sp_grads":
+                RESULTS[piece] = sp_grads_run()
+            elif piece == "sp":
+                RESULTS[piece] = sequence_parallel_runs()
             else:
                 RESULTS[piece] = train_pair(piece)
         except Exception as err:
@@ -542,11 +730,15 @@ def main() -> int:
     p.add_argument("--budget-s", type=float, default=1e9, help="start no piece after this")
     p.add_argument("--no-tests", action="store_true", help="skip the in-process pytest run")
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--sp-worker", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--reps", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("--backend", default="nccl", choices=["nccl", "gloo"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         worker(args.worker, args.reps, args.backend)
+        return 0
+    if args.sp_worker:
+        sp_grads_worker(args.sp_worker)
         return 0
     if torch.cuda.device_count() != WORLD:
         print(f"multigpu needs exactly {WORLD} visible GPUs, found {torch.cuda.device_count()}")

@@ -17,7 +17,7 @@ from kubetron_trainer.config import (
     TrainerConfig,
 )
 from kubetron_trainer.dims import ParallelConfigError, ParallelDims
-from kubetron_trainer.rules import check_shape
+from kubetron_trainer.rules import check_shape, cpu_rules
 
 
 class PlanError(ValueError):
@@ -105,11 +105,8 @@ def _device_rules(spec: MegatronJobSpec) -> list[str]:
             f"spec.recipe.precision={recipe.precision.value} needs a GPU; use fp32 with "
             "spec.resources.device cpu"
         )
-    if res.device == "cpu" and spec.parallelism.pipeline > 1:
-        problems.append(
-            "spec.parallelism.pipeline > 1 needs GPUs (Megatron's pipeline schedules are "
-            "CUDA-only); use pipeline 1 with spec.resources.device cpu"
-        )
+    if res.device == "cpu":
+        problems += cpu_rules(spec.parallelism)
     if spec.checkpoint.volume is not None and not spec.checkpoint.path:
         problems.append("spec.checkpoint.volume needs spec.checkpoint.path (the mount point)")
     return problems

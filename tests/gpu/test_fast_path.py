@@ -59,12 +59,12 @@ def test_liger_rmsnorm_matches_torch() -> None:
     pytest.importorskip("liger_kernel")
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from kubetron_trainer.models.fused import LigerRMSNorm
+    from kubetron_trainer.models.norm import Norm
 
     config = TransformerConfig(
         num_layers=1, hidden_size=2048, num_attention_heads=16, normalization="RMSNorm"
     )
-    fused = LigerRMSNorm(config, 2048, eps=1e-6).cuda().bfloat16()
+    fused = Norm(config, 2048, eps=1e-6, fused=True).cuda().bfloat16()
     ref = torch.nn.RMSNorm(2048, eps=1e-6).cuda().double()
     with torch.no_grad():
         w = 1 + 0.1 * torch.randn(2048, device="cuda")

@@ -3,7 +3,8 @@
 The work is benchmarks/multigpu.py's (each piece runs once per process): the group oracle
 (tests/distributed/_pg_worker.py with NCCL), two models of different shapes in one world, the
 trainer with decentralized and global groups for TP2, DP2 (distributed optimizer), PP2, PP2 x
-VPP2 and EP2 (MoE), and a TP2 checkpoint resumed as PP2 and as TP1 x DP2.
+VPP2 and EP2 (MoE), a TP2 checkpoint resumed as PP2 and as TP1 x DP2, and TP2 with sequence
+parallelism without Transformer Engine (gradients of one fp32 step, then training) against TP2.
 `python benchmarks/multigpu.py` runs these tests in its own process after its runs, so they
 check the very numbers it records; run alone, each test starts its piece itself.
 Shapes that need more than 2 GPUs (TP2 x PP2 x DP2, EP with expert TP, CP, two grids on
@@ -105,3 +106,41 @@ def test_checkpoint_tp2_resumes_as(target: str) -> None:
     # times the tolerance, so a model that did not load would not pass
     tolerance = 5e-3 * full[mg.CKPT_AT]
     assert full[0] - full[mg.CKPT_AT] > 3 * tolerance, full
+
+
+@pytest.mark.parametrize("path", sorted(mg.SP_GRAD_PATHS))
+def test_sequence_parallel_gradients_equal_tp2(path: str) -> None:
+    """One fp32 step through Megatron's DDP and finalize_model_grads: TP2 with SP gives TP2's
+    loss and every parameter's gradient (the norms' partial sums all-reduced over tp)."""
+    result = piece("sp_grads")["paths"][path]
+    losses = result["losses"]
+    assert len(losses["sp"]) == len(losses["nosp"]) == 2  # two micro-batches
+    assert losses["sp"] == pytest.approx(losses["nosp"], rel=1e-5)
+    # 4 layers x (input, pre-MLP, q, k norms) + the final norm, all marked only under SP
+    assert result["sp_marked_params"] == 4 * 4 + 1
+    assert result["sp_marked_without_sp"] == 0
+    assert result["max_rel_grad_diff"] < 1e-4, result["worst_param"]
+    assert piece("sp_grads")["rank1"][path] == result["sp_norm_grad_spread_over_tp"] == 0.0
+
+
+@pytest.mark.parametrize("path", sorted(mg.SP_PATHS))
+def test_sequence_parallel_trains_like_tp2(path: str) -> None:
+    """qwen3-0.6b at TP2, bf16, 10 steps: with SP the losses follow TP2's (bf16 sums in
+    another order, so close, not equal) in less memory."""
+    result = piece("sp")
+    on, off = result["runs"][f"{path}_sp"], result["runs"][f"{path}_nosp"]
+    steps = mg.SP_CASE.steps
+    assert len(on["losses"]) == len(off["losses"]) == steps
+    assert on["losses"][0] == pytest.approx(off["losses"][0], rel=1e-3)  # before any update
+    assert on["losses"] == pytest.approx(off["losses"], rel=5e-3)
+    assert all(0 < g < math.inf for g in on["grad_norms"]), on["grad_norms"]
+    assert on["grad_norms"][0] == pytest.approx(off["grad_norms"][0], rel=1e-2)
+    assert on["peak_memory_gib_rank0"] < off["peak_memory_gib_rank0"]
+    assert on["tokens_per_s"] > 0
+
+
+def test_sequence_parallel_decentralized_equals_global() -> None:
+    result = piece("sp")
+    ours, theirs = result["runs"]["local_sp"], result["runs"]["local_sp_global"]
+    assert ours["groups"] == "decentralized" and theirs["groups"] == "global"
+    assert ours["losses"] == pytest.approx(theirs["losses"], rel=2e-3)

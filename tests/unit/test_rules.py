@@ -106,6 +106,12 @@ BAD: list[tuple[str, str | None, dict[str, object], list[str]]] = [
         {"device": "cpu", "precision": "fp32", "pipeline": 2, "seqLength": 64},
         ["spec.parallelism.pipeline > 1 needs GPUs"],
     ),
+    (
+        "cpu-sequence-parallel",
+        "gpt-tiny",
+        {"device": "cpu", "precision": "fp32", "tensor": 2, "sequenceParallel": True},
+        ["spec.parallelism.sequenceParallel needs GPUs", "set it to false"],
+    ),
 ]
 
 

@@ -22,9 +22,9 @@ import torch
 from pydantic import ValidationError
 
 from kubetron_trainer.config import TrainerConfig
-from kubetron_trainer.dims import ParallelDims
+from kubetron_trainer.dims import ParallelConfigError, ParallelDims
 from kubetron_trainer.exitcodes import ConfigError, ExitCode, Terminated, classify
-from kubetron_trainer.rules import check_shape
+from kubetron_trainer.rules import check_shape, cpu_rules
 from kubetron_trainer.topology import Topology
 
 log = logging.getLogger("kubetron_trainer")
@@ -158,6 +158,8 @@ def run(
     except ValueError as err:
         raise ConfigError("--fast-path", str(err)) from None
     device = pick_device(args.device, topology.local_rank)
+    if device.type == "cpu" and (problems := cpu_rules(cfg.parallelism)):
+        raise ParallelConfigError(problems, f"device cpu, world={cfg.world_size}")
     backend = "nccl" if device.type == "cuda" else "gloo"
     metrics_dir = f"/tmp/kubetron-metrics-{cfg.job_name}-{topology.master_port}"
     prepare_multiproc_dir(topology.local_rank, metrics_dir)

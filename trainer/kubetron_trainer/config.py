@@ -243,7 +243,7 @@ class ParallelismSpec(ApiModel):
     expert: int = Field(default=1, ge=1, description="Expert-parallel degree (MoE).")
     expert_tensor: int = Field(default=1, ge=1, description="Tensor parallel inside experts.")
     sequence_parallel: bool = Field(
-        default=False, description="Sequence parallel with tensor > 1 (needs TE)."
+        default=False, description="Sequence parallel with tensor > 1 (GPUs only)."
     )
 
 

@@ -150,8 +150,27 @@ def _data_rules(data: DataSpec) -> list[str]:
     return []
 
 
+def cpu_rules(p: ParallelismSpec) -> list[str]:
+    """What a run on CPUs (gloo) cannot do: the operator checks these for spec.resources.device
+    cpu, the trainer again when it finds itself on the CPU."""
+    problems: list[str] = []
+    if p.pipeline > 1:
+        problems.append(
+            "spec.parallelism.pipeline > 1 needs GPUs (Megatron's pipeline schedules are "
+            "CUDA-only); use pipeline 1 with spec.resources.device cpu"
+        )
+    if p.sequence_parallel:
+        problems.append(
+            "spec.parallelism.sequenceParallel needs GPUs (Megatron-Core's sequence-parallel "
+            "gathers and scatters allocate on CUDA and fork the CUDA RNG tracker); set it to "
+            "false with spec.resources.device cpu"
+        )
+    return problems
+
+
 def _requirements(recipe: RecipeSpec, p: ParallelismSpec) -> tuple[str, ...]:
-    needs_te = recipe.precision == Precision.FP8 or p.context > 1 or p.sequence_parallel
+    # sequence parallelism runs without TE too (models/norm.py); fp8 and context do not
+    needs_te = recipe.precision == Precision.FP8 or p.context > 1
     return (TRANSFORMER_ENGINE,) if needs_te else ()
 
 

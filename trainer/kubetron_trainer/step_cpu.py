@@ -27,7 +27,8 @@ from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_du
 
 from kubetron_trainer.config import OptimizerSpec, Precision, TrainerConfig
 from kubetron_trainer.data import Batch
-from kubetron_trainer.exitcodes import ConfigError
+from kubetron_trainer.dims import ParallelConfigError
+from kubetron_trainer.rules import cpu_rules
 from kubetron_trainer.train_common import StepResult, masked_mean
 
 log = logging.getLogger(__name__)
@@ -169,12 +170,9 @@ class CpuEngine:
     def __init__(
         self, cfg: TrainerConfig, chunks: list[GPTModel], pg: ProcessGroupCollection
     ) -> None:
-        if pg.pp.size() > 1:
-            raise ConfigError(
-                "parallelism.pipeline",
-                f"pipeline={pg.pp.size()} needs GPUs (Megatron's pipeline schedules are "
-                "CUDA-only); set it to 1 for a CPU run",
-            )
+        problems = cpu_rules(cfg.parallelism)
+        if problems:  # the trainer checked them at start; here for callers that build engines
+            raise ParallelConfigError(problems, "device cpu")
         if cfg.recipe.precision != Precision.FP32:
             log.warning("precision %s on CPU: parameters are kept in bf16", cfg.recipe.precision)
         if cfg.recipe.optimizer.distributed and pg.dp_cp.size() > 1:

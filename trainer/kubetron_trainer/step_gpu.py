@@ -136,13 +136,26 @@ class GpuEngine:
             use_fused_adam(self.optimizer)
 
     def step(self, micro_batches: list[Batch | None]) -> StepResult:
+        losses = self.forward_backward(micro_batches)
+        ok, grad_norm, _ = self.optimizer.step()
+        loss = 0.0
+        if losses:  # last pipeline stage: average over micro-batches, then over dp
+            mean = torch.stack([x["lm loss"] for x in losses]).float().mean()
+            torch.distributed.all_reduce(mean, group=self.pg.dp_cp)
+            loss = float(mean) / self.pg.dp_cp.size()
+        return StepResult(loss=loss, grad_norm=float(grad_norm or 0.0), ok=bool(ok))
+
+    def forward_backward(self, micro_batches: list[Batch | None]) -> list[dict[str, Any]]:
+        """Zeroed gradients, then the schedule over the micro-batches: each parameter's
+        `main_grad` holds the step's finalized gradient (reduced over dp, and over tp for
+        sequence-parallel norms). Returns the last stage's per-micro-batch losses."""
         for m in self.model:
             m.train()
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         iters: Any = [iter(micro_batches) for _ in self.model]
         recipe = self.cfg.recipe
-        losses = self.schedule(
+        losses: list[dict[str, Any]] = self.schedule(
             forward_step_func=self.forward_step,
             data_iterator=iters if len(iters) > 1 else iters[0],
             model=self.model,
@@ -153,10 +166,4 @@ class GpuEngine:
             p2p_communicator=self.p2p,
             pg_collection=self.pg,
         )
-        ok, grad_norm, _ = self.optimizer.step()
-        loss = 0.0
-        if losses:  # last pipeline stage: average over micro-batches, then over dp
-            mean = torch.stack([x["lm loss"] for x in losses]).float().mean()
-            torch.distributed.all_reduce(mean, group=self.pg.dp_cp)
-            loss = float(mean) / self.pg.dp_cp.size()
-        return StepResult(loss=loss, grad_norm=float(grad_norm or 0.0), ok=bool(ok))
+        return losses

@@ -3,8 +3,10 @@
 Every Megatron-Core object here takes the trainer's `ProcessGroupCollection`; nothing reads
 `parallel_state`. The layer spec is Transformer Engine's when TE imports, otherwise Megatron's
 local spec with `SdpaAttention` as core attention (or, on request, Megatron's unfused
-`DotProductAttention`, which tests compare against). With virtual pipeline stages a rank holds
-several model chunks; only the very first chunk embeds and only the very last computes the loss.
+`DotProductAttention`, which tests compare against) and `models/norm.py`'s `Norm` for every norm,
+the final one included, so that it also runs with sequence parallelism. With virtual pipeline
+stages a rank holds several model chunks; only the very first chunk embeds and only the very
+last computes the loss.
 The fast path (`models/fused.py`, `--fast-path`) swaps fused pieces into the local spec; it is
 off under Transformer Engine and on the CPU, where it is a no-op.
 """
@@ -15,7 +17,7 @@ import importlib.util
 import logging
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +30,16 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from kubetron_trainer.config import ModelArch, Precision, TrainerConfig
 from kubetron_trainer.models.attention import SdpaAttention
-from kubetron_trainer.models.fused import OFF, FastPath, LigerRMSNorm, enable_wgrad_fusion
+from kubetron_trainer.models.fused import OFF, FastPath, enable_wgrad_fusion
+from kubetron_trainer.models.norm import use_norm
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +119,13 @@ def transformer_config(cfg: TrainerConfig, device: torch.device) -> TransformerC
     )
 
 
-def effective_fast_path(fast: FastPath, backend: str, device: torch.device) -> FastPath:
+def effective_fast_path(
+    fast: FastPath, backend: AttentionBackend, device: torch.device
+) -> FastPath:
     """The fast path that applies: none under TE, on the CPU, or with the unfused attention."""
     if not fast.enabled:
         return fast
-    if backend == "auto":
-        backend = "te" if te_available() else "sdpa"
+    backend = resolve_backend(backend)
     if device.type != "cuda" or backend != "sdpa":
         log.warning("%s requested; not applied (%s, %s)", fast.describe(), device.type, backend)
         return OFF
@@ -125,7 +133,8 @@ def effective_fast_path(fast: FastPath, backend: str, device: torch.device) -> F
 
 
 def fast_layer_spec(spec: ModuleSpec, fast: FastPath) -> str:
-    """Swap the fast path's pieces into a local spec with SdpaAttention; returns a description."""
+    """Swap the fast path's attention pieces into a local spec with SdpaAttention (its `norm`
+    piece is `use_norm`'s); returns a description."""
     attention = spec.submodules.self_attention
     if fast.rope:
         from kubetron_trainer.models.rope import RopeSelfAttention
@@ -134,40 +143,62 @@ def fast_layer_spec(spec: ModuleSpec, fast: FastPath) -> str:
     attention.submodules.core_attention = partial(
         SdpaAttention, backend="cudnn" if fast.cudnn else "default", rope=fast.rope
     )
-    if fast.norm:
-        spec.submodules.input_layernorm = LigerRMSNorm
-        spec.submodules.pre_mlp_layernorm = LigerRMSNorm
-        if attention.submodules.q_layernorm is not None:
-            attention.submodules.q_layernorm = LigerRMSNorm
-            attention.submodules.k_layernorm = LigerRMSNorm
     return fast.describe()
 
 
-def layer_spec(
-    arch: ModelArch, backend: AttentionBackend, fast: FastPath = OFF
-) -> tuple[ModuleSpec, str]:
-    """The transformer layer spec and a name for the attention path it uses."""
+@dataclass(frozen=True)
+class LayerSpec:
+    """A transformer layer spec, a name for its attention path, and the decoder's final norm
+    (None: the spec's own default, TE's norm under Transformer Engine)."""
+
+    layer: ModuleSpec
+    name: str
+    final_norm: Any = None
+
+    def decoder(
+        self, config: TransformerConfig, pp_rank: int, vp_stage: int | None
+    ) -> ModuleSpec | TransformerBlockSubmodules:
+        """What `GPTModel` takes as its spec for one chunk: the layer spec, or with a final
+        norm of ours, the chunk's layers and that norm (what Megatron would build, with
+        `WrappedTorchNorm`, which refuses sequence parallelism, replaced)."""
+        if self.final_norm is None:
+            return self.layer
+        layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+        return TransformerBlockSubmodules(
+            layer_specs=[self.layer] * layers, layer_norm=self.final_norm
+        )
+
+
+def resolve_backend(backend: AttentionBackend) -> AttentionBackend:
     if backend == "auto":
-        backend = "te" if te_available() else "sdpa"
+        return "te" if te_available() else "sdpa"
+    return backend
+
+
+def layer_spec(arch: ModelArch, backend: AttentionBackend, fast: FastPath = OFF) -> LayerSpec:
+    """The transformer layer spec: TE's, or the local one with `Norm` in every norm slot (so it
+    runs sequence-parallel) and SDPA or Megatron's unfused core attention."""
+    backend = resolve_backend(backend)
     if backend == "te":
         spec = get_gpt_layer_with_transformer_engine_spec(
             num_experts=arch.num_experts, qk_layernorm=arch.qk_layernorm
         )
-        return spec, "transformer-engine"
+        return LayerSpec(spec, "transformer-engine")
     spec = get_gpt_layer_local_spec(
         num_experts=arch.num_experts,
         qk_layernorm=arch.qk_layernorm,
         normalization=arch.normalization,
     )
+    norm = use_norm(spec, fused=fast.norm)
     attention = spec.submodules.self_attention.submodules
     if backend == "sdpa":
         attention.core_attention = SdpaAttention
         name = "local spec + torch SDPA core attention"
         if fast.enabled:
             name += ", " + fast_layer_spec(spec, fast)
-        return spec, name
+        return LayerSpec(spec, name, norm)
     attention.core_attention = DotProductAttention
-    return spec, "local spec + Megatron unfused DotProductAttention"
+    return LayerSpec(spec, "local spec + Megatron unfused DotProductAttention", norm)
 
 
 class CpuRotaryEmbedding(RotaryEmbedding):
@@ -205,7 +236,7 @@ def build_model(
             fast = replace(fast, wgrad=False)
         else:
             config.gradient_accumulation_fusion = True
-    spec, attention = layer_spec(arch, backend, fast)
+    spec = layer_spec(arch, backend, fast)
     pp_rank, pp_size = pg.pp.rank(), pg.pp.size()
     vpp = cfg.parallelism.virtual_pipeline if pp_size > 1 else 1
     vocab = padded_vocab_size(arch.vocab_size, pg.tp.size())
@@ -213,7 +244,7 @@ def build_model(
     for stage in range(vpp):
         model = GPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=spec.decoder(config, pp_rank, stage if vpp > 1 else None),
             vocab_size=vocab,
             max_sequence_length=cfg.recipe.seq_length,
             pre_process=pp_rank == 0 and stage == 0,
@@ -227,5 +258,5 @@ def build_model(
         if device.type == "cpu" and arch.position_embedding_type == "rope":
             model.rotary_pos_emb.__class__ = CpuRotaryEmbedding
         chunks.append(model.to(device))
-    log.info("attention path: %s (padded vocab %d)", attention, vocab)
-    return ModelChunks(chunks, config, attention, vocab, fast)
+    log.info("attention path: %s (padded vocab %d)", spec.name, vocab)
+    return ModelChunks(chunks, config, spec.name, vocab, fast)

@@ -6,7 +6,8 @@ Transformer Engine builds the layers or the model runs on the CPU):
 - `ce`: the output layer and the cross-entropy in one chunked pass (Liger's fused linear
   cross-entropy, through `GPTModel`'s `output_processor` hook), so the `[tokens, vocab]` logits
   are never materialised in fp32; the loss is the same masked mean over the kept tokens.
-- `norm`: every RMSNorm of the layer (input, pre-MLP, q/k) as Liger's Triton RMSNorm.
+- `norm`: every RMSNorm of the model (input, pre-MLP, q/k, final) as Liger's Triton RMSNorm
+  (`models/norm.py`'s `Norm` with `fused=True`).
 - `rope`: RoPE applied by one Triton kernel inside core attention (`models/rope.py`) instead of
   Megatron's unfused `t*cos + rotate_half(t)*sin` (five passes over q and k).
 - `cudnn`: torch SDPA's cuDNN attention first (flash as the fallback) instead of flash.
@@ -29,15 +30,12 @@ import importlib
 import inspect
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from kubetron_trainer.config import FAST_PATH_PIECES as PIECES
 from kubetron_trainer.train_common import torch_optimizers
-
-if TYPE_CHECKING:
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
 
 @dataclass(frozen=True)
@@ -85,28 +83,6 @@ def liger(module: str) -> ModuleType:
             "--fast-path ce/norm needs liger-kernel (pip install 'kubetron[fast]' or "
             f"'liger-kernel>=0.5'); it did not import: {err}"
         ) from err
-
-
-class LigerRMSNorm(torch.nn.Module):
-    """RMSNorm with Liger's Triton kernels, a drop-in for Megatron's `WrappedTorchNorm`.
-
-    Same parameter (`weight`, ones at init) and state-dict key as `torch.nn.RMSNorm`; the
-    inverse RMS is computed in fp32 ("llama" casting), the output in the input's dtype.
-    """
-
-    def __init__(
-        self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: Any
-    ) -> None:
-        super().__init__()
-        if config.normalization != "RMSNorm":
-            raise ValueError("the fused norm is an RMSNorm; the model asks for LayerNorm")
-        self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size))
-        self.weight.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]
-        self._fn = liger("ops.rms_norm").LigerRMSNormFunction
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._fn.apply(x, self.weight, self.eps, 0.0, "llama", False)
 
 
 OFF = FastPath()
