@@ -278,8 +278,19 @@ def test_schema_rejects_unknown_keys(sets: dict[str, str], named: str) -> None:
         (["--set", "operator.logFormat=xml"], "logFormat"),
         (["--set", "watchNamespaces[0]=Team_A"], "watchNamespaces"),
         (["--set", "metrics.serviceMonitor.interval=30 seconds"], "interval"),
+        (["--set", "nameOverride=Kubetron_Ops"], "nameOverride"),
+        (["--set", "fullnameOverride=ml.ops"], "fullnameOverride"),
     ],
-    ids=["string-for-int", "string-for-bool", "enum", "log-format", "namespace-name", "duration"],
+    ids=[
+        "string-for-int",
+        "string-for-bool",
+        "enum",
+        "log-format",
+        "namespace-name",
+        "duration",
+        "name-not-dns",
+        "fullname-not-dns",
+    ],
 )
 def test_schema_rejects_mistyped_values(args: list[str], named: str) -> None:
     proc = run_helm(
@@ -425,3 +436,24 @@ def test_dashboard_queries_use_only_documented_metric_names() -> None:
         assert needed in used, f"no panel shows {needed}"
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "replicaCount=2", "--set", "leaderElection.enabled=false"],
+         "more than one replica needs leader election"),
+        (["--set", "rbac.scope=namespaces"], "rbac.scope=namespaces needs watchNamespaces"),
+        (["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.service.enabled=false"],
+         "metrics.serviceMonitor.enabled needs metrics.service.enabled"),
+        (["--set", "operator.metricsPort=9000", "--set", "operator.healthPort=9000"],
+         "operator.metricsPort and operator.healthPort are both 9000"),
+    ],
+    ids=["replicas-without-election", "namespaces-scope-without-list", "monitor-without-service",
+         "same-ports"],
+)  # fmt: skip
+def test_values_the_schema_cannot_check_fail_with_the_fix(args: list[str], message: str) -> None:
+    proc = run_helm(
+        "template", "kubetron", str(CHART), "--kube-version", KUBE_VERSION, *args, check=False
+    )
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr

@@ -91,4 +91,7 @@ Included by the Deployment, so every render runs them.
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) }}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.service.enabled: the ServiceMonitor selects the metrics Service" }}
 {{- end }}
+{{- if eq (int .Values.operator.metricsPort) (int .Values.operator.healthPort) }}
+{{- fail (printf "operator.metricsPort and operator.healthPort are both %d: the operator serves /metrics and /healthz on separate ports; give them different values" (int .Values.operator.metricsPort)) }}
+{{- end }}
 {{- end }}
