@@ -15,11 +15,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from kubetron_operator.api.parse import SpecError, parse_job
-from kubetron_operator.api.v1alpha1 import Phase
+from kubetron_operator.api.v1alpha1 import MegatronJob, Phase
 from kubetron_operator.kube import ApiError, Kube, Obj
 from kubetron_operator.metrics import OperatorMetrics
-from kubetron_operator.plan import PlanError, plan
-from kubetron_operator.render import JOB_NAME_LABEL, render
+from kubetron_operator.plan import Plan, PlanError, plan
+from kubetron_operator.render import JOB_NAME_LABEL, drifted, render
 from kubetron_operator.status import (
     Observed,
     describe_pod_failures,
@@ -32,6 +32,7 @@ from kubetron_operator.status import (
 log = logging.getLogger("kubetron.controller")
 
 _WARNING_PHASES = {Phase.FAILED.value, Phase.RESTARTING.value}
+_FINAL_PHASES = {Phase.SUCCEEDED.value, Phase.FAILED.value}
 
 
 def utcnow() -> str:
@@ -116,17 +117,46 @@ class Controller:
             self._write_status(body, old_status, new_status, "InvalidSpec", "; ".join(err.problems))
             return "invalid"
         pytorch_job = self.kube.get("PyTorchJob", namespace, name)
-        if pytorch_job is None or old_status.get("observedGeneration") != generation:
-            for obj in render(job, job_plan):
-                applied = self.kube.apply(obj)
-                if obj["kind"] == "PyTorchJob":
-                    pytorch_job = applied
+        finished = old_status.get("phase") in _FINAL_PHASES
+        if finished and old_status.get("observedGeneration") == generation:
+            # Final: nothing is re-created, whatever happened to the children (the
+            # training-operator's ttlSecondsAfterFinished, a manual delete); the status stays.
+            if pytorch_job is None:
+                self.metrics.jobs.set(namespace, name, old_status["phase"])
+                return "success"
+        else:
+            pytorch_job = self._apply_children(job, job_plan, generation, old_status, pytorch_job)
         pods = self._pods_if_failing(namespace, name, pytorch_job)
         seen = tuple(sorted(self._failures.get((namespace, name), ())))
         observed = Observed(generation, old_status, pytorch_job, pods, seen)
         new_status = job_status(observed, job_plan, name, utcnow())
         self._write_status(body, old_status, new_status, new_status["phase"], "")
         return "success"
+
+    def _apply_children(
+        self,
+        job: MegatronJob,
+        job_plan: Plan,
+        generation: int,
+        old_status: Obj,
+        live_job: Obj | None,
+    ) -> Obj | None:
+        """Apply every child that is missing, differs from what the spec renders (someone
+        deleted or edited it), or belongs to an older generation; returns the PyTorchJob."""
+        new_generation = old_status.get("observedGeneration") != generation
+        for obj in render(job, job_plan):
+            meta = obj["metadata"]
+            live = live_job if obj["kind"] == "PyTorchJob" else None
+            if live is None and obj["kind"] != "PyTorchJob":
+                live = self.kube.get(obj["kind"], meta["namespace"], meta["name"])
+            if new_generation or live is None or drifted(obj, live):
+                if live is not None and not new_generation:
+                    log.info("%s %s/%s drifted from its spec: re-applying", obj["kind"],
+                             meta["namespace"], meta["name"])  # fmt: skip
+                live = self.kube.apply(obj)
+            if obj["kind"] == "PyTorchJob":
+                live_job = live
+        return live_job
 
     def _pods_if_failing(self, namespace: str, name: str, pytorch_job: Obj | None) -> list[Obj]:
         conditions = (pytorch_job or {}).get("status", {}).get("conditions", [])

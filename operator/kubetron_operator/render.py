@@ -285,6 +285,21 @@ def _volume_mounts(job: MegatronJob) -> list[Obj]:
     return mounts + list(job.spec.resources.volume_mounts)
 
 
+def drifted(desired: object, live: object) -> bool:
+    """True when `live` lacks or differs from anything `desired` sets. Fields only the live
+    object has (defaults, status, other managers' fields) are not drift; lists must match
+    element by element."""
+    if isinstance(desired, dict):
+        if not isinstance(live, dict):
+            return True
+        return any(k not in live or drifted(v, live[k]) for k, v in desired.items())
+    if isinstance(desired, list):
+        if not isinstance(live, list) or len(live) != len(desired):
+            return True
+        return any(drifted(d, v) for d, v in zip(desired, live, strict=True))
+    return desired != live
+
+
 def render(job: MegatronJob, plan: Plan, builder: JobBuilder | None = None) -> list[Obj]:
     """The ConfigMap and the backend job for a MegatronJob, in apply order."""
     builder = builder or PyTorchJobBuilder()

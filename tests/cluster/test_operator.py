@@ -240,3 +240,50 @@ def test_missing_lease_namespace_ends_the_operator_with_the_fix(kubetron: Cluste
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "the lease namespace 'no-such-namespace' does not exist" in proc.stderr
     assert "kubectl create namespace no-such-namespace" in proc.stderr
+
+
+def test_final_phase_stays_final_when_the_ttl_deletes_the_pytorchjob(
+    kubetron: Cluster, namespace: str, start_operator: Any
+) -> None:
+    """The training-operator deletes a finished PyTorchJob after ttlSecondsAfterFinished; the
+    operator must not see it missing and run the job again."""
+    start_operator("op-ttl")
+    job = fake_gpu_job(
+        "ttl", nodes=1, complete_after="1s", runPolicy={"ttlSecondsAfterFinished": 1}
+    )
+    _apply(kubetron, namespace, job)
+    succeeded = wait_phase(kubetron, namespace, "ttl", "Succeeded")
+    kubetron.wait_for(
+        lambda: kubetron.get("pytorchjob", "ttl", namespace) is None,
+        timeout=60,
+        what="the training-operator's TTL to delete the PyTorchJob",
+    )
+    time.sleep(12)  # two resync periods (5 s) and the deletion's watch events
+    assert kubetron.get("pytorchjob", "ttl", namespace) is None, "the finished job ran again"
+    status = (kubetron.get("megatronjob", "ttl", namespace) or {})["status"]
+    assert status["phase"] == "Succeeded"
+    assert status["completionTime"] == succeeded["status"]["completionTime"]
+
+
+def test_deleted_and_edited_children_of_a_running_job_are_repaired(
+    kubetron: Cluster, namespace: str, start_operator: Any
+) -> None:
+    start_operator("op-repair")
+    _apply(kubetron, namespace, fake_gpu_job("fix", nodes=1, complete_after="600s"))
+    wait_phase(kubetron, namespace, "fix", "Running")
+    rendered = (kubetron.get("configmap", "fix-config", namespace) or {})["data"]
+    kubetron.kubectl("delete", "configmap", "fix-config", "-n", namespace)
+    kubetron.wait_for(
+        lambda: kubetron.get("configmap", "fix-config", namespace),
+        timeout=30,
+        what="the deleted ConfigMap to be re-created",
+    )
+    patch = '[{"op": "replace", "path": "/data/config.json", "value": "{}"}]'
+    kubetron.kubectl(
+        "patch", "configmap", "fix-config", "-n", namespace, "--type=json", "-p", patch
+    )
+    kubetron.wait_for(
+        lambda: (kubetron.get("configmap", "fix-config", namespace) or {}).get("data") == rendered,
+        timeout=30,
+        what="the edited ConfigMap to be restored",
+    )

@@ -1,0 +1,134 @@
+"""The reconcile paths against a small in-memory fake of the project's own Kube interface (the
+real API server runs the same paths in tests/cluster): children repaired when deleted or
+edited, nothing applied when nothing changed, and final phases that stay final."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from kubetron_operator.controller import Controller
+from kubetron_operator.metrics import OperatorMetrics
+from tests.builders import job_dict
+
+Obj = dict[str, Any]
+
+
+class FakeKube:
+    """The verbs Controller uses, over a dict keyed by (kind, namespace, name)."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str, str], Obj] = {}
+        self.applied: list[str] = []
+        self.events: list[tuple[str, str]] = []
+
+    def put(self, obj: Obj) -> None:
+        meta = obj["metadata"]
+        self.objects[(obj["kind"], meta.get("namespace", ""), meta["name"])] = copy.deepcopy(obj)
+
+    def get(self, kind: str, namespace: str | None, name: str) -> Obj | None:
+        obj = self.objects.get((kind, namespace or "", name))
+        return copy.deepcopy(obj) if obj is not None else None
+
+    def list(self, kind: str, namespace: str | None, selector: str = "") -> list[Obj]:
+        return [copy.deepcopy(o) for (k, ns, _), o in self.objects.items() if k == kind]
+
+    def apply(self, obj: Obj) -> Obj:
+        self.applied.append(obj["kind"])
+        key = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
+        live = self.objects.get(key, {})
+        merged = {**copy.deepcopy(obj), "status": live.get("status", {})}
+        self.objects[key] = merged
+        return copy.deepcopy(merged)
+
+    def patch_status(self, kind: str, namespace: str, name: str, status: Obj) -> Obj:
+        self.objects[(kind, namespace, name)]["status"] = copy.deepcopy(status)
+        return self.get(kind, namespace, name) or {}
+
+    def event(self, involved: Obj, type_: str, reason: str, message: str) -> None:
+        self.events.append((type_, reason))
+
+
+@pytest.fixture
+def kube() -> FakeKube:
+    k = FakeKube()
+    body = job_dict()
+    body["metadata"]["generation"] = 1
+    k.put(body)
+    return k
+
+
+def reconcile(kube: FakeKube) -> str:
+    return Controller(kube, OperatorMetrics()).reconcile("ml", "job")  # type: ignore[arg-type]
+
+
+def pytorchjob_succeeded(kube: FakeKube) -> None:
+    pj = kube.objects[("PyTorchJob", "ml", "job")]
+    pj["status"] = {"conditions": [{"type": "Succeeded", "status": "True", "reason": "Done"}]}
+
+
+def test_first_reconcile_creates_both_children_then_nothing_is_reapplied(kube: FakeKube) -> None:
+    assert reconcile(kube) == "success"
+    assert kube.applied == ["ConfigMap", "PyTorchJob"]
+    kube.applied.clear()
+    assert reconcile(kube) == "success"
+    assert kube.applied == []  # unchanged children: reads only
+
+
+def test_a_deleted_config_map_is_recreated(kube: FakeKube) -> None:
+    reconcile(kube)
+    del kube.objects[("ConfigMap", "ml", "job-config")]
+    kube.applied.clear()
+    reconcile(kube)
+    assert kube.applied == ["ConfigMap"]
+    assert ("ConfigMap", "ml", "job-config") in kube.objects
+
+
+def test_edited_children_are_restored(kube: FakeKube) -> None:
+    reconcile(kube)
+    cm = kube.objects[("ConfigMap", "ml", "job-config")]
+    rendered = cm["data"]["config.json"]
+    cm["data"]["config.json"] = "{}"
+    pj = kube.objects[("PyTorchJob", "ml", "job")]
+    container = pj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    container["image"] = "someone/else:latest"
+    pj["spec"]["extraDefault"] = True  # fields only the live object has are not drift
+    kube.applied.clear()
+    reconcile(kube)
+    assert sorted(kube.applied) == ["ConfigMap", "PyTorchJob"]
+    assert (
+        kube.objects[("ConfigMap", "ml", "job-config")]["data"]["config.json"] == rendered
+    )
+    pj = kube.objects[("PyTorchJob", "ml", "job")]
+    assert (
+        pj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["image"]
+        == "ghcr.io/kubetron/trainer:0.1.0"
+    )
+
+
+def test_a_succeeded_job_is_never_run_again_when_its_children_go(kube: FakeKube) -> None:
+    reconcile(kube)
+    pytorchjob_succeeded(kube)
+    reconcile(kube)
+    assert kube.objects[("MegatronJob", "ml", "job")]["status"]["phase"] == "Succeeded"
+    # the training-operator's ttlSecondsAfterFinished (or a user) deletes the children
+    del kube.objects[("PyTorchJob", "ml", "job")]
+    del kube.objects[("ConfigMap", "ml", "job-config")]
+    kube.applied.clear()
+    for _ in range(3):
+        assert reconcile(kube) == "success"
+    assert kube.applied == []
+    assert kube.objects[("MegatronJob", "ml", "job")]["status"]["phase"] == "Succeeded"
+
+
+def test_a_new_generation_of_a_finished_job_runs_again(kube: FakeKube) -> None:
+    reconcile(kube)
+    pytorchjob_succeeded(kube)
+    reconcile(kube)
+    del kube.objects[("PyTorchJob", "ml", "job")]
+    kube.objects[("MegatronJob", "ml", "job")]["metadata"]["generation"] = 2  # spec edited
+    kube.applied.clear()
+    reconcile(kube)
+    assert kube.applied == ["ConfigMap", "PyTorchJob"]
