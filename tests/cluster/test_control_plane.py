@@ -92,6 +92,8 @@ def test_fake_gpu_nodes_have_eight_gpus(cluster: Cluster) -> None:
     assert {n["metadata"]["name"] for n in nodes} >= set(cluster.node_names())
     for node in nodes:
         name = node["metadata"]["name"]
+        if name not in cluster.node_names():
+            continue  # the real node (tests/cluster/node.py) has no GPUs
         assert name in listing
         assert node["status"]["allocatable"][GPU_RESOURCE] == "8"
         assert node["metadata"]["labels"]["nvidia.com/gpu.product"] == GPU_PRODUCT
