@@ -27,6 +27,7 @@ _SECTIONS = {
         "seqLength",
         "precision",
         "fastPath",
+        "kind",
     },
     "parallelism": {
         "tensor",

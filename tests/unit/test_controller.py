@@ -98,9 +98,7 @@ def test_edited_children_are_restored(kube: FakeKube) -> None:
     kube.applied.clear()
     reconcile(kube)
     assert sorted(kube.applied) == ["ConfigMap", "PyTorchJob"]
-    assert (
-        kube.objects[("ConfigMap", "ml", "job-config")]["data"]["config.json"] == rendered
-    )
+    assert kube.objects[("ConfigMap", "ml", "job-config")]["data"]["config.json"] == rendered
     pj = kube.objects[("PyTorchJob", "ml", "job")]
     assert (
         pj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["image"]

@@ -107,6 +107,12 @@ BAD: list[tuple[str, str | None, dict[str, object], list[str]]] = [
         ["spec.parallelism.pipeline > 1 needs GPUs"],
     ),
     (
+        "finetune-without-weights",
+        None,
+        {"kind": "finetune"},
+        ["spec.recipe.kind=finetune is not supported yet", "use kind pretrain"],
+    ),
+    (
         "cpu-sequence-parallel",
         "gpt-tiny",
         {"device": "cpu", "precision": "fp32", "tensor": 2, "sequenceParallel": True},
@@ -171,3 +177,24 @@ def test_parallel_dims_error_names_every_degree(kwargs: dict[str, int], fragment
 def test_parallel_dims_expert_grid() -> None:
     d = ParallelDims.from_degrees(16, tp=2, pp=2, ep=4)
     assert (d.dp, d.edp, d.tp_enabled, d.ep_enabled, d.vpp_size) == (4, 2, True, True, None)
+
+
+def test_what_needs_transformer_engine_is_named_with_the_fix() -> None:
+    from kubetron_trainer.rules import missing_transformer_engine
+
+    job = make_job(precision="fp8", context=2, globalBatchSize=4)
+    problems = missing_transformer_engine(job.spec.recipe, job.spec.parallelism)
+    assert problems[0].startswith("spec.recipe.precision=fp8 needs Transformer Engine")
+    assert problems[1].startswith("spec.parallelism.context=2 needs Transformer Engine")
+    assert all("Dockerfile's default, NGC-based trainer target" in p for p in problems)
+    assert missing_transformer_engine(make_job().spec.recipe, make_job().spec.parallelism) == []
+
+
+def test_removed_num_workers_says_so() -> None:
+    from kubetron_operator.api.parse import SpecError, parse_job
+    from tests.builders import job_dict
+
+    body = job_dict()
+    body["spec"]["data"] = {"numWorkers": 4}
+    with pytest.raises(SpecError, match=r"spec\.data: .*numWorkers was removed.*delete the field"):
+        parse_job(body)

@@ -90,3 +90,21 @@ def test_trainer_refuses_sequence_parallel_on_cpu_before_joining() -> None:
     with pytest.raises(ParallelConfigError) as info:  # exit code 2
         run(cfg, ParallelDims.from_degrees(2, tp=2), Topology.single_process(), args)
     assert "spec.parallelism.sequenceParallel needs GPUs" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [({"precision": "fp8"}, "spec.recipe.precision=fp8"), ({"context": 2}, "context=2")],
+)
+def test_trainer_without_te_refuses_fp8_and_context_before_joining(
+    fields: dict[str, object], named: str
+) -> None:
+    """No silent bf16 for fp8: without Transformer Engine's spec the trainer exits 2 (config)
+    before it joins the job, naming the field and the image to use."""
+    job = make_job("gpt-tiny", gpusPerNode=2, seqLength=64, **fields)  # type: ignore[arg-type]
+    cfg: TrainerConfig = plan(job).trainer_config
+    args = argparse.Namespace(fast_path=None, device="cpu", attention="auto")
+    with pytest.raises(ParallelConfigError) as info:
+        run(cfg, ParallelDims.from_degrees(2, cp=job.spec.parallelism.context),
+            Topology.single_process(), args)  # fmt: skip
+    assert named in str(info.value) and "no Transformer Engine" in str(info.value)

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from kubetron_trainer.config import TrainerConfig
 from kubetron_trainer.dims import ParallelConfigError, ParallelDims
 from kubetron_trainer.exitcodes import ConfigError, ExitCode, Terminated, classify
-from kubetron_trainer.rules import check_shape, cpu_rules
+from kubetron_trainer.rules import check_shape, cpu_rules, missing_transformer_engine
 from kubetron_trainer.topology import Topology
 
 log = logging.getLogger("kubetron_trainer")
@@ -149,6 +149,7 @@ def run(
     import torch.distributed as dist
 
     from kubetron_trainer.metrics import prepare_multiproc_dir
+    from kubetron_trainer.models.build import resolve_backend
     from kubetron_trainer.models.fused import FastPath
     from kubetron_trainer.parallel import init_distributed
 
@@ -160,6 +161,10 @@ def run(
     device = pick_device(args.device, topology.local_rank)
     if device.type == "cpu" and (problems := cpu_rules(cfg.parallelism)):
         raise ParallelConfigError(problems, f"device cpu, world={cfg.world_size}")
+    # fp8 and context parallelism need TE's layer spec, which only an image with TE has
+    no_te = resolve_backend(args.attention) != "te"
+    if no_te and (problems := missing_transformer_engine(cfg.recipe, cfg.parallelism)):
+        raise ParallelConfigError(problems, f"device {device.type}, world={cfg.world_size}")
     backend = "nccl" if device.type == "cuda" else "gloo"
     metrics_dir = f"/tmp/kubetron-metrics-{cfg.job_name}-{topology.master_port}"
     prepare_multiproc_dir(topology.local_rank, metrics_dir)

@@ -8,9 +8,9 @@ model back. Field names are camelCase on the wire (Kubernetes style) and snake_c
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 
@@ -203,7 +203,11 @@ FAST_PATH_PATTERN = rf"^(off|on|{_PIECE}(,{_PIECE})*)$"
 class RecipeSpec(ApiModel):
     """How to train: steps, batch sizes, precision, optimizer and schedule."""
 
-    kind: Literal["pretrain", "finetune"] = Field(default="pretrain", description="Recipe kind.")
+    kind: Literal["pretrain", "finetune"] = Field(
+        default="pretrain",
+        description="pretrain: from random weights. finetune is refused until the trainer can "
+        "load pretrained weights.",
+    )
     train_iters: int = Field(default=100, ge=1, description="Optimizer steps to run.")
     global_batch_size: int = Field(default=8, ge=1, description="Sequences per optimizer step.")
     micro_batch_size: int = Field(default=1, ge=1, description="Sequences per forward pass.")
@@ -280,7 +284,17 @@ class DataSpec(ApiModel):
         description="Train,validation,test split weights.",
     )
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec, description="Tokenizer.")
-    num_workers: int = Field(default=1, ge=0, le=64, description="DataLoader workers per rank.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and ("numWorkers" in data or "num_workers" in data):
+            raise ValueError(
+                "numWorkers was removed: the trainer reads its batches in-process from "
+                "memory-mapped indexed datasets and never started DataLoader workers; delete "
+                "the field"
+            )
+        return data
 
 
 # --------------------------------------------------------------------------- checkpoint, metrics

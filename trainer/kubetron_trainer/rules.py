@@ -53,6 +53,7 @@ def check_shape(
     if dims is not None:
         problems += _batch_rules(recipe, dims)
     problems += _data_rules(data)
+    problems += _recipe_rules(recipe)
     if problems:
         raise ParallelConfigError(problems, _shape(world_size, gpus_per_node, p, dims))
     assert dims is not None  # no problems means the degrees were valid
@@ -168,10 +169,41 @@ def cpu_rules(p: ParallelismSpec) -> list[str]:
     return problems
 
 
+def _recipe_rules(recipe: RecipeSpec) -> list[str]:
+    if recipe.kind == "finetune":
+        return [
+            "spec.recipe.kind=finetune is not supported yet: the trainer cannot load pretrained "
+            "weights, so it would train from random ones; use kind pretrain"
+        ]
+    return []
+
+
+def transformer_engine_uses(recipe: RecipeSpec, p: ParallelismSpec) -> list[str]:
+    """What this shape needs Transformer Engine for, one message per field. Sequence
+    parallelism runs without it (models/norm.py); fp8 and context parallelism do not."""
+    uses: list[str] = []
+    if recipe.precision == Precision.FP8:
+        uses.append("spec.recipe.precision=fp8 needs Transformer Engine's fp8 GEMMs")
+    if p.context > 1:
+        uses.append(
+            f"spec.parallelism.context={p.context} needs Transformer Engine's context-parallel "
+            "attention"
+        )
+    return uses
+
+
+def missing_transformer_engine(recipe: RecipeSpec, p: ParallelismSpec) -> list[str]:
+    """The problems of this shape on an image without Transformer Engine (the trainer checks
+    them at start, before it joins the job: the operator cannot see what an image holds)."""
+    fix = (
+        "this trainer image has no Transformer Engine: use an image that has it (the "
+        "Dockerfile's default, NGC-based trainer target)"
+    )
+    return [f"{use}; {fix}" for use in transformer_engine_uses(recipe, p)]
+
+
 def _requirements(recipe: RecipeSpec, p: ParallelismSpec) -> tuple[str, ...]:
-    # sequence parallelism runs without TE too (models/norm.py); fp8 and context do not
-    needs_te = recipe.precision == Precision.FP8 or p.context > 1
-    return (TRANSFORMER_ENGINE,) if needs_te else ()
+    return (TRANSFORMER_ENGINE,) if transformer_engine_uses(recipe, p) else ()
 
 
 def _shape(world: int, gpn: int, p: ParallelismSpec, dims: ParallelDims | None) -> str:

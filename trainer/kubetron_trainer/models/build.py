@@ -106,6 +106,9 @@ def transformer_config(cfg: TrainerConfig, device: torch.device) -> TransformerC
         moe_aux_loss_coeff=1e-3 if arch.is_moe else 0.0,
         bf16=bf16,
         params_dtype=dtype,
+        # fp8 GEMMs through Transformer Engine (e4m3 forward, e5m2 gradients); the trainer
+        # refuses fp8 before this point when TE's spec is not in use.
+        fp8="hybrid" if cfg.recipe.precision == Precision.FP8 else None,
         pipeline_dtype=dtype,
         autocast_dtype=dtype,
         use_cpu_initialization=not on_gpu,
