@@ -86,6 +86,7 @@ def plan(job: MegatronJob) -> Plan:
         metrics=spec.metrics,
         world_size=res.world_size,
         gpus_per_node=res.gpus_per_node,
+        collective_timeout_seconds=spec.run_policy.collective_timeout_seconds,
     )
     return Plan(
         arch=arch,

@@ -158,6 +158,8 @@ def _pod_spec(job: MegatronJob, plan: Plan) -> Obj:
         # add <SERVICE>_PORT=tcp://... variables, and some names collide with real settings.
         "enableServiceLinks": False,
         "securityContext": pod_security_context(res),
+        # the launcher forwards SIGTERM to the trainers and waits this long for their save
+        "terminationGracePeriodSeconds": job.spec.run_policy.termination_grace_period_seconds,
         "containers": [_container(job, plan)],
         "volumes": _volumes(job),
     }

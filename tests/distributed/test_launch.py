@@ -7,6 +7,7 @@ restart) and 143 (restart after preemption).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -59,3 +60,39 @@ def test_sigterm_to_the_pod_command_exits_retryable(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=180) == 143, log.read_text()[-3000:]
     assert (tmp_path / "ckpt" / "latest").exists()
+
+
+SLOW_SAVER = """
+import os, signal, sys, time
+def save_and_exit(signum, frame):
+    time.sleep(float(os.environ["SAVE_SECONDS"]))  # a checkpoint longer than torchrun's 30 s
+    open(os.path.join(os.environ["OUT"], "saved-" + os.environ["RANK"]), "w").close()
+    sys.exit(143)
+signal.signal(signal.SIGTERM, save_and_exit)
+open(os.path.join(os.environ["OUT"], "started-" + os.environ["RANK"]), "w").close()
+while True:
+    time.sleep(1)
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_gives_workers_more_than_torchruns_30_seconds(tmp_path: Path) -> None:
+    """The pod's grace period, not torchrun's 30 s, bounds a save on SIGTERM: the launcher
+    signals the workers itself, and they finish a 35-second save."""
+    script = tmp_path / "saver.py"
+    script.write_text(SLOW_SAVER)
+    argv = [
+        sys.executable, "-m", "kubetron_trainer.launch", "--nnodes", "1", "--nproc-per-node", "2",
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script),
+    ]  # fmt: skip
+    env = {**os.environ, "OUT": str(tmp_path), "SAVE_SECONDS": "35"}
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("started-*"))) < 2 and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert sorted(p.name for p in tmp_path.glob("saved-*")) == ["saved-0", "saved-1"], out
+    assert proc.returncode == 143, out

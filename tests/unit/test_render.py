@@ -151,3 +151,19 @@ def test_pods_meet_the_restricted_pod_security_standard_by_default() -> None:
     custom = _trainer_pod(podSecurityContext={"runAsUser": 0}, securityContext={"privileged": True})
     assert custom["securityContext"] == {"runAsUser": 0}
     assert custom["containers"][0]["securityContext"] == {"privileged": True}
+
+
+def test_run_policy_timeouts_reach_the_pods_and_the_trainer() -> None:
+    job = make_job()
+    assert _trainer_pod()["terminationGracePeriodSeconds"] == 600  # room for a large save
+    assert plan(job).trainer_config.collective_timeout_seconds == 600
+    body = job_dict()
+    body["spec"]["runPolicy"] = {"terminationGracePeriodSeconds": 1800,
+                                 "collectiveTimeoutSeconds": 120}  # fmt: skip
+    custom = parse_job(body)
+    pod = render(custom, plan(custom))[1]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    assert pod["spec"]["terminationGracePeriodSeconds"] == 1800
+    assert plan(custom).trainer_config.collective_timeout_seconds == 120
+    assert (
+        "terminationGracePeriodSeconds" not in render(custom, plan(custom))[1]["spec"]["runPolicy"]
+    )  # a pod field, not the PyTorchJob's

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -168,7 +169,7 @@ def run(
     backend = "nccl" if device.type == "cuda" else "gloo"
     metrics_dir = f"/tmp/kubetron-metrics-{cfg.job_name}-{topology.master_port}"
     prepare_multiproc_dir(topology.local_rank, metrics_dir)
-    init_distributed(topology, backend)
+    init_distributed(topology, backend, timedelta(seconds=cfg.collective_timeout_seconds))
     dist.barrier()  # the metrics directory is clean before any rank writes to it
     from kubetron_trainer import loop
     from kubetron_trainer.metrics import TrainerMetrics

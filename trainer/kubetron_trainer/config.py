@@ -322,6 +322,11 @@ class MetricsSpec(ApiModel):
 # --------------------------------------------------------------------------- the trainer config
 
 
+# Long enough for the slowest collective of a healthy step (a checkpoint's barriers included),
+# short enough that a hung peer ends the attempt instead of the job waiting for ever.
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600
+
+
 class TrainerConfig(ApiModel):
     """Everything one trainer process needs; the operator writes it to a ConfigMap as JSON."""
 
@@ -335,3 +340,9 @@ class TrainerConfig(ApiModel):
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
     world_size: Annotated[int, Field(ge=1)] = Field(default=1, description="Expected world size.")
     gpus_per_node: int = Field(default=1, ge=1, description="Processes per node.")
+    collective_timeout_seconds: int = Field(
+        default=DEFAULT_COLLECTIVE_TIMEOUT_S,
+        ge=10,
+        description="Timeout of every process group: a collective that waits longer (a lost or "
+        "hung peer) fails, and the attempt ends with a retryable exit code.",
+    )

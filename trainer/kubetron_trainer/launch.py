@@ -3,9 +3,10 @@
 torchrun exits 1 whenever any worker fails and also when it is sent SIGTERM itself, so as the
 container's main process it would turn a preemption (a retryable 143) into a permanent failure
 under the PyTorchJob's `ExitCode` restart policy. This launcher gives each worker a directory
-to record its code in (`KUBETRON_EXIT_CODE_DIR`), forwards SIGTERM/SIGINT to torchrun, and exits
-with the code that describes the pod: a permanent worker error wins (the same config would fail
-again), then the largest retryable code. Torch-free: it only starts processes.
+to record its code in (`KUBETRON_EXIT_CODE_DIR`), forwards SIGTERM/SIGINT to the workers
+themselves (torchrun would kill them 30 s after passing it on, cutting a checkpoint short), and
+exits with the code that describes the pod: a permanent worker error wins (the same config
+would fail again), then the largest retryable code. Torch-free: it only starts processes.
 
     python -m kubetron_trainer.launch [torchrun arguments] -m kubetron_trainer --config FILE
 """
@@ -74,6 +75,21 @@ def write_termination_message(message: str, path: Path = TERMINATION_LOG) -> Non
             path.write_text(message)
 
 
+def children(pid: int) -> list[int]:
+    """Pids whose parent is `pid` (torchrun's workers), from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rpartition(")")[2].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
@@ -87,7 +103,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         def forward(signum: int, _frame: object) -> None:
             nonlocal signalled
             signalled = True
-            proc.send_signal(signum)
+            # To the trainers themselves, not to torchrun: torchrun would pass the signal on
+            # and SIGKILL them 30 s later, mid-checkpoint. They save, exit 143, and torchrun
+            # follows; the pod's terminationGracePeriodSeconds bounds the whole.
+            workers = children(proc.pid)
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
+            if not workers:  # not started yet: torchrun stops what it is starting
+                proc.send_signal(signum)
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, forward)

@@ -13,6 +13,7 @@ import logging
 import signal
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any, Literal, Protocol
@@ -32,7 +33,7 @@ from kubetron_trainer.metrics import StepStats, TrainerMetrics
 from kubetron_trainer.models import build_model
 from kubetron_trainer.models.build import AttentionBackend
 from kubetron_trainer.models.fused import FastPath
-from kubetron_trainer.parallel import build_process_groups
+from kubetron_trainer.parallel import GroupOptions, build_process_groups
 from kubetron_trainer.seeding import setup_megatron_globals
 from kubetron_trainer.topology import Topology
 from kubetron_trainer.train_common import (
@@ -116,7 +117,8 @@ def make_groups(
             expert_tensor_parallel_size=dims.etp,
         )
         return ProcessGroupCollection.use_mpu_process_groups()
-    groups = build_process_groups(dims, topology, backend)
+    timeout = timedelta(seconds=cfg.collective_timeout_seconds)
+    groups = build_process_groups(dims, topology, backend, options=GroupOptions(timeout=timeout))
     if groups.pg is None:
         raise RuntimeError(f"rank {topology.rank} is outside its own grid")
     return groups.pg

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -158,8 +159,11 @@ def check_grid_fits(dims: ParallelDims, topology: Topology, rank_offset: int = 0
                 )
 
 
-def init_distributed(topology: Topology, backend: str | None = None) -> None:
-    """Join the job's default process group (idempotent); binds the GPU first under NCCL."""
+def init_distributed(
+    topology: Topology, backend: str | None = None, timeout: timedelta | None = None
+) -> None:
+    """Join the job's default process group (idempotent); binds the GPU first under NCCL.
+    `timeout`: how long its collectives may wait (None: torch's default for the backend)."""
     if dist.is_initialized():
         return
     backend = backend or default_backend()
@@ -173,6 +177,7 @@ def init_distributed(topology: Topology, backend: str | None = None) -> None:
         rank=topology.rank,
         world_size=topology.world_size,
         device_id=device_id,
+        timeout=timeout,
     )
 
 
@@ -240,11 +245,13 @@ class GroupOptions:
         `get_pg` knows only the first field of each identical set.
     local_sync: each rank creates only its own groups (`use_local_synchronization=True`); needs
         a grid over the whole world, and the grids' `get_pg` stays empty.
+    timeout: how long a collective on these groups may wait before it fails.
     """
 
     dist_opt_instances: int = 1
     share_identical: bool = False
     local_sync: bool = False
+    timeout: timedelta | None = None  # every group's (None: torch's default for the backend)
 
 
 def build_process_groups(
@@ -312,16 +319,21 @@ def _create_groups(built: ParallelGroups, backend: str, options: GroupOptions) -
             groups[name] = groups[first_with[members]]
             continue
         first_with.setdefault(members, name)
+        timeout = {"timeout": options.timeout} if options.timeout is not None else {}
         if options.local_sync:
-            groups[name] = _create_own(all_ranks, built, backend, name)
+            groups[name] = _create_own(all_ranks, built, backend, name, options.timeout)
         elif name in DENSE_GROUPS:  # registered in the grid, so grid.get_pg works
-            groups[name] = built.dense_grid.create_pg(DENSE_GROUPS[name], group_desc=_desc(name))
+            groups[name] = built.dense_grid.create_pg(
+                DENSE_GROUPS[name], group_desc=_desc(name), **timeout
+            )
         elif name in EXPERT_GROUPS:
-            groups[name] = built.expert_grid.create_pg(EXPERT_GROUPS[name], group_desc=_desc(name))
+            groups[name] = built.expert_grid.create_pg(
+                EXPERT_GROUPS[name], group_desc=_desc(name), **timeout
+            )
         else:
             groups[name] = None
             for ranks in all_ranks:
-                group = _new_group(ranks, backend, name, local=False)
+                group = _new_group(ranks, backend, name, local=False, timeout=options.timeout)
                 if group is not None:
                     groups[name] = group
                     built._extra.append(group)
@@ -329,7 +341,11 @@ def _create_groups(built: ParallelGroups, backend: str, options: GroupOptions) -
 
 
 def _create_own(
-    all_ranks: list[list[int]], built: ParallelGroups, backend: str, name: str
+    all_ranks: list[list[int]],
+    built: ParallelGroups,
+    backend: str,
+    name: str,
+    timeout: timedelta | None = None,
 ) -> dist.ProcessGroup | None:
     """Create only this rank's group, synchronising with its members alone.
 
@@ -339,7 +355,7 @@ def _create_own(
     and last stage only) creates a group of itself instead.
     """
     own = next((ranks for ranks in all_ranks if built.rank in ranks), None)
-    group = _new_group(own or [built.rank], backend, name, local=True)
+    group = _new_group(own or [built.rank], backend, name, local=True, timeout=timeout)
     if group is not None:
         built._extra.append(group)
     return group if own else None
@@ -350,7 +366,7 @@ def _desc(name: str) -> str:
 
 
 def _new_group(
-    ranks: list[int], backend: str, name: str, *, local: bool
+    ranks: list[int], backend: str, name: str, *, local: bool, timeout: timedelta | None = None
 ) -> dist.ProcessGroup | None:
     """`dist.new_group`, with None instead of torch's non-member sentinel."""
     group = dist.new_group(
@@ -358,6 +374,7 @@ def _new_group(
         backend=backend,
         use_local_synchronization=local,
         group_desc=_desc(name),
+        timeout=timeout,
     )
     return group if isinstance(group, dist.ProcessGroup) else None
 

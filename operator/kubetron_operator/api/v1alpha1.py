@@ -14,6 +14,7 @@ from pydantic import Field
 from pydantic.config import JsonDict
 
 from kubetron_trainer.config import (
+    DEFAULT_COLLECTIVE_TIMEOUT_S,
     ApiModel,
     CheckpointSpec,
     DataSpec,
@@ -43,6 +44,9 @@ MEMORY_QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"
 # names none: room for data loading and host-side buffers, and no limit to throttle them.
 DEFAULT_CPU_PER_PROCESS = {"gpu": 4, "cpu": 1}
 DEFAULT_MEMORY_PER_PROCESS_MI = {"gpu": 16 * 1024, "cpu": 2 * 1024}
+# A checkpoint save of a large model on SIGTERM must fit: an 8B model with a distributed
+# optimizer writes about 100 GB, minutes on network storage.
+DEFAULT_GRACE_PERIOD_S = 600
 # The trainer image's user (Dockerfile: `USER 10001:10001`); tests/chart checks they match.
 TRAINER_UID = 10001
 
@@ -218,6 +222,21 @@ class RunPolicySpec(ApiModel):
     suspend: bool = Field(default=False, description="Suspend (delete pods) or resume the job.")
     clean_pod_policy: CleanPodPolicy = Field(
         default=CleanPodPolicy.NONE, description="Pods to delete when the job finishes."
+    )
+    collective_timeout_seconds: int = Field(
+        default=DEFAULT_COLLECTIVE_TIMEOUT_S,
+        ge=10,
+        le=86400,
+        description="How long a collective may wait for a peer (every process group's timeout): "
+        "a lost or hung rank then ends the attempt with a retryable exit code instead of "
+        "leaving the others waiting for ever.",
+    )
+    termination_grace_period_seconds: int = Field(
+        default=DEFAULT_GRACE_PERIOD_S,
+        ge=30,
+        le=86400,
+        description="Time the pods get after SIGTERM (preemption, deletion, suspend) to save a "
+        "checkpoint and exit; the pod launcher gives the trainers all of it.",
     )
 
 
