@@ -113,7 +113,13 @@ def run(settings: Settings) -> int:
         metrics.leader.set(1)
 
     may_act = (lambda: elector.is_leader) if elector is not None else (lambda: True)
-    controller = Controller(kube, metrics, may_act=may_act, namespaces=settings.namespaces)
+    controller = Controller(
+        kube,
+        metrics,
+        may_act=may_act,
+        namespaces=settings.namespaces,
+        progress_period=settings.progress_period,
+    )
     registry = make_registry(controller, settings.resync_period)
     health.ready.set()
     log.info("reconciling MegatronJobs in %s", ",".join(settings.namespaces) or "all namespaces")

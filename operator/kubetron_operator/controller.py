@@ -8,18 +8,20 @@ delivers the events; nothing here depends on kopf's handler-progress storage.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from kubetron_operator import progress
 from kubetron_operator.api.parse import SpecError, parse_job
 from kubetron_operator.api.v1alpha1 import MegatronJob, Phase
 from kubetron_operator.kube import ApiError, Kube, Obj
 from kubetron_operator.metrics import OperatorMetrics
 from kubetron_operator.plan import Plan, PlanError, plan
-from kubetron_operator.render import JOB_NAME_LABEL, drifted, render
+from kubetron_operator.render import JOB_NAME_LABEL, REPLICA_TYPE_LABEL, drifted, render
 from kubetron_operator.status import (
     Observed,
     describe_pod_failures,
@@ -48,9 +50,14 @@ class Controller:
         metrics: OperatorMetrics,
         may_act: Callable[[], bool] = lambda: True,
         namespaces: tuple[str, ...] = (),
+        progress_period: float = 15.0,
+        read_metrics: Callable[[str, int], str] = progress.fetch,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.kube, self.metrics, self.may_act = kube, metrics, may_act
         self.namespaces = namespaces
+        self.progress_period, self.read_metrics, self.clock = progress_period, read_metrics, clock
+        self._progress_read_at: dict[tuple[str, str], float] = {}
         self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
         self._failures: defaultdict[tuple[str, str], set[str]] = defaultdict(set)
@@ -128,7 +135,8 @@ class Controller:
             pytorch_job = self._apply_children(job, job_plan, generation, old_status, pytorch_job)
         pods = self._pods_if_failing(namespace, name, pytorch_job)
         seen = tuple(sorted(self._failures.get((namespace, name), ())))
-        observed = Observed(generation, old_status, pytorch_job, pods, seen)
+        live = self._read_progress(job, pytorch_job)
+        observed = Observed(generation, old_status, pytorch_job, pods, seen, live)
         new_status = job_status(observed, job_plan, name, utcnow())
         self._write_status(body, old_status, new_status, new_status["phase"], "")
         return "success"
@@ -158,6 +166,32 @@ class Controller:
                 live_job = live
         return live_job
 
+    def _read_progress(self, job: MegatronJob, pytorch_job: Obj | None) -> Obj | None:
+        """Rank 0's progress while the job runs, at most once per `progress_period`; None
+        when not due, not running, or the endpoint cannot be read (the last reading stays)."""
+        key = (job.namespace, job.name)
+        now = self.clock()
+        if self.progress_period <= 0 or not _is_running(pytorch_job):
+            return None
+        if now - self._progress_read_at.get(key, -math.inf) < self.progress_period:
+            return None
+        self._progress_read_at[key] = now
+        selector = f"{JOB_NAME_LABEL}={job.name},{REPLICA_TYPE_LABEL}=master"
+        ips = [
+            p["status"]["podIP"]
+            for p in self.kube.list("Pod", job.namespace, selector)
+            if p.get("status", {}).get("phase") == "Running" and p["status"].get("podIP")
+        ]
+        if not ips:
+            return None
+        try:
+            text = self.read_metrics(ips[0], job.spec.metrics.port)
+        except OSError as err:  # not serving yet, or gone: keep the last reading
+            log.debug("progress of %s/%s: %s", job.namespace, job.name, err)
+            return None
+        sample = progress.parse(text, job.name)
+        return progress.progress(sample, job.spec.recipe.train_iters, utcnow())
+
     def _pods_if_failing(self, namespace: str, name: str, pytorch_job: Obj | None) -> list[Obj]:
         conditions = (pytorch_job or {}).get("status", {}).get("conditions", [])
         failing = any(
@@ -182,6 +216,11 @@ class Controller:
             text = message or _phase_message(new_status)
             log.info("%s/%s: phase %s (%s)", meta["namespace"], meta["name"], phase, text)
             self.kube.event(body, kind, reason, text)
+
+
+def _is_running(pytorch_job: Obj | None) -> bool:
+    conditions = (pytorch_job or {}).get("status", {}).get("conditions", [])
+    return any(c.get("type") == "Running" and c.get("status") == "True" for c in conditions)
 
 
 def _phase_message(status: Obj) -> str:

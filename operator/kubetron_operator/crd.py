@@ -183,8 +183,11 @@ def _printer_columns() -> list[Schema]:
         col("TP", ".spec.parallelism.tensor", "integer", desc="Tensor parallel"),
         col("PP", ".spec.parallelism.pipeline", "integer", desc="Pipeline parallel"),
         col("DP", ".status.parallelism.data", "integer", desc="Data parallel (derived)"),
-        col("Step", ".status.step", "integer", priority=1, desc="Last training step"),
-        col("Loss", ".status.loss", priority=1, desc="Last training loss"),
+        col("Step", ".status.progress.step", "integer", desc="Last training step"),
+        col("Loss", ".status.progress.loss", desc="Loss of the last step"),
+        col("Tokens/s", ".status.progress.tokensPerSecond", "integer", desc="Throughput"),
+        col("MFU", ".status.progress.mfu", priority=1, desc="Model FLOPs utilisation"),
+        col("ETA(s)", ".status.progress.etaSeconds", "integer", priority=1, desc="Time left"),
         col("Age", ".metadata.creationTimestamp", "date"),
     ]
 

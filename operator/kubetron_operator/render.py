@@ -30,6 +30,8 @@ METRICS_DIR = "/tmp/kubetron-metrics"
 CONTAINER = "pytorch"  # the training-operator requires this container name
 MASTER_PORT = 23456
 JOB_NAME_LABEL = "kubetron.io/job-name"
+# Set by the training-operator on every pod it creates: master or worker.
+REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # The trainer exits 1-127 for errors a restart cannot fix and >= 128 for retryable ones, which is
 # exactly the training-operator's ExitCode policy.

@@ -28,6 +28,7 @@ class Settings:
     log_format: str = "text"
     log_level: str = "INFO"
     resync_period: float = 30.0
+    progress_period: float = 15.0
     kubeconfig: str | None = None
 
     @property
@@ -89,6 +90,13 @@ def parse_settings(
         help="seconds between full re-reconciles of every MegatronJob",
     )
     p.add_argument(
+        "--progress-period",
+        type=float,
+        default=d.progress_period,
+        help="seconds between reads of a running job's progress from its rank 0 metrics "
+        "endpoint, on reconcile (0: never; status.progress stays empty)",
+    )
+    p.add_argument(
         "--kubeconfig",
         default=env.get("KUBECONFIG"),
         help="kubeconfig file; in-cluster config when unset",
@@ -114,5 +122,6 @@ def parse_settings(
         log_format=a.log_format,
         log_level=a.log_level.upper(),
         resync_period=a.resync_period,
+        progress_period=a.progress_period,
         kubeconfig=a.kubeconfig,
     )

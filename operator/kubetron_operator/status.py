@@ -42,6 +42,7 @@ class Observed:
     pytorch_job: Obj | None
     pods: list[Obj]
     seen_failures: tuple[str, ...] = ()
+    progress: Obj | None = None  # a fresh read of rank 0's metrics (progress.py), if any
 
 
 def condition(old: list[Obj], type_: str, status: str, reason: str, message: str, now: str) -> Obj:
@@ -108,6 +109,10 @@ def job_status(observed: Observed, plan: Plan, job_name: str, now: str) -> Obj:
     for src, dst in (("startTime", "startTime"), ("completionTime", "completionTime")):
         if pj_status.get(src):
             status[dst] = pj_status[src]
+    # the last reading is kept (between reads, and once the pods are gone)
+    progress = observed.progress or observed.old_status.get("progress")
+    if progress:
+        status["progress"] = progress
     return status
 
 

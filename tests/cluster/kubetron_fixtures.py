@@ -85,6 +85,8 @@ class OperatorProcess:
             "--health-port", str(self.health_port),
             "--bind-address", "127.0.0.1",
             "--resync-period", "5",
+            # kwok's pods have made-up IPs that exist on no network: never dial them
+            "--progress-period", "0",
             *extra,
         ]  # fmt: skip
         self._log = self.log_path.open("w")

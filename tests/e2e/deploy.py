@@ -61,10 +61,12 @@ def install_operator(
     namespace: str = "kubetron-system",
     watch: list[str] | None = None,
     crds: bool = True,
+    progress_seconds: int | None = None,
 ) -> None:
     """`helm upgrade --install` the chart with the built operator image; waits until it is
     Available (its readiness probe passes only once it reaches the API server from the pod).
-    `crds=False` when the CRD is already there (the test session applies it at start)."""
+    `crds=False` when the CRD is already there (the test session applies it at start);
+    `progress_seconds` reconciles and reads live progress that often (default: 30 s, 15 s)."""
     repository, _, tag = built_image(OPERATOR_IMAGE).rpartition(":")
     sets = {
         "image.repository": repository,
@@ -77,6 +79,9 @@ def install_operator(
     args += [a for key, value in sets.items() for a in ("--set", f"{key}={value}")]
     if watch:
         args += ["--set", f"watchNamespaces={{{','.join(watch)}}}"]
+    if progress_seconds:  # a short job's progress shows only with frequent reconciles
+        flags = f"--resync-period={progress_seconds},--progress-period={progress_seconds}"
+        args += ["--set", f"operator.extraArgs={{{flags}}}"]
     helm(cluster, *args)
 
 
@@ -141,15 +146,18 @@ def wait_final(
     timeout: float,
     on_phase: Callable[[str, float], None] = lambda phase, elapsed: None,
 ) -> Obj:
-    """Wait until the MegatronJob is Succeeded or Failed; report each phase change."""
-    started, seen = time.monotonic(), ""
+    """Wait until the MegatronJob is Succeeded or Failed; report each change of phase or of
+    the progress step."""
+    started, seen = time.monotonic(), ("", None)
 
     def final() -> Obj | None:
         nonlocal seen
         job = cluster.get("megatronjob", name, namespace) or {}
-        current = str(job.get("status", {}).get("phase", ""))
-        if current and current != seen:
-            seen = current
+        status = job.get("status", {})
+        current = str(status.get("phase", ""))
+        step = (status.get("progress") or {}).get("step")
+        if current and (current, step) != seen:
+            seen = (current, step)
             on_phase(current, time.monotonic() - started)
         return job if current in FINAL_PHASES else None
 

@@ -33,7 +33,9 @@ def trained(cluster: Cluster) -> Iterator[tuple[str, Path]]:
     for ns in (namespace, operator_ns):  # trainer and operator pods pass the restricted level
         metadata = {"name": ns, "labels": restricted}
         cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": metadata})
-    deploy.install_operator(cluster, release, operator_ns, watch=[namespace], crds=False)
+    deploy.install_operator(
+        cluster, release, operator_ns, watch=[namespace], crds=False, progress_seconds=2
+    )
     volume = deploy.checkpoint_claim(cluster, namespace, CLAIM)
     yield namespace, volume
     deploy.uninstall_operator(cluster, release, operator_ns)
@@ -85,6 +87,13 @@ def test_example_trains_to_succeeded_through_the_operator(
     assert [s for s, _, _ in steps] == [1, 5, 10, 15, 20, 25, 30], log[-3000:]
     assert steps[-1][1] < steps[0][1]
     assert all(tokens > 0 for _, _, tokens in steps)
+
+    # Live progress, read by the operator in its pod from rank 0's endpoint while it ran.
+    progress = final["status"]["progress"]
+    assert progress["totalSteps"] == 30 and 1 <= progress["step"] <= 30, progress
+    assert float(progress["loss"]) > 0 and progress["tokensPerSecond"] > 0, progress
+    header = cluster.kubectl("get", "mj", name, "-n", namespace).stdout.splitlines()[0].split()
+    assert header[:9] == ["NAME", "PHASE", "WORLD", "TP", "PP", "DP", "STEP", "LOSS", "TOKENS/S"]
 
     # The checkpoints are on the shared volume: saves at 10, 20 and 30, `latest` at 30.
     assert (volume / "latest").read_text().strip() == "30"

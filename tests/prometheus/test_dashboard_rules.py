@@ -2,9 +2,10 @@
 (`promtool test rules`, Debian's prometheus package, as tests/prometheus installs it).
 
 Each pod's endpoint aggregates only its own ranks: `kubetron_train_tokens_total` is that pod's
-share of the tokens (so the job's total is the sum over pods), while the job-wide gauges come
-from global rank 0's pod alone. A panel that takes `max` of the counter shows half the tokens of
-a 2-pod job; this test fails on it.
+share of the tokens (so the job's total is the sum over pods), while the job-wide gauges hold
+the same job-wide value wherever they are exported (here only the master pod has them). A
+panel that takes `max` of the counter shows half the tokens of a 2-pod job; this test fails on
+it.
 """
 
 from __future__ import annotations

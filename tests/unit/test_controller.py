@@ -4,60 +4,13 @@ edited, nothing applied when nothing changed, and final phases that stay final."
 
 from __future__ import annotations
 
-import copy
 from typing import Any
-
-import pytest
 
 from kubetron_operator.controller import Controller
 from kubetron_operator.metrics import OperatorMetrics
-from tests.builders import job_dict
+from tests.unit.fake_kube import FakeKube
 
 Obj = dict[str, Any]
-
-
-class FakeKube:
-    """The verbs Controller uses, over a dict keyed by (kind, namespace, name)."""
-
-    def __init__(self) -> None:
-        self.objects: dict[tuple[str, str, str], Obj] = {}
-        self.applied: list[str] = []
-        self.events: list[tuple[str, str]] = []
-
-    def put(self, obj: Obj) -> None:
-        meta = obj["metadata"]
-        self.objects[(obj["kind"], meta.get("namespace", ""), meta["name"])] = copy.deepcopy(obj)
-
-    def get(self, kind: str, namespace: str | None, name: str) -> Obj | None:
-        obj = self.objects.get((kind, namespace or "", name))
-        return copy.deepcopy(obj) if obj is not None else None
-
-    def list(self, kind: str, namespace: str | None, selector: str = "") -> list[Obj]:
-        return [copy.deepcopy(o) for (k, ns, _), o in self.objects.items() if k == kind]
-
-    def apply(self, obj: Obj) -> Obj:
-        self.applied.append(obj["kind"])
-        key = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
-        live = self.objects.get(key, {})
-        merged = {**copy.deepcopy(obj), "status": live.get("status", {})}
-        self.objects[key] = merged
-        return copy.deepcopy(merged)
-
-    def patch_status(self, kind: str, namespace: str, name: str, status: Obj) -> Obj:
-        self.objects[(kind, namespace, name)]["status"] = copy.deepcopy(status)
-        return self.get(kind, namespace, name) or {}
-
-    def event(self, involved: Obj, type_: str, reason: str, message: str) -> None:
-        self.events.append((type_, reason))
-
-
-@pytest.fixture
-def kube() -> FakeKube:
-    k = FakeKube()
-    body = job_dict()
-    body["metadata"]["generation"] = 1
-    k.put(body)
-    return k
 
 
 def reconcile(kube: FakeKube) -> str:

@@ -58,7 +58,19 @@ def test_names_columns_and_subresource() -> None:
     version = obj["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Phase", "World", "TP", "PP", "DP", "Step", "Loss", "Age"]
+    assert columns == [
+        "Phase",
+        "World",
+        "TP",
+        "PP",
+        "DP",
+        "Step",
+        "Loss",
+        "Tokens/s",
+        "MFU",
+        "ETA(s)",
+        "Age",
+    ]
 
 
 def test_defaults_enums_and_minimums_reach_the_schema() -> None:

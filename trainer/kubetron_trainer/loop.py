@@ -281,7 +281,7 @@ def save(run: Run, step: int) -> None:
         return
     seconds = run.checkpointer.save(step)
     if run.metrics is not None:
-        run.metrics.record_save(seconds)
+        run.metrics.record_save(seconds, step)
 
 
 def finish(run: Run, summary: Summary, began: float) -> None:

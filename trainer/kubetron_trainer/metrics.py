@@ -96,6 +96,9 @@ class TrainerMetrics:
         self.mfu = gauge("kubetron_train_mfu_ratio", "Model FLOPs utilisation against peak.")
         self.grad_norm = gauge("kubetron_train_grad_norm", "Gradient norm before clipping.")
         self.lr = gauge("kubetron_train_learning_rate", "Learning rate of the last step.")
+        self.last_save = gauge(
+            "kubetron_checkpoint_last_step", "Step of the last complete checkpoint."
+        )
         self.mem_alloc = gauge(
             "kubetron_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated", ("job", "rank")
         )
@@ -161,6 +164,7 @@ class TrainerMetrics:
         if self.writer:
             self.data_wait.observe(seconds)
 
-    def record_save(self, seconds: float) -> None:
+    def record_save(self, seconds: float, step: int) -> None:
         if self.writer:
             self.save_duration.observe(seconds)
+            self.last_save.labels(self.job).set(step)

@@ -297,6 +297,23 @@ class ResolvedParallelism(ApiModel):
     data: int = Field(description="Data-parallel degree (derived).")
 
 
+class Progress(ApiModel):
+    """What global rank 0 last reported (its metrics endpoint, read by the operator)."""
+
+    step: int = Field(description="Last completed optimizer step.")
+    total_steps: int = Field(description="Steps the recipe runs (recipe.trainIters).")
+    loss: str | None = Field(default=None, description="Loss of the last step.")
+    tokens_per_second: int | None = Field(default=None, description="Throughput, whole job.")
+    mfu: str | None = Field(default=None, description="Model FLOPs utilisation (GPU jobs).")
+    eta_seconds: int | None = Field(
+        default=None, description="Remaining steps times the mean step time so far."
+    )
+    last_checkpoint_step: int | None = Field(
+        default=None, description="Step of the last complete checkpoint."
+    )
+    observed_at: str = Field(description="When the operator read it.")
+
+
 class MegatronJobStatus(ApiModel):
     """Observed state, written by the operator."""
 
@@ -312,8 +329,9 @@ class MegatronJobStatus(ApiModel):
     pytorch_job: str | None = Field(default=None, description="Name of the PyTorchJob.")
     start_time: str | None = Field(default=None, description="When the job started running.")
     completion_time: str | None = Field(default=None, description="When the job finished.")
-    step: int | None = Field(default=None, description="Last reported training step.")
-    loss: str | None = Field(default=None, description="Last reported training loss.")
+    progress: Progress | None = Field(
+        default=None, description="Live progress, read from global rank 0 while running."
+    )
 
 
 class MegatronJob(ApiModel):
