@@ -535,10 +535,16 @@ oom_score = 0
             "clusterDNS": [DNS_SERVICE_IP],
             "clusterDomain": CLUSTER_DOMAIN,
             "podLogsDir": str(self.dir / "pod-logs"),
-            "evictionHard": {"memory.available": "1%", "nodefs.available": "1%",
-                             "imagefs.available": "1%", "nodefs.inodesFree": "1%"},
+            # No disk-pressure eviction ("0%" switches a signal off) and no image garbage
+            # collection: there is no registry to pull a removed image from again, and on a
+            # full disk the kubelet would delete the imported images (the pause image too),
+            # after which no pod can start (seen when the disk fell under 1% free).
+            "evictionHard": {"memory.available": "1%", "nodefs.available": "0%",
+                             "imagefs.available": "0%", "nodefs.inodesFree": "0%",
+                             "imagefs.inodesFree": "0%"},
             "imageGCHighThresholdPercent": 100,
             "imageGCLowThresholdPercent": 99,
+            "imageMinimumGCAge": "87600h",
             "serializeImagePulls": False,
             "maxPods": 40,
             "syncFrequency": "10s",
