@@ -57,9 +57,9 @@ def test_explain_shows_descriptions(kubetron: Cluster) -> None:
 def test_get_mj_shows_printer_columns(kubetron: Cluster, namespace: str) -> None:
     kubetron.kubectl("apply", "-n", namespace, "-f", str(EXAMPLES[0]))
     header = kubetron.kubectl("get", "mj", "-n", namespace).stdout.splitlines()[0].split()
-    assert header == ["NAME", "PHASE", "WORLD", "TP", "PP", "DP", "AGE"]
+    assert header == ["NAME", "PHASE", "WORLD", "TP", "PP", "DP", "STEP", "LOSS", "TOKENS/S", "AGE"]
     wide = kubetron.kubectl("get", "kubetron", "-n", namespace, "-o", "wide").stdout
-    assert "STEP" in wide.splitlines()[0] and "LOSS" in wide.splitlines()[0]
+    assert "MFU" in wide.splitlines()[0] and "ETA(S)" in wide.splitlines()[0]
 
 
 CEL_CASES = [
