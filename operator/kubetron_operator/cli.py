@@ -19,6 +19,7 @@ from kubetron_operator.docs import generated_block
 from kubetron_operator.plan import Plan, PlanError, plan
 from kubetron_operator.rbac import rbac_yaml
 from kubetron_operator.render import render, to_yaml
+from kubetron_trainer import ckpt_inspect
 
 
 def _check(path: Path) -> tuple[list[tuple[str, Plan, MegatronJob]], list[str]]:
@@ -94,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_rbac)
     d = sub.add_parser("docs", help="print the README's generated configuration reference")
     d.set_defaults(func=cmd_docs)
+    k = sub.add_parser(
+        "checkpoints", help="list a checkpoint directory's steps: complete or not, model, shape"
+    )
+    k.add_argument("dir", help="a job's checkpoint.path")
+    k.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    k.set_defaults(func=lambda a: ckpt_inspect.main([a.dir, *(["--json"] if a.json else [])]))
     return parser
 
 

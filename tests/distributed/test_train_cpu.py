@@ -132,6 +132,8 @@ def test_resume_from_checkpoint_gives_uninterrupted_losses(
     cfg["metrics"]["enabled"] = False
     resumed = run(cfg, tmp_path / "run")
     assert resumed.result()["resumed_from"] == SAVE_EVERY
+    assert resumed.result()["rng"] == "restored"  # the same shape: every rank's RNG states
+    assert resumed.result()["first_sample"] == SAVE_EVERY * cfg["recipe"]["globalBatchSize"]
     assert losses(resumed) == losses(tp2_dp2["run"])[SAVE_EVERY:]
 
 
@@ -175,6 +177,8 @@ def test_sigterm_saves_and_exits_retryable(tmp_path: Path) -> None:
     saved = int((tmp_path / "ckpt" / "latest").read_text())
     assert 3 <= saved < 1000
     assert (tmp_path / "ckpt" / f"iter_{saved:07d}" / "metadata.json").is_file()
+    meta = json.loads((tmp_path / "ckpt" / f"iter_{saved:07d}" / "kubetron.json").read_text())
+    assert (meta["step"], meta["consumedSamples"]) == (saved, saved * 8)
     assert "exiting 143 (retryable)" in started.output()
     records = [p.read_text().partition("\n") for p in codes_dir.iterdir()]
     assert sorted(code for code, _, _ in records) == ["143"] * 4  # first line: the code

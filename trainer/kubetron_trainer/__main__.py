@@ -166,6 +166,7 @@ def run(
     no_te = resolve_backend(args.attention) != "te"
     if no_te and (problems := missing_transformer_engine(cfg.recipe, cfg.parallelism)):
         raise ParallelConfigError(problems, f"device {device.type}, world={cfg.world_size}")
+    check_checkpoint(cfg, dims)
     backend = "nccl" if device.type == "cuda" else "gloo"
     metrics_dir = f"/tmp/kubetron-metrics-{cfg.job_name}-{topology.master_port}"
     prepare_multiproc_dir(topology.local_rank, metrics_dir)
@@ -200,6 +201,18 @@ def run(
     dist.barrier()
     dist.destroy_process_group()
     return int(ExitCode.OK)
+
+
+def check_checkpoint(cfg: TrainerConfig, dims: ParallelDims) -> None:
+    """Refuse, before joining the job and without writing anything, a checkpoint the run would
+    resume from but cannot (`ckpt_meta.plan_resume`: reads `latest` and `kubetron.json` only)."""
+    if cfg.checkpoint.path is None or cfg.checkpoint.resume != "auto":
+        return
+    from kubetron_trainer.ckpt_meta import RunIdentity, plan_resume
+    from kubetron_trainer.models.build import padded_vocab_size
+
+    vocab = padded_vocab_size(cfg.model.vocab_size, dims.tp)
+    plan_resume(Path(cfg.checkpoint.path), RunIdentity.from_config(cfg, dims, vocab))
 
 
 def linger(seconds: float) -> None:

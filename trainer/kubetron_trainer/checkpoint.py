@@ -1,26 +1,32 @@
-"""Checkpoints with `megatron.core.dist_checkpointing` (torch_dist), crash-safe and resumable.
+"""Checkpoints with `megatron.core.dist_checkpointing` (torch_dist), crash-safe and resumable
+into another parallel shape.
 
-Layout under `checkpoint.path`: one directory per saved step (`iter_0000010/`) and a `latest`
-file holding the step of the newest complete checkpoint. Every rank writes its shards into the
-step's directory; only after all ranks finished does rank 0 replace `latest` atomically (write a
-temporary file, fsync, `os.replace`). A crash or preemption mid-save therefore never leaves
-`latest` pointing at a partial checkpoint: the next start resumes from the previous one, and the
-partial directory is removed before it is written again.
+Layout under `checkpoint.path` (see `ckpt_meta`): one directory per saved step
+(`iter_0000010/`) and a `latest` file holding the step of the newest complete checkpoint. Every
+rank writes its shards into the step's directory; after all ranks finished, rank 0 writes the
+step's `kubetron.json` (format version, model, parallel shape, consumed samples) and then
+replaces `latest`, both atomically (temporary file, fsync, `os.replace`). A crash or preemption
+mid-save therefore never leaves `latest` pointing at a partial checkpoint: the next start
+resumes from the previous one, and the partial directory is removed before it is written again.
 
 A checkpoint holds the model chunks' sharded state (with `metadata={'dp_cp_group': pg.dp_cp}`),
 the optimizer's state sharded like the parameters, the LR scheduler, every rank's RNG states and
-the step (the data position: `data.Batches` derives every sample index from the step).
+the step. Model and optimizer state are ShardedTensors in model space, so Megatron's loader
+reshards them into any data-parallel size and tensor/pipeline degree. A rank's RNG states belong
+to its position in the grid that saved them: they are loaded only when the shape is the same,
+otherwise every rank is re-seeded from (seed, step, its position) (`seeding.reseed_for_resume`).
+The data position is the consumed samples in `kubetron.json` (`data.Batches`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +47,20 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.transformer.module import MegatronModule
 from torch.distributed.checkpoint import FileSystemWriter
 
+from kubetron_trainer.ckpt_meta import (
+    LATEST,
+    RunIdentity,
+    plan_resume,
+    read_latest,
+    step_dir,
+    write_latest,
+    write_step_meta,
+)
+from kubetron_trainer.seeding import reseed_for_resume, resume_seed
 from kubetron_trainer.train_common import megatron_optimizers, torch_optimizers
 
+__all__ = ["LATEST", "Checkpointer", "Resumed", "read_latest", "step_dir", "write_latest"]
 log = logging.getLogger(__name__)
-LATEST = "latest"
 # How the distributed optimizer's state is saved. fully_reshardable stores it in model space
 # (one tensor per parameter, like a plain optimizer), so a checkpoint loads into another TP/PP/DP
 # shape; Megatron's default dp_reshardable stores the flat per-rank buffers and reloads only into
@@ -52,36 +68,6 @@ LATEST = "latest"
 # (0.19's fully_sharded_model_space builds flattened ShardedTensors that 0.19's own checks reject,
 # "ShardedTensor.flattened_range is not supported", seen on H100.)
 OPTIMIZER_SHARDING = "fully_reshardable"
-
-
-def step_dir(root: Path, step: int) -> Path:
-    return root / f"iter_{step:07d}"
-
-
-def read_latest(root: Path) -> int | None:
-    """The step of the newest complete checkpoint under `root`, or None."""
-    marker = root / LATEST
-    if not marker.is_file():
-        return None
-    text = marker.read_text().strip()
-    if not text.isdigit():
-        raise ValueError(f"{marker} holds {text!r}, not a step number; remove or fix it")
-    return int(text)
-
-
-def write_latest(root: Path, step: int) -> None:
-    """Atomically point `latest` at `step` (readers see the old or the new value, never half)."""
-    tmp = root / f".{LATEST}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{step}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / LATEST)
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def saved_optimizer_sharding(source: Path) -> str:
@@ -206,6 +192,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+@dataclass(frozen=True)
+class Resumed:
+    """What `Checkpointer.load_latest` restored."""
+
+    step: int
+    consumed_samples: int  # the data position: samples read before step `step + 1`
+    rng: str  # "restored" (same shape) or "re-seeded" (another shape, or a legacy checkpoint)
+
+
 class Checkpointer:
     """Saves and loads the whole training state of this rank under `root`."""
 
@@ -217,6 +212,7 @@ class Checkpointer:
         scheduler: OptimizerParamScheduler,
         pg: ProcessGroupCollection,
         device: torch.device,
+        identity: RunIdentity,
     ) -> None:
         self.root = root
         self.chunks = chunks
@@ -224,6 +220,7 @@ class Checkpointer:
         self.scheduler = scheduler
         self.pg = pg
         self.device = device
+        self.identity = identity
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
 
@@ -238,7 +235,7 @@ class Checkpointer:
             }
 
     def _sharded_state(
-        self, step: int, is_loading: bool, sharding: str = OPTIMIZER_SHARDING
+        self, step: int, is_loading: bool, sharding: str = OPTIMIZER_SHARDING, rng: bool = True
     ) -> dict[str, Any]:
         state = self._model_state()
         meta = {"distrib_optim_sharding_type": sharding, "dp_cp_group": self.pg.dp_cp}
@@ -247,13 +244,15 @@ class Checkpointer:
         )
         state["scheduler"] = self.scheduler.state_dict()
         state["iteration"] = step
-        state["rng_state"] = ShardedObject(
-            "rng_state", _rng_state(self.device), (self.world,), (self.rank,), replica_id=0
-        )
+        if rng:  # one object per rank of this world: rng_state/shard_<rank>_<world>
+            state["rng_state"] = ShardedObject(
+                "rng_state", _rng_state(self.device), (self.world,), (self.rank,), replica_id=0
+            )
         return state
 
-    def save(self, step: int) -> float:
-        """Write step `step` and point `latest` at it; returns the seconds it took (collective)."""
+    def save(self, step: int, consumed_samples: int) -> float:
+        """Write step `step` (`consumed_samples` read so far), then its `kubetron.json`, then
+        point `latest` at it; returns the seconds it took (collective)."""
         start = time.perf_counter()
         target = step_dir(self.root, step)
         if self.rank == 0:
@@ -267,23 +266,30 @@ class Checkpointer:
         dist_checkpointing.save(state, str(target), sharded_strategy=strategy)
         dist.barrier()
         if self.rank == 0:
+            write_step_meta(target, self.identity.step_meta(step, consumed_samples))
             write_latest(self.root, step)
         dist.barrier()
         seconds = time.perf_counter() - start
         log.info("saved checkpoint of step %d to %s in %.2fs", step, target, seconds)
         return seconds
 
-    def load_latest(self) -> int:
-        """Restore the newest complete checkpoint; returns its step (0 when there is none)."""
-        step = read_latest(self.root)
-        if step is None:
-            return 0
-        source = step_dir(self.root, step)
+    def load_latest(self) -> Resumed | None:
+        """Restore the newest complete checkpoint (None when there is none).
+
+        `ckpt_meta.plan_resume` first refuses, with a `ConfigError` and before anything is
+        loaded, a `latest` pointing to an incomplete save, a newer format and another model.
+        Model and optimizer are resharded by Megatron's loader into this run's shape; the RNG
+        states are loaded when the shape is the one that saved them, else re-seeded."""
+        plan = plan_resume(self.root, self.identity)
+        if plan is None:
+            return None
+        step, source = plan.step, plan.source
         sharding = saved_optimizer_sharding(source)
         _init_fresh_optimizer_state(self.optimizer)
-        loaded = dist_checkpointing.load(
-            self._sharded_state(step, is_loading=True, sharding=sharding), str(source)
-        )
+        request = self._sharded_state(step, True, sharding=sharding, rng=plan.restore_rng)
+        loaded = dist_checkpointing.load(request, str(source))
+        if loaded["iteration"] != step:
+            raise ValueError(f"{source} holds iteration {loaded['iteration']}, expected {step}")
         if len(self.chunks) == 1:
             self.chunks[0].load_state_dict(loaded["model"])
         else:
@@ -292,8 +298,15 @@ class Checkpointer:
         with steps_aside_while_loading(self.optimizer):
             self.optimizer.load_state_dict(loaded["optimizer"])
         self.scheduler.load_state_dict(loaded["scheduler"])
-        _set_rng_state(loaded["rng_state"])
-        if loaded["iteration"] != step:
-            raise ValueError(f"{source} holds iteration {loaded['iteration']}, expected {step}")
-        log.info("resumed from %s (step %d)", source, step)
-        return step
+        if plan.restore_rng:
+            _set_rng_state(loaded["rng_state"])
+        else:
+            seed = self.identity.seed
+            reseed_for_resume(self.pg, seed, step)
+            log.info(
+                "RNG states not loaded (saved by another shape): re-seeded from seed %d and "
+                "step %d (base %d plus Megatron's per-stage and per-tensor-rank offsets)",
+                seed, step, resume_seed(seed, step),
+            )  # fmt: skip
+        log.info("resumed from %s (step %d): %s", source, step, plan.why)
+        return Resumed(step, plan.consumed_samples, "restored" if plan.restore_rng else "re-seeded")

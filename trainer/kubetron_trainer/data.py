@@ -1,10 +1,13 @@
 """Training batches: deterministic mock tokens or Megatron indexed datasets, sharded by dp rank.
 
 Every sample has a global index, and the index of each sample in each micro-batch is a pure
-function of (step, micro-batch, dp rank) laid out as Megatron's pretraining sampler does (each
-global batch is cut into micro-batch rows of `micro_batch * dp` samples; dp rank r takes its
-slice of each row). So the data position is just the step: a resumed run reads exactly the
-samples an uninterrupted run would have read, and no sampler state needs saving. Only the first
+function of (consumed samples, micro-batch, dp rank) laid out as Megatron's pretraining sampler
+does: step s reads the global batch of samples [consumed, consumed + globalBatchSize), cut into
+micro-batch rows of `micro_batch * dp` samples, dp rank r taking its slice of each row. The
+data position is the consumed-samples count a checkpoint records (step x globalBatchSize while
+the global batch stays the same): a resumed run, with this or any other dp size, reads exactly
+the samples an uninterrupted run of its shape would read from that step on, and no sampler
+state needs saving. Only the first
 and last pipeline stages read data (tokens feed the embedding, labels the loss); the others get
 `None` micro-batches. Indexed datasets go through Megatron-Core's `BlendedMegatronDatasetBuilder`
 and `GPTDataset`, so blends, splits and the index caches are Megatron's own.
@@ -130,6 +133,8 @@ class Batches:
         dp_size: int,
         device: torch.device,
         on_wait: Callable[[float], None] | None = None,
+        start_step: int = 0,
+        start_sample: int = 0,
     ) -> None:
         self.source = source
         self.global_batch = global_batch
@@ -138,14 +143,20 @@ class Batches:
         self.dp_size = dp_size
         self.device = device
         self.on_wait = on_wait
+        self.start_step = start_step  # a resumed run's first step (0-based) ...
+        self.start_sample = start_sample  # ... and the samples consumed before it
 
     @property
     def num_micro_batches(self) -> int:
         return self.global_batch // (self.micro_batch * self.dp_size)
 
+    def consumed(self, step: int) -> int:
+        """Samples read before step `step` (0-based): the data position a checkpoint records."""
+        return self.start_sample + (step - self.start_step) * self.global_batch
+
     def indices(self, step: int, micro: int) -> list[int]:
         """Global sample indices of micro-batch `micro` of step `step` (0-based) on this rank."""
-        first = step * self.global_batch + micro * self.micro_batch * self.dp_size
+        first = self.consumed(step) + micro * self.micro_batch * self.dp_size
         first += self.dp_rank * self.micro_batch
         return list(range(first, first + self.micro_batch))
 
@@ -178,9 +189,15 @@ def build_batches(
     dp_size: int,
     device: torch.device,
     on_wait: Callable[[float], None] | None = None,
+    start_step: int = 0,
+    start_sample: int = 0,
 ) -> Batches:
-    """Mock or indexed batches for this rank (collective for indexed data)."""
-    num_samples = cfg.recipe.train_iters * cfg.recipe.global_batch_size
+    """Mock or indexed batches for this rank (collective for indexed data), from sample
+    `start_sample` at step `start_step` (a resumed run's consumed samples)."""
+    gbs = cfg.recipe.global_batch_size
+    # train_iters x gbs when the global batch never changed (the dataset, and an indexed one's
+    # shuffle, are then the uninterrupted run's)
+    num_samples = max(start_sample + max(cfg.recipe.train_iters - start_step, 0) * gbs, gbs)
     source: SampleSource | None
     if cfg.data.type == "mock":
         mock = MockDataset(
@@ -198,4 +215,6 @@ def build_batches(
         dp_size=dp_size,
         device=device,
         on_wait=on_wait,
+        start_step=start_step,
+        start_sample=start_sample,
     )

@@ -5,14 +5,14 @@ the job for 1-127. So a trainer that cannot ever succeed with its config (a bad 
 that does not fit, an out-of-memory) must exit below 128, and one that failed for a reason a
 restart can fix (preemption, a lost peer or a collective timeout) must exit at 128 or above,
 after saving a checkpoint when it can.
+
+Torch-free at import (torch is imported inside `classify`), so torch-free tools such as
+`ckpt_meta` and the `kubetron` CLI can raise `ConfigError`.
 """
 
 from __future__ import annotations
 
 import enum
-
-import torch
-import torch.distributed as dist
 
 # Messages of collective failures that torch raises as a plain RuntimeError (gloo, some NCCL).
 _COMM_MARKERS = ("timed out", "connection closed", "connection reset", "nccl error", "gloo")
@@ -46,6 +46,9 @@ class Terminated(Exception):
 
 def classify(err: BaseException) -> ExitCode:
     """The exit code for an exception that ended training."""
+    import torch
+    import torch.distributed as dist
+
     from kubetron_trainer.dims import ParallelConfigError
     from kubetron_trainer.topology import TopologyError
 

@@ -24,6 +24,7 @@ from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from kubetron_trainer.checkpoint import Checkpointer
+from kubetron_trainer.ckpt_meta import RunIdentity
 from kubetron_trainer.config import TrainerConfig
 from kubetron_trainer.data import Batch, build_batches
 from kubetron_trainer.dims import ParallelDims
@@ -78,6 +79,8 @@ class Summary:
     attention: str
     groups: str
     resumed_from: int
+    rng: str = "seeded"  # after a resume: "restored" (same shape) or "re-seeded"
+    first_sample: int = 0  # the data position the run started at (consumed samples)
     steps: list[dict[str, float]] = field(default_factory=list)
     tokens_per_s: float = 0.0
     mfu: float | None = None
@@ -210,9 +213,11 @@ def setup(
     scheduler = build_scheduler(engine.optimizer, cfg.recipe)
     checkpointer = None
     if cfg.checkpoint.path is not None:
+        identity = RunIdentity.from_config(cfg, dims, built.padded_vocab_size)
         checkpointer = Checkpointer(
-            Path(cfg.checkpoint.path), built.chunks, engine.optimizer, scheduler, pg, device
-        )
+            Path(cfg.checkpoint.path), built.chunks, engine.optimizer, scheduler, pg, device,
+            identity,
+        )  # fmt: skip
     progress = Progress(cfg, built.padded_vocab_size, device)
     return Run(
         cfg, options, topology, device, pg, built.chunks, built.attention, engine, scheduler,
@@ -223,11 +228,13 @@ def setup(
 def train(run: Run) -> Summary:
     """Resume, train to `trainIters`, save on schedule and on SIGTERM; raises `Terminated`."""
     cfg, pg = run.cfg, run.pg
-    start = 0
+    resumed = None
     if run.checkpointer is not None and cfg.checkpoint.resume == "auto":
-        start = run.checkpointer.load_latest()
-        if start:
+        resumed = run.checkpointer.load_latest()
+        if resumed is not None:
             run.engine.after_load()
+    start = resumed.step if resumed else 0
+    first_sample = resumed.consumed_samples if resumed else 0
     first, last = pg.pp.rank() == 0, pg.pp.rank() == pg.pp.size() - 1
     batches = build_batches(
         cfg,
@@ -236,23 +243,27 @@ def train(run: Run) -> Summary:
         dp_size=pg.dp.size(),
         device=run.device,
         on_wait=run.metrics.record_data_wait if run.metrics else None,
+        start_step=start,
+        start_sample=first_sample,
     )
     summary = Summary(cfg.job_name, str(run.device), run.attention, run.options.groups, start)
+    if resumed is not None:
+        summary.rng, summary.first_sample = resumed.rng, first_sample
     stop = StopFlag(run.device)
     began = time.perf_counter()
     log.info("training steps %d..%d", start + 1, cfg.recipe.train_iters)
     for step in range(start, cfg.recipe.train_iters):
         if stop.agreed():
-            save(run, step)
+            save(run, step, batches.consumed(step))
             summary.stopped_by = "SIGTERM"
             finish(run, summary, began)
             raise Terminated(f"SIGTERM: saved step {step} and stopped")
         one_step(run, batches.step(step), step + 1, summary)
         if run.checkpointer and (step + 1) % cfg.checkpoint.save_interval == 0:
-            save(run, step + 1)
+            save(run, step + 1, batches.consumed(step + 1))
     done = cfg.recipe.train_iters
     if run.checkpointer and done % cfg.checkpoint.save_interval and start < done:
-        save(run, done)
+        save(run, done, batches.consumed(done))
     finish(run, summary, began)
     return summary
 
@@ -276,10 +287,10 @@ def one_step(run: Run, micro: list[Batch | None], step: int, summary: Summary) -
         log.info(run.progress.line(stats))
 
 
-def save(run: Run, step: int) -> None:
+def save(run: Run, step: int, consumed_samples: int) -> None:
     if run.checkpointer is None:
         return
-    seconds = run.checkpointer.save(step)
+    seconds = run.checkpointer.save(step, consumed_samples)
     if run.metrics is not None:
         run.metrics.record_save(seconds, step)
 

@@ -5,10 +5,14 @@
 tracker with tp/ep/etp ranks taken from a `ProcessGroupCollection`, and creates the global memory
 buffer that DotProductAttention and sequence parallelism read. Nothing else of `parallel_state`
 is initialised.
+
+`reseed_for_resume` seeds a resumed run whose checkpoint's RNG states do not fit its shape (see
+`checkpoint`): the same arithmetic from a base derived from the recipe seed and the step.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 
@@ -94,6 +98,28 @@ def setup_megatron_globals(
             force_reset_rng=True,  # a second model or run in the same process re-seeds
         )
     return seeds
+
+
+def resume_seed(seed: int, step: int) -> int:
+    """The base seed of a run resumed at `step` without its RNG states: a deterministic mix of
+    the recipe seed and the step (the same on every rank; the per-rank offsets are added by
+    `rng_seeds`), in [1, 2**31) so those offsets stay within NumPy's 32-bit seeds."""
+    digest = hashlib.sha256(f"kubetron-resume:{seed}:{step}".encode()).digest()
+    return 1 + int.from_bytes(digest[:8], "big") % (2**31 - 1)
+
+
+def reseed_for_resume(
+    pg: ProcessGroupCollection | None, seed: int, step: int, **kwargs: bool
+) -> RngSeeds:
+    """Seed every generator as `setup_megatron_globals` does, from `resume_seed(seed, step)`.
+
+    Used when a checkpoint's RNG states were written by another parallel shape: a rank's saved
+    state belongs to the rank at that position of the old grid, so it is not loaded. The offsets
+    stay Megatron's (by pipeline stage, by tensor/expert rank for the CUDA tracker, by dp rank
+    only with `data_parallel_random_init`), not the global rank: tensor-parallel peers must
+    share the default generator (dropout outside tensor-parallel regions), so the same
+    (seed, step, position) gives the same streams whatever the world size."""
+    return setup_megatron_globals(pg, resume_seed(seed, step), **kwargs)
 
 
 def _ensure_global_memory_buffer() -> None:

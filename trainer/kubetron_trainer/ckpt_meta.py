@@ -1,0 +1,394 @@
+"""kubetron's own metadata of a checkpoint directory, and the checks made before a resume.
+
+Torch-free (the `kubetron checkpoints` command and the trainer's pre-flight check import it).
+
+Layout under `checkpoint.path`::
+
+    latest                 the step of the newest complete checkpoint ("20\\n")
+    iter_0000020/          one directory per saved step
+      kubetron.json        this module's metadata, written by rank 0 after every rank's shards
+      .metadata            torch DCP's index of the shards, written when every rank's are
+      __<r>_<i>.distcp     the shards (Megatron's common state included)
+      metadata.json        Megatron dist_checkpointing's (backend torch_dist), written after
+
+A save writes the shards, then `kubetron.json` (atomically), then `latest` (atomically): a
+directory without `kubetron.json` is a save that did not finish. `kubetron.json` holds the
+format version, the step, the consumed samples, the model (preset, resolved architecture,
+padded vocabulary) and the parallel shape it was written with. A step directory with Megatron's
+files but no `kubetron.json` was written before format 1 (`legacy`): it loads, unchecked.
+
+`plan_resume` decides, from these files only, whether and how a run resumes; everything it
+refuses raises `ConfigError` (exit code 2, permanent) before anything is loaded or written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kubetron_trainer.exitcodes import ConfigError
+
+FORMAT = 1  # bump when a reader of the previous format would misread a new checkpoint
+META_FILE = "kubetron.json"
+LATEST = "latest"
+MEGATRON_FILES = (".metadata", "metadata.json")
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"iter_{step:07d}"
+
+
+def parse_step_dir(name: str) -> int | None:
+    """The step of a directory name `iter_NNNNNNN`, or None."""
+    digits = name.removeprefix("iter_")
+    return int(digits) if name.startswith("iter_") and digits.isdigit() else None
+
+
+def read_latest(root: Path) -> int | None:
+    """The step `root/latest` points to, or None when there is no `latest`."""
+    marker = root / LATEST
+    if not marker.is_file():
+        return None
+    text = marker.read_text().strip()
+    if not text.isdigit():
+        raise ConfigError(
+            "checkpoint.path",
+            f"{marker} holds {text!r}, not a step number; write the step of a complete "
+            f"checkpoint into it (`kubetron checkpoints {root}` lists them) or remove it to "
+            "start from step 0",
+        )
+    return int(text)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace `path` by `text`: readers see the old or the new content, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_latest(root: Path, step: int) -> None:
+    """Atomically point `latest` at `step`."""
+    _write_atomically(root / LATEST, f"{step}\n")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The parallel shape a checkpoint was written with (data-parallel degree included)."""
+
+    world_size: int
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: int = 1
+    context: int = 1
+    expert: int = 1
+    expert_tensor: int = 1
+    data: int = 1
+
+    @classmethod
+    def from_dims(cls, dims: Any) -> Shape:
+        """From a `dims.ParallelDims`."""
+        return cls(
+            world_size=dims.world_size, tensor=dims.tp, pipeline=dims.pp,
+            virtual_pipeline=dims.vpp, context=dims.cp, expert=dims.ep,
+            expert_tensor=dims.etp, data=dims.dp,
+        )  # fmt: skip
+
+    def describe(self) -> str:
+        """`TP2 x DP2 (world 4)`: the degrees above 1, then the world size."""
+        parts = [
+            f"{name}{value}"
+            for name, value in (
+                ("TP", self.tensor), ("PP", self.pipeline), ("VPP", self.virtual_pipeline),
+                ("CP", self.context), ("EP", self.expert), ("ETP", self.expert_tensor),
+                ("DP", self.data),
+            )
+            if value > 1
+        ]  # fmt: skip
+        return f"{' x '.join(parts) or 'one rank'} (world {self.world_size})"
+
+    def to_json(self) -> dict[str, int]:
+        return {_camel(k): v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Shape:
+        return cls(**{k: int(raw[_camel(k)]) for k in cls.__dataclass_fields__ if _camel(k) in raw})
+
+
+@dataclass(frozen=True)
+class ModelId:
+    """What must be equal for a checkpoint's weights to fit: the resolved architecture (camelCase
+    ModelArch fields) and the vocabulary as padded for the tensor-parallel degree. The preset is
+    kept for messages; two presets with the same numbers are the same model."""
+
+    preset: str
+    arch: dict[str, Any]
+    padded_vocab_size: int
+
+    @classmethod
+    def from_config(cls, cfg: Any, padded_vocab_size: int) -> ModelId:
+        """From a `config.TrainerConfig`."""
+        return cls(cfg.preset, cfg.model.model_dump(mode="json", by_alias=True), padded_vocab_size)
+
+    def describe(self) -> str:
+        a = self.arch
+        moe = f", {a['numExperts']} experts" if a.get("numExperts") else ""
+        return (
+            f"{self.preset} ({a.get('numLayers')} layers, hidden {a.get('hiddenSize')}, "
+            f"vocab {a.get('vocabSize')}{moe})"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"preset": self.preset, "paddedVocabSize": self.padded_vocab_size, "arch": self.arch}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> ModelId:
+        return cls(str(raw["preset"]), dict(raw["arch"]), int(raw["paddedVocabSize"]))
+
+
+@dataclass(frozen=True)
+class StepMeta:
+    """The contents of one step directory's `kubetron.json`."""
+
+    step: int
+    consumed_samples: int  # samples read before this step: the data position
+    global_batch_size: int
+    model: ModelId
+    shape: Shape
+    seed: int
+    saved_at: str = ""
+    format: int = FORMAT
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "step": self.step,
+            "consumedSamples": self.consumed_samples,
+            "globalBatchSize": self.global_batch_size,
+            "seed": self.seed,
+            "model": self.model.to_json(),
+            "shape": self.shape.to_json(),
+            "rng": "one state per rank, restored only into the same shape",
+            "savedAt": self.saved_at,
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> StepMeta:
+        return cls(
+            step=int(raw["step"]),
+            consumed_samples=int(raw["consumedSamples"]),
+            global_batch_size=int(raw["globalBatchSize"]),
+            model=ModelId.from_json(raw["model"]),
+            shape=Shape.from_json(raw["shape"]),
+            seed=int(raw["seed"]),
+            saved_at=str(raw.get("savedAt", "")),
+            format=int(raw["format"]),
+        )
+
+
+def write_step_meta(directory: Path, meta: StepMeta) -> None:
+    """Write `kubetron.json` (atomically), stamped with the time; the save's last file before
+    `latest`."""
+    if not meta.saved_at:
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        meta = replace(meta, saved_at=stamp)
+    _write_atomically(directory / META_FILE, json.dumps(meta.to_json(), indent=1) + "\n")
+
+
+class NewerFormat(Exception):
+    """`kubetron.json` of a format this trainer does not read."""
+
+    def __init__(self, found: int) -> None:
+        self.found = found
+        super().__init__(f"checkpoint format {found} is newer than this kubetron reads ({FORMAT})")
+
+
+def read_step_meta(directory: Path) -> StepMeta:
+    """Parse `kubetron.json`; raises `NewerFormat`, or `ValueError` for a broken file."""
+    path = directory / META_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{META_FILE} is not valid JSON: {err}") from None
+    found = raw.get("format") if isinstance(raw, dict) else None
+    if not isinstance(found, int) or found < 1:
+        raise ValueError(f"{META_FILE} has no format version (a positive integer)")
+    if found > FORMAT:
+        raise NewerFormat(found)
+    try:
+        return StepMeta.from_json(raw)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{META_FILE} misses or mistypes a field: {err!r}") from None
+
+
+@dataclass(frozen=True)
+class StepStatus:
+    """What the files of one step directory say."""
+
+    step: int
+    path: Path
+    complete: bool  # every rank's shards and both metadata files were written
+    problem: str | None = None  # why it is incomplete, unreadable or not loadable here
+    meta: StepMeta | None = None
+    legacy: bool = False  # Megatron's files, no kubetron.json: written before format 1
+    newer_format: int | None = None
+
+
+def step_status(root: Path, step: int) -> StepStatus:
+    directory = step_dir(root, step)
+    if not directory.is_dir():
+        return StepStatus(step, directory, False, f"{directory.name}/ does not exist")
+    missing = [name for name in MEGATRON_FILES if not (directory / name).is_file()]
+    has_meta = (directory / META_FILE).is_file()
+    if not has_meta:
+        if not missing:
+            return StepStatus(step, directory, True, legacy=True)
+        return StepStatus(
+            step, directory, False,
+            f"no {META_FILE} and no {', '.join(missing)}: the save did not finish",
+        )  # fmt: skip
+    try:
+        meta = read_step_meta(directory)
+    except NewerFormat as err:
+        return StepStatus(step, directory, not missing, str(err), newer_format=err.found)
+    except (OSError, ValueError) as err:
+        return StepStatus(step, directory, False, str(err))
+    if missing:
+        return StepStatus(step, directory, False, f"{', '.join(missing)} missing", meta)
+    if meta.step != step:
+        return StepStatus(step, directory, False, f"{META_FILE} says step {meta.step}", meta)
+    return StepStatus(step, directory, True, None, meta)
+
+
+def list_steps(root: Path) -> list[StepStatus]:
+    """Every `iter_*` directory under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    steps = sorted(
+        s for p in root.iterdir() if p.is_dir() and (s := parse_step_dir(p.name)) is not None
+    )
+    return [step_status(root, s) for s in steps]
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What a run records in, and checks against, a checkpoint's `kubetron.json`."""
+
+    model: ModelId
+    shape: Shape
+    seed: int
+    global_batch_size: int
+
+    @classmethod
+    def from_config(cls, cfg: Any, dims: Any, padded_vocab_size: int) -> RunIdentity:
+        """From a `config.TrainerConfig` and its `dims.ParallelDims`."""
+        return cls(
+            ModelId.from_config(cfg, padded_vocab_size),
+            Shape.from_dims(dims),
+            cfg.recipe.seed,
+            cfg.recipe.global_batch_size,
+        )
+
+    def step_meta(self, step: int, consumed_samples: int) -> StepMeta:
+        return StepMeta(
+            step, consumed_samples, self.global_batch_size, self.model, self.shape, self.seed
+        )
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """How to resume: from which step and sample, and whether the RNG states fit this shape."""
+
+    step: int
+    source: Path
+    consumed_samples: int
+    restore_rng: bool
+    saved: StepMeta | None  # None for a legacy checkpoint
+    why: str  # one line for the log: what is restored, what re-seeded
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(w.title() for w in rest)
+
+
+def plan_resume(root: Path, run: RunIdentity) -> ResumePlan | None:
+    """The checkpoint to resume from (None: there is none, start at step 0), after refusing what
+    cannot work: a `latest` that is unreadable or points to an incomplete save, a newer format,
+    another architecture or padded vocabulary. Reads files only; raises `ConfigError`."""
+    step = read_latest(root)
+    if step is None:
+        return None
+    status = step_status(root, step)
+    where = f"{root}/{LATEST} points to step {step}"
+    if status.newer_format is not None:
+        raise ConfigError(
+            "checkpoint.path",
+            f"{status.path} was written by a newer kubetron (checkpoint format "
+            f"{status.newer_format}; this trainer reads formats up to {FORMAT}); nothing was "
+            "loaded or changed. Run the trainer image that wrote it (or a newer one), or set "
+            "checkpoint.path to another directory",
+        )
+    if not status.complete:
+        complete = [s.step for s in list_steps(root) if s.complete and s.newer_format is None]
+        hint = (
+            f"complete steps: {', '.join(map(str, complete))}" if complete else "none is complete"
+        )
+        raise ConfigError(
+            "checkpoint.path",
+            f"{where}, but that save is incomplete ({status.problem}); nothing was loaded or "
+            f"changed. Write the step of a complete checkpoint into {LATEST} ({hint}; "
+            f"`kubetron checkpoints {root}` lists them) or remove {LATEST} to start from step 0",
+        )
+    meta = status.meta
+    if meta is None:  # legacy: Megatron's files only, nothing to compare
+        return ResumePlan(
+            step, status.path, step * run.global_batch_size, False, None,
+            f"{status.path.name} has no {META_FILE} (written before checkpoint format 1): model "
+            "and shape unchecked; RNG re-seeded; data continues from step x globalBatchSize",
+        )  # fmt: skip
+    _check_model(status.path, meta.model, run.model)
+    same = meta.shape == run.shape
+    why = (
+        f"written by {meta.shape.describe()}, resumed as {run.shape.describe()}: "
+        + ("RNG states restored" if same else "RNG re-seeded (shape changed)")
+        + f"; data continues at sample {meta.consumed_samples}"
+    )
+    return ResumePlan(step, status.path, meta.consumed_samples, same, meta, why)
+
+
+def _check_model(source: Path, saved: ModelId, current: ModelId) -> None:
+    diffs = [
+        f"{key}: checkpoint {saved.arch[key]!r}, this job {current.arch[key]!r}"
+        for key in current.arch
+        if key in saved.arch and saved.arch[key] != current.arch[key]
+    ]
+    if diffs:
+        raise ConfigError(
+            "model",
+            f"{source} holds another architecture, {saved.describe()}, than this job's "
+            f"{current.describe()} ({'; '.join(diffs)}); nothing was loaded or changed. Resume "
+            "with the model the checkpoint was written with (spec.model), or set "
+            "checkpoint.path to a new directory to start from scratch",
+        )
+    if saved.padded_vocab_size != current.padded_vocab_size:
+        raise ConfigError(
+            "parallelism.tensor",
+            f"{source} pads the vocabulary ({current.arch.get('vocabSize')}) to "
+            f"{saved.padded_vocab_size} rows, this job to {current.padded_vocab_size}: Megatron "
+            "pads it to a multiple of 128 x tensor, so the embedding and output layer would not "
+            "fit; nothing was loaded or changed. Resume with a tensor degree that pads it to "
+            f"{saved.padded_vocab_size} (as the one it was written with)",
+        )
