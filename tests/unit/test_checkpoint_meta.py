@@ -24,7 +24,7 @@ from kubetron_trainer.ckpt_meta import (
     MEGATRON_FILES,
     META_FILE,
     RunIdentity,
-    Shape,
+    describe_shape,
     plan_resume,
     read_step_meta,
     step_dir,
@@ -108,7 +108,7 @@ def test_same_shape_restores_rng_and_another_reseeds(tmp_path: Path) -> None:
     same = plan_resume(tmp_path, identity(world=2))
     assert same is not None and same.restore_rng and same.step == 4
     assert same.consumed_samples == 4 * GBS
-    assert same.saved is not None and same.saved.shape == Shape(world_size=2, data=2)
+    assert same.saved is not None and same.saved.shape == ParallelDims(world_size=2, dp=2)
     for other in (identity(world=4), identity(world=2, tp=2), identity(world=4, tp=2)):
         plan = plan_resume(tmp_path, other)
         assert plan is not None and not plan.restore_rng and plan.step == 4
@@ -127,7 +127,7 @@ def test_metadata_round_trip_and_format(tmp_path: Path) -> None:
     assert raw["model"]["preset"] == "gpt-tiny" and raw["model"]["arch"]["numLayers"] == 2
     assert raw["consumedSamples"] == 48 and raw["step"] == 6 and raw["savedAt"].endswith("Z")
     meta = read_step_meta(target)
-    assert meta.shape.describe() == "TP2 x DP2 (world 4)"
+    assert describe_shape(meta.shape) == "TP2 x DP2 (world 4)"
     assert meta.model.describe() == "gpt-tiny (2 layers, hidden 64, vocab 512)"
 
 

@@ -20,7 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubetron_trainer.ckpt_meta import LATEST, StepStatus, list_steps, read_latest, step_status
+from kubetron_trainer.ckpt_meta import (
+    LATEST,
+    StepStatus,
+    describe_shape,
+    list_steps,
+    read_latest,
+    step_status,
+)
 from kubetron_trainer.exitcodes import ConfigError
 
 
@@ -81,7 +88,7 @@ def to_text(report: DirReport) -> str:
                 str(s.step) + (" *" if s.step == report.latest else ""),
                 _state(s),
                 m.model.describe() if m else "?",
-                m.shape.describe() if m else "?",
+                describe_shape(m.shape) if m else "?",
                 str(m.consumed_samples) if m else "?",
                 m.saved_at if m else "",
             )

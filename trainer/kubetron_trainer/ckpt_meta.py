@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from kubetron_trainer.dims import ParallelDims
 from kubetron_trainer.exitcodes import ConfigError
 
 FORMAT = 1  # bump when a reader of the previous format would misread a new checkpoint
@@ -84,47 +85,27 @@ def write_latest(root: Path, step: int) -> None:
     _write_atomically(root / LATEST, f"{step}\n")
 
 
-@dataclass(frozen=True)
-class Shape:
-    """The parallel shape a checkpoint was written with (data-parallel degree included)."""
+# ParallelDims field -> its key in kubetron.json (the MegatronJob's parallelism names)
+_SHAPE_KEYS = {"world_size": "worldSize", "tp": "tensor", "pp": "pipeline",
+               "vpp": "virtualPipeline", "cp": "context", "ep": "expert",
+               "etp": "expertTensor", "dp": "data"}  # fmt: skip
 
-    world_size: int
-    tensor: int = 1
-    pipeline: int = 1
-    virtual_pipeline: int = 1
-    context: int = 1
-    expert: int = 1
-    expert_tensor: int = 1
-    data: int = 1
 
-    @classmethod
-    def from_dims(cls, dims: Any) -> Shape:
-        """From a `dims.ParallelDims`."""
-        return cls(
-            world_size=dims.world_size, tensor=dims.tp, pipeline=dims.pp,
-            virtual_pipeline=dims.vpp, context=dims.cp, expert=dims.ep,
-            expert_tensor=dims.etp, data=dims.dp,
-        )  # fmt: skip
+def shape_to_json(dims: ParallelDims) -> dict[str, int]:
+    return {key: int(getattr(dims, field)) for field, key in _SHAPE_KEYS.items()}
 
-    def describe(self) -> str:
-        """`TP2 x DP2 (world 4)`: the degrees above 1, then the world size."""
-        parts = [
-            f"{name}{value}"
-            for name, value in (
-                ("TP", self.tensor), ("PP", self.pipeline), ("VPP", self.virtual_pipeline),
-                ("CP", self.context), ("EP", self.expert), ("ETP", self.expert_tensor),
-                ("DP", self.data),
-            )
-            if value > 1
-        ]  # fmt: skip
-        return f"{' x '.join(parts) or 'one rank'} (world {self.world_size})"
 
-    def to_json(self) -> dict[str, int]:
-        return {_camel(k): v for k, v in asdict(self).items()}
+def shape_from_json(raw: dict[str, Any]) -> ParallelDims:
+    """The shape as written (not re-validated: it was valid for the run that wrote it)."""
+    return ParallelDims(**{f: int(raw[k]) for f, k in _SHAPE_KEYS.items() if k in raw})
 
-    @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> Shape:
-        return cls(**{k: int(raw[_camel(k)]) for k in cls.__dataclass_fields__ if _camel(k) in raw})
+
+def describe_shape(dims: ParallelDims) -> str:
+    """`TP2 x DP2 (world 4)`: the degrees above 1, then the world size."""
+    degrees = (("TP", dims.tp), ("PP", dims.pp), ("VPP", dims.vpp), ("CP", dims.cp),
+               ("EP", dims.ep), ("ETP", dims.etp), ("DP", dims.dp))  # fmt: skip
+    parts = [f"{name}{value}" for name, value in degrees if value > 1]
+    return f"{' x '.join(parts) or 'one rank'} (world {dims.world_size})"
 
 
 @dataclass(frozen=True)
@@ -166,7 +147,7 @@ class StepMeta:
     consumed_samples: int  # samples read before this step: the data position
     global_batch_size: int
     model: ModelId
-    shape: Shape
+    shape: ParallelDims
     seed: int
     saved_at: str = ""
     format: int = FORMAT
@@ -179,7 +160,7 @@ class StepMeta:
             "globalBatchSize": self.global_batch_size,
             "seed": self.seed,
             "model": self.model.to_json(),
-            "shape": self.shape.to_json(),
+            "shape": shape_to_json(self.shape),
             "rng": "one state per rank, restored only into the same shape",
             "savedAt": self.saved_at,
         }
@@ -191,7 +172,7 @@ class StepMeta:
             consumed_samples=int(raw["consumedSamples"]),
             global_batch_size=int(raw["globalBatchSize"]),
             model=ModelId.from_json(raw["model"]),
-            shape=Shape.from_json(raw["shape"]),
+            shape=shape_from_json(raw["shape"]),
             seed=int(raw["seed"]),
             saved_at=str(raw.get("savedAt", "")),
             format=int(raw["format"]),
@@ -287,16 +268,16 @@ class RunIdentity:
     """What a run records in, and checks against, a checkpoint's `kubetron.json`."""
 
     model: ModelId
-    shape: Shape
+    shape: ParallelDims
     seed: int
     global_batch_size: int
 
     @classmethod
-    def from_config(cls, cfg: Any, dims: Any, padded_vocab_size: int) -> RunIdentity:
+    def from_config(cls, cfg: Any, dims: ParallelDims, padded_vocab_size: int) -> RunIdentity:
         """From a `config.TrainerConfig` and its `dims.ParallelDims`."""
         return cls(
             ModelId.from_config(cfg, padded_vocab_size),
-            Shape.from_dims(dims),
+            dims,
             cfg.recipe.seed,
             cfg.recipe.global_batch_size,
         )
@@ -362,7 +343,7 @@ def plan_resume(root: Path, run: RunIdentity) -> ResumePlan | None:
     _check_model(status.path, meta.model, run.model)
     same = meta.shape == run.shape
     why = (
-        f"written by {meta.shape.describe()}, resumed as {run.shape.describe()}: "
+        f"written by {describe_shape(meta.shape)}, resumed as {describe_shape(run.shape)}: "
         + ("RNG states restored" if same else "RNG re-seeded (shape changed)")
         + f"; data continues at sample {meta.consumed_samples}"
     )
