@@ -448,9 +448,11 @@ def test_dashboard_queries_use_only_documented_metric_names() -> None:
          "metrics.serviceMonitor.enabled needs metrics.service.enabled"),
         (["--set", "operator.metricsPort=9000", "--set", "operator.healthPort=9000"],
          "operator.metricsPort and operator.healthPort are both 9000"),
+        (["--set", "podDisruptionBudget.enabled=true"],
+         "podDisruptionBudget.minAvailable=1 with replicaCount=1 lets no operator pod be evicted"),
     ],
     ids=["replicas-without-election", "namespaces-scope-without-list", "monitor-without-service",
-         "same-ports"],
+         "same-ports", "budget-blocks-drains"],
 )  # fmt: skip
 def test_values_the_schema_cannot_check_fail_with_the_fix(args: list[str], message: str) -> None:
     proc = run_helm(

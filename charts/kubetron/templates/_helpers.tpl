@@ -91,6 +91,10 @@ Included by the Deployment, so every render runs them.
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) }}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.service.enabled: the ServiceMonitor selects the metrics Service" }}
 {{- end }}
+{{- $pdb := .Values.podDisruptionBudget }}
+{{- if and $pdb.enabled (kindIs "float64" $pdb.minAvailable) (ge (int $pdb.minAvailable) (int .Values.replicaCount)) }}
+{{- fail (printf "podDisruptionBudget.minAvailable=%d with replicaCount=%d lets no operator pod be evicted, so node drains hang; raise replicaCount above it, lower it, or disable the budget" (int $pdb.minAvailable) (int .Values.replicaCount)) }}
+{{- end }}
 {{- if eq (int .Values.operator.metricsPort) (int .Values.operator.healthPort) }}
 {{- fail (printf "operator.metricsPort and operator.healthPort are both %d: the operator serves /metrics and /healthz on separate ports; give them different values" (int .Values.operator.metricsPort)) }}
 {{- end }}
