@@ -16,6 +16,7 @@ class FakeKube:
         self.objects: dict[tuple[str, str, str], Obj] = {}
         self.applied: list[str] = []
         self.events: list[tuple[str, str]] = []
+        self.status_writes = 0
 
     def put(self, obj: Obj) -> None:
         meta = obj["metadata"]
@@ -37,6 +38,7 @@ class FakeKube:
         return copy.deepcopy(merged)
 
     def patch_status(self, kind: str, namespace: str, name: str, status: Obj) -> Obj:
+        self.status_writes += 1
         self.objects[(kind, namespace, name)]["status"] = copy.deepcopy(status)
         return self.get(kind, namespace, name) or {}
 

@@ -83,3 +83,28 @@ def test_a_new_generation_of_a_finished_job_runs_again(kube: FakeKube) -> None:
     kube.applied.clear()
     reconcile(kube)
     assert kube.applied == ["ConfigMap", "PyTorchJob"]
+
+
+def test_invalid_spec_fails_with_the_rules_and_creates_nothing(kube: FakeKube) -> None:
+    kube.objects[("MegatronJob", "ml", "job")]["spec"]["parallelism"] = {"tensor": 3}
+    assert reconcile(kube) == "invalid"
+    status = kube.objects[("MegatronJob", "ml", "job")]["status"]
+    assert status["phase"] == "Failed"
+    assert "spec.parallelism.tensor=3 must divide" in status["conditions"][0]["message"]
+    assert kube.applied == [] and kube.events == [("Warning", "InvalidSpec")]
+
+
+def test_an_unchanged_status_is_not_written_again(kube: FakeKube) -> None:
+    reconcile(kube)
+    writes = kube.status_writes
+    for _ in range(3):
+        reconcile(kube)
+    assert kube.status_writes == writes
+
+
+def test_a_replica_that_lost_the_lease_writes_nothing(kube: FakeKube) -> None:
+    leading = [True]
+    c = Controller(kube, OperatorMetrics(), may_act=lambda: leading[0])  # type: ignore[arg-type]
+    leading[0] = False
+    assert c.reconcile("ml", "job") == "skipped"
+    assert kube.applied == [] and kube.status_writes == 0
