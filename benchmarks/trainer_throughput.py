@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "trainer"), str(ROOT / "operator")]
 
-from kubetron_trainer.config import PRESETS, RecipeSpec, TrainerConfig  # noqa: E402
+from kubetron_trainer.config import PRESETS, FastPath, RecipeSpec, TrainerConfig  # noqa: E402
 from tests.distributed.train_harness import launch  # noqa: E402
 from tests.ports import free_port  # noqa: E402
 
@@ -161,7 +161,7 @@ def profile_worker(cfg_path: Path, out: Path, args: argparse.Namespace) -> None:
         world_size=1, gpus_per_node=1,
     )  # fmt: skip
     device = torch.device("cuda", 0)
-    options = loop.RunOptions(attention=args.attention, fast_path=args.fast_path)
+    options = loop.RunOptions(attention=args.attention, fast_path=FastPath.parse(args.fast_path))
     run = loop.setup(cfg, shape.dims, topology, device, "nccl", options, None)
     batches = build_batches(cfg, reads_data=True, dp_rank=0, dp_size=1, device=device)
     step = 0

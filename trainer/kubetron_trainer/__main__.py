@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from kubetron_trainer.config import TrainerConfig
+from kubetron_trainer.config import FastPath, TrainerConfig
 from kubetron_trainer.dims import ParallelConfigError, ParallelDims
 from kubetron_trainer.exitcodes import ConfigError, ExitCode, Terminated, classify
 from kubetron_trainer.rules import check_shape, cpu_rules, missing_transformer_engine
@@ -151,14 +151,15 @@ def run(
 
     from kubetron_trainer.metrics import prepare_multiproc_dir
     from kubetron_trainer.models.build import resolve_backend
-    from kubetron_trainer.models.fused import FastPath
     from kubetron_trainer.parallel import init_distributed
 
-    fast_path = cfg.recipe.fast_path if args.fast_path is None else args.fast_path
-    try:
-        FastPath.parse(fast_path)
-    except ValueError as err:
-        raise ConfigError("--fast-path", str(err)) from None
+    if args.fast_path is None:
+        fast_path = cfg.recipe.fast
+    else:  # the command line overrides the spec
+        try:
+            fast_path = FastPath.parse(args.fast_path)
+        except ValueError as err:
+            raise ConfigError("--fast-path", str(err)) from None
     device = pick_device(args.device, topology.local_rank)
     if device.type == "cpu" and (problems := cpu_rules(cfg.parallelism)):
         raise ParallelConfigError(problems, f"device cpu, world={cfg.world_size}")

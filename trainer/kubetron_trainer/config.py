@@ -7,6 +7,7 @@ model back. Field names are camelCase on the wire (Kubernetes style) and snake_c
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -200,6 +201,43 @@ _PIECE = "(" + "|".join(FAST_PATH_PIECES) + ")"
 FAST_PATH_PATTERN = rf"^(off|on|{_PIECE}(,{_PIECE})*)$"
 
 
+@dataclass(frozen=True)
+class FastPath:
+    """Which fused pieces are on."""
+
+    ce: bool = False
+    norm: bool = False
+    rope: bool = False
+    cudnn: bool = False
+    wgrad: bool = False
+    adam: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> FastPath:
+        """`off`, `on` (everything), or a comma list of pieces, e.g. `ce,rope`."""
+        text = text.strip().lower()
+        if text in ("", "off", "none"):
+            return cls()
+        if text in ("on", "all"):
+            return cls(**{p: True for p in FAST_PATH_PIECES})
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in FAST_PATH_PIECES]
+        if unknown:
+            raise ValueError(
+                f"unknown piece(s) {unknown}; use off, on, or a comma list of "
+                f"{', '.join(FAST_PATH_PIECES)}"
+            )
+        return cls(**{n: True for n in names})
+
+    @property
+    def enabled(self) -> bool:
+        return any(getattr(self, p) for p in FAST_PATH_PIECES)
+
+    def describe(self) -> str:
+        on = [p for p in FAST_PATH_PIECES if getattr(self, p)]
+        return "fast path: " + "+".join(on) if on else "fast path off"
+
+
 class RecipeSpec(ApiModel):
     """How to train: steps, batch sizes, precision, optimizer and schedule."""
 
@@ -231,8 +269,12 @@ class RecipeSpec(ApiModel):
         "gave 49.8% MFU for Qwen3-1.7B at seq 4096 on one H100 (37.1% without).",
     )
 
+    # --------------------------------------------------------------------------- parallelism
 
-# --------------------------------------------------------------------------- parallelism
+    @property
+    def fast(self) -> FastPath:
+        """`fast_path` parsed (the schema's pattern admits only what parses)."""
+        return FastPath.parse(self.fast_path)
 
 
 class ParallelismSpec(ApiModel):

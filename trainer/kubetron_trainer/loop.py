@@ -25,7 +25,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 
 from kubetron_trainer.checkpoint import Checkpointer
 from kubetron_trainer.ckpt_meta import RunIdentity
-from kubetron_trainer.config import TrainerConfig
+from kubetron_trainer.config import FastPath, TrainerConfig
 from kubetron_trainer.data import Batch, build_batches
 from kubetron_trainer.dims import ParallelDims
 from kubetron_trainer.exitcodes import Terminated
@@ -33,7 +33,6 @@ from kubetron_trainer.flops import flops_per_token, peak_flops
 from kubetron_trainer.metrics import StepStats, TrainerMetrics
 from kubetron_trainer.models import build_model
 from kubetron_trainer.models.build import AttentionBackend
-from kubetron_trainer.models.fused import FastPath
 from kubetron_trainer.parallel import GroupOptions, build_process_groups
 from kubetron_trainer.seeding import setup_megatron_globals
 from kubetron_trainer.topology import Topology
@@ -56,7 +55,7 @@ class RunOptions:
     attention: AttentionBackend = "auto"
     summary: Path | None = None
     metrics_linger_s: float = 0.0
-    fast_path: str = "off"
+    fast_path: FastPath = field(default_factory=FastPath)
 
 
 class Engine(Protocol):
@@ -207,8 +206,7 @@ def setup(
     """Groups, seeds, model, optimizer, scheduler and checkpointer, in Megatron's order."""
     pg = make_groups(cfg, dims, topology, backend, options.groups)
     setup_megatron_globals(pg, cfg.recipe.seed)  # global memory buffer and RNG seeds
-    fast = FastPath.parse(options.fast_path)
-    built = build_model(cfg, pg, device, options.attention, fast)
+    built = build_model(cfg, pg, device, options.attention, options.fast_path)
     engine = make_engine(cfg, built.chunks, pg, device, fast=built.fast)
     scheduler = build_scheduler(engine.optimizer, cfg.recipe)
     checkpointer = None

@@ -101,7 +101,7 @@ def _model_rules(arch: ModelArch, p: ParallelismSpec, recipe: RecipeSpec) -> lis
     problems += _moe_rules(arch, p)
     if p.sequence_parallel and p.tensor == 1:
         problems.append("spec.parallelism.sequenceParallel needs tensor > 1; set it to false")
-    if "ce" in recipe.fast_path.split(",") and p.tensor > 1:
+    if recipe.fast.ce and recipe.fast_path.strip().lower() not in ("on", "all") and p.tensor > 1:
         problems.append(
             f"spec.recipe.fastPath lists ce (the fused cross-entropy), which needs "
             f"spec.parallelism.tensor=1 (it is {p.tensor}); drop ce, or use 'on', which skips ce "

@@ -28,50 +28,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import torch
 
-from kubetron_trainer.config import FAST_PATH_PIECES as PIECES
+from kubetron_trainer.config import FastPath
 from kubetron_trainer.train_common import torch_optimizers
-
-
-@dataclass(frozen=True)
-class FastPath:
-    """Which fused pieces are on."""
-
-    ce: bool = False
-    norm: bool = False
-    rope: bool = False
-    cudnn: bool = False
-    wgrad: bool = False
-    adam: bool = False
-
-    @classmethod
-    def parse(cls, text: str) -> FastPath:
-        """`off`, `on` (everything), or a comma list of pieces, e.g. `ce,rope`."""
-        text = text.strip().lower()
-        if text in ("", "off", "none"):
-            return cls()
-        if text in ("on", "all"):
-            return cls(**{p: True for p in PIECES})
-        names = [n.strip() for n in text.split(",") if n.strip()]
-        unknown = [n for n in names if n not in PIECES]
-        if unknown:
-            raise ValueError(
-                f"unknown piece(s) {unknown}; use off, on, or a comma list of {', '.join(PIECES)}"
-            )
-        return cls(**{n: True for n in names})
-
-    @property
-    def enabled(self) -> bool:
-        return any(getattr(self, p) for p in PIECES)
-
-    def describe(self) -> str:
-        on = [p for p in PIECES if getattr(self, p)]
-        return "fast path: " + "+".join(on) if on else "fast path off"
 
 
 def liger(module: str) -> ModuleType:
