@@ -109,6 +109,14 @@ def run(*argv: str, check: bool = True, timeout: float = 60) -> subprocess.Compl
     return proc
 
 
+def ctr(
+    socket_path: Path, *args: str, check: bool = True, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """`ctr` against the node's containerd, in the CRI's namespace."""
+    return run("ctr", "--address", str(socket_path), "-n", "k8s.io", *args, check=check,
+               timeout=timeout)  # fmt: skip
+
+
 def _write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -205,13 +213,14 @@ def network_down() -> None:
 
 
 def _mounts_under(roots: list[Path]) -> list[str]:
-    prefixes = [str(r.resolve()) + "/" for r in roots if r.exists()] + [str(r) + "/" for r in roots]
-    found = []
+    """Mount points at or below `roots`, deepest first."""
+    prefixes = {str(r) + "/" for r in roots} | {str(r.resolve()) + "/" for r in roots if r.exists()}
+    found = set()
     for line in Path("/proc/self/mounts").read_text().splitlines():
         target = line.split()[1].replace("\\040", " ")
-        if any(target.startswith(p) or target + "/" == p for p in prefixes):
-            found.append(target)
-    return sorted(set(found), key=len, reverse=True)
+        if any((target + "/").startswith(p) for p in prefixes):
+            found.add(target)
+    return sorted(found, key=len, reverse=True)
 
 
 def unmount_under(roots: list[Path]) -> None:
@@ -463,7 +472,7 @@ oom_score = 0
         return self.image(PAUSE_IMAGE_PREFIX)
 
     def ctr(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        return run("ctr", "--address", str(self.socket), "-n", "k8s.io", *args, timeout=timeout)
+        return ctr(self.socket, *args, timeout=timeout)
 
     def start_containerd(self) -> None:
         self.containerd_root.mkdir(parents=True, exist_ok=True)
@@ -740,25 +749,24 @@ oom_score = 0
 def stop_containers(socket_path: Path) -> None:
     """With containerd still up: kill and remove every pod container and sandbox."""
 
-    def ctr(*args: str) -> subprocess.CompletedProcess[str]:
-        return run("ctr", "--address", str(socket_path), "-n", "k8s.io", *args, check=False,
-                   timeout=20)  # fmt: skip
+    def call(*args: str) -> subprocess.CompletedProcess[str]:
+        return ctr(socket_path, *args, check=False, timeout=20)
 
     if not socket_path.exists():
         return
     with contextlib.suppress(subprocess.TimeoutExpired):
-        tasks = ctr("tasks", "ls", "-q").stdout.split()
+        tasks = call("tasks", "ls", "-q").stdout.split()
         for task in tasks:
-            ctr("tasks", "kill", "-a", "-s", "SIGKILL", task)
+            call("tasks", "kill", "-a", "-s", "SIGKILL", task)
         deadline = time.monotonic() + 10
         for task in tasks:
             while time.monotonic() < deadline:
-                rm = ctr("tasks", "rm", "-f", task)
+                rm = call("tasks", "rm", "-f", task)
                 if rm.returncode == 0 or "not found" in rm.stderr:
                     break
                 time.sleep(0.2)
-        for container in ctr("containers", "ls", "-q").stdout.split():
-            ctr("containers", "rm", container)
+        for container in call("containers", "ls", "-q").stdout.split():
+            call("containers", "rm", container)
 
 
 def leftovers(workdir: Path | None = None) -> list[str]:

@@ -134,11 +134,6 @@ def _merge(into: Obj, changes: Obj) -> None:
             into[key] = copy.deepcopy(value)
 
 
-def phase(cluster: Cluster, namespace: str, name: str) -> str:
-    job = cluster.get("megatronjob", name, namespace) or {}
-    return str(job.get("status", {}).get("phase", ""))
-
-
 def wait_final(
     cluster: Cluster,
     namespace: str,
