@@ -558,9 +558,7 @@ class Cluster:
         if self.config.real_node:
             realnode.teardown(self.workdir, containerd_root(), self._stop_component)
         for name in STOP_ORDER:
-            component = self.components.get(name)
-            if component is not None:
-                component.stop()
+            self._stop_component(name)
         for path in reversed(self.created_outside):
             with contextlib.suppress(OSError):
                 p = Path(path)

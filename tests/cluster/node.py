@@ -83,6 +83,16 @@ def images_manifest(cache: Path) -> list[dict[str, Any]]:
     return list(data)
 
 
+def built_image(cache: Path, prefix: str, suffix: str = "") -> str:
+    """The name of the image `make images` built that starts with `prefix` and ends with
+    `suffix` (images.json), or a NodeError naming it."""
+    for image in images_manifest(cache):
+        name = str(image["name"])
+        if name.startswith(prefix) and name.endswith(suffix):
+            return name
+    raise NodeError(f"image {prefix}*{suffix} is not built: run `make images`")
+
+
 def missing_prerequisites(bin_dir: Path, cache: Path) -> list[str]:
     """What a real node needs and this machine lacks, each with the command that provides it."""
     missing = []
@@ -694,11 +704,7 @@ oom_score = 0
                 f"--pytorch-init-container-template-file={path}"]  # fmt: skip
 
     def image(self, prefix: str) -> str:
-        """The name of the built image starting with `prefix` (images.json)."""
-        for image in images_manifest(self.cluster.cache):
-            if image["name"].startswith(prefix):
-                return str(image["name"])
-        raise NodeError(f"no image {prefix}* is built; run `make images`")
+        return built_image(self.cluster.cache, prefix)
 
     def wait_ready(self, timeout: float) -> None:
         self.cluster.wait_for(self._ready, timeout=timeout, what=f"node {NODE_NAME} Ready",

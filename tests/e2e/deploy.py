@@ -17,8 +17,9 @@ from typing import Any
 
 import yaml
 
+from tests.cluster import node
 from tests.cluster.harness import REPO_ROOT, Cluster, ClusterError, cache_dir
-from tests.cluster.node import NodeError, RealNode, images_manifest
+from tests.cluster.node import NodeError, RealNode
 
 CHART = REPO_ROOT / "charts" / "kubetron"
 EXAMPLE = REPO_ROOT / "manifests" / "examples" / "gpt-tiny-cpu.yaml"
@@ -33,12 +34,7 @@ Obj = dict[str, Any]
 
 def built_image(prefix: str) -> str:
     """The name of the image `make images` built with this prefix (trainer: the CPU build)."""
-    for image in images_manifest(cache_dir()):
-        name = str(image["name"])
-        if name.startswith(prefix) and (prefix != TRAINER_CPU_IMAGE or name.endswith("-cpu")):
-            return name
-    what = f"{prefix}*-cpu" if prefix == TRAINER_CPU_IMAGE else f"{prefix}*"
-    raise NodeError(f"image {what} is not built: run `make images`")
+    return node.built_image(cache_dir(), prefix, "-cpu" if prefix == TRAINER_CPU_IMAGE else "")
 
 
 def real_node(cluster: Cluster) -> RealNode:
@@ -94,8 +90,8 @@ def uninstall_operator(
 def checkpoint_claim(cluster: Cluster, namespace: str, claim: str) -> Path:
     """A ReadWriteMany claim `claim` in `namespace`, bound to a hostPath volume on the real
     node; returns the volume's directory on the host (where the checkpoints land)."""
-    node = real_node(cluster)
-    pv = node.host_path_volume(f"{namespace}-{claim}")
+    real = real_node(cluster)
+    pv = real.host_path_volume(f"{namespace}-{claim}")
     spec = {
         "accessModes": ["ReadWriteMany"],
         "storageClassName": pv["spec"]["storageClassName"],
