@@ -29,15 +29,18 @@ WORKDIR /src
 RUN python -m venv /opt/kubetron
 COPY pyproject.toml ./
 RUN --mount=type=cache,target=/root/.cache/pip \
-    mkdir -p operator trainer && touch README.md \
+    mkdir -p api operator && touch README.md \
     && /opt/kubetron/bin/python -m pip install ".[operator]" \
     && /opt/kubetron/bin/python -m pip uninstall --yes kubetron \
-    && rm -rf build ./*.egg-info README.md operator trainer
+    && rm -rf build ./*.egg-info README.md api operator
+# The contract and the operator only: no trainer code in this image (the last check proves it).
 COPY README.md ./
+COPY api/ api/
 COPY operator/ operator/
-COPY trainer/ trainer/
 RUN --mount=type=cache,target=/root/.cache/pip \
-    /opt/kubetron/bin/python -m pip install --no-deps .
+    /opt/kubetron/bin/python -m pip install --no-deps . \
+    && /opt/kubetron/bin/python -c "import importlib.util as u, kubetron_operator.__main__; \
+assert u.find_spec('kubetron_trainer') is None and u.find_spec('torch') is None"
 
 # ---------------------------------------------------------------- operator: runtime
 FROM ${PYTHON_IMAGE} AS operator
@@ -75,13 +78,14 @@ COPY pyproject.toml ./
 ARG TRAINER_PINS=""
 # hadolint ignore=DL3013
 RUN --mount=type=cache,target=/root/.cache/pip \
-    mkdir -p operator trainer && touch README.md \
+    mkdir -p api trainer && touch README.md \
     && for pin in $TRAINER_PINS; do echo "$pin"; done >/tmp/kubetron-pins.txt \
     && PIP_CONSTRAINT="${PIP_CONSTRAINT:-} /tmp/kubetron-pins.txt" pip install ".[trainer,fast]" \
     && pip uninstall --yes kubetron \
-    && rm -rf /tmp/kubetron-pins.txt build ./*.egg-info README.md operator trainer
+    && rm -rf /tmp/kubetron-pins.txt build ./*.egg-info README.md api trainer
+# The contract and the trainer only: the operator's code is not needed in a training pod.
 COPY README.md ./
-COPY operator/ operator/
+COPY api/ api/
 COPY trainer/ trainer/
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install --no-deps . \

@@ -54,7 +54,7 @@ for _path in (ROOT / "operator", ROOT / "trainer", ROOT):
 
 import torch  # noqa: E402
 
-from kubetron_trainer.config import PRESETS, ModelArch, TrainerConfig  # noqa: E402
+from kubetron_api.config import PRESETS, ModelArch, TrainerConfig  # noqa: E402
 
 WORLD = 2
 # "cpu" and "fp32" only to check this script's plumbing with gloo on a machine without GPUs
@@ -365,8 +365,8 @@ def sp_grads_worker(out_dir: Path) -> None:
     schedule and finalize_model_grads), then every parameter's `main_grad` compared."""
     import torch.distributed as dist
 
+    from kubetron_api.dims import ParallelDims
     from kubetron_trainer.data import build_batches
-    from kubetron_trainer.dims import ParallelDims
     from kubetron_trainer.loop import make_groups
     from kubetron_trainer.models.build import build_model
     from kubetron_trainer.models.fused import FastPath
@@ -513,7 +513,7 @@ def run_multi(topo: Any, oracle: Any, backend: str) -> dict[str, Any]:
     rank + 1) over each grid's tp and dp groups proves the communicators work."""
     import torch.distributed as dist
 
-    from kubetron_trainer.dims import ParallelDims
+    from kubetron_api.dims import ParallelDims
     from kubetron_trainer.parallel import GridSpec, build_process_groups_multi
 
     specs = [
@@ -546,7 +546,7 @@ def time_setup(topo: Any, reps: int, oracle: Any, backend: str) -> list[dict[str
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from kubetron_trainer.dims import ParallelDims
+    from kubetron_api.dims import ParallelDims
     from kubetron_trainer.parallel import GroupOptions, build_process_groups
 
     nccl = backend == "nccl"

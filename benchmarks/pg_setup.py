@@ -39,7 +39,7 @@ def worker(out: Path, reps: int) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from kubetron_trainer.dims import ParallelDims
+    from kubetron_api.dims import ParallelDims
     from kubetron_trainer.parallel import GroupOptions, build_process_groups, init_distributed
     from kubetron_trainer.topology import Topology
 

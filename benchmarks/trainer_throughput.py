@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "trainer"), str(ROOT / "operator")]
 
-from kubetron_trainer.config import PRESETS, FastPath, RecipeSpec, TrainerConfig  # noqa: E402
+from kubetron_api.config import PRESETS, FastPath, RecipeSpec, TrainerConfig  # noqa: E402
 from tests.distributed.train_harness import launch  # noqa: E402
 from tests.ports import free_port  # noqa: E402
 
@@ -147,10 +147,10 @@ def profile_worker(cfg_path: Path, out: Path, args: argparse.Namespace) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    from kubetron_api.rules import check_shape
     from kubetron_trainer import loop
     from kubetron_trainer.data import build_batches
     from kubetron_trainer.parallel import init_distributed
-    from kubetron_trainer.rules import check_shape
     from kubetron_trainer.topology import Topology
 
     cfg = TrainerConfig.model_validate(json.loads(cfg_path.read_text()))

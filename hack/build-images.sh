@@ -17,9 +17,9 @@
 # "inputs": sha256, "size": bytes}, ...]; `ctr -n k8s.io images import <archive>` names the image.
 #
 # Idempotent and cached by content: each archive has a stamp (<archive>.inputs) holding a hash of
-# everything it is built from (Dockerfile, pyproject.toml, README.md, the files under operator/
-# and trainer/ by content, untracked ones included, no bytecode; requirements-constraints.txt for
-# the trainer; the base's recipe; this script's RECIPE); the image carries it as the label
+# everything it is built from (Dockerfile, pyproject.toml, README.md, the files under api/ and the
+# image's own operator/ or trainer/ by content, untracked ones included, no bytecode;
+# requirements-constraints.txt for the trainer; the base's recipe; this script's RECIPE); the image carries it as the label
 # io.kubetron.inputs. A run with nothing changed only recomputes hashes (well under a second).
 # Within a rebuild buildah's layer cache keeps the dependency layer (torch, megatron-core) unless
 # pyproject.toml or the pins change. pip's cache is a build cache mount under buildah/tmp (it
@@ -182,7 +182,7 @@ image_hash() {
   local name=$1
   shift
   inputs_hash "$name" "$(base_hash)" "compress=$COMPRESS" "$@" "$ROOT/Dockerfile" \
-    "$ROOT/pyproject.toml" "$ROOT/README.md" "$ROOT/operator" "$ROOT/trainer"
+    "$ROOT/pyproject.toml" "$ROOT/README.md" "$ROOT/api"
 }
 
 # build NAME REF FILE HASH BUILDAH-BUILD-ARGS...: Dockerfile target -> archive, unless fresh.
@@ -213,7 +213,7 @@ build() {
 
 build_operator() {
   ensure_base_ref
-  build operator "$OPERATOR_REF" operator.oci.tar "$(image_hash operator "$OPERATOR_REF")" \
+  build operator "$OPERATOR_REF" operator.oci.tar "$(image_hash operator "$OPERATOR_REF" "$ROOT/operator")" \
     --target operator --build-arg "PYTHON_IMAGE=$BASE_REF"
 }
 
@@ -222,7 +222,8 @@ build_trainer() {
   pins=$(pins)
   ensure_base_ref
   build trainer "$TRAINER_REF" trainer-cpu.oci.tar \
-    "$(image_hash trainer "$TRAINER_REF" "$pins" "$ROOT/requirements-constraints.txt")" \
+    "$(image_hash trainer "$TRAINER_REF" "$pins" "$ROOT/requirements-constraints.txt" \
+      "$ROOT/trainer")" \
     --target trainer --build-arg "TRAINER_BASE=$BASE_REF" --build-arg "TRAINER_PINS=$pins"
 }
 

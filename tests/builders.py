@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from kubetron_operator.api.parse import parse_job
-from kubetron_operator.api.v1alpha1 import MegatronJob
+from kubetron_api.parse import parse_job
+from kubetron_api.v1alpha1 import MegatronJob
 
 BASE: dict[str, Any] = {
     "apiVersion": "kubetron.io/v1alpha1",

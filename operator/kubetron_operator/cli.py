@@ -12,14 +12,14 @@ from pathlib import Path
 
 import yaml
 
-from kubetron_operator.api.parse import SpecError, load_documents, parse_job
-from kubetron_operator.api.v1alpha1 import MegatronJob
+from kubetron_api import ckpt_inspect
+from kubetron_api.parse import SpecError, load_documents, parse_job
+from kubetron_api.v1alpha1 import MegatronJob
 from kubetron_operator.crd import crd_yaml
 from kubetron_operator.docs import generated_block
 from kubetron_operator.plan import Plan, PlanError, plan
 from kubetron_operator.rbac import rbac_yaml
 from kubetron_operator.render import render, to_yaml
-from kubetron_trainer import ckpt_inspect
 
 
 def _check(path: Path) -> tuple[list[tuple[str, Plan, MegatronJob]], list[str]]:

@@ -15,9 +15,9 @@ from collections import defaultdict
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from kubetron_api.parse import SpecError, parse_job
+from kubetron_api.v1alpha1 import MegatronJob, Phase
 from kubetron_operator import progress
-from kubetron_operator.api.parse import SpecError, parse_job
-from kubetron_operator.api.v1alpha1 import MegatronJob, Phase
 from kubetron_operator.kube import ApiError, Kube, Obj
 from kubetron_operator.metrics import OperatorMetrics
 from kubetron_operator.plan import Plan, PlanError, plan

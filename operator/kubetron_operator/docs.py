@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubetron_api.config import PRESETS
 from kubetron_operator.crd import spec_schema
-from kubetron_trainer.config import PRESETS
 
 BEGIN = "<!-- BEGIN GENERATED: kubetron docs -->"
 END = "<!-- END GENERATED: kubetron docs -->"

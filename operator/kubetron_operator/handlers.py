@@ -13,7 +13,7 @@ from typing import Any
 
 import kopf
 
-from kubetron_operator.api.v1alpha1 import GROUP, KIND, PLURAL, VERSION
+from kubetron_api.v1alpha1 import GROUP, KIND, PLURAL, VERSION
 from kubetron_operator.controller import Controller
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "kubetron-operator"}

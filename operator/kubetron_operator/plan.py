@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kubetron_operator.api.v1alpha1 import MegatronJob, MegatronJobSpec, ResolvedParallelism
-from kubetron_trainer.config import (
+from kubetron_api.config import (
     CheckpointSpec,
     ModelArch,
     Precision,
     TrainerConfig,
 )
-from kubetron_trainer.dims import ParallelConfigError, ParallelDims
-from kubetron_trainer.rules import check_shape, cpu_rules
+from kubetron_api.dims import ParallelConfigError, ParallelDims
+from kubetron_api.rules import check_shape, cpu_rules
+from kubetron_api.v1alpha1 import MegatronJob, MegatronJobSpec, ResolvedParallelism
 
 
 class PlanError(ValueError):

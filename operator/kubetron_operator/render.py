@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import yaml
 
-from kubetron_operator.api.v1alpha1 import (
+from kubetron_api.v1alpha1 import (
     API_VERSION,
     DEFAULT_CPU_PER_PROCESS,
     DEFAULT_MEMORY_PER_PROCESS_MI,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kubetron_operator.api.v1alpha1 import Phase
+from kubetron_api.v1alpha1 import Phase
 from kubetron_operator.plan import Plan
 
 Obj = dict[str, Any]

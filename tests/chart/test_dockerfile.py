@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from kubetron_operator.api.v1alpha1 import TRAINER_UID
+from kubetron_api.v1alpha1 import TRAINER_UID
 from tests.cluster.harness import REPO_ROOT, cache_dir
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 HADOLINT_VERSION = "2.15.1"
 OPERATOR_MODULES = (
-    "kubetron_operator.api.v1alpha1",
+    "kubetron_api.v1alpha1",
     "kubetron_operator.plan",
     "kubetron_operator.render",
     "kubetron_operator.crd",
@@ -115,7 +115,13 @@ def test_targets_bases_and_users() -> None:
     operator = " ".join(st["operator"])
     assert 'ENTRYPOINT ["kubetron-operator"]' in operator
     build = " ".join(st["operator-build"])
-    assert '".[operator]"' in build and "trainer]" not in build and "torch" not in build
+    installs = re.findall(r"pip install [^&]*", build)
+    assert any('".[operator]"' in i for i in installs), installs
+    assert not any("trainer" in i or "torch" in i for i in installs), installs
+    copied = [line.split()[1] for line in st["operator-build"] if line.upper().startswith("COPY ")]
+    assert "trainer/" not in copied and "api/" in copied, "the operator image: contract + operator"
+    copied = [line.split()[1] for line in st["trainer"] if line.upper().startswith("COPY ")]
+    assert "operator/" not in copied and "api/" in copied, "the trainer image: contract + trainer"
     assert '".[trainer,fast]"' in " ".join(st["trainer"])
 
 
@@ -123,7 +129,7 @@ def test_dockerignore_keeps_local_state_out() -> None:
     lines = (REPO_ROOT / ".dockerignore").read_text().splitlines()
     assert lines.count("*") == 1, "everything is excluded unless listed"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "operator", "trainer"}
+    assert allowed == {"pyproject.toml", "README.md", "api", "operator", "trainer"}
     copied = re.findall(r"^COPY\s+(?!--from)(.+?)\s+\S+$", DOCKERFILE.read_text(), re.M)
     for sources in copied:
         for src in sources.split():
@@ -131,7 +137,8 @@ def test_dockerignore_keeps_local_state_out() -> None:
 
 
 def _project_copy(dest: Path) -> Path:
-    """pyproject.toml, README.md and the two packages: what the image's build stage copies."""
+    """pyproject.toml, README.md, the contract and the operator: what the operator image's build
+    stage copies (no trainer code)."""
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     shutil.copy2(REPO_ROOT / "pyproject.toml", dest)
@@ -141,7 +148,7 @@ def _project_copy(dest: Path) -> Path:
     else:  # the Dockerfile COPYs it; pyproject's `readme` needs it at build time
         pytest.fail("README.md is missing: the Dockerfile and pyproject.toml need it")
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for pkg in ("operator", "trainer"):
+    for pkg in ("api", "operator"):
         shutil.copytree(REPO_ROOT / pkg, dest / pkg, ignore=ignore)
     return dest
 
@@ -168,6 +175,7 @@ def test_operator_extra_imports_without_torch(tmp_path: Path) -> None:
         assert "torch" not in sys.modules, "importing the operator pulled in torch"
         assert importlib.util.find_spec("torch") is None, "torch is installed"
         assert importlib.util.find_spec("megatron") is None, "megatron is installed"
+        assert importlib.util.find_spec("kubetron_trainer") is None, "trainer code is installed"
         import kubetron_operator
         print(kubetron_operator.__file__)
         """

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetron_operator.api.parse import load_documents, parse_job
+from kubetron_api.parse import load_documents, parse_job
 from kubetron_operator.plan import plan
 from kubetron_operator.rbac import LEASE_RULES, RULES
 from kubetron_operator.render import render

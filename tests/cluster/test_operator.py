@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from kubetron_operator.api.parse import parse_job
+from kubetron_api.parse import parse_job
 from kubetron_operator.plan import plan
 from kubetron_operator.render import render
 from tests.cluster.harness import Cluster

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from kubetron_trainer.dims import ParallelConfigError, ParallelDims
+from kubetron_api.dims import ParallelConfigError, ParallelDims
 from kubetron_trainer.parallel import (
     GridSpec,
     GroupOptions,

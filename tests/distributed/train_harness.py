@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from kubetron_operator.api.parse import parse_job
+from kubetron_api.parse import parse_job
 from kubetron_operator.plan import plan
 from tests.ports import free_port
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from kubetron_trainer.config import PRESETS, RecipeSpec, TrainerConfig
+from kubetron_api.config import PRESETS, RecipeSpec, TrainerConfig
 from tests.distributed.train_harness import run
 
 pytestmark = [

@@ -36,7 +36,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetron_operator.api.parse import load_documents, parse_job
+from kubetron_api.parse import load_documents, parse_job
 from kubetron_operator.plan import plan
 from kubetron_operator.render import render
 from tests.chart.helm import one, template

@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from kubetron_trainer import ckpt_inspect
-from kubetron_trainer.__main__ import main as trainer_main
-from kubetron_trainer.ckpt_meta import (
+from kubetron_api import ckpt_inspect
+from kubetron_api.ckpt_meta import (
     FORMAT,
     MEGATRON_FILES,
     META_FILE,
@@ -31,10 +30,11 @@ from kubetron_trainer.ckpt_meta import (
     write_latest,
     write_step_meta,
 )
-from kubetron_trainer.config import PRESETS, TrainerConfig
+from kubetron_api.config import PRESETS, TrainerConfig
+from kubetron_api.dims import ParallelDims
+from kubetron_api.exitcodes import ConfigError
+from kubetron_trainer.__main__ import main as trainer_main
 from kubetron_trainer.data import Batches
-from kubetron_trainer.dims import ParallelDims
-from kubetron_trainer.exitcodes import ConfigError
 from kubetron_trainer.seeding import reseed_for_resume, resume_seed, rng_seeds
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -260,7 +260,7 @@ def test_inspect_main_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_inspect_runs_without_torch(tmp_path: Path) -> None:
     fake_save(tmp_path, 2, identity())
     code = (
-        "import sys; from kubetron_trainer import ckpt_inspect; "
+        "import sys; from kubetron_api import ckpt_inspect; "
         f"rc = ckpt_inspect.main([{str(tmp_path)!r}]); "
         "heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'megatron', 'numpy')]; "
         "assert not heavy, heavy; sys.exit(rc)"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetron_operator.api.parse import load_documents, parse_job
+from kubetron_api.parse import load_documents, parse_job
 from kubetron_operator.cli import main
 from kubetron_operator.plan import plan
 from kubetron_operator.render import render
@@ -66,7 +66,7 @@ def test_fast_path_accepts_off_on_and_piece_lists(value: str) -> None:
 
 @pytest.mark.parametrize("value", ["fast", "ce,", "ce norm", "liger"])
 def test_bad_fast_path_names_the_field_and_the_pieces(value: str) -> None:
-    from kubetron_operator.api.parse import SpecError
+    from kubetron_api.parse import SpecError
 
     (_, obj), *_ = load_documents(EXAMPLES[0])
     obj["spec"].setdefault("recipe", {})["fastPath"] = value

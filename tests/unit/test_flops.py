@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kubetron_trainer.config import PRESETS
+from kubetron_api.config import PRESETS
 from kubetron_trainer.flops import flops_per_token, peak_flops
 
 

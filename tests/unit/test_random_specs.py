@@ -5,10 +5,10 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kubetron_operator.api.parse import SpecError, parse_job
+from kubetron_api.config import PRESETS
+from kubetron_api.parse import SpecError, parse_job
 from kubetron_operator.plan import PlanError, plan
 from kubetron_operator.render import render
-from kubetron_trainer.config import PRESETS
 
 degree = st.sampled_from([0, 1, 2, 3, 4, 8, 16])
 specs = st.fixed_dictionaries(

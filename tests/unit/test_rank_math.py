@@ -17,7 +17,7 @@ from megatron.core.parallel_state import (
     default_position_embedding_ranks,
 )
 
-from kubetron_trainer.dims import ParallelConfigError, ParallelDims
+from kubetron_api.dims import ParallelConfigError, ParallelDims
 from kubetron_trainer.parallel import (
     ParallelGroupsError,
     check_grid_fits,

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from kubetron_operator.api.parse import load_documents, parse_job
+from kubetron_api.config import TrainerConfig
+from kubetron_api.parse import load_documents, parse_job
 from kubetron_operator.plan import plan
 from kubetron_operator.render import render, to_yaml
-from kubetron_trainer.config import TrainerConfig
 from tests.builders import job_dict, make_job
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,7 +132,7 @@ def test_default_requests_cover_the_processes_and_shared_memory() -> None:
     ("field", "value"), [("memory", "3 GiB"), ("sharedMemory", "lots"), ("cpu", "2 cores")]
 )
 def test_quantities_are_checked_by_the_schema(field: str, value: str) -> None:
-    from kubetron_operator.api.parse import SpecError
+    from kubetron_api.parse import SpecError
 
     with pytest.raises(SpecError, match=f"spec.resources.{field}: String should match pattern"):
         make_job(**{field: value})

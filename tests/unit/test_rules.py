@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from kubetron_api.dims import ParallelConfigError, ParallelDims
 from kubetron_operator.plan import PlanError, plan
-from kubetron_trainer.dims import ParallelConfigError, ParallelDims
 from tests.builders import make_job
 
 # (case id, preset, fields, expected message fragments)
@@ -180,7 +180,7 @@ def test_parallel_dims_expert_grid() -> None:
 
 
 def test_what_needs_transformer_engine_is_named_with_the_fix() -> None:
-    from kubetron_trainer.rules import missing_transformer_engine
+    from kubetron_api.rules import missing_transformer_engine
 
     job = make_job(precision="fp8", context=2, globalBatchSize=4)
     problems = missing_transformer_engine(job.spec.recipe, job.spec.parallelism)
@@ -191,7 +191,7 @@ def test_what_needs_transformer_engine_is_named_with_the_fix() -> None:
 
 
 def test_removed_num_workers_says_so() -> None:
-    from kubetron_operator.api.parse import SpecError, parse_job
+    from kubetron_api.parse import SpecError, parse_job
     from tests.builders import job_dict
 
     body = job_dict()

@@ -16,10 +16,10 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from kubetron_api.config import PRESETS, TrainerConfig
+from kubetron_api.dims import ParallelConfigError, ParallelDims
 from kubetron_operator.plan import plan
 from kubetron_trainer.__main__ import run
-from kubetron_trainer.config import PRESETS, TrainerConfig
-from kubetron_trainer.dims import ParallelConfigError, ParallelDims
 from kubetron_trainer.models.build import layer_spec
 from kubetron_trainer.models.norm import Norm
 from kubetron_trainer.topology import Topology

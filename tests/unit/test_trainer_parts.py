@@ -13,11 +13,12 @@ import torch.distributed as dist
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from prometheus_client import CollectorRegistry
 
+from kubetron_api.dims import ParallelConfigError
+from kubetron_api.exitcodes import ConfigError, ExitCode, Terminated
 from kubetron_trainer.__main__ import load_config
 from kubetron_trainer.checkpoint import read_latest, write_latest
 from kubetron_trainer.data import Batches, MockDataset
-from kubetron_trainer.dims import ParallelConfigError
-from kubetron_trainer.exitcodes import ConfigError, ExitCode, Terminated, classify
+from kubetron_trainer.failures import classify
 from kubetron_trainer.metrics import StepStats, TrainerMetrics
 from kubetron_trainer.tokenize import ByteTokenizer, documents, write_indexed
 from kubetron_trainer.topology import TopologyError

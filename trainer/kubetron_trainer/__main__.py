@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from kubetron_trainer.config import FastPath, TrainerConfig
-from kubetron_trainer.dims import ParallelConfigError, ParallelDims
-from kubetron_trainer.exitcodes import ConfigError, ExitCode, Terminated, classify
-from kubetron_trainer.rules import check_shape, cpu_rules, missing_transformer_engine
+from kubetron_api.config import FastPath, TrainerConfig
+from kubetron_api.dims import ParallelConfigError, ParallelDims
+from kubetron_api.exitcodes import ConfigError, ExitCode, Terminated
+from kubetron_api.rules import check_shape, cpu_rules, missing_transformer_engine
+from kubetron_trainer.failures import classify
 from kubetron_trainer.topology import Topology
 
 log = logging.getLogger("kubetron_trainer")
@@ -209,7 +210,7 @@ def check_checkpoint(cfg: TrainerConfig, dims: ParallelDims) -> None:
     resume from but cannot (`ckpt_meta.plan_resume`: reads `latest` and `kubetron.json` only)."""
     if cfg.checkpoint.path is None or cfg.checkpoint.resume != "auto":
         return
-    from kubetron_trainer.ckpt_meta import RunIdentity, plan_resume
+    from kubetron_api.ckpt_meta import RunIdentity, plan_resume
     from kubetron_trainer.models.build import padded_vocab_size
 
     vocab = padded_vocab_size(cfg.model.vocab_size, dims.tp)

@@ -47,7 +47,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.transformer.module import MegatronModule
 from torch.distributed.checkpoint import FileSystemWriter
 
-from kubetron_trainer.ckpt_meta import (
+from kubetron_api.ckpt_meta import (
     LATEST,
     RunIdentity,
     plan_resume,

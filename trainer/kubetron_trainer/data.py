@@ -29,8 +29,8 @@ from megatron.core.datasets.blended_megatron_dataset_builder import (
 )
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-from kubetron_trainer.config import TrainerConfig
-from kubetron_trainer.exitcodes import ConfigError
+from kubetron_api.config import TrainerConfig
+from kubetron_api.exitcodes import ConfigError
 from kubetron_trainer.tokenize import ByteTokenizer
 
 log = logging.getLogger(__name__)

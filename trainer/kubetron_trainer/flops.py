@@ -7,7 +7,7 @@ rather than inventing a number.
 
 from __future__ import annotations
 
-from kubetron_trainer.config import ModelArch
+from kubetron_api.config import ModelArch
 
 # Dense BF16 tensor-core peaks (no sparsity), from the vendors' datasheets (SXM parts).
 BF16_PEAK_FLOPS: dict[str, float] = {

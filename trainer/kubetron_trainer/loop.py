@@ -23,12 +23,12 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 
+from kubetron_api.ckpt_meta import RunIdentity
+from kubetron_api.config import FastPath, TrainerConfig
+from kubetron_api.dims import ParallelDims
+from kubetron_api.exitcodes import Terminated
 from kubetron_trainer.checkpoint import Checkpointer
-from kubetron_trainer.ckpt_meta import RunIdentity
-from kubetron_trainer.config import FastPath, TrainerConfig
 from kubetron_trainer.data import Batch, build_batches
-from kubetron_trainer.dims import ParallelDims
-from kubetron_trainer.exitcodes import Terminated
 from kubetron_trainer.flops import flops_per_token, peak_flops
 from kubetron_trainer.metrics import StepStats, TrainerMetrics
 from kubetron_trainer.models import build_model

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from megatron.core.hyper_comm_grid import HyperCommGrid
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from kubetron_trainer.dims import ParallelDims, ParallelGroupsError
+from kubetron_api.dims import ParallelDims, ParallelGroupsError
 from kubetron_trainer.topology import Topology
 
 DENSE_DIM_NAMES = ["tp", "cp", "dp", "pp"]

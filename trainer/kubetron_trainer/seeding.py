@@ -21,7 +21,7 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from kubetron_trainer.dims import ParallelGroupsError
+from kubetron_api.dims import ParallelGroupsError
 
 
 @dataclass(frozen=True)

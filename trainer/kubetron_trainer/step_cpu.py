@@ -25,10 +25,10 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
 
-from kubetron_trainer.config import OptimizerSpec, Precision, TrainerConfig
+from kubetron_api.config import OptimizerSpec, Precision, TrainerConfig
+from kubetron_api.dims import ParallelConfigError
+from kubetron_api.rules import cpu_rules
 from kubetron_trainer.data import Batch
-from kubetron_trainer.dims import ParallelConfigError
-from kubetron_trainer.rules import cpu_rules
 from kubetron_trainer.train_common import StepResult, masked_mean
 
 log = logging.getLogger(__name__)

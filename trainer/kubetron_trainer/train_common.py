@@ -14,7 +14,7 @@ import torch.distributed as dist
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from kubetron_trainer.config import RecipeSpec
+from kubetron_api.config import RecipeSpec
 
 
 @dataclass(frozen=True)

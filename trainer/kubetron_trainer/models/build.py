@@ -36,7 +36,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from kubetron_trainer.config import ModelArch, Precision, TrainerConfig
+from kubetron_api.config import ModelArch, Precision, TrainerConfig
 from kubetron_trainer.models.attention import SdpaAttention
 from kubetron_trainer.models.fused import OFF, FastPath, enable_wgrad_fusion
 from kubetron_trainer.models.norm import use_norm

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from kubetron_trainer.config import FastPath
+from kubetron_api.config import FastPath
 from kubetron_trainer.train_common import torch_optimizers
 
 

@@ -30,8 +30,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kubetron_trainer.dims import ParallelDims
-from kubetron_trainer.exitcodes import ConfigError
+from kubetron_api.dims import ParallelDims
+from kubetron_api.exitcodes import ConfigError
 
 FORMAT = 1  # bump when a reader of the previous format would misread a new checkpoint
 META_FILE = "kubetron.json"

@@ -1,4 +1,4 @@
-"""`python -m kubetron_trainer.ckpt_inspect DIR` (`kubetron checkpoints DIR`): what a checkpoint
+"""`python -m kubetron_api.ckpt_inspect DIR` (`kubetron checkpoints DIR`): what a checkpoint
 directory holds.
 
 Lists every saved step, whether its save finished, and the model, parallel shape and data
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubetron_trainer.ckpt_meta import (
+from kubetron_api.ckpt_meta import (
     LATEST,
     StepStatus,
     describe_shape,
@@ -28,7 +28,7 @@ from kubetron_trainer.ckpt_meta import (
     read_latest,
     step_status,
 )
-from kubetron_trainer.exitcodes import ConfigError
+from kubetron_api.exitcodes import ConfigError
 
 
 @dataclass(frozen=True)

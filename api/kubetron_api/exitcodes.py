@@ -6,16 +6,13 @@ that does not fit, an out-of-memory) must exit below 128, and one that failed fo
 restart can fix (preemption, a lost peer or a collective timeout) must exit at 128 or above,
 after saving a checkpoint when it can.
 
-Torch-free at import (torch is imported inside `classify`), so torch-free tools such as
-`ckpt_meta` and the `kubetron` CLI can raise `ConfigError`.
+The codes are the contract: the trainer exits with them (`kubetron_trainer.failures` maps its
+exceptions to them) and the operator reads them from the pod status.
 """
 
 from __future__ import annotations
 
 import enum
-
-# Messages of collective failures that torch raises as a plain RuntimeError (gloo, some NCCL).
-_COMM_MARKERS = ("timed out", "connection closed", "connection reset", "nccl error", "gloo")
 
 
 class ExitCode(enum.IntEnum):
@@ -42,26 +39,3 @@ class ConfigError(ValueError):
 
 class Terminated(Exception):
     """SIGTERM arrived; raised at a step boundary after the checkpoint was written."""
-
-
-def classify(err: BaseException) -> ExitCode:
-    """The exit code for an exception that ended training."""
-    import torch
-    import torch.distributed as dist
-
-    from kubetron_trainer.dims import ParallelConfigError
-    from kubetron_trainer.topology import TopologyError
-
-    if isinstance(err, Terminated):
-        return ExitCode.SIGTERM
-    if isinstance(err, ConfigError | ParallelConfigError):
-        return ExitCode.CONFIG
-    if isinstance(err, TopologyError):
-        return ExitCode.ENVIRONMENT
-    if isinstance(err, MemoryError | torch.OutOfMemoryError):
-        return ExitCode.OUT_OF_MEMORY
-    if isinstance(err, dist.DistError | TimeoutError | ConnectionError):
-        return ExitCode.COMMUNICATION
-    if isinstance(err, RuntimeError) and any(m in str(err).lower() for m in _COMM_MARKERS):
-        return ExitCode.COMMUNICATION
-    return ExitCode.ERROR

@@ -2,7 +2,7 @@
 
 The CRD (OpenAPI schema, CEL rules, `kubectl explain` text) is generated from these models by
 `kubetron_operator.crd`; the operator parses every object with them; the trainer's part of the
-spec is `kubetron_trainer.config`, embedded here, so all three read one schema.
+spec is `kubetron_api.config`, embedded here, so all three read one schema.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field
 from pydantic.config import JsonDict
 
-from kubetron_trainer.config import (
+from kubetron_api.config import (
     DEFAULT_COLLECTIVE_TIMEOUT_S,
     ApiModel,
     CheckpointSpec,

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from kubetron_operator.api.v1alpha1 import API_VERSION, KIND, MegatronJob
+from kubetron_api.v1alpha1 import API_VERSION, KIND, MegatronJob
 
 
 class SpecError(ValueError):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kubetron_trainer.config import DataSpec, ModelArch, ParallelismSpec, Precision, RecipeSpec
-from kubetron_trainer.dims import ParallelConfigError, ParallelDims
+from kubetron_api.config import DataSpec, ModelArch, ParallelismSpec, Precision, RecipeSpec
+from kubetron_api.dims import ParallelConfigError, ParallelDims
 
 TRANSFORMER_ENGINE = "transformer-engine"
 

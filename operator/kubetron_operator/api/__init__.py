@@ -1,1 +1,0 @@
-"""The MegatronJob API (kubetron.io/v1alpha1): pydantic models, the one schema source."""

@@ -1,0 +1,30 @@
+"""Which exit code ends the trainer: its exceptions mapped onto the contract's `ExitCode`."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from kubetron_api.dims import ParallelConfigError
+from kubetron_api.exitcodes import ConfigError, ExitCode, Terminated
+from kubetron_trainer.topology import TopologyError
+
+# Messages of collective failures that torch raises as a plain RuntimeError (gloo, some NCCL).
+_COMM_MARKERS = ("timed out", "connection closed", "connection reset", "nccl error", "gloo")
+
+
+def classify(err: BaseException) -> ExitCode:
+    """The exit code for an exception that ended training."""
+    if isinstance(err, Terminated):
+        return ExitCode.SIGTERM
+    if isinstance(err, ConfigError | ParallelConfigError):
+        return ExitCode.CONFIG
+    if isinstance(err, TopologyError):
+        return ExitCode.ENVIRONMENT
+    if isinstance(err, MemoryError | torch.OutOfMemoryError):
+        return ExitCode.OUT_OF_MEMORY
+    if isinstance(err, dist.DistError | TimeoutError | ConnectionError):
+        return ExitCode.COMMUNICATION
+    if isinstance(err, RuntimeError) and any(m in str(err).lower() for m in _COMM_MARKERS):
+        return ExitCode.COMMUNICATION
+    return ExitCode.ERROR
