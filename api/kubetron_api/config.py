@@ -211,6 +211,7 @@ class FastPath:
     cudnn: bool = False
     wgrad: bool = False
     adam: bool = False
+    every: bool = False  # "on": every piece that applies (ce is skipped under TP, not refused)
 
     @classmethod
     def parse(cls, text: str) -> FastPath:
@@ -219,7 +220,7 @@ class FastPath:
         if text in ("", "off", "none"):
             return cls()
         if text in ("on", "all"):
-            return cls(**{p: True for p in FAST_PATH_PIECES})
+            return cls(every=True, **{p: True for p in FAST_PATH_PIECES})
         names = [n.strip() for n in text.split(",") if n.strip()]
         unknown = [n for n in names if n not in FAST_PATH_PIECES]
         if unknown:

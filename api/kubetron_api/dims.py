@@ -12,6 +12,47 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kubetron_api.expr import Rule, broken
+
+# The rules on the degrees alone, checked whenever a ParallelDims is made (kubetron_api.rules
+# puts them, with the others, into the CRD).
+POSITIVE = Rule(
+    "degrees-positive",
+    "spec.parallelism",
+    "tensor >= 1 && pipeline >= 1 && context >= 1 && expert >= 1 && expertTensor >= 1 "
+    "&& virtualPipeline >= 1 && worldSize >= 1",
+    "every parallel degree and the world size must be >= 1 (tensor={tensor} "
+    "pipeline={pipeline} context={context} expert={expert} expertTensor={expertTensor} "
+    "virtualPipeline={virtualPipeline} world size={worldSize})",
+    crd=False,  # the schema's minimum: 1 says it
+)
+# The others divide by the degrees: checked once POSITIVE holds.
+DEGREE_RULES: tuple[Rule, ...] = (
+    POSITIVE,
+    Rule(
+        "world-per-model-parallel",
+        "spec.parallelism",
+        "worldSize % (tensor * context * pipeline) == 0",
+        "world size={worldSize} is not divisible by tensor*context*pipeline="
+        "{tensor * context * pipeline}; change the degrees or the number of GPUs "
+        "(spec.resources.nodes*gpusPerNode)",
+    ),
+    Rule(
+        "world-per-expert-parallel",
+        "spec.parallelism.expert",
+        "worldSize % (expertTensor * expert * pipeline) == 0",
+        "world size={worldSize} is not divisible by expertTensor*expert*pipeline="
+        "{expertTensor * expert * pipeline}; change the expert degrees",
+    ),
+    Rule(
+        "virtual-pipeline-needs-pipeline",
+        "spec.parallelism.virtualPipeline",
+        "virtualPipeline == 1 || pipeline > 1",
+        "spec.parallelism.virtualPipeline={virtualPipeline} needs pipeline > 1; set "
+        "virtualPipeline to 1 or raise pipeline",
+    ),
+)
+
 
 class ParallelConfigError(ValueError):
     """A parallel shape that cannot run; `problems` lists every broken rule."""
@@ -59,29 +100,11 @@ class ParallelDims:
         """Derive dp from the world size; raise one error naming every broken rule."""
         degrees = {"tensor": tp, "pipeline": pp, "context": cp, "expert": ep}
         degrees |= {"expertTensor": etp, "virtualPipeline": vpp}
-        problems = [f"{name}={value} must be >= 1" for name, value in degrees.items() if value < 1]
-        if world_size < 1:
-            problems.append(f"world size {world_size} must be >= 1")
-        if problems:
-            raise ParallelConfigError(problems, _shape(world_size, degrees, dp=None))
+        values = {"worldSize": world_size, **degrees}
+        problems = broken((POSITIVE,), values, {}) or broken(DEGREE_RULES[1:], values, {})
         model_parallel = tp * cp * pp
-        if world_size % model_parallel:
-            problems.append(
-                f"world size {world_size} is not divisible by tensor*context*pipeline = "
-                f"{tp}*{cp}*{pp} = {model_parallel}; change the degrees or the number of GPUs"
-            )
-        expert_parallel = etp * ep * pp
-        if world_size % expert_parallel:
-            problems.append(
-                f"world size {world_size} is not divisible by expertTensor*expert*pipeline = "
-                f"{etp}*{ep}*{pp} = {expert_parallel}; change the expert degrees"
-            )
-        if vpp > 1 and pp == 1:
-            problems.append(
-                f"virtualPipeline={vpp} needs pipeline > 1; set virtualPipeline to 1 or raise "
-                "pipeline"
-            )
-        dp = world_size // model_parallel if not world_size % model_parallel else None
+        divisible = model_parallel > 0 and not world_size % model_parallel
+        dp = world_size // model_parallel if divisible else None
         if problems:
             raise ParallelConfigError(problems, _shape(world_size, degrees, dp=dp))
         assert dp is not None  # for the type checker: no problems means divisible

@@ -1,18 +1,279 @@
-"""Every rule a training shape must satisfy, checked in one pure function.
+"""Every rule a training shape must satisfy: one table, each rule written once.
 
-The operator calls this before it creates anything, and the trainer calls it again at start, so
-a spec that slips past the API server's CEL rules (which cannot see preset numbers) is refused
-with one message that lists every broken rule and names the fields to change.
+A `Rule` is an expression over named values of the spec, the field it is about and a message
+template that names the fields and the fix (`kubetron_api.expr`). The same rule is the Python
+check that the operator runs before it creates anything and the trainer runs again at start, and,
+where it reads no preset numbers, a CEL rule in the generated CRD, so the API server refuses the
+spec at `kubectl apply` with the same message without the values (`field={value}` placeholders
+are dropped: a CEL messageExpression with values costs more than the API server allows).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
+from kubetron_api import expr
 from kubetron_api.config import DataSpec, ModelArch, ParallelismSpec, Precision, RecipeSpec
-from kubetron_api.dims import ParallelConfigError, ParallelDims
+from kubetron_api.dims import DEGREE_RULES, POSITIVE, ParallelConfigError, ParallelDims
+from kubetron_api.expr import Rule
 
 TRANSFORMER_ENGINE = "transformer-engine"
+Device = Literal["gpu", "cpu"]
+
+# Rules on the whole spec, after the degree rules (dims.DEGREE_RULES) hold.
+SHAPE_RULES: tuple[Rule, ...] = (
+    Rule(
+        "tensor-inside-node",
+        "spec.parallelism.tensor",
+        "gpusPerNode % tensor == 0",
+        "spec.parallelism.tensor={tensor} must divide spec.resources.gpusPerNode={gpusPerNode} "
+        "so every tensor-parallel group stays inside one node; use a tensor degree that divides "
+        "the GPUs per node",
+    ),
+    Rule(
+        "heads-per-tensor",
+        "spec.parallelism.tensor",
+        "numAttentionHeads % tensor == 0",
+        "model numAttentionHeads={numAttentionHeads} is not divisible by "
+        "spec.parallelism.tensor={tensor}",
+    ),
+    Rule(
+        "query-groups-per-tensor",
+        "spec.parallelism.tensor",
+        "numQueryGroups % tensor == 0",
+        "model numQueryGroups={numQueryGroups} is not divisible by "
+        "spec.parallelism.tensor={tensor}",
+    ),
+    Rule(
+        "layers-per-stage",
+        "spec.parallelism.pipeline",
+        "numLayers % (pipeline * virtualPipeline) == 0",
+        "model numLayers={numLayers} is not divisible by spec.parallelism.pipeline*"
+        "virtualPipeline={pipeline}*{virtualPipeline}={pipeline * virtualPipeline}",
+    ),
+    Rule(
+        "seq-per-context-chunk",
+        "spec.recipe.seqLength",
+        "context == 1 || seqLength % (2 * context) == 0",
+        "spec.recipe.seqLength={seqLength} must be divisible by 2*spec.parallelism.context="
+        "{2 * context} (context parallelism cuts each sequence in 2*context chunks)",
+    ),
+    Rule(
+        "seq-within-model",
+        "spec.recipe.seqLength",
+        "seqLength <= maxPositionEmbeddings",
+        "spec.recipe.seqLength={seqLength} exceeds the model's "
+        "maxPositionEmbeddings={maxPositionEmbeddings}",
+    ),
+    Rule(
+        "expert-needs-moe",
+        "spec.parallelism.expert",
+        "numExperts > 0 || (expert == 1 && expertTensor == 1)",
+        "spec.parallelism.expert={expert}/expertTensor={expertTensor} need an MoE model "
+        "(numExperts set); set both to 1 for a dense model",
+    ),
+    Rule(
+        "experts-per-expert-rank",
+        "spec.parallelism.expert",
+        "numExperts == 0 || numExperts % expert == 0",
+        "model numExperts={numExperts} is not divisible by spec.parallelism.expert={expert}",
+    ),
+    Rule(
+        "router-topk",
+        "spec.model",
+        "numExperts == 0 || moeRouterTopk <= numExperts",
+        "model moeRouterTopk={moeRouterTopk} exceeds numExperts={numExperts}",
+    ),
+    Rule(
+        "sequence-parallel-needs-tensor",
+        "spec.parallelism.sequenceParallel",
+        "!sequenceParallel || tensor > 1",
+        "spec.parallelism.sequenceParallel needs tensor > 1; set it to false",
+    ),
+    Rule(
+        "fused-ce-needs-tensor-1",
+        "spec.recipe.fastPath",
+        "!fastPathListsCe || tensor == 1",
+        "spec.recipe.fastPath lists ce (the fused cross-entropy), which needs "
+        "spec.parallelism.tensor=1 (it is {tensor}); drop ce, or use 'on', which skips ce under "
+        "tensor parallelism",
+    ),
+    Rule(
+        "batch-per-data-parallel",
+        "spec.recipe.globalBatchSize",
+        "worldSize % modelParallel != 0 || globalBatchSize % (microBatchSize * dataParallel) == 0",
+        "spec.recipe.globalBatchSize={globalBatchSize} is not divisible by "
+        "spec.recipe.microBatchSize={microBatchSize} times the data-parallel degree="
+        "{dataParallel}",
+    ),
+    Rule(
+        "indexed-data-needs-paths",
+        "spec.data.paths",
+        "dataType != 'indexed' || size(dataPaths) > 0",
+        "spec.data.paths must list at least one dataset prefix when spec.data.type is indexed",
+    ),
+    Rule(
+        "mock-data-has-no-paths",
+        "spec.data.paths",
+        "dataType != 'mock' || size(dataPaths) == 0",
+        "spec.data.paths is only used with type indexed; remove it or set spec.data.type: indexed",
+    ),
+    Rule(
+        "huggingface-tokenizer-needs-name",
+        "spec.data.tokenizer.name",
+        "tokenizerType != 'huggingface' || size(tokenizerName) > 0",
+        "spec.data.tokenizer.name is required when the tokenizer type is huggingface",
+    ),
+    Rule(
+        "finetune-needs-weights",
+        "spec.recipe.kind",
+        "recipeKind != 'finetune'",
+        "spec.recipe.kind=finetune is not supported yet: the trainer cannot load pretrained "
+        "weights, so it would train from random ones; use kind pretrain",
+    ),
+)
+
+# Pods with device cpu train in fp32 (bf16 on CPU is slow and not what a GPU run would do).
+CPU_PRECISION = Rule(
+    "cpu-needs-fp32",
+    "spec.recipe.precision",
+    "device != 'cpu' || precision == 'fp32'",
+    "spec.recipe.precision={precision} needs a GPU; use fp32 with spec.resources.device cpu",
+)
+
+# What a run on CPUs (gloo) cannot do: the operator checks these for spec.resources.device cpu,
+# the trainer again when it finds itself on the CPU.
+CPU_RULES: tuple[Rule, ...] = (
+    Rule(
+        "cpu-pipeline",
+        "spec.parallelism.pipeline",
+        "device != 'cpu' || pipeline == 1",
+        "spec.parallelism.pipeline > 1 needs GPUs (Megatron's pipeline schedules are CUDA-only); "
+        "use pipeline 1 with spec.resources.device cpu",
+    ),
+    Rule(
+        "cpu-sequence-parallel",
+        "spec.parallelism.sequenceParallel",
+        "device != 'cpu' || !sequenceParallel",
+        "spec.parallelism.sequenceParallel needs GPUs (Megatron-Core's sequence-parallel gathers "
+        "and scatters allocate on CUDA and fork the CUDA RNG tracker); set it to false with "
+        "spec.resources.device cpu",
+    ),
+)
+
+RULES: tuple[Rule, ...] = (*DEGREE_RULES, *SHAPE_RULES, CPU_PRECISION, *CPU_RULES)
+
+# Derived values, written once as expressions over the others.
+DERIVED: dict[str, str] = {
+    "modelParallel": "tensor * context * pipeline",
+    "dataParallel": "worldSize / modelParallel",
+}
+
+# Each value's CEL path under the MegatronJob spec (`self`); None: not in the spec (a preset
+# number, or a value parsed from a string), so rules reading it are checked in Python only.
+CEL_PATHS: dict[str, str | None] = {
+    "worldSize": "(self.resources.nodes * self.resources.gpusPerNode)",
+    "gpusPerNode": "self.resources.gpusPerNode",
+    "device": "self.resources.device",
+    "tensor": "self.parallelism.tensor",
+    "pipeline": "self.parallelism.pipeline",
+    "virtualPipeline": "self.parallelism.virtualPipeline",
+    "context": "self.parallelism.context",
+    "expert": "self.parallelism.expert",
+    "expertTensor": "self.parallelism.expertTensor",
+    "sequenceParallel": "self.parallelism.sequenceParallel",
+    "seqLength": "self.recipe.seqLength",
+    "microBatchSize": "self.recipe.microBatchSize",
+    "globalBatchSize": "self.recipe.globalBatchSize",
+    "precision": "self.recipe.precision",
+    "recipeKind": "self.recipe.kind",
+    "dataType": "self.data.type",
+    # optional fields, absent from the stored object when not set
+    "dataPaths": "(has(self.data.paths) ? self.data.paths : [])",
+    "tokenizerType": "self.data.tokenizer.type",
+    "tokenizerName": "(has(self.data.tokenizer.name) ? self.data.tokenizer.name : '')",
+    "fastPathListsCe": None,
+    "numAttentionHeads": None,
+    "numQueryGroups": None,
+    "numLayers": None,
+    "maxPositionEmbeddings": None,
+    "numExperts": None,
+    "moeRouterTopk": None,
+}
+
+
+def in_crd(rule: Rule) -> bool:
+    """Whether the API server can check `rule`: it reads only values with a CEL path."""
+    used = expr.names(expr.expand(rule.expr, DERIVED)) | {
+        n for part in rule.placeholders() for n in expr.names(expr.expand(part, DERIVED))
+    }
+    return rule.crd and all(CEL_PATHS.get(n) for n in used)
+
+
+def crd_validations() -> list[dict[str, str]]:
+    """The CRD's x-kubernetes-validations for the spec: every rule the API server can check."""
+    paths = {k: v for k, v in CEL_PATHS.items() if v}
+    out = []
+    for rule in RULES:
+        if not in_crd(rule):
+            continue
+        validation = {
+            "rule": expr.to_cel(expr.expand(rule.expr, DERIVED), paths),
+            "message": expr.static_message(rule.message),
+            "fieldPath": rule.field.removeprefix("spec"),
+            "reason": "FieldValueInvalid",
+        }
+        out.append(validation)
+    return out
+
+
+def spec_values(
+    *,
+    arch: ModelArch,
+    recipe: RecipeSpec,
+    parallelism: ParallelismSpec,
+    data: DataSpec,
+    world_size: int,
+    gpus_per_node: int,
+    device: Device = "gpu",
+) -> dict[str, expr.Value]:
+    """The named values every rule reads, from the parsed spec and the resolved model."""
+    p, fast = parallelism, recipe.fast
+    return {
+        **degree_values(world_size, parallelism),
+        "gpusPerNode": gpus_per_node,
+        "device": device,
+        "sequenceParallel": p.sequence_parallel,
+        "seqLength": recipe.seq_length,
+        "microBatchSize": recipe.micro_batch_size,
+        "globalBatchSize": recipe.global_batch_size,
+        "precision": recipe.precision.value,
+        "recipeKind": recipe.kind,
+        "dataType": data.type,
+        "dataPaths": [str(path) for path in data.paths],
+        "tokenizerType": data.tokenizer.type,
+        "tokenizerName": data.tokenizer.name or "",
+        "fastPathListsCe": fast.ce and not fast.every,
+        "numAttentionHeads": arch.num_attention_heads,
+        "numQueryGroups": arch.num_query_groups,
+        "numLayers": arch.num_layers,
+        "maxPositionEmbeddings": arch.max_position_embeddings,
+        "numExperts": arch.num_experts or 0,
+        "moeRouterTopk": arch.moe_router_topk,
+    }
+
+
+def degree_values(world_size: int, p: ParallelismSpec) -> dict[str, expr.Value]:
+    return {
+        "worldSize": world_size,
+        "tensor": p.tensor,
+        "pipeline": p.pipeline,
+        "virtualPipeline": p.virtual_pipeline,
+        "context": p.context,
+        "expert": p.expert,
+        "expertTensor": p.expert_tensor,
+    }
 
 
 @dataclass(frozen=True)
@@ -31,151 +292,46 @@ def check_shape(
     data: DataSpec,
     world_size: int,
     gpus_per_node: int,
+    device: Device = "gpu",
 ) -> ShapeCheck:
     """Validate the whole shape; raise one `ParallelConfigError` naming every broken rule."""
     p = parallelism
-    problems: list[str] = []
-    dims: ParallelDims | None = None
-    try:
-        dims = ParallelDims.from_degrees(
-            world_size,
-            tp=p.tensor,
-            pp=p.pipeline,
-            cp=p.context,
-            ep=p.expert,
-            etp=p.expert_tensor,
-            vpp=p.virtual_pipeline,
-        )
-    except ParallelConfigError as err:
-        problems.extend(f"spec.parallelism: {msg}" for msg in err.problems)
-    problems += _node_rules(p, gpus_per_node)
-    problems += _model_rules(arch, p, recipe)
-    if dims is not None:
-        problems += _batch_rules(recipe, dims)
-    problems += _data_rules(data)
-    problems += _recipe_rules(recipe)
+    values = spec_values(
+        arch=arch,
+        recipe=recipe,
+        parallelism=p,
+        data=data,
+        world_size=world_size,
+        gpus_per_node=gpus_per_node,
+        device=device,
+    )
+    problems = expr.broken((POSITIVE,), values, DERIVED)
+    if not problems:  # the other rules divide by the degrees
+        problems = expr.broken(tuple(r for r in RULES if r is not POSITIVE), values, DERIVED)
     if problems:
-        raise ParallelConfigError(problems, _shape(world_size, gpus_per_node, p, dims))
-    assert dims is not None  # no problems means the degrees were valid
+        mp = p.tensor * p.context * p.pipeline
+        dp = world_size // mp if mp and not world_size % mp else None
+        raise ParallelConfigError(problems, _shape(world_size, gpus_per_node, p, dp))
+    dims = ParallelDims.from_degrees(
+        world_size,
+        tp=p.tensor,
+        pp=p.pipeline,
+        cp=p.context,
+        ep=p.expert,
+        etp=p.expert_tensor,
+        vpp=p.virtual_pipeline,
+    )
     return ShapeCheck(dims=dims, requirements=_requirements(recipe, p))
 
 
-def _node_rules(p: ParallelismSpec, gpus_per_node: int) -> list[str]:
-    if gpus_per_node % p.tensor:
-        return [
-            f"spec.parallelism.tensor={p.tensor} must divide spec.resources.gpusPerNode="
-            f"{gpus_per_node} so every tensor-parallel group stays inside one node; use a "
-            f"tensor degree that divides {gpus_per_node}"
-        ]
-    return []
-
-
-def _model_rules(arch: ModelArch, p: ParallelismSpec, recipe: RecipeSpec) -> list[str]:
-    problems: list[str] = []
-    if arch.num_attention_heads % p.tensor:
-        problems.append(
-            f"model numAttentionHeads={arch.num_attention_heads} is not divisible by "
-            f"spec.parallelism.tensor={p.tensor}"
-        )
-    if arch.num_query_groups % p.tensor:
-        problems.append(
-            f"model numQueryGroups={arch.num_query_groups} is not divisible by "
-            f"spec.parallelism.tensor={p.tensor}"
-        )
-    stages = p.pipeline * p.virtual_pipeline
-    if arch.num_layers % stages:
-        problems.append(
-            f"model numLayers={arch.num_layers} is not divisible by spec.parallelism.pipeline*"
-            f"virtualPipeline={p.pipeline}*{p.virtual_pipeline}={stages}"
-        )
-    if p.context > 1 and recipe.seq_length % (2 * p.context):
-        problems.append(
-            f"spec.recipe.seqLength={recipe.seq_length} must be divisible by 2*spec.parallelism."
-            f"context={2 * p.context} (context parallelism cuts each sequence in 2*context chunks)"
-        )
-    if recipe.seq_length > arch.max_position_embeddings:
-        problems.append(
-            f"spec.recipe.seqLength={recipe.seq_length} exceeds the model's "
-            f"maxPositionEmbeddings={arch.max_position_embeddings}"
-        )
-    problems += _moe_rules(arch, p)
-    if p.sequence_parallel and p.tensor == 1:
-        problems.append("spec.parallelism.sequenceParallel needs tensor > 1; set it to false")
-    if recipe.fast.ce and recipe.fast_path.strip().lower() not in ("on", "all") and p.tensor > 1:
-        problems.append(
-            f"spec.recipe.fastPath lists ce (the fused cross-entropy), which needs "
-            f"spec.parallelism.tensor=1 (it is {p.tensor}); drop ce, or use 'on', which skips ce "
-            "under tensor parallelism"
-        )
-    return problems
-
-
-def _moe_rules(arch: ModelArch, p: ParallelismSpec) -> list[str]:
-    if arch.num_experts is None:
-        if p.expert > 1 or p.expert_tensor > 1:
-            return [
-                f"spec.parallelism.expert={p.expert}/expertTensor={p.expert_tensor} need an MoE "
-                "model (numExperts set); set both to 1 for a dense model"
-            ]
-        return []
-    problems: list[str] = []
-    if arch.num_experts % p.expert:
-        problems.append(
-            f"model numExperts={arch.num_experts} is not divisible by spec.parallelism.expert="
-            f"{p.expert}"
-        )
-    if arch.moe_router_topk > arch.num_experts:
-        problems.append(
-            f"model moeRouterTopk={arch.moe_router_topk} exceeds numExperts={arch.num_experts}"
-        )
-    return problems
-
-
-def _batch_rules(recipe: RecipeSpec, dims: ParallelDims) -> list[str]:
-    per_step = recipe.micro_batch_size * dims.dp
-    if recipe.global_batch_size % per_step:
-        return [
-            f"spec.recipe.globalBatchSize={recipe.global_batch_size} is not divisible by "
-            f"microBatchSize*dataParallel={recipe.micro_batch_size}*{dims.dp}={per_step}"
-        ]
-    return []
-
-
-def _data_rules(data: DataSpec) -> list[str]:
-    if data.type == "indexed" and not data.paths:
-        return ["spec.data.paths must list at least one dataset prefix when type is indexed"]
-    if data.type == "mock" and data.paths:
-        return ["spec.data.paths is only used with type indexed; remove it or set type: indexed"]
-    if data.tokenizer.type == "huggingface" and not data.tokenizer.name:
-        return ["spec.data.tokenizer.name is required when tokenizer type is huggingface"]
-    return []
-
-
-def cpu_rules(p: ParallelismSpec) -> list[str]:
-    """What a run on CPUs (gloo) cannot do: the operator checks these for spec.resources.device
-    cpu, the trainer again when it finds itself on the CPU."""
-    problems: list[str] = []
-    if p.pipeline > 1:
-        problems.append(
-            "spec.parallelism.pipeline > 1 needs GPUs (Megatron's pipeline schedules are "
-            "CUDA-only); use pipeline 1 with spec.resources.device cpu"
-        )
-    if p.sequence_parallel:
-        problems.append(
-            "spec.parallelism.sequenceParallel needs GPUs (Megatron-Core's sequence-parallel "
-            "gathers and scatters allocate on CUDA and fork the CUDA RNG tracker); set it to "
-            "false with spec.resources.device cpu"
-        )
-    return problems
-
-
-def _recipe_rules(recipe: RecipeSpec) -> list[str]:
-    if recipe.kind == "finetune":
-        return [
-            "spec.recipe.kind=finetune is not supported yet: the trainer cannot load pretrained "
-            "weights, so it would train from random ones; use kind pretrain"
-        ]
-    return []
+def check_device(device: Device, parallelism: ParallelismSpec) -> list[str]:
+    """The CPU rules for the device the trainer found itself on."""
+    values: dict[str, expr.Value] = {
+        "device": device,
+        "pipeline": parallelism.pipeline,
+        "sequenceParallel": parallelism.sequence_parallel,
+    }
+    return expr.broken(CPU_RULES, values, DERIVED)
 
 
 def transformer_engine_uses(recipe: RecipeSpec, p: ParallelismSpec) -> list[str]:
@@ -206,10 +362,9 @@ def _requirements(recipe: RecipeSpec, p: ParallelismSpec) -> tuple[str, ...]:
     return (TRANSFORMER_ENGINE,) if transformer_engine_uses(recipe, p) else ()
 
 
-def _shape(world: int, gpn: int, p: ParallelismSpec, dims: ParallelDims | None) -> str:
-    dp = dims.dp if dims is not None else "?"
+def _shape(world: int, gpn: int, p: ParallelismSpec, dp: int | None) -> str:
     return (
         f"world={world} gpusPerNode={gpn} tensor={p.tensor} pipeline={p.pipeline} "
         f"virtualPipeline={p.virtual_pipeline} context={p.context} expert={p.expert} "
-        f"expertTensor={p.expert_tensor} data={dp}"
+        f"expertTensor={p.expert_tensor} data={dp if dp is not None else '?'}"
     )

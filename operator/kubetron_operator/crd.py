@@ -2,8 +2,8 @@
 
 The API server needs a structural OpenAPI v3 schema: every `$ref` inlined, `anyOf: [X, null]`
 turned into X, no `title`, and JSON-Schema 2020 `exclusiveMinimum` numbers mapped to the OpenAPI
-3.0 boolean form. Objects get `default: {}` so the API server fills nested defaults. CEL rules
-cover what needs no preset data; the operator re-checks the rest (`kubetron_api.rules`).
+3.0 boolean form. Objects get `default: {}` so the API server fills nested defaults. The CEL
+rules come from the one rule table (`kubetron_api.rules`): each rule that reads no preset number.
 """
 
 from __future__ import annotations
@@ -14,61 +14,11 @@ from typing import Any
 import yaml
 
 from kubetron_api import v1alpha1 as api
+from kubetron_api.rules import crd_validations
 
 Schema = dict[str, Any]
 
 _DROP_KEYS = {"title", "additionalProperties", "$defs"}
-
-WORLD = "(self.resources.nodes * self.resources.gpusPerNode)"
-MODEL_PARALLEL = "(self.parallelism.tensor * self.parallelism.context * self.parallelism.pipeline)"
-EXPERT_PARALLEL = (
-    "(self.parallelism.expertTensor * self.parallelism.expert * self.parallelism.pipeline)"
-)
-
-# (rule, message, fieldPath) on spec: only rules that need no preset numbers.
-SPEC_RULES: list[tuple[str, str, str]] = [
-    (
-        f"{WORLD} % {MODEL_PARALLEL} == 0",
-        "the world size resources.nodes*resources.gpusPerNode must be divisible by "
-        "parallelism.tensor*parallelism.context*parallelism.pipeline",
-        ".parallelism",
-    ),
-    (
-        f"{WORLD} % {EXPERT_PARALLEL} == 0",
-        "the world size resources.nodes*resources.gpusPerNode must be divisible by "
-        "parallelism.expertTensor*parallelism.expert*parallelism.pipeline",
-        ".parallelism.expert",
-    ),
-    (
-        "self.resources.gpusPerNode % self.parallelism.tensor == 0",
-        "parallelism.tensor must divide resources.gpusPerNode so that every tensor-parallel "
-        "group stays inside one node",
-        ".parallelism.tensor",
-    ),
-    (
-        f"{WORLD} % {MODEL_PARALLEL} != 0 || self.recipe.globalBatchSize % "
-        f"(self.recipe.microBatchSize * ({WORLD} / {MODEL_PARALLEL})) == 0",
-        "recipe.globalBatchSize must be divisible by recipe.microBatchSize times the data-"
-        "parallel degree (world size / (tensor*context*pipeline))",
-        ".recipe.globalBatchSize",
-    ),
-    (
-        "self.parallelism.virtualPipeline == 1 || self.parallelism.pipeline > 1",
-        "parallelism.virtualPipeline > 1 needs parallelism.pipeline > 1",
-        ".parallelism.virtualPipeline",
-    ),
-    (
-        "self.parallelism.context == 1 || self.recipe.seqLength % (2 * self.parallelism.context)"
-        " == 0",
-        "recipe.seqLength must be divisible by 2*parallelism.context",
-        ".recipe.seqLength",
-    ),
-    (
-        "self.data.type != 'indexed' || size(self.data.paths) > 0",
-        "data.paths must list at least one dataset prefix when data.type is indexed",
-        ".data.paths",
-    ),
-]
 
 # Everything but runPolicy.suspend is fixed once created: a running job cannot change shape.
 IMMUTABLE_FIELDS: tuple[str, ...] = ("model", "recipe", "parallelism", "data", "checkpoint")
@@ -164,9 +114,7 @@ def _default_nested_objects(obj: Schema) -> None:
 
 def spec_schema() -> Schema:
     schema = openapi_schema(api.MegatronJobSpec)
-    schema["x-kubernetes-validations"] = [
-        {"rule": rule, "message": message, "fieldPath": path} for rule, message, path in SPEC_RULES
-    ] + _immutability_rules()
+    schema["x-kubernetes-validations"] = crd_validations() + _immutability_rules()
     return schema
 
 

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from kubetron_api.config import (
     CheckpointSpec,
     ModelArch,
-    Precision,
     TrainerConfig,
 )
 from kubetron_api.dims import ParallelConfigError, ParallelDims
-from kubetron_api.rules import check_shape, cpu_rules
+from kubetron_api.rules import check_shape
 from kubetron_api.v1alpha1 import MegatronJob, MegatronJobSpec, ResolvedParallelism
 
 
@@ -61,7 +60,7 @@ def plan(job: MegatronJob) -> Plan:
     spec = job.spec
     arch = spec.model.resolve()
     res = spec.resources
-    problems = _device_rules(spec)
+    problems = _volume_rules(spec)
     try:
         shape = check_shape(
             arch=arch,
@@ -70,6 +69,7 @@ def plan(job: MegatronJob) -> Plan:
             data=spec.data,
             world_size=res.world_size,
             gpus_per_node=res.gpus_per_node,
+            device=res.device,
         )
     except ParallelConfigError as err:
         raise PlanError([*err.problems, *problems]) from err
@@ -98,16 +98,7 @@ def plan(job: MegatronJob) -> Plan:
     )
 
 
-def _device_rules(spec: MegatronJobSpec) -> list[str]:
-    res, recipe = spec.resources, spec.recipe
-    problems: list[str] = []
-    if res.device == "cpu" and recipe.precision != Precision.FP32:
-        problems.append(
-            f"spec.recipe.precision={recipe.precision.value} needs a GPU; use fp32 with "
-            "spec.resources.device cpu"
-        )
-    if res.device == "cpu":
-        problems += cpu_rules(spec.parallelism)
+def _volume_rules(spec: MegatronJobSpec) -> list[str]:
     if spec.checkpoint.volume is not None and not spec.checkpoint.path:
-        problems.append("spec.checkpoint.volume needs spec.checkpoint.path (the mount point)")
-    return problems
+        return ["spec.checkpoint.volume needs spec.checkpoint.path (the mount point)"]
+    return []

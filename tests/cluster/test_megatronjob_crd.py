@@ -10,6 +10,10 @@ from typing import Any
 import pytest
 import yaml
 
+from kubetron_api.expr import broken, static_message
+from kubetron_api.parse import parse_job
+from kubetron_api.rules import DERIVED, RULES, in_crd, spec_values
+from kubetron_operator.plan import PlanError, plan
 from tests.cluster.harness import Cluster
 from tests.cluster.kubetron_fixtures import EXAMPLES
 
@@ -62,42 +66,68 @@ def test_get_mj_shows_printer_columns(kubetron: Cluster, namespace: str) -> None
     assert "MFU" in wide.splitlines()[0] and "ETA(S)" in wide.splitlines()[0]
 
 
-CEL_CASES = [
-    (
-        "world-divisibility",
-        {"parallelism": {"pipeline": 3}},
-        "must be divisible by parallelism.tensor*parallelism.context*parallelism.pipeline",
-    ),
-    (
-        "expert-divisibility",
-        {"parallelism": {"expert": 3}},
-        "must be divisible by parallelism.expertTensor*parallelism.expert*parallelism.pipeline",
-    ),
-    (
-        "tensor-inside-node",
-        {"parallelism": {"tensor": 4}, "resources": {"nodes": 2, "gpusPerNode": 6}},
-        "parallelism.tensor must divide resources.gpusPerNode",
-    ),
-    (
-        "batch-divisibility",
-        {"recipe": {"globalBatchSize": 12}},
-        "recipe.globalBatchSize must be divisible by recipe.microBatchSize",
-    ),
-    (
-        "virtual-pipeline-needs-pipeline",
-        {"parallelism": {"virtualPipeline": 2}},
-        "parallelism.virtualPipeline > 1 needs parallelism.pipeline > 1",
-    ),
-    (
-        "seq-divisible-by-2cp",
-        {"parallelism": {"context": 2}, "recipe": {"seqLength": 4098}},
-        "recipe.seqLength must be divisible by 2*parallelism.context",
-    ),
-    (
-        "indexed-data-needs-paths",
-        {"data": {"type": "indexed"}},
-        "data.paths must list at least one dataset prefix",
-    ),
+# One spec breaking each rule of the table that the CRD carries (kubetron_api.rules): the API
+# server must refuse it with the same message the operator's Python check gives.
+CEL_CASES: dict[str, dict[str, Any]] = {
+    "world-per-model-parallel": {"parallelism": {"pipeline": 3}},
+    "world-per-expert-parallel": {"parallelism": {"expert": 3}},
+    "virtual-pipeline-needs-pipeline": {"parallelism": {"virtualPipeline": 2}},
+    "tensor-inside-node": {"parallelism": {"tensor": 4}, "resources": {"gpusPerNode": 6}},
+    "seq-per-context-chunk": {"parallelism": {"context": 2}, "recipe": {"seqLength": 4098}},
+    "sequence-parallel-needs-tensor": {"parallelism": {"sequenceParallel": True}},
+    "batch-per-data-parallel": {"recipe": {"globalBatchSize": 12}},
+    "indexed-data-needs-paths": {"data": {"type": "indexed"}},
+    "mock-data-has-no-paths": {"data": {"paths": [{"prefix": "/data/x"}]}},
+    "huggingface-tokenizer-needs-name": {"data": {"tokenizer": {"type": "huggingface"}}},
+    "finetune-needs-weights": {"recipe": {"kind": "finetune"}},
+    "cpu-needs-fp32": {"resources": {"device": "cpu"}, "recipe": {"precision": "bf16"}},
+    "cpu-pipeline": {
+        "resources": {"device": "cpu"},
+        "recipe": {"precision": "fp32"},
+        "parallelism": {"pipeline": 2},
+    },
+    "cpu-sequence-parallel": {
+        "resources": {"device": "cpu"},
+        "recipe": {"precision": "fp32"},
+        "parallelism": {"tensor": 2, "sequenceParallel": True},
+    },
+}
+
+
+def test_every_crd_rule_has_a_case() -> None:
+    assert set(CEL_CASES) == {rule.name for rule in RULES if in_crd(rule)}
+
+
+@pytest.mark.parametrize("name", sorted(CEL_CASES))
+def test_cel_rule_refuses_with_the_python_message(
+    kubetron: Cluster, namespace: str, name: str
+) -> None:
+    job = _job(**CEL_CASES[name])
+    rule = next(r for r in RULES if r.name == name)
+    spec = parse_job(job).spec
+    values = spec_values(
+        arch=spec.model.resolve(),
+        recipe=spec.recipe,
+        parallelism=spec.parallelism,
+        data=spec.data,
+        world_size=spec.resources.world_size,
+        gpus_per_node=spec.resources.gpus_per_node,
+        device=spec.resources.device,
+    )
+    [message] = broken((rule,), values, DERIVED)  # the case breaks this rule
+    with pytest.raises(PlanError) as info:
+        plan(parse_job(job))
+    assert message in info.value.problems
+    code, out = _apply(kubetron, namespace, job)
+    assert code != 0, out
+    # The API server shows "<fieldPath>: Invalid value: ...: <message>", the message without
+    # the values the Python one shows.
+    assert f"{rule.field}: Invalid value" in out, out
+    assert static_message(rule.message) in out, (message, out)
+    assert kubetron.get("megatronjob", "cel", namespace) is None
+
+
+SCHEMA_CASES = [
     ("schema-minimum", {"parallelism": {"tensor": 0}}, "spec.parallelism.tensor"),
     (
         "schema-unknown-field",
@@ -108,9 +138,9 @@ CEL_CASES = [
 
 
 @pytest.mark.parametrize(
-    ("spec", "message"), [c[1:] for c in CEL_CASES], ids=[c[0] for c in CEL_CASES]
+    ("spec", "message"), [c[1:] for c in SCHEMA_CASES], ids=[c[0] for c in SCHEMA_CASES]
 )
-def test_cel_rule_rejects_bad_spec(
+def test_schema_rejects_bad_spec(
     kubetron: Cluster,
     namespace: str,
     spec: dict[str, Any],

@@ -188,7 +188,7 @@ def test_grid_larger_than_the_world_is_refused() -> None:
 
 
 def test_world_not_divisible_by_the_model_degrees() -> None:
-    with pytest.raises(ParallelConfigError, match="world size 6 is not divisible by"):
+    with pytest.raises(ParallelConfigError, match="world size=6 is not divisible by"):
         ParallelDims.from_degrees(6, tp=4)
 
 

@@ -20,7 +20,7 @@ BAD: list[tuple[str, str | None, dict[str, object], list[str]]] = [
         "world-not-divisible-by-tp-cp-pp",
         None,
         {"tensor": 2, "pipeline": 3, "nodes": 1, "gpusPerNode": 8},
-        ["world size 8 is not divisible by tensor*context*pipeline = 2*1*3 = 6"],
+        ["spec.parallelism: world size=8 is not divisible by tensor*context*pipeline=6"],
     ),
     (
         "heads-not-divisible-by-tensor",
@@ -50,7 +50,10 @@ BAD: list[tuple[str, str | None, dict[str, object], list[str]]] = [
         "global-batch-not-divisible",
         None,
         {"globalBatchSize": 12, "microBatchSize": 2},
-        ["globalBatchSize=12 is not divisible by microBatchSize*dataParallel=2*8=16"],
+        [
+            "spec.recipe.globalBatchSize=12 is not divisible by spec.recipe.microBatchSize=2 "
+            "times the data-parallel degree=8"
+        ],
     ),
     (
         "seq-not-divisible-by-2cp",
@@ -160,9 +163,9 @@ def test_fp8_and_context_parallel_are_image_requirements() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
     [
-        ({"tp": 0}, "tensor=0 must be >= 1"),
-        ({"tp": 3}, "world size 8 is not divisible by tensor*context*pipeline = 3*1*1 = 3"),
-        ({"ep": 3}, "not divisible by expertTensor*expert*pipeline = 1*3*1 = 3"),
+        ({"tp": 0}, "every parallel degree and the world size must be >= 1 (tensor=0"),
+        ({"tp": 3}, "world size=8 is not divisible by tensor*context*pipeline=3"),
+        ({"ep": 3}, "world size=8 is not divisible by expertTensor*expert*pipeline=3"),
     ],
 )
 def test_parallel_dims_error_names_every_degree(kwargs: dict[str, int], fragment: str) -> None:
@@ -198,3 +201,86 @@ def test_removed_num_workers_says_so() -> None:
     body["spec"]["data"] = {"numWorkers": 4}
     with pytest.raises(SpecError, match=r"spec\.data: .*numWorkers was removed.*delete the field"):
         parse_job(body)
+
+
+def test_every_rule_of_the_table_is_broken_by_a_case() -> None:
+    """The BAD cases above (and the degree cases) break every rule in the table at least once."""
+    from kubetron_api.expr import evaluate, expand
+    from kubetron_api.rules import DERIVED, RULES, spec_values
+
+    seen: set[str] = set()
+    for _, preset, fields, _ in BAD:
+        spec = make_job(preset, **fields).spec
+        values = spec_values(
+            arch=spec.model.resolve(),
+            recipe=spec.recipe,
+            parallelism=spec.parallelism,
+            data=spec.data,
+            world_size=spec.resources.world_size,
+            gpus_per_node=spec.resources.gpus_per_node,
+            device=spec.resources.device,
+        )
+        seen |= {r.name for r in RULES if not evaluate(expand(r.expr, DERIVED), values)}
+    seen |= {"degrees-positive", "world-per-expert-parallel"}  # the ParallelDims cases
+    missing = {r.name for r in RULES} - seen
+    extra = {  # make_job sets no data fields or overrides: the tests below break these
+        "router-topk",
+        "indexed-data-needs-paths",
+        "mock-data-has-no-paths",
+        "huggingface-tokenizer-needs-name",
+    }
+    assert missing <= extra, missing
+
+
+def test_router_topk_beyond_the_experts_is_refused() -> None:
+    from kubetron_api.parse import parse_job
+    from tests.builders import job_dict
+
+    body = job_dict("gpt-tiny-moe")
+    body["spec"]["model"]["overrides"] = {"moeRouterTopk": 5}
+    with pytest.raises(PlanError, match="model moeRouterTopk=5 exceeds numExperts=4"):
+        plan(parse_job(body))
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ({"type": "indexed"}, "spec.data.paths must list at least one dataset prefix"),
+        ({"paths": [{"prefix": "/d/x"}]}, "spec.data.paths is only used with type indexed"),
+        (
+            {"tokenizer": {"type": "huggingface"}},
+            "spec.data.tokenizer.name is required when the tokenizer type is huggingface",
+        ),
+    ],
+)
+def test_data_rules(data: dict[str, object], fragment: str) -> None:
+    from kubetron_api.parse import parse_job
+    from tests.builders import job_dict
+
+    body = job_dict()
+    body["spec"]["data"] = data
+    with pytest.raises(PlanError) as info:
+        plan(parse_job(body))
+    assert any(fragment in p for p in info.value.problems), info.value.problems
+
+
+def test_rule_names_are_unique_and_fields_are_spec_paths() -> None:
+    from kubetron_api.rules import RULES
+
+    names = [r.name for r in RULES]
+    assert len(names) == len(set(names))
+    assert all(r.field.startswith("spec.") or r.field == "spec" for r in RULES)
+
+
+def test_crd_carries_exactly_the_rules_without_preset_numbers() -> None:
+    from kubetron_api.rules import RULES, crd_validations, in_crd
+
+    carried = [r for r in RULES if in_crd(r)]
+    assert len(crd_validations()) == len(carried)
+    # preset numbers and parsed strings stay in Python
+    python_only = {r.name for r in RULES} - {r.name for r in carried}
+    assert {"heads-per-tensor", "layers-per-stage", "fused-ce-needs-tensor-1"} <= python_only
+    assert "degrees-positive" in python_only  # the schema's minimum says it
+    assert {"tensor-inside-node", "batch-per-data-parallel", "cpu-pipeline"} <= {
+        r.name for r in carried
+    }

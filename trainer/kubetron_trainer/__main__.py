@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from kubetron_api.config import FastPath, TrainerConfig
 from kubetron_api.dims import ParallelConfigError, ParallelDims
 from kubetron_api.exitcodes import ConfigError, ExitCode, Terminated
-from kubetron_api.rules import check_shape, cpu_rules, missing_transformer_engine
+from kubetron_api.rules import check_device, check_shape, missing_transformer_engine
 from kubetron_trainer.failures import classify
 from kubetron_trainer.topology import Topology
 
@@ -162,7 +162,7 @@ def run(
         except ValueError as err:
             raise ConfigError("--fast-path", str(err)) from None
     device = pick_device(args.device, topology.local_rank)
-    if device.type == "cpu" and (problems := cpu_rules(cfg.parallelism)):
+    if device.type == "cpu" and (problems := check_device("cpu", cfg.parallelism)):
         raise ParallelConfigError(problems, f"device cpu, world={cfg.world_size}")
     # fp8 and context parallelism need TE's layer spec, which only an image with TE has
     no_te = resolve_backend(args.attention) != "te"

@@ -25,9 +25,9 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
 
-from kubetron_api.config import OptimizerSpec, Precision, TrainerConfig
+from kubetron_api.config import OptimizerSpec, TrainerConfig
 from kubetron_api.dims import ParallelConfigError
-from kubetron_api.rules import cpu_rules
+from kubetron_api.rules import check_device
 from kubetron_trainer.data import Batch
 from kubetron_trainer.train_common import StepResult, masked_mean
 
@@ -170,11 +170,9 @@ class CpuEngine:
     def __init__(
         self, cfg: TrainerConfig, chunks: list[GPTModel], pg: ProcessGroupCollection
     ) -> None:
-        problems = cpu_rules(cfg.parallelism)
+        problems = check_device("cpu", cfg.parallelism)
         if problems:  # the trainer checked them at start; here for callers that build engines
             raise ParallelConfigError(problems, "device cpu")
-        if cfg.recipe.precision != Precision.FP32:
-            log.warning("precision %s on CPU: parameters are kept in bf16", cfg.recipe.precision)
         if cfg.recipe.optimizer.distributed and pg.dp_cp.size() > 1:
             log.info("CPU path: optimizer state is replicated, not sharded (GPU only)")
         self.chunks = chunks
