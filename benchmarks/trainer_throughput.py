@@ -89,7 +89,7 @@ def measure(
         print(f"run {name}/{groups} failed: {codes}\n{tail}", file=sys.stderr)
         return entry | {"ok": False, "exit_codes": codes, "log_tail": tail}
     result = started.result()
-    timed = [s["s"] for s in result["steps"][WARMUP:]]
+    timed = [s["duration_s"] for s in result["steps"][WARMUP:]]
     return entry | {
         "ok": True,
         "attention": result["attention"],

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -83,6 +84,52 @@ def _write_atomically(path: Path, text: str) -> None:
 def write_latest(root: Path, step: int) -> None:
     """Atomically point `latest` at `step`."""
     _write_atomically(root / LATEST, f"{step}\n")
+
+
+# Fencing by attempt. The operator runs a job as attempts (a whole-group restart starts the next)
+# and tells each pod its attempt and the job's uid. An attempt claims the checkpoint directory at
+# start (`attempt` file: "<job uid> <attempt>"); a pod of an older attempt of the same job (a
+# zombie on a lost node, say) then refuses to save: it can never replace a newer `latest`.
+ATTEMPT_ENV = "KUBETRON_ATTEMPT"
+JOB_UID_ENV = "KUBETRON_JOB_UID"
+FENCE_FILE = "attempt"
+
+
+@dataclass(frozen=True)
+class Attempt:
+    job_uid: str
+    number: int
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Attempt | None:
+        """The pod's attempt, or None outside the operator (no fencing)."""
+        uid, number = env.get(JOB_UID_ENV, ""), env.get(ATTEMPT_ENV, "")
+        return cls(uid, int(number)) if uid and number.isdigit() else None
+
+
+def read_fence(root: Path) -> Attempt | None:
+    parts = (root / FENCE_FILE).read_text().split() if (root / FENCE_FILE).is_file() else []
+    return Attempt(parts[0], int(parts[1])) if len(parts) == 2 and parts[1].isdigit() else None
+
+
+def check_fence(root: Path, mine: Attempt | None) -> None:
+    """Raise when a newer attempt of this job has claimed `root` (this pod must not write)."""
+    fence = read_fence(root) if mine is not None else None
+    if mine and fence and fence.job_uid == mine.job_uid and fence.number > mine.number:
+        raise ConfigError(
+            "checkpoint.path",
+            f"{root} belongs to attempt {fence.number} of this job; this pod is of attempt "
+            f"{mine.number}, which the operator replaced, so it writes nothing",
+        )
+
+
+def claim(root: Path, mine: Attempt | None) -> None:
+    """Claim `root` for this attempt (rank 0, at start); another job's claim is replaced."""
+    if mine is None:
+        return
+    check_fence(root, mine)
+    root.mkdir(parents=True, exist_ok=True)
+    _write_atomically(root / FENCE_FILE, f"{mine.job_uid} {mine.number}\n")
 
 
 # ParallelDims field -> its key in kubetron.json (the MegatronJob's parallelism names)
@@ -151,6 +198,7 @@ class StepMeta:
     seed: int
     saved_at: str = ""
     format: int = FORMAT
+    attempt: int = 0  # the operator's attempt that wrote it (0: not run by the operator)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -163,6 +211,7 @@ class StepMeta:
             "shape": shape_to_json(self.shape),
             "rng": "one state per rank, restored only into the same shape",
             "savedAt": self.saved_at,
+            "attempt": self.attempt,
         }
 
     @classmethod
@@ -176,6 +225,7 @@ class StepMeta:
             seed=int(raw["seed"]),
             saved_at=str(raw.get("savedAt", "")),
             format=int(raw["format"]),
+            attempt=int(raw.get("attempt", 0)),
         )
 
 
@@ -271,21 +321,27 @@ class RunIdentity:
     shape: ParallelDims
     seed: int
     global_batch_size: int
+    attempt: Attempt | None = None
 
     @classmethod
-    def from_config(cls, cfg: Any, dims: ParallelDims, padded_vocab_size: int) -> RunIdentity:
+    def from_config(
+        cls, cfg: Any, dims: ParallelDims, padded_vocab_size: int, attempt: Attempt | None = None
+    ) -> RunIdentity:
         """From a `config.TrainerConfig` and its `dims.ParallelDims`."""
         return cls(
             ModelId.from_config(cfg, padded_vocab_size),
             dims,
             cfg.recipe.seed,
             cfg.recipe.global_batch_size,
+            attempt,
         )
 
     def step_meta(self, step: int, consumed_samples: int) -> StepMeta:
+        number = self.attempt.number if self.attempt else 0
         return StepMeta(
-            step, consumed_samples, self.global_batch_size, self.model, self.shape, self.seed
-        )
+            step, consumed_samples, self.global_batch_size, self.model, self.shape, self.seed,
+            attempt=number,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)

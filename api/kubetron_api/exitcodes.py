@@ -26,7 +26,13 @@ class ExitCode(enum.IntEnum):
 
     @property
     def retryable(self) -> bool:
-        return self >= 128
+        return retryable(self)
+
+
+def retryable(code: int) -> bool:
+    """Whether a restart can fix what made a trainer exit with `code` (128 + a signal, or
+    kubetron's retryable codes); 1-127 are permanent."""
+    return code >= 128
 
 
 class ConfigError(ValueError):

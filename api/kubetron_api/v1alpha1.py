@@ -212,7 +212,15 @@ class CleanPodPolicy(StrEnum):
 class RunPolicySpec(ApiModel):
     """Lifecycle of the PyTorchJob; only `suspend` may change after creation."""
 
-    backoff_limit: int = Field(default=3, ge=0, description="Retries before the job fails.")
+    backoff_limit: int = Field(
+        default=3,
+        ge=0,
+        le=1000,
+        description="Whole-group restarts before the job fails: when a trainer pod fails with a "
+        "retryable exit code (128 or more), is deleted or evicted, or the progress deadline "
+        "passes, the operator restarts every pod as a new attempt that resumes from the latest "
+        "checkpoint. A permanent exit code (1-127) fails the job at once.",
+    )
     active_deadline_seconds: int | None = Field(
         default=None, ge=1, description="Wall-clock limit of the job."
     )
@@ -230,6 +238,15 @@ class RunPolicySpec(ApiModel):
         description="How long a collective may wait for a peer (every process group's timeout): "
         "a lost or hung rank then ends the attempt with a retryable exit code instead of "
         "leaving the others waiting for ever.",
+    )
+    progress_deadline_seconds: int | None = Field(
+        default=None,
+        ge=30,
+        le=604800,
+        description="Restart the group when the training step has not advanced for this long "
+        "while every pod runs (a hang outside collectives, a stopped rank). Counted from the "
+        "attempt's start, so it must cover model building and the first step; needs the "
+        "operator's progress reads (--progress-period > 0). Unset: no deadline.",
     )
     termination_grace_period_seconds: int = Field(
         default=DEFAULT_GRACE_PERIOD_S,
@@ -311,7 +328,11 @@ class Progress(ApiModel):
     last_checkpoint_step: int | None = Field(
         default=None, description="Step of the last complete checkpoint."
     )
+    attempt: int | None = Field(default=None, description="Attempt that reported it.")
     observed_at: str = Field(description="When the operator read it.")
+    advanced_at: str | None = Field(
+        default=None, description="When the step last advanced (the progress deadline's clock)."
+    )
 
 
 class MegatronJobStatus(ApiModel):
@@ -331,6 +352,17 @@ class MegatronJobStatus(ApiModel):
     completion_time: str | None = Field(default=None, description="When the job finished.")
     progress: Progress | None = Field(
         default=None, description="Live progress, read from global rank 0 while running."
+    )
+    attempt: int | None = Field(
+        default=None,
+        description="The current attempt: 1 for the first run of the pods, one more for each "
+        "whole-group restart.",
+    )
+    restarts: int | None = Field(
+        default=None, description="Whole-group restarts so far (at most runPolicy.backoffLimit)."
+    )
+    running_since: str | None = Field(
+        default=None, description="When every pod of the current attempt was first seen running."
     )
 
 

@@ -17,18 +17,20 @@ from datetime import UTC, datetime
 
 from kubetron_api.parse import SpecError, parse_job
 from kubetron_api.v1alpha1 import MegatronJob, Phase
-from kubetron_operator import progress
+from kubetron_operator import lifecycle, progress
 from kubetron_operator.kube import ApiError, Kube, Obj
+from kubetron_operator.lifecycle import RESTART_GRACE_SECONDS, Verdict, attempt_of
 from kubetron_operator.metrics import OperatorMetrics
 from kubetron_operator.plan import Plan, PlanError, plan
 from kubetron_operator.render import JOB_NAME_LABEL, REPLICA_TYPE_LABEL, drifted, render
 from kubetron_operator.status import (
     Observed,
-    describe_pod_failures,
     invalid_status,
     job_status,
     phase_changed,
+    restart_status,
     status_differs,
+    waiting_status,
 )
 
 log = logging.getLogger("kubetron.controller")
@@ -60,7 +62,9 @@ class Controller:
         self._progress_read_at: dict[tuple[str, str], float] = {}
         self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
-        self._failures: defaultdict[tuple[str, str], set[str]] = defaultdict(set)
+        # failed pods seen in watch events, by job: kept until the attempt is assessed, in case
+        # the pod is deleted before a reconcile lists it (cleanPodPolicy All, a manual delete)
+        self._failed_pods: defaultdict[tuple[str, str], dict[str, Obj]] = defaultdict(dict)
 
     def _lock(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
@@ -84,16 +88,16 @@ class Controller:
 
     def forget(self, namespace: str, name: str) -> None:
         self.metrics.jobs.forget(namespace, name)
-        self._failures.pop((namespace, name), None)
+        self._failed_pods.pop((namespace, name), None)
 
     def note_pod(self, pod: Obj) -> str | None:
-        """Remember a trainer pod's failed containers; returns the job to reconcile."""
+        """Remember a trainer pod with a failed container; returns its job (to reconcile)."""
         meta = pod.get("metadata", {})
         job = meta.get("labels", {}).get(JOB_NAME_LABEL)
-        failure = describe_pod_failures([pod])
-        if not job or not failure:
+        if not job:
             return None
-        self._failures[(meta["namespace"], job)].update(failure.split("; "))
+        if lifecycle.container_exits([pod]):
+            self._failed_pods[(meta["namespace"], job)][meta.get("uid") or meta["name"]] = pod
         return str(job)
 
     def resync(self) -> None:
@@ -128,18 +132,114 @@ class Controller:
         if finished and old_status.get("observedGeneration") == generation:
             # Final: nothing is re-created, whatever happened to the children (the
             # training-operator's ttlSecondsAfterFinished, a manual delete); the status stays.
-            if pytorch_job is None:
-                self.metrics.jobs.set(namespace, name, old_status["phase"])
-                return "success"
-        else:
-            pytorch_job = self._apply_children(job, job_plan, generation, old_status, pytorch_job)
-        pods = self._pods_if_failing(namespace, name, pytorch_job)
-        seen = tuple(sorted(self._failures.get((namespace, name), ())))
-        live = self._read_progress(job, pytorch_job)
-        observed = Observed(generation, old_status, pytorch_job, pods, seen, live)
-        new_status = job_status(observed, job_plan, name, utcnow())
-        self._write_status(body, old_status, new_status, new_status["phase"], "")
+            self.metrics.jobs.set(namespace, name, old_status["phase"])
+            return "success"
+        attempt = int(old_status.get("attempt") or 1)
+        pods = self.kube.list("Pod", namespace, f"{JOB_NAME_LABEL}={name}")
+        if self._replace_old_attempt(namespace, name, attempt, pytorch_job, pods):
+            new_status = waiting_status(old_status, job_plan, generation, attempt, name)
+            self._write_status(body, old_status, new_status, new_status["phase"], "")
+            return "success"
+        pytorch_job = self._apply_children(job, job_plan, generation, old_status, pytorch_job,
+                                           attempt)  # fmt: skip
+        seen = list(self._failed_pods.get((namespace, name), {}).values())
+        pods += [
+            p for p in seen if p["metadata"]["name"] not in {q["metadata"]["name"] for q in pods}
+        ]
+        now = utcnow()
+        live = self._read_progress(job, pytorch_job, attempt, old_status.get("progress"), now)
+        progress_now = live or old_status.get("progress")
+        rp = job.spec.run_policy
+        verdict = lifecycle.assess(
+            pods=pods,
+            pytorch_job=pytorch_job,
+            attempt=attempt,
+            expected_pods=job_plan.nodes,
+            running_since=old_status.get("runningSince"),
+            progress=progress_now,
+            deadline_seconds=rp.progress_deadline_seconds if self.progress_period > 0 else None,
+            suspended=rp.suspend,
+            now=now,
+        )
+        observed = Observed(generation, old_status, pytorch_job, pods, live)
+        if verdict.action == "restart":
+            return self._restart(body, job, observed, job_plan, verdict, attempt, now)
+        new_status = job_status(observed, job_plan, name, verdict, attempt, now)
+        if verdict.action == "fail":
+            self._stop_attempt(namespace, name, attempt, pods, keep_failed=True)
+            self._failed_pods.pop((namespace, name), None)
+        self._write_status(body, old_status, new_status, verdict.reason or new_status["phase"],
+                           verdict.message)  # fmt: skip
         return "success"
+
+    def _replace_old_attempt(
+        self, namespace: str, name: str, attempt: int, pytorch_job: Obj | None, pods: list[Obj]
+    ) -> bool:
+        """Remove what an older attempt left (its PyTorchJob, its pods); True while any of it
+        remains, so the new attempt starts only on a clean slate (same pod names, same Service
+        names, no zombie rank joining the new group)."""
+        if pytorch_job is not None and attempt_of(pytorch_job) not in (attempt, None):
+            log.info("%s/%s: removing the PyTorchJob of attempt %s", namespace, name,
+                     attempt_of(pytorch_job))  # fmt: skip
+            self.kube.delete("PyTorchJob", namespace, name)
+            pytorch_job = None
+        old = [p for p in pods if attempt_of(p) != attempt]
+        for pod in old:
+            if not pod["metadata"].get("deletionTimestamp"):
+                self.kube.delete("Pod", namespace, pod["metadata"]["name"], RESTART_GRACE_SECONDS)
+        return bool(old) or (pytorch_job is not None and attempt_of(pytorch_job) != attempt)
+
+    def _restart(
+        self,
+        body: Obj,
+        job: MegatronJob,
+        observed: Observed,
+        job_plan: Plan,
+        verdict: Verdict,
+        attempt: int,
+        now: str,
+    ) -> str:
+        """Replace the attempt by the next one, or fail the job when the restarts are used up.
+        The status is written first: a crash after it is finished by the next reconcile."""
+        namespace, name = job.namespace, job.name
+        restarts = int(observed.old_status.get("restarts") or 0)
+        limit = job.spec.run_policy.backoff_limit
+        if restarts >= limit:
+            message = (
+                f"attempt {attempt} ended ({verdict.message}) and all "
+                f"spec.runPolicy.backoffLimit={limit} restarts are used"
+            )
+            verdict = Verdict("fail", "BackoffLimitExceeded", message)
+            new_status = job_status(observed, job_plan, name, verdict, attempt, now)
+            self._write_status(body, observed.old_status, new_status, "BackoffLimitExceeded",
+                               message)  # fmt: skip
+            self._stop_attempt(namespace, name, attempt, observed.pods, keep_failed=True)
+        else:
+            message = (
+                f"attempt {attempt} ended: {verdict.message}; restarting every pod as attempt "
+                f"{attempt + 1} (restart {restarts + 1} of {limit}), from the latest checkpoint"
+            )
+            new_status = restart_status(observed, job_plan, name, verdict.reason, message, now)
+            self._write_status(body, observed.old_status, new_status, verdict.reason, message)
+            self.kube.delete("PyTorchJob", namespace, name)
+            self._stop_attempt(namespace, name, attempt, observed.pods, keep_failed=False)
+        self._failed_pods.pop((namespace, name), None)
+        return "restarted"
+
+    def _stop_attempt(
+        self, namespace: str, name: str, attempt: int, pods: list[Obj], keep_failed: bool
+    ) -> None:
+        """Delete the attempt's pods (a broken group's ranks block in collectives); with
+        `keep_failed`, the pods that ended stay for `kubectl logs`."""
+        for pod in pods:
+            meta = pod["metadata"]
+            ended = pod.get("status", {}).get("phase") in ("Failed", "Succeeded")
+            if attempt_of(pod) != attempt or meta.get("deletionTimestamp"):
+                continue
+            if keep_failed and ended:
+                continue
+            if self.kube.get("Pod", namespace, meta["name"]) is not None:
+                self.kube.delete("Pod", namespace, meta["name"], RESTART_GRACE_SECONDS)
 
     def _apply_children(
         self,
@@ -148,11 +248,12 @@ class Controller:
         generation: int,
         old_status: Obj,
         live_job: Obj | None,
+        attempt: int,
     ) -> Obj | None:
         """Apply every child that is missing, differs from what the spec renders (someone
         deleted or edited it), or belongs to an older generation; returns the PyTorchJob."""
         new_generation = old_status.get("observedGeneration") != generation
-        for obj in render(job, job_plan):
+        for obj in render(job, job_plan, attempt=attempt):
             meta = obj["metadata"]
             live = live_job if obj["kind"] == "PyTorchJob" else None
             if live is None and obj["kind"] != "PyTorchJob":
@@ -166,21 +267,24 @@ class Controller:
                 live_job = live
         return live_job
 
-    def _read_progress(self, job: MegatronJob, pytorch_job: Obj | None) -> Obj | None:
+    def _read_progress(
+        self, job: MegatronJob, pytorch_job: Obj | None, attempt: int, old: Obj | None, now: str
+    ) -> Obj | None:
         """Rank 0's progress while the job runs, at most once per `progress_period`; None
         when not due, not running, or the endpoint cannot be read (the last reading stays)."""
         key = (job.namespace, job.name)
-        now = self.clock()
         if self.progress_period <= 0 or not _is_running(pytorch_job):
             return None
-        if now - self._progress_read_at.get(key, -math.inf) < self.progress_period:
+        if self.clock() - self._progress_read_at.get(key, -math.inf) < self.progress_period:
             return None
-        self._progress_read_at[key] = now
+        self._progress_read_at[key] = self.clock()
         selector = f"{JOB_NAME_LABEL}={job.name},{REPLICA_TYPE_LABEL}=master"
         ips = [
             p["status"]["podIP"]
             for p in self.kube.list("Pod", job.namespace, selector)
-            if p.get("status", {}).get("phase") == "Running" and p["status"].get("podIP")
+            if p.get("status", {}).get("phase") == "Running"
+            and p["status"].get("podIP")
+            and attempt_of(p) == attempt
         ]
         if not ips:
             return None
@@ -190,15 +294,12 @@ class Controller:
             log.debug("progress of %s/%s: %s", job.namespace, job.name, err)
             return None
         sample = progress.parse(text, job.name)
-        return progress.progress(sample, job.spec.recipe.train_iters, utcnow())
-
-    def _pods_if_failing(self, namespace: str, name: str, pytorch_job: Obj | None) -> list[Obj]:
-        conditions = (pytorch_job or {}).get("status", {}).get("conditions", [])
-        failing = any(
-            c.get("type") in ("Failed", "Restarting") and c.get("status") == "True"
-            for c in conditions
-        )
-        return self.kube.list("Pod", namespace, f"{JOB_NAME_LABEL}={name}") if failing else []
+        reading = progress.progress(sample, job.spec.recipe.train_iters, now)
+        if reading is None:
+            return None
+        reading["attempt"] = int(sample.attempt) if sample.attempt is not None else attempt
+        reading["advancedAt"] = lifecycle.advanced_at(old, reading, attempt, now)
+        return reading
 
     def _write_status(
         self, body: Obj, old_status: Obj, new_status: Obj, reason: str, message: str

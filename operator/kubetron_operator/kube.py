@@ -122,7 +122,22 @@ class Kube:
             "PATCH", url, body=obj, query=query, content_type="application/apply-patch+yaml"
         )
 
+    def delete(
+        self, kind: str, namespace: str, name: str, grace_seconds: int | None = None
+    ) -> None:
+        """Delete one object (its dependents in the background); gone already is fine."""
+        body: Obj = {"kind": "DeleteOptions", "apiVersion": "v1"}
+        body["propagationPolicy"] = "Background"
+        if grace_seconds is not None:
+            body["gracePeriodSeconds"] = grace_seconds
+        try:
+            self.request("DELETE", path(kind, namespace, name), body=body)
+        except ApiError as err:
+            if err.status != 404:
+                raise
+
     def patch_status(self, kind: str, namespace: str, name: str, status: Obj) -> Obj:
+        """JSON merge patch of the status: keys set to None are removed."""
         return self.request(
             "PATCH",
             path(kind, namespace, name, "status"),

@@ -24,6 +24,7 @@ _GAUGES = {
     "kubetron_train_tokens_per_second": "tokens_per_second",
     "kubetron_train_mfu_ratio": "mfu",
     "kubetron_checkpoint_last_step": "last_checkpoint_step",
+    "kubetron_train_attempt": "attempt",
 }
 
 
@@ -36,6 +37,7 @@ class Sample:
     tokens_per_second: float | None = None
     mfu: float | None = None
     last_checkpoint_step: float | None = None
+    attempt: float | None = None
     mean_step_seconds: float | None = None
 
 

@@ -32,7 +32,8 @@ RULES: list[Obj] = [
         "resources": ["configmaps"],
         "verbs": [*READ, "create", "patch", "update", "delete"],
     },
-    {"apiGroups": [""], "resources": ["pods"], "verbs": READ},
+    # delete: a whole-group restart removes the pods of the failed attempt
+    {"apiGroups": [""], "resources": ["pods"], "verbs": [*READ, "delete"]},
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
 ]
 

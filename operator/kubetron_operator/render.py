@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 import yaml
 
+from kubetron_api.ckpt_meta import ATTEMPT_ENV, JOB_UID_ENV
 from kubetron_api.v1alpha1 import (
     API_VERSION,
     DEFAULT_CPU_PER_PROCESS,
@@ -20,6 +21,7 @@ from kubetron_api.v1alpha1 import (
     MegatronJob,
     ResourcesSpec,
 )
+from kubetron_operator.lifecycle import ATTEMPT_LABEL
 from kubetron_operator.plan import Plan
 
 Obj = dict[str, Any]
@@ -33,9 +35,9 @@ JOB_NAME_LABEL = "kubetron.io/job-name"
 # Set by the training-operator on every pod it creates: master or worker.
 REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-# The trainer exits 1-127 for errors a restart cannot fix and >= 128 for retryable ones, which is
-# exactly the training-operator's ExitCode policy.
-RESTART_POLICY = "ExitCode"
+# The operator restarts the whole group itself (lifecycle.py): the training-operator never
+# restarts a single pod, and a failed pod fails the PyTorchJob, which the operator then replaces.
+RESTART_POLICY = "Never"
 
 
 def labels(job: MegatronJob, component: str) -> dict[str, str]:
@@ -90,7 +92,7 @@ class JobBuilder(Protocol):
     api_version: str
     kind: str
 
-    def build(self, job: MegatronJob, plan: Plan) -> Obj: ...
+    def build(self, job: MegatronJob, plan: Plan, attempt: int) -> Obj: ...
 
 
 class PyTorchJobBuilder:
@@ -99,11 +101,12 @@ class PyTorchJobBuilder:
     api_version = "kubeflow.org/v1"
     kind = "PyTorchJob"
 
-    def build(self, job: MegatronJob, plan: Plan) -> Obj:
-        replicas: Obj = {"Master": self._replica(job, plan, 1)}
+    def build(self, job: MegatronJob, plan: Plan, attempt: int) -> Obj:
+        replicas: Obj = {"Master": self._replica(job, plan, 1, attempt)}
         if plan.nodes > 1:
-            replicas["Worker"] = self._replica(job, plan, plan.nodes - 1)
+            replicas["Worker"] = self._replica(job, plan, plan.nodes - 1, attempt)
         meta = child_metadata(job, job.name, "trainer")
+        meta["labels"][ATTEMPT_LABEL] = str(attempt)
         if job.spec.scheduling.queue:
             meta["labels"][KUEUE_QUEUE_LABEL] = job.spec.scheduling.queue
         return {
@@ -117,22 +120,22 @@ class PyTorchJobBuilder:
             },
         }
 
-    def _replica(self, job: MegatronJob, plan: Plan, count: int) -> Obj:
+    def _replica(self, job: MegatronJob, plan: Plan, count: int, attempt: int) -> Obj:
         res = job.spec.resources
         meta: Obj = {"labels": {**dict(sorted(res.pod_labels.items())), **labels(job, "trainer")}}
+        meta["labels"][ATTEMPT_LABEL] = str(attempt)
         if res.pod_annotations:
             meta["annotations"] = dict(sorted(res.pod_annotations.items()))
         return {
             "replicas": count,
             "restartPolicy": RESTART_POLICY,
-            "template": {"metadata": meta, "spec": _pod_spec(job, plan)},
+            "template": {"metadata": meta, "spec": _pod_spec(job, plan, attempt)},
         }
 
 
 def _run_policy(job: MegatronJob) -> Obj:
     rp, sched = job.spec.run_policy, job.spec.scheduling
-    out: Obj = {
-        "backoffLimit": rp.backoff_limit,
+    out: Obj = {  # backoffLimit: the operator counts restarts (attempts) itself
         "cleanPodPolicy": rp.clean_pod_policy.value,
         "suspend": rp.suspend,
     }
@@ -152,7 +155,7 @@ def _run_policy(job: MegatronJob) -> Obj:
     return out
 
 
-def _pod_spec(job: MegatronJob, plan: Plan) -> Obj:
+def _pod_spec(job: MegatronJob, plan: Plan, attempt: int) -> Obj:
     res = job.spec.resources
     spec: Obj = {
         "automountServiceAccountToken": False,  # trainers never talk to the API server
@@ -162,7 +165,7 @@ def _pod_spec(job: MegatronJob, plan: Plan) -> Obj:
         "securityContext": pod_security_context(res),
         # the launcher forwards SIGTERM to the trainers and waits this long for their save
         "terminationGracePeriodSeconds": job.spec.run_policy.termination_grace_period_seconds,
-        "containers": [_container(job, plan)],
+        "containers": [_container(job, plan, attempt)],
         "volumes": _volumes(job),
     }
     optional = {
@@ -176,7 +179,7 @@ def _pod_spec(job: MegatronJob, plan: Plan) -> Obj:
     return spec
 
 
-def _container(job: MegatronJob, plan: Plan) -> Obj:
+def _container(job: MegatronJob, plan: Plan, attempt: int) -> Obj:
     res = job.spec.resources
     metrics_port = job.spec.metrics.port
     return {
@@ -189,7 +192,7 @@ def _container(job: MegatronJob, plan: Plan) -> Obj:
         # (torchrun alone exits 1 for every failure, preemption included).
         "command": ["python", "-m", "kubetron_trainer.launch"],
         "args": ["-m", "kubetron_trainer", "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"],
-        "env": _env(job),
+        "env": _env(job, attempt),
         "ports": [
             {"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"},
             {"name": "pytorchjob-port", "containerPort": MASTER_PORT, "protocol": "TCP"},
@@ -200,10 +203,13 @@ def _container(job: MegatronJob, plan: Plan) -> Obj:
     }
 
 
-def _env(job: MegatronJob) -> list[Obj]:
+def _env(job: MegatronJob, attempt: int) -> list[Obj]:
     field = {"POD_NAME": "metadata.name", "NODE_NAME": "spec.nodeName"}
     env: list[Obj] = [
         {"name": "KUBETRON_JOB_NAME", "value": job.name},
+        # the trainer fences its checkpoint writes with both (ckpt_meta.claim)
+        {"name": ATTEMPT_ENV, "value": str(attempt)},
+        {"name": JOB_UID_ENV, "value": str(job.metadata.get("uid", ""))},
         {"name": "PROMETHEUS_MULTIPROC_DIR", "value": METRICS_DIR},
     ]
     env += [
@@ -304,10 +310,12 @@ def drifted(desired: object, live: object) -> bool:
     return desired != live
 
 
-def render(job: MegatronJob, plan: Plan, builder: JobBuilder | None = None) -> list[Obj]:
-    """The ConfigMap and the backend job for a MegatronJob, in apply order."""
+def render(
+    job: MegatronJob, plan: Plan, builder: JobBuilder | None = None, attempt: int = 1
+) -> list[Obj]:
+    """The ConfigMap and the backend job of `attempt` for a MegatronJob, in apply order."""
     builder = builder or PyTorchJobBuilder()
-    return [render_config_map(job, plan), builder.build(job, plan)]
+    return [render_config_map(job, plan), builder.build(job, plan, attempt)]
 
 
 class _BlockDumper(yaml.SafeDumper):

@@ -1,8 +1,10 @@
 """MegatronJob status from what the cluster shows. Pure: the caller passes `now`.
 
-The PyTorchJob's conditions decide the phase; failed pods add which replica failed, with its exit
-code and reason. Conditions keep their lastTransitionTime while their status does not change, so
-a status written twice with the same facts is byte-identical (no write, no event).
+The verdict on the current attempt (lifecycle.py) decides the phase; the PyTorchJob's Created,
+Running, Succeeded and Suspended conditions are mirrored; Failed and Restarting are the
+operator's own (it restarts whole groups itself). Conditions keep their lastTransitionTime while
+their status does not change, so a status written twice with the same facts is byte-identical
+(no write, no event).
 """
 
 from __future__ import annotations
@@ -11,37 +13,34 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetron_api.v1alpha1 import Phase
+from kubetron_operator.lifecycle import Verdict
 from kubetron_operator.plan import Plan
 
 Obj = dict[str, Any]
 
-# PyTorchJob condition type -> MegatronJob phase, in order of precedence.
-_PHASES: list[tuple[str, Phase]] = [
-    ("Succeeded", Phase.SUCCEEDED),
-    ("Failed", Phase.FAILED),
-    ("Suspended", Phase.SUSPENDED),
-    ("Restarting", Phase.RESTARTING),
-    ("Running", Phase.RUNNING),
-    ("Created", Phase.PENDING),
-]
-MIRRORED = ("Created", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
 VALID = "Valid"
 POD_FAILED = "PodFailed"
+RESTARTING = "Restarting"
+FAILED = "Failed"
+# Mirrored from the PyTorchJob; Failed and Restarting are the operator's own.
+MIRRORED = ("Created", "Running", "Succeeded", "Suspended")
+_VERDICT_PHASE = {
+    "run": Phase.RUNNING,
+    "succeed": Phase.SUCCEEDED,
+    "fail": Phase.FAILED,
+    "suspend": Phase.SUSPENDED,
+}
 
 
 @dataclass(frozen=True)
 class Observed:
-    """What the operator saw: the job's old status, its backend job and pods.
-
-    `seen_failures` are failed containers seen in pod watch events: the training-operator
-    deletes failed pods quickly, so the reason must be kept from the moment it is seen.
-    """
+    """What the operator saw: the job's old status, its backend job and its pods (the failed
+    ones seen in watch events included: they may be deleted before a reconcile lists them)."""
 
     generation: int
     old_status: Obj
     pytorch_job: Obj | None
     pods: list[Obj]
-    seen_failures: tuple[str, ...] = ()
     progress: Obj | None = None  # a fresh read of rank 0's metrics (progress.py), if any
 
 
@@ -72,93 +71,118 @@ def invalid_status(observed: Observed, problems: list[str], now: str) -> Obj:
     }
 
 
-def job_status(observed: Observed, plan: Plan, job_name: str, now: str) -> Obj:
-    """Status of a valid job from its PyTorchJob and pods."""
-    old = observed.old_status.get("conditions", [])
+def job_status(
+    observed: Observed, plan: Plan, job_name: str, verdict: Verdict, attempt: int, now: str
+) -> Obj:
+    """Status of a valid job from the verdict on its current attempt and its PyTorchJob."""
+    old_status = observed.old_status
+    old = old_status.get("conditions", [])
+    restarts = int(old_status.get("restarts") or 0)
+    phase = _VERDICT_PHASE.get(verdict.action)
+    if phase is None:  # waiting for the attempt's pods
+        phase = Phase.RESTARTING if restarts else Phase.PENDING
     pj_status = (observed.pytorch_job or {}).get("status", {})
-    pj_conditions = {c["type"]: c for c in pj_status.get("conditions", []) if "type" in c}
-    phase = _phase(pj_conditions)
-    failure = _failures(observed, old)
     conditions = [condition(old, VALID, "True", "SpecValid", "spec is valid", now)]
-    if failure:
-        conditions.append(condition(old, POD_FAILED, "True", "ContainerFailed", failure, now))
-    for type_ in MIRRORED:
-        src = pj_conditions.get(type_)
-        if src is None:
-            continue
-        message = src.get("message", "")
-        if type_ in ("Failed", "Restarting") and src.get("status") == "True" and failure:
-            message = f"{message}; {failure}" if message else failure
+    if verdict.action == "fail" and verdict.reason == "PodFailed":
         conditions.append(
-            {
-                "type": type_,
-                "status": src.get("status", "Unknown"),
-                "reason": src.get("reason", "") or type_,
-                "message": message,
-                "lastTransitionTime": src.get("lastTransitionTime") or now,
-            }
+            condition(old, POD_FAILED, "True", "ContainerFailed", verdict.message, now)
         )
+    for src in pj_status.get("conditions", []) or []:
+        if src.get("type") in MIRRORED:
+            conditions.append(
+                {
+                    "type": src["type"],
+                    "status": src.get("status", "Unknown"),
+                    "reason": src.get("reason", "") or src["type"],
+                    "message": src.get("message", ""),
+                    "lastTransitionTime": src.get("lastTransitionTime") or now,
+                }
+            )
+    if restarts:
+        conditions.append(_restarting_condition(old, phase, attempt, now))
+    if verdict.action == "fail":
+        conditions.append(condition(old, FAILED, "True", verdict.reason, verdict.message, now))
     status: Obj = {
         "phase": phase.value,
         "observedGeneration": observed.generation,
         "conditions": conditions,
-        "worldSize": plan.world_size,
-        "parallelism": plan.resolved_parallelism().model_dump(by_alias=True),
-        "pytorchJob": job_name,
+        **_shape(plan, job_name),
+        "attempt": attempt,
+        "restarts": restarts,
+        "runningSince": _running_since(old_status, verdict, now),
     }
-    for src, dst in (("startTime", "startTime"), ("completionTime", "completionTime")):
-        if pj_status.get(src):
-            status[dst] = pj_status[src]
+    for key in ("startTime", "completionTime"):
+        if pj_status.get(key):
+            status[key] = pj_status[key]
+        elif old_status.get(key) and key == "startTime":
+            status[key] = old_status[key]  # the first attempt's start, kept across attempts
     # the last reading is kept (between reads, and once the pods are gone)
-    progress = observed.progress or observed.old_status.get("progress")
+    progress = observed.progress or old_status.get("progress")
     if progress:
         status["progress"] = progress
     return status
 
 
-def _failures(observed: Observed, old: list[Obj]) -> str:
-    """Failed containers seen now, in watch events, or kept in the old status."""
-    current = [f for f in describe_pod_failures(observed.pods).split("; ") if f]
-    for seen in observed.seen_failures:
-        if seen not in current:
-            current.append(seen)
-    if current:
-        return "; ".join(sorted(current))
-    kept = next((c for c in old if c.get("type") == POD_FAILED), None)
-    return str(kept.get("message", "")) if kept else ""
+def restart_status(
+    observed: Observed, plan: Plan, job_name: str, reason: str, message: str, now: str
+) -> Obj:
+    """The status when the operator replaces the attempt: the next attempt, one more restart."""
+    old_status = observed.old_status
+    old = old_status.get("conditions", [])
+    status: Obj = {
+        "phase": Phase.RESTARTING.value,
+        "observedGeneration": observed.generation,
+        "conditions": [
+            condition(old, VALID, "True", "SpecValid", "spec is valid", now),
+            condition(old, RESTARTING, "True", reason, message, now),
+        ],
+        **_shape(plan, job_name),
+        "attempt": int(old_status.get("attempt") or 1) + 1,
+        "restarts": int(old_status.get("restarts") or 0) + 1,
+        "runningSince": None,  # removed by the merge patch: the new attempt has not run yet
+    }
+    for key in ("startTime", "progress"):
+        if old_status.get(key):
+            status[key] = old_status[key]
+    return status
 
 
-def _phase(conditions: dict[str, Obj]) -> Phase:
-    for type_, phase in _PHASES:
-        if conditions.get(type_, {}).get("status") == "True":
-            return phase
-    return Phase.PENDING
+def waiting_status(old_status: Obj, plan: Plan, generation: int, attempt: int, name: str) -> Obj:
+    """While the pods of a replaced attempt terminate: the old status, phase Restarting."""
+    return {
+        **old_status,
+        "phase": Phase.RESTARTING.value,
+        "observedGeneration": generation,
+        **_shape(plan, name),
+        "attempt": attempt,
+    }
 
 
-# How much of a container's termination message a condition carries, per pod.
-MESSAGE_LIMIT = 300
+def _shape(plan: Plan, job_name: str) -> Obj:
+    return {
+        "worldSize": plan.world_size,
+        "parallelism": plan.resolved_parallelism().model_dump(by_alias=True),
+        "pytorchJob": job_name,
+    }
 
 
-def describe_pod_failures(pods: list[Obj]) -> str:
-    """'worker-0 exited with code 2 (Error): <the trainer's error>' for every pod with a failed
-    container (the message part only when the container left a termination message)."""
-    out: list[str] = []
-    for pod in sorted(pods, key=lambda p: p.get("metadata", {}).get("name", "")):
-        labels = pod.get("metadata", {}).get("labels", {})
-        replica = labels.get("training.kubeflow.org/replica-type", "replica").lower()
-        index = labels.get("training.kubeflow.org/replica-index", "?")
-        for cs in pod.get("status", {}).get("containerStatuses", []) or []:
-            term = (cs.get("state", {}) or {}).get("terminated") or (
-                cs.get("lastState", {}) or {}
-            ).get("terminated")
-            if term and term.get("exitCode", 0) != 0:
-                reason = term.get("reason") or "Error"
-                line = f"{replica}-{index} exited with code {term['exitCode']} ({reason})"
-                # The trainer's own error (kubetron_trainer.launch writes it as the
-                # termination message): what to fix, not just that it failed.
-                message = " ".join(str(term.get("message") or "").split())
-                out.append(f"{line}: {message[:MESSAGE_LIMIT]}" if message else line)
-    return "; ".join(out)
+def _restarting_condition(old: list[Obj], phase: Phase, attempt: int, now: str) -> Obj:
+    """True (with the restart's reason) until the new attempt runs, then False."""
+    prev = next((c for c in old if c.get("type") == RESTARTING), None)
+    if phase == Phase.RESTARTING and prev is not None:
+        reason, message = prev.get("reason", ""), prev.get("message", "")
+        return condition(old, RESTARTING, "True", reason, message, now)
+    return condition(old, RESTARTING, "False", "Running", f"attempt {attempt} runs", now)
+
+
+def _running_since(old_status: Obj, verdict: Verdict, now: str) -> str | None:
+    """When every pod of the attempt was first seen running; None while suspended (the pods
+    of a resumed job are new)."""
+    if verdict.action == "suspend":
+        return None
+    if old_status.get("runningSince"):
+        return str(old_status["runningSince"])
+    return now if verdict.action == "run" else None
 
 
 def phase_changed(old_status: Obj, new_status: Obj) -> bool:

@@ -17,6 +17,7 @@ class FakeKube:
         self.applied: list[str] = []
         self.events: list[tuple[str, str]] = []
         self.status_writes = 0
+        self.deleted: list[tuple[str, str, int | None]] = []
 
     def put(self, obj: Obj) -> None:
         meta = obj["metadata"]
@@ -27,7 +28,21 @@ class FakeKube:
         return copy.deepcopy(obj) if obj is not None else None
 
     def list(self, kind: str, namespace: str | None, selector: str = "") -> list[Obj]:
-        return [copy.deepcopy(o) for (k, ns, _), o in self.objects.items() if k == kind]
+        """Objects of `kind` whose labels match every `key=value` of `selector`."""
+        wanted = dict(part.split("=", 1) for part in selector.split(",") if part)
+        return [
+            copy.deepcopy(o)
+            for (k, ns, _), o in self.objects.items()
+            if k == kind
+            and (namespace is None or ns == namespace)
+            and all(o["metadata"].get("labels", {}).get(key) == v for key, v in wanted.items())
+        ]
+
+    def delete(
+        self, kind: str, namespace: str, name: str, grace_seconds: int | None = None
+    ) -> None:
+        self.deleted.append((kind, name, grace_seconds))
+        self.objects.pop((kind, namespace, name), None)
 
     def apply(self, obj: Obj) -> Obj:
         self.applied.append(obj["kind"])
@@ -38,8 +53,14 @@ class FakeKube:
         return copy.deepcopy(merged)
 
     def patch_status(self, kind: str, namespace: str, name: str, status: Obj) -> Obj:
-        self.status_writes += 1
-        self.objects[(kind, namespace, name)]["status"] = copy.deepcopy(status)
+        self.status_writes += 1  # a JSON merge patch, as the real one: None removes a key
+        merged = dict(self.objects[(kind, namespace, name)].get("status") or {})
+        for key, value in status.items():
+            if value is None:
+                merged.pop(key, None)
+            else:
+                merged[key] = copy.deepcopy(value)
+        self.objects[(kind, namespace, name)]["status"] = merged
         return self.get(kind, namespace, name) or {}
 
     def event(self, involved: Obj, type_: str, reason: str, message: str) -> None:

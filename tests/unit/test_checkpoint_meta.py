@@ -356,3 +356,25 @@ def test_kubetron_cli_lists_checkpoints(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["checkpoints", str(tmp_path / "missing")]) == 2
     assert main(["checkpoints", str(tmp_path), "--json"]) == 0  # no `latest`: a fresh start
     assert capsys.readouterr().out.strip()
+
+
+def test_an_older_attempt_of_the_same_job_is_fenced_out(tmp_path: Path) -> None:
+    from kubetron_api.ckpt_meta import Attempt, check_fence, claim, read_fence
+
+    root = tmp_path / "ckpt"
+    assert Attempt.from_env({}) is None  # outside the operator: no fencing
+    first = Attempt.from_env({"KUBETRON_JOB_UID": "u1", "KUBETRON_ATTEMPT": "1"})
+    second = Attempt("u1", 2)
+    claim(root, first)
+    assert read_fence(root) == first
+    claim(root, second)  # the next attempt takes over
+    with pytest.raises(ConfigError, match="belongs to attempt 2 of this job; this pod is of "
+                       "attempt 1, which the operator replaced"):  # fmt: skip
+        check_fence(root, first)
+    with pytest.raises(ConfigError):
+        claim(root, first)  # a zombie cannot take it back
+    assert read_fence(root) == second
+    check_fence(root, second)
+    check_fence(root, None)
+    claim(root, Attempt("u2", 1))  # another job (re-created with the same volume) owns it now
+    assert read_fence(root) == Attempt("u2", 1)

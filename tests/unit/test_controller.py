@@ -108,3 +108,110 @@ def test_a_replica_that_lost_the_lease_writes_nothing(kube: FakeKube) -> None:
     leading[0] = False
     assert c.reconcile("ml", "job") == "skipped"
     assert kube.applied == [] and kube.status_writes == 0
+
+
+def trainer_pod(kube: FakeKube, name: str, attempt: int, phase: str = "Running",
+                code: int | None = None) -> None:  # fmt: skip
+    state: Obj = {"running": {}} if code is None else {"terminated": {"exitCode": code}}
+    kube.put({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": f"job-{name}", "namespace": "ml",
+                     "creationTimestamp": "2026-01-01T00:00:00Z",
+                     "labels": {"kubetron.io/job-name": "job",
+                                "kubetron.io/attempt": str(attempt)}},
+        "status": {"phase": phase, "containerStatuses": [{"name": "pytorch", "state": state}]},
+    })  # fmt: skip
+
+
+def status(kube: FakeKube) -> Obj:
+    return kube.objects[("MegatronJob", "ml", "job")]["status"]
+
+
+def test_a_retryable_exit_restarts_every_pod_as_the_next_attempt(kube: FakeKube) -> None:
+    reconcile(kube)
+    trainer_pod(kube, "master-0", 1)
+    reconcile(kube)
+    assert status(kube)["phase"] == "Running" and status(kube)["runningSince"]
+    trainer_pod(kube, "master-0", 1, "Failed", code=134)  # a lost peer: retryable
+    kube.events.clear()
+    assert reconcile(kube) == "restarted"
+    st = status(kube)
+    assert (st["phase"], st["attempt"], st["restarts"]) == ("Restarting", 2, 1)
+    assert "runningSince" not in st
+    cond = next(c for c in st["conditions"] if c["type"] == "Restarting")
+    assert cond["reason"] == "PodFailed"
+    assert cond["message"].startswith(
+        "attempt 1 ended: pod job-master-0 container pytorch exited with code 134 (Error); "
+        "restarting every pod as attempt 2 (restart 1 of 3)"
+    )
+    assert kube.events == [("Warning", "PodFailed")]
+    assert ("PyTorchJob", "job", None) in kube.deleted
+    assert ("Pod", "job-master-0", 10) in kube.deleted
+    # the next reconcile creates attempt 2's PyTorchJob; its pods run: Running again
+    kube.applied.clear()
+    reconcile(kube)
+    assert "PyTorchJob" in kube.applied
+    pj = kube.objects[("PyTorchJob", "ml", "job")]
+    assert pj["metadata"]["labels"]["kubetron.io/attempt"] == "2"
+    assert status(kube)["phase"] == "Restarting"
+    trainer_pod(kube, "master-0", 2)
+    reconcile(kube)
+    st = status(kube)
+    assert (st["phase"], st["attempt"]) == ("Running", 2)
+    cond = next(c for c in st["conditions"] if c["type"] == "Restarting")
+    assert (cond["status"], cond["message"]) == ("False", "attempt 2 runs")
+
+
+def test_the_next_attempt_waits_until_the_old_pods_are_gone(kube: FakeKube) -> None:
+    reconcile(kube)
+    trainer_pod(kube, "master-0", 1, "Failed", code=137)
+    reconcile(kube)
+    # the old pod is still terminating (the fake keeps it: a deletionTimestamp is set)
+    trainer_pod(kube, "master-0", 1, "Running")
+    kube.objects[("Pod", "ml", "job-master-0")]["metadata"]["deletionTimestamp"] = "now"
+    kube.applied.clear()
+    reconcile(kube)
+    assert "PyTorchJob" not in kube.applied and ("PyTorchJob", "ml", "job") not in kube.objects
+    assert status(kube)["phase"] == "Restarting"
+    del kube.objects[("Pod", "ml", "job-master-0")]
+    reconcile(kube)
+    assert "PyTorchJob" in kube.applied
+
+
+def test_restarts_beyond_the_backoff_limit_fail_the_job(kube: FakeKube) -> None:
+    kube.objects[("MegatronJob", "ml", "job")]["spec"]["runPolicy"] = {"backoffLimit": 0}
+    reconcile(kube)
+    trainer_pod(kube, "master-0", 1, "Failed", code=143)
+    reconcile(kube)
+    st = status(kube)
+    assert (st["phase"], st["attempt"], st["restarts"]) == ("Failed", 1, 0)
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "BackoffLimitExceeded"
+    assert "all spec.runPolicy.backoffLimit=0 restarts are used" in failed["message"]
+    kube.applied.clear()
+    reconcile(kube)  # final: nothing runs again
+    assert kube.applied == [] and status(kube)["phase"] == "Failed"
+
+
+def test_a_permanent_exit_fails_and_stops_the_other_pods(kube: FakeKube) -> None:
+    reconcile(kube)
+    trainer_pod(kube, "master-0", 1, "Failed", code=2)
+    trainer_pod(kube, "worker-0", 1)  # blocked in a collective: stopped
+    reconcile(kube)
+    st = status(kube)
+    assert st["phase"] == "Failed"
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed["message"] == "pod job-master-0 container pytorch exited with code 2 (Error)"
+    assert ("Pod", "job-worker-0", 10) in kube.deleted
+    assert ("Pod", "ml", "job-master-0") in kube.objects  # kept for `kubectl logs`
+
+
+def test_a_failure_seen_only_in_a_watch_event_still_counts(kube: FakeKube) -> None:
+    c = Controller(kube, OperatorMetrics())  # type: ignore[arg-type]
+    c.reconcile("ml", "job")
+    trainer_pod(kube, "master-0", 1, "Failed", code=3)
+    seen = kube.objects.pop(("Pod", "ml", "job-master-0"))  # deleted before the reconcile
+    assert c.note_pod(seen) == "job"
+    c.reconcile("ml", "job")
+    failed = next(x for x in status(kube)["conditions"] if x["type"] == "Failed")
+    assert "exited with code 3" in failed["message"]

@@ -16,7 +16,7 @@ from tests.unit.fake_kube import FakeKube
 
 def trainer_text(job: str = "job") -> str:
     """What a trainer pod's endpoint serves after two steps and a save (real metric names)."""
-    m = TrainerMetrics(job, rank=0, local_rank=0, world_size=4, multiprocess=False)
+    m = TrainerMetrics(job, rank=0, local_rank=0, world_size=4, multiprocess=False, attempt=1)
     m.record_step(StepStats(9, 2.75, 0.7, 1e-4, 0.5, 4096, 8192.0, 1.5, 0.42))
     m.record_step(StepStats(10, 2.5, 0.7, 1e-4, 1.5, 4096, 20480.0, 1.5, 0.45))
     m.record_save(3.0, 10)
@@ -27,7 +27,7 @@ def trainer_text(job: str = "job") -> str:
 def test_the_trainers_metrics_become_progress() -> None:
     sample = parse(trainer_text(), "job")
     assert sample == Sample(step=10, loss=2.5, tokens_per_second=20480.0, mfu=0.45,
-                            last_checkpoint_step=10, mean_step_seconds=1.0)  # fmt: skip
+                            last_checkpoint_step=10, attempt=1, mean_step_seconds=1.0)  # fmt: skip
     assert progress(sample, 100, "T") == {
         "step": 10, "totalSteps": 100, "observedAt": "T", "loss": "2.5000",
         "tokensPerSecond": 20480, "mfu": "45.0%", "etaSeconds": 90, "lastCheckpointStep": 10,
@@ -39,7 +39,8 @@ def test_the_trainers_metrics_become_progress() -> None:
 def running(fake: FakeKube, ip: str = "10.213.0.20") -> None:
     pj = fake.objects[("PyTorchJob", "ml", "job")]
     pj["status"] = {"conditions": [{"type": "Running", "status": "True", "reason": "Running"}]}
-    labels = {"kubetron.io/job-name": "job", "training.kubeflow.org/replica-type": "master"}
+    labels = {"kubetron.io/job-name": "job", "training.kubeflow.org/replica-type": "master",
+              "kubetron.io/attempt": "1"}  # fmt: skip
     fake.put({"apiVersion": "v1", "kind": "Pod",
               "metadata": {"name": "job-master-0", "namespace": "ml", "labels": labels},
               "status": {"phase": "Running", "podIP": ip}})  # fmt: skip
@@ -61,6 +62,8 @@ def test_running_job_gets_progress_at_most_once_per_period(kube: FakeKube) -> No
     status = kube.objects[("MegatronJob", "ml", "job")]["status"]
     assert reads == [("10.213.0.20", 9400)]
     assert status["progress"]["step"] == 10 and status["progress"]["totalSteps"] == 100
+    assert status["progress"]["attempt"] == 1
+    assert status["progress"]["advancedAt"] == status["progress"]["observedAt"]
     first = copy.deepcopy(status["progress"])
     now[0] += 5
     c.reconcile("ml", "job")  # within the period: no read, the reading stays

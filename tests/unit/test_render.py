@@ -55,7 +55,23 @@ def test_master_and_workers_from_nodes() -> None:
     replicas = pj["spec"]["pytorchReplicaSpecs"]
     assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 2
     assert pj["spec"]["nprocPerNode"] == "8"
-    assert {r["restartPolicy"] for r in replicas.values()} == {"ExitCode"}
+    # the operator restarts whole groups itself: the training-operator never restarts a pod
+    assert {r["restartPolicy"] for r in replicas.values()} == {"Never"}
+    for r in replicas.values():
+        assert r["template"]["metadata"]["labels"]["kubetron.io/attempt"] == "1"
+        env = {e["name"]: e.get("value") for e in r["template"]["spec"]["containers"][0]["env"]}
+        assert env["KUBETRON_ATTEMPT"] == "1"
+    assert pj["metadata"]["labels"]["kubetron.io/attempt"] == "1"
+
+
+def test_the_attempt_reaches_labels_and_environment() -> None:
+    job = make_job()
+    job.metadata["uid"] = "u-1"
+    pj = render(job, plan(job), attempt=3)[1]
+    template = pj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0]["env"]}
+    assert (env["KUBETRON_ATTEMPT"], env["KUBETRON_JOB_UID"]) == ("3", "u-1")
+    assert template["metadata"]["labels"]["kubetron.io/attempt"] == "3"
     single = _pytorchjob(nodes=1)["spec"]["pytorchReplicaSpecs"]
     assert list(single) == ["Master"]
 
@@ -97,7 +113,8 @@ def test_run_policy_scheduling_and_kueue_label() -> None:
     job = parse_job(obj)
     pj = render(job, plan(job))[1]
     rp = pj["spec"]["runPolicy"]
-    assert (rp["suspend"], rp["backoffLimit"], rp["activeDeadlineSeconds"]) == (True, 7, 60)
+    assert (rp["suspend"], rp["activeDeadlineSeconds"]) == (True, 60)
+    assert "backoffLimit" not in rp  # the operator counts restarts itself
     assert rp["schedulingPolicy"] == {"minAvailable": 1, "queue": "team-a"}
     assert pj["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     pod = pj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]

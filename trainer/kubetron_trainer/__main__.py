@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
+from kubetron_api.ckpt_meta import Attempt, check_fence
 from kubetron_api.config import FastPath, TrainerConfig
 from kubetron_api.dims import ParallelConfigError, ParallelDims
 from kubetron_api.exitcodes import ConfigError, ExitCode, Terminated
@@ -168,7 +169,8 @@ def run(
     no_te = resolve_backend(args.attention) != "te"
     if no_te and (problems := missing_transformer_engine(cfg.recipe, cfg.parallelism)):
         raise ParallelConfigError(problems, f"device {device.type}, world={cfg.world_size}")
-    check_checkpoint(cfg, dims)
+    attempt = Attempt.from_env(os.environ)  # set by the operator: fences checkpoint writes
+    check_checkpoint(cfg, dims, attempt)
     backend = "nccl" if device.type == "cuda" else "gloo"
     metrics_dir = f"/tmp/kubetron-metrics-{cfg.job_name}-{topology.master_port}"
     prepare_multiproc_dir(topology.local_rank, metrics_dir)
@@ -180,12 +182,13 @@ def run(
     metrics = None
     if cfg.metrics.enabled:
         metrics = TrainerMetrics(
-            cfg.job_name, topology.rank, topology.local_rank, topology.world_size
-        )
+            cfg.job_name, topology.rank, topology.local_rank, topology.world_size,
+            attempt=attempt.number if attempt else 0,
+        )  # fmt: skip
         if topology.local_rank == 0:
             metrics.serve(cfg.metrics.port)
     options = loop.RunOptions(
-        args.groups, args.attention, args.summary, args.metrics_linger, fast_path
+        args.groups, args.attention, args.summary, args.metrics_linger, fast_path, attempt
     )
     state = loop.setup(cfg, dims, topology, device, backend, options, metrics)
     log.info(
@@ -195,7 +198,7 @@ def run(
     summary = loop.train(state)
     log.info(
         "done: %d steps, final loss %.4f, %.0f tokens/s",
-        len(summary.steps), summary.steps[-1]["loss"] if summary.steps else float("nan"),
+        len(summary.steps), summary.steps[-1].loss if summary.steps else float("nan"),
         summary.tokens_per_s,
     )  # fmt: skip
     if args.metrics_linger > 0 and topology.local_rank == 0:
@@ -205,10 +208,14 @@ def run(
     return int(ExitCode.OK)
 
 
-def check_checkpoint(cfg: TrainerConfig, dims: ParallelDims) -> None:
-    """Refuse, before joining the job and without writing anything, a checkpoint the run would
-    resume from but cannot (`ckpt_meta.plan_resume`: reads `latest` and `kubetron.json` only)."""
-    if cfg.checkpoint.path is None or cfg.checkpoint.resume != "auto":
+def check_checkpoint(cfg: TrainerConfig, dims: ParallelDims, attempt: Attempt | None) -> None:
+    """Refuse, before joining the job and without writing anything, a checkpoint directory a
+    newer attempt of this job has claimed, and a checkpoint the run would resume from but cannot
+    (`ckpt_meta.plan_resume`: reads `latest` and `kubetron.json` only)."""
+    if cfg.checkpoint.path is None:
+        return
+    check_fence(Path(cfg.checkpoint.path), attempt)
+    if cfg.checkpoint.resume != "auto":
         return
     from kubetron_api.ckpt_meta import RunIdentity, plan_resume
     from kubetron_trainer.models.build import padded_vocab_size

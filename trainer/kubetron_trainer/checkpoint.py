@@ -50,6 +50,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 from kubetron_api.ckpt_meta import (
     LATEST,
     RunIdentity,
+    check_fence,
     plan_resume,
     read_latest,
     step_dir,
@@ -255,6 +256,7 @@ class Checkpointer:
         point `latest` at it; returns the seconds it took (collective)."""
         start = time.perf_counter()
         target = step_dir(self.root, step)
+        check_fence(self.root, self.identity.attempt)  # every rank: a replaced attempt stops
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             if target.exists():  # a partial save of this step from a crashed run
@@ -267,6 +269,7 @@ class Checkpointer:
         dist.barrier()
         if self.rank == 0:
             write_step_meta(target, self.identity.step_meta(step, consumed_samples))
+            check_fence(self.root, self.identity.attempt)  # again, just before `latest`
             write_latest(self.root, step)
         dist.barrier()
         seconds = time.perf_counter() - start

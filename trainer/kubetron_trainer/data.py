@@ -50,10 +50,6 @@ class Batch:
     loss_mask: torch.Tensor
     position_ids: torch.Tensor
 
-    @property
-    def num_tokens(self) -> int:
-        return self.tokens.numel()
-
 
 class MockDataset:
     """Learnable, deterministic sequences: `(start + stride * t) % vocab` per sample.

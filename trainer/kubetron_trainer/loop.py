@@ -23,7 +23,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from kubetron_api.ckpt_meta import RunIdentity
+from kubetron_api.ckpt_meta import Attempt, RunIdentity, claim
 from kubetron_api.config import FastPath, TrainerConfig
 from kubetron_api.dims import ParallelDims
 from kubetron_api.exitcodes import Terminated
@@ -56,6 +56,7 @@ class RunOptions:
     summary: Path | None = None
     metrics_linger_s: float = 0.0
     fast_path: FastPath = field(default_factory=FastPath)
+    attempt: Attempt | None = None  # the operator's attempt (fences checkpoint writes)
 
 
 class Engine(Protocol):
@@ -80,7 +81,7 @@ class Summary:
     resumed_from: int
     rng: str = "seeded"  # after a resume: "restored" (same shape) or "re-seeded"
     first_sample: int = 0  # the data position the run started at (consumed samples)
-    steps: list[dict[str, float]] = field(default_factory=list)
+    steps: list[StepStats] = field(default_factory=list)  # the record logs and metrics got
     tokens_per_s: float = 0.0
     mfu: float | None = None
     wall_s: float = 0.0
@@ -206,12 +207,14 @@ def setup(
     """Groups, seeds, model, optimizer, scheduler and checkpointer, in Megatron's order."""
     pg = make_groups(cfg, dims, topology, backend, options.groups)
     setup_megatron_globals(pg, cfg.recipe.seed)  # global memory buffer and RNG seeds
-    built = build_model(cfg, pg, device, options.attention, options.fast_path)
+    built = build_model(cfg, dims, pg, device, options.attention, options.fast_path)
     engine = make_engine(cfg, built.chunks, pg, device, fast=built.fast)
     scheduler = build_scheduler(engine.optimizer, cfg.recipe)
     checkpointer = None
     if cfg.checkpoint.path is not None:
-        identity = RunIdentity.from_config(cfg, dims, built.padded_vocab_size)
+        identity = RunIdentity.from_config(cfg, dims, built.padded_vocab_size, options.attempt)
+        if topology.rank == 0:  # this attempt owns the directory from now on
+            claim(Path(cfg.checkpoint.path), options.attempt)
         checkpointer = Checkpointer(
             Path(cfg.checkpoint.path), built.chunks, engine.optimizer, scheduler, pg, device,
             identity,
@@ -274,7 +277,7 @@ def one_step(run: Run, micro: list[Batch | None], step: int, summary: Summary) -
     seconds = time.perf_counter() - t0
     lr = current_lr(run.engine.optimizer)
     stats = run.progress.stats(step, StepResult(loss, norm, result.ok), lr, seconds)
-    summary.steps.append({"step": step, "loss": loss, "grad_norm": norm, "lr": lr, "s": seconds})
+    summary.steps.append(stats)
     if run.metrics is not None:
         run.metrics.record_step(stats)
         if run.device.type == "cuda":
@@ -296,7 +299,7 @@ def save(run: Run, step: int, consumed_samples: int) -> None:
 def finish(run: Run, summary: Summary, began: float) -> None:
     """Totals over the steps this process ran (the first two are warmup), summary on rank 0."""
     summary.wall_s = time.perf_counter() - began
-    timed = [s["s"] for s in summary.steps[2:]] or [s["s"] for s in summary.steps]
+    timed = [s.duration_s for s in summary.steps[2:]] or [s.duration_s for s in summary.steps]
     if timed:
         summary.tokens_per_s = run.progress.tokens * len(timed) / sum(timed)
         if run.progress.peak:

@@ -68,7 +68,13 @@ class TrainerMetrics:
     """This rank's metric children, labelled for the job; `serve` starts the pod's endpoint."""
 
     def __init__(
-        self, job: str, rank: int, local_rank: int, world_size: int, multiprocess: bool = True
+        self,
+        job: str,
+        rank: int,
+        local_rank: int,
+        world_size: int,
+        multiprocess: bool = True,
+        attempt: int = 0,
     ) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -99,6 +105,13 @@ class TrainerMetrics:
         self.last_save = gauge(
             "kubetron_checkpoint_last_step", "Step of the last complete checkpoint."
         )
+        self.attempt = gauge(
+            "kubetron_train_attempt",
+            "The operator's attempt these pods belong to (0 outside the operator); a "
+            "whole-group restart starts the next.",
+        )
+        if self.writer:
+            self.attempt.labels(job).set(attempt)
         self.mem_alloc = gauge(
             "kubetron_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated", ("job", "rank")
         )

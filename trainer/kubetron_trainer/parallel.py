@@ -210,11 +210,6 @@ class ParallelGroups:
                 return sorted(ranks)
         return []
 
-    def rank_in(self, name: str) -> int:
-        """This rank's index in its group of field `name` (torch orders by global rank), or -1."""
-        ranks = self.members(name)
-        return ranks.index(self.rank) if ranks else -1
-
     def destroy(self) -> None:
         """Destroy the groups this rank belongs to; every rank calls it, in the same order."""
         self.dense_grid.destroy()

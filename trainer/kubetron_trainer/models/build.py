@@ -37,6 +37,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from kubetron_api.config import ModelArch, Precision, TrainerConfig
+from kubetron_api.dims import ParallelDims
 from kubetron_trainer.models.attention import SdpaAttention
 from kubetron_trainer.models.fused import OFF, FastPath, enable_wgrad_fusion
 from kubetron_trainer.models.norm import use_norm
@@ -68,9 +69,11 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def transformer_config(cfg: TrainerConfig, device: torch.device) -> TransformerConfig:
+def transformer_config(
+    cfg: TrainerConfig, dims: ParallelDims, device: torch.device
+) -> TransformerConfig:
     """Megatron's TransformerConfig for the resolved architecture, precision and shape."""
-    arch, par = cfg.model, cfg.parallelism
+    arch = cfg.model
     bf16 = cfg.recipe.precision in (Precision.BF16, Precision.FP8)
     dtype = torch.bfloat16 if bf16 else torch.float32
     on_gpu = device.type == "cuda"
@@ -90,15 +93,13 @@ def transformer_config(cfg: TrainerConfig, device: torch.device) -> TransformerC
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=0.02,
-        tensor_model_parallel_size=par.tensor,
-        pipeline_model_parallel_size=par.pipeline,
-        virtual_pipeline_model_parallel_size=(
-            par.virtual_pipeline if par.pipeline > 1 and par.virtual_pipeline > 1 else None
-        ),
-        context_parallel_size=par.context,
-        expert_model_parallel_size=par.expert,
-        expert_tensor_parallel_size=par.expert_tensor,
-        sequence_parallel=par.sequence_parallel,
+        tensor_model_parallel_size=dims.tp,
+        pipeline_model_parallel_size=dims.pp,
+        virtual_pipeline_model_parallel_size=dims.vpp_size,
+        context_parallel_size=dims.cp,
+        expert_model_parallel_size=dims.ep,
+        expert_tensor_parallel_size=dims.etp,
+        sequence_parallel=cfg.parallelism.sequence_parallel,
         num_moe_experts=arch.num_experts,
         moe_router_topk=arch.moe_router_topk if arch.is_moe else 2,
         moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
@@ -215,18 +216,20 @@ class CpuRotaryEmbedding(RotaryEmbedding):
 
 def build_model(
     cfg: TrainerConfig,
+    dims: ParallelDims,
     pg: ProcessGroupCollection,
     device: torch.device,
     backend: AttentionBackend = "auto",
     fast: FastPath = OFF,
 ) -> ModelChunks:
-    """This rank's GPTModel chunks, on `device`, with pre/post-process from the pipeline rank."""
+    """This rank's GPTModel chunks, on `device`, with pre/post-process from the pipeline rank.
+    The degrees come from `dims`, this rank's place in them from `pg` (built from the same)."""
     arch = cfg.model
-    config = transformer_config(cfg, device)
+    config = transformer_config(cfg, dims, device)
     fast = effective_fast_path(fast, backend, device)
     if fast.rope and arch.position_embedding_type != "rope":
         fast = replace(fast, rope=False)
-    if fast.ce and pg.tp.size() > 1:
+    if fast.ce and dims.tp_enabled:
         log.warning("fast path: ce needs tensor parallel size 1; ce not applied")
         fast = replace(fast, ce=False)
     if fast.wgrad and not (fast.ce or arch.untie_embeddings):
@@ -240,9 +243,8 @@ def build_model(
         else:
             config.gradient_accumulation_fusion = True
     spec = layer_spec(arch, backend, fast)
-    pp_rank, pp_size = pg.pp.rank(), pg.pp.size()
-    vpp = cfg.parallelism.virtual_pipeline if pp_size > 1 else 1
-    vocab = padded_vocab_size(arch.vocab_size, pg.tp.size())
+    pp_rank, pp_size, vpp = pg.pp.rank(), dims.pp, dims.vpp_size or 1
+    vocab = padded_vocab_size(arch.vocab_size, dims.tp)
     chunks = []
     for stage in range(vpp):
         model = GPTModel(
