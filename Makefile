@@ -38,7 +38,8 @@ generate crd: setup
 	@$(VENV)/bin/kubetron crd > manifests/crds/kubetron.io_megatronjobs.yaml
 	@cp manifests/crds/kubetron.io_megatronjobs.yaml charts/kubetron/files/crds/
 	@$(VENV)/bin/kubetron rbac > manifests/rbac/operator.yaml
-	@echo "wrote manifests/crds/, charts/kubetron/files/crds/ and manifests/rbac/"
+	@$(VENV)/bin/kubetron rbac --helm > charts/kubetron/templates/_rbac.tpl
+	@echo "wrote manifests/crds/, charts/kubetron/files/crds/, manifests/rbac/ and the chart's _rbac.tpl"
 
 # make demo: the CPU example through Kubernetes on the local cluster (kept up; DOWN=1 stops it).
 demo: setup tools images

@@ -18,7 +18,7 @@ from kubetron_api.v1alpha1 import MegatronJob
 from kubetron_operator.crd import crd_yaml
 from kubetron_operator.docs import generated_block
 from kubetron_operator.plan import Plan, PlanError, plan
-from kubetron_operator.rbac import rbac_yaml
+from kubetron_operator.rbac import helm_rules_template, rbac_yaml
 from kubetron_operator.render import render, to_yaml
 
 
@@ -75,8 +75,8 @@ def cmd_docs(_: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_rbac(_: argparse.Namespace) -> int:
-    sys.stdout.write(rbac_yaml())
+def cmd_rbac(args: argparse.Namespace) -> int:
+    sys.stdout.write(helm_rules_template() if args.helm else rbac_yaml())
     return 0
 
 
@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("crd", help="print the MegatronJob CRD generated from the models")
     c.set_defaults(func=cmd_crd)
     b = sub.add_parser("rbac", help="print the operator's least-privilege RBAC manifests")
+    b.add_argument("--helm", action="store_true", help="as the chart's _rbac.tpl templates")
     b.set_defaults(func=cmd_rbac)
     d = sub.add_parser("docs", help="print the README's generated configuration reference")
     d.set_defaults(func=cmd_docs)

@@ -64,6 +64,7 @@ def test_get_mj_shows_printer_columns(kubetron: Cluster, namespace: str) -> None
     assert header == ["NAME", "PHASE", "WORLD", "TP", "PP", "DP", "STEP", "LOSS", "TOKENS/S", "AGE"]
     wide = kubetron.kubectl("get", "kubetron", "-n", namespace, "-o", "wide").stdout
     assert "MFU" in wide.splitlines()[0] and "ETA(S)" in wide.splitlines()[0]
+    assert "RESTARTS" in wide.splitlines()[0]
 
 
 # One spec breaking each rule of the table that the CRD carries (kubetron_api.rules): the API

@@ -93,9 +93,32 @@ def test_permanent_pod_failure_fails_the_job(
     _apply(kubetron, namespace, fake_gpu_job("boom", nodes=1, complete_after="2s", exit_code=3))
     failed = wait_phase(kubetron, namespace, "boom", "Failed")
     cond = next(c for c in failed["status"]["conditions"] if c["type"] == "Failed")
-    assert "master-0 exited with code 3" in cond["message"], cond
+    assert "pod boom-master-0 container pytorch exited with code 3" in cond["message"], cond
+    assert failed["status"]["attempt"] == 1 and failed["status"]["restarts"] == 0
     warnings = [e for e in _events(kubetron, namespace, "boom") if e["type"] == "Warning"]
     assert warnings, "a Warning event is expected for the Failed phase"
+
+
+def test_retryable_failures_restart_the_group_until_the_backoff_limit(
+    kubetron: Cluster, namespace: str, start_operator: Any
+) -> None:
+    """Every attempt's pods exit 137 (killed: retryable): the operator replaces the whole
+    PyTorchJob as attempt 2 and 3, then fails the job once backoffLimit=2 restarts are used."""
+    start_operator()
+    job = fake_gpu_job("again", nodes=2, complete_after="3s", exit_code=137)
+    job["spec"]["runPolicy"]["backoffLimit"] = 2
+    _apply(kubetron, namespace, job)
+    failed = wait_phase(kubetron, namespace, "again", "Failed", timeout=180)
+    status = failed["status"]
+    assert (status["attempt"], status["restarts"]) == (3, 2)
+    cond = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert cond["reason"] == "BackoffLimitExceeded"
+    assert "exited with code 137" in cond["message"]
+    assert "all spec.runPolicy.backoffLimit=2 restarts are used" in cond["message"]
+    restarts = [e for e in _events(kubetron, namespace, "again") if e["reason"] == "PodFailed"]
+    assert len(restarts) >= 2, restarts  # one Warning per restart (repeats may be merged)
+    pj = kubetron.get("pytorchjob", "again", namespace)
+    assert pj is not None and pj["metadata"]["labels"]["kubetron.io/attempt"] == "3"
 
 
 def test_invalid_deep_spec_creates_nothing(

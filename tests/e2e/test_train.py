@@ -134,6 +134,7 @@ def test_permanent_exit_code_fails_the_job_naming_pod_and_code(
     messages = " ".join(c.get("message", "") for c in final["status"]["conditions"])
     # The pod, the code and the trainer's own error (its termination message), naming the field.
     assert (
-        "master-0 exited with code 2 (Error): rank-0: config field data.paths[0].prefix: "
+        "pod gpt-tiny-cpu-bad-data-master-0 container pytorch exited with code 2 (Error): "
+        "rank-0: config field data.paths[0].prefix: "
         "/checkpoints/no/such/dataset.bin does not exist" in messages
     ), messages

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from kubetron_operator.crd import crd, crd_yaml
@@ -31,6 +32,24 @@ def _schema() -> dict[str, Any]:
 def test_checked_in_crd_matches_models() -> None:
     assert CHECKED_IN.read_text() == crd_yaml(), (
         "manifests/crds/ is stale: run `make generate` and commit the result"
+    )
+
+
+@pytest.mark.parametrize(
+    ("checked_in", "generate"),
+    [
+        ("manifests/rbac/operator.yaml", "rbac_yaml"),
+        ("charts/kubetron/templates/_rbac.tpl", "helm_rules_template"),
+        ("charts/kubetron/files/crds/kubetron.io_megatronjobs.yaml", "crd_yaml"),
+    ],
+)
+def test_generated_files_are_current(checked_in: str, generate: str) -> None:
+    from kubetron_operator import crd as crd_module
+    from kubetron_operator import rbac
+
+    make = getattr(rbac, generate, None) or getattr(crd_module, generate)
+    assert (ROOT / checked_in).read_text() == make(), (
+        f"{checked_in} is stale: run `make generate` and commit the result"
     )
 
 
@@ -69,6 +88,7 @@ def test_names_columns_and_subresource() -> None:
         "Tokens/s",
         "MFU",
         "ETA(s)",
+        "Restarts",
         "Age",
     ]
 

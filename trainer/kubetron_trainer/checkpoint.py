@@ -41,6 +41,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     _replace_state_dict_keys_with_sharded_keys,
     mcore_to_pyt_state_dict,
 )
+from megatron.core.optimizer.optimizer import param_group_identifier_keys
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
@@ -69,6 +70,74 @@ log = logging.getLogger(__name__)
 # (0.19's fully_sharded_model_space builds flattened ShardedTensors that 0.19's own checks reject,
 # "ShardedTensor.flattened_range is not supported", seen on H100.)
 OPTIMIZER_SHARDING = "fully_reshardable"
+
+
+# Megatron-Core's ChainedOptimizer puts `chained_<i>.` before the tensor keys of its i-th optimizer
+# unless `chained_optim_avoid_prefix` is set. How many optimizers it chains depends on the shape:
+# expert parameters get an optimizer of their own only at expert-parallel > 1 (Megatron marks
+# them `allreduce=False` only then), so with the prefix an EP2 checkpoint's keys are not the keys
+# an EP1 run asks for (KeyError "... from model not in state dict", seen on 2 H200s). Saved
+# without it; a checkpoint saved with it (before) is loaded with it.
+CHAINED_PREFIX = "chained_"
+
+
+def saved_with_chained_prefix(source: Path) -> bool:
+    """Whether a checkpoint's optimizer tensors carry the ChainedOptimizer's `chained_<i>.`."""
+    keys = dist_checkpointing.load_tensors_metadata(str(source)).keys()
+    return any(str(key).startswith(CHAINED_PREFIX) for key in keys)
+
+
+def _group_id(group: dict[str, Any]) -> tuple[Any, ...]:
+    """The tuple Megatron's DistributedOptimizer.load_state_dict matches param groups by."""
+    return tuple(group.get(k, group.get(f"pre_{k}")) for k in param_group_identifier_keys)
+
+
+def regroup_optimizer_state(loaded: dict[Any, Any], optimizer: Any) -> dict[Any, Any]:
+    """The loaded optimizer state in the layout of this run's optimizer chain.
+
+    The tensors come back in the layout this run asked for; the rest (param groups with the
+    step, the sharding type) in the layout of the run that saved them: one entry per chained
+    optimizer, or flat when it chained one. When the two differ (an expert-parallel degree
+    change: dense + expert optimizers at EP > 1, one optimizer at EP1), each of this run's
+    optimizers gets its tensors and every saved param group; a group this run has and the
+    checkpoint lacks (the expert groups, `is_expert_parallel`, after EP1) is the saved group
+    that matches it in every other key. Unchanged when the layouts agree."""
+    chain = megatron_optimizers(optimizer)
+    saved_flat = "optimizer" in loaded
+    indices = sorted(k for k in loaded if isinstance(k, int))
+    saved = [loaded] if saved_flat else [loaded[i] for i in indices]
+    if saved_flat == (len(chain) == 1) and (saved_flat or len(saved) == len(chain)):
+        return loaded
+    groups = [g for entry in saved for g in entry["optimizer"]["param_groups"]]
+    known = {_group_id(g) for g in groups}
+    flag = param_group_identifier_keys.index("is_expert_parallel")
+    for opt in chain:
+        for group in getattr(opt, "optimizer", opt).param_groups:
+            want = _group_id(group)
+            if want in known:
+                continue
+            for g in list(groups):
+                have = _group_id(g)
+                if have[:flag] + have[flag + 1 :] == want[:flag] + want[flag + 1 :]:
+                    groups.append({**g, "is_expert_parallel": want[flag]})
+                    known.add(want)
+                    break
+    sharding = saved[0]["param_state_sharding_type"]
+    extra = {k: v for k, v in saved[0].items() if k == "grad_scaler"}
+    if len(chain) == 1:
+        tensors = [loaded["param_state"]]
+    else:
+        tensors = [loaded[i]["param_state"] for i in range(len(chain))]
+    entries = [
+        {"optimizer": {"param_groups": [dict(g) for g in groups]}, "param_state": t,
+         "param_state_sharding_type": sharding, **extra}
+        for t in tensors
+    ]  # fmt: skip
+    log.info(
+        "optimizer state saved as %d chained optimizer(s), loaded into %d: param groups "
+        "regrouped", len(saved), len(chain),
+    )  # fmt: skip
+    return entries[0] if len(chain) == 1 else dict(enumerate(entries))
 
 
 def saved_optimizer_sharding(source: Path) -> str:
@@ -236,10 +305,19 @@ class Checkpointer:
             }
 
     def _sharded_state(
-        self, step: int, is_loading: bool, sharding: str = OPTIMIZER_SHARDING, rng: bool = True
+        self,
+        step: int,
+        is_loading: bool,
+        sharding: str = OPTIMIZER_SHARDING,
+        rng: bool = True,
+        chained_prefix: bool = False,
     ) -> dict[str, Any]:
         state = self._model_state()
-        meta = {"distrib_optim_sharding_type": sharding, "dp_cp_group": self.pg.dp_cp}
+        meta = {
+            "distrib_optim_sharding_type": sharding,
+            "dp_cp_group": self.pg.dp_cp,
+            "chained_optim_avoid_prefix": not chained_prefix,
+        }
         state["optimizer"] = self.optimizer.sharded_state_dict(
             state, is_loading=is_loading, metadata=meta
         )
@@ -288,8 +366,11 @@ class Checkpointer:
             return None
         step, source = plan.step, plan.source
         sharding = saved_optimizer_sharding(source)
+        prefix = self.device.type == "cuda" and saved_with_chained_prefix(source)
         _init_fresh_optimizer_state(self.optimizer)
-        request = self._sharded_state(step, True, sharding=sharding, rng=plan.restore_rng)
+        request = self._sharded_state(
+            step, True, sharding=sharding, rng=plan.restore_rng, chained_prefix=prefix
+        )
         loaded = dist_checkpointing.load(request, str(source))
         if loaded["iteration"] != step:
             raise ValueError(f"{source} holds iteration {loaded['iteration']}, expected {step}")
@@ -298,8 +379,11 @@ class Checkpointer:
         else:
             for i, chunk in enumerate(self.chunks):
                 chunk.load_state_dict(loaded[f"model{i}"])
+        optimizer_state = loaded["optimizer"]
+        if self.device.type == "cuda":
+            optimizer_state = regroup_optimizer_state(optimizer_state, self.optimizer)
         with steps_aside_while_loading(self.optimizer):
-            self.optimizer.load_state_dict(loaded["optimizer"])
+            self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(loaded["scheduler"])
         if plan.restore_rng:
             _set_rng_state(loaded["rng_state"])
