@@ -147,7 +147,7 @@ def profile_worker(cfg_path: Path, out: Path, args: argparse.Namespace) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from kubetron_api.rules import check_shape
+    from kubetron_api.rules import ShapeSpec, check_shape
     from kubetron_trainer import loop
     from kubetron_trainer.data import build_batches
     from kubetron_trainer.parallel import init_distributed
@@ -156,10 +156,7 @@ def profile_worker(cfg_path: Path, out: Path, args: argparse.Namespace) -> None:
     cfg = TrainerConfig.model_validate(json.loads(cfg_path.read_text()))
     topology = Topology.from_env()
     init_distributed(topology, "nccl")
-    shape = check_shape(
-        arch=cfg.model, recipe=cfg.recipe, parallelism=cfg.parallelism, data=cfg.data,
-        world_size=1, gpus_per_node=1,
-    )  # fmt: skip
+    shape = check_shape(ShapeSpec(cfg.model, cfg.recipe, cfg.parallelism, cfg.data, 1, 1))
     device = torch.device("cuda", 0)
     options = loop.RunOptions(attention=args.attention, fast_path=FastPath.parse(args.fast_path))
     run = loop.setup(cfg, shape.dims, topology, device, "nccl", options, None)

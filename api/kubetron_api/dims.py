@@ -140,6 +140,17 @@ class ParallelDims:
         """Megatron's `virtual_pipeline_model_parallel_size`: None when not interleaved."""
         return self.vpp if self.vpp > 1 else None
 
+    def megatron_sizes(self) -> dict[str, int | None]:
+        """The degrees under Megatron-Core's names (TransformerConfig, parallel_state)."""
+        return {
+            "tensor_model_parallel_size": self.tp,
+            "pipeline_model_parallel_size": self.pp,
+            "virtual_pipeline_model_parallel_size": self.vpp_size,
+            "context_parallel_size": self.cp,
+            "expert_model_parallel_size": self.ep,
+            "expert_tensor_parallel_size": self.etp,
+        }
+
     def describe(self) -> str:
         return (
             f"world={self.world_size} tensor={self.tp} pipeline={self.pp} "

@@ -14,9 +14,17 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kubetron_api import expr
-from kubetron_api.config import DataSpec, ModelArch, ParallelismSpec, Precision, RecipeSpec
+from kubetron_api.config import (
+    DataSpec,
+    ModelArch,
+    ParallelismSpec,
+    Precision,
+    RecipeSpec,
+    TrainerConfig,
+)
 from kubetron_api.dims import DEGREE_RULES, POSITIVE, ParallelConfigError, ParallelDims
 from kubetron_api.expr import Rule
+from kubetron_api.v1alpha1 import MegatronJobSpec
 
 TRANSFORMER_ENGINE = "transformer-engine"
 Device = Literal["gpu", "cpu"]
@@ -228,40 +236,56 @@ def crd_validations() -> list[dict[str, str]]:
     return out
 
 
-def spec_values(
-    *,
-    arch: ModelArch,
-    recipe: RecipeSpec,
-    parallelism: ParallelismSpec,
-    data: DataSpec,
-    world_size: int,
-    gpus_per_node: int,
-    device: Device = "gpu",
-) -> dict[str, expr.Value]:
-    """The named values every rule reads, from the parsed spec and the resolved model."""
-    p, fast = parallelism, recipe.fast
-    return {
-        **degree_values(world_size, parallelism),
-        "gpusPerNode": gpus_per_node,
-        "device": device,
-        "sequenceParallel": p.sequence_parallel,
-        "seqLength": recipe.seq_length,
-        "microBatchSize": recipe.micro_batch_size,
-        "globalBatchSize": recipe.global_batch_size,
-        "precision": recipe.precision.value,
-        "recipeKind": recipe.kind,
-        "dataType": data.type,
-        "dataPaths": [str(path) for path in data.paths],
-        "tokenizerType": data.tokenizer.type,
-        "tokenizerName": data.tokenizer.name or "",
-        "fastPathListsCe": fast.ce and not fast.every,
-        "numAttentionHeads": arch.num_attention_heads,
-        "numQueryGroups": arch.num_query_groups,
-        "numLayers": arch.num_layers,
-        "maxPositionEmbeddings": arch.max_position_embeddings,
-        "numExperts": arch.num_experts or 0,
-        "moeRouterTopk": arch.moe_router_topk,
-    }
+@dataclass(frozen=True)
+class ShapeSpec:
+    """What the rules read: the resolved model, the spec's sections, the world and the device."""
+
+    arch: ModelArch
+    recipe: RecipeSpec
+    parallelism: ParallelismSpec
+    data: DataSpec
+    world_size: int
+    gpus_per_node: int
+    device: Device = "gpu"
+
+    @classmethod
+    def of_job(cls, spec: MegatronJobSpec) -> ShapeSpec:
+        res = spec.resources
+        return cls(spec.model.resolve(), spec.recipe, spec.parallelism, spec.data,
+                   res.world_size, res.gpus_per_node, res.device)  # fmt: skip
+
+    @classmethod
+    def of_config(cls, cfg: TrainerConfig, device: Device = "gpu") -> ShapeSpec:
+        return cls(cfg.model, cfg.recipe, cfg.parallelism, cfg.data, cfg.world_size,
+                   cfg.gpus_per_node, device)  # fmt: skip
+
+    def values(self) -> dict[str, expr.Value]:
+        """The named values every rule reads."""
+        p, recipe, data, arch, fast = (
+            self.parallelism, self.recipe, self.data, self.arch, self.recipe.fast,
+        )  # fmt: skip
+        return {
+            **degree_values(self.world_size, p),
+            "gpusPerNode": self.gpus_per_node,
+            "device": self.device,
+            "sequenceParallel": p.sequence_parallel,
+            "seqLength": recipe.seq_length,
+            "microBatchSize": recipe.micro_batch_size,
+            "globalBatchSize": recipe.global_batch_size,
+            "precision": recipe.precision.value,
+            "recipeKind": recipe.kind,
+            "dataType": data.type,
+            "dataPaths": [str(path) for path in data.paths],
+            "tokenizerType": data.tokenizer.type,
+            "tokenizerName": data.tokenizer.name or "",
+            "fastPathListsCe": fast.ce and not fast.every,
+            "numAttentionHeads": arch.num_attention_heads,
+            "numQueryGroups": arch.num_query_groups,
+            "numLayers": arch.num_layers,
+            "maxPositionEmbeddings": arch.max_position_embeddings,
+            "numExperts": arch.num_experts or 0,
+            "moeRouterTopk": arch.moe_router_topk,
+        }
 
 
 def degree_values(world_size: int, p: ParallelismSpec) -> dict[str, expr.Value]:
@@ -284,36 +308,19 @@ class ShapeCheck:
     requirements: tuple[str, ...]
 
 
-def check_shape(
-    *,
-    arch: ModelArch,
-    recipe: RecipeSpec,
-    parallelism: ParallelismSpec,
-    data: DataSpec,
-    world_size: int,
-    gpus_per_node: int,
-    device: Device = "gpu",
-) -> ShapeCheck:
+def check_shape(shape: ShapeSpec) -> ShapeCheck:
     """Validate the whole shape; raise one `ParallelConfigError` naming every broken rule."""
-    p = parallelism
-    values = spec_values(
-        arch=arch,
-        recipe=recipe,
-        parallelism=p,
-        data=data,
-        world_size=world_size,
-        gpus_per_node=gpus_per_node,
-        device=device,
-    )
+    p, world = shape.parallelism, shape.world_size
+    values = shape.values()
     problems = expr.broken((POSITIVE,), values, DERIVED)
     if not problems:  # the other rules divide by the degrees
         problems = expr.broken(tuple(r for r in RULES if r is not POSITIVE), values, DERIVED)
     if problems:
         mp = p.tensor * p.context * p.pipeline
-        dp = world_size // mp if mp and not world_size % mp else None
-        raise ParallelConfigError(problems, _shape(world_size, gpus_per_node, p, dp))
+        dp = world // mp if mp and not world % mp else None
+        raise ParallelConfigError(problems, _shape(world, shape.gpus_per_node, p, dp))
     dims = ParallelDims.from_degrees(
-        world_size,
+        world,
         tp=p.tensor,
         pp=p.pipeline,
         cp=p.context,
@@ -321,7 +328,7 @@ def check_shape(
         etp=p.expert_tensor,
         vpp=p.virtual_pipeline,
     )
-    return ShapeCheck(dims=dims, requirements=_requirements(recipe, p))
+    return ShapeCheck(dims=dims, requirements=_requirements(shape.recipe, p))
 
 
 def check_device(device: Device, parallelism: ParallelismSpec) -> list[str]:

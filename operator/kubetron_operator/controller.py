@@ -178,15 +178,15 @@ class Controller:
         """Remove what an older attempt left (its PyTorchJob, its pods); True while any of it
         remains, so the new attempt starts only on a clean slate (same pod names, same Service
         names, no zombie rank joining the new group)."""
+        old = [p for p in pods if attempt_of(p) != attempt]
+        for pod in old:  # before their PyTorchJob (see _restart)
+            if not pod["metadata"].get("deletionTimestamp"):
+                self.kube.delete("Pod", namespace, pod["metadata"]["name"], RESTART_GRACE_SECONDS)
         if pytorch_job is not None and attempt_of(pytorch_job) not in (attempt, None):
             log.info("%s/%s: removing the PyTorchJob of attempt %s", namespace, name,
                      attempt_of(pytorch_job))  # fmt: skip
             self.kube.delete("PyTorchJob", namespace, name)
             pytorch_job = None
-        old = [p for p in pods if attempt_of(p) != attempt]
-        for pod in old:
-            if not pod["metadata"].get("deletionTimestamp"):
-                self.kube.delete("Pod", namespace, pod["metadata"]["name"], RESTART_GRACE_SECONDS)
         return bool(old) or (pytorch_job is not None and attempt_of(pytorch_job) != attempt)
 
     def _restart(
@@ -221,8 +221,11 @@ class Controller:
             )
             new_status = restart_status(observed, job_plan, name, verdict.reason, message, now)
             self._write_status(body, observed.old_status, new_status, verdict.reason, message)
-            self.kube.delete("PyTorchJob", namespace, name)
+            # Pods first, with the short grace period: the garbage collector would delete them
+            # with their own (long, for saves) one, and a kubelet that started stopping a
+            # container with it does not shorten it later.
             self._stop_attempt(namespace, name, attempt, observed.pods, keep_failed=False)
+            self.kube.delete("PyTorchJob", namespace, name)
         self._failed_pods.pop((namespace, name), None)
         return "restarted"
 
@@ -238,8 +241,7 @@ class Controller:
                 continue
             if keep_failed and ended:
                 continue
-            if self.kube.get("Pod", namespace, meta["name"]) is not None:
-                self.kube.delete("Pod", namespace, meta["name"], RESTART_GRACE_SECONDS)
+            self.kube.delete("Pod", namespace, meta["name"], RESTART_GRACE_SECONDS)
 
     def _apply_children(
         self,

@@ -15,7 +15,7 @@ from kubetron_api.config import (
     TrainerConfig,
 )
 from kubetron_api.dims import ParallelConfigError, ParallelDims
-from kubetron_api.rules import check_shape
+from kubetron_api.rules import ShapeSpec, check_shape
 from kubetron_api.v1alpha1 import MegatronJob, MegatronJobSpec, ResolvedParallelism
 
 
@@ -62,15 +62,7 @@ def plan(job: MegatronJob) -> Plan:
     res = spec.resources
     problems = _volume_rules(spec)
     try:
-        shape = check_shape(
-            arch=arch,
-            recipe=spec.recipe,
-            parallelism=spec.parallelism,
-            data=spec.data,
-            world_size=res.world_size,
-            gpus_per_node=res.gpus_per_node,
-            device=res.device,
-        )
+        shape = check_shape(ShapeSpec.of_job(spec))
     except ParallelConfigError as err:
         raise PlanError([*err.problems, *problems]) from err
     if problems:

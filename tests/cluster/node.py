@@ -27,6 +27,7 @@ import os
 import random
 import shlex
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -272,8 +273,23 @@ def create_cgroups() -> None:
                 (root / name).write_text((Path(target) / name).read_text())
 
 
+def kill_cgroup_processes() -> None:
+    """SIGKILL every process left in the node's cgroups: container processes whose shim died
+    first (a crashed run) mention nothing of the node on their command line."""
+    base = Path("/sys/fs/cgroup")
+    pids: set[int] = set()
+    for hierarchy in base.iterdir() if base.exists() else []:
+        for procs in (hierarchy / CGROUP_ROOT).rglob("cgroup.procs"):
+            with contextlib.suppress(OSError, ValueError):
+                pids |= {int(line) for line in procs.read_text().split()}
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def remove_cgroups() -> None:
     """Remove /sys/fs/cgroup/<controller>/kubetron trees, deepest first (procs killed before)."""
+    kill_cgroup_processes()
     base = Path("/sys/fs/cgroup")
     for hierarchy in base.iterdir() if base.exists() else []:
         root = hierarchy / CGROUP_ROOT

@@ -12,7 +12,7 @@ import yaml
 
 from kubetron_api.expr import broken, static_message
 from kubetron_api.parse import parse_job
-from kubetron_api.rules import DERIVED, RULES, in_crd, spec_values
+from kubetron_api.rules import DERIVED, RULES, ShapeSpec, in_crd
 from kubetron_operator.plan import PlanError, plan
 from tests.cluster.harness import Cluster
 from tests.cluster.kubetron_fixtures import EXAMPLES
@@ -106,15 +106,7 @@ def test_cel_rule_refuses_with_the_python_message(
     job = _job(**CEL_CASES[name])
     rule = next(r for r in RULES if r.name == name)
     spec = parse_job(job).spec
-    values = spec_values(
-        arch=spec.model.resolve(),
-        recipe=spec.recipe,
-        parallelism=spec.parallelism,
-        data=spec.data,
-        world_size=spec.resources.world_size,
-        gpus_per_node=spec.resources.gpus_per_node,
-        device=spec.resources.device,
-    )
+    values = ShapeSpec.of_job(spec).values()
     [message] = broken((rule,), values, DERIVED)  # the case breaks this rule
     with pytest.raises(PlanError) as info:
         plan(parse_job(job))

@@ -206,20 +206,12 @@ def test_removed_num_workers_says_so() -> None:
 def test_every_rule_of_the_table_is_broken_by_a_case() -> None:
     """The BAD cases above (and the degree cases) break every rule in the table at least once."""
     from kubetron_api.expr import evaluate, expand
-    from kubetron_api.rules import DERIVED, RULES, spec_values
+    from kubetron_api.rules import DERIVED, RULES, ShapeSpec
 
     seen: set[str] = set()
     for _, preset, fields, _ in BAD:
         spec = make_job(preset, **fields).spec
-        values = spec_values(
-            arch=spec.model.resolve(),
-            recipe=spec.recipe,
-            parallelism=spec.parallelism,
-            data=spec.data,
-            world_size=spec.resources.world_size,
-            gpus_per_node=spec.resources.gpus_per_node,
-            device=spec.resources.device,
-        )
+        values = ShapeSpec.of_job(spec).values()
         seen |= {r.name for r in RULES if not evaluate(expand(r.expr, DERIVED), values)}
     seen |= {"degrees-positive", "world-per-expert-parallel"}  # the ParallelDims cases
     missing = {r.name for r in RULES} - seen

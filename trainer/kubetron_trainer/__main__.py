@@ -26,7 +26,7 @@ from kubetron_api.ckpt_meta import Attempt, check_fence
 from kubetron_api.config import FastPath, TrainerConfig
 from kubetron_api.dims import ParallelConfigError, ParallelDims
 from kubetron_api.exitcodes import ConfigError, ExitCode, Terminated
-from kubetron_api.rules import check_device, check_shape, missing_transformer_engine
+from kubetron_api.rules import ShapeSpec, check_device, check_shape, missing_transformer_engine
 from kubetron_trainer.failures import classify
 from kubetron_trainer.topology import Topology
 
@@ -107,14 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"the config expects {cfg.world_size} processes but torchrun started "
                 f"{topology.world_size}; match nnodes*nproc-per-node to worldSize",
             )
-        shape = check_shape(
-            arch=cfg.model,
-            recipe=cfg.recipe,
-            parallelism=cfg.parallelism,
-            data=cfg.data,
-            world_size=cfg.world_size,
-            gpus_per_node=cfg.gpus_per_node,
-        )
+        shape = check_shape(ShapeSpec.of_config(cfg))
         return run(cfg, shape.dims, topology, args)
     except BaseException as err:  # every way out gets an exit code for the restart policy
         code = classify(err)

@@ -111,14 +111,7 @@ def make_groups(
 ) -> ProcessGroupCollection:
     """The model's process groups: our own (decentralized) or Megatron's global ones."""
     if mode == "global":
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=dims.tp,
-            pipeline_model_parallel_size=dims.pp,
-            virtual_pipeline_model_parallel_size=dims.vpp_size,
-            context_parallel_size=dims.cp,
-            expert_model_parallel_size=dims.ep,
-            expert_tensor_parallel_size=dims.etp,
-        )
+        parallel_state.initialize_model_parallel(**dims.megatron_sizes())  # type: ignore[arg-type]
         return ProcessGroupCollection.use_mpu_process_groups()
     timeout = timedelta(seconds=cfg.collective_timeout_seconds)
     groups = build_process_groups(dims, topology, backend, options=GroupOptions(timeout=timeout))

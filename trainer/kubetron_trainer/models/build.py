@@ -93,12 +93,7 @@ def transformer_config(
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=0.02,
-        tensor_model_parallel_size=dims.tp,
-        pipeline_model_parallel_size=dims.pp,
-        virtual_pipeline_model_parallel_size=dims.vpp_size,
-        context_parallel_size=dims.cp,
-        expert_model_parallel_size=dims.ep,
-        expert_tensor_parallel_size=dims.etp,
+        **dims.megatron_sizes(),  # type: ignore[arg-type]
         sequence_parallel=cfg.parallelism.sequence_parallel,
         num_moe_experts=arch.num_experts,
         moe_router_topk=arch.moe_router_topk if arch.is_moe else 2,
