@@ -17,9 +17,14 @@ One command runs every piece that fits the GPUs of this host and prints one JSON
               finalize_model_grads: losses and every parameter's gradient compared
   sp          the trainer at TP2 with and without SP (local spec and `fastPath: on`), bf16,
               each run alone on the GPUs: losses, peak memory, step time; SP with global groups
+  reshard     checkpoints resumed across shapes (issue 19): PP2 -> PP2 x VPP2, PP2 x VPP2 -> DP2,
+              PP2 -> DP2, MoE EP2 -> EP1 x DP2 and back; each resume against the new shape's
+              and the old shape's uninterrupted runs from a common checkpoint: losses, step,
+              data position, RNG re-seed, save and load seconds
 
-Then it runs tests/gpu/test_multigpu.py in this process with pytest: the tests reuse the runs
-above (cached per process) instead of training again, and their outcome goes into the JSON.
+Then it runs tests/gpu/test_multigpu.py and tests/gpu/test_reshard_gpu.py in this process with
+pytest: the tests reuse the runs above (cached per process) instead of training again, and their
+outcome goes into the JSON.
 
     python benchmarks/multigpu.py --output benchmarks/results/multigpu.json
 
@@ -35,6 +40,7 @@ import functools
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import statistics
@@ -43,6 +49,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -59,7 +66,7 @@ from kubetron_api.config import PRESETS, ModelArch, TrainerConfig  # noqa: E402
 WORLD = 2
 # "cpu" and "fp32" only to check this script's plumbing with gloo on a machine without GPUs
 DEVICE, PRECISION = "cuda", "bf16"
-TEST_FILE = ROOT / "tests/gpu/test_multigpu.py"
+TEST_FILES = [ROOT / "tests/gpu/test_multigpu.py", ROOT / "tests/gpu/test_reshard_gpu.py"]
 WORKDIR = Path(os.environ.get("KUBETRON_MULTIGPU_WORKDIR", tempfile.gettempdir())) / "kubetron-mg"
 
 # ------------------------------------------------------------------------------ trainer cases
@@ -130,7 +137,11 @@ def trainer_config(
     save_interval: int = 100,
     fast_path: str = "off",
     precision: str | None = None,
+    decay_iters: int | None = None,
 ) -> dict[str, Any]:
+    schedule: dict[str, Any] = {"warmupIters": 1}
+    if decay_iters is not None:
+        schedule["decayIters"] = decay_iters
     recipe = {
         "trainIters": steps,
         "globalBatchSize": global_batch,
@@ -139,7 +150,7 @@ def trainer_config(
         "precision": precision or PRECISION,
         "fastPath": fast_path,
         "optimizer": {"lr": lr, "minLr": lr / 10, "distributed": distributed_optimizer},
-        "lrSchedule": {"warmupIters": 1},
+        "lrSchedule": schedule,
         "logInterval": 1,
     }
     cfg = TrainerConfig.model_validate(
@@ -180,7 +191,7 @@ def finish(started: Any, what: str) -> dict[str, Any]:
 
 def summarize(result: dict[str, Any], warmup: int = 2) -> dict[str, Any]:
     steps = result["steps"]
-    timed = [s["s"] for s in steps[warmup:]]
+    timed = [s.get("duration_s", s.get("s")) for s in steps[warmup:]]  # "s" before StepStats
     return {
         "groups": result["groups"],
         "attention": result["attention"],
@@ -284,6 +295,337 @@ def checkpoint_reshard() -> dict[str, Any]:
         },
         "loss_drop_steps_1_to_resume": full["losses"][0] - full["losses"][CKPT_AT],
     }
+
+
+# ------------------------------------------------- checkpoints across PP / VPP / EP (issue 19)
+
+# Each pair (old shape -> new shape) on 2 GPUs, bf16, distributed optimizer, mock data:
+#   base       one run of the family's base shape trains steps 1..K0 and saves step K0
+#   reference  every shape of the family resumes that step-K0 checkpoint and trains K0+1..N
+#              without interruption, saving at K and N (the "uninterrupted run" of that shape)
+#   resumed    a copy of the old shape's step-K checkpoint, resumed in the new shape, K+1..N
+# On GPUs Megatron initialises each rank's shards from seeds offset by pipeline stage and by
+# expert-parallel rank (seeding.rng_seeds), so runs of two shapes started at step 0 hold other
+# weights; from the common step-K0 checkpoint every shape starts from the same ones, and the
+# resumed run must follow both the new shape's reference and the old shape's continuation.
+# Dense: the checkpoint piece's model (qwen3-0.6b widths, 4 layers, 4096-token vocabulary;
+# PP2 x VPP2 holds one layer a chunk). MoE: the ep2_moe case's qwen3-30b-a3b widths, 4 layers,
+# 16 experts top-4, with the same small vocabulary so that the loss moves within a few steps.
+RESHARD_K0, RESHARD_K, RESHARD_N = 2, 4, 8
+RESHARD_SEQ, RESHARD_MICRO, RESHARD_GBS, RESHARD_LR = 512, 2, 8, 3e-3
+RESHARD_REL = 5e-3  # bf16, another order of reductions: the checkpoint piece's tolerance
+# gradient norms of a resume and of the old shape's continuation (the same state at step K);
+# measured on 2 H200s: at most 3.4e-4 (dense) and 4.2e-3 (MoE) apart
+RESHARD_GRAD_REL = 5e-2
+RESHARD_TIMEOUT_S = 150.0  # one wave's runs, up to five jobs sharing the 2 GPUs
+RESHARD_TOTAL_S = 300.0  # every run is killed once the piece has run this long
+RESHARD_FALLBACK_AFTER_S = 200.0  # no fallback wave once the piece has run this long
+RESHARD_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dense": ("qwen3-0.6b", {"num_layers": 4, "vocab_size": 4096}),
+    "moe": (
+        "qwen3-30b-a3b",
+        {"num_layers": 4, "num_experts": 16, "moe_router_topk": 4, "vocab_size": 4096},
+    ),
+}
+RESHARD_SHAPES: dict[str, tuple[str, dict[str, int]]] = {
+    "pp2": ("dense", {"pipeline": 2}),
+    "pp2_vpp2": ("dense", {"pipeline": 2, "virtualPipeline": 2}),
+    "dp2": ("dense", {}),
+    "moe_ep2": ("moe", {"expert": 2}),
+    "moe_ep1_dp2": ("moe", {}),
+}
+RESHARD_BASE = {"dense": "dp2", "moe": "moe_ep2"}  # the shape that trains steps 1..K0
+# beside each base run, another shape trains steps 1..K0 from its own initial weights: how far
+# runs of two shapes started at step 0 are apart (recorded, not asserted)
+RESHARD_INIT_CHECK = {"dense": "pp2", "moe": "moe_ep1_dp2"}
+# fresh runs (steps 1..K0, no checkpoint) recorded beside them: PP2 x VPP2 with decentralized
+# and with Megatron's global groups (its gradient norms after a resume were 1e4 times PP2's)
+RESHARD_FRESH = [("pp2_vpp2", "decentralized"), ("pp2_vpp2", "global")]
+RESHARD_PAIRS = [
+    ("pp2", "pp2_vpp2"),
+    ("pp2_vpp2", "dp2"),
+    ("pp2", "dp2"),
+    ("moe_ep2", "moe_ep1_dp2"),
+    ("moe_ep1_dp2", "moe_ep2"),
+    ("pp2_vpp2", "pp2_vpp2"),  # control: the same shape (RNG restored)
+]
+RESEED_LOG = "RNG states not loaded (saved by another shape): re-seeded"
+_LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \[rank 0\]")
+_SAVED = re.compile(r"saved checkpoint of step (\d+) to \S+ in ([0-9.]+)s")
+_ERROR = re.compile(r"^\s*([\w.]+(Error|Exception)|AssertionError)\b.*")
+
+
+def pair_key(old: str, new: str) -> str:
+    return f"{old}_to_{new}"
+
+
+def reshard_config(
+    name: str, shape: str, ckpt: Path | None, steps: int, interval: int
+) -> dict[str, Any]:
+    family, parallelism = RESHARD_SHAPES[shape]
+    preset, overrides = RESHARD_MODELS[family]
+    arch = PRESETS[preset].model_copy(update=overrides)
+    return trainer_config(
+        f"rs-{name}", arch, preset, parallelism, steps=steps, seq=RESHARD_SEQ,
+        micro_batch=RESHARD_MICRO, global_batch=RESHARD_GBS, lr=RESHARD_LR, checkpoint=ckpt,
+        save_interval=interval, decay_iters=RESHARD_N,  # one LR schedule for every run
+    )  # fmt: skip
+
+
+def copy_step(source: Path, step: int, dest: Path | None) -> None:
+    """`dest` as a checkpoint directory holding `source`'s step `step` only, `latest` on it."""
+    assert dest is not None
+    dest.mkdir(parents=True)
+    shutil.copytree(source / f"iter_{step:07d}", dest / f"iter_{step:07d}")
+    (dest / "latest").write_text(f"{step}\n")
+
+
+def log_times(log: str) -> dict[str, Any]:
+    """From rank 0's log: each save's seconds (the trainer's own timing) and the load's wall
+    seconds, from the line logged after setup to 'resumed from' (the files' metadata, the
+    sharded load, model, optimizer and scheduler state, the RNG)."""
+    saves = {m.group(1): float(m.group(2)) for m in _SAVED.finditer(log)}
+    began = resumed = None
+    for line in log.splitlines():
+        stamp = _LOG_TIME.match(line)
+        if stamp is None:
+            continue
+        when = datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f")
+        if "kubetron trainer:" in line:
+            began = when
+        elif "resumed from" in line and began is not None:
+            resumed = when
+    load = (resumed - began).total_seconds() if began and resumed else None
+    return {"save_s": saves, "load_s": load}
+
+
+def failure(started: Any, codes: list[int] | None, err: str | None = None) -> dict[str, Any]:
+    """What a failed run said: its exit codes, each rank's last error line and log tail."""
+    errors, tails = [], []
+    for log in started.logs:
+        text = log.read_text() if log.exists() else ""
+        lines = text.splitlines()
+        found = [m.group(0).strip() for m in map(_ERROR.match, lines) if m]
+        found = found or [line for line in lines if "] ERROR " in line]
+        errors.append(found[-1] if found else None)
+        tails.append(text[-2500:])
+    return {"status": "failed", "exit_codes": codes, "error": err or errors[0] or errors[-1],
+            "errors_per_rank": errors, "log_tails": tails}  # fmt: skip
+
+
+def reshard_record(started: Any, ckpt: Path | None) -> dict[str, Any]:
+    result = started.result()
+    steps = result["steps"]
+    saved = {}
+    latest = ckpt / "latest" if ckpt else None
+    for meta_file in sorted(ckpt.glob("iter_*/kubetron.json") if ckpt else []):
+        meta = json.loads(meta_file.read_text())
+        saved[str(meta["step"])] = {k: meta[k] for k in ("shape", "consumedSamples", "step")}
+    return {
+        "status": "ok",
+        "resumed_from": result["resumed_from"],
+        "rng": result["rng"],
+        "first_sample": result["first_sample"],
+        "reseed_logged": RESEED_LOG in started.output(),
+        "steps": [s["step"] for s in steps],
+        "losses": [s["loss"] for s in steps],
+        "lrs": [s["lr"] for s in steps],
+        "grad_norms": [s["grad_norm"] for s in steps],
+        **log_times(started.logs[0].read_text()),
+        "wall_s": result["wall_s"],
+        "peak_memory_gib_rank0": result.get("peak_memory_gib"),
+        "groups": result["groups"],
+        "latest": latest.read_text().strip() if latest and latest.exists() else None,
+        "saved": saved,
+    }
+
+
+def wait_job(started: Any, deadline: float, grace_s: float = 15.0) -> list[int] | None:
+    """Exit codes of a job's processes; once one rank failed the others get `grace_s` (a rank
+    left in a collective would wait for the collective timeout), then are killed. None when
+    the deadline passed first (every process killed)."""
+    failed_at = None
+    while True:
+        codes = [p.poll() for p in started.procs]
+        if all(c is not None for c in codes):
+            return codes  # type: ignore[return-value]
+        now = time.monotonic()
+        if failed_at is None and any(c not in (None, 0) for c in codes):
+            failed_at = now
+        if now > deadline or (failed_at is not None and now - failed_at > grace_s):
+            for proc in started.procs:
+                if proc.poll() is None:
+                    proc.kill()
+            final = [proc.wait() for proc in started.procs]
+            return None if failed_at is None else final
+        time.sleep(0.5)
+
+
+Job = tuple[dict[str, Any], Path | None, str]  # trainer config, checkpoint path, groups
+
+
+def run_wave(jobs: dict[str, Job], base: Path, deadline: float) -> dict[str, Any]:
+    """Start every job at once (up to six jobs, two processes each, on the 2 GPUs: their
+    timings are shared), wait for all; a failed job is recorded with what it said."""
+    started, out = {}, {}
+    for name, (cfg, _, groups) in jobs.items():
+        started[name] = launch_trainer(cfg, base / name / "run", groups)
+    limit = deadline - time.monotonic()
+    for name, s in started.items():
+        codes = wait_job(s, deadline)
+        if codes is None:
+            out[name] = failure(s, None, f"no exit within {limit:.0f}s (killed)")
+        elif codes != [0] * len(codes):
+            out[name] = failure(s, codes)
+        else:
+            out[name] = reshard_record(s, jobs[name][1])
+    return out
+
+
+def by_step(run: dict[str, Any], steps: range, what: str = "losses") -> list[float] | None:
+    if run.get("status") != "ok":
+        return None
+    losses = dict(zip(run["steps"], run[what], strict=True))
+    return [losses[s] for s in steps] if all(s in losses for s in steps) else None
+
+
+def max_rel(a: list[float] | None, b: list[float] | None) -> float | None:
+    if a is None or b is None:
+        return None
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True))
+
+
+def reshard_runs() -> dict[str, Any]:
+    """Three waves: each family's base run to K0; every shape from K0 to N (saving at K);
+    each pair's resume of the old shape's step K in the new shape. A failed run is recorded
+    (its error and log tails) and only the runs that need it are left out; an old shape whose
+    reference failed is trained from step 0 instead (`fresh_<shape>`, its own initial weights,
+    so that pair is compared with the old shape's continuation only)."""
+    k0, k, n = RESHARD_K0, RESHARD_K, RESHARD_N
+    base = WORKDIR / "reshard"
+    if base.exists():
+        shutil.rmtree(base)
+    began = time.monotonic()
+    report: dict[str, Any] = {
+        "steps": {"base_to": k0, "resume_at": k, "to": n},
+        "recipe": {"seq_length": RESHARD_SEQ, "micro_batch": RESHARD_MICRO,
+                   "global_batch": RESHARD_GBS, "lr": RESHARD_LR, "warmup": 1,
+                   "decay_iters": n, "precision": PRECISION, "distributed_optimizer": True,
+                   "optimizer_sharding": "fully_reshardable", "data": "mock"},
+        "models": {f: {"preset": p, "overrides": o} for f, (p, o) in RESHARD_MODELS.items()},
+        "shapes": {s: {"model": f, "parallelism": v} for s, (f, v) in RESHARD_SHAPES.items()},
+        "base_shape": RESHARD_BASE,
+        "tolerance_rel": RESHARD_REL,
+        "concurrency": "each wave's jobs at once on the 2 GPUs (save/load seconds are shared)",
+        "wave_s": {},
+        "runs": {},
+    }  # fmt: skip
+
+    def wave(label: str, jobs: dict[str, Job]) -> dict[str, Any]:
+        t0 = time.monotonic()
+        deadline = min(t0 + RESHARD_TIMEOUT_S, began + RESHARD_TOTAL_S)
+        out = run_wave(jobs, base, deadline) if jobs else {}
+        report["wave_s"][label] = time.monotonic() - t0
+        report["runs"][label] = out
+        (base / "partial.json").write_text(json.dumps(report, indent=1))
+        return out
+
+    def job(name: str, shape: str, steps: int, interval: int, save: bool = True) -> Job:
+        ckpt = base / name / "ckpt" if save else None
+        groups = "global" if name.endswith("_global") else "decentralized"
+        return reshard_config(name, shape, ckpt, steps, interval), ckpt, groups
+
+    base.mkdir(parents=True)
+    jobs: dict[str, Job] = {
+        f"base_{f}": job(f"base_{f}", shape, k0, k0) for f, shape in RESHARD_BASE.items()
+    }
+    jobs |= {f"init_{s}": job(f"init_{s}", s, k0, k0, False) for s in RESHARD_INIT_CHECK.values()}
+    for shape, groups in RESHARD_FRESH:
+        name = f"fresh0_{shape}" + ("_global" if groups == "global" else "")
+        jobs[name] = job(name, shape, k0, k0, False)
+    bases = wave("base", jobs)
+    report["init_check"] = {
+        f: {
+            "shapes": [RESHARD_BASE[f], other],
+            "losses": [bases[f"base_{f}"].get("losses"), bases[f"init_{other}"].get("losses")],
+            "max_rel_diff": max_rel(
+                bases[f"base_{f}"].get("losses"), bases[f"init_{other}"].get("losses")
+            ),
+        }
+        for f, other in RESHARD_INIT_CHECK.items()
+    }
+
+    jobs = {}
+    refs: dict[str, Any] = {}
+    for shape, (family, _) in RESHARD_SHAPES.items():
+        name = f"ref_{shape}"
+        if bases[f"base_{family}"]["status"] != "ok":
+            refs[name] = {"status": "not run", "error": f"base_{family} failed"}
+            continue
+        jobs[name] = job(name, shape, n, k)
+        copy_step(base / f"base_{family}" / "ckpt", k0, jobs[name][1])
+    refs |= wave("reference", jobs)
+    report["runs"]["reference"] = refs
+
+    olds = {old for old, _ in RESHARD_PAIRS}
+    sources = {old: f"ref_{old}" for old in olds if refs[f"ref_{old}"]["status"] == "ok"}
+    missing = sorted(olds - set(sources))
+    fresh: dict[str, Any] = {}
+    if missing and time.monotonic() - began < RESHARD_FALLBACK_AFTER_S:
+        fresh = wave("fresh", {f"fresh_{s}": job(f"fresh_{s}", s, n, k) for s in missing})
+        sources |= {s: f"fresh_{s}" for s in missing if fresh[f"fresh_{s}"]["status"] == "ok"}
+    done = refs | fresh
+
+    jobs = {}
+    resumed: dict[str, Any] = {}
+    for old, new in RESHARD_PAIRS:
+        name = pair_key(old, new)
+        if old not in sources:
+            resumed[name] = {"status": "not run", "error": f"no run of {old} saved step {k}"}
+            continue
+        jobs[name] = job(name, new, n, k)
+        copy_step(base / sources[old] / "ckpt", k, jobs[name][1])
+    resumed |= wave("resumed", jobs)
+    report["runs"]["resumed"] = resumed
+
+    after = range(k + 1, n + 1)
+    pairs = {}
+    for old, new in RESHARD_PAIRS:
+        run: dict[str, Any] = resumed[pair_key(old, new)]
+        source = sources.get(old)
+        ref_old: dict[str, Any] = done.get(source or "", {"status": "not run"})
+        ref_new: dict[str, Any] = (
+            refs[f"ref_{new}"] if source == f"ref_{old}" else {"status": "not comparable"}
+        )
+        got, want, cont = by_step(run, after), by_step(ref_new, after), by_step(ref_old, after)
+        pairs[pair_key(old, new)] = {
+            "old": old,
+            "new": new,
+            "old_parallelism": RESHARD_SHAPES[old][1],
+            "new_parallelism": RESHARD_SHAPES[new][1],
+            "source_run": source,
+            "status": run["status"],
+            "error": run.get("error"),
+            "steps": list(after),
+            "losses_resumed": got,
+            "losses_uninterrupted_new": want,
+            "losses_uninterrupted_old": cont,
+            "max_rel_diff_vs_new": max_rel(got, want),
+            "max_rel_diff_vs_old": max_rel(got, cont),
+            "grad_norms_resumed": run.get("grad_norms"),
+            "max_rel_grad_norm_diff_vs_old": max_rel(
+                run.get("grad_norms"), by_step(ref_old, after, "grad_norms")
+            ),
+            "max_rel_grad_norm_diff_vs_new": max_rel(
+                run.get("grad_norms"), by_step(ref_new, after, "grad_norms")
+            ),
+            "save_s_old_at_k": ref_old.get("save_s", {}).get(str(k)),
+            "load_s": run.get("load_s"),
+            "save_s_new_at_n": run.get("save_s", {}).get(str(n)),
+        }
+    report["pairs"] = pairs
+    (base / "partial.json").write_text(json.dumps(report, indent=1))
+    return report
 
 
 # ------------------------------------------------------------------ sequence parallelism (TE-free)
@@ -390,11 +732,11 @@ def sp_grads_worker(out_dir: Path) -> None:
                 distributed_optimizer=False, fast_path=fast, precision="fp32",
             )  # fmt: skip
             cfg = TrainerConfig.model_validate(raw)
+            dims = ParallelDims.from_degrees(WORLD, tp=2)
             if pg is None:
-                dims = ParallelDims.from_degrees(WORLD, tp=2)
                 pg = make_groups(cfg, dims, topo, "nccl", "decentralized")
             setup_megatron_globals(pg, cfg.recipe.seed)
-            built = build_model(cfg, pg, device, "sdpa", FastPath.parse(fast))
+            built = build_model(cfg, dims, pg, device, "sdpa", FastPath.parse(fast))
             engine = GpuEngine(cfg, built.chunks, pg, fast=built.fast)
             batches = build_batches(cfg, reads_data=True, dp_rank=0, dp_size=1, device=device)
             losses = engine.forward_backward(batches.step(0))
@@ -675,7 +1017,9 @@ def versions() -> dict[str, Any]:
     }
 
 
-PIECES = ["groups", "tp2", "dp2", "pp2", "checkpoint", "pp2_vpp2", "ep2_moe", "sp_grads", "sp"]
+PIECES = [
+    "groups", "tp2", "dp2", "pp2", "checkpoint", "pp2_vpp2", "ep2_moe", "sp_grads", "sp", "reshard",
+]  # fmt: skip
 
 
 # Each piece's raw result (or the exception it raised) in this process. The benchmark fills it;
@@ -696,6 +1040,8 @@ def run_piece(piece: str) -> Any:
                 RESULTS[piece] = sp_grads_run()
             elif piece == "sp":
                 RESULTS[piece] = sequence_parallel_runs()
+            elif piece == "reshard":
+                RESULTS[piece] = reshard_runs()
             else:
                 RESULTS[piece] = train_pair(piece)
         except Exception as err:
@@ -712,7 +1058,7 @@ def run_tests(report: dict[str, Any]) -> int:
 
     global REUSE_ONLY
     REUSE_ONLY = True
-    args = ["-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT), str(TEST_FILE)]
+    args = ["-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT), *map(str, TEST_FILES)]
     began = time.perf_counter()
     code = int(pytest.main(args))
     report["tests"] = {
