@@ -13,7 +13,7 @@ import torch.distributed as dist
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from prometheus_client import CollectorRegistry
 
-from kubetron_api.dims import ParallelConfigError
+from kubetron_api.dims import ParallelConfigError, ParallelDims
 from kubetron_api.exitcodes import ConfigError, ExitCode, Terminated
 from kubetron_trainer.__main__ import load_config
 from kubetron_trainer.checkpoint import read_latest, write_latest
@@ -224,3 +224,24 @@ def test_megatron_distributed_optimizer_load_resumes_torch_adam_exactly() -> Non
         resumed.step()
     for a, b in zip(params, resumed_params, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("pp", "vpp", "batched"), [(2, 2, False), (4, 2, True), (2, 1, True)])
+def test_interleaved_two_stage_pipeline_sends_one_direction_at_a_time(
+    pp: int, vpp: int, batched: bool
+) -> None:
+    """With two stages the previous and the next stage are one peer: a batched isend/irecv
+    to it swapped activations and gradients under the interleaved schedule (2 H200s)."""
+    from kubetron_api.config import PRESETS, TrainerConfig
+    from kubetron_trainer.models.build import transformer_config
+
+    arch = PRESETS["gpt-tiny"].model_copy(update={"num_layers": 8})
+    cfg = TrainerConfig.model_validate(
+        {"model": arch.model_dump(), "preset": "gpt-tiny", "worldSize": pp, "gpusPerNode": pp,
+         "parallelism": {"pipeline": pp, "virtualPipeline": vpp},
+         "recipe": {"precision": "fp32", "seqLength": 64}}
+    )  # fmt: skip
+    dims = ParallelDims.from_degrees(pp, pp=pp, vpp=vpp)
+    config = transformer_config(cfg, dims, torch.device("cpu"))
+    assert config.batch_p2p_comm is batched
+    assert config.virtual_pipeline_model_parallel_size == (vpp if vpp > 1 else None)

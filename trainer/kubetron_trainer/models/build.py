@@ -94,6 +94,12 @@ def transformer_config(
         attention_dropout=0.0,
         init_method_std=0.02,
         **dims.megatron_sizes(),  # type: ignore[arg-type]
+        # Interleaved pipeline over two stages: the previous and the next stage are the same
+        # peer, and one batch_isend_irecv to it matches sends and receives in issue order, so
+        # a stage received the other's gradient as its activation (and the reverse; seen on 2
+        # H200s: gradient norms 1e3 times too large). Individual isend/irecv order them per
+        # direction (and use two communicators for a 2-rank group).
+        batch_p2p_comm=not (dims.pp == 2 and dims.vpp_size is not None),
         sequence_parallel=cfg.parallelism.sequence_parallel,
         num_moe_experts=arch.num_experts,
         moe_router_topk=arch.moe_router_topk if arch.is_moe else 2,
