@@ -167,6 +167,8 @@ class Controller:
         new_status = job_status(observed, job_plan, name, verdict, attempt, now)
         if verdict.action == "fail":
             self._stop_attempt(namespace, name, attempt, pods, keep_failed=True)
+        if verdict.action in ("fail", "suspend"):
+            # Suspended pods exit 143 after their save: not failures of the resumed pods.
             self._failed_pods.pop((namespace, name), None)
         self._write_status(body, old_status, new_status, verdict.reason or new_status["phase"],
                            verdict.message)  # fmt: skip

@@ -215,3 +215,20 @@ def test_a_failure_seen_only_in_a_watch_event_still_counts(kube: FakeKube) -> No
     c.reconcile("ml", "job")
     failed = next(x for x in status(kube)["conditions"] if x["type"] == "Failed")
     assert "exited with code 3" in failed["message"]
+
+
+def test_pods_that_exit_on_suspend_are_no_failure_after_resume(kube: FakeKube) -> None:
+    c = Controller(kube, OperatorMetrics())  # type: ignore[arg-type]
+    c.reconcile("ml", "job")
+    trainer_pod(kube, "master-0", 1)
+    c.reconcile("ml", "job")
+    spec = kube.objects[("MegatronJob", "ml", "job")]["spec"]
+    spec["runPolicy"] = {"suspend": True}
+    trainer_pod(kube, "master-0", 1, "Failed", code=143)  # saved on SIGTERM, then deleted
+    c.note_pod(kube.objects.pop(("Pod", "ml", "job-master-0")))
+    c.reconcile("ml", "job")
+    assert status(kube)["phase"] == "Suspended"
+    spec["runPolicy"] = {"suspend": False}
+    trainer_pod(kube, "master-0", 1)  # the training-operator re-creates the pods
+    assert c.reconcile("ml", "job") == "success"
+    assert (status(kube)["phase"], status(kube)["attempt"]) == ("Running", 1)
