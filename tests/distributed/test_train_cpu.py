@@ -7,7 +7,6 @@ training, metrics and resume tests; the others start their own runs.
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import signal
 import subprocess
@@ -27,28 +26,15 @@ from tests.distributed.train_harness import (
     scrape,
     wait_for_line,
 )
+from tests.hf_tokenizer import paragraphs
 
 pytestmark = pytest.mark.distributed
 STEPS, SAVE_EVERY = 20, 10
 
 
-def sample_text(paragraphs: int, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    nouns = ["cluster", "operator", "trainer", "pod", "node", "model", "gradient", "batch"]
-    verbs = ["schedules", "restarts", "watches", "shards", "saves", "reads", "scales"]
-    adjs = ["small", "busy", "quiet", "elastic", "patient", "careful", "fast"]
-
-    def sentence() -> str:
-        return f"The {rng.choice(adjs)} {rng.choice(nouns)} {rng.choice(verbs)} the " + (
-            f"{rng.choice(adjs)} {rng.choice(nouns)}."
-        )
-
-    return "\n\n".join(" ".join(sentence() for _ in range(6)) for _ in range(paragraphs))
-
-
 def tokenize(tmp: Path) -> str:
     text = tmp / "text.txt"
-    text.write_text(sample_text(300))
+    text.write_text(paragraphs(300))
     prefix = tmp / "data" / "text"
     cmd = [sys.executable, "-m", "kubetron_trainer.tokenize", "--input", str(text)]
     subprocess.run([*cmd, "--output-prefix", str(prefix)], check=True, cwd=ROOT / "trainer")

@@ -162,6 +162,10 @@ def run(
     no_te = resolve_backend(args.attention) != "te"
     if no_te and (problems := missing_transformer_engine(cfg.recipe, cfg.parallelism)):
         raise ParallelConfigError(problems, f"device {device.type}, world={cfg.world_size}")
+    if cfg.data.type == "indexed":  # the files, and the tokenizer against the model
+        from kubetron_trainer.data import check_indexed_data
+
+        check_indexed_data(cfg)
     attempt = Attempt.from_env(os.environ)  # set by the operator: fences checkpoint writes
     check_checkpoint(cfg, dims, attempt)
     backend = "nccl" if device.type == "cuda" else "gloo"

@@ -31,7 +31,8 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from kubetron_api.config import TrainerConfig
 from kubetron_api.exitcodes import ConfigError
-from kubetron_trainer.tokenize import ByteTokenizer
+from kubetron_trainer.models.build import padded_vocab_size
+from kubetron_trainer.tokenizer import Tokenizer, check_for_model
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +81,35 @@ class MockDataset:
         }
 
 
-def indexed_dataset(cfg: TrainerConfig, num_samples: int, reads_data: bool) -> GPTDataset | None:
-    """The training split of the configured blend, built by Megatron-Core (collective: every
-    rank of the job must call this; ranks that read no data get None)."""
-    data = cfg.data
-    if data.tokenizer.type != "byte":
-        raise ConfigError(
-            "data.tokenizer.type",
-            f"tokenizer type {data.tokenizer.type!r} is not supported by this trainer yet; use "
-            "'byte' and tokenize with `python -m kubetron_trainer.tokenize`",
+# Megatron's pad id for "no padding in the data" (megatron.core.datasets.megatron_dataset).
+NO_PAD = -1
+
+
+@dataclass(frozen=True)
+class DatasetTokenizer:
+    """What Megatron's GPTDataset reads from a tokenizer. A pad token equal to EOD (Qwen3's
+    base tokenizer has one) becomes Megatron's "no pad" id: masking it would hide every EOD from
+    the loss, so Megatron would warn and drop it anyway."""
+
+    eod: int
+    pad: int
+    vocab_size: int
+    unique_identifiers: dict[str, object]
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer) -> DatasetTokenizer:
+        eod, pad = tokenizer.eod, tokenizer.pad
+        assert eod is not None and pad is not None  # check_indexed_data refused it otherwise
+        return cls(
+            eod, NO_PAD if pad == eod else pad, tokenizer.vocab_size, tokenizer.unique_identifiers
         )
+
+
+def check_indexed_data(cfg: TrainerConfig) -> Tokenizer:
+    """What the trainer checks at start, before it joins the job, for `data.type: indexed`:
+    every dataset's files exist, and the tokenizer loads, fits the model's padded vocabulary and
+    has EOD and pad tokens. Raises ConfigError naming the field; returns the tokenizer."""
+    data = cfg.data
     for i, path in enumerate(data.paths):
         for suffix in (".bin", ".idx"):
             if not Path(path.prefix + suffix).is_file():
@@ -98,12 +118,25 @@ def indexed_dataset(cfg: TrainerConfig, num_samples: int, reads_data: bool) -> G
                     f"{path.prefix}{suffix} does not exist; give the prefix of an indexed "
                     "dataset (PREFIX.bin and PREFIX.idx)",
                 )
+    padded = padded_vocab_size(cfg.model.vocab_size, cfg.parallelism.tensor)
+    return check_for_model(data.tokenizer, cfg.model.vocab_size, padded)
+
+
+def indexed_dataset(cfg: TrainerConfig, num_samples: int, reads_data: bool) -> GPTDataset | None:
+    """The training split of the configured blend, built by Megatron-Core (collective: every
+    rank of the job must call this; ranks that read no data get None)."""
+    data = cfg.data
+    tokenizer = check_indexed_data(cfg)
+    log.info(
+        "indexed data: %d dataset(s), %s (%d tokens, EOD %s, pad %s)",
+        len(data.paths), tokenizer.describe(), tokenizer.vocab_size, tokenizer.eod, tokenizer.pad,
+    )  # fmt: skip
     config = GPTDatasetConfig(
         random_seed=cfg.recipe.seed,
         sequence_length=cfg.recipe.seq_length,
         blend=([p.prefix for p in data.paths], [p.weight for p in data.paths]),
         split=data.split,
-        tokenizer=ByteTokenizer(),  # type: ignore[arg-type]  # duck-typed: eod, pad, vocab_size
+        tokenizer=DatasetTokenizer.of(tokenizer),  # type: ignore[arg-type]  # duck-typed
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,

@@ -5,38 +5,21 @@ byte-level tokenizer: every UTF-8 byte is a token (0..255), then end-of-document
 padding (257); 258 tokens fit gpt-tiny's vocabulary of 512. Each non-empty paragraph (text
 between blank lines) becomes one document. Run it as
 `python -m kubetron_trainer.tokenize --input text.txt --output-prefix data/text`.
+JSONL and Parquet, other tokenizers and several processes: `kubetron_trainer.prepare`.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
+from kubetron_trainer.prepare import IndexedWriter
+from kubetron_trainer.tokenizer import ByteTokenizer
 
-@dataclass(frozen=True)
-class ByteTokenizer:
-    """Bytes as tokens; carries the attributes Megatron's GPTDataset reads (eod, pad, size)."""
-
-    eod: int = 256
-    pad: int = 257
-    vocab_size: int = 258
-
-    @property
-    def unique_identifiers(self) -> dict[str, object]:
-        """What Megatron hashes into the dataset cache's name."""
-        return {"class": "ByteTokenizer", "eod": self.eod, "pad": self.pad}
-
-    def tokenize(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def detokenize(self, ids: list[int]) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+__all__ = ["ByteTokenizer", "documents", "main", "write_indexed"]
 
 
 def documents(text: str) -> list[str]:
@@ -46,15 +29,12 @@ def documents(text: str) -> list[str]:
 
 def write_indexed(docs: list[str], prefix: Path, tokenizer: ByteTokenizer) -> int:
     """Write `docs` as one document each, ending in EOD; return the number of tokens."""
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
-    total = 0
-    for doc in docs:
-        ids = [*tokenizer.tokenize(doc), tokenizer.eod]
-        builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
-        total += len(ids)
-    builder.finalize(f"{prefix}.idx")
-    return total
+    with IndexedWriter(prefix, tokenizer.vocab_size) as writer:
+        for doc in docs:
+            ids = [*tokenizer.tokenize(doc), tokenizer.eod]
+            writer.add(np.asarray(ids), [len(ids)])
+        writer.commit()
+        return writer.tokens
 
 
 def main(argv: list[str] | None = None) -> int:

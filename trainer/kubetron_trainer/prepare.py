@@ -1,0 +1,523 @@
+"""Turn JSONL and Parquet text into a Megatron indexed dataset (`PREFIX.bin` + `PREFIX.idx`).
+
+`python -m kubetron_trainer.prepare INPUT... --output-prefix PREFIX [--tokenizer DIR|byte]`
+(console script `kubetron-prepare-data`). Inputs are files or glob patterns (expanded here, so
+a container's args need no shell) of `.jsonl`, `.jsonl.gz` and `.parquet`; each JSON line, or
+Parquet row, is one document, its text in `--text-key` (default `text`). Files are read in the
+order given (a pattern's matches sorted), and the documents are written in that order, whatever
+`--workers`; `--append-eod` ends every document with the tokenizer's EOD token (what GPT
+pretraining wants: Megatron's GPTDataset concatenates documents into sequences). Blank lines are
+skipped; a document with no tokens is skipped and counted.
+
+Worker processes (`--workers`, spawned) parse and tokenize chunks of `--chunk-size` documents;
+this process writes them in order with Megatron-Core's `IndexedDatasetBuilder`, to temporary
+names next to the output, and renames both files into place only when everything was written,
+so an error, SIGTERM or Ctrl-C leaves nothing at the prefix (an existing dataset there is kept
+unless `--overwrite`, and replaced only at the very end). Bad input stops the run, naming the
+file and line (Parquet: row, counting from 0): a line that is not a JSON object, a missing or
+non-string text field, an empty file. Progress goes to stderr every `--progress-interval`
+seconds, the summary (documents, tokens, seconds, tokens/s, files written) to stdout.
+Exit codes: 0 done, 2 bad arguments or input, 143 SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import gzip
+import json
+import os
+import secrets
+import signal
+import sys
+import time
+import warnings
+from collections import deque
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any, Literal
+
+import numpy as np
+
+from kubetron_trainer.tokenizer import BYTE, Tokenizer, TokenizerError, load
+
+SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+DEFAULT_CHUNK = 1024
+EXIT_INPUT = 2
+EXIT_SIGTERM = 143
+
+
+class PrepareError(Exception):
+    """Bad arguments or input; the message names the file and line (or row) and the fix."""
+
+
+class Interrupted(Exception):
+    """SIGTERM: stop, removing the partial output."""
+
+
+def token_dtype(vocab_size: int) -> type[np.unsignedinteger[Any] | np.signedinteger[Any]]:
+    """Megatron's choice (`DType.optimal_dtype`): uint16 below 65500 ids, else int32."""
+    return np.uint16 if vocab_size < 65500 else np.int32
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Consecutive documents of one file: raw JSONL lines from line `first` (1-based; blank
+    ones included, so a line's number is `first + i`), or Parquet texts from row `first`."""
+
+    file: int  # index into the input files
+    path: str
+    kind: Literal["jsonl", "parquet"]
+    first: int
+    items: list[Any]
+
+
+def expand_inputs(patterns: Sequence[str]) -> list[Path]:
+    """Files named or matched (a pattern's matches sorted), in order; each must be readable."""
+    files: list[Path] = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(pattern, recursive=True))
+            if not matches:
+                raise PrepareError(f"{pattern}: matches no file")
+        else:
+            matches = [pattern]
+        for match in matches:
+            path = Path(match)
+            if not path.is_file():
+                raise PrepareError(f"{path}: no such file")
+            if not path.name.endswith(SUFFIXES):
+                raise PrepareError(
+                    f"{path}: not a {', '.join(SUFFIXES)} file (the suffix picks the reader)"
+                )
+            files.append(path)
+    return files
+
+
+def read_chunks(file: int, path: Path, text_key: str, size: int) -> Iterator[Chunk]:
+    """The documents of input file number `file` in chunks of `size`; at least one chunk, so
+    an empty file reaches the check of its document count."""
+    if path.name.endswith(".parquet"):
+        yield from _parquet_chunks(file, path, text_key, size)
+    else:
+        yield from _jsonl_chunks(file, path, size)
+
+
+def _jsonl_chunks(file: int, path: Path, size: int) -> Iterator[Chunk]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    first, lines = 1, []
+    try:
+        with opener(path, "rb") as stream:
+            for line in stream:
+                lines.append(line)
+                if len(lines) == size:
+                    yield Chunk(file, str(path), "jsonl", first, lines)
+                    first, lines = first + size, []
+    except (OSError, EOFError) as err:  # a broken gzip stream
+        raise PrepareError(f"{path}:{first + len(lines)}: cannot read: {err}") from None
+    if lines or first == 1:
+        yield Chunk(file, str(path), "jsonl", first, lines)
+
+
+def _parquet_chunks(file: int, path: Path, text_key: str, size: int) -> Iterator[Chunk]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        reader = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise PrepareError(f"{path}: not a Parquet file: {err}") from None
+    schema = reader.schema_arrow
+    if text_key not in schema.names:
+        raise PrepareError(
+            f"{path}: no column {text_key!r} (columns: {', '.join(schema.names) or 'none'}); "
+            "name the text column with --text-key"
+        )
+    kind = schema.field(text_key).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise PrepareError(f"{path}: column {text_key!r} holds {kind}, not strings")
+    row = 0
+    try:
+        for batch in reader.iter_batches(batch_size=size, columns=[text_key]):
+            texts = batch.column(0).to_pylist()
+            yield Chunk(file, str(path), "parquet", row, texts)
+            row += len(texts)
+    except (pa.ArrowException, OSError) as err:
+        raise PrepareError(f"{path}: row {row} (counting from 0): cannot read: {err}") from None
+    if row == 0:
+        yield Chunk(file, str(path), "parquet", 0, [])
+
+
+# --------------------------------------------------------------------------- tokenizing
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One chunk tokenized: its documents' tokens end to end and each one's length, or the
+    first problem in it."""
+
+    file: int
+    documents: int  # records read (empty ones included)
+    tokens: np.ndarray
+    lengths: list[int]
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    tokenizer: str
+    text_key: str
+    append_eod: bool
+    dtype: str
+
+
+_worker: tuple[Tokenizer, Job] | None = None
+
+
+def _init_worker(job: Job) -> None:
+    """Worker start (spawned): load the tokenizer once; Ctrl-C is the parent's to handle, and
+    the worker processes are the parallelism (none inside `tokenizers`)."""
+    global _worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker = (load(job.tokenizer), job)
+
+
+def _encode_in_worker(chunk: Chunk) -> Encoded:
+    assert _worker is not None
+    return encode(chunk, *_worker)
+
+
+def encode(chunk: Chunk, tokenizer: Tokenizer, job: Job) -> Encoded:
+    """Parse and tokenize one chunk; the first bad record becomes `error`."""
+    texts: list[str] = []
+    for i, item in enumerate(chunk.items):
+        if chunk.kind == "jsonl":
+            if not item.strip():
+                continue
+            where = f"{chunk.path}:{chunk.first + i}"
+            text, problem = _json_text(item, job.text_key)
+        else:
+            where = f"{chunk.path}: row {chunk.first + i} (counting from 0)"
+            text, problem = item, None if item is not None else f"{job.text_key!r} is null"
+        if problem is not None:
+            return Encoded(chunk.file, 0, np.empty(0, job.dtype), [], f"{where}: {problem}")
+        assert text is not None
+        texts.append(text)
+    eod = [tokenizer.eod] if job.append_eod and tokenizer.eod is not None else []
+    docs = [ids + eod for ids in tokenizer.tokenize_batch(texts)]
+    docs = [d for d in docs if d]
+    flat = np.fromiter((t for d in docs for t in d), dtype=job.dtype, count=sum(map(len, docs)))
+    return Encoded(chunk.file, len(texts), flat, [len(d) for d in docs])
+
+
+def _json_text(raw: bytes, key: str) -> tuple[str | None, str | None]:
+    """(text, None) or (None, what is wrong with the line)."""
+    try:
+        record = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return None, f"not JSON ({err})"
+    if not isinstance(record, dict):
+        return None, f"not a JSON object but a {type(record).__name__}"
+    if key not in record:
+        fields = ", ".join(map(str, record)) or "none"
+        return None, f"no {key!r} field (fields: {fields}); name the text field with --text-key"
+    text = record[key]
+    if not isinstance(text, str):
+        return None, f"{key!r} is {'null' if text is None else type(text).__name__}, not a string"
+    return text, None
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class IndexedWriter:
+    """Megatron-Core's `IndexedDatasetBuilder` writing to temporary names next to `prefix`;
+    `commit` renames both files into place, `discard` (or leaving the `with` block by an
+    exception) removes them. PREFIX.idx (what makes a dataset complete) is renamed last, after
+    an existing one is removed, so no moment shows a complete-looking mix of old and new."""
+
+    def __init__(self, prefix: Path, vocab_size: int) -> None:
+        with warnings.catch_warnings():  # Megatron's notes on Transformer Engine, Apex, absl
+            warnings.simplefilter("ignore")
+            from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+        self.prefix = prefix
+        self.dtype = token_dtype(vocab_size)
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        tag = f"{os.getpid()}-{secrets.token_hex(4)}"  # created by the builder, with the umask
+        self.partial = {
+            suffix: prefix.parent / f".{prefix.name}{suffix}.{tag}.partial"
+            for suffix in (".bin", ".idx")
+        }
+        self.builder = IndexedDatasetBuilder(str(self.partial[".bin"]), dtype=self.dtype)
+        self.documents = 0
+        self.tokens = 0
+
+    def add(self, tokens: np.ndarray, lengths: Sequence[int]) -> None:
+        """Documents of `lengths` tokens each, `tokens` end to end."""
+        start = 0
+        for length in lengths:
+            self.builder.add_document(tokens[start : start + length], [length])
+            start += length
+        self.documents += len(lengths)
+        self.tokens += start
+
+    def commit(self) -> list[Path]:
+        self.builder.finalize(str(self.partial[".idx"]))
+        for path in self.partial.values():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        final = {s: Path(f"{self.prefix}{s}") for s in self.partial}
+        final[".idx"].unlink(missing_ok=True)
+        for suffix in (".bin", ".idx"):
+            os.replace(self.partial[suffix], final[suffix])
+        dir_fd = os.open(self.prefix.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self.partial = {}
+        return list(final.values())
+
+    def discard(self) -> None:
+        with contextlib.suppress(Exception):
+            self.builder.data_file.close()
+        for path in self.partial.values():
+            path.unlink(missing_ok=True)
+        self.partial = {}
+
+    def __enter__(self) -> IndexedWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()  # a no-op after commit
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass(frozen=True)
+class Summary:
+    files: int
+    documents: int
+    empty: int
+    tokens: int
+    seconds: float
+    written: list[Path]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def text(self) -> str:
+        sizes = ", ".join(f"{p} ({p.stat().st_size:,} bytes)" for p in self.written)
+        return (
+            f"prepare-data: {self.documents:,} documents ({self.empty:,} empty, skipped), "
+            f"{self.tokens:,} tokens from {self.files} files in {self.seconds:.1f} s "
+            f"({self.tokens_per_s:,.0f} tokens/s); wrote {sizes}"
+        )
+
+
+class Progress:
+    """A line on stderr every `interval` seconds."""
+
+    def __init__(self, files: int, interval: float) -> None:
+        self.files, self.interval = files, interval
+        self.start = self.last = time.monotonic()
+
+    def update(self, file_index: int, documents: int, tokens: int) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        elapsed = now - self.start
+        print(
+            f"prepare-data: file {file_index}/{self.files}, {documents:,} documents, "
+            f"{tokens:,} tokens, {tokens / elapsed:,.0f} tokens/s, "
+            f"{time.strftime('%H:%M:%S', time.gmtime(elapsed))}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def encoded_chunks(
+    chunks: Iterator[Chunk], tokenizer: Tokenizer, job: Job, workers: int
+) -> Generator[Encoded]:
+    """The chunks tokenized, in input order: in this process with one worker, else by a pool
+    of spawned workers with at most 2 chunks per worker in flight (bounded memory)."""
+    if workers == 1:
+        for chunk in chunks:
+            yield encode(chunk, tokenizer, job)
+        return
+    import multiprocessing
+
+    pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (job,))
+    try:
+        pending: deque[Any] = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def prepare(
+    inputs: Sequence[str],
+    output_prefix: Path,
+    *,
+    tokenizer: str = BYTE,
+    text_key: str = "text",
+    workers: int = 1,
+    append_eod: bool = False,
+    overwrite: bool = False,
+    chunk_size: int = DEFAULT_CHUNK,
+    progress_interval: float = 10.0,
+) -> Summary:
+    """Tokenize `inputs` into `output_prefix`.bin/.idx; raises PrepareError on bad input, leaving
+    nothing at the prefix (and an existing dataset there untouched)."""
+    files = expand_inputs(inputs)
+    if not files:
+        raise PrepareError("no input files; name .jsonl, .jsonl.gz or .parquet files or patterns")
+    try:
+        tok = load(tokenizer)
+    except TokenizerError as err:
+        raise PrepareError(f"--tokenizer {tokenizer}: {err}") from None
+    if append_eod and tok.eod is None:
+        raise PrepareError(
+            f'--append-eod: {tok.describe()} defines no EOD token; set "eos_token" in its '
+            "tokenizer_config.json"
+        )
+    if not overwrite:
+        for suffix in (".bin", ".idx"):
+            if Path(f"{output_prefix}{suffix}").exists():
+                raise PrepareError(
+                    f"{output_prefix}{suffix} exists; pass --overwrite to replace it (only once "
+                    "the new dataset is complete) or choose another --output-prefix"
+                )
+    job = Job(tokenizer, text_key, append_eod, np.dtype(token_dtype(tok.vocab_size)).name)
+    per_file = [0] * len(files)
+
+    def chunks() -> Iterator[Chunk]:
+        for i, path in enumerate(files):
+            yield from read_chunks(i, path, text_key, chunk_size)
+
+    documents = 0
+    with (
+        IndexedWriter(output_prefix, tok.vocab_size) as writer,
+        contextlib.closing(encoded_chunks(chunks(), tok, job, workers)) as results,
+    ):
+        progress = Progress(len(files), progress_interval)  # the clock starts with the reading
+        for enc in results:
+            if enc.error is not None:
+                raise PrepareError(enc.error)
+            index = enc.file
+            per_file[index] += enc.documents
+            if index > 0 and per_file[index - 1] == 0:
+                raise PrepareError(f"{files[index - 1]}: empty (no documents)")
+            documents += enc.documents
+            writer.add(enc.tokens, enc.lengths)
+            progress.update(index + 1, documents, writer.tokens)
+        if per_file[-1] == 0:
+            raise PrepareError(f"{files[-1]}: empty (no documents)")
+        if writer.tokens == 0:
+            raise PrepareError("every document is empty: no tokens to write")
+        written = writer.commit()
+        return Summary(
+            len(files), documents, documents - writer.documents, writer.tokens,
+            time.monotonic() - progress.start, written,
+        )  # fmt: skip
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="kubetron-prepare-data",
+        description="Tokenize JSONL and Parquet text into a Megatron indexed dataset "
+        "(PREFIX.bin + PREFIX.idx).",
+    )
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="files or glob patterns (quoted; ** recurses) of .jsonl, .jsonl.gz, .parquet",
+    )
+    p.add_argument("--output-prefix", type=Path, required=True, help="writes PREFIX.bin/.idx")
+    p.add_argument(
+        "--tokenizer",
+        default=BYTE,
+        help="'byte', or a Hugging Face tokenizer directory (tokenizer.json, "
+        "tokenizer_config.json), loaded offline (default: byte)",
+    )
+    p.add_argument("--text-key", default="text", help="JSON field / Parquet column of the text")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="tokenizing processes (default: the CPUs this process may run on)",
+    )
+    p.add_argument(
+        "--append-eod", action="store_true", help="end every document with the EOD token"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing dataset at the prefix"
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=DEFAULT_CHUNK,
+        help=f"documents per task handed to a worker (default {DEFAULT_CHUNK})",
+    )
+    p.add_argument(
+        "--progress-interval",
+        type=float,
+        default=10.0,
+        help="seconds between progress lines on stderr (default 10)",
+    )
+    args = p.parse_args(argv)
+    if args.workers < 1 or args.chunk_size < 1:
+        p.error("--workers and --chunk-size must be at least 1")
+    return args
+
+
+def _sigterm(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted("SIGTERM")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        summary = prepare(
+            args.inputs,
+            args.output_prefix,
+            tokenizer=args.tokenizer,
+            text_key=args.text_key,
+            workers=args.workers,
+            append_eod=args.append_eod,
+            overwrite=args.overwrite,
+            chunk_size=args.chunk_size,
+            progress_interval=args.progress_interval,
+        )
+    except PrepareError as err:
+        print(f"prepare-data: {err}", file=sys.stderr)
+        return EXIT_INPUT
+    except Interrupted:
+        print("prepare-data: SIGTERM; removed the partial output", file=sys.stderr)
+        return EXIT_SIGTERM
+    print(summary.text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
