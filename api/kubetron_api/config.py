@@ -298,11 +298,20 @@ class ParallelismSpec(ApiModel):
 
 
 class TokenizerSpec(ApiModel):
-    """Tokenizer; `byte` needs no download and is what tests and the demo use."""
+    """The tokenizer the indexed data was prepared with; the trainer checks it against the
+    model at start. `byte` needs no download and is what tests and the demo use."""
 
-    type: Literal["byte", "huggingface"] = Field(default="byte", description="Tokenizer kind.")
+    type: Literal["byte", "huggingface"] = Field(
+        default="byte",
+        description="byte: UTF-8 bytes (ids 0-255, EOD 256, pad 257). huggingface: the "
+        "tokenizer directory in name.",
+    )
     name: str | None = Field(
-        default=None, max_length=253, description="Hugging Face tokenizer name or local path."
+        default=None,
+        max_length=253,
+        description="Directory on a volume holding a Hugging Face tokenizer.json, with "
+        "eos_token (EOD) and pad_token in tokenizer_config.json or special_tokens_map.json; "
+        "loaded offline. Its vocabulary must fit the model's vocabSize.",
     )
 
 
