@@ -20,6 +20,7 @@ BASE: dict[str, Any] = {
 }
 
 _SECTIONS = {
+    "model": {"weights"},
     "recipe": {
         "trainIters",
         "globalBatchSize",

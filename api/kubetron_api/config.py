@@ -51,6 +51,9 @@ class ModelArch(ApiModel):
         default="rope", description="Rotary or learned absolute position embeddings."
     )
     rotary_base: int = Field(default=10000, ge=1, description="RoPE base (theta).")
+    norm_epsilon: float = Field(
+        default=1e-6, gt=0, description="Epsilon of every normalization layer."
+    )
     num_experts: int | None = Field(
         default=None, ge=1, description="Experts per MoE layer; unset for a dense model."
     )
@@ -104,7 +107,7 @@ PRESETS: dict[str, ModelArch] = {
     "llama3-8b": _arch(
         num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
         num_query_groups=8, kv_channels=128, vocab_size=128256, max_position_embeddings=8192,
-        rotary_base=500000, untie_embeddings=True,
+        rotary_base=500000, untie_embeddings=True, norm_epsilon=1e-5,
     ),
     "qwen3-30b-a3b": _arch(
         num_layers=48, hidden_size=2048, ffn_hidden_size=6144, num_attention_heads=32,
@@ -145,11 +148,20 @@ class ModelOverrides(ApiModel):
 
 
 class ModelSpec(ApiModel):
-    """Which model to train: a preset plus typed overrides."""
+    """Which model to train: a preset plus typed overrides, and the weights it starts from."""
 
     preset: PresetName = Field(description="Architecture preset (see the README's table).")
     overrides: ModelOverrides = Field(
         default_factory=ModelOverrides, description="Changes to the preset's numbers."
+    )
+    weights: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1024,
+        description="Hugging Face checkpoint directory (config.json and *.safetensors) on a "
+        "volume mounted in the pods; recipe.kind finetune starts from it, and only finetune "
+        "reads it. Its config.json must match the preset and overrides (Qwen3, Qwen3 MoE and "
+        "Llama checkpoints).",
     )
 
     def resolve(self) -> ModelArch:
@@ -244,8 +256,9 @@ class RecipeSpec(ApiModel):
 
     kind: Literal["pretrain", "finetune"] = Field(
         default="pretrain",
-        description="pretrain: from random weights. finetune is refused until the trainer can "
-        "load pretrained weights.",
+        description="pretrain: from random weights. finetune: from the Hugging Face weights in "
+        "spec.model.weights (needs them), at step 0 with a fresh optimizer and its own LR "
+        "schedule; a restart resumes from the job's own checkpoints instead.",
     )
     train_iters: int = Field(default=100, ge=1, description="Optimizer steps to run.")
     global_batch_size: int = Field(default=8, ge=1, description="Sequences per optimizer step.")
@@ -385,6 +398,9 @@ class TrainerConfig(ApiModel):
     job_name: str = Field(default="local", description="MegatronJob name, used in metric labels.")
     model: ModelArch = Field(description="Resolved architecture.")
     preset: str = Field(default="custom", description="Preset the architecture came from.")
+    weights: str | None = Field(
+        default=None, description="Hugging Face checkpoint directory to start from (finetune)."
+    )
     recipe: RecipeSpec = Field(default_factory=RecipeSpec)
     parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec)
     data: DataSpec = Field(default_factory=DataSpec)

@@ -136,9 +136,10 @@ SHAPE_RULES: tuple[Rule, ...] = (
     Rule(
         "finetune-needs-weights",
         "spec.recipe.kind",
-        "recipeKind != 'finetune'",
-        "spec.recipe.kind=finetune is not supported yet: the trainer cannot load pretrained "
-        "weights, so it would train from random ones; use kind pretrain",
+        "(recipeKind == 'finetune') == (size(modelWeights) > 0)",
+        "spec.recipe.kind={recipeKind} and spec.model.weights go together: finetune starts from "
+        "the Hugging Face checkpoint directory in spec.model.weights, and only finetune reads "
+        "it; set kind finetune with weights, or pretrain without them",
     ),
 )
 
@@ -201,6 +202,7 @@ CEL_PATHS: dict[str, str | None] = {
     "dataPaths": "(has(self.data.paths) ? self.data.paths : [])",
     "tokenizerType": "self.data.tokenizer.type",
     "tokenizerName": "(has(self.data.tokenizer.name) ? self.data.tokenizer.name : '')",
+    "modelWeights": "(has(self.model.weights) ? self.model.weights : '')",
     "fastPathListsCe": None,
     "numAttentionHeads": None,
     "numQueryGroups": None,
@@ -247,17 +249,18 @@ class ShapeSpec:
     world_size: int
     gpus_per_node: int
     device: Device = "gpu"
+    weights: str | None = None  # spec.model.weights
 
     @classmethod
     def of_job(cls, spec: MegatronJobSpec) -> ShapeSpec:
         res = spec.resources
         return cls(spec.model.resolve(), spec.recipe, spec.parallelism, spec.data,
-                   res.world_size, res.gpus_per_node, res.device)  # fmt: skip
+                   res.world_size, res.gpus_per_node, res.device, spec.model.weights)  # fmt: skip
 
     @classmethod
     def of_config(cls, cfg: TrainerConfig, device: Device = "gpu") -> ShapeSpec:
         return cls(cfg.model, cfg.recipe, cfg.parallelism, cfg.data, cfg.world_size,
-                   cfg.gpus_per_node, device)  # fmt: skip
+                   cfg.gpus_per_node, device, cfg.weights)  # fmt: skip
 
     def values(self) -> dict[str, expr.Value]:
         """The named values every rule reads."""
@@ -274,6 +277,7 @@ class ShapeSpec:
             "globalBatchSize": recipe.global_batch_size,
             "precision": recipe.precision.value,
             "recipeKind": recipe.kind,
+            "modelWeights": self.weights or "",
             "dataType": data.type,
             "dataPaths": [str(path) for path in data.paths],
             "tokenizerType": data.tokenizer.type,

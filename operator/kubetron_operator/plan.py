@@ -71,6 +71,7 @@ def plan(job: MegatronJob) -> Plan:
         job_name=job.name or "local",
         model=arch,
         preset=spec.model.preset,
+        weights=spec.model.weights,
         recipe=spec.recipe,
         parallelism=spec.parallelism,
         data=spec.data,

@@ -40,6 +40,10 @@ CHANGES: dict[str, tuple[Any, dict[str, Any]]] = {
     "spec.model.overrides.numExperts": (16, {}),
     "spec.model.overrides.moeRouterTopk": (4, {"spec.model.overrides.numExperts": 16}),
     "spec.model.overrides.moeFfnHiddenSize": (256, {"spec.model.overrides.numExperts": 16}),
+    "spec.model.weights": (
+        "/hf/b",
+        {"spec.model.weights": "/hf/a", "spec.recipe.kind": "finetune"},
+    ),
     "spec.recipe.trainIters": (7, {}),
     "spec.recipe.globalBatchSize": (32, {}),
     "spec.recipe.microBatchSize": (2, {}),

@@ -113,7 +113,13 @@ BAD: list[tuple[str, str | None, dict[str, object], list[str]]] = [
         "finetune-without-weights",
         None,
         {"kind": "finetune"},
-        ["spec.recipe.kind=finetune is not supported yet", "use kind pretrain"],
+        ["spec.recipe.kind=finetune and spec.model.weights go together", "finetune starts from"],
+    ),
+    (
+        "weights-without-finetune",
+        None,
+        {"weights": "/hf/qwen3-1.7b"},
+        ["spec.recipe.kind=pretrain and spec.model.weights go together", "only finetune reads"],
     ),
     (
         "cpu-sequence-parallel",
@@ -152,6 +158,13 @@ def test_valid_shape_derives_data_parallel() -> None:
     p = plan(make_job("qwen3-8b", tensor=4, pipeline=2, nodes=2, globalBatchSize=64))
     assert (p.dims.tp, p.dims.pp, p.dims.dp, p.world_size) == (4, 2, 2, 16)
     assert p.resolved_parallelism().data == 2
+
+
+def test_finetune_with_weights_hands_them_to_the_trainer() -> None:
+    p = plan(make_job(kind="finetune", weights="/hf/qwen3-1.7b"))
+    assert p.trainer_config.weights == "/hf/qwen3-1.7b"
+    assert p.trainer_config.recipe.kind == "finetune"
+    assert plan(make_job()).trainer_config.weights is None
 
 
 def test_fp8_and_context_parallel_are_image_requirements() -> None:

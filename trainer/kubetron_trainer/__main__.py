@@ -168,6 +168,10 @@ def run(
         check_indexed_data(cfg)
     attempt = Attempt.from_env(os.environ)  # set by the operator: fences checkpoint writes
     check_checkpoint(cfg, dims, attempt)
+    if cfg.weights is not None:  # a finetune's Hugging Face checkpoint fits the model (files)
+        from kubetron_api.hf_config import check_weights
+
+        check_weights(cfg.model, cfg.preset, Path(cfg.weights))
     backend = "nccl" if device.type == "cuda" else "gloo"
     metrics_dir = f"/tmp/kubetron-metrics-{cfg.job_name}-{topology.master_port}"
     prepare_multiproc_dir(topology.local_rank, metrics_dir)

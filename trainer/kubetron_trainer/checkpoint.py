@@ -190,6 +190,12 @@ def _megatron_dp_rank(rank: int) -> Iterator[None]:
         parallel_state._MPU_DATA_PARALLEL_RANK = before
 
 
+def sharded_model_state(chunk: MegatronModule, pg: ProcessGroupCollection) -> ShardedStateDict:
+    """One model chunk's sharded state dict on this rank's groups (what a checkpoint holds)."""
+    with _megatron_dp_rank(pg.dp_cp.rank()):
+        return chunk.sharded_state_dict(metadata={"dp_cp_group": pg.dp_cp})
+
+
 def _init_fresh_optimizer_state(optimizer: Any) -> None:
     """Give a fresh Megatron optimizer the state entries that loading reads before it loads.
 
@@ -295,14 +301,11 @@ class Checkpointer:
         self.world = dist.get_world_size()
 
     def _model_state(self) -> dict[str, Any]:
-        meta = {"dp_cp_group": self.pg.dp_cp}
-        with _megatron_dp_rank(self.pg.dp_cp.rank()):
-            if len(self.chunks) == 1:
-                return {"model": self.chunks[0].sharded_state_dict(metadata=meta)}
-            return {
-                f"model{i}": chunk.sharded_state_dict(metadata=meta)
-                for i, chunk in enumerate(self.chunks)
-            }
+        if len(self.chunks) == 1:
+            return {"model": sharded_model_state(self.chunks[0], self.pg)}
+        return {
+            f"model{i}": sharded_model_state(chunk, self.pg) for i, chunk in enumerate(self.chunks)
+        }
 
     def _sharded_state(
         self,

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from kubetron_api.ckpt_meta import Attempt, RunIdentity, claim
+from kubetron_api.ckpt_meta import Attempt, RunIdentity, claim, plan_resume
 from kubetron_api.config import FastPath, TrainerConfig
 from kubetron_api.dims import ParallelDims
 from kubetron_api.exitcodes import Terminated
@@ -80,6 +80,7 @@ class Summary:
     groups: str
     resumed_from: int
     rng: str = "seeded"  # after a resume: "restored" (same shape) or "re-seeded"
+    start: str = "random"  # the model's first weights: random, weights (finetune), checkpoint
     first_sample: int = 0  # the data position the run started at (consumed samples)
     steps: list[StepStats] = field(default_factory=list)  # the record logs and metrics got
     tokens_per_s: float = 0.0
@@ -186,6 +187,7 @@ class Run:
     checkpointer: Checkpointer | None
     metrics: TrainerMetrics | None
     progress: Progress
+    start: str = "random"  # what the model started from (start_weights)
 
 
 def setup(
@@ -201,11 +203,15 @@ def setup(
     pg = make_groups(cfg, dims, topology, backend, options.groups)
     setup_megatron_globals(pg, cfg.recipe.seed)  # global memory buffer and RNG seeds
     built = build_model(cfg, dims, pg, device, options.attention, options.fast_path)
+    identity = None
+    if cfg.checkpoint.path is not None:
+        identity = RunIdentity.from_config(cfg, dims, built.padded_vocab_size, options.attempt)
+    # before the engine: a GPU optimizer copies the parameters into its fp32 main weights
+    start = start_weights(cfg, identity, built.chunks, pg, built.padded_vocab_size)
     engine = make_engine(cfg, built.chunks, pg, device, fast=built.fast)
     scheduler = build_scheduler(engine.optimizer, cfg.recipe)
     checkpointer = None
-    if cfg.checkpoint.path is not None:
-        identity = RunIdentity.from_config(cfg, dims, built.padded_vocab_size, options.attempt)
+    if cfg.checkpoint.path is not None and identity is not None:
         if topology.rank == 0:  # this attempt owns the directory from now on
             claim(Path(cfg.checkpoint.path), options.attempt)
         checkpointer = Checkpointer(
@@ -215,8 +221,30 @@ def setup(
     progress = Progress(cfg, built.padded_vocab_size, device)
     return Run(
         cfg, options, topology, device, pg, built.chunks, built.attention, engine, scheduler,
-        checkpointer, metrics, progress,
+        checkpointer, metrics, progress, start,
     )  # fmt: skip
+
+
+def start_weights(
+    cfg: TrainerConfig,
+    identity: RunIdentity | None,
+    chunks: list,
+    pg: ProcessGroupCollection,
+    padded_vocab: int,
+) -> str:
+    """What the model starts from: `weights` (a finetune loads spec.model.weights), `checkpoint`
+    (a finetune whose job already saved a checkpoint resumes from it instead: a restart must
+    not start over) or `random` (pretrain). Every rank decides from the same files."""
+    if cfg.weights is None:
+        return "random"
+    path, auto = cfg.checkpoint.path, cfg.checkpoint.resume == "auto"
+    if identity is not None and path and auto and plan_resume(Path(path), identity) is not None:
+        log.info("finetune: %s has a checkpoint; resuming from it, not from %s", path, cfg.weights)
+        return "checkpoint"
+    from kubetron_trainer.hf import load_hf_weights
+
+    load_hf_weights(chunks, pg, cfg.model, Path(cfg.weights), padded_vocab)
+    return "weights"
 
 
 def train(run: Run) -> Summary:
@@ -241,6 +269,7 @@ def train(run: Run) -> Summary:
         start_sample=first_sample,
     )
     summary = Summary(cfg.job_name, str(run.device), run.attention, run.options.groups, start)
+    summary.start = "checkpoint" if resumed is not None else run.start
     if resumed is not None:
         summary.rng, summary.first_sample = resumed.rng, first_sample
     stop = StopFlag(run.device)

@@ -87,7 +87,7 @@ def transformer_config(
         gated_linear_unit=arch.swiglu,
         activation_func=F.silu if arch.swiglu else F.gelu,
         normalization=arch.normalization,
-        layernorm_epsilon=1e-6,
+        layernorm_epsilon=arch.norm_epsilon,
         qk_layernorm=arch.qk_layernorm,
         add_bias_linear=False,
         hidden_dropout=0.0,

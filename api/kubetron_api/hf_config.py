@@ -1,0 +1,197 @@
+"""Hugging Face `config.json` and kubetron's `ModelArch`: which checkpoints fit which model.
+
+Torch-free: the trainer checks a finetune's `spec.model.weights` here before it joins the job,
+and the export command writes the `config.json` of a kubetron checkpoint from the same table.
+Supported: Qwen3 (`Qwen3ForCausalLM`), Qwen3 MoE (`Qwen3MoeForCausalLM`) and Llama
+(`LlamaForCausalLM`, Llama 3 without RoPE scaling): SwiGLU, RMSNorm, RoPE, no biases.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubetron_api.config import ModelArch
+from kubetron_api.exitcodes import ConfigError
+
+WEIGHTS_FIELD = "spec.model.weights"
+ARCHITECTURES = {
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "llama": "LlamaForCausalLM",
+}
+
+
+def model_type(arch: ModelArch) -> str:
+    """The Hugging Face `model_type` of an architecture (Qwen3 has q/k norms, Llama none)."""
+    if arch.is_moe:
+        return "qwen3_moe"
+    return "qwen3" if arch.qk_layernorm else "llama"
+
+
+def unsupported(arch: ModelArch) -> list[str]:
+    """Why `arch` has no Hugging Face counterpart here (empty when it has one)."""
+    why = []
+    if not arch.swiglu:
+        why.append("a GELU MLP (supported: SwiGLU)")
+    if arch.normalization != "RMSNorm":
+        why.append(f"{arch.normalization} (supported: RMSNorm)")
+    if arch.position_embedding_type != "rope":
+        why.append(f"{arch.position_embedding_type} positions (supported: rope)")
+    if arch.is_moe and not arch.qk_layernorm:
+        why.append("an MoE model without q/k norms (supported: Qwen3 MoE)")
+    return why
+
+
+def hf_config(arch: ModelArch) -> dict[str, Any]:
+    """The `config.json` of `arch` (what export writes; what a checkpoint must match)."""
+    kind = model_type(arch)
+    cfg: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[kind]],
+        "model_type": kind,
+        "num_hidden_layers": arch.num_layers,
+        "hidden_size": arch.hidden_size,
+        "intermediate_size": arch.ffn_hidden_size,
+        "num_attention_heads": arch.num_attention_heads,
+        "num_key_value_heads": arch.num_query_groups,
+        "head_dim": arch.kv_channels,
+        "vocab_size": arch.vocab_size,
+        "max_position_embeddings": arch.max_position_embeddings,
+        "rope_theta": float(arch.rotary_base),
+        "rms_norm_eps": arch.norm_epsilon,
+        "tie_word_embeddings": not arch.untie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "rope_scaling": None,
+    }
+    if kind == "llama":
+        cfg["mlp_bias"] = False
+    if arch.is_moe:
+        cfg |= {
+            "num_experts": arch.num_experts,
+            "num_experts_per_tok": arch.moe_router_topk,
+            "moe_intermediate_size": arch.moe_ffn_hidden_size,
+            "norm_topk_prob": True,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+        }
+    return cfg
+
+
+@dataclass(frozen=True)
+class Check:
+    """One config.json key, the ModelArch field it must equal (camelCase) and its HF default."""
+
+    key: str
+    field: str
+    default: Any = None
+
+
+# What must agree; the defaults are transformers' for Qwen3/Llama configs that omit the key.
+CHECKS: tuple[Check, ...] = (
+    Check("model_type", "qkLayernorm/numExperts (Qwen3, Qwen3 MoE or Llama)"),
+    Check("num_hidden_layers", "numLayers"),
+    Check("hidden_size", "hiddenSize"),
+    Check("intermediate_size", "ffnHiddenSize"),
+    Check("num_attention_heads", "numAttentionHeads"),
+    Check("num_key_value_heads", "numQueryGroups"),
+    Check("head_dim", "kvChannels"),
+    Check("vocab_size", "vocabSize"),
+    Check("rope_theta", "rotaryBase"),
+    Check("rms_norm_eps", "normEpsilon"),
+    Check("tie_word_embeddings", "untieEmbeddings (inverted)", False),
+    Check("hidden_act", "swiglu (silu)", "silu"),
+    Check("attention_bias", "no biases", False),
+    Check("mlp_bias", "no biases", False),
+    Check("rope_scaling", "RoPE without scaling", None),
+    Check("num_experts", "numExperts"),
+    Check("num_experts_per_tok", "moeRouterTopk"),
+    Check("moe_intermediate_size", "moeFfnHiddenSize"),
+    Check("norm_topk_prob", "Megatron's top-k then softmax router (normalized)"),
+    Check("decoder_sparse_step", "an MoE MLP in every layer", 1),
+    Check("mlp_only_layers", "an MoE MLP in every layer", []),
+)
+
+
+def _value(raw: dict[str, Any], check: Check) -> Any:
+    """config.json's value of a key, with transformers' defaults and v5's `rope_parameters`."""
+    rope = raw.get("rope_parameters") or {}
+    if check.key == "head_dim" and raw.get("head_dim") is None:
+        return raw["hidden_size"] // raw["num_attention_heads"]
+    if check.key == "num_key_value_heads" and raw.get(check.key) is None:
+        return raw.get("num_attention_heads")
+    if check.key == "rope_theta" and "rope_theta" not in raw:
+        return rope.get("rope_theta")
+    if check.key == "rope_scaling":
+        scaling = raw.get("rope_scaling") or rope
+        kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+        return None if kind == "default" else scaling
+    return raw.get(check.key, check.default)
+
+
+def mismatches(arch: ModelArch, raw: dict[str, Any]) -> list[str]:
+    """Each config.json key whose value differs from what `arch` needs, with both values."""
+    want = hf_config(arch)
+    out = []
+    for check in CHECKS:
+        if check.key not in want:  # an MoE key of a dense model, mlp_bias of Qwen3
+            if check.key.startswith(("num_experts", "moe_")) and raw.get(check.key):
+                out.append(f"{check.key}={raw[check.key]!r}: an MoE checkpoint, a dense model")
+            continue
+        have = _value(raw, check)
+        expected = want[check.key]
+        same = have == expected
+        if isinstance(expected, float) and isinstance(have, int | float):
+            same = abs(have - expected) <= 1e-9 * max(abs(expected), 1e-30)
+        if not same:
+            out.append(f"{check.key}={have!r}, the model needs {expected!r} ({check.field})")
+    return out
+
+
+def read_hf_config(directory: Path) -> dict[str, Any]:
+    """`directory/config.json`, refusing (ConfigError on spec.model.weights) a directory without
+    it or without safetensors files."""
+    if not directory.is_dir():
+        raise ConfigError(
+            WEIGHTS_FIELD,
+            f"{directory} is not a directory; mount the volume that holds the Hugging Face "
+            "checkpoint and name its directory",
+        )
+    path = directory / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(WEIGHTS_FIELD, f"{path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(WEIGHTS_FIELD, f"{path} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(WEIGHTS_FIELD, f"{path} does not hold a JSON object")
+    if not any(directory.glob("*.safetensors")):
+        raise ConfigError(
+            WEIGHTS_FIELD,
+            f"{directory} holds no *.safetensors files (only safetensors checkpoints are read; "
+            "convert .bin weights with transformers' save_pretrained)",
+        )
+    return raw
+
+
+def check_weights(arch: ModelArch, preset: str, directory: Path) -> dict[str, Any]:
+    """Refuse Hugging Face weights that do not fit the resolved architecture, naming every
+    differing key; returns the checkpoint's config.json."""
+    if why := unsupported(arch):
+        raise ConfigError(
+            WEIGHTS_FIELD,
+            f"preset {preset} has {', '.join(why)}, which no supported Hugging Face model has "
+            "(Qwen3, Qwen3 MoE, Llama); remove spec.model.weights or pick such a preset",
+        )
+    raw = read_hf_config(directory)
+    if problems := mismatches(arch, raw):
+        raise ConfigError(
+            WEIGHTS_FIELD,
+            f"{directory}/config.json does not match the model (preset {preset} with its "
+            f"overrides): {'; '.join(problems)}; pick the preset and spec.model.overrides of "
+            "that checkpoint",
+        )
+    return raw

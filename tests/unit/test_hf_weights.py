@@ -1,0 +1,149 @@
+"""Hugging Face weights into kubetron's Megatron model (issue 15, part 3): logits equal
+transformers' on the same tokens; a config.json that does not fit is refused naming each key.
+
+The parity checks run `tests.hf_models` in a subprocess (a gloo world of one): torch.distributed
+stays out of the pytest process. Tensor-parallel parity, the finetune run and the export are in
+tests/distributed/test_hf_cpu.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from kubetron_api.config import PRESETS, TrainerConfig
+from kubetron_api.exitcodes import ConfigError
+from kubetron_api.hf_config import check_weights, hf_config, mismatches
+from kubetron_trainer.__main__ import main as trainer_main
+from tests.hf_models import PRESET, model_spec, run_parity, save_hf_model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("kind", "vocab"),
+    [("qwen3", 500), ("llama", 512)],  # 500: padded to 512 with zero rows, cut off again
+)
+def test_loaded_weights_give_transformers_logits(tmp_path: Path, kind: str, vocab: int) -> None:
+    directory = tmp_path / kind
+    save_hf_model(kind, vocab, directory)
+    result = run_parity(directory, kind, vocab, tp=1, world=1)
+    assert result["max_logit"] > 0.5  # random weights give logits of size
+    assert result["max_diff"] <= 1e-4, result
+
+
+def test_fused_qkv_is_megatrons_group_order() -> None:
+    from kubetron_trainer.hf import fuse_qkv, split_qkv
+
+    arch = model_spec("qwen3", 512).resolve()  # 4 heads, 2 groups, head size 16
+    h, d = arch.hidden_size, arch.kv_channels
+    q, k, v = (torch.randn(n * d, h) for n in (4, 2, 2))
+    fused = fuse_qkv(arch, q, k, v)
+    # group 0: q heads 0-1, k head 0, v head 0; then group 1
+    expected = torch.cat([q[: 2 * d], k[:d], v[:d], q[2 * d :], k[d:], v[d:]])
+    assert torch.equal(fused, expected)
+    assert all(torch.equal(a, b) for a, b in zip(split_qkv(arch, fused), (q, k, v), strict=True))
+
+
+def _hf_dir(tmp_path: Path, kind: str = "qwen3", vocab: int = 512) -> Path:
+    directory = tmp_path / "hf"
+    save_hf_model(kind, vocab, directory)
+    return directory
+
+
+# config.json change -> what the refusal names (the key, its value, the model's, the field)
+MISMATCHES: dict[str, tuple[dict[str, Any], str]] = {
+    "layers": ({"num_hidden_layers": 3}, "num_hidden_layers=3, the model needs 2 (numLayers)"),
+    "hidden": ({"hidden_size": 128}, "hidden_size=128, the model needs 64 (hiddenSize)"),
+    "ffn": ({"intermediate_size": 96}, "intermediate_size=96, the model needs 128"),
+    "heads": ({"num_attention_heads": 8}, "num_attention_heads=8, the model needs 4"),
+    "groups": ({"num_key_value_heads": 4}, "num_key_value_heads=4, the model needs 2"),
+    "head size": ({"head_dim": 32}, "head_dim=32, the model needs 16 (kvChannels)"),
+    "vocab": ({"vocab_size": 600}, "vocab_size=600, the model needs 512 (vocabSize)"),
+    "rope theta": (
+        {"rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}},
+        "rope_theta=10000.0, the model needs 1000000.0 (rotaryBase)",
+    ),
+    "rope scaling": (
+        {"rope_parameters": {"rope_theta": 1e6, "rope_type": "llama3", "factor": 8.0}},
+        "rope_scaling={'rope_theta': 1000000.0, 'rope_type': 'llama3'",
+    ),
+    "norm eps": ({"rms_norm_eps": 1e-5}, "rms_norm_eps=1e-05, the model needs 1e-06"),
+    "untied": ({"tie_word_embeddings": False}, "tie_word_embeddings=False, the model needs True"),
+    "llama": ({"model_type": "llama"}, "model_type='llama', the model needs 'qwen3'"),
+    "moe": ({"num_experts": 8}, "num_experts=8: an MoE checkpoint, a dense model"),
+    "bias": ({"attention_bias": True}, "attention_bias=True, the model needs False"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISMATCHES))
+def test_a_config_that_does_not_fit_is_refused_naming_the_key(tmp_path: Path, case: str) -> None:
+    directory = _hf_dir(tmp_path)
+    arch = model_spec("qwen3", 512).resolve()
+    check_weights(arch, "qwen3-0.6b", directory)  # fits as saved
+    change, fragment = MISMATCHES[case]
+    raw = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps(raw | change))
+    with pytest.raises(ConfigError) as info:
+        check_weights(arch, "qwen3-0.6b", directory)
+    assert info.value.field == "spec.model.weights"
+    assert fragment in str(info.value), str(info.value)
+    assert "pick the preset and spec.model.overrides of that checkpoint" in str(info.value)
+
+
+def test_the_exported_config_fits_every_supported_preset() -> None:
+    for name, arch in PRESETS.items():
+        if name.startswith("gpt-tiny"):
+            continue
+        assert mismatches(arch, hf_config(arch)) == [], name
+    assert hf_config(PRESETS["llama3-8b"])["rms_norm_eps"] == 1e-5
+    assert hf_config(PRESETS["qwen3-30b-a3b"])["architectures"] == ["Qwen3MoeForCausalLM"]
+
+
+@pytest.mark.parametrize(
+    ("case", "fragment"),
+    [
+        ("missing", "is not a directory"),
+        ("no safetensors", "holds no *.safetensors files"),
+        ("no config", "config.json does not exist"),
+        ("gpt-tiny", "preset gpt-tiny has learned_absolute positions (supported: rope)"),
+    ],
+)
+def test_weights_that_cannot_load_are_refused(tmp_path: Path, case: str, fragment: str) -> None:
+    directory = _hf_dir(tmp_path)
+    arch, preset = model_spec("qwen3", 512).resolve(), "qwen3-0.6b"
+    if case == "missing":
+        directory = tmp_path / "nowhere"
+    elif case == "no safetensors":
+        (directory / "model.safetensors").unlink()
+    elif case == "no config":
+        (directory / "config.json").unlink()
+    else:
+        arch, preset = PRESETS["gpt-tiny"], "gpt-tiny"
+    with pytest.raises(ConfigError, match=r"spec\.model\.weights") as info:
+        check_weights(arch, preset, directory)
+    assert fragment in str(info.value)
+
+
+def test_the_trainer_refuses_unfit_weights_before_joining(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = _hf_dir(tmp_path)
+    raw = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps(raw | {"num_hidden_layers": 4}))
+    spec = model_spec("qwen3", 512)
+    cfg = TrainerConfig.model_validate(
+        {"model": spec.resolve().model_dump(), "preset": PRESET["qwen3"],
+         "weights": str(directory),
+         "recipe": {"kind": "finetune", "precision": "fp32", "seqLength": 32},
+         "metrics": {"enabled": False}, "gpusPerNode": 1}
+    )  # fmt: skip
+    path = tmp_path / "config.json"
+    path.write_text(cfg.model_dump_json(by_alias=True))
+    assert trainer_main(["--config", str(path), "--device", "cpu"]) == 2
+    assert "config field spec.model.weights" in caplog.text
+    assert "num_hidden_layers=4, the model needs 2 (numLayers)" in caplog.text
+    assert "exiting 2 (not retryable)" in caplog.text
