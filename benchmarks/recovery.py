@@ -34,15 +34,8 @@ OUTPUT = Path(__file__).parent / "results" / "recovery.json"
 
 
 def run_job(cluster: Cluster, name: str, iters: int, inject: bool) -> dict[str, Any]:
-    claim = f"{name}-ckpt"
-    volume = deploy.checkpoint_claim(cluster, NAMESPACE, claim)
-    job = deploy.example_job(
-        recipe={"trainIters": iters, "logInterval": 1},
-        checkpoint={"saveInterval": SAVE, "volume": {"claimName": claim}},
-    )
-    job["metadata"] = {"name": name, "namespace": NAMESPACE}
     started = time.monotonic()
-    cluster.apply(job)
+    volume = faults.apply_long_job(cluster, NAMESPACE, name, iters, SAVE)
     out: dict[str, Any] = {"job": name, "iters": iters, "volume": str(volume)}
     if inject:
         master = f"{name}-master-0"

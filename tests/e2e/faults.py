@@ -7,8 +7,11 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime
+from pathlib import Path
+from typing import Any
 
 from tests.cluster.harness import Cluster
+from tests.e2e import deploy
 
 # Lists the trainer processes (torchrun's workers, `python ... -m kubetron_trainer --config`) of
 # the container as JSON [[pid, rank], ...]; the launcher and torchrun are not among them.
@@ -68,3 +71,20 @@ def timestamped_steps(cluster: Cluster, namespace: str, pod: str) -> list[tuple[
         if m := re.search(r"step (\d+)/\d+ \| loss", text):
             found.append((datetime.fromisoformat(stamp.replace("Z", "+00:00")), int(m[1])))
     return found
+
+
+def apply_long_job(
+    cluster: Cluster, namespace: str, name: str, iters: int, save_interval: int, **changes: Any
+) -> Path:
+    """The CPU example as `name`, `iters` steps logged every step, checkpoints every
+    `save_interval` on a claim of its own; returns the claim's directory on the node."""
+    claim = f"{name}-ckpt"
+    volume = deploy.checkpoint_claim(cluster, namespace, claim)
+    job = deploy.example_job(
+        recipe={"trainIters": iters, "logInterval": 1},
+        checkpoint={"saveInterval": save_interval, "volume": {"claimName": claim}},
+        **changes,
+    )
+    job["metadata"] = {"name": name, "namespace": namespace}
+    cluster.apply(job)
+    return volume

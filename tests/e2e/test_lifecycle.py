@@ -45,17 +45,7 @@ def life(cluster: Cluster) -> Iterator[str]:
 
 
 def start(cluster: Cluster, namespace: str, name: str, **changes: Any) -> Path:
-    """Apply the example as `name` with its own checkpoint claim; returns the claim's dir."""
-    claim = f"{name}-ckpt"
-    volume = deploy.checkpoint_claim(cluster, namespace, claim)
-    job = deploy.example_job(
-        recipe={"trainIters": ITERS, "logInterval": 1},
-        checkpoint={"saveInterval": SAVE, "volume": {"claimName": claim}},
-        **changes,
-    )
-    job["metadata"] = {"name": name, "namespace": namespace}
-    cluster.apply(job)
-    return volume
+    return faults.apply_long_job(cluster, namespace, name, ITERS, SAVE, **changes)
 
 
 def events(cluster: Cluster, namespace: str, name: str) -> list[dict[str, Any]]:
