@@ -20,17 +20,19 @@ import torch
 from kubetron_api.config import ModelArch, ModelSpec
 
 # kind -> (preset, what the tiny model keeps of it: its own numbers are in OVERRIDES)
-PRESET = {"qwen3": "qwen3-0.6b", "llama": "llama3-8b"}
+PRESET = {"qwen3": "qwen3-0.6b", "llama": "llama3-8b", "qwen3_moe": "qwen3-30b-a3b"}
 OVERRIDES: dict[str, Any] = {
     "numLayers": 2, "hiddenSize": 64, "ffnHiddenSize": 128, "numAttentionHeads": 4,
     "numQueryGroups": 2, "kvChannels": 16, "maxPositionEmbeddings": 512,
 }  # fmt: skip
+MOE_OVERRIDES = {"numExperts": 4, "moeRouterTopk": 2, "moeFfnHiddenSize": 32}
 TOKENS = (2, 24)  # batch, sequence of the parity check
 
 
 def model_spec(kind: str, vocab: int) -> ModelSpec:
+    moe = MOE_OVERRIDES if kind == "qwen3_moe" else {}
     return ModelSpec.model_validate(
-        {"preset": PRESET[kind], "overrides": {**OVERRIDES, "vocabSize": vocab}}
+        {"preset": PRESET[kind], "overrides": {**OVERRIDES, **moe, "vocabSize": vocab}}
     )
 
 
@@ -50,6 +52,14 @@ def hf_model(kind: str, arch: ModelArch, seed: int = 0) -> Any:
     torch.manual_seed(seed)
     if kind == "qwen3":
         model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common))
+    elif kind == "qwen3_moe":
+        moe = {
+            "num_experts": arch.num_experts, "num_experts_per_tok": arch.moe_router_topk,
+            "moe_intermediate_size": arch.moe_ffn_hidden_size, "norm_topk_prob": True,
+            "decoder_sparse_step": 1, "mlp_only_layers": [],
+        }  # fmt: skip
+        config = transformers.Qwen3MoeConfig(**common, **moe)
+        model = transformers.Qwen3MoeForCausalLM(config)
     else:
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
     with torch.no_grad():
@@ -68,15 +78,20 @@ def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
     """torchrun's variables for rank `rank` of a one-host world, and the project on the path."""
     root = Path(__file__).resolve().parents[1]
     return dict(os.environ) | {
-        "PYTHONPATH": os.pathsep.join(str(root / d) for d in ("trainer", "api", "operator", ".")),
+        "PYTHONPATH": os.pathsep.join(
+            [*(str(root / d) for d in ("trainer", "api", "operator", ".")),
+             os.environ.get("PYTHONPATH", "")]
+        ),
         "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
         "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
         "LOCAL_WORLD_SIZE": str(world), "GROUP_RANK": "0",
     }  # fmt: skip
 
 
-def run_parity(directory: Path, kind: str, vocab: int, tp: int, world: int) -> dict[str, Any]:
-    """`world` ranks of the parity check (subprocesses); rank 0's result."""
+def run_parity(
+    directory: Path, kind: str, vocab: int, tp: int, world: int, *more: str
+) -> dict[str, Any]:
+    """`world` ranks of the parity check (subprocesses; `more`: PP, EP, device); the result."""
     import subprocess
 
     from tests.ports import free_port
@@ -86,7 +101,7 @@ def run_parity(directory: Path, kind: str, vocab: int, tp: int, world: int) -> d
     cmd = [sys.executable, "-m", "tests.hf_models", str(directory), kind, str(vocab), str(tp)]
     procs = [
         subprocess.Popen(
-            [*cmd, str(out)],
+            [*cmd, str(out), *more],
             cwd=root,
             env=rank_env(rank, world, port),
             text=True,
@@ -106,6 +121,7 @@ def parity_tokens(vocab: int) -> torch.Tensor:
 
 
 def main(argv: list[str]) -> int:
+    """DIR KIND VOCAB TP OUT [PP [EP [DEVICE]]]: one rank of the parity check."""
     import torch.distributed as dist
 
     from kubetron_api.config import RecipeSpec, TrainerConfig
@@ -117,33 +133,49 @@ def main(argv: list[str]) -> int:
     from kubetron_trainer.topology import Topology
 
     directory, kind, vocab, tp, out = Path(argv[0]), argv[1], int(argv[2]), int(argv[3]), argv[4]
+    pp, ep = (int(argv[5]) if len(argv) > 5 else 1), (int(argv[6]) if len(argv) > 6 else 1)
+    on_gpu = len(argv) > 7 and argv[7] == "cuda"
     arch = model_spec(kind, vocab).resolve()
     topology = Topology.from_env()
     os.environ.setdefault("MASTER_ADDR", topology.master_addr)
     os.environ.setdefault("MASTER_PORT", str(topology.master_port))
-    init_distributed(topology, "gloo")
-    dims = ParallelDims.from_degrees(topology.world_size, tp=tp)
-    pg = build_process_groups(dims, topology, "gloo").pg
+    backend = "nccl" if on_gpu else "gloo"
+    device = torch.device("cuda", topology.local_rank) if on_gpu else torch.device("cpu")
+    init_distributed(topology, backend)
+    dims = ParallelDims.from_degrees(topology.world_size, tp=tp, pp=pp, ep=ep)
+    pg = build_process_groups(dims, topology, backend).pg
     assert pg is not None
     setup_megatron_globals(pg, 1)
     cfg = TrainerConfig(model=arch, recipe=RecipeSpec(precision="fp32", seq_length=TOKENS[1]))
-    built = build_model(cfg, dims, pg, torch.device("cpu"), "sdpa")
+    built = build_model(cfg, dims, pg, device, "sdpa")
     load_hf_weights(built.chunks, pg, arch, directory, built.padded_vocab_size)
-    tokens = parity_tokens(vocab)
-    positions = torch.arange(TOKENS[1]).expand(*TOKENS)
+    tokens = parity_tokens(vocab).to(device)
+    positions = torch.arange(TOKENS[1], device=device).expand(*TOKENS)
+    chunk = built.chunks[0].eval()
+    stage, stages = pg.pp.rank(), pg.pp.size()
     with torch.no_grad():
-        local = built.chunks[0].eval()(tokens, positions, None).contiguous()
-    parts = [torch.empty_like(local) for _ in range(pg.tp.size())]
-    dist.all_gather(parts, local, group=pg.tp)
-    ours = torch.cat(parts, dim=-1)[..., :vocab]
-    if topology.rank == 0:
+        if stage > 0:  # the previous stage's hidden states, [seq, batch, hidden]
+            hidden = torch.empty(TOKENS[1], TOKENS[0], arch.hidden_size, device=device)
+            dist.recv(hidden, src=dist.get_global_rank(pg.pp, stage - 1))
+            chunk.set_input_tensor(hidden)
+        output = chunk(tokens, positions, None).contiguous()
+        if stage < stages - 1:
+            dist.send(output, dst=dist.get_global_rank(pg.pp, stage + 1))
+    if stage == stages - 1:
+        parts = [torch.empty_like(output) for _ in range(pg.tp.size())]
+        dist.all_gather(parts, output, group=pg.tp)
+        ours = torch.cat(parts, dim=-1)[..., :vocab].cpu()
+    if stage == stages - 1 and pg.tp.rank() == 0 and pg.dp.rank() == 0:
         import transformers
 
         ref = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
         with torch.no_grad():
-            theirs = ref(tokens).logits
+            theirs = ref(tokens.cpu()).logits
         diff = (ours - theirs).abs().max().item()
-        result = {"max_diff": diff, "max_logit": theirs.abs().max().item(), "tp": pg.tp.size()}
+        result = {
+            "max_diff": diff, "max_logit": theirs.abs().max().item(), "tp": pg.tp.size(),
+            "pp": stages, "ep": pg.ep.size(), "device": str(device),
+        }  # fmt: skip
         Path(out).write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()

@@ -122,6 +122,8 @@ def _value(raw: dict[str, Any], check: Check) -> Any:
         return raw["hidden_size"] // raw["num_attention_heads"]
     if check.key == "num_key_value_heads" and raw.get(check.key) is None:
         return raw.get("num_attention_heads")
+    if check.key == "num_experts" and raw.get("num_experts") is None:
+        return raw.get("num_local_experts")  # what transformers 5 writes for Qwen3 MoE
     if check.key == "rope_theta" and "rope_theta" not in raw:
         return rope.get("rope_theta")
     if check.key == "rope_scaling":
@@ -137,8 +139,9 @@ def mismatches(arch: ModelArch, raw: dict[str, Any]) -> list[str]:
     out = []
     for check in CHECKS:
         if check.key not in want:  # an MoE key of a dense model, mlp_bias of Qwen3
-            if check.key.startswith(("num_experts", "moe_")) and raw.get(check.key):
-                out.append(f"{check.key}={raw[check.key]!r}: an MoE checkpoint, a dense model")
+            experts = _value(raw, check) if check.key == "num_experts" else raw.get(check.key)
+            if check.key.startswith(("num_experts", "moe_")) and experts:
+                out.append(f"{check.key}={experts!r}: an MoE checkpoint, a dense model")
             continue
         have = _value(raw, check)
         expected = want[check.key]

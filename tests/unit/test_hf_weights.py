@@ -147,3 +147,17 @@ def test_the_trainer_refuses_unfit_weights_before_joining(
     assert "config field spec.model.weights" in caplog.text
     assert "num_hidden_layers=4, the model needs 2 (numLayers)" in caplog.text
     assert "exiting 2 (not retryable)" in caplog.text
+
+
+def test_the_expert_count_is_read_under_either_name() -> None:
+    """Qwen's published configs say num_experts; transformers 5 writes num_local_experts."""
+    arch = PRESETS["qwen3-30b-a3b"]
+    raw = hf_config(arch)
+    raw["num_local_experts"] = raw.pop("num_experts")
+    assert mismatches(arch, raw) == []
+    raw["num_local_experts"] = 64
+    assert mismatches(arch, raw) == ["num_experts=64, the model needs 128 (numExperts)"]
+    dense = model_spec("qwen3", 512).resolve()
+    assert mismatches(dense, hf_config(dense) | {"num_local_experts": 8}) == [
+        "num_experts=8: an MoE checkpoint, a dense model"
+    ]
