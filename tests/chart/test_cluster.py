@@ -251,8 +251,7 @@ FORBIDDEN = [
     ("create", "pods/exec"),
     ("create", "pods/attach"),
     ("create", "pods/portforward"),
-    ("create", "pods"),
-    ("delete", "pods"),
+    ("create", "pods"),  # (delete pods is granted: a whole-group restart removes them)
     ("get", "pods/log"),
     ("create", "megatronjobs.kubetron.io"),
     ("delete", "megatronjobs.kubetron.io"),
