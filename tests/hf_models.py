@@ -1,16 +1,20 @@
 """Tiny random Hugging Face models (transformers, CPU) and kubetron's view of them.
 
-`python -m tests.hf_models DIR KIND VOCAB TP OUT` is one rank of a parity check (torchrun's
-variables in the environment, or none for a world of one): it builds kubetron's GPTModel for
-`KIND` in tensor-parallel degree TP (data-parallel over the rest of the world), loads the
-Hugging Face checkpoint in DIR through `kubetron_trainer.hf`, and rank 0 writes to OUT the
-largest difference between the gathered logits and the transformers model's on the same tokens.
+`python -m tests.hf_models parity DIR KIND VOCAB TP OUT [PP [EP [DEVICE]]]` is one rank of a
+parity check (torchrun's variables in the environment): it builds kubetron's GPTModel for `KIND`
+in that shape (data-parallel over the rest of the world), loads the Hugging Face checkpoint in
+DIR through `kubetron_trainer.hf`, and the last stage's first rank writes to OUT the largest
+difference between the gathered logits and the transformers model's on the same tokens.
+`... save DIR KIND VOCAB TP CKPT 1 EP` instead saves the loaded weights as step 1 of a kubetron
+checkpoint (model only, what export reads): Megatron's MoE layers build on the CPU but route
+tokens only on CUDA, so an MoE model goes through the CPU tiers this way.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,8 @@ from typing import Any
 import torch
 
 from kubetron_api.config import ModelArch, ModelSpec
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # kind -> (preset, what the tiny model keeps of it: its own numbers are in OVERRIDES)
 PRESET = {"qwen3": "qwen3-0.6b", "llama": "llama3-8b", "qwen3_moe": "qwen3-30b-a3b"}
@@ -92,17 +98,28 @@ def run_parity(
     directory: Path, kind: str, vocab: int, tp: int, world: int, *more: str
 ) -> dict[str, Any]:
     """`world` ranks of the parity check (subprocesses; `more`: PP, EP, device); the result."""
-    import subprocess
+    out = directory.parent / f"parity-{kind}-tp{tp}-w{world}.json"
+    run_ranks(world, "parity", str(directory), kind, str(vocab), str(tp), str(out), *more)
+    return dict(json.loads(out.read_text()))
 
+
+def run_save(
+    directory: Path, kind: str, vocab: int, tp: int, world: int, ckpt: Path, ep: int = 1
+) -> None:
+    """`world` CPU ranks load the weights in TP `tp` x EP `ep` and save them as step 1 of a
+    kubetron checkpoint (model only: what export reads)."""
+    run_ranks(world, "save", str(directory), kind, str(vocab), str(tp), str(ckpt), "1", str(ep))
+
+
+def run_ranks(world: int, *args: str) -> None:
     from tests.ports import free_port
 
-    root, port = Path(__file__).resolve().parents[1], free_port()
-    out = directory.parent / f"parity-{kind}-tp{tp}-w{world}.json"
-    cmd = [sys.executable, "-m", "tests.hf_models", str(directory), kind, str(vocab), str(tp)]
+    port = free_port()
+    cmd = [sys.executable, "-m", "tests.hf_models", *args]
     procs = [
         subprocess.Popen(
-            [*cmd, str(out), *more],
-            cwd=root,
+            cmd,
+            cwd=ROOT,
             env=rank_env(rank, world, port),
             text=True,
             stdout=subprocess.PIPE,
@@ -113,7 +130,41 @@ def run_parity(
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     codes = [p.returncode for p in procs]
     assert codes == [0] * world, f"exit codes {codes}:\n{outputs[0][-4000:]}"
-    return dict(json.loads(out.read_text()))
+
+
+def export(ckpt: Path, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m kubetron_trainer.export CKPT OUT ARGS` as a plain command (no launcher)."""
+    from tests.ports import free_port
+
+    cmd = [sys.executable, "-m", "kubetron_trainer.export", str(ckpt), str(out), *args]
+    env = rank_env(0, 1, free_port())
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"):
+        env.pop(name)  # a plain command, no launcher
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def check_round_trip(tmp_path: Path, kind: str, vocab: int, tp: int, world: int, ep: int) -> None:
+    """Weights loaded in one shape and saved as a kubetron checkpoint export to the very
+    tensors they came from, with a config.json that transformers loads and this model fits."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from kubetron_api.hf_config import mismatches
+
+    source, ckpt, out = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "export"
+    original = save_hf_model(kind, vocab, source)
+    run_save(source, kind, vocab, tp, world, ckpt, ep)
+    done = export(ckpt, out)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    exported, before = load_file(out / "model.safetensors"), load_file(source / "model.safetensors")
+    assert set(exported) == set(before)
+    assert all(torch.equal(exported[k], before[k]) for k in before)
+    config = json.loads((out / "config.json").read_text())
+    assert mismatches(model_spec(kind, vocab).resolve(), config) == []
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tokens = torch.arange(16).reshape(2, 8)
+    with torch.no_grad():
+        assert torch.equal(back(tokens).logits, original(tokens).logits)
 
 
 def parity_tokens(vocab: int) -> torch.Tensor:
@@ -121,7 +172,8 @@ def parity_tokens(vocab: int) -> torch.Tensor:
 
 
 def main(argv: list[str]) -> int:
-    """DIR KIND VOCAB TP OUT [PP [EP [DEVICE]]]: one rank of the parity check."""
+    """parity|save DIR KIND VOCAB TP OUT [PP [EP [DEVICE]]]: one rank of the parity check (OUT:
+    its result), or of a save of the loaded weights as step 1 of a checkpoint (OUT: its path)."""
     import torch.distributed as dist
 
     from kubetron_api.config import RecipeSpec, TrainerConfig
@@ -132,6 +184,7 @@ def main(argv: list[str]) -> int:
     from kubetron_trainer.seeding import setup_megatron_globals
     from kubetron_trainer.topology import Topology
 
+    mode, argv = argv[0], argv[1:]
     directory, kind, vocab, tp, out = Path(argv[0]), argv[1], int(argv[2]), int(argv[3]), argv[4]
     pp, ep = (int(argv[5]) if len(argv) > 5 else 1), (int(argv[6]) if len(argv) > 6 else 1)
     on_gpu = len(argv) > 7 and argv[7] == "cuda"
@@ -149,6 +202,10 @@ def main(argv: list[str]) -> int:
     cfg = TrainerConfig(model=arch, recipe=RecipeSpec(precision="fp32", seq_length=TOKENS[1]))
     built = build_model(cfg, dims, pg, device, "sdpa")
     load_hf_weights(built.chunks, pg, arch, directory, built.padded_vocab_size)
+    if mode == "save":
+        save_checkpoint(cfg, dims, pg, built, Path(out))
+        dist.destroy_process_group()
+        return 0
     tokens = parity_tokens(vocab).to(device)
     positions = torch.arange(TOKENS[1], device=device).expand(*TOKENS)
     chunk = built.chunks[0].eval()
@@ -180,6 +237,28 @@ def main(argv: list[str]) -> int:
     dist.barrier()
     dist.destroy_process_group()
     return 0
+
+
+def save_checkpoint(cfg: Any, dims: Any, pg: Any, built: Any, root: Path) -> None:
+    """The chunks' weights as step 1 of a kubetron checkpoint under `root` (model only)."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from kubetron_api.ckpt_meta import RunIdentity, step_dir, write_latest, write_step_meta
+    from kubetron_trainer.checkpoint import SyncTorchDistSaveStrategy, sharded_model_state
+
+    target = step_dir(root, 1)
+    if dist.get_rank() == 0:
+        target.mkdir(parents=True)
+    dist.barrier()
+    state = {"model": sharded_model_state(built.chunks[0], pg)}
+    dist_checkpointing.save(state, str(target), sharded_strategy=SyncTorchDistSaveStrategy())
+    dist.barrier()
+    if dist.get_rank() == 0:
+        identity = RunIdentity.from_config(cfg, dims, built.padded_vocab_size)
+        write_step_meta(target, identity.step_meta(1, 0))
+        write_latest(root, 1)
+    dist.barrier()
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ of the finetune resumes from its checkpoint instead of the weights.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +18,15 @@ import pytest
 import torch
 
 from kubetron_trainer.data import MockDataset
-from tests.distributed.train_harness import ROOT, example_config, run
-from tests.hf_models import PRESET, model_spec, rank_env, run_parity, save_hf_model
+from tests.distributed.train_harness import example_config, run
+from tests.hf_models import (
+    PRESET,
+    check_round_trip,
+    export,
+    model_spec,
+    run_parity,
+    save_hf_model,
+)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 TOL = 1e-4
@@ -76,16 +81,6 @@ def hf_loss(model: Any, cfg: dict[str, Any], step: int) -> float:
     return float(loss)
 
 
-def export(ckpt: Path, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    from tests.ports import free_port
-
-    cmd = [sys.executable, "-m", "kubetron_trainer.export", str(ckpt), str(out), *args]
-    env = rank_env(0, 1, free_port())
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"):
-        env.pop(name)  # a plain command, no launcher
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-
-
 def test_finetune_starts_from_the_weights_and_exports_back(tmp_path: Path) -> None:
     import transformers
     from safetensors.torch import load_file
@@ -117,6 +112,17 @@ def test_finetune_starts_from_the_weights_and_exports_back(tmp_path: Path) -> No
     again = run(finetune_config(weights, ckpt, iters=4), tmp_path / "restart").result()
     assert again["start"] == "checkpoint" and again["resumed_from"] == 3
     assert [s["step"] for s in again["steps"]] == [4]
+
+
+@pytest.mark.parametrize(
+    ("kind", "vocab", "tp", "world", "ep"),
+    [("qwen3", 500, 2, 2, 1), ("llama", 500, 2, 2, 1), ("qwen3_moe", 512, 1, 2, 2)],
+    ids=["qwen3-TP2", "llama-TP2", "qwen3-moe-EP2"],
+)
+def test_export_of_another_shape_gives_back_the_weights(
+    tmp_path: Path, kind: str, vocab: int, tp: int, world: int, ep: int
+) -> None:
+    check_round_trip(tmp_path, kind, vocab, tp, world, ep)
 
 
 def test_export_refuses_a_model_without_hugging_face_counterpart(tmp_path: Path) -> None:

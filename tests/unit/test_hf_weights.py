@@ -19,7 +19,7 @@ from kubetron_api.config import PRESETS, TrainerConfig
 from kubetron_api.exitcodes import ConfigError
 from kubetron_api.hf_config import check_weights, hf_config, mismatches
 from kubetron_trainer.__main__ import main as trainer_main
-from tests.hf_models import PRESET, model_spec, run_parity, save_hf_model
+from tests.hf_models import PRESET, check_round_trip, model_spec, run_parity, save_hf_model
 
 
 @pytest.mark.slow
@@ -33,6 +33,13 @@ def test_loaded_weights_give_transformers_logits(tmp_path: Path, kind: str, voca
     result = run_parity(directory, kind, vocab, tp=1, world=1)
     assert result["max_logit"] > 0.5  # random weights give logits of size
     assert result["max_diff"] <= 1e-4, result
+
+
+@pytest.mark.slow
+def test_an_moe_checkpoint_exports_back_to_its_weights(tmp_path: Path) -> None:
+    """Qwen3 MoE (router, per-expert gate/up/down) through a TP1 kubetron checkpoint and back;
+    MoE logits need CUDA in Megatron-Core (tests/gpu/test_hf_gpu.py)."""
+    check_round_trip(tmp_path, "qwen3_moe", 512, tp=1, world=1, ep=1)
 
 
 def test_fused_qkv_is_megatrons_group_order() -> None:

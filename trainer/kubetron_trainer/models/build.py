@@ -104,7 +104,8 @@ def transformer_config(
         num_moe_experts=arch.num_experts,
         moe_router_topk=arch.moe_router_topk if arch.is_moe else 2,
         moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
-        moe_token_dispatcher_type="alltoall",
+        # alltoall creates a CUDA stream when built; allgather builds (and runs) on the CPU
+        moe_token_dispatcher_type="alltoall" if on_gpu else "allgather",
         moe_aux_loss_coeff=1e-3 if arch.is_moe else 0.0,
         bf16=bf16,
         params_dtype=dtype,
