@@ -150,12 +150,21 @@ go_install() {
   echo "$want" >"$STAMPS/$name"
 }
 
-# The PyTorchJob CRD ships in the training-operator module; copy it next to the binaries.
-copy_crd() {
-  local mod=github.com/kubeflow/training-operator@$TRAINING_OPERATOR_VERSION dir
-  dir=$(go mod download -json "$mod" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
-  mkdir -p "$BIN/crds"
+# module_dir MODULE@VERSION: where the Go module cache holds a module's source.
+module_dir() {
+  go mod download -json "$1" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p'
+}
+
+# The PyTorchJob CRD ships in the training-operator module, Kueue's CRDs and webhook
+# configuration in Kueue's; copy them next to the binaries.
+copy_crds() {
+  local dir
+  dir=$(module_dir "github.com/kubeflow/training-operator@$TRAINING_OPERATOR_VERSION")
+  mkdir -p "$BIN/crds/kueue"
   install -m 0644 "$dir/manifests/base/crds/kubeflow.org_pytorchjobs.yaml" "$BIN/crds/"
+  dir=$(module_dir "sigs.k8s.io/kueue@$KUEUE_VERSION")
+  install -m 0644 "$dir"/config/components/crd/bases/*.yaml "$BIN/crds/kueue/"
+  install -m 0644 "$dir/config/components/webhook/manifests.yaml" "$BIN/crds/kueue-webhooks.yaml"
 }
 
 wait_kube() {
@@ -192,7 +201,11 @@ main() {
      -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$kminor \
      -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 \
      -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$kminor"
-  copy_crd
+  # Kueue (about 4 minutes cold on 2 cores): the real queueing and admission for the cluster
+  # tests of spec.scheduling (tests/cluster/test_kueue.py).
+  go_install kueue kueue sigs.k8s.io/kueue/cmd/kueue "$KUEUE_VERSION" \
+    "-X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION"
+  copy_crds
   wait_kube
   cp -f "$HACK/versions.env" "$BIN/versions.env"
   log "done in $((SECONDS - start))s"
