@@ -74,3 +74,48 @@ def build_bpe(
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     (directory / "special_tokens_map.json").write_text(json.dumps(specials))
     return tok
+
+
+# ChatML, as Qwen's templates write it; every turn ends with <|im_end|> and a newline.
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+    "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+QUESTIONS = ["Which {n} {v} the {a} {n2}?", "Does the {n} {v} the {n2}?", "Name the {a} {n}."]
+
+
+def conversation(rng: random.Random, turns: int) -> list[dict[str, str]]:
+    """A system prompt, then `turns` user questions each answered by the assistant; the
+    answer repeats the question's nouns (learnable)."""
+    pick = rng.choice
+    messages = [{"role": "system", "content": "You answer in one sentence."}]
+    for _ in range(turns):
+        n, n2, v, a = pick(NOUNS), pick(NOUNS), pick(VERBS), pick(ADJECTIVES)
+        question = pick(QUESTIONS).format(n=n, n2=n2, v=v, a=a)
+        messages.append({"role": "user", "content": question})
+        messages.append({"role": "assistant", "content": f"The {a} {n} {v} the {n2}."})
+    return messages
+
+
+def conversations(count: int, seed: int = 0, max_turns: int = 3) -> list[list[dict[str, str]]]:
+    rng = random.Random(seed)
+    return [conversation(rng, rng.randint(1, max_turns)) for _ in range(count)]
+
+
+def build_chat_bpe(
+    directory: Path, *, vocab_size: int = 400, template: str | None = CHATML
+) -> None:
+    """`build_bpe` with ChatML's special tokens and (unless None) its chat template in
+    tokenizer_config.json, as a chat model's tokenizer is saved."""
+    texts = documents(300, seed=98) + [
+        " ".join(m["content"] for m in c) for c in conversations(200, seed=97)
+    ]
+    tok = build_bpe(directory, vocab_size=vocab_size, texts=texts)
+    tok.add_special_tokens([IM_START, IM_END])
+    tok.save(str(directory / "tokenizer.json"))
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    if template is not None:
+        config["chat_template"] = template
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))

@@ -336,11 +336,18 @@ class DatasetPath(ApiModel):
 
 
 class DataSpec(ApiModel):
-    """Training data: deterministic mock tokens, or Megatron indexed datasets."""
+    """Training data: deterministic mock tokens, Megatron indexed datasets (pretraining), or
+    conversations prepared by `kubetron-prepare-data --chat` (supervised fine-tuning: packed to
+    the sequence length, loss on the assistant's tokens)."""
 
-    type: Literal["mock", "indexed"] = Field(default="mock", description="Data source.")
+    type: Literal["mock", "indexed", "chat"] = Field(
+        default="mock",
+        description="Data source: mock, indexed (pretraining text) or chat (conversations).",
+    )
     paths: list[DatasetPath] = Field(
-        default_factory=list, max_length=64, description="Indexed datasets (type indexed)."
+        default_factory=list,
+        max_length=64,
+        description="Indexed datasets (type indexed: a weighted blend; type chat: exactly one).",
     )
     split: str = Field(
         default="99,1,0",

@@ -125,7 +125,15 @@ SHAPE_RULES: tuple[Rule, ...] = (
         "mock-data-has-no-paths",
         "spec.data.paths",
         "dataType != 'mock' || size(dataPaths) == 0",
-        "spec.data.paths is only used with type indexed; remove it or set spec.data.type: indexed",
+        "spec.data.paths is only used with type indexed or chat; remove it or set "
+        "spec.data.type: indexed",
+    ),
+    Rule(
+        "chat-data-has-one-path",
+        "spec.data.paths",
+        "dataType != 'chat' || size(dataPaths) == 1",
+        "spec.data.paths must list exactly one dataset when spec.data.type is chat; prepare "
+        "every conversation file into one with kubetron-prepare-data --chat",
     ),
     Rule(
         "huggingface-tokenizer-needs-name",

@@ -232,6 +232,7 @@ def test_every_rule_of_the_table_is_broken_by_a_case() -> None:
         "router-topk",
         "indexed-data-needs-paths",
         "mock-data-has-no-paths",
+        "chat-data-has-one-path",
         "huggingface-tokenizer-needs-name",
     }
     assert missing <= extra, missing
@@ -252,6 +253,11 @@ def test_router_topk_beyond_the_experts_is_refused() -> None:
     [
         ({"type": "indexed"}, "spec.data.paths must list at least one dataset prefix"),
         ({"paths": [{"prefix": "/d/x"}]}, "spec.data.paths is only used with type indexed"),
+        ({"type": "chat"}, "spec.data.paths must list exactly one dataset when spec.data.type is"),
+        (
+            {"type": "chat", "paths": [{"prefix": "/d/x"}, {"prefix": "/d/y"}]},
+            "prepare every conversation file into one with kubetron-prepare-data --chat",
+        ),
         (
             {"tokenizer": {"type": "huggingface"}},
             "spec.data.tokenizer.name is required when the tokenizer type is huggingface",

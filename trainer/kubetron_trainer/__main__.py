@@ -158,11 +158,20 @@ def run(
     device = pick_device(args.device, topology.local_rank)
     if device.type == "cpu" and (problems := check_device("cpu", cfg.parallelism)):
         raise ParallelConfigError(problems, f"device cpu, world={cfg.world_size}")
+    attention = args.attention
+    if cfg.data.type == "chat":  # packed conversations: a block-diagonal mask TE's spec ignores
+        if attention == "te":
+            raise ConfigError(
+                "--attention",
+                "te ignores the attention mask of packed conversations (data.type chat); use "
+                "sdpa (what auto picks for chat data)",
+            )
+        attention = "sdpa" if attention == "auto" else attention
     # fp8 and context parallelism need TE's layer spec, which only an image with TE has
-    no_te = resolve_backend(args.attention) != "te"
+    no_te = resolve_backend(attention) != "te"
     if no_te and (problems := missing_transformer_engine(cfg.recipe, cfg.parallelism)):
         raise ParallelConfigError(problems, f"device {device.type}, world={cfg.world_size}")
-    if cfg.data.type == "indexed":  # the files, and the tokenizer against the model
+    if cfg.data.type != "mock":  # the files, and the tokenizer against the model
         from kubetron_trainer.data import check_indexed_data
 
         check_indexed_data(cfg)
@@ -189,7 +198,7 @@ def run(
         if topology.local_rank == 0:
             metrics.serve(cfg.metrics.port)
     options = loop.RunOptions(
-        args.groups, args.attention, args.summary, args.metrics_linger, fast_path, attempt
+        args.groups, attention, args.summary, args.metrics_linger, fast_path, attempt
     )
     state = loop.setup(cfg, dims, topology, device, backend, options, metrics)
     log.info(

@@ -31,7 +31,9 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from kubetron_api.config import TrainerConfig
 from kubetron_api.exitcodes import ConfigError
+from kubetron_trainer.chat import LOSS_MASK
 from kubetron_trainer.models.build import padded_vocab_size
+from kubetron_trainer.packing import ChatDataset, block_causal_mask
 from kubetron_trainer.tokenizer import Tokenizer, check_for_model
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,8 @@ class Batch:
     labels: torch.Tensor
     loss_mask: torch.Tensor
     position_ids: torch.Tensor
+    # packed conversations (data.type chat): `[micro_batch, 1, seq, seq]`, True = masked
+    attention_mask: torch.Tensor | None = None
 
 
 class MockDataset:
@@ -106,20 +110,37 @@ class DatasetTokenizer:
 
 
 def check_indexed_data(cfg: TrainerConfig) -> Tokenizer:
-    """What the trainer checks at start, before it joins the job, for `data.type: indexed`:
-    every dataset's files exist, and the tokenizer loads, fits the model's padded vocabulary and
-    has EOD and pad tokens. Raises ConfigError naming the field; returns the tokenizer."""
+    """What the trainer checks at start, before it joins the job, for `data.type: indexed` and
+    `chat`: every dataset's files exist (a chat dataset's loss mask too), and the tokenizer
+    loads, fits the model's padded vocabulary and has EOD and pad tokens. Raises ConfigError
+    naming the field; returns the tokenizer."""
     data = cfg.data
+    suffixes = [".bin", ".idx"]
+    if data.type == "chat":
+        suffixes += [LOSS_MASK + ".bin", LOSS_MASK + ".idx"]
     for i, path in enumerate(data.paths):
-        for suffix in (".bin", ".idx"):
+        for suffix in suffixes:
             if not Path(path.prefix + suffix).is_file():
+                how = "prepare it with kubetron-prepare-data" + (
+                    " --chat" if data.type == "chat" else ""
+                )
                 raise ConfigError(
                     f"data.paths[{i}].prefix",
-                    f"{path.prefix}{suffix} does not exist; give the prefix of an indexed "
-                    "dataset (PREFIX.bin and PREFIX.idx)",
+                    f"{path.prefix}{suffix} does not exist; give the prefix of a dataset "
+                    f"(PREFIX{', PREFIX'.join(suffixes)}), {how}",
                 )
     padded = padded_vocab_size(cfg.model.vocab_size, cfg.parallelism.tensor)
     return check_for_model(data.tokenizer, cfg.model.vocab_size, padded)
+
+
+def chat_dataset(cfg: TrainerConfig, num_samples: int) -> ChatDataset:
+    """Packed conversations (`data.type: chat`), padded with the tokenizer's pad token."""
+    tokenizer = check_indexed_data(cfg)
+    assert tokenizer.pad is not None  # check_indexed_data refused it otherwise
+    return ChatDataset(
+        cfg.data.paths[0].prefix, seq_length=cfg.recipe.seq_length, num_samples=num_samples,
+        seed=cfg.recipe.seed, split=cfg.data.split, pad=tokenizer.pad,
+    )  # fmt: skip
 
 
 def indexed_dataset(cfg: TrainerConfig, num_samples: int, reads_data: bool) -> GPTDataset | None:
@@ -207,7 +228,10 @@ class Batches:
         def stack(key: str) -> torch.Tensor:
             return torch.stack([s[key] for s in samples]).to(self.device, non_blocking=True)
 
-        return Batch(stack("tokens"), stack("labels"), stack("loss_mask"), stack("position_ids"))
+        mask = block_causal_mask(stack("document_ids")) if "document_ids" in samples[0] else None
+        return Batch(
+            stack("tokens"), stack("labels"), stack("loss_mask"), stack("position_ids"), mask
+        )
 
 
 def build_batches(
@@ -233,6 +257,8 @@ def build_batches(
             cfg.model.vocab_size, cfg.recipe.seq_length, num_samples, cfg.recipe.seed
         )
         source = mock if reads_data else None
+    elif cfg.data.type == "chat":
+        source = chat_dataset(cfg, num_samples) if reads_data else None
     else:
         source = indexed_dataset(cfg, num_samples, reads_data)
     log.info("data: %s, %s", cfg.data.type, "read on this rank" if reads_data else "not read")

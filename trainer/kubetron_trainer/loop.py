@@ -260,7 +260,8 @@ def train(run: Run) -> Summary:
     first, last = pg.pp.rank() == 0, pg.pp.rank() == pg.pp.size() - 1
     batches = build_batches(
         cfg,
-        reads_data=first or last,
+        # packed conversations: every stage needs the attention mask of its micro-batches
+        reads_data=first or last or cfg.data.type == "chat",
         dp_rank=pg.dp.rank(),
         dp_size=pg.dp.size(),
         device=run.device,

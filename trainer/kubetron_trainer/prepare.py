@@ -18,6 +18,15 @@ file and line (Parquet: row, counting from 0): a line that is not a JSON object,
 non-string text field, an empty file. Progress goes to stderr every `--progress-interval`
 seconds, the summary (documents, tokens, seconds, tokens/s, files written) to stdout.
 Exit codes: 0 done, 2 bad arguments or input, 143 SIGTERM.
+
+`--chat` prepares supervised fine-tuning data (`data.type: chat`): each record holds a
+conversation (`--messages-key`, default `messages`: a list of `{"role", "content"}`), rendered
+with the tokenizer's chat template (or `--chat-template FILE`) and tokenized piece by piece
+(`kubetron_trainer.chat`); besides PREFIX.bin/.idx it writes PREFIX.loss_mask.bin/.idx, an
+indexed dataset of the same documents and lengths whose values are 1 for the tokens an
+assistant wrote (the ones the loss is taken on) and 0 for the rest. A conversation without an
+assistant message, a role not in system/user/assistant/tool, or a template that cannot mark
+the assistant's tokens stops the run, naming the file and line.
 """
 
 from __future__ import annotations
@@ -42,6 +51,15 @@ from typing import Any, Literal
 
 import numpy as np
 
+from kubetron_trainer.chat import (
+    LOSS_MASK,
+    ChatError,
+    Template,
+    check_messages,
+    compile_template,
+    load_template,
+    segments,
+)
 from kubetron_trainer.tokenizer import BYTE, Tokenizer, TokenizerError, load
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
@@ -100,11 +118,14 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
     return files
 
 
-def read_chunks(file: int, path: Path, text_key: str, size: int) -> Iterator[Chunk]:
+def read_chunks(
+    file: int, path: Path, text_key: str, size: int, strings: bool = True
+) -> Iterator[Chunk]:
     """The documents of input file number `file` in chunks of `size`; at least one chunk, so
-    an empty file reaches the check of its document count."""
+    an empty file reaches the check of its document count. `strings`: the Parquet column must
+    hold text (a chat dataset's column holds lists of messages)."""
     if path.name.endswith(".parquet"):
-        yield from _parquet_chunks(file, path, text_key, size)
+        yield from _parquet_chunks(file, path, text_key, size, strings)
     else:
         yield from _jsonl_chunks(file, path, size)
 
@@ -125,7 +146,9 @@ def _jsonl_chunks(file: int, path: Path, size: int) -> Iterator[Chunk]:
         yield Chunk(file, str(path), "jsonl", first, lines)
 
 
-def _parquet_chunks(file: int, path: Path, text_key: str, size: int) -> Iterator[Chunk]:
+def _parquet_chunks(
+    file: int, path: Path, text_key: str, size: int, strings: bool
+) -> Iterator[Chunk]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -137,10 +160,10 @@ def _parquet_chunks(file: int, path: Path, text_key: str, size: int) -> Iterator
     if text_key not in schema.names:
         raise PrepareError(
             f"{path}: no column {text_key!r} (columns: {', '.join(schema.names) or 'none'}); "
-            "name the text column with --text-key"
+            "name the column with --text-key (--messages-key with --chat)"
         )
     kind = schema.field(text_key).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+    if strings and not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise PrepareError(f"{path}: column {text_key!r} holds {kind}, not strings")
     row = 0
     try:
@@ -167,17 +190,32 @@ class Encoded:
     tokens: np.ndarray
     lengths: list[int]
     error: str | None = None
+    loss_mask: np.ndarray | None = None  # chat data: 1 where an assistant wrote the token
 
 
 @dataclass(frozen=True)
 class Job:
     tokenizer: str
-    text_key: str
+    text_key: str  # the messages key with `chat`
     append_eod: bool
     dtype: str
+    chat: bool = False
+    chat_template: str | None = None  # a template file instead of the tokenizer's
 
 
-_worker: tuple[Tokenizer, Job] | None = None
+def chat_template(job: Job) -> Template | None:
+    """The template chat records are rendered with (None without `--chat`)."""
+    if not job.chat:
+        return None
+    override = Path(job.chat_template) if job.chat_template else None
+    if job.tokenizer != BYTE:
+        return load_template(Path(job.tokenizer), override)
+    if override is None or not override.is_file():
+        raise ChatError("the byte tokenizer has no chat template; pass --chat-template FILE")
+    return compile_template(override.read_text(encoding="utf-8"), str(override))
+
+
+_worker: tuple[Tokenizer, Job, Template | None] | None = None
 
 
 def _init_worker(job: Job) -> None:
@@ -186,12 +224,63 @@ def _init_worker(job: Job) -> None:
     global _worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker = (load(job.tokenizer), job)
+    _worker = (load(job.tokenizer), job, chat_template(job))
 
 
 def _encode_in_worker(chunk: Chunk) -> Encoded:
     assert _worker is not None
-    return encode(chunk, *_worker)
+    return encode_records(chunk, *_worker)
+
+
+def encode_records(
+    chunk: Chunk, tokenizer: Tokenizer, job: Job, template: Template | None
+) -> Encoded:
+    """One chunk of text documents, or of conversations when there is a chat template."""
+    if template is not None:
+        return encode_chat(chunk, tokenizer, job, template)
+    return encode(chunk, tokenizer, job)
+
+
+def _where(chunk: Chunk, i: int) -> str:
+    if chunk.kind == "jsonl":
+        return f"{chunk.path}:{chunk.first + i}"
+    return f"{chunk.path}: row {chunk.first + i} (counting from 0)"
+
+
+def encode_chat(chunk: Chunk, tokenizer: Tokenizer, job: Job, template: Template) -> Encoded:
+    """Render and tokenize one chunk of conversations, with their assistant-token masks."""
+    tokens: list[int] = []
+    mask: list[int] = []
+    lengths: list[int] = []
+    records = 0
+    for i, item in enumerate(chunk.items):
+        if chunk.kind == "jsonl" and not item.strip():
+            continue
+        records += 1
+        try:
+            record = {job.text_key: item} if chunk.kind == "parquet" else _json(item)
+            pieces = segments(template, check_messages(record, job.text_key))
+        except ChatError as err:
+            error = f"{_where(chunk, i)}: {err}"
+            return Encoded(chunk.file, 0, np.empty(0, job.dtype), [], error)
+        length = 0
+        for ids, learned in zip(
+            tokenizer.tokenize_plain([text for text, _ in pieces]), (a for _, a in pieces),
+            strict=True,
+        ):  # fmt: skip
+            tokens += ids
+            mask += [int(learned)] * len(ids)
+            length += len(ids)
+        lengths.append(length)
+    flat = np.asarray(tokens, dtype=job.dtype)
+    return Encoded(chunk.file, records, flat, lengths, loss_mask=np.asarray(mask, np.uint8))
+
+
+def _json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ChatError(f"not JSON ({err})") from None
 
 
 def encode(chunk: Chunk, tokenizer: Tokenizer, job: Job) -> Encoded:
@@ -201,13 +290,12 @@ def encode(chunk: Chunk, tokenizer: Tokenizer, job: Job) -> Encoded:
         if chunk.kind == "jsonl":
             if not item.strip():
                 continue
-            where = f"{chunk.path}:{chunk.first + i}"
             text, problem = _json_text(item, job.text_key)
         else:
-            where = f"{chunk.path}: row {chunk.first + i} (counting from 0)"
             text, problem = item, None if item is not None else f"{job.text_key!r} is null"
         if problem is not None:
-            return Encoded(chunk.file, 0, np.empty(0, job.dtype), [], f"{where}: {problem}")
+            error = f"{_where(chunk, i)}: {problem}"
+            return Encoded(chunk.file, 0, np.empty(0, job.dtype), [], error)
         assert text is not None
         texts.append(text)
     eod = [tokenizer.eod] if job.append_eod and tokenizer.eod is not None else []
@@ -243,7 +331,7 @@ class IndexedWriter:
     exception) removes them. PREFIX.idx (what makes a dataset complete) is renamed last, after
     an existing one is removed, so no moment shows a complete-looking mix of old and new."""
 
-    def __init__(self, prefix: Path, vocab_size: int) -> None:
+    def __init__(self, prefix: Path, vocab_size: int, loss_mask: bool = False) -> None:
         with warnings.catch_warnings():  # Megatron's notes on Transformer Engine, Apex, absl
             warnings.simplefilter("ignore")
             from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -252,31 +340,46 @@ class IndexedWriter:
         self.dtype = token_dtype(vocab_size)
         prefix.parent.mkdir(parents=True, exist_ok=True)
         tag = f"{os.getpid()}-{secrets.token_hex(4)}"  # created by the builder, with the umask
+        # the loss mask's files first: PREFIX.idx, renamed last, makes the dataset complete
+        suffixes = [LOSS_MASK + ".bin", LOSS_MASK + ".idx"] if loss_mask else []
+        suffixes += [".bin", ".idx"]
         self.partial = {
-            suffix: prefix.parent / f".{prefix.name}{suffix}.{tag}.partial"
-            for suffix in (".bin", ".idx")
+            suffix: prefix.parent / f".{prefix.name}{suffix}.{tag}.partial" for suffix in suffixes
         }
         self.builder = IndexedDatasetBuilder(str(self.partial[".bin"]), dtype=self.dtype)
+        self.mask_builder = (
+            IndexedDatasetBuilder(str(self.partial[LOSS_MASK + ".bin"]), dtype=np.uint8)
+            if loss_mask
+            else None
+        )
         self.documents = 0
         self.tokens = 0
 
-    def add(self, tokens: np.ndarray, lengths: Sequence[int]) -> None:
-        """Documents of `lengths` tokens each, `tokens` end to end."""
+    def add(
+        self, tokens: np.ndarray, lengths: Sequence[int], loss_mask: np.ndarray | None = None
+    ) -> None:
+        """Documents of `lengths` tokens each, `tokens` (and their loss mask) end to end."""
+        if (loss_mask is None) != (self.mask_builder is None):
+            raise ValueError("a loss mask goes with every chunk of a chat dataset, and only there")
         start = 0
         for length in lengths:
             self.builder.add_document(tokens[start : start + length], [length])
+            if self.mask_builder is not None and loss_mask is not None:
+                self.mask_builder.add_document(loss_mask[start : start + length], [length])
             start += length
         self.documents += len(lengths)
         self.tokens += start
 
     def commit(self) -> list[Path]:
+        if self.mask_builder is not None:
+            self.mask_builder.finalize(str(self.partial[LOSS_MASK + ".idx"]))
         self.builder.finalize(str(self.partial[".idx"]))
         for path in self.partial.values():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
         final = {s: Path(f"{self.prefix}{s}") for s in self.partial}
         final[".idx"].unlink(missing_ok=True)
-        for suffix in (".bin", ".idx"):
+        for suffix in self.partial:
             os.replace(self.partial[suffix], final[suffix])
         dir_fd = os.open(self.prefix.parent, os.O_RDONLY)
         try:
@@ -287,8 +390,9 @@ class IndexedWriter:
         return list(final.values())
 
     def discard(self) -> None:
-        with contextlib.suppress(Exception):
-            self.builder.data_file.close()
+        for builder in (self.builder, self.mask_builder):
+            with contextlib.suppress(Exception):
+                builder.data_file.close()  # type: ignore[union-attr]
         for path in self.partial.values():
             path.unlink(missing_ok=True)
         self.partial = {}
@@ -348,13 +452,17 @@ class Progress:
 
 
 def encoded_chunks(
-    chunks: Iterator[Chunk], tokenizer: Tokenizer, job: Job, workers: int
+    chunks: Iterator[Chunk],
+    tokenizer: Tokenizer,
+    job: Job,
+    workers: int,
+    template: Template | None = None,
 ) -> Generator[Encoded]:
     """The chunks tokenized, in input order: in this process with one worker, else by a pool
     of spawned workers with at most 2 chunks per worker in flight (bounded memory)."""
     if workers == 1:
         for chunk in chunks:
-            yield encode(chunk, tokenizer, job)
+            yield encode_records(chunk, tokenizer, job, template)
         return
     import multiprocessing
 
@@ -384,6 +492,9 @@ def prepare(
     overwrite: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
     progress_interval: float = 10.0,
+    chat: bool = False,
+    messages_key: str = "messages",
+    chat_template_file: Path | None = None,
 ) -> Summary:
     """Tokenize `inputs` into `output_prefix`.bin/.idx; raises PrepareError on bad input, leaving
     nothing at the prefix (and an existing dataset there untouched)."""
@@ -394,29 +505,40 @@ def prepare(
         tok = load(tokenizer)
     except TokenizerError as err:
         raise PrepareError(f"--tokenizer {tokenizer}: {err}") from None
+    if chat and append_eod:
+        raise PrepareError(
+            "--append-eod does not go with --chat: the chat template ends every turn itself"
+        )
     if append_eod and tok.eod is None:
         raise PrepareError(
             f'--append-eod: {tok.describe()} defines no EOD token; set "eos_token" in its '
             "tokenizer_config.json"
         )
     if not overwrite:
-        for suffix in (".bin", ".idx"):
+        for suffix in (".bin", ".idx") + ((LOSS_MASK + ".bin", LOSS_MASK + ".idx") if chat else ()):
             if Path(f"{output_prefix}{suffix}").exists():
                 raise PrepareError(
                     f"{output_prefix}{suffix} exists; pass --overwrite to replace it (only once "
                     "the new dataset is complete) or choose another --output-prefix"
                 )
-    job = Job(tokenizer, text_key, append_eod, np.dtype(token_dtype(tok.vocab_size)).name)
+    dtype = np.dtype(token_dtype(tok.vocab_size)).name
+    key = messages_key if chat else text_key
+    template_file = str(chat_template_file) if chat_template_file else None
+    job = Job(tokenizer, key, append_eod, dtype, chat, template_file)
+    try:
+        template = chat_template(job)
+    except ChatError as err:
+        raise PrepareError(f"--tokenizer {tokenizer}: {err}") from None
     per_file = [0] * len(files)
 
     def chunks() -> Iterator[Chunk]:
         for i, path in enumerate(files):
-            yield from read_chunks(i, path, text_key, chunk_size)
+            yield from read_chunks(i, path, key, chunk_size, strings=not chat)
 
     documents = 0
     with (
-        IndexedWriter(output_prefix, tok.vocab_size) as writer,
-        contextlib.closing(encoded_chunks(chunks(), tok, job, workers)) as results,
+        IndexedWriter(output_prefix, tok.vocab_size, loss_mask=chat) as writer,
+        contextlib.closing(encoded_chunks(chunks(), tok, job, workers, template)) as results,
     ):
         progress = Progress(len(files), progress_interval)  # the clock starts with the reading
         for enc in results:
@@ -427,7 +549,7 @@ def prepare(
             if index > 0 and per_file[index - 1] == 0:
                 raise PrepareError(f"{files[index - 1]}: empty (no documents)")
             documents += enc.documents
-            writer.add(enc.tokens, enc.lengths)
+            writer.add(enc.tokens, enc.lengths, enc.loss_mask)
             progress.update(index + 1, documents, writer.tokens)
         if per_file[-1] == 0:
             raise PrepareError(f"{files[-1]}: empty (no documents)")
@@ -473,6 +595,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--overwrite", action="store_true", help="replace an existing dataset at the prefix"
     )
     p.add_argument(
+        "--chat",
+        action="store_true",
+        help="records are conversations: render them with the chat template and write "
+        f"PREFIX{LOSS_MASK}.bin/.idx (loss on the assistant's tokens) for data.type chat",
+    )
+    p.add_argument(
+        "--messages-key", default="messages", help="JSON field / Parquet column of a conversation"
+    )
+    p.add_argument(
+        "--chat-template",
+        type=Path,
+        help="a Jinja chat template file instead of the tokenizer's own",
+    )
+    p.add_argument(
         "--chunk-size",
         type=int,
         default=DEFAULT_CHUNK,
@@ -508,6 +644,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             overwrite=args.overwrite,
             chunk_size=args.chunk_size,
             progress_interval=args.progress_interval,
+            chat=args.chat,
+            messages_key=args.messages_key,
+            chat_template_file=args.chat_template,
         )
     except PrepareError as err:
         print(f"prepare-data: {err}", file=sys.stderr)

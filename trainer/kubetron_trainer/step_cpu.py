@@ -154,7 +154,7 @@ def cpu_train_step(
     for batch in micro_batches:
         if batch is None:
             raise ValueError("every CPU rank reads data (pipeline parallelism needs a GPU)")
-        losses = model(batch.tokens, batch.position_ids, None, labels=batch.labels)
+        losses = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels)
         loss = masked_mean(losses, batch.loss_mask)
         (loss / len(micro_batches)).backward()
         total += loss.detach()

@@ -67,20 +67,22 @@ def _reduced_loss_func(output: torch.Tensor) -> tuple[torch.Tensor, dict]:
 def _forward_step(
     data: Iterator[Batch | None], model: torch.nn.Module, fused_loss: bool = False
 ) -> tuple[Any, Any]:
-    """Megatron's forward_step_func: tokens on the first stage, labels on the last."""
+    """Megatron's forward_step_func: tokens on the first stage, labels on the last (chat data:
+    every stage gets the batch, for its attention mask; the model reads only what its stage
+    uses)."""
     batch = next(data)
     if batch is None:  # a middle pipeline stage: activations come from the previous stage
         output = model(None, None, None)
         return output, partial(_loss_func, None)
     if fused_loss and batch.labels is not None:
         output = model(
-            batch.tokens, batch.position_ids, None, labels=batch.labels,
+            batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels,
             loss_mask=batch.loss_mask, output_processor=fused_lm_loss,
         )  # fmt: skip
         if output.dim() == 0:  # the last stage: the loss itself
             return output, _reduced_loss_func
         return output, partial(_loss_func, batch.loss_mask)
-    output = model(batch.tokens, batch.position_ids, None, labels=batch.labels)
+    output = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels)
     return output, partial(_loss_func, batch.loss_mask)
 
 

@@ -64,6 +64,10 @@ class Tokenizer(Protocol):
 
     def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
 
+    def tokenize_plain(self, texts: Sequence[str]) -> list[list[int]]:
+        """Without the post-processor's special tokens (pieces of a rendered chat)."""
+        ...
+
     def detokenize(self, ids: Sequence[int]) -> str: ...
 
 
@@ -87,6 +91,9 @@ class ByteTokenizer:
 
     def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [list(t.encode("utf-8")) for t in texts]
+
+    def tokenize_plain(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.tokenize_batch(texts)
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
@@ -166,6 +173,10 @@ class HuggingFaceTokenizer:
 
     def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [list(e.ids) for e in self._tok.encode_batch_fast(list(texts))]
+
+    def tokenize_plain(self, texts: Sequence[str]) -> list[list[int]]:
+        encoded = self._tok.encode_batch_fast(list(texts), add_special_tokens=False)
+        return [list(e.ids) for e in encoded]
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return str(self._tok.decode(list(ids)))

@@ -5,7 +5,9 @@ materialises the full `[b, heads, s, s]` score matrix (the Qwen3-1.7B shape at s
 of memory on an H100), reads Megatron's global memory buffer and forks the CUDA RNG tracker for
 dropout (so it cannot run on CPU). This module is a drop-in `core_attention` for the local spec
 that hands the work to torch's SDPA kernels (flash / memory-efficient on GPU, math on CPU):
-causal masking and grouped-query attention are done by SDPA itself.
+causal masking and grouped-query attention are done by SDPA itself. An `attention_mask`
+(packed conversations, `data.type: chat`; Megatron's convention, True = masked) replaces the
+causal mask; SDPA then runs its memory-efficient or math kernel (flash takes no mask).
 
 Fast-path options (`models/fused.py`): `backend="cudnn"` asks SDPA for cuDNN attention first
 (flash as the fallback; grouped-query attention inside the kernel), and `rope=True`
@@ -92,7 +94,9 @@ class SdpaAttention(MegatronModule):
             key = apply_rope(key, cos, sin)
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        if self.backend == "cudnn" and q.is_cuda:
+        if attention_mask is not None:  # packed conversations: the mask is causal already
+            out = self._sdpa(q, k, v, gqa=self.groups != self.heads, mask=~attention_mask)
+        elif self.backend == "cudnn" and q.is_cuda:
             out = self._cudnn(q, k, v)
         else:
             out = self._sdpa(q, k, v, gqa=self.groups != self.heads)
@@ -100,12 +104,21 @@ class SdpaAttention(MegatronModule):
         s, b = out.shape[2], out.shape[0]
         return out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim)
 
-    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
+    def _sdpa(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        gqa: bool,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """SDPA, causal, or under `mask` (`[b, 1, s, s]`, True = attend) when given."""
         return F.scaled_dot_product_attention(
             q,
             k,
             v,
-            is_causal=self.causal,
+            attn_mask=mask,
+            is_causal=self.causal and mask is None,
             dropout_p=self.dropout if self.training else 0.0,
             scale=self.scale,
             enable_gqa=gqa,
