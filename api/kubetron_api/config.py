@@ -382,6 +382,15 @@ class CheckpointSpec(ApiModel):
     resume: Literal["auto", "never"] = Field(
         default="auto", description="auto resumes from the latest checkpoint when one exists."
     )
+    async_save: bool = Field(
+        default=False,
+        description="Write checkpoints in the background (Megatron-Core's asynchronous "
+        "dist-checkpointing, GPU only): training waits only while each rank copies its share "
+        "to host memory (about 12 bytes a parameter over the data-parallel ranks, plus the "
+        "weights), then goes on while a forked process writes it; `latest` moves once every "
+        "rank's files are complete. The final save and the save on SIGTERM are synchronous "
+        "and wait for a pending one first.",
+    )
 
 
 class MetricsSpec(ApiModel):

@@ -86,6 +86,7 @@ CHANGES: dict[str, tuple[Any, dict[str, Any]]] = {
     "spec.checkpoint.path": ("/ckpt", {}),
     "spec.checkpoint.saveInterval": (10, {"spec.checkpoint.path": "/ckpt"}),
     "spec.checkpoint.resume": ("never", {"spec.checkpoint.path": "/ckpt"}),
+    "spec.checkpoint.asyncSave": (True, {"spec.checkpoint.path": "/ckpt"}),
     "spec.checkpoint.volume.claimName": ("c", {"spec.checkpoint.path": "/ckpt"}),
     "spec.checkpoint.volume.readOnly": (
         True,

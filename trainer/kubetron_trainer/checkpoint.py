@@ -16,17 +16,32 @@ reshards them into any data-parallel size and tensor/pipeline degree. A rank's R
 to its position in the grid that saved them: they are loaded only when the shape is the same,
 otherwise every rank is re-seeded from (seed, step, its position) (`seeding.reseed_for_resume`).
 The data position is the consumed samples in `kubetron.json` (`data.Batches`).
+
+Host memory. Megatron-Core's `fully_reshardable` optimizer format gathers the whole optimizer
+state (fp32 main weights and both Adam moments, 12 bytes a parameter) into CPU tensors on every
+data-parallel rank, at save and at load: 98 GB a rank for Qwen3-8B, twice that on a 2-GPU host,
+which is what killed the 8B data-parallel run while it wrote its final checkpoint. Here the same
+format (the same keys, shapes and tensor layout, so either loader reads it) is written without
+the gather: each parameter's state is written by the one data-parallel rank whose optimizer
+shard holds it, straight from the GPU, and the few parameters that straddle two shards are
+summed over the data-parallel group first; a load asks only for the parameters of this rank's
+shard and reads them in place. Synchronous saves go through torch DCP's FileSystemWriter, which
+copies one tensor at a time to the host; an asynchronous save (`checkpoint.asyncSave`) copies
+this rank's whole share to the host first (that is what lets training go on) and writes it from
+a forked process while the next steps run.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import resource
 import shutil
 import time
-from collections.abc import Iterator
+from collections import ChainMap
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +49,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedStateDict
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import (
+    ShardedObject,
+    ShardedStateDict,
+    ShardedTensorFactory,
+)
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner,
     TorchDistSaveShardedStrategy,
     _replace_state_dict_keys_with_sharded_keys,
     mcore_to_pyt_state_dict,
 )
+from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
 from megatron.core.optimizer.optimizer import param_group_identifier_keys
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -153,14 +174,18 @@ def saved_optimizer_sharding(source: Path) -> str:
 class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
     """Megatron's torch_dist format, written by torch DCP's plain synchronous FileSystemWriter.
 
-    Megatron-Core 0.19 always saves through its async writer, whose staging step calls
-    `torch.cuda.synchronize()` unconditionally (filesystem_async.preload_tensors), so it fails
-    on a machine without CUDA. The files are the same torch DCP layout plus Megatron's metadata,
-    loaded by Megatron's ordinary torch_dist load strategy. Used on CPU only.
+    Megatron-Core 0.19 always saves through its async writer, even synchronously: it first
+    copies every tensor this rank writes to the host (a host copy of the rank's whole share of
+    the checkpoint), and its staging calls `torch.cuda.synchronize()` unconditionally
+    (filesystem_async.preload_tensors), so it fails on a machine without CUDA. DCP's writer
+    copies one tensor at a time (`thread_count` files a rank, written in parallel). The files
+    are the same torch DCP layout plus Megatron's metadata, loaded by Megatron's ordinary
+    torch_dist load strategy. Every synchronous save, CPU and GPU.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, thread_count: int = 1) -> None:
         super().__init__("torch_dist", 1)
+        self.writer_threads = thread_count
 
     def save(self, sharded_state_dict: ShardedStateDict, checkpoint_dir: Path) -> None:
         flat, _, _ = _replace_state_dict_keys_with_sharded_keys(
@@ -168,13 +193,156 @@ class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
         )
         torch.distributed.checkpoint.save(
             mcore_to_pyt_state_dict(flat, False),
-            storage_writer=FileSystemWriter(checkpoint_dir),
+            storage_writer=FileSystemWriter(checkpoint_dir, thread_count=self.writer_threads),
             planner=MCoreSavePlanner(
                 dedup_replicated_tensors=not self.keep_only_main_replica,
                 flatten_state_dict=False,
                 flatten_sharded_tensors=False,
             ),
         )
+
+
+# Files a rank writes in parallel in a synchronous GPU save (DCP's FileSystemWriter threads).
+GPU_WRITER_THREADS = 4
+
+
+def _main_replica(replica_id: Any) -> Any:
+    """The model parameter's replica id with its data-parallel part (the last) set to 0: the
+    writing rank is the main replica of its own shard; the other parts (a tensor-parallel
+    replica of a norm weight, say) still decide."""
+    if isinstance(replica_id, tuple):
+        return (*replica_id[:-1], 0)
+    return 0
+
+
+def _state_tensor(meta: Any, key: str, data: torch.Tensor, replica_id: Any) -> Any:
+    """A model parameter's sharded metadata turned into one optimizer-state tensor of it
+    (what Megatron's fully_reshardable format stores under `optimizer.state.<key>.<param>`)."""
+    fields: dict[str, Any] = {"key": key, "data": data, "replica_id": replica_id}
+    if not isinstance(meta, ShardedTensorFactory):
+        fields["dtype"] = data.dtype
+    out = replace(meta, **fields)
+    out.validate_metadata_integrity()
+    return out
+
+
+def lean_fully_reshardable(
+    opt: Any,
+    model_sharded_state_dict: ShardedStateDict,
+    is_loading: bool = False,
+    metadata: dict[str, Any] | None = None,
+) -> dict[int, dict[str, Any]]:
+    """Megatron's `fully_reshardable` optimizer state without gathering it on every rank.
+
+    Megatron's DistributedOptimizer.sharded_param_state_fully_reshardable builds, on every
+    data-parallel rank, CPU tensors of the whole model's fp32 main weights and Adam moments
+    (zero-filled on load too). Here: the same entries (parameter index -> {param, exp_avg,
+    exp_avg_sq} in model space, the model parameter's key, shape and tensor-parallel layout),
+    but a rank lists only the parameters its optimizer shard holds whole, as views of its own
+    GPU state: at save the main replica, at load the tensors read in place. A parameter split
+    between shards (at most data-parallel size - 1 a bucket) is summed over the data-parallel
+    group at save and written by the lowest rank holding part of it; at load each rank holding
+    part of it reads the whole parameter into a host tensor and keeps its part. Megatron's own
+    `load_parameter_state_from_fully_reshardable` then reads these entries unchanged (it skips
+    the parameters a rank does not hold before looking them up)."""
+    del metadata
+    sharded, _ = extract_sharded_tensors_and_factories(model_sharded_state_dict)
+    meta_of = {sh.data: sh for sh in nested_values(sharded)}
+    group = opt.data_parallel_group
+    me = group.rank()
+    keys = ("param", *opt.optimizer_state_keys)
+    prefix = "optimizer.state"
+
+    # which parameters each rank holds only part of: every rank joins their all-reduces
+    entries: list[tuple[int, Any, ChainMap]] = []
+    partial: list[int] = []
+    index = -1
+    for gbuf_idx, by_dtype in enumerate(opt.gbuf_ranges):
+        if len(by_dtype) != 1:
+            raise NotImplementedError("one dtype a gradient buffer, as Megatron's own format")
+        (buckets,) = by_dtype.values()
+        local = ChainMap(*(bucket["param_map"] for bucket in buckets))
+        for param in opt.buffers[gbuf_idx].param_index_map:
+            index += 1
+            entries.append((index, param, local))
+            if param in local:
+                part = local[param]["param"]
+                if part.size != param.numel():
+                    partial.append(index)
+    holders: list[list[int]] = [[] for _ in range(group.size())]
+    dist.all_gather_object(holders, partial, group=group)
+    split: dict[int, int] = {}  # parameter index -> the lowest rank holding part of it
+    for rank in range(group.size() - 1, -1, -1):
+        split.update(dict.fromkeys(holders[rank], rank))
+
+    out: dict[int, dict[str, Any]] = {}
+    for index, param, local in entries:
+        mine = param in local
+        if not mine and index not in split:
+            continue
+        try:
+            meta = meta_of[param]
+        except KeyError as err:
+            raise ValueError(
+                f"model parameter {tuple(param.shape)} not in the model state"
+            ) from err
+        shape = meta.data.shape
+        tensors = opt._get_main_param_and_optimizer_states(param) if mine else {}
+        if index not in split:  # whole on this rank: its own GPU state, no copy
+            data = {k: tensors[k].view(shape) for k in keys}
+            replica = meta.replica_id if is_loading else _main_replica(meta.replica_id)
+            out[index] = {k: _state_tensor(meta, f"{prefix}.{k}.{meta.key}", data[k], replica)
+                          for k in keys}  # fmt: skip
+            continue
+        if is_loading:
+            if mine:
+                data = {k: torch.empty(shape, dtype=torch.float32) for k in keys}
+                out[index] = {
+                    k: _state_tensor(meta, f"{prefix}.{k}.{meta.key}", data[k], meta.replica_id)
+                    for k in keys
+                }
+            continue
+        whole = {}
+        for k in keys:
+            buf = torch.zeros(
+                param.numel(), dtype=torch.float32, device=torch.cuda.current_device()
+            )
+            if mine:
+                part = local[param]["param"]
+                buf[part.start : part.end].copy_(tensors[k].view(-1))
+            dist.all_reduce(buf, group=group)
+            whole[k] = buf.view(shape)
+        if split[index] == me:
+            replica = _main_replica(meta.replica_id)
+            out[index] = {k: _state_tensor(meta, f"{prefix}.{k}.{meta.key}", whole[k], replica)
+                          for k in keys}  # fmt: skip
+    return out
+
+
+@contextmanager
+def lean_optimizer_state(optimizer: Any) -> Iterator[None]:
+    """While inside, every distributed optimizer of the chain builds its fully_reshardable
+    state with `lean_fully_reshardable` (the method is replaced on the instance only)."""
+    patched = []
+    for opt in megatron_optimizers(optimizer):
+        if hasattr(opt, "gbuf_ranges") and hasattr(opt, "sharded_param_state_fully_reshardable"):
+
+            def lean(model_sd: Any, is_loading: bool = False, metadata: Any = None,
+                     opt: Any = opt) -> Any:  # fmt: skip
+                return lean_fully_reshardable(opt, model_sd, is_loading, metadata)
+
+            opt.sharded_param_state_fully_reshardable = lean
+            patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt.sharded_param_state_fully_reshardable
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident host memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 @contextmanager
@@ -277,8 +445,24 @@ class Resumed:
     rng: str  # "restored" (same shape) or "re-seeded" (another shape, or a legacy checkpoint)
 
 
+@dataclass
+class PendingSave:
+    """An asynchronous save written in the background, finalized later on every rank."""
+
+    step: int
+    began: float  # perf_counter at the start of the save
+    blocked_s: float  # what training waited for: planning and the copy to the host
+    queue: Any  # Megatron's AsyncCallsQueue holding the request
+
+
 class Checkpointer:
-    """Saves and loads the whole training state of this rank under `root`."""
+    """Saves and loads the whole training state of this rank under `root`.
+
+    `async_save` (GPU only): `save` plans the save, copies this rank's tensors to the host and
+    returns while a forked process writes them; `finalize` (called at each step boundary, and
+    blocking before another save, at the end and on SIGTERM) completes it on every rank: DCP's
+    and Megatron's metadata, then `kubetron.json` and `latest`, so `latest` never names a step
+    whose files are still being written."""
 
     def __init__(
         self,
@@ -289,6 +473,7 @@ class Checkpointer:
         pg: ProcessGroupCollection,
         device: torch.device,
         identity: RunIdentity,
+        async_save: bool = False,
     ) -> None:
         self.root = root
         self.chunks = chunks
@@ -299,6 +484,12 @@ class Checkpointer:
         self.identity = identity
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
+        if async_save and device.type != "cuda":
+            log.warning("checkpoint.asyncSave needs CUDA (Megatron's async writer); saving "
+                        "synchronously on %s", device.type)  # fmt: skip
+        self.async_save = async_save and device.type == "cuda"
+        self.pending: PendingSave | None = None
+        self.on_saved: Callable[[int, float], None] | None = None  # (step, seconds)
 
     def _model_state(self) -> dict[str, Any]:
         if len(self.chunks) == 1:
@@ -321,9 +512,10 @@ class Checkpointer:
             "dp_cp_group": self.pg.dp_cp,
             "chained_optim_avoid_prefix": not chained_prefix,
         }
-        state["optimizer"] = self.optimizer.sharded_state_dict(
-            state, is_loading=is_loading, metadata=meta
-        )
+        with lean_optimizer_state(self.optimizer):
+            state["optimizer"] = self.optimizer.sharded_state_dict(
+                state, is_loading=is_loading, metadata=meta
+            )
         state["scheduler"] = self.scheduler.state_dict()
         state["iteration"] = step
         if rng:  # one object per rank of this world: rng_state/shard_<rank>_<world>
@@ -332,9 +524,12 @@ class Checkpointer:
             )
         return state
 
-    def save(self, step: int, consumed_samples: int) -> float:
+    def save(self, step: int, consumed_samples: int, blocking: bool = False) -> float:
         """Write step `step` (`consumed_samples` read so far), then its `kubetron.json`, then
-        point `latest` at it; returns the seconds it took (collective)."""
+        point `latest` at it; returns the seconds training waited (collective). With
+        `async_save` (and not `blocking`) the files are written in the background and
+        `finalize` completes the save; an earlier pending save is finalized first."""
+        self.finalize(blocking=True)
         start = time.perf_counter()
         target = step_dir(self.root, step)
         check_fence(self.root, self.identity.attempt)  # every rank: a replaced attempt stops
@@ -344,18 +539,72 @@ class Checkpointer:
                 shutil.rmtree(target)
             target.mkdir()
         dist.barrier()
-        strategy = SyncTorchDistSaveStrategy() if self.device.type == "cpu" else None
         state = self._sharded_state(step, is_loading=False)
+        if self.async_save and not blocking:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            request = dist_checkpointing.save(
+                state, str(target), sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1),
+                async_sharded_save=True, async_strategy="mcore",
+            )  # fmt: skip
+            assert request is not None
+            request.add_finalize_fn(lambda: self._complete(step, consumed_samples))
+            queue = AsyncCallsQueue()
+            queue.schedule_async_request(request)
+            del state
+            blocked = time.perf_counter() - start
+            self.pending = PendingSave(step, start, blocked, queue)
+            log.info(
+                "checkpoint of step %d: writing in the background to %s (training waited "
+                "%.2fs; rank %d peak host RSS %.1f GiB)", step, target, blocked, self.rank,
+                peak_rss_gib(),
+            )  # fmt: skip
+            return blocked
+        threads = GPU_WRITER_THREADS if self.device.type == "cuda" else 1
+        strategy = SyncTorchDistSaveStrategy(thread_count=threads)
         dist_checkpointing.save(state, str(target), sharded_strategy=strategy)
+        del state
+        self._complete(step, consumed_samples)
+        seconds = time.perf_counter() - start
+        log.info(
+            "saved checkpoint of step %d to %s in %.2fs (rank %d peak host RSS %.1f GiB)",
+            step, target, seconds, self.rank, peak_rss_gib(),
+        )  # fmt: skip
+        if self.on_saved is not None:
+            self.on_saved(step, seconds)
+        return seconds
+
+    def _complete(self, step: int, consumed_samples: int) -> None:
+        """After every rank's files are complete: `kubetron.json`, then `latest` (collective)."""
         dist.barrier()
         if self.rank == 0:
+            target = step_dir(self.root, step)
             write_step_meta(target, self.identity.step_meta(step, consumed_samples))
             check_fence(self.root, self.identity.attempt)  # again, just before `latest`
             write_latest(self.root, step)
         dist.barrier()
-        seconds = time.perf_counter() - start
-        log.info("saved checkpoint of step %d to %s in %.2fs", step, target, seconds)
-        return seconds
+
+    def finalize(self, blocking: bool = False) -> bool:
+        """Complete a pending asynchronous save if it is written (every rank: collective);
+        `blocking` waits for it. True when nothing is pending any more."""
+        pending = self.pending
+        if pending is None:
+            return True
+        done = pending.queue.maybe_finalize_async_calls(blocking=blocking)
+        if not done and pending.queue.get_num_unfinalized_calls():
+            return False
+        pending.queue.close()
+        self.pending = None
+        seconds = time.perf_counter() - pending.began
+        log.info(
+            "saved checkpoint of step %d to %s in %.2fs in the background (training waited "
+            "%.2fs; rank %d peak host RSS %.1f GiB)", pending.step,
+            step_dir(self.root, pending.step), seconds, pending.blocked_s, self.rank,
+            peak_rss_gib(),
+        )  # fmt: skip
+        if self.on_saved is not None:
+            self.on_saved(pending.step, seconds)
+        return True
 
     def load_latest(self) -> Resumed | None:
         """Restore the newest complete checkpoint (None when there is none).
@@ -374,6 +623,7 @@ class Checkpointer:
         request = self._sharded_state(
             step, True, sharding=sharding, rng=plan.restore_rng, chained_prefix=prefix
         )
+        began = time.perf_counter()
         loaded = dist_checkpointing.load(request, str(source))
         if loaded["iteration"] != step:
             raise ValueError(f"{source} holds iteration {loaded['iteration']}, expected {step}")
@@ -399,4 +649,8 @@ class Checkpointer:
                 seed, step, resume_seed(seed, step),
             )  # fmt: skip
         log.info("resumed from %s (step %d): %s", source, step, plan.why)
+        log.info(
+            "loaded checkpoint of step %d in %.2fs (rank %d peak host RSS %.1f GiB)",
+            step, time.perf_counter() - began, self.rank, peak_rss_gib(),
+        )  # fmt: skip
         return Resumed(step, plan.consumed_samples, "restored" if plan.restore_rng else "re-seeded")

@@ -216,8 +216,10 @@ def setup(
             claim(Path(cfg.checkpoint.path), options.attempt)
         checkpointer = Checkpointer(
             Path(cfg.checkpoint.path), built.chunks, engine.optimizer, scheduler, pg, device,
-            identity,
+            identity, async_save=cfg.checkpoint.async_save,
         )  # fmt: skip
+        if metrics is not None:
+            checkpointer.on_saved = lambda step, seconds: metrics.record_save(seconds, step)
     progress = Progress(cfg, built.padded_vocab_size, device)
     return Run(
         cfg, options, topology, device, pg, built.chunks, built.attention, engine, scheduler,
@@ -276,18 +278,20 @@ def train(run: Run) -> Summary:
     stop = StopFlag(run.device)
     began = time.perf_counter()
     log.info("training steps %d..%d", start + 1, cfg.recipe.train_iters)
-    for step in range(start, cfg.recipe.train_iters):
-        if stop.agreed():
-            save(run, step, batches.consumed(step))
+    done = cfg.recipe.train_iters
+    for step in range(start, done):
+        if stop.agreed():  # a pending background save completes first, this one synchronously
+            save(run, step, batches.consumed(step), blocking=True)
             summary.stopped_by = "SIGTERM"
             finish(run, summary, began)
             raise Terminated(f"SIGTERM: saved step {step} and stopped")
+        if run.checkpointer is not None:
+            run.checkpointer.finalize()  # a background save that has finished (collective)
         one_step(run, batches.step(step), step + 1, summary)
         if run.checkpointer and (step + 1) % cfg.checkpoint.save_interval == 0:
-            save(run, step + 1, batches.consumed(step + 1))
-    done = cfg.recipe.train_iters
+            save(run, step + 1, batches.consumed(step + 1), blocking=step + 1 == done)
     if run.checkpointer and done % cfg.checkpoint.save_interval and start < done:
-        save(run, done, batches.consumed(done))
+        save(run, done, batches.consumed(done), blocking=True)
     finish(run, summary, began)
     return summary
 
@@ -311,16 +315,17 @@ def one_step(run: Run, micro: list[Batch | None], step: int, summary: Summary) -
         log.info(run.progress.line(stats))
 
 
-def save(run: Run, step: int, consumed_samples: int) -> None:
-    if run.checkpointer is None:
-        return
-    seconds = run.checkpointer.save(step, consumed_samples)
-    if run.metrics is not None:
-        run.metrics.record_save(seconds, step)
+def save(run: Run, step: int, consumed_samples: int, blocking: bool = False) -> None:
+    """A checkpoint of `step`; the checkpointer reports each completed save to the metrics."""
+    if run.checkpointer is not None:
+        run.checkpointer.save(step, consumed_samples, blocking=blocking)
 
 
 def finish(run: Run, summary: Summary, began: float) -> None:
-    """Totals over the steps this process ran (the first two are warmup), summary on rank 0."""
+    """Totals over the steps this process ran (the first two are warmup), summary on rank 0;
+    a background save still pending completes first."""
+    if run.checkpointer is not None:
+        run.checkpointer.finalize(blocking=True)
     summary.wall_s = time.perf_counter() - began
     timed = [s.duration_s for s in summary.steps[2:]] or [s.duration_s for s in summary.steps]
     if timed:

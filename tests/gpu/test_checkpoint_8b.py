@@ -1,0 +1,82 @@
+"""Checkpoints at 8B on 2 GPUs, and asynchronous saves in the trainer (skipped without 2 GPUs).
+
+The work is benchmarks/multigpu.py's pieces `ckpt8b` (Qwen3-8B, DP2, distributed optimizer:
+a synchronous save, the state wiped and loaded back, an asynchronous save while two steps
+train, loaded back) and `async_ckpt` (the trainer with `checkpoint.asyncSave`, resumed).
+`python benchmarks/multigpu.py --only ckpt8b async_ckpt` runs them and then these tests on the
+numbers it records; run alone, each test starts its piece itself. No speed is asserted here:
+the seconds and GB/s are in benchmarks/results/checkpoint_8b.json.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from benchmarks import multigpu as mg
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        torch.cuda.device_count() < mg.WORLD,
+        reason=f"needs {mg.WORLD} CUDA GPUs, found {torch.cuda.device_count()}",
+    ),
+]
+
+
+def piece(name: str) -> Any:
+    if mg.REUSE_ONLY and name not in mg.RESULTS:
+        pytest.skip(f"{name} did not run in this benchmark process (budget)")
+    return mg.run_piece(name)
+
+
+def _phases(report: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    found = [r["phases"].get(name) for r in report["ranks"]]
+    assert all(found), f"{name} missing on some rank: {report.get('error')}"
+    return found
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_8b_checkpoint_loads_back_every_tensor(kind: str) -> None:
+    """Every model weight, fp32 main weight and Adam moment of each rank was zeroed, then the
+    load restored it: each tensor's float64 sum equals the one taken before the save."""
+    loads = _phases(piece("ckpt8b"), f"{kind}_load")
+    for load in loads:
+        assert load["tensors_compared"] > 0
+        assert load["tensors_differing"] == 0
+
+
+def test_8b_save_writes_latest_only_when_complete() -> None:
+    report = piece("ckpt8b")
+    for sync in _phases(report, "sync_save"):
+        assert sync["latest"] == 1
+    for asy in _phases(report, "async_save"):
+        assert asy["latest"] == 2  # set by the finalization, after every rank's files
+        assert asy["rank_bytes"] > 0
+
+
+def test_8b_save_needs_no_gathered_optimizer_state_in_host_memory() -> None:
+    """Megatron's fully_reshardable state gathers 12 bytes a parameter on every rank; the
+    synchronous save and both loads stay far under that (a tenth, with the CUDA context)."""
+    report = piece("ckpt8b")
+    params = report["ranks"][0]["params"]
+    gathered_gib = 12 * params * mg.WORLD / 2**30  # every rank's shard of a DP2 world
+    for name in ("sync_save", "sync_load", "async_load"):
+        for phase in _phases(report, name):
+            assert phase["peak_rss_gib"] < gathered_gib / 10, (name, phase)
+
+
+def test_async_save_trains_on_and_resumes_like_uninterrupted() -> None:
+    result = piece("async_ckpt")
+    every, first = mg.ASYNC_EVERY, mg.ASYNC_STEPS
+    background = list(range(every, first, every))  # the last step's save is synchronous
+    assert result["background_saves"] == background
+    assert [f["step"] for f in result["finalized_background"]] == background
+    assert [s["step"] for s in result["synchronous_saves"]] == [first]
+    assert result["latest_after_first_run"] == str(first)
+    assert result["steps_with_kubetron_json"] == [*background, first]
+    assert result["resumed_from"] == first
+    # bf16, the same shape and order of reductions: the resumed steps are the uninterrupted ones
+    assert result["max_abs_loss_diff_resumed_vs_uninterrupted"] < 1e-3
