@@ -151,6 +151,22 @@ class ParallelDims:
             "expert_tensor_parallel_size": self.etp,
         }
 
+    def dense_rank(self, tp: int, cp: int, dp: int, pp: int) -> int:
+        """The global rank at a point of the dense grid [tp, cp, dp, pp] (tp fastest):
+        rank = tp + TP*(cp + CP*(dp + DP*pp))."""
+        return tp + self.tp * (cp + self.cp * (dp + self.dp * pp))
+
+    def model_parallel_ranks(self, dp: int) -> list[int]:
+        """The ranks of data-parallel replica `dp`'s model-parallel group: its tensor x context
+        x pipeline ranks, ascending. Consecutive when pipeline or data parallel is 1; otherwise
+        the stages are DP*TP*CP ranks apart (pipeline is the slowest dimension)."""
+        return sorted(
+            self.dense_rank(t, c, dp, p)
+            for p in range(self.pp)
+            for c in range(self.cp)
+            for t in range(self.tp)
+        )
+
     def describe(self) -> str:
         return (
             f"world={self.world_size} tensor={self.tp} pipeline={self.pp} "

@@ -187,19 +187,64 @@ class ResourcesSpec(ApiModel):
         return self.nodes * self.gpus_per_node
 
 
+# A Kubernetes label key (optional DNS-subdomain prefix, then a name): the topology levels.
+LABEL_KEY = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
+
+
+class TopologyPolicy(StrEnum):
+    REQUIRED = "Required"
+    PREFERRED = "Preferred"
+
+
+class TopologySpec(ApiModel):
+    """Placement by Kueue's topology-aware scheduling, derived from the parallel shape. Each
+    level is a node label key that names a level of the Kueue Topology of the queue's
+    ResourceFlavor (for example a rack or block label, or kubernetes.io/hostname)."""
+
+    job_level: str | None = Field(
+        default=None,
+        max_length=317,
+        pattern=LABEL_KEY,
+        description="Every pod of the job inside one domain of this level (the master and the "
+        "workers as one Kueue pod-set group).",
+    )
+    job_policy: TopologyPolicy = Field(
+        default=TopologyPolicy.REQUIRED,
+        description="Required: the job waits until one domain of jobLevel has room. "
+        "Preferred: Kueue tries jobLevel, then the levels above it, then spreads the pods.",
+    )
+    model_parallel_level: str | None = Field(
+        default=None,
+        max_length=317,
+        pattern=LABEL_KEY,
+        description="The pods of each model-parallel group (the tensor x context x pipeline "
+        "ranks of one data-parallel replica) inside one domain of this level. A group inside "
+        "one pod needs nothing more; a group that is the whole job (data parallel 1) becomes "
+        "the job's required level.",
+    )
+
+
 class SchedulingSpec(ApiModel):
     """Queueing and gang scheduling."""
 
     queue: str | None = Field(
         default=None,
         max_length=63,
-        description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name) or Volcano queue.",
+        description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name; the PyTorchJob is created "
+        "suspended and Kueue starts it when it admits it) or Volcano queue.",
     )
     scheduler_name: str | None = Field(
         default=None, max_length=253, description="Pod scheduler, e.g. volcano."
     )
     min_available: int | None = Field(
         default=None, ge=1, description="Gang size: pods that must start together."
+    )
+    topology: TopologySpec | None = Field(
+        default=None,
+        description="Topology-aware placement through Kueue (needs queue).",
     )
 
 
@@ -227,7 +272,12 @@ class RunPolicySpec(ApiModel):
     ttl_seconds_after_finished: int | None = Field(
         default=None, ge=0, description="Delete the PyTorchJob this long after it finishes."
     )
-    suspend: bool = Field(default=False, description="Suspend (delete pods) or resume the job.")
+    suspend: bool = Field(
+        default=False,
+        description="Suspend (delete pods) or resume the job. With a Kueue queue the operator "
+        "deactivates the job's Workload instead (spec.active false: Kueue evicts the job and "
+        "releases its quota) and reactivates it on resume (the job queues again).",
+    )
     clean_pod_policy: CleanPodPolicy = Field(
         default=CleanPodPolicy.NONE, description="Pods to delete when the job finishes."
     )
@@ -283,6 +333,7 @@ class MegatronJobSpec(ApiModel):
 
 class Phase(StrEnum):
     PENDING = "Pending"
+    QUEUED = "Queued"
     RUNNING = "Running"
     RESTARTING = "Restarting"
     SUCCEEDED = "Succeeded"

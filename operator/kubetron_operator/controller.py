@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 
 from kubetron_api.parse import SpecError, parse_job
 from kubetron_api.v1alpha1 import MegatronJob, Phase
-from kubetron_operator import lifecycle, progress
+from kubetron_operator import kueue, lifecycle, progress
 from kubetron_operator.kube import ApiError, Kube, Obj
 from kubetron_operator.lifecycle import RESTART_GRACE_SECONDS, Verdict, attempt_of
 from kubetron_operator.metrics import OperatorMetrics
@@ -150,6 +150,11 @@ class Controller:
         live = self._read_progress(job, pytorch_job, attempt, old_status.get("progress"), now)
         progress_now = live or old_status.get("progress")
         rp = job.spec.run_policy
+        queue = job.spec.scheduling.queue
+        workload = self._sync_workload(job, pytorch_job) if queue else None
+        held = None
+        if queue and not rp.suspend and (pytorch_job is None or kueue.suspended(pytorch_job)):
+            held = kueue.waiting(workload, queue, name)
         verdict = lifecycle.assess(
             pods=pods,
             pytorch_job=pytorch_job,
@@ -160,14 +165,15 @@ class Controller:
             deadline_seconds=rp.progress_deadline_seconds if self.progress_period > 0 else None,
             suspended=rp.suspend,
             now=now,
+            held=held,
         )
-        observed = Observed(generation, old_status, pytorch_job, pods, live)
+        observed = Observed(generation, old_status, pytorch_job, pods, live, bool(queue), workload)
         if verdict.action == "restart":
             return self._restart(body, job, observed, job_plan, verdict, attempt, now)
         new_status = job_status(observed, job_plan, name, verdict, attempt, now)
         if verdict.action == "fail":
             self._stop_attempt(namespace, name, attempt, pods, keep_failed=True)
-        if verdict.action in ("fail", "suspend"):
+        if verdict.action in ("fail", "suspend", "queue"):
             # Suspended pods exit 143 after their save: not failures of the resumed pods.
             self._failed_pods.pop((namespace, name), None)
         self._write_status(body, old_status, new_status, verdict.reason or new_status["phase"],
@@ -255,13 +261,23 @@ class Controller:
         attempt: int,
     ) -> Obj | None:
         """Apply every child that is missing, differs from what the spec renders (someone
-        deleted or edited it), or belongs to an older generation; returns the PyTorchJob."""
+        deleted or edited it), or belongs to an older generation; returns the PyTorchJob.
+
+        A queued job's PyTorchJob is created suspended and its `runPolicy.suspend` is Kueue's
+        from then on: re-applies carry the live value. A queued job the user suspends before
+        its PyTorchJob exists gets none (it asks for no quota) until it is resumed."""
         new_generation = old_status.get("observedGeneration") != generation
+        queued = bool(job.spec.scheduling.queue)
         for obj in render(job, job_plan, attempt=attempt):
             meta = obj["metadata"]
             live = live_job if obj["kind"] == "PyTorchJob" else None
             if live is None and obj["kind"] != "PyTorchJob":
                 live = self.kube.get(obj["kind"], meta["namespace"], meta["name"])
+            if obj["kind"] == "PyTorchJob" and queued:
+                if live is None and job.spec.run_policy.suspend:
+                    continue
+                if live is not None:
+                    obj["spec"]["runPolicy"]["suspend"] = kueue.suspended(live)
             if new_generation or live is None or drifted(obj, live):
                 if live is not None and not new_generation:
                     log.info("%s %s/%s drifted from its spec: re-applying", obj["kind"],
@@ -270,6 +286,34 @@ class Controller:
             if obj["kind"] == "PyTorchJob":
                 live_job = live
         return live_job
+
+    def _sync_workload(self, job: MegatronJob, pytorch_job: Obj | None) -> Obj | None:
+        """Kueue's Workload for the PyTorchJob (None before Kueue made it, or without Kueue),
+        made active or inactive to follow the user's spec.runPolicy.suspend."""
+        uid = (pytorch_job or {}).get("metadata", {}).get("uid")
+        if not uid:
+            return None
+        try:
+            found = self.kube.list("Workload", job.namespace, f"{kueue.JOB_UID_LABEL}={uid}")
+        except ApiError as err:
+            if err.status == 404:  # Kueue's CRDs are not installed
+                return None
+            raise
+        if not found:
+            return None
+        workload = found[0]
+        active = not job.spec.run_policy.suspend
+        if kueue.is_active(workload) != active:
+            log.info("%s/%s: %s Kueue Workload %s", job.namespace, job.name,
+                     "activating" if active else "deactivating",
+                     workload["metadata"]["name"])  # fmt: skip
+            workload = self.kube.patch(
+                "Workload",
+                job.namespace,
+                workload["metadata"]["name"],
+                {"spec": {"active": active}},
+            )
+        return workload
 
     def _read_progress(
         self, job: MegatronJob, pytorch_job: Obj | None, attempt: int, old: Obj | None, now: str

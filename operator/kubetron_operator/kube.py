@@ -27,6 +27,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "PyTorchJob": ("/apis/kubeflow.org/v1", "pytorchjobs"),
     "MegatronJob": ("/apis/kubetron.io/v1alpha1", "megatronjobs"),
     "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
+    "Workload": ("/apis/kueue.x-k8s.io/v1beta2", "workloads"),
 }
 _PLURALS = {plural for _, plural in KINDS.values()}
 
@@ -135,6 +136,16 @@ class Kube:
         except ApiError as err:
             if err.status != 404:
                 raise
+
+    def patch(self, kind: str, namespace: str, name: str, body: Obj) -> Obj:
+        """JSON merge patch of one object (fields another controller owns, e.g. a Kueue
+        Workload's spec.active)."""
+        return self.request(
+            "PATCH",
+            path(kind, namespace, name),
+            body=body,
+            content_type="application/merge-patch+json",
+        )
 
     def patch_status(self, kind: str, namespace: str, name: str, status: Obj) -> Obj:
         """JSON merge patch of the status: keys set to None are removed."""

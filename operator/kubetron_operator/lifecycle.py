@@ -30,7 +30,7 @@ ATTEMPT_LABEL = "kubetron.io/attempt"
 # or hung), so no collective save can finish; the checkpoint to resume from is the last one.
 RESTART_GRACE_SECONDS = 10
 
-Action = Literal["wait", "run", "restart", "fail", "succeed", "suspend"]
+Action = Literal["wait", "run", "restart", "fail", "succeed", "suspend", "queue"]
 
 
 @dataclass(frozen=True)
@@ -114,11 +114,15 @@ def assess(
     deadline_seconds: int | None,
     suspended: bool,
     now: str,
+    held: tuple[str, str] | None = None,
 ) -> Verdict:
     """The verdict on attempt `attempt` from its pods and PyTorchJob (pods of other attempts
-    are ignored: the controller removes them)."""
+    are ignored: the controller removes them). `held`: the queue (Kueue) keeps the job
+    suspended, with its (reason, message); the pods it stops are no failures of the attempt."""
     if suspended:
         return Verdict("suspend")
+    if held is not None:
+        return Verdict("queue", *held)
     current = [p for p in pods if attempt_of(p) == attempt]
     exits = container_exits(current)
     if permanent := [e for e in exits if not e.retryable]:

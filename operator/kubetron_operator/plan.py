@@ -17,6 +17,7 @@ from kubetron_api.config import (
 from kubetron_api.dims import ParallelConfigError, ParallelDims
 from kubetron_api.rules import ShapeSpec, check_shape
 from kubetron_api.v1alpha1 import MegatronJob, MegatronJobSpec, ResolvedParallelism
+from kubetron_operator.kueue import Placement, placement
 
 
 class PlanError(ValueError):
@@ -37,6 +38,7 @@ class Plan:
     procs_per_node: int
     requirements: tuple[str, ...]
     trainer_config: TrainerConfig
+    placement: Placement | None = None  # Kueue topology-aware placement (kueue.py)
 
     @property
     def world_size(self) -> int:
@@ -65,6 +67,8 @@ def plan(job: MegatronJob) -> Plan:
         shape = check_shape(ShapeSpec.of_job(spec))
     except ParallelConfigError as err:
         raise PlanError([*err.problems, *problems]) from err
+    where, topology_problems = placement(spec.scheduling, shape.dims, res.gpus_per_node)
+    problems += topology_problems
     if problems:
         raise PlanError(problems)
     config = TrainerConfig(
@@ -88,6 +92,7 @@ def plan(job: MegatronJob) -> Plan:
         procs_per_node=res.gpus_per_node,
         requirements=shape.requirements,
         trainer_config=config,
+        placement=where,
     )
 
 

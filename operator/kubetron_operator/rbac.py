@@ -35,6 +35,8 @@ RULES: list[Obj] = [
     # delete: a whole-group restart removes the pods of the failed attempt
     {"apiGroups": [""], "resources": ["pods"], "verbs": [*READ, "delete"]},
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+    # a queued job's status reads Kueue's Workload; its suspend and resume set spec.active
+    {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads"], "verbs": [*READ, "patch"]},
 ]
 
 # Leader election: only in the operator's own namespace.

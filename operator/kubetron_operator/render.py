@@ -21,6 +21,7 @@ from kubetron_api.v1alpha1 import (
     MegatronJob,
     ResourcesSpec,
 )
+from kubetron_operator.kueue import MASTER, QUEUE_LABEL, WORKER
 from kubetron_operator.lifecycle import ATTEMPT_LABEL
 from kubetron_operator.plan import Plan
 
@@ -34,7 +35,6 @@ MASTER_PORT = 23456
 JOB_NAME_LABEL = "kubetron.io/job-name"
 # Set by the training-operator on every pod it creates: master or worker.
 REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # The operator restarts the whole group itself (lifecycle.py): the training-operator never
 # restarts a single pod, and a failed pod fails the PyTorchJob, which the operator then replaces.
 RESTART_POLICY = "Never"
@@ -102,13 +102,15 @@ class PyTorchJobBuilder:
     kind = "PyTorchJob"
 
     def build(self, job: MegatronJob, plan: Plan, attempt: int) -> Obj:
-        replicas: Obj = {"Master": self._replica(job, plan, 1, attempt)}
+        placed = plan.placement.annotations(plan.nodes) if plan.placement else {}
+        replicas: Obj = {MASTER: self._replica(job, plan, 1, attempt, placed.get(MASTER))}
         if plan.nodes > 1:
-            replicas["Worker"] = self._replica(job, plan, plan.nodes - 1, attempt)
+            replicas[WORKER] = self._replica(job, plan, plan.nodes - 1, attempt,
+                                             placed.get(WORKER))  # fmt: skip
         meta = child_metadata(job, job.name, "trainer")
         meta["labels"][ATTEMPT_LABEL] = str(attempt)
         if job.spec.scheduling.queue:
-            meta["labels"][KUEUE_QUEUE_LABEL] = job.spec.scheduling.queue
+            meta["labels"][QUEUE_LABEL] = job.spec.scheduling.queue
         return {
             "apiVersion": self.api_version,
             "kind": self.kind,
@@ -120,12 +122,15 @@ class PyTorchJobBuilder:
             },
         }
 
-    def _replica(self, job: MegatronJob, plan: Plan, count: int, attempt: int) -> Obj:
+    def _replica(
+        self, job: MegatronJob, plan: Plan, count: int, attempt: int, placed: Obj | None
+    ) -> Obj:
         res = job.spec.resources
         meta: Obj = {"labels": {**dict(sorted(res.pod_labels.items())), **labels(job, "trainer")}}
         meta["labels"][ATTEMPT_LABEL] = str(attempt)
-        if res.pod_annotations:
-            meta["annotations"] = dict(sorted(res.pod_annotations.items()))
+        annotations = {**res.pod_annotations, **(placed or {})}
+        if annotations:
+            meta["annotations"] = dict(sorted(annotations.items()))
         return {
             "replicas": count,
             "restartPolicy": RESTART_POLICY,
@@ -137,7 +142,8 @@ def _run_policy(job: MegatronJob) -> Obj:
     rp, sched = job.spec.run_policy, job.spec.scheduling
     out: Obj = {  # backoffLimit: the operator counts restarts (attempts) itself
         "cleanPodPolicy": rp.clean_pod_policy.value,
-        "suspend": rp.suspend,
+        # queued: created suspended, and Kueue un-suspends it when it admits it (kueue.py)
+        "suspend": rp.suspend or bool(sched.queue),
     }
     if rp.active_deadline_seconds is not None:
         out["activeDeadlineSeconds"] = rp.active_deadline_seconds

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetron_api.v1alpha1 import Phase
+from kubetron_operator.kueue import QUEUED, admitted_message
 from kubetron_operator.lifecycle import Verdict
 from kubetron_operator.plan import Plan
 
@@ -29,6 +30,7 @@ _VERDICT_PHASE = {
     "succeed": Phase.SUCCEEDED,
     "fail": Phase.FAILED,
     "suspend": Phase.SUSPENDED,
+    "queue": Phase.QUEUED,
 }
 
 
@@ -42,6 +44,8 @@ class Observed:
     pytorch_job: Obj | None
     pods: list[Obj]
     progress: Obj | None = None  # a fresh read of rank 0's metrics (progress.py), if any
+    queued: bool = False  # the job goes through a Kueue queue
+    workload: Obj | None = None  # Kueue's Workload for the PyTorchJob, if any
 
 
 def condition(old: list[Obj], type_: str, status: str, reason: str, message: str, now: str) -> Obj:
@@ -100,6 +104,11 @@ def job_status(
             )
     if restarts:
         conditions.append(_restarting_condition(old, phase, attempt, now))
+    if verdict.action == "queue":
+        conditions.append(condition(old, QUEUED, "True", verdict.reason, verdict.message, now))
+    elif observed.queued and verdict.action != "suspend" and observed.pytorch_job is not None:
+        message = admitted_message(observed.workload)
+        conditions.append(condition(old, QUEUED, "False", "Admitted", message, now))
     if verdict.action == "fail":
         conditions.append(condition(old, FAILED, "True", verdict.reason, verdict.message, now))
     status: Obj = {
@@ -178,7 +187,7 @@ def _restarting_condition(old: list[Obj], phase: Phase, attempt: int, now: str) 
 def _running_since(old_status: Obj, verdict: Verdict, now: str) -> str | None:
     """When every pod of the attempt was first seen running; None while suspended (the pods
     of a resumed job are new)."""
-    if verdict.action == "suspend":
+    if verdict.action in ("suspend", "queue"):
         return None
     if old_status.get("runningSince"):
         return str(old_status["runningSince"])

@@ -10,13 +10,16 @@ $KUBETRON_CACHE/bin/<kubernetes version>/:
 - kwok, which fakes N GPU nodes (`nvidia.com/gpu: 8`) and the lifecycle of the pods bound to
   them (see kwok_stages.yaml: annotations pick when a pod ends and with which exit code),
 - the Kubeflow training-operator (PyTorchJob only), outside the cluster,
+- on demand (Cluster.start_kueue), Kueue with its PyTorchJob integration and topology-aware
+  scheduling, its webhooks registered against the API server by URL on loopback,
 - optionally (ClusterConfig.real_node) a real worker node that runs pods: containerd, kubelet,
   kube-proxy and CoreDNS on a bridge of its own (tests/cluster/node.py); the API server then
   binds the bridge address so that pods reach it through the `kubernetes` Service.
 
 Every process listens on free loopback ports and writes only under one temp dir (plus, for the
-training-operator, a `tls.crt` it insists on in /tmp/k8s-webhook-server/serving-certs, created
-only when missing and removed again on stop). Startup polls readiness; it never sleeps blindly.
+training-operator, a `tls.crt` it insists on in /tmp/k8s-webhook-server/serving-certs, and for
+Kueue a `tls.crt`/`tls.key` pair in /etc/kueue/metrics/certs, created only when missing and
+removed again on stop). Startup polls readiness; it never sleeps blindly.
 
 Command line (the Makefile's `cluster-up` / `cluster-down`):
     python -m tests.cluster.harness up     # start detached, print the kubeconfig path
@@ -51,6 +54,7 @@ from typing import Any
 
 import yaml
 
+from kubetron_operator.kueue import QUEUE_LABEL
 from tests.cluster import node as realnode
 from tests.ports import free_port
 
@@ -70,6 +74,15 @@ REQUIRED_BINARIES = (
     "training-operator.v1",
 )
 PYTORCHJOB_CRD = "crds/kubeflow.org_pytorchjobs.yaml"
+# Kueue (built by `make tools` too, started only by the tests that need it).
+KUEUE_BINARY = "kueue"
+KUEUE_CRDS = "crds/kueue"
+KUEUE_WEBHOOKS = "crds/kueue-webhooks.yaml"
+KUEUE_NAMESPACE = "kueue-system"
+# Of Kueue's webhooks only these are registered: its own API group and PyTorchJobs carrying the
+# queue label (other tests' PyTorchJobs never reach Kueue, and nothing calls a stopped Kueue).
+KUEUE_API_GROUP = "kueue.x-k8s.io"
+KUEUE_JOB_RESOURCE = "pytorchjobs"
 CRD_PATH = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
 
 # What the fake GPU nodes look like; tests put these on pods to land there.
@@ -87,8 +100,12 @@ TRAINING_OPERATOR_NAMESPACE = "kubeflow"
 TRAINING_OPERATOR_SECRET = "training-operator-webhook-cert"
 # Hard-coded in the training-operator (pkg/cert); it only checks that tls.crt exists there.
 TRAINING_OPERATOR_CERT_DIR = Path("/tmp/k8s-webhook-server/serving-certs")
+# Hard-coded in Kueue's main.go: without internal cert management it insists on a metrics
+# certificate there (even with metrics off).
+KUEUE_METRICS_CERT_DIR = Path("/etc/kueue/metrics/certs")
 
 STOP_ORDER = (
+    "kueue",
     "training-operator",
     "kwok",
     "kube-scheduler",
@@ -423,6 +440,8 @@ class Ports:
     kwok: int = field(default_factory=free_port)
     operator_probe: int = field(default_factory=free_port)
     operator_webhook: int = field(default_factory=free_port)
+    kueue_probe: int = field(default_factory=free_port)
+    kueue_webhook: int = field(default_factory=free_port)
     node: realnode.NodePorts = field(default_factory=realnode.NodePorts.pick)
 
 
@@ -440,6 +459,7 @@ class Cluster:
       api_client()              kubernetes.client.ApiClient for the admin kubeconfig
       wait_for(pred, ...)       wait_until() that also fails fast when a component died
       start_training_operator() / stop_training_operator()
+      start_kueue() / stop_kueue()  Kueue (PyTorchJob integration, topology-aware scheduling)
       logs(name) / tails()      component logs
     """
 
@@ -811,17 +831,21 @@ class Cluster:
         shutil.copy(self.pki.webhook_key, certs / "tls.key")
         self._ensure_fixed_cert_dir()
 
-    def _ensure_fixed_cert_dir(self) -> None:
-        """The cert rotator checks a hard-coded /tmp path (no flag); create it only if missing."""
-        target = TRAINING_OPERATOR_CERT_DIR / "tls.crt"
-        if target.exists():
-            return
-        for parent in reversed(target.parents):
+    def _ensure_fixed_cert_dir(
+        self, directory: Path = TRAINING_OPERATOR_CERT_DIR, files: tuple[str, ...] = ("tls.crt",)
+    ) -> None:
+        """Certificates a component reads from a hard-coded path (no flag): create the
+        directory and files only where missing, and remember them for removal on stop."""
+        for parent in reversed((directory / "x").parents):
             if not parent.exists():
                 parent.mkdir()
                 self.created_outside.append(str(parent))
-        shutil.copy(self.pki.webhook_crt, target)
-        self.created_outside.append(str(target))
+        for name in files:
+            target = directory / name
+            if not target.exists():
+                shutil.copy(self.pki.webhook_crt if name.endswith(".crt") else
+                            self.pki.webhook_key, target)  # fmt: skip
+                self.created_outside.append(str(target))
         self.save_state()
 
     def install_crds(self, paths: Iterable[Path]) -> None:
@@ -882,6 +906,89 @@ class Cluster:
 
     def stop_training_operator(self) -> None:
         component = self.components.pop("training-operator", None)
+        if component is not None:
+            component.stop()
+
+    # ------------------------------------------------------------------ Kueue
+
+    def start_kueue(self) -> None:
+        """Install Kueue's CRDs, start its manager (PyTorchJob integration; topology-aware
+        scheduling is on by default in v0.17) and register its webhooks; wait until it serves
+        them. Idempotent."""
+        if "kueue" in self.components and self.components["kueue"].alive():
+            return
+        binary = self.bin_dir / KUEUE_BINARY
+        if not binary.is_file():
+            raise ClusterError(f"missing in {self.bin_dir}: {KUEUE_BINARY}; run `make tools`")
+        self.install_crds(sorted((self.bin_dir / KUEUE_CRDS).glob("*.yaml")))
+        if self.get("namespace", KUEUE_NAMESPACE) is None:
+            self.kubectl("create", "namespace", KUEUE_NAMESPACE)
+        certs = self.workdir / "kueue-certs"  # not the training-operator's fixed /tmp dir
+        certs.mkdir(exist_ok=True)
+        shutil.copy(self.pki.webhook_crt, certs / "tls.crt")
+        shutil.copy(self.pki.webhook_key, certs / "tls.key")
+        self._ensure_fixed_cert_dir(KUEUE_METRICS_CERT_DIR, ("tls.crt", "tls.key"))
+        config = self.workdir / "kueue-config.yaml"
+        config.write_text(yaml.safe_dump(self._kueue_config(certs)))
+        self._launch("kueue", [str(binary), f"--config={config}", "--zap-log-level=2"])
+        self.wait_for(
+            lambda: http_get(f"http://127.0.0.1:{self.ports.kueue_probe}/readyz") == "ok",
+            timeout=self.config.startup_timeout,
+            what="kueue /readyz",
+            interval=0.3,
+        )
+        self.apply(self._kueue_webhook_configs())
+
+    def _kueue_config(self, cert_dir: Path) -> dict[str, Any]:
+        return {
+            "apiVersion": "config.kueue.x-k8s.io/v1beta2",
+            "kind": "Configuration",
+            "namespace": KUEUE_NAMESPACE,
+            "manageJobsWithoutQueueName": False,
+            "health": {"healthProbeBindAddress": f"127.0.0.1:{self.ports.kueue_probe}"},
+            "metrics": {"bindAddress": "0"},
+            "webhook": {"host": "127.0.0.1", "port": self.ports.kueue_webhook,
+                        "certDir": str(cert_dir)},
+            "leaderElection": {"leaderElect": False},
+            "internalCertManagement": {"enable": False},
+            "integrations": {"frameworks": ["kubeflow.org/pytorchjob"]},
+            # no aggregated visibility API server (another port, and nothing here uses it)
+            "featureGates": {"VisibilityOnDemand": False},
+        }  # fmt: skip
+
+    def _kueue_webhook_configs(self) -> list[dict[str, Any]]:
+        """Kueue's own webhook configurations, pointed at the manager on loopback by URL."""
+        docs = yaml.safe_load_all((self.bin_dir / KUEUE_WEBHOOKS).read_text())
+        base = f"https://127.0.0.1:{self.ports.kueue_webhook}"
+        configs = []
+        for doc in docs:
+            if not doc:
+                continue
+            kept = []
+            for hook in doc.get("webhooks", []):
+                rules = hook.get("rules", [])
+                ours = any(KUEUE_API_GROUP in r.get("apiGroups", []) for r in rules)
+                job = any(KUEUE_JOB_RESOURCE in r.get("resources", []) for r in rules)
+                if not (ours or job):
+                    continue
+                path = hook["clientConfig"]["service"]["path"]
+                hook["clientConfig"] = {"url": base + path, "caBundle": _b64(self.pki.ca_crt)}
+                if job:
+                    hook["objectSelector"] = {
+                        "matchExpressions": [{"key": QUEUE_LABEL, "operator": "Exists"}]
+                    }
+                kept.append(hook)
+            doc["metadata"] = {"name": f"kueue-{doc['metadata']['name']}"}
+            doc["webhooks"] = kept
+            configs.append(doc)
+        return configs
+
+    def stop_kueue(self) -> None:
+        """Unregister Kueue's webhooks, then stop it (its CRDs and objects stay)."""
+        for doc in self._kueue_webhook_configs():
+            kind = doc["kind"].lower()
+            self.kubectl("delete", kind, doc["metadata"]["name"], "--ignore-not-found")
+        component = self.components.pop("kueue", None)
         if component is not None:
             component.stop()
 

@@ -49,8 +49,28 @@ class FakeKube:
         key = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
         live = self.objects.get(key, {})
         merged = {**copy.deepcopy(obj), "status": live.get("status", {})}
+        if live.get("metadata", {}).get("uid"):  # the server keeps an object's identity
+            merged["metadata"]["uid"] = live["metadata"]["uid"]
         self.objects[key] = merged
         return copy.deepcopy(merged)
+
+    def patch(self, kind: str, namespace: str, name: str, body: Obj) -> Obj:
+        """A JSON merge patch: dicts merge, None removes a key, anything else replaces."""
+
+        def merge(live: Obj, patch: Obj) -> Obj:
+            out = dict(live)
+            for key, value in patch.items():
+                if value is None:
+                    out.pop(key, None)
+                elif isinstance(value, dict) and isinstance(out.get(key), dict):
+                    out[key] = merge(out[key], value)
+                else:
+                    out[key] = copy.deepcopy(value)
+            return out
+
+        key = (kind, namespace, name)
+        self.objects[key] = merge(self.objects[key], body)
+        return copy.deepcopy(self.objects[key])
 
     def patch_status(self, kind: str, namespace: str, name: str, status: Obj) -> Obj:
         self.status_writes += 1  # a JSON merge patch, as the real one: None removes a key

@@ -123,6 +123,20 @@ CHANGES: dict[str, tuple[Any, dict[str, Any]]] = {
     "spec.scheduling.queue": ("team-a", {}),
     "spec.scheduling.schedulerName": ("volcano", {}),
     "spec.scheduling.minAvailable": (1, {}),
+    "spec.scheduling.topology.jobLevel": ("rack", {"spec.scheduling.queue": "q"}),
+    "spec.scheduling.topology.jobPolicy": (
+        "Preferred",
+        {"spec.scheduling.queue": "q", "spec.scheduling.topology.jobLevel": "rack"},
+    ),
+    "spec.scheduling.topology.modelParallelLevel": (
+        "rack",  # tensor 8 x pipeline 2 over 2 pods of 8: data parallel 1, the group is the job
+        {
+            "spec.scheduling.queue": "q",
+            "spec.resources.nodes": 2,
+            "spec.parallelism.tensor": 8,
+            "spec.parallelism.pipeline": 2,
+        },
+    ),
     "spec.runPolicy.activeDeadlineSeconds": (3600, {}),
     "spec.runPolicy.ttlSecondsAfterFinished": (60, {}),
     "spec.runPolicy.suspend": (True, {}),

@@ -21,6 +21,9 @@ do not edit by hand: the operator's least-privilege rules.
 - apiGroups: ['', events.k8s.io]
   resources: [events]
   verbs: [create, patch]
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [get, list, watch, patch]
 {{- end }}
 
 {{- define "kubetron.leaseRules" -}}
