@@ -1107,9 +1107,9 @@ def ckpt8b_worker(out_dir: Path, megatron_probe: bool) -> None:
     dist.destroy_process_group()
 
 
-def ckpt8b_run(megatron_probe: bool = True) -> dict[str, Any]:
+def ckpt8b_run(megatron_probe: bool = False) -> dict[str, Any]:
     """One torchrun of `ckpt8b_worker` over both GPUs; both ranks' reports."""
-    out = WORKDIR / "ckpt8b"
+    out = Path(os.environ.get("KUBETRON_CKPT8B_OUT", WORKDIR / "ckpt8b"))
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -1515,7 +1515,7 @@ def run_piece(piece: str) -> Any:
             elif piece == "reshard":
                 RESULTS[piece] = reshard_runs()
             elif piece == "ckpt8b":
-                RESULTS[piece] = ckpt8b_run(os.environ.get("KUBETRON_CKPT8B_PROBE", "1") == "1")
+                RESULTS[piece] = ckpt8b_run(os.environ.get("KUBETRON_CKPT8B_PROBE") == "1")
             elif piece == "async_ckpt":
                 RESULTS[piece] = async_ckpt_runs()
             elif piece == "train8b":
