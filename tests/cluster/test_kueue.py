@@ -1,0 +1,280 @@
+"""Queued MegatronJobs through the real Kueue (v0.17, started by the harness for this module).
+
+Kueue admits a job's PyTorchJob when its ClusterQueue has quota and un-suspends it; a job over
+quota waits suspended, with the MegatronJob in phase Queued and Kueue's reason in its Queued
+condition, and runs once the first finishes; the operator never un-suspends what Kueue holds,
+even when it re-applies the PyTorchJob for a new generation; a user's suspend deactivates the
+Workload and a resume queues the job again; and topology-aware scheduling places a 4-node job
+inside one block of labelled kwok nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from kubetron_operator.kueue import JOB_UID_LABEL
+from tests.cluster.harness import FAKE_GPU_LABEL, FAKE_NODE_TAINT, GPU_PRODUCT, Cluster
+from tests.cluster.kubetron_fixtures import fake_gpu_job, wait_phase
+
+pytestmark = pytest.mark.cluster
+
+KUEUE_API = "kueue.x-k8s.io/v1beta2"
+FLAVOR, CLUSTER_QUEUE, QUEUE = "kubetron-gpu", "kubetron-gpus", "team"
+TAS_FLAVOR, TAS_CLUSTER_QUEUE, TAS_QUEUE = "kubetron-tas", "kubetron-tas", "tas"
+# Nodes of their own for the placement test, tainted so no other test's pods land there.
+TAS_LABEL = "kubetron.io/topology-test"
+TAS_TAINT = {"key": TAS_LABEL, "value": "true", "effect": "NoSchedule"}
+BLOCK, RACK, HOST = "kubetron.io/test-block", "kubetron.io/test-rack", "kubernetes.io/hostname"
+# block b0: racks r0, r1 with one node each; block b1: racks r2, r3 with two nodes each
+TAS_NODES = {"tas-0": ("b0", "r0"), "tas-1": ("b0", "r1"), "tas-2": ("b1", "r2"),
+             "tas-3": ("b1", "r2"), "tas-4": ("b1", "r3"), "tas-5": ("b1", "r3")}  # fmt: skip
+COVERED = ["cpu", "memory", "nvidia.com/gpu"]
+
+
+def cluster_queue(name: str, flavor: str, gpus: int) -> dict[str, Any]:
+    quota = {"cpu": "1000", "memory": "10Ti", "nvidia.com/gpu": str(gpus)}
+    return {
+        "apiVersion": KUEUE_API,
+        "kind": "ClusterQueue",
+        "metadata": {"name": name},
+        "spec": {
+            "namespaceSelector": {},
+            "resourceGroups": [
+                {
+                    "coveredResources": COVERED,
+                    "flavors": [
+                        {
+                            "name": flavor,
+                            "resources": [{"name": r, "nominalQuota": quota[r]} for r in COVERED],
+                        }
+                    ],
+                }
+            ],
+        },
+    }
+
+
+def tas_nodes() -> list[dict[str, Any]]:
+    capacity = {"cpu": "128", "memory": "2Ti", "pods": "110", "nvidia.com/gpu": "8"}
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": name,
+                "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+                "labels": {
+                    HOST: name,
+                    "kubernetes.io/os": "linux",
+                    "type": "kwok",
+                    FAKE_GPU_LABEL: "true",
+                    "nvidia.com/gpu.product": GPU_PRODUCT,
+                    TAS_LABEL: "true",
+                    BLOCK: block,
+                    RACK: rack,
+                },
+            },
+            "spec": {"taints": [FAKE_NODE_TAINT, TAS_TAINT]},
+            "status": {"allocatable": capacity, "capacity": capacity},
+        }
+        for name, (block, rack) in TAS_NODES.items()
+    ]
+
+
+@pytest.fixture(scope="module")
+def kueue(kubetron: Cluster) -> Iterator[Cluster]:
+    """Kueue running, a quota of 16 GPUs (the two default kwok nodes) and, on six labelled
+    nodes of their own, a topology-aware flavor with 48 GPUs."""
+    kubetron.start_kueue()
+    kubetron.apply(tas_nodes())
+    kubetron.apply(
+        [
+            {"apiVersion": KUEUE_API, "kind": "ResourceFlavor", "metadata": {"name": FLAVOR}},
+            cluster_queue(CLUSTER_QUEUE, FLAVOR, 16),
+            {
+                "apiVersion": KUEUE_API,
+                "kind": "Topology",
+                "metadata": {"name": "kubetron-test"},
+                "spec": {
+                    "levels": [{"nodeLabel": BLOCK}, {"nodeLabel": RACK}, {"nodeLabel": HOST}]
+                },
+            },
+            {
+                "apiVersion": KUEUE_API,
+                "kind": "ResourceFlavor",
+                "metadata": {"name": TAS_FLAVOR},
+                "spec": {"nodeLabels": {TAS_LABEL: "true"}, "topologyName": "kubetron-test"},
+            },
+            cluster_queue(TAS_CLUSTER_QUEUE, TAS_FLAVOR, 48),
+        ]
+    )
+    try:
+        yield kubetron
+    finally:
+        kubetron.kubectl("delete", "node", *TAS_NODES, "--ignore-not-found", "--wait=false")
+        kubetron.stop_kueue()
+
+
+def local_queue(cluster: Cluster, ns: str, name: str, cq: str) -> None:
+    cluster.apply({"apiVersion": KUEUE_API, "kind": "LocalQueue",
+                   "metadata": {"name": name, "namespace": ns},
+                   "spec": {"clusterQueue": cq}})  # fmt: skip
+
+
+def _apply(cluster: Cluster, ns: str, obj: dict[str, Any]) -> None:
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(obj))
+
+
+def _patch(cluster: Cluster, ns: str, name: str, spec: dict[str, Any]) -> None:
+    patch = json.dumps({"spec": spec})
+    cluster.kubectl("patch", "mj", name, "-n", ns, "--type", "merge", "-p", patch)
+
+
+def queued_job(name: str, queue: str = QUEUE, **kw: Any) -> dict[str, Any]:
+    return fake_gpu_job(name, **{"scheduling": {"queue": queue}, **kw})
+
+
+def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:
+    conds = ((obj or {}).get("status") or {}).get("conditions") or []
+    return next((c for c in conds if c["type"] == type_), {})
+
+
+def workload(cluster: Cluster, ns: str, name: str) -> dict[str, Any] | None:
+    pj = cluster.get("pytorchjob", name, ns)
+    if pj is None:
+        return None
+    out = cluster.kubectl(
+        "get", "workloads.kueue.x-k8s.io", "-n", ns, "-l",
+        f"{JOB_UID_LABEL}={pj['metadata']['uid']}", "-o", "json",
+    ).stdout  # fmt: skip
+    items = json.loads(out)["items"]
+    return items[0] if items else None
+
+
+def pods(cluster: Cluster, ns: str, job: str) -> list[dict[str, Any]]:
+    out = cluster.kubectl(
+        "get", "pods", "-n", ns, "-l", f"kubetron.io/job-name={job}", "-o", "json"
+    ).stdout
+    return list(json.loads(out)["items"])
+
+
+def wait_queued(cluster: Cluster, ns: str, name: str, reason: str) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        obj = cluster.get("megatronjob", name, ns)
+        cond = condition(obj, "Queued")
+        phase = ((obj or {}).get("status") or {}).get("phase")
+        return obj if phase == "Queued" and cond.get("reason") == reason else None
+
+    return cluster.wait_for(check, timeout=60, what=f"MegatronJob {name} Queued ({reason})")
+
+
+def test_over_quota_waits_queued_and_runs_after_the_first_finishes(
+    kueue: Cluster, namespace: str, start_operator: Any
+) -> None:
+    start_operator()
+    local_queue(kueue, namespace, QUEUE, CLUSTER_QUEUE)
+    _apply(kueue, namespace, queued_job("first", nodes=2, complete_after="20s"))
+    first = wait_phase(kueue, namespace, "first", "Running", timeout=60)
+    admitted = condition(first, "Queued")
+    assert (admitted["status"], admitted["reason"]) == ("False", "Admitted")
+    assert CLUSTER_QUEUE in admitted["message"]
+    wl = workload(kueue, namespace, "first")
+    assert wl is not None and condition(wl, "Admitted").get("status") == "True"
+
+    _apply(kueue, namespace, queued_job("second", nodes=1, complete_after="2s"))
+    second = wait_queued(kueue, namespace, "second", "Pending")
+    message = condition(second, "Queued")["message"]
+    assert "insufficient" in message and "nvidia.com/gpu" in message, message
+    # an edited PyTorchJob is re-applied (drift repair): what Kueue holds stays suspended
+    image = "/spec/pytorchReplicaSpecs/Master/template/spec/containers/0/image"
+    edit = json.dumps([{"op": "replace", "path": image, "value": "someone/else:1"}])
+    kueue.kubectl("patch", "pytorchjob", "second", "-n", namespace, "--type", "json", "-p", edit)
+    pj = kueue.wait_for(
+        lambda: (
+            (p := kueue.get("pytorchjob", "second", namespace))
+            and p["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0][
+                "image"
+            ]
+            != "someone/else:1"
+            and p
+        ),
+        timeout=30,
+        what="the operator to repair the edited PyTorchJob",
+    )
+    assert pj["spec"]["runPolicy"]["suspend"] is True
+    assert pods(kueue, namespace, "second") == []
+    assert (kueue.get("megatronjob", "second", namespace) or {})["status"]["phase"] == "Queued"
+
+    wait_phase(kueue, namespace, "first", "Succeeded", timeout=90)
+    done = wait_phase(kueue, namespace, "second", "Succeeded", timeout=90)
+    assert done["status"]["restarts"] == 0 and done["status"]["attempt"] == 1
+    assert condition(done, "Queued")["status"] == "False"
+
+
+def test_suspend_by_the_user_deactivates_the_workload_and_resume_requeues(
+    kueue: Cluster, namespace: str, start_operator: Any
+) -> None:
+    start_operator()
+    local_queue(kueue, namespace, QUEUE, CLUSTER_QUEUE)
+    _apply(kueue, namespace, queued_job("paused", nodes=1, complete_after="600s"))
+    wait_phase(kueue, namespace, "paused", "Running", timeout=60)
+    _patch(kueue, namespace, "paused", {"runPolicy": {"suspend": True}})
+    wait_phase(kueue, namespace, "paused", "Suspended", timeout=60)
+    kueue.wait_for(
+        lambda: (
+            (wl := workload(kueue, namespace, "paused"))
+            and wl["spec"].get("active") is False
+            and condition(wl, "QuotaReserved").get("status") != "True"
+        ),
+        timeout=60,
+        what="the Workload deactivated and its quota released",
+    )
+    kueue.wait_for(
+        lambda: (
+            (pj := kueue.get("pytorchjob", "paused", namespace))
+            and pj["spec"]["runPolicy"]["suspend"] is True
+            and not pods(kueue, namespace, "paused")
+        ),
+        timeout=60,
+        what="Kueue suspended the PyTorchJob and its pods are gone",
+    )
+    # Kueue would start any admitted job it finds suspended; the job stays suspended
+    time.sleep(3)
+    assert (kueue.get("megatronjob", "paused", namespace) or {})["status"]["phase"] == "Suspended"
+
+    _patch(kueue, namespace, "paused", {"runPolicy": {"suspend": False}})
+    resumed = wait_phase(kueue, namespace, "paused", "Running", timeout=60)
+    wl = workload(kueue, namespace, "paused")
+    assert wl is not None and wl["spec"].get("active", True) is True
+    assert resumed["status"]["restarts"] == 0 and resumed["status"]["attempt"] == 1
+
+
+def test_a_four_node_job_lands_inside_one_block(
+    kueue: Cluster, namespace: str, start_operator: Any
+) -> None:
+    """Block b0 has two nodes, b1 four: a job that requires one block for its 4 pods can only
+    go to b1, one pod per node; the scheduler alone would spread it over any six."""
+    start_operator()
+    local_queue(kueue, namespace, TAS_QUEUE, TAS_CLUSTER_QUEUE)
+    job = queued_job(
+        "placed", nodes=4, complete_after="600s",
+        scheduling={"queue": TAS_QUEUE, "topology": {"jobLevel": BLOCK}},
+        resources={"tolerations": [{**FAKE_NODE_TAINT, "operator": "Equal"},
+                                   {**TAS_TAINT, "operator": "Equal"}]},
+    )  # fmt: skip
+    _apply(kueue, namespace, job)
+    wait_phase(kueue, namespace, "placed", "Running", timeout=90)
+    placed = {
+        p["metadata"]["name"]: p["spec"]["nodeName"] for p in pods(kueue, namespace, "placed")
+    }
+    assert len(placed) == 4 and len(set(placed.values())) == 4, placed
+    assert {TAS_NODES[n][0] for n in placed.values()} == {"b1"}, placed
+    wl = workload(kueue, namespace, "placed")
+    assert wl is not None
+    assignments = wl["status"]["admission"]["podSetAssignments"]
+    assert all(a.get("topologyAssignment") for a in assignments), assignments
