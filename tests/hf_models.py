@@ -143,7 +143,26 @@ def export(ckpt: Path, out: Path, *args: str) -> subprocess.CompletedProcess[str
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def check_round_trip(tmp_path: Path, kind: str, vocab: int, tp: int, world: int, ep: int) -> None:
+def exported_tensors(out: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an export: its one file, or the shards its index names (each shard
+    holding exactly the tensors the index maps to it)."""
+    from safetensors.torch import load_file
+
+    index = out / "model.safetensors.index.json"
+    if not index.exists():
+        return dict(load_file(out / "model.safetensors"))
+    weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+    tensors: dict[str, torch.Tensor] = {}
+    for name in sorted(set(weight_map.values())):
+        shard = load_file(out / name)
+        assert set(shard) == {k for k, v in weight_map.items() if v == name}
+        tensors |= shard
+    return tensors
+
+
+def check_round_trip(
+    tmp_path: Path, kind: str, vocab: int, tp: int, world: int, ep: int, *export_args: str
+) -> None:
     """Weights loaded in one shape and saved as a kubetron checkpoint export to the very
     tensors they came from, with a config.json that transformers loads and this model fits."""
     import transformers
@@ -154,9 +173,9 @@ def check_round_trip(tmp_path: Path, kind: str, vocab: int, tp: int, world: int,
     source, ckpt, out = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "export"
     original = save_hf_model(kind, vocab, source)
     run_save(source, kind, vocab, tp, world, ckpt, ep)
-    done = export(ckpt, out)
+    done = export(ckpt, out, *export_args)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    exported, before = load_file(out / "model.safetensors"), load_file(source / "model.safetensors")
+    exported, before = exported_tensors(out), load_file(source / "model.safetensors")
     assert set(exported) == set(before)
     assert all(torch.equal(exported[k], before[k]) for k in before)
     config = json.loads((out / "config.json").read_text())

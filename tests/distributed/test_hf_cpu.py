@@ -115,14 +115,22 @@ def test_finetune_starts_from_the_weights_and_exports_back(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize(
-    ("kind", "vocab", "tp", "world", "ep"),
-    [("qwen3", 500, 2, 2, 1), ("llama", 500, 2, 2, 1), ("qwen3_moe", 512, 1, 2, 2)],
-    ids=["qwen3-TP2", "llama-TP2", "qwen3-moe-EP2"],
+    ("kind", "vocab", "tp", "world", "ep", "shard"),
+    [
+        ("qwen3", 500, 2, 2, 1, None),
+        ("llama", 500, 2, 2, 1, "100KB"),  # 2 x 128 KB embeddings + layers: 3 shards or more
+        ("qwen3_moe", 512, 1, 2, 2, None),
+    ],
+    ids=["qwen3-TP2", "llama-TP2-sharded", "qwen3-moe-EP2"],
 )
 def test_export_of_another_shape_gives_back_the_weights(
-    tmp_path: Path, kind: str, vocab: int, tp: int, world: int, ep: int
+    tmp_path: Path, kind: str, vocab: int, tp: int, world: int, ep: int, shard: str | None
 ) -> None:
-    check_round_trip(tmp_path, kind, vocab, tp, world, ep)
+    check_round_trip(
+        tmp_path, kind, vocab, tp, world, ep, *(["--max-shard-size", shard] if shard else [])
+    )
+    shards = sorted((tmp_path / "export").glob("model-*-of-*.safetensors"))
+    assert (len(shards) >= 3) == (shard is not None), shards
 
 
 def test_export_refuses_a_model_without_hugging_face_counterpart(tmp_path: Path) -> None:

@@ -168,3 +168,17 @@ def test_the_expert_count_is_read_under_either_name() -> None:
     assert mismatches(dense, hf_config(dense) | {"num_local_experts": 8}) == [
         "num_experts=8: an MoE checkpoint, a dense model"
     ]
+
+
+def test_export_shard_sizes_and_plan() -> None:
+    import argparse
+
+    from kubetron_trainer.export import parse_size, shard_plan
+
+    assert [parse_size(t) for t in ("5GB", "500mb", "100KB", "2048")] == [5e9, 5e8, 1e5, 2048]
+    for bad in ("5XB", "0GB", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_size(bad)
+    sizes = {"a": 40, "b": 70, "c": 20, "d": 150, "e": 10}
+    assert shard_plan(sizes, 100) == [["a"], ["b", "c"], ["d"], ["e"]]  # d alone: larger
+    assert shard_plan(sizes, 10**9) == [list(sizes)]

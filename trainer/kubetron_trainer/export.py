@@ -1,6 +1,8 @@
 """`python -m kubetron_trainer.export CKPT_DIR OUT_DIR [--step N]` (console script
 `kubetron-export`): a Hugging Face checkpoint (`model.safetensors` + `config.json`) from a
-kubetron checkpoint of any parallel shape.
+kubetron checkpoint of any parallel shape. Weights larger than `--max-shard-size` (default
+5GB, as `save_pretrained`) are split, in key order, into `model-0000K-of-0000N.safetensors`
+with a `model.safetensors.index.json` naming each tensor's file.
 
 One process on the CPU: it builds the saved architecture as a TP1/PP1 `GPTModel` (with the
 saved padded vocabulary), lets Megatron's loader reshard the checkpoint's model tensors into it
@@ -29,6 +31,54 @@ from kubetron_api.hf_config import hf_config, unsupported
 
 log = logging.getLogger("kubetron_trainer.export")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+def parse_size(text: str) -> int:
+    """`5GB`, `500MB`, `100KB` or a byte count (decimal units, as transformers counts)."""
+    upper = text.strip().upper()
+    unit = next((u for u in UNITS if upper.endswith(u)), "")
+    number, factor = upper.removesuffix(unit), UNITS.get(unit, 1)
+    try:
+        size = int(float(number) * factor)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 5GB or 500MB") from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the shard size must be positive")
+    return size
+
+
+def shard_plan(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Tensor names in files of at most `max_bytes` each, in order (a larger tensor alone)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if shards[-1] and used + size > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return shards
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], output: Path, max_bytes: int) -> list[str]:
+    """One file, or shards and their index; returns the files written."""
+    from safetensors.torch import save_file
+
+    sizes = {k: v.numel() * v.element_size() for k, v in tensors.items()}
+    plan = shard_plan(sizes, max_bytes)
+    if len(plan) == 1:
+        save_file(tensors, str(output / SINGLE), metadata={"format": "pt"})
+        return [SINGLE]
+    names = [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
+    for name, keys in zip(names, plan, strict=True):
+        save_file({k: tensors[k] for k in keys}, str(output / name), metadata={"format": "pt"})
+    weight_map = {k: name for name, keys in zip(names, plan, strict=True) for k in keys}
+    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+    (output / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return [*names, INDEX]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,12 +86,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="kubetron-export", description="write a Hugging Face checkpoint from a kubetron one"
     )
     p.add_argument("checkpoint", type=Path, help="the job's checkpoint.path")
-    p.add_argument("output", type=Path, help="directory for config.json and model.safetensors")
+    p.add_argument("output", type=Path, help="directory for config.json and the safetensors")
     p.add_argument("--step", type=int, help="the step to export (default: `latest`)")
     p.add_argument(
         "--dtype",
         choices=sorted(DTYPES),
         help="dtype of the written tensors (default: the checkpoint's parameter dtype)",
+    )
+    p.add_argument(
+        "--max-shard-size",
+        type=parse_size,
+        default=parse_size("5GB"),
+        help="largest safetensors file, e.g. 5GB (the default) or 500MB; larger weights are "
+        "split into shards with model.safetensors.index.json",
     )
     return p.parse_args(argv)
 
@@ -127,10 +184,15 @@ def load_model(meta: StepMeta, source: Path, arch: ModelArch, dtype: torch.dtype
     return chunk, pg
 
 
-def export(root: Path, output: Path, step: int | None = None, dtype: str | None = None) -> Path:
-    """Write `output/config.json` and `output/model.safetensors`; returns `output`."""
-    from safetensors.torch import save_file
-
+def export(
+    root: Path,
+    output: Path,
+    step: int | None = None,
+    dtype: str | None = None,
+    max_shard_bytes: int = UNITS["GB"] * 5,
+) -> Path:
+    """Write `output/config.json` and the weights (one safetensors file or shards and their
+    index); returns `output`."""
     from kubetron_trainer.hf import hf_state_dict
 
     meta = pick_step(root, step)
@@ -141,12 +203,15 @@ def export(root: Path, output: Path, step: int | None = None, dtype: str | None 
     out_dtype = DTYPES[dtype] if dtype else param_dtype
     tensors = {k: v.to(out_dtype) for k, v in hf_state_dict(chunk, pg, arch).items()}
     output.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(output / "model.safetensors"), metadata={"format": "pt"})
+    for stale in [output / SINGLE, output / INDEX, *output.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)  # an earlier export's files would mix with these
+    files = write_safetensors(tensors, output, max_shard_bytes)
     config = hf_config(arch) | {"torch_dtype": str(out_dtype).removeprefix("torch.")}
     (output / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     log.info(
-        "exported step %d of %s (%s, saved as %s) to %s: %d tensors",
+        "exported step %d of %s (%s, saved as %s) to %s: %d tensors in %s",
         meta.step, root, meta.model.describe(), meta.shape, output, len(tensors),
+        ", ".join(files),
     )  # fmt: skip
     return output
 
@@ -155,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        export(args.checkpoint, args.output, args.step, args.dtype)
+        export(args.checkpoint, args.output, args.step, args.dtype, args.max_shard_size)
     except ConfigError as err:
         log.error("%s", err)
         return int(ExitCode.CONFIG)
