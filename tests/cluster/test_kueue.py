@@ -26,6 +26,8 @@ pytestmark = pytest.mark.cluster
 KUEUE_API = "kueue.x-k8s.io/v1beta2"
 FLAVOR, CLUSTER_QUEUE, QUEUE = "kubetron-gpu", "kubetron-gpus", "team"
 TAS_FLAVOR, TAS_CLUSTER_QUEUE, TAS_QUEUE = "kubetron-tas", "kubetron-tas", "tas"
+PREEMPT_CLUSTER_QUEUE = "kubetron-preempting"  # 8 GPUs; higher priority preempts lower
+LOW, HIGH = "kubetron-test-low", "kubetron-test-high"  # PriorityClasses
 # Nodes of their own for the placement test, tainted so no other test's pods land there.
 TAS_LABEL = "kubetron.io/topology-test"
 TAS_TAINT = {"key": TAS_LABEL, "value": "true", "effect": "NoSchedule"}
@@ -36,7 +38,7 @@ TAS_NODES = {"tas-0": ("b0", "r0"), "tas-1": ("b0", "r1"), "tas-2": ("b1", "r2")
 COVERED = ["cpu", "memory", "nvidia.com/gpu"]
 
 
-def cluster_queue(name: str, flavor: str, gpus: int) -> dict[str, Any]:
+def cluster_queue(name: str, flavor: str, gpus: int, preempt: bool = False) -> dict[str, Any]:
     quota = {"cpu": "1000", "memory": "10Ti", "nvidia.com/gpu": str(gpus)}
     return {
         "apiVersion": KUEUE_API,
@@ -44,6 +46,7 @@ def cluster_queue(name: str, flavor: str, gpus: int) -> dict[str, Any]:
         "metadata": {"name": name},
         "spec": {
             "namespaceSelector": {},
+            "preemption": {"withinClusterQueue": "LowerPriority" if preempt else "Never"},
             "resourceGroups": [
                 {
                     "coveredResources": COVERED,
@@ -111,12 +114,19 @@ def kueue(kubetron: Cluster) -> Iterator[Cluster]:
                 "spec": {"nodeLabels": {TAS_LABEL: "true"}, "topologyName": "kubetron-test"},
             },
             cluster_queue(TAS_CLUSTER_QUEUE, TAS_FLAVOR, 48),
+            cluster_queue(PREEMPT_CLUSTER_QUEUE, FLAVOR, 8, preempt=True),
+            *(
+                {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+                 "metadata": {"name": name}, "value": value}
+                for name, value in ((LOW, 100), (HIGH, 1000))
+            ),
         ]
-    )
+    )  # fmt: skip
     try:
         yield kubetron
     finally:
         kubetron.kubectl("delete", "node", *TAS_NODES, "--ignore-not-found", "--wait=false")
+        kubetron.kubectl("delete", "priorityclass", LOW, HIGH, "--ignore-not-found")
         kubetron.stop_kueue()
 
 
@@ -163,14 +173,17 @@ def pods(cluster: Cluster, ns: str, job: str) -> list[dict[str, Any]]:
     return list(json.loads(out)["items"])
 
 
-def wait_queued(cluster: Cluster, ns: str, name: str, reason: str) -> dict[str, Any]:
+def wait_queued(cluster: Cluster, ns: str, name: str, reason: str, says: str) -> dict[str, Any]:
+    """Until the job is Queued with Kueue's `reason` and a message that `says` something."""
+
     def check() -> dict[str, Any] | None:
         obj = cluster.get("megatronjob", name, ns)
         cond = condition(obj, "Queued")
         phase = ((obj or {}).get("status") or {}).get("phase")
-        return obj if phase == "Queued" and cond.get("reason") == reason else None
+        ok = phase == "Queued" and cond.get("reason") == reason and says in cond["message"]
+        return obj if ok else None
 
-    return cluster.wait_for(check, timeout=60, what=f"MegatronJob {name} Queued ({reason})")
+    return cluster.wait_for(check, timeout=60, what=f"MegatronJob {name} Queued ({reason}: {says})")
 
 
 def test_over_quota_waits_queued_and_runs_after_the_first_finishes(
@@ -187,7 +200,7 @@ def test_over_quota_waits_queued_and_runs_after_the_first_finishes(
     assert wl is not None and condition(wl, "Admitted").get("status") == "True"
 
     _apply(kueue, namespace, queued_job("second", nodes=1, complete_after="2s"))
-    second = wait_queued(kueue, namespace, "second", "Pending")
+    second = wait_queued(kueue, namespace, "second", "Pending", "insufficient")
     message = condition(second, "Queued")["message"]
     assert "insufficient" in message and "nvidia.com/gpu" in message, message
     # an edited PyTorchJob is re-applied (drift repair): what Kueue holds stays suspended
@@ -254,6 +267,28 @@ def test_suspend_by_the_user_deactivates_the_workload_and_resume_requeues(
     assert resumed["status"]["restarts"] == 0 and resumed["status"]["attempt"] == 1
 
 
+def test_a_job_kueue_preempts_is_queued_again_without_a_restart(
+    kueue: Cluster, namespace: str, start_operator: Any
+) -> None:
+    """Suspended by Kueue, not by the user: a higher-priority job takes the quota, Kueue evicts
+    the running one (suspends its PyTorchJob, the training-operator deletes its pods), which
+    shows Queued and no restart, and runs again once the quota is free."""
+    start_operator()
+    local_queue(kueue, namespace, QUEUE, PREEMPT_CLUSTER_QUEUE)
+    low = queued_job("low", nodes=1, complete_after="600s", resources={"priorityClassName": LOW})
+    _apply(kueue, namespace, low)
+    wait_phase(kueue, namespace, "low", "Running", timeout=60)
+    high = queued_job("high", nodes=1, complete_after="5s", resources={"priorityClassName": HIGH})
+    _apply(kueue, namespace, high)
+    evicted = wait_phase(kueue, namespace, "low", "Queued", timeout=60)
+    assert evicted["status"]["restarts"] == 0, evicted["status"]
+    assert condition(evicted, "Queued")["status"] == "True"
+    wait_phase(kueue, namespace, "high", "Succeeded", timeout=90)
+    again = wait_phase(kueue, namespace, "low", "Running", timeout=90)
+    assert (again["status"]["restarts"], again["status"]["attempt"]) == (0, 1), again["status"]
+    assert condition(again, "Queued")["status"] == "False"
+
+
 def test_a_four_node_job_lands_inside_one_block(
     kueue: Cluster, namespace: str, start_operator: Any
 ) -> None:
@@ -262,7 +297,7 @@ def test_a_four_node_job_lands_inside_one_block(
     start_operator()
     local_queue(kueue, namespace, TAS_QUEUE, TAS_CLUSTER_QUEUE)
     job = queued_job(
-        "placed", nodes=4, complete_after="600s",
+        "placed", nodes=4, complete_after="15s",
         scheduling={"queue": TAS_QUEUE, "topology": {"jobLevel": BLOCK}},
         resources={"tolerations": [{**FAKE_NODE_TAINT, "operator": "Equal"},
                                    {**TAS_TAINT, "operator": "Equal"}]},
@@ -278,3 +313,19 @@ def test_a_four_node_job_lands_inside_one_block(
     assert wl is not None
     assignments = wl["status"]["admission"]["podSetAssignments"]
     assert all(a.get("topologyAssignment") for a in assignments), assignments
+
+    # tensor 8 x pipeline 2 over 2 pods: one model-parallel group, required inside one rack;
+    # with b1 taken no rack has two free nodes (r0 and r1 have one each): it waits
+    pair = queued_job(
+        "pair", nodes=2, complete_after="600s",
+        parallelism={"tensor": 8, "pipeline": 2},
+        scheduling={"queue": TAS_QUEUE, "topology": {"modelParallelLevel": RACK}},
+        resources={"tolerations": [{**FAKE_NODE_TAINT, "operator": "Equal"},
+                                   {**TAS_TAINT, "operator": "Equal"}]},
+    )  # fmt: skip
+    _apply(kueue, namespace, pair)
+    wait_queued(kueue, namespace, "pair", "Pending", 'topology "kubetron-test"')
+    wait_phase(kueue, namespace, "placed", "Succeeded", timeout=90)
+    wait_phase(kueue, namespace, "pair", "Running", timeout=90)
+    nodes = [p["spec"]["nodeName"] for p in pods(kueue, namespace, "pair")]
+    assert len(set(nodes)) == 2 and len({TAS_NODES[n][1] for n in nodes}) == 1, nodes
