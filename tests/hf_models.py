@@ -26,7 +26,10 @@ from kubetron_api.config import ModelArch, ModelSpec
 ROOT = Path(__file__).resolve().parents[1]
 
 # kind -> (preset, what the tiny model keeps of it: its own numbers are in OVERRIDES)
-PRESET = {"qwen3": "qwen3-0.6b", "llama": "llama3-8b", "qwen3_moe": "qwen3-30b-a3b"}
+PRESET = {
+    "qwen3": "qwen3-0.6b", "llama": "llama3-8b", "llama31": "llama3.1-8b",
+    "qwen3_moe": "qwen3-30b-a3b",
+}  # fmt: skip
 OVERRIDES: dict[str, Any] = {
     "numLayers": 2, "hiddenSize": 64, "ffnHiddenSize": 128, "numAttentionHeads": 4,
     "numQueryGroups": 2, "kvChannels": 16, "maxPositionEmbeddings": 512,
@@ -55,6 +58,11 @@ def hf_model(kind: str, arch: ModelArch, seed: int = 0) -> Any:
         "rope_theta": float(arch.rotary_base), "rms_norm_eps": arch.norm_epsilon,
         "tie_word_embeddings": not arch.untie_embeddings,
     }  # fmt: skip
+    if arch.rope_scaling_factor is not None:  # transformers 5: theta and scaling in one dict
+        from kubetron_api.hf_config import rope_scaling
+
+        theta = common.pop("rope_theta")
+        common["rope_parameters"] = {**(rope_scaling(arch) or {}), "rope_theta": theta}
     torch.manual_seed(seed)
     if kind == "qwen3":
         model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common))

@@ -51,6 +51,12 @@ class ModelArch(ApiModel):
         default="rope", description="Rotary or learned absolute position embeddings."
     )
     rotary_base: int = Field(default=10000, ge=1, description="RoPE base (theta).")
+    rope_scaling_factor: float | None = Field(
+        default=None,
+        gt=1,
+        description="Llama 3.1's RoPE scaling (rope type llama3: low/high frequency factors 1 "
+        "and 4 over an original context of 8192 positions) with this factor; unset for none.",
+    )
     norm_epsilon: float = Field(
         default=1e-6, gt=0, description="Epsilon of every normalization layer."
     )
@@ -109,6 +115,11 @@ PRESETS: dict[str, ModelArch] = {
         num_query_groups=8, kv_channels=128, vocab_size=128256, max_position_embeddings=8192,
         rotary_base=500000, untie_embeddings=True, norm_epsilon=1e-5,
     ),
+    "llama3.1-8b": _arch(
+        num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
+        num_query_groups=8, kv_channels=128, vocab_size=128256, max_position_embeddings=131072,
+        rotary_base=500000, untie_embeddings=True, norm_epsilon=1e-5, rope_scaling_factor=8.0,
+    ),
     "qwen3-30b-a3b": _arch(
         num_layers=48, hidden_size=2048, ffn_hidden_size=6144, num_attention_heads=32,
         num_query_groups=4, kv_channels=128, vocab_size=151936, max_position_embeddings=40960,
@@ -125,6 +136,7 @@ PresetName = Literal[
     "qwen3-4b",
     "qwen3-8b",
     "llama3-8b",
+    "llama3.1-8b",
     "qwen3-30b-a3b",
 ]
 

@@ -64,7 +64,7 @@ def hf_config(arch: ModelArch) -> dict[str, Any]:
         "tie_word_embeddings": not arch.untie_embeddings,
         "hidden_act": "silu",
         "attention_bias": False,
-        "rope_scaling": None,
+        "rope_scaling": rope_scaling(arch),
     }
     if kind == "llama":
         cfg["mlp_bias"] = False
@@ -78,6 +78,38 @@ def hf_config(arch: ModelArch) -> dict[str, Any]:
             "mlp_only_layers": [],
         }
     return cfg
+
+
+# Llama 3.1's RoPE scaling as Megatron-Core applies it (its constants; the factor is the model's)
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
+LLAMA3_ORIGINAL_CONTEXT = 8192
+
+
+def rope_scaling(arch: ModelArch) -> dict[str, Any] | None:
+    """config.json's `rope_scaling` of `arch`: None, or Llama 3.1's llama3 type."""
+    if arch.rope_scaling_factor is None:
+        return None
+    return {
+        "rope_type": "llama3", "factor": float(arch.rope_scaling_factor), **LLAMA3_ROPE,
+        "original_max_position_embeddings": LLAMA3_ORIGINAL_CONTEXT,
+    }  # fmt: skip
+
+
+def _scaling(raw: dict[str, Any]) -> dict[str, Any] | None:
+    """A checkpoint's RoPE scaling (`rope_scaling`, or v5's `rope_parameters`) in the form
+    `rope_scaling` returns, so the two compare; unknown types keep their keys."""
+    scaling = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        return {k: v for k, v in scaling.items() if k != "rope_theta"}
+    out: dict[str, Any] = {"rope_type": kind}
+    for key in ("factor", *LLAMA3_ROPE):
+        out[key] = float(scaling[key]) if isinstance(scaling.get(key), int | float) else None
+    original = scaling.get("original_max_position_embeddings")
+    out["original_max_position_embeddings"] = original
+    return out
 
 
 @dataclass(frozen=True)
@@ -105,7 +137,7 @@ CHECKS: tuple[Check, ...] = (
     Check("hidden_act", "swiglu (silu)", "silu"),
     Check("attention_bias", "no biases", False),
     Check("mlp_bias", "no biases", False),
-    Check("rope_scaling", "RoPE without scaling", None),
+    Check("rope_scaling", "ropeScalingFactor (Llama 3.1's llama3 scaling or none)", None),
     Check("num_experts", "numExperts"),
     Check("num_experts_per_tok", "moeRouterTopk"),
     Check("moe_intermediate_size", "moeFfnHiddenSize"),
@@ -127,9 +159,7 @@ def _value(raw: dict[str, Any], check: Check) -> Any:
     if check.key == "rope_theta" and "rope_theta" not in raw:
         return rope.get("rope_theta")
     if check.key == "rope_scaling":
-        scaling = raw.get("rope_scaling") or rope
-        kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
-        return None if kind == "default" else scaling
+        return _scaling(raw)
     return raw.get(check.key, check.default)
 
 

@@ -34,8 +34,8 @@ TOL = 1e-4
 
 @pytest.mark.parametrize(
     ("kind", "vocab", "tp", "world"),
-    [("qwen3", 500, 2, 2), ("llama", 512, 2, 2), ("qwen3", 512, 2, 4)],
-    ids=["qwen3-TP2", "llama-TP2", "qwen3-TP2xDP2"],
+    [("qwen3", 500, 2, 2), ("llama", 512, 2, 2), ("llama31", 512, 2, 2), ("qwen3", 512, 2, 4)],
+    ids=["qwen3-TP2", "llama-TP2", "llama3.1-rope-scaling-TP2", "qwen3-TP2xDP2"],
 )
 def test_tensor_parallel_load_gives_transformers_logits(
     tmp_path: Path, kind: str, vocab: int, tp: int, world: int

@@ -76,7 +76,7 @@ MISMATCHES: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "rope scaling": (
         {"rope_parameters": {"rope_theta": 1e6, "rope_type": "llama3", "factor": 8.0}},
-        "rope_scaling={'rope_theta': 1000000.0, 'rope_type': 'llama3'",
+        "rope_scaling={'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': None",
     ),
     "norm eps": ({"rms_norm_eps": 1e-5}, "rms_norm_eps=1e-05, the model needs 1e-06"),
     "untied": ({"tie_word_embeddings": False}, "tie_word_embeddings=False, the model needs True"),
@@ -182,3 +182,42 @@ def test_export_shard_sizes_and_plan() -> None:
     sizes = {"a": 40, "b": 70, "c": 20, "d": 150, "e": 10}
     assert shard_plan(sizes, 100) == [["a"], ["b", "c"], ["d"], ["e"]]  # d alone: larger
     assert shard_plan(sizes, 10**9) == [list(sizes)]
+
+
+def test_llama31_rope_scaling_is_megatrons_and_matches_its_config() -> None:
+    """Megatron's llama3 RoPE scaling (the preset llama3.1-8b) gives transformers' inverse
+    frequencies for the real head size, and config.json's scaling is checked key by key."""
+    import transformers
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    arch = PRESETS["llama3.1-8b"]
+    cfg = hf_config(arch)
+    assert cfg["rope_scaling"] == {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }  # fmt: skip
+    ours = RotaryEmbedding(
+        kv_channels=arch.kv_channels, rotary_percent=1.0, rotary_base=arch.rotary_base,
+        rope_scaling=True, rope_scaling_factor=8.0, use_cpu_initialization=True,
+    ).inv_freq  # fmt: skip
+    params = {**cfg["rope_scaling"], "rope_theta": float(arch.rotary_base)}
+    config = transformers.LlamaConfig(
+        hidden_size=arch.hidden_size, num_attention_heads=arch.num_attention_heads,
+        head_dim=arch.kv_channels, max_position_embeddings=arch.max_position_embeddings,
+        rope_parameters=params,
+    )  # fmt: skip
+    init = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS["llama3"]
+    theirs, _ = init(config, "cpu")
+    plain = 1.0 / arch.rotary_base ** (torch.arange(0, 128, 2).float() / 128)
+    assert not torch.allclose(theirs, plain)  # the scaling changes the low frequencies
+    assert torch.allclose(ours.float(), theirs.float(), rtol=1e-6, atol=0)
+    # v5's rope_parameters (theta inside) and v4's rope_scaling both match; llama3-8b refuses it
+    assert mismatches(arch, cfg | {"rope_scaling": None, "rope_parameters": params}) == []
+    assert mismatches(arch, cfg) == []
+    problems = mismatches(PRESETS["llama3-8b"], hf_config(arch) | {"max_position_embeddings": 8192})
+    assert problems == [
+        f"rope_scaling={cfg['rope_scaling']!r}, the model needs None (ropeScalingFactor "
+        "(Llama 3.1's llama3 scaling or none))"
+    ]
+    other = cfg | {"rope_scaling": cfg["rope_scaling"] | {"factor": 32.0}}
+    assert "'factor': 32.0" in mismatches(arch, other)[0]

@@ -259,6 +259,8 @@ def build_model(
             share_embeddings_and_output_weights=not arch.untie_embeddings,
             position_embedding_type=arch.position_embedding_type,
             rotary_base=arch.rotary_base,
+            rope_scaling=arch.rope_scaling_factor is not None,
+            rope_scaling_factor=arch.rope_scaling_factor or 8.0,  # Megatron's default when unused
             pg_collection=pg,
             vp_stage=stage if vpp > 1 else None,
         )
