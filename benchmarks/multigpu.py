@@ -36,6 +36,7 @@ lease that runs short still returns what finished (each skipped piece is listed)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -962,7 +963,7 @@ def ckpt8b_worker(out_dir: Path, megatron_probe: bool) -> None:
     """One torchrun process of the 8B checkpoint piece (see CKPT8B_PRESET)."""
     import torch.distributed as dist
 
-    from kubetron_api.ckpt_meta import RunIdentity, read_latest
+    from kubetron_api.ckpt_meta import RunIdentity
     from kubetron_api.dims import ParallelDims
     from kubetron_trainer import checkpoint as ck
     from kubetron_trainer.data import build_batches
@@ -1044,6 +1045,32 @@ def ckpt8b_worker(out_dir: Path, megatron_probe: bool) -> None:
         )
         flush()
 
+    try:
+        _ckpt8b_phases(report, flush, timed, roundtrip, checkpointer, engine, scheduler, batches,
+                       root, rank)  # fmt: skip
+        if megatron_probe:
+            _ckpt8b_probe(report, flush, timed, engine, built, pg)
+    except Exception:
+        import traceback
+
+        report["error"] = traceback.format_exc()[-4000:]
+        flush()
+        raise
+    report["done"] = True
+    flush()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _ckpt8b_phases(
+    report: dict[str, Any], flush: Any, timed: Any, roundtrip: Any, checkpointer: Any,
+    engine: Any, scheduler: Any, batches: Any, root: Path, rank: int,
+) -> None:  # fmt: skip
+    import torch.distributed as dist
+
+    from kubetron_api.ckpt_meta import read_latest
+    from kubetron_trainer import checkpoint as ck
+
     # 1. synchronous save of step 1, load back
     before = _state_checksums(engine)
     timed("sync_save", lambda: checkpointer(False).save(1, 2))
@@ -1076,6 +1103,7 @@ def ckpt8b_worker(out_dir: Path, megatron_probe: bool) -> None:
         asyncer.finalize(blocking=True)
         total = time.perf_counter() - began
         waited = time.perf_counter() - waited
+        asyncer.close()
     report["phases"]["async_save"] = {
         "blocked_s": blocked, "total_s": total, "final_wait_s": waited,
         "step_s_while_writing": step_s, "latest": read_latest(root),
@@ -1089,22 +1117,86 @@ def ckpt8b_worker(out_dir: Path, megatron_probe: bool) -> None:
         shutil.rmtree(root)
     dist.barrier()
 
-    # 3. Megatron's own fully_reshardable state (gathered on every rank), built only
-    if megatron_probe:
-        meta = {"distrib_optim_sharding_type": "fully_reshardable", "dp_cp_group": pg.dp_cp,
-                "chained_optim_avoid_prefix": True}  # fmt: skip
 
-        def build() -> None:
-            model = {"model": ck.sharded_model_state(built.chunks[0], pg)}
-            state = engine.optimizer.sharded_state_dict(model, is_loading=False, metadata=meta)
-            del state
+def _ckpt8b_probe(
+    report: dict[str, Any], flush: Any, timed: Any, engine: Any, built: Any, pg: Any
+) -> None:
+    """Megatron's own fully_reshardable state (gathered on every rank), built, not written."""
+    from kubetron_trainer import checkpoint as ck
 
-        report["phases"]["megatron_gather_probe"] = {"started": True}
-        flush()
-        timed("megatron_gather_probe", build)
+    meta = {"distrib_optim_sharding_type": "fully_reshardable", "dp_cp_group": pg.dp_cp,
+            "chained_optim_avoid_prefix": True}  # fmt: skip
+
+    def build() -> None:
+        model = {"model": ck.sharded_model_state(built.chunks[0], pg)}
+        state = engine.optimizer.sharded_state_dict(model, is_loading=False, metadata=meta)
+        del state
+
+    report["phases"]["megatron_gather_probe"] = {"started": True}
     flush()
-    dist.barrier()
-    dist.destroy_process_group()
+    torch.cuda.empty_cache()
+    timed("megatron_gather_probe", build)
+
+
+def _hung_stacks(log: str) -> list[str]:
+    """The Python stack lines faulthandler wrote for each thread after a SIGABRT."""
+    keep = [ln for ln in log.splitlines() if ln.startswith(("Thread 0x", "Current thread 0x",
+                                                           "  File "))]  # fmt: skip
+    return keep[-80:]
+
+
+def _reported_done(path: Path) -> bool:
+    try:
+        return bool(json.loads(path.read_text()).get("done"))
+    except (OSError, ValueError):  # not there yet, or being written
+        return False
+
+
+def _run_until_reported(
+    args: list[str], out: Path, timeout: float, exit_grace: float = 45
+) -> tuple[list[dict[str, Any]], str | None, dict[str, Any]]:
+    """This script under torchrun (its own process group), one process a GPU, until every rank
+    wrote `"done"` to `out/rank<r>.json` and exited. A process left `exit_grace` seconds after
+    that (or at `timeout`) gets SIGABRT, so faulthandler prints where each thread is (kept in
+    the result), then the whole group is killed."""
+    import signal
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc-per-node={WORLD}", __file__, *args]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+                        "PYTHONFAULTHANDLER": "1"}  # fmt: skip
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), str(ROOT / "trainer"), str(ROOT / "operator"), env.get("PYTHONPATH", "")]
+    )
+    log_path = out / "torchrun.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+        began, reported_at = time.monotonic(), None
+        info: dict[str, Any] = {}
+        while proc.poll() is None:
+            time.sleep(1)
+            files = [out / f"rank{r}.json" for r in range(WORLD)]
+            if reported_at is None and all(_reported_done(f) for f in files):
+                reported_at = time.monotonic()
+            late = reported_at is not None and time.monotonic() - reported_at > exit_grace
+            if late or time.monotonic() - began > timeout:
+                info["hung_after_report"] = late
+                for pid in _descendants(proc.pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGABRT)
+                time.sleep(5)
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                break
+    text = log_path.read_text()
+    info |= {"returncode": proc.returncode, "exit_s_after_report": (
+        time.monotonic() - reported_at if reported_at else None)}  # fmt: skip
+    if info.get("hung_after_report") is not None:
+        info["stacks"] = _hung_stacks(text)
+    ranks = [json.loads(f.read_text()) for f in sorted(out.glob("rank*.json"))]
+    failed = None if proc.returncode == 0 else text[-4000:]
+    return ranks, failed, info
 
 
 def ckpt8b_run(megatron_probe: bool = False) -> dict[str, Any]:
@@ -1115,22 +1207,18 @@ def ckpt8b_run(megatron_probe: bool = False) -> dict[str, Any]:
     out.mkdir(parents=True)
     args = ["--ckpt8b-worker", str(out)] + ([] if megatron_probe else ["--no-probe"])
     began = time.perf_counter()
-    try:
-        ranks = torchrun_worker(args, out, timeout=480)
-        failed = None
-    except (RuntimeError, subprocess.TimeoutExpired) as err:  # keep what the ranks wrote
-        ranks = [json.loads(f.read_text()) for f in sorted(out.glob("rank*.json"))]
-        failed = f"{type(err).__name__}: {err}"[-3000:]
-        if not ranks:
-            raise
+    ranks, failed, exit_info = _run_until_reported(args, out, timeout=450)
+    if not ranks:
+        raise RuntimeError(failed or "no rank reported")
     report: dict[str, Any] = {
         "preset": CKPT8B_PRESET, "parallelism": "DP2 (data parallel 2)",
         "optimizer": "Megatron distributed optimizer, fully_reshardable format (kubetron's "
                      "gather-free writer), bf16 weights + fp32 main weights and Adam moments",
-        "wall_s": time.perf_counter() - began, "error": failed, "ranks": ranks,
+        "wall_s": time.perf_counter() - began, "error": failed, "exit": exit_info,
+        "ranks": ranks,
     }  # fmt: skip
     sync = [r["phases"].get("sync_save") for r in ranks]
-    if all(sync):
+    if all(sync) and all("rank_bytes" in x for x in sync):
         size = sync[0]["rank_bytes"]
         report["checkpoint_gb"] = size / 1e9
         for name in ("sync_save", "sync_load", "async_load"):
@@ -1138,7 +1226,7 @@ def ckpt8b_run(megatron_probe: bool = False) -> dict[str, Any]:
             if secs:
                 report[f"{name}_gb_per_s"] = size / 1e9 / max(secs)
         asy = [r["phases"].get("async_save") for r in ranks]
-        if all(asy):
+        if all(asy) and all("total_s" in a for a in asy):
             report["async_save_total_gb_per_s"] = size / 1e9 / max(a["total_s"] for a in asy)
     return report
 
@@ -1150,6 +1238,44 @@ def ckpt8b_run(megatron_probe: bool = False) -> dict[str, Any]:
 # step 8; beside it the same 8 steps uninterrupted without checkpoints.
 ASYNC_ARCH = {"num_layers": 4, "vocab_size": 4096}
 ASYNC_STEPS, ASYNC_TO, ASYNC_EVERY = 6, 8, 2
+
+
+def launch_dumpable(cfg: dict[str, Any], workdir: Path) -> Any:
+    """The trainer (decentralized groups) with faulthandler on: a SIGABRT prints every
+    thread's Python stack into the rank's log."""
+    from tests.distributed.train_harness import launch
+
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    return launch(cfg, workdir, "--device", DEVICE, "--attention", "sdpa",
+                  extra_env={"PYTHONFAULTHANDLER": "1"})  # fmt: skip
+
+
+def wait_or_dump(started: Any, timeout: float = 240, exit_grace: float = 30) -> dict[str, Any]:
+    """Exit codes of a trainer launch; a rank still running `exit_grace` seconds after rank 0
+    logged 'done' (or at `timeout`) gets SIGABRT, and its stacks are kept, then is killed."""
+    import signal
+
+    began, done_at = time.monotonic(), None
+    while any(p.poll() is None for p in started.procs):
+        time.sleep(0.5)
+        if done_at is None and "kubetron_trainer: done:" in started.logs[0].read_text():
+            done_at = time.monotonic()
+        late = done_at is not None and time.monotonic() - done_at > exit_grace
+        if late or time.monotonic() - began > timeout:
+            alive = [i for i, p in enumerate(started.procs) if p.poll() is None]
+            for i in alive:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(started.procs[i].pid, signal.SIGABRT)
+            time.sleep(5)
+            for p in started.procs:
+                if p.poll() is None:
+                    p.kill()
+            codes = [p.wait() for p in started.procs]
+            stacks = {i: _hung_stacks(started.logs[i].read_text()) for i in alive}
+            return {"codes": codes, "hung_ranks": alive, "after_done": late, "stacks": stacks}
+    exit_s = None if done_at is None else time.monotonic() - done_at
+    return {"codes": [p.returncode for p in started.procs], "exit_s_after_done": exit_s}
 
 
 def async_ckpt_runs() -> dict[str, Any]:
@@ -1169,13 +1295,19 @@ def async_ckpt_runs() -> dict[str, Any]:
             raw["checkpoint"]["asyncSave"] = True
         return raw
 
-    first = launch_trainer(cfg(ASYNC_STEPS, ckpt), base / "async", "decentralized")
-    plain = launch_trainer(cfg(ASYNC_TO, None), base / "plain", "decentralized")
-    a, p = finish(first, "async save run"), finish(plain, "uninterrupted run")
+    first = launch_dumpable(cfg(ASYNC_STEPS, ckpt), base / "async")
+    plain = launch_dumpable(cfg(ASYNC_TO, None), base / "plain")
+    exits = {"async": wait_or_dump(first), "plain": wait_or_dump(plain)}
+    if exits["async"]["codes"] != [0] * WORLD or exits["plain"]["codes"] != [0] * WORLD:
+        raise RuntimeError(f"async save runs: {json.dumps(exits)[-6000:]}")
+    a, p = first.result(), plain.result()
     log0 = first.logs[0].read_text()
     latest_after_first = (ckpt / "latest").read_text().strip()
-    resumed = launch_trainer(cfg(ASYNC_TO, ckpt), base / "resume", "decentralized")
-    r = finish(resumed, "resume of the async checkpoint")
+    resumed = launch_dumpable(cfg(ASYNC_TO, ckpt), base / "resume")
+    exits["resume"] = wait_or_dump(resumed)
+    if exits["resume"]["codes"] != [0] * WORLD:
+        raise RuntimeError(f"resume of the async checkpoint: {json.dumps(exits)[-6000:]}")
+    r = resumed.result()
     background = re.findall(r"checkpoint of step (\d+): writing in the background", log0)
     finalized = re.findall(r"saved checkpoint of step (\d+) to \S+ in ([0-9.]+)s in the "
                            r"background \(training waited ([0-9.]+)s", log0)  # fmt: skip
@@ -1202,6 +1334,7 @@ def async_ckpt_runs() -> dict[str, Any]:
             abs(x["loss"] - y["loss"]) for x, y in zip(r["steps"], after, strict=True)
         ),
         "first_run_step_s": [x["duration_s"] for x in a["steps"]],
+        "exits": exits,
     }  # fmt: skip
 
 
@@ -1266,16 +1399,21 @@ def train8b_runs() -> dict[str, Any]:
                 "globfirst": ["global", "decentralized"],
             }[which]  # fmt: skip
             plan.append((preset, shape, order, int(rest[0]) if rest else TRAIN8B_SEQ))
-    else:
+    else:  # qwen3-8b's shapes first, then llama3-8b's
         i = 0
         for preset in TRAIN8B_MODELS:
             for shape in TRAIN8B_SHAPES:
                 order = ["decentralized", "global"] if i % 2 == 0 else ["global", "decentralized"]
                 plan.append((preset, shape, order, TRAIN8B_SEQ))
                 i += 1
-    results = {}
+    results: dict[str, Any] = {}
+    # KUBETRON_TRAIN8B_UNTIL (epoch seconds): start no case with less than 100 s a run left
+    until = float(os.environ.get("KUBETRON_TRAIN8B_UNTIL", "inf"))
     for preset, shape, order, seq in plan:
         key = f"{preset}_{shape}_seq{seq}"
+        if time.time() + 100 * len(order) > until:
+            results.setdefault("not_run_for_time", []).append(key)
+            continue
         results[key] = train8b_case(preset, shape, order, seq)
         print(f"[multigpu] train8b {key}: " + json.dumps(
             {g: r.get("mfu_per_gpu", r.get("error")) for g, r in results[key]["runs"].items()}

@@ -206,13 +206,14 @@ class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
 GPU_WRITER_THREADS = 4
 
 
-def _main_replica(replica_id: Any) -> Any:
-    """The model parameter's replica id with its data-parallel part (the last) set to 0: the
-    writing rank is the main replica of its own shard; the other parts (a tensor-parallel
-    replica of a norm weight, say) still decide."""
+def _replica(replica_id: Any, main: bool) -> Any:
+    """The model parameter's replica id with its data-parallel part (the last) set to 0 for the
+    rank that writes or reads this shard (the main replica), to 1 for another rank; the other
+    parts (a tensor-parallel replica of a norm weight, say) still decide."""
+    dp = 0 if main else 1
     if isinstance(replica_id, tuple):
-        return (*replica_id[:-1], 0)
-    return 0
+        return (*replica_id[:-1], dp)
+    return dp
 
 
 def _state_tensor(meta: Any, key: str, data: torch.Tensor, replica_id: Any) -> Any:
@@ -288,17 +289,21 @@ def lean_fully_reshardable(
             ) from err
         shape = meta.data.shape
         tensors = opt._get_main_param_and_optimizer_states(param) if mine else {}
+        # Megatron validates, at save and at load, that the main replicas of every key's
+        # shards cover it exactly once: the one rank that writes (or alone reads) a
+        # parameter's state is its main replica, the others holding part of it are not
         if index not in split:  # whole on this rank: its own GPU state, no copy
             data = {k: tensors[k].view(shape) for k in keys}
-            replica = meta.replica_id if is_loading else _main_replica(meta.replica_id)
+            replica = _replica(meta.replica_id, main=True)
             out[index] = {k: _state_tensor(meta, f"{prefix}.{k}.{meta.key}", data[k], replica)
                           for k in keys}  # fmt: skip
             continue
         if is_loading:
             if mine:
                 data = {k: torch.empty(shape, dtype=torch.float32) for k in keys}
+                replica = _replica(meta.replica_id, main=split[index] == me)
                 out[index] = {
-                    k: _state_tensor(meta, f"{prefix}.{k}.{meta.key}", data[k], meta.replica_id)
+                    k: _state_tensor(meta, f"{prefix}.{k}.{meta.key}", data[k], replica)
                     for k in keys
                 }
             continue
@@ -313,7 +318,7 @@ def lean_fully_reshardable(
             dist.all_reduce(buf, group=group)
             whole[k] = buf.view(shape)
         if split[index] == me:
-            replica = _main_replica(meta.replica_id)
+            replica = _replica(meta.replica_id, main=True)
             out[index] = {k: _state_tensor(meta, f"{prefix}.{k}.{meta.key}", whole[k], replica)
                           for k in keys}  # fmt: skip
     return out
@@ -583,6 +588,20 @@ class Checkpointer:
             check_fence(self.root, self.identity.attempt)  # again, just before `latest`
             write_latest(self.root, step)
         dist.barrier()
+
+    def close(self) -> None:
+        """Complete a pending save, then stop the process Megatron's asynchronous writer
+        started for its write results (a multiprocessing manager), if it did."""
+        self.finalize(blocking=True)
+        if not self.async_save:
+            return
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+        results = getattr(filesystem_async, "_results_queue", None)
+        manager = getattr(results, "_manager", None)
+        if manager is not None:
+            manager.shutdown()
+            filesystem_async._results_queue = None
 
     def finalize(self, blocking: bool = False) -> bool:
         """Complete a pending asynchronous save if it is written (every rank: collective);

@@ -325,7 +325,7 @@ def finish(run: Run, summary: Summary, began: float) -> None:
     """Totals over the steps this process ran (the first two are warmup), summary on rank 0;
     a background save still pending completes first."""
     if run.checkpointer is not None:
-        run.checkpointer.finalize(blocking=True)
+        run.checkpointer.close()
     summary.wall_s = time.perf_counter() - began
     timed = [s.duration_s for s in summary.steps[2:]] or [s.duration_s for s in summary.steps]
     if timed:
