@@ -7,10 +7,12 @@ training, metrics and resume tests; the others start their own runs.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -215,3 +217,24 @@ def test_sigterm_while_lingering_for_metrics_exits_0(tmp_path: Path) -> None:
     for proc in started.procs:  # as torchrun forwards it to every worker
         proc.send_signal(signal.SIGTERM)
     assert started.wait(timeout=60) == [0, 0], started.output()[-4000:]
+
+
+def test_a_run_without_a_metrics_directory_removes_the_one_it_made(tmp_path: Path) -> None:
+    """Outside a pod (no PROMETHEUS_MULTIPROC_DIR from the operator) the trainer makes
+    /tmp/kubetron-metrics-<job>-<port> and removes it after a successful run."""
+    import glob
+
+    job = f"nodir-{os.getpid()}"
+    cfg = example_config(
+        recipe={"trainIters": 2}, checkpoint={"path": None}, worldSize=2, gpusPerNode=2,
+        jobName=job,
+    )  # fmt: skip
+    env: dict[str, str | None] = {"PROMETHEUS_MULTIPROC_DIR": None}
+    started = launch(cfg, tmp_path / "run", "--metrics-linger", "3", extra_env=env)
+    deadline = time.monotonic() + 120
+    while not glob.glob(f"/tmp/kubetron-metrics-{job}-*/*.db"):  # written while it runs
+        assert time.monotonic() < deadline and started.procs[0].poll() is None, started.output()
+        time.sleep(0.2)
+    assert started.wait() == [0, 0], started.output()[-3000:]
+    assert "metrics" not in {p.name for p in (tmp_path / "run").iterdir()}
+    assert glob.glob(f"/tmp/kubetron-metrics-{job}-*") == []

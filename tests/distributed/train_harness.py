@@ -70,20 +70,26 @@ def launch(
     workdir: Path,
     *args: str,
     groups: str = "decentralized",
-    extra_env: dict[str, str] | None = None,
+    extra_env: dict[str, str | None] | None = None,
 ) -> Launch:
-    """Start `cfg["worldSize"]` trainer processes on this host (gloo, one thread each)."""
+    """Start `cfg["worldSize"]` trainer processes on this host (gloo, one thread each);
+    `extra_env` adds variables, or with None removes them."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "config.json"
     config.write_text(json.dumps(cfg))
     world, port = cfg["worldSize"], free_port()
     summary = workdir / "summary.json"
-    env = dict(os.environ) | (extra_env or {})
+    env = dict(os.environ)
     paths = [str(ROOT / "trainer"), str(ROOT / "operator"), env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env |= {"OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     env |= {"WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "GROUP_RANK": "0"}
     env["PROMETHEUS_MULTIPROC_DIR"] = str(workdir / "metrics")
+    for name, value in (extra_env or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     procs, logs = [], []
     for rank in range(world):
         log = workdir / f"rank{rank}.log"

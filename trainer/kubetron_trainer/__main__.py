@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -182,8 +183,12 @@ def run(
 
         check_weights(cfg.model, cfg.preset, Path(cfg.weights))
     backend = "nccl" if device.type == "cuda" else "gloo"
-    metrics_dir = f"/tmp/kubetron-metrics-{cfg.job_name}-{topology.master_port}"
-    prepare_multiproc_dir(topology.local_rank, metrics_dir)
+    from kubetron_trainer.metrics import MULTIPROC_ENV
+
+    own_metrics_dir = MULTIPROC_ENV not in os.environ  # pods get theirs from the operator
+    metrics_dir = prepare_multiproc_dir(
+        topology.local_rank, f"/tmp/kubetron-metrics-{cfg.job_name}-{topology.master_port}"
+    )
     init_distributed(topology, backend, timedelta(seconds=cfg.collective_timeout_seconds))
     dist.barrier()  # the metrics directory is clean before any rank writes to it
     from kubetron_trainer import loop
@@ -215,6 +220,8 @@ def run(
         linger(args.metrics_linger)  # the other ranks wait in the barrier below
     dist.barrier()
     dist.destroy_process_group()
+    if own_metrics_dir and topology.local_rank == 0:  # every local rank is past its last write
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return int(ExitCode.OK)
 
 
