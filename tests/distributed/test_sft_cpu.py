@@ -27,7 +27,9 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 SEQ, STEPS, GBS = 256, 40, 4
 
 
-def sft_config(weights: Path, prefix: Path, tok: Path) -> dict[str, Any]:
+def sft_config(
+    weights: Path, prefix: Path, tok: Path, parallelism: dict[str, int] | None = None
+) -> dict[str, Any]:
     cfg = example_config(
         recipe={
             "kind": "finetune", "trainIters": STEPS, "globalBatchSize": GBS,
@@ -38,7 +40,7 @@ def sft_config(weights: Path, prefix: Path, tok: Path) -> dict[str, Any]:
             "type": "chat", "paths": [{"prefix": str(prefix)}], "split": "1,0,0",
             "tokenizer": {"type": "huggingface", "name": str(tok)},
         },
-        parallelism={"tensor": 2},
+        parallelism=parallelism or {"tensor": 2},
         checkpoint={"path": None},
         metrics={"enabled": False},
         worldSize=2, gpusPerNode=2, preset=PRESET["qwen3"], weights=str(weights),
@@ -64,7 +66,8 @@ def assistant_loss(model: Any, data: ChatDataset, index: int) -> float:
     return float(torch.cat(losses).mean())
 
 
-def test_finetune_on_chat_data_learns_the_assistants_tokens_only(tmp_path: Path) -> None:
+def prepare_sft(tmp_path: Path) -> tuple[Path, Path, Path, Any]:
+    """Tokenizer, tiny random Qwen3 (transformers) and prepared conversations under tmp_path."""
     tok, weights = tmp_path / "tokenizer", tmp_path / "hf"
     build_chat_bpe(tok)
     assert HuggingFaceTokenizer(tok).vocab_size <= 512
@@ -74,7 +77,33 @@ def test_finetune_on_chat_data_learns_the_assistants_tokens_only(tmp_path: Path)
     prefix = tmp_path / "data" / "chat"
     args = [str(src), "--output-prefix", str(prefix), "--tokenizer", str(tok), "--chat"]
     assert prep.main([*args, "--workers", "1"]) == 0
+    return tok, weights, prefix, original
 
+
+def first_step_loss(original: Any, cfg: dict[str, Any], prefix: Path, tok: Path) -> float:
+    """transformers' loss of step 1 as the trainer averages it: each micro-batch's mean over
+    its assistant labels, then the mean over micro-batches (data parallel 1)."""
+    pad = HuggingFaceTokenizer(tok).pad
+    assert pad is not None
+    r = cfg["recipe"]
+    data = ChatDataset(
+        str(prefix), seq_length=r["seqLength"], num_samples=STEPS * GBS, seed=r["seed"],
+        split="1,0,0", pad=pad,
+    )  # fmt: skip
+    mbs = r["microBatchSize"]
+    micro_batches = r["globalBatchSize"] // mbs
+    assert all(data.sample(i).document_ids.max() >= 1 for i in range(4))  # packed: 2 or more
+    expected = []
+    for micro in range(micro_batches):
+        indices = range(mbs * micro, mbs * (micro + 1))
+        losses = [assistant_loss(original, data, i) for i in indices]
+        counts = [float(data[i]["loss_mask"].sum()) for i in indices]
+        expected.append(sum(x * c for x, c in zip(losses, counts, strict=True)) / sum(counts))
+    return sum(expected) / len(expected)
+
+
+def test_finetune_on_chat_data_learns_the_assistants_tokens_only(tmp_path: Path) -> None:
+    tok, weights, prefix, original = prepare_sft(tmp_path)
     cfg = sft_config(weights, prefix, tok)
     started = run(cfg, tmp_path / "run")
     summary = started.result()
@@ -83,19 +112,6 @@ def test_finetune_on_chat_data_learns_the_assistants_tokens_only(tmp_path: Path)
     assert all(math.isfinite(x) for x in losses), losses
     assert "chat data: 160 conversations" in started.output()
 
-    # step 1: two micro-batches of two packed sequences each; the trainer averages each
-    # micro-batch's masked mean, then the micro-batches
-    pad = HuggingFaceTokenizer(tok).pad
-    assert pad is not None
-    seed = cfg["recipe"]["seed"]
-    data = ChatDataset(
-        str(prefix), seq_length=SEQ, num_samples=STEPS * GBS, seed=seed, split="1,0,0", pad=pad
-    )
-    assert all(data.sample(i).document_ids.max() >= 1 for i in range(4))  # packed: 2 or more
-    expected = []
-    for micro in range(2):
-        pair = [assistant_loss(original, data, 2 * micro + i) for i in range(2)]
-        counts = [float(data[2 * micro + i]["loss_mask"].sum()) for i in range(2)]
-        expected.append(sum(p * c for p, c in zip(pair, counts, strict=True)) / sum(counts))
-    assert losses[0] == pytest.approx(sum(expected) / 2, rel=1e-4)
+    # step 1 trains on the imported weights; each packed conversation counts as if alone
+    assert losses[0] == pytest.approx(first_step_loss(original, cfg, prefix, tok), rel=1e-4)
     assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses  # it learns the answers
