@@ -98,9 +98,8 @@ class ParallelDims:
         vpp: int = 1,
     ) -> ParallelDims:
         """Derive dp from the world size; raise one error naming every broken rule."""
-        degrees = {"tensor": tp, "pipeline": pp, "context": cp, "expert": ep}
-        degrees |= {"expertTensor": etp, "virtualPipeline": vpp}
-        values = {"worldSize": world_size, **degrees}
+        values = degree_values(world_size, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, vpp=vpp)
+        degrees = {name: v for name, v in values.items() if name != "worldSize"}
         problems = broken((POSITIVE,), values, {}) or broken(DEGREE_RULES[1:], values, {})
         model_parallel = tp * cp * pp
         divisible = model_parallel > 0 and not world_size % model_parallel
@@ -173,6 +172,16 @@ class ParallelDims:
             f"virtualPipeline={self.vpp} context={self.cp} expert={self.ep} "
             f"expertTensor={self.etp} data={self.dp}"
         )
+
+
+def degree_values(
+    world_size: int, *, tp: int, pp: int, cp: int, ep: int, etp: int, vpp: int
+) -> dict[str, int]:
+    """The degrees under the names the shape rules read (spec.parallelism's field names)."""
+    return {
+        "worldSize": world_size, "tensor": tp, "pipeline": pp, "context": cp, "expert": ep,
+        "expertTensor": etp, "virtualPipeline": vpp,
+    }  # fmt: skip
 
 
 def _shape(world_size: int, degrees: dict[str, int], dp: int | None) -> str:

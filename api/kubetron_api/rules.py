@@ -22,7 +22,13 @@ from kubetron_api.config import (
     RecipeSpec,
     TrainerConfig,
 )
-from kubetron_api.dims import DEGREE_RULES, POSITIVE, ParallelConfigError, ParallelDims
+from kubetron_api.dims import (
+    DEGREE_RULES,
+    POSITIVE,
+    ParallelConfigError,
+    ParallelDims,
+    degree_values,
+)
 from kubetron_api.expr import Rule
 from kubetron_api.v1alpha1 import MegatronJobSpec
 
@@ -276,7 +282,7 @@ class ShapeSpec:
             self.parallelism, self.recipe, self.data, self.arch, self.recipe.fast,
         )  # fmt: skip
         return {
-            **degree_values(self.world_size, p),
+            **spec_degrees(self.world_size, p),
             "gpusPerNode": self.gpus_per_node,
             "device": self.device,
             "sequenceParallel": p.sequence_parallel,
@@ -300,16 +306,13 @@ class ShapeSpec:
         }
 
 
-def degree_values(world_size: int, p: ParallelismSpec) -> dict[str, expr.Value]:
-    return {
-        "worldSize": world_size,
-        "tensor": p.tensor,
-        "pipeline": p.pipeline,
-        "virtualPipeline": p.virtual_pipeline,
-        "context": p.context,
-        "expert": p.expert,
-        "expertTensor": p.expert_tensor,
-    }
+def spec_degrees(world_size: int, p: ParallelismSpec) -> dict[str, expr.Value]:
+    """`degree_values` of a spec's parallelism."""
+    values = degree_values(
+        world_size, tp=p.tensor, pp=p.pipeline, cp=p.context, ep=p.expert,
+        etp=p.expert_tensor, vpp=p.virtual_pipeline,
+    )  # fmt: skip
+    return dict(values)
 
 
 @dataclass(frozen=True)

@@ -284,7 +284,7 @@ BAD_INPUT = [
     ("empty parquet", "{p}: empty (no documents)"),
     (
         "parquet column",
-        "{p}: no column 'text' (columns: body); name the text column with --text-key",
+        "{p}: no column 'text' (columns: body); name the column with --text-key",
     ),
     ("parquet null", "{p}: row 14 (counting from 0): 'text' is null"),
     ("parquet ints", "{p}: column 'text' holds int64, not strings"),
