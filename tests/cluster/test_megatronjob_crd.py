@@ -79,6 +79,7 @@ CEL_CASES: dict[str, dict[str, Any]] = {
     "batch-per-data-parallel": {"recipe": {"globalBatchSize": 12}},
     "indexed-data-needs-paths": {"data": {"type": "indexed"}},
     "mock-data-has-no-paths": {"data": {"paths": [{"prefix": "/data/x"}]}},
+    "chat-data-has-one-path": {"data": {"type": "chat"}},
     "huggingface-tokenizer-needs-name": {"data": {"tokenizer": {"type": "huggingface"}}},
     "finetune-needs-weights": {"recipe": {"kind": "finetune"}},
     "cpu-needs-fp32": {"resources": {"device": "cpu"}, "recipe": {"precision": "bf16"}},
