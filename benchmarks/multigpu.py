@@ -1411,7 +1411,10 @@ def train8b_runs() -> dict[str, Any]:
     until = float(os.environ.get("KUBETRON_TRAIN8B_UNTIL", "inf"))
     for preset, shape, order, seq in plan:
         key = f"{preset}_{shape}_seq{seq}"
-        if time.time() + 100 * len(order) > until:
+        if (
+            time.time() + float(os.environ.get("KUBETRON_TRAIN8B_RUN_S", "100")) * len(order)
+            > until
+        ):
             results.setdefault("not_run_for_time", []).append(key)
             continue
         results[key] = train8b_case(preset, shape, order, seq)
