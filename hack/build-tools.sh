@@ -167,6 +167,32 @@ copy_crds() {
   install -m 0644 "$dir/config/components/webhook/manifests.yaml" "$BIN/crds/kueue-webhooks.yaml"
 }
 
+# Volcano publishes its CRDs only in volcano.sh/volcano; generate the PodGroup and Queue CRDs
+# from the volcano.sh/apis types (their kubebuilder markers) with controller-gen, as Volcano does.
+volcano_crds() {
+  local want out=$BIN/crds/volcano work
+  want=$(key volcano-crds "$VOLCANO_APIS_VERSION" "$CONTROLLER_TOOLS_VERSION")
+  if [[ -f "$out/scheduling.volcano.sh_podgroups.yaml" && -f "$STAMPS/volcano-crds" &&
+    "$(cat "$STAMPS/volcano-crds")" == "$want" ]]; then
+    log "volcano CRDs $VOLCANO_APIS_VERSION: up to date"
+    return
+  fi
+  log "volcano CRDs $VOLCANO_APIS_VERSION: controller-gen"
+  work=$(mktemp -d)
+  (
+    cd "$work"
+    go mod init kubetron-volcano-crds >/dev/null 2>&1
+    printf 'package tools\n\nimport _ "volcano.sh/apis/pkg/apis/scheduling/v1beta1"\n' >tools.go
+    go get "volcano.sh/apis@$VOLCANO_APIS_VERSION"
+    go mod tidy
+    rm -rf "$out" && mkdir -p "$out"
+    "$BIN/controller-gen" crd paths=volcano.sh/apis/pkg/apis/scheduling/v1beta1 \
+      "output:crd:dir=$out"
+  )
+  rm -rf "$work"
+  echo "$want" >"$STAMPS/volcano-crds"
+}
+
 wait_kube() {
   [[ -n "$KUBE_PID" ]] || return 0
   log "waiting for the kubernetes build (pid $KUBE_PID)"
@@ -205,7 +231,10 @@ main() {
   # tests of spec.scheduling (tests/cluster/test_kueue.py).
   go_install kueue kueue sigs.k8s.io/kueue/cmd/kueue "$KUEUE_VERSION" \
     "-X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION"
+  go_install controller-tools controller-gen sigs.k8s.io/controller-tools/cmd/controller-gen \
+    "$CONTROLLER_TOOLS_VERSION"
   copy_crds
+  volcano_crds
   wait_kube
   cp -f "$HACK/versions.env" "$BIN/versions.env"
   log "done in $((SECONDS - start))s"

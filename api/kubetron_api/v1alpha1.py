@@ -234,7 +234,8 @@ class SchedulingSpec(ApiModel):
         default=None,
         max_length=63,
         description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name; the PyTorchJob is created "
-        "suspended and Kueue starts it when it admits it) or Volcano queue.",
+        "suspended and Kueue starts it when it admits it); with schedulerName volcano, the "
+        "Volcano queue of the job's PodGroup instead.",
     )
     scheduler_name: str | None = Field(
         default=None, max_length=253, description="Pod scheduler, e.g. volcano."

@@ -150,7 +150,7 @@ class Controller:
         live = self._read_progress(job, pytorch_job, attempt, old_status.get("progress"), now)
         progress_now = live or old_status.get("progress")
         rp = job.spec.run_policy
-        queue = job.spec.scheduling.queue
+        queue = kueue.local_queue(job.spec.scheduling)
         workload = self._sync_workload(job, pytorch_job) if queue else None
         held = None
         if queue and not rp.suspend and (pytorch_job is None or kueue.suspended(pytorch_job)):
@@ -267,7 +267,7 @@ class Controller:
         from then on: re-applies carry the live value. A queued job the user suspends before
         its PyTorchJob exists gets none (it asks for no quota) until it is resumed."""
         new_generation = old_status.get("observedGeneration") != generation
-        queued = bool(job.spec.scheduling.queue)
+        queued = bool(kueue.local_queue(job.spec.scheduling))
         for obj in render(job, job_plan, attempt=attempt):
             meta = obj["metadata"]
             live = live_job if obj["kind"] == "PyTorchJob" else None

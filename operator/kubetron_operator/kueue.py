@@ -1,6 +1,7 @@
 """Kueue: what a queued job's PyTorchJob carries, what its Workload says, where its pods go. Pure.
 
-A MegatronJob with `spec.scheduling.queue` renders its PyTorchJob with Kueue's queue label and
+A MegatronJob with `spec.scheduling.queue` (and no `schedulerName: volcano`, whose queue is
+Volcano's: `local_queue`) renders its PyTorchJob with Kueue's queue label and
 creates it suspended; Kueue makes a Workload for it (labelled with the PyTorchJob's uid), reserves
 quota in the LocalQueue's ClusterQueue and un-suspends the PyTorchJob when it admits it. From then
 on Kueue owns `runPolicy.suspend`: it suspends the job again when it evicts it (preemption, a
@@ -45,6 +46,9 @@ PREFERRED_TOPOLOGY = "kueue.x-k8s.io/podset-preferred-topology"
 POD_SET_GROUP = "kueue.x-k8s.io/podset-group-name"
 POD_SET_GROUP_NAME = "kubetron-job"  # Kueue refuses numbers
 MASTER, WORKER = "Master", "Worker"
+# With this schedulerName, spec.scheduling.queue names a Volcano queue (the training-operator's
+# PodGroup), not a Kueue LocalQueue.
+VOLCANO = "volcano"
 QUEUED = "Queued"  # the MegatronJob condition while Kueue holds the job
 TOPOLOGY_FIELD = "spec.scheduling.topology"
 
@@ -65,6 +69,14 @@ class Placement:
         return {MASTER: dict(both), WORKER: dict(both)}
 
 
+def local_queue(scheduling: SchedulingSpec) -> str | None:
+    """The Kueue LocalQueue the job goes through: spec.scheduling.queue, unless the pods go to
+    Volcano, whose queue it then is."""
+    if scheduling.queue and scheduling.scheduler_name != VOLCANO:
+        return scheduling.queue
+    return None
+
+
 def group_pods(dims: ParallelDims, procs_per_node: int) -> list[list[int]]:
     """The pod indices (node ranks) each data-parallel replica's model-parallel group uses."""
     return [
@@ -78,12 +90,13 @@ def placement(
 ) -> tuple[Placement | None, list[str]]:
     """The placement `spec.scheduling.topology` asks for, or the problems that prevent it."""
     topo = scheduling.topology
-    if topo is None:
-        return None, []
-    if not scheduling.queue:
+    if topo is None or (topo.job_level is None and topo.model_parallel_level is None):
+        return None, []  # the API server defaults an absent topology to {}
+    if not local_queue(scheduling):
         return None, [
-            f"{TOPOLOGY_FIELD} needs spec.scheduling.queue: topology-aware placement is Kueue's; "
-            "name the LocalQueue whose ClusterQueue has a ResourceFlavor with a topologyName"
+            f"{TOPOLOGY_FIELD} needs a Kueue queue: topology-aware placement is Kueue's; name the "
+            "LocalQueue whose ClusterQueue has a ResourceFlavor with a topologyName in "
+            f"spec.scheduling.queue (and no spec.scheduling.schedulerName {VOLCANO})"
         ]
     job = Placement(topo.job_level, topo.job_policy) if topo.job_level else None
     mp_level = topo.model_parallel_level

@@ -21,7 +21,7 @@ from kubetron_api.v1alpha1 import (
     MegatronJob,
     ResourcesSpec,
 )
-from kubetron_operator.kueue import MASTER, QUEUE_LABEL, WORKER
+from kubetron_operator.kueue import MASTER, QUEUE_LABEL, WORKER, local_queue
 from kubetron_operator.lifecycle import ATTEMPT_LABEL
 from kubetron_operator.plan import Plan
 
@@ -109,8 +109,8 @@ class PyTorchJobBuilder:
                                              placed.get(WORKER))  # fmt: skip
         meta = child_metadata(job, job.name, "trainer")
         meta["labels"][ATTEMPT_LABEL] = str(attempt)
-        if job.spec.scheduling.queue:
-            meta["labels"][QUEUE_LABEL] = job.spec.scheduling.queue
+        if queue := local_queue(job.spec.scheduling):
+            meta["labels"][QUEUE_LABEL] = queue
         return {
             "apiVersion": self.api_version,
             "kind": self.kind,
@@ -143,7 +143,7 @@ def _run_policy(job: MegatronJob) -> Obj:
     out: Obj = {  # backoffLimit: the operator counts restarts (attempts) itself
         "cleanPodPolicy": rp.clean_pod_policy.value,
         # queued: created suspended, and Kueue un-suspends it when it admits it (kueue.py)
-        "suspend": rp.suspend or bool(sched.queue),
+        "suspend": rp.suspend or bool(local_queue(sched)),
     }
     if rp.active_deadline_seconds is not None:
         out["activeDeadlineSeconds"] = rp.active_deadline_seconds

@@ -76,7 +76,21 @@ def _placement(topology: Obj, world: int = 16, procs: int = 8, queue: str | None
 
 def test_topology_needs_a_queue() -> None:
     where, problems = _placement({"jobLevel": "rack"}, queue=None)
-    assert where is None and "needs spec.scheduling.queue" in problems[0]
+    assert where is None and "needs a Kueue queue" in problems[0]
+    assert _placement({}, queue=None) == (None, [])  # what the CRD's defaulting stores
+
+
+def test_with_volcano_the_queue_is_volcanos_and_nothing_goes_to_kueue() -> None:
+    body = job_dict(nodes=2)
+    body["spec"]["scheduling"] = {"queue": "research", "schedulerName": "volcano"}
+    job = parse_job(body)
+    pj = render(job, plan(job))[1]
+    assert kueue.QUEUE_LABEL not in pj["metadata"]["labels"]
+    assert pj["spec"]["runPolicy"]["suspend"] is False
+    assert pj["spec"]["runPolicy"]["schedulingPolicy"]["queue"] == "research"
+    body["spec"]["scheduling"]["topology"] = {"jobLevel": "rack"}
+    with pytest.raises(PlanError, match=r"no spec\.scheduling\.schedulerName volcano"):
+        plan(parse_job(body))
 
 
 def test_job_level_groups_master_and_workers() -> None:
@@ -109,7 +123,7 @@ def test_groups_across_pods_with_data_parallel_are_refused_with_the_alternatives
 def test_plan_reports_topology_problems() -> None:
     body = job_dict(nodes=4, tensor=8)
     body["spec"]["scheduling"] = {"topology": {"jobLevel": "rack"}}
-    with pytest.raises(PlanError, match=r"needs spec\.scheduling\.queue"):
+    with pytest.raises(PlanError, match="needs a Kueue queue"):
         plan(parse_job(body))
 
 

@@ -116,9 +116,13 @@ def test_run_policy_scheduling_and_kueue_label() -> None:
     assert (rp["suspend"], rp["activeDeadlineSeconds"]) == (True, 60)
     assert "backoffLimit" not in rp  # the operator counts restarts itself
     assert rp["schedulingPolicy"] == {"minAvailable": 1, "queue": "team-a"}
-    assert pj["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    # with volcano the queue is Volcano's (the PodGroup's), not a Kueue LocalQueue
+    assert "kueue.x-k8s.io/queue-name" not in pj["metadata"]["labels"]
     pod = pj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     assert pod["schedulerName"] == "volcano"
+    del obj["spec"]["scheduling"]["schedulerName"]
+    job = parse_job(obj)
+    assert render(job, plan(job))[1]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
 
 
 def test_cpu_device_requests_no_gpu() -> None:
