@@ -411,6 +411,23 @@ clean() {
   log "removed $BUILDAH_DIR (archives in $IMAGES kept)"
 }
 
+# prune_cache: remove the buildah images no current archive was built from (hack/prune-buildah.py):
+# old generations of the layer cache, gigabytes each time the trainer's dependencies change.
+prune_cache() {
+  local ids before after
+  # shellcheck disable=SC2046 # one hash per stamp file
+  ids=$(for id in $(bh images -a -q --no-trunc 2>/dev/null); do
+    id=${id#sha256:}
+    echo "$id $(bh inspect --type image --format '{{index .OCIv1.Config.Labels "io.kubetron.inputs"}}' "$id" 2>/dev/null)"
+  done | python3 "$ROOT/hack/prune-buildah.py" "$BUILDAH_DIR/storage" $(cat "$IMAGES"/*.inputs 2>/dev/null))
+  [[ -n "$ids" ]] || return 0
+  before=$(du -sm "$BUILDAH_DIR" | cut -f1)
+  # shellcheck disable=SC2086 # one id per word
+  bh rmi $ids >/dev/null 2>&1 || log "prune: some old layer-cache images could not be removed"
+  after=$(du -sm "$BUILDAH_DIR" | cut -f1)
+  log "prune: removed $(wc -w <<<"$ids") old layer-cache images ($((before - after)) MB freed)"
+}
+
 main() {
   local what=${1:-all} start=$SECONDS
   case $what in
@@ -433,6 +450,7 @@ main() {
   all) build_pause && build_operator && build_trainer ;;
   esac
   write_index
+  prune_cache
   log "$what: done in $((SECONDS - start))s; $IMAGES/images.json"
 }
 
