@@ -18,7 +18,13 @@ from typing import Any
 import pytest
 
 from kubetron_operator.kueue import JOB_UID_LABEL
-from tests.cluster.harness import FAKE_GPU_LABEL, FAKE_NODE_TAINT, GPU_PRODUCT, Cluster
+from tests.cluster.harness import (
+    FAKE_GPU_LABEL,
+    FAKE_NODE_TAINT,
+    GPU_PRODUCT,
+    Cluster,
+    ClusterError,
+)
 from tests.cluster.kubetron_fixtures import fake_gpu_job, wait_phase
 
 pytestmark = pytest.mark.cluster
@@ -278,9 +284,15 @@ def test_a_job_kueue_preempts_is_queued_again_without_a_restart(
     low = queued_job("low", nodes=1, complete_after="600s", resources={"priorityClassName": LOW})
     _apply(kueue, namespace, low)
     wait_phase(kueue, namespace, "low", "Running", timeout=60)
+    low_wl = workload(kueue, namespace, "low")
+    assert low_wl is not None and low_wl["spec"].get("priority") == 100, low_wl
     high = queued_job("high", nodes=1, complete_after="5s", resources={"priorityClassName": HIGH})
     _apply(kueue, namespace, high)
-    evicted = wait_phase(kueue, namespace, "low", "Queued", timeout=60)
+    try:
+        evicted = wait_phase(kueue, namespace, "low", "Queued", timeout=60)
+    except ClusterError as err:
+        workloads = kueue.kubectl("get", "workloads.kueue.x-k8s.io", "-n", namespace, "-o", "yaml")
+        raise AssertionError(f"{err}\n{workloads.stdout}") from err
     assert evicted["status"]["restarts"] == 0, evicted["status"]
     assert condition(evicted, "Queued")["status"] == "True"
     wait_phase(kueue, namespace, "high", "Succeeded", timeout=90)
