@@ -21,6 +21,12 @@ One command runs every piece that fits the GPUs of this host and prints one JSON
               PP2 -> DP2, MoE EP2 -> EP1 x DP2 and back; each resume against the new shape's
               and the old shape's uninterrupted runs from a common checkpoint: losses, step,
               data position, RNG re-seed, save and load seconds
+  ckpt8b      Qwen3-8B DP2 (issue 17): synchronous save, wipe, load; asynchronous save while
+              two steps train, load: seconds, GB/s, each rank's peak host memory, every
+              tensor compared (KUBETRON_CKPT8B_PROBE=1 also builds Megatron's gathered state)
+  async_ckpt  the trainer with checkpoint.asyncSave, resumed, against an uninterrupted run
+  train8b     Qwen3-8B and Llama3-8B at seq 4096, DP2, TP2+SP and PP2, fast path, decentralized
+              and global groups (KUBETRON_TRAIN8B narrows it: preset:shape:both|dec|glo[:seq])
 
 Then it runs tests/gpu/test_multigpu.py and tests/gpu/test_reshard_gpu.py in this process with
 pytest: the tests reuse the runs above (cached per process) instead of training again, and their

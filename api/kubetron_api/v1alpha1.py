@@ -381,6 +381,12 @@ class Progress(ApiModel):
         default=None, description="Step of the last complete checkpoint."
     )
     attempt: int | None = Field(default=None, description="Attempt that reported it.")
+    engine: str | None = Field(
+        default=None,
+        max_length=128,
+        description="What runs the layers: transformer-engine, fast path (its pieces) or "
+        "local spec (recipe.fastPath decides; the trainer logs it too).",
+    )
     observed_at: str = Field(description="When the operator read it.")
     advanced_at: str | None = Field(
         default=None, description="When the step last advanced (the progress deadline's clock)."

@@ -39,12 +39,14 @@ class Sample:
     last_checkpoint_step: float | None = None
     attempt: float | None = None
     mean_step_seconds: float | None = None
+    engine: str | None = None  # what runs the layers (kubetron_train_engine_info's label)
 
 
 def parse(text: str, job: str) -> Sample:
     """The job's progress numbers from a trainer pod's /metrics text."""
     values: dict[str, float] = {}
     duration_sum = duration_count = None
+    engine = None
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             if s.labels.get("job") != job or math.isnan(s.value):
@@ -55,8 +57,10 @@ def parse(text: str, job: str) -> Sample:
                 duration_sum = s.value
             elif s.name == "kubetron_train_step_duration_seconds_count":
                 duration_count = s.value
+            elif s.name == "kubetron_train_engine_info" and s.value == 1:
+                engine = s.labels.get("engine")
     mean = duration_sum / duration_count if duration_sum and duration_count else None
-    return Sample(**values, mean_step_seconds=mean)  # type: ignore[arg-type]
+    return Sample(**values, mean_step_seconds=mean, engine=engine)  # type: ignore[arg-type]
 
 
 def progress(sample: Sample, total_steps: int, now: str) -> Obj | None:
@@ -75,6 +79,8 @@ def progress(sample: Sample, total_steps: int, now: str) -> Obj | None:
         out["etaSeconds"] = round(max(total_steps - step, 0) * sample.mean_step_seconds)
     if sample.last_checkpoint_step is not None:
         out["lastCheckpointStep"] = int(sample.last_checkpoint_step)
+    if sample.engine:
+        out["engine"] = sample.engine
     return out
 
 

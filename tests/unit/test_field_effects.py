@@ -63,7 +63,7 @@ CHANGES: dict[str, tuple[Any, dict[str, Any]]] = {
     "spec.recipe.lrSchedule.decayIters": (50, {}),
     "spec.recipe.seed": (7, {}),
     "spec.recipe.logInterval": (1, {}),
-    "spec.recipe.fastPath": ("on", {}),
+    "spec.recipe.fastPath": ("off", {}),
     "spec.parallelism.tensor": (2, {}),
     "spec.parallelism.pipeline": (2, {}),
     "spec.parallelism.virtualPipeline": (2, {"spec.parallelism.pipeline": 2}),

@@ -20,17 +20,21 @@ def trainer_text(job: str = "job") -> str:
     m.record_step(StepStats(9, 2.75, 0.7, 1e-4, 0.5, 4096, 8192.0, 1.5, 0.42))
     m.record_step(StepStats(10, 2.5, 0.7, 1e-4, 1.5, 4096, 20480.0, 1.5, 0.45))
     m.record_save(3.0, 10)
+    m.record_engine("fast path (ce+norm+rope+cudnn+wgrad+adam)")
     assert m.registry is not None
     return generate_latest(m.registry).decode()
 
 
 def test_the_trainers_metrics_become_progress() -> None:
     sample = parse(trainer_text(), "job")
+    engine = "fast path (ce+norm+rope+cudnn+wgrad+adam)"
     assert sample == Sample(step=10, loss=2.5, tokens_per_second=20480.0, mfu=0.45,
-                            last_checkpoint_step=10, attempt=1, mean_step_seconds=1.0)  # fmt: skip
+                            last_checkpoint_step=10, attempt=1, mean_step_seconds=1.0,
+                            engine=engine)  # fmt: skip
     assert progress(sample, 100, "T") == {
         "step": 10, "totalSteps": 100, "observedAt": "T", "loss": "2.5000",
         "tokensPerSecond": 20480, "mfu": "45.0%", "etaSeconds": 90, "lastCheckpointStep": 10,
+        "engine": engine,
     }  # fmt: skip
     assert parse(trainer_text(), "another-job") == Sample()  # another job's series: ignored
     assert progress(Sample(), 100, "T") is None  # before the first step

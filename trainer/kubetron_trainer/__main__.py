@@ -19,6 +19,7 @@ import sys
 import threading
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from pydantic import ValidationError
@@ -27,9 +28,18 @@ from kubetron_api.ckpt_meta import Attempt, check_fence
 from kubetron_api.config import FastPath, TrainerConfig
 from kubetron_api.dims import ParallelConfigError, ParallelDims
 from kubetron_api.exitcodes import ConfigError, ExitCode, Terminated
-from kubetron_api.rules import ShapeSpec, check_device, check_shape, missing_transformer_engine
+from kubetron_api.rules import (
+    ShapeSpec,
+    check_device,
+    check_shape,
+    missing_transformer_engine,
+    transformer_engine_uses,
+)
 from kubetron_trainer.failures import classify
 from kubetron_trainer.topology import Topology
+
+if TYPE_CHECKING:
+    from kubetron_trainer.models.build import AttentionBackend
 
 log = logging.getLogger("kubetron_trainer")
 
@@ -168,6 +178,7 @@ def run(
                 "sdpa (what auto picks for chat data)",
             )
         attention = "sdpa" if attention == "auto" else attention
+    attention = pick_attention(attention, device.type, fast_path, cfg)
     # fp8 and context parallelism need TE's layer spec, which only an image with TE has
     no_te = resolve_backend(attention) != "te"
     if no_te and (problems := missing_transformer_engine(cfg.recipe, cfg.parallelism)):
@@ -210,6 +221,10 @@ def run(
         "kubetron trainer: %s, %s, %s groups, attention: %s",
         topology.describe(), dims, args.groups, state.attention,
     )  # fmt: skip
+    engine = engine_name(state.attention)
+    log.info("engine: %s", engine)
+    if metrics is not None:
+        metrics.record_engine(engine)
     summary = loop.train(state)
     log.info(
         "done: %d steps, final loss %.4f, %.0f tokens/s",
@@ -239,6 +254,28 @@ def check_checkpoint(cfg: TrainerConfig, dims: ParallelDims, attempt: Attempt | 
 
     vocab = padded_vocab_size(cfg.model.vocab_size, dims.tp)
     plan_resume(Path(cfg.checkpoint.path), RunIdentity.from_config(cfg, dims, vocab))
+
+
+def pick_attention(
+    attention: AttentionBackend, device_type: str, fast_path: FastPath, cfg: TrainerConfig
+) -> AttentionBackend:
+    """The engine: on GPUs the TE-free fast path (recipe.fastPath, on by default) replaces
+    `auto`'s Transformer Engine, unless the recipe needs TE (fp8, context parallelism);
+    `fastPath: off` or `--attention te` asks for TE. Elsewhere `attention` as given."""
+    needs_te = bool(transformer_engine_uses(cfg.recipe, cfg.parallelism))
+    if attention == "auto" and device_type == "cuda" and fast_path.enabled and not needs_te:
+        return "sdpa"
+    return attention
+
+
+def engine_name(attention: str) -> str:
+    """What runs the layers, for the logs and status.progress.engine: transformer-engine, the
+    fast path with its pieces, or the local spec without fused kernels."""
+    if attention.startswith("transformer-engine"):
+        return "transformer-engine"
+    if "fast path: " in attention:
+        return "fast path (" + attention.split("fast path: ", 1)[1] + ")"
+    return "local spec"
 
 
 def linger(seconds: float) -> None:

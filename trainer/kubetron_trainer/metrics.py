@@ -112,6 +112,12 @@ class TrainerMetrics:
         )
         if self.writer:
             self.attempt.labels(job).set(attempt)
+        self.engine = gauge(
+            "kubetron_train_engine_info",
+            "1, labelled with what runs the layers: transformer-engine, fast path (pieces) or "
+            "local spec.",
+            ("job", "engine"),
+        )
         self.mem_alloc = gauge(
             "kubetron_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated", ("job", "rank")
         )
@@ -168,6 +174,10 @@ class TrainerMetrics:
         if s.mfu is not None:
             self.mfu.labels(self.job).set(s.mfu)
         self.step_duration.observe(s.duration_s)
+
+    def record_engine(self, engine: str) -> None:
+        if self.writer:
+            self.engine.labels(self.job, engine).set(1)
 
     def record_memory(self, allocated: int, reserved: int) -> None:
         self.mem_alloc.labels(self.job, str(self.rank)).set(allocated)

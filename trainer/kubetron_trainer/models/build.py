@@ -132,7 +132,10 @@ def effective_fast_path(
     if not fast.enabled:
         return fast
     backend = resolve_backend(backend)
-    if device.type != "cuda" or backend != "sdpa":
+    if device.type != "cuda":  # a no-op on the CPU (the default is on)
+        log.info("%s: not applied on %s", fast.describe(), device.type)
+        return OFF
+    if backend != "sdpa":
         log.warning("%s requested; not applied (%s, %s)", fast.describe(), device.type, backend)
         return OFF
     return fast
