@@ -19,7 +19,7 @@ import yaml
 from kubetron_operator.rbac import LEASE_RULES, RULES
 from tests.chart.helm import CHART, CI_VALUES, REPO_ROOT, load_all, require_helm, run_helm
 from tests.chart.monitoring import monitoring_crds
-from tests.cluster.harness import Cluster
+from tests.cluster.harness import KUEUE_CRDS, Cluster
 
 pytestmark = pytest.mark.cluster
 
@@ -51,9 +51,11 @@ def monitoring(cluster: Cluster) -> None:
 
 @pytest.fixture(scope="module")
 def megatronjob_crd(cluster: Cluster) -> None:
-    """The MegatronJob CRD (kubectl must resolve megatronjobs.kubetron.io for `auth can-i`)."""
+    """The MegatronJob CRD, and Kueue's Workload CRD (its queued jobs' RBAC): kubectl must
+    resolve megatronjobs.kubetron.io and workloads.kueue.x-k8s.io for `auth can-i`."""
     cluster.apply(REPO_ROOT / "manifests" / "crds" / "kubetron.io_megatronjobs.yaml")
     cluster.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
+    cluster.install_crds([cluster.bin_dir / KUEUE_CRDS / "kueue.x-k8s.io_workloads.yaml"])
 
 
 @pytest.fixture
