@@ -19,16 +19,16 @@ The data position is the consumed samples in `kubetron.json` (`data.Batches`).
 
 Host memory. Megatron-Core's `fully_reshardable` optimizer format gathers the whole optimizer
 state (fp32 main weights and both Adam moments, 12 bytes a parameter) into CPU tensors on every
-data-parallel rank, at save and at load: 98 GB a rank for Qwen3-8B, twice that on a 2-GPU host,
-which is what killed the 8B data-parallel run while it wrote its final checkpoint. Here the same
-format (the same keys, shapes and tensor layout, so either loader reads it) is written without
-the gather: each parameter's state is written by the one data-parallel rank whose optimizer
-shard holds it, straight from the GPU, and the few parameters that straddle two shards are
-summed over the data-parallel group first; a load asks only for the parameters of this rank's
-shard and reads them in place. Synchronous saves go through torch DCP's FileSystemWriter, which
-copies one tensor at a time to the host; an asynchronous save (`checkpoint.asyncSave`) copies
-this rank's whole share to the host first (that is what lets training go on) and writes it from
-a forked process while the next steps run.
+data-parallel rank, at save and at load: 98 GB a rank for Qwen3-8B, twice that on a 2-GPU host
+(by these numbers what killed an 8B data-parallel run while it wrote its final checkpoint). Here
+the same format (the same keys, shapes and tensor layout, so either loader reads it) is written
+without the gather: each parameter's state is written by the one data-parallel rank whose
+optimizer shard holds it, straight from the GPU, and the few parameters that straddle two shards
+are summed over the data-parallel group first; a load asks only for the parameters of this
+rank's shard and reads them in place. Synchronous saves go through torch DCP's FileSystemWriter,
+which copies one tensor at a time to the host; an asynchronous save (`checkpoint.asyncSave`)
+copies this rank's whole share to the host first (that is what lets training go on) and writes
+it from a forked process while the next steps run.
 """
 
 from __future__ import annotations
