@@ -263,8 +263,9 @@ class Controller:
         """Apply every child that is missing, differs from what the spec renders (someone
         deleted or edited it), or belongs to an older generation; returns the PyTorchJob.
 
-        A queued job's PyTorchJob is created suspended and its `runPolicy.suspend` is Kueue's
-        from then on: re-applies carry the live value. A queued job the user suspends before
+        A queued job's PyTorchJob is created suspended and its `runPolicy.suspend` (and the
+        tolerations Kueue adds when it starts it) are Kueue's from then on: re-applies carry the
+        live values (kueue.keep_admission). A queued job the user suspends before
         its PyTorchJob exists gets none (it asks for no quota) until it is resumed."""
         new_generation = old_status.get("observedGeneration") != generation
         queued = bool(kueue.local_queue(job.spec.scheduling))
@@ -277,7 +278,7 @@ class Controller:
                 if live is None and job.spec.run_policy.suspend:
                     continue
                 if live is not None:
-                    obj["spec"]["runPolicy"]["suspend"] = kueue.suspended(live)
+                    kueue.keep_admission(obj, live)
             if new_generation or live is None or drifted(obj, live):
                 if live is not None and not new_generation:
                     log.info("%s %s/%s drifted from its spec: re-applying", obj["kind"],

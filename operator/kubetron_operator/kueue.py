@@ -165,6 +165,24 @@ def admitted_message(workload: Obj | None) -> str:
     return f"admitted by Kueue (ClusterQueue {cq})" if cq else "admitted by Kueue"
 
 
+def keep_admission(desired: Obj, live: Obj) -> None:
+    """Carry into a re-apply of a queued job's PyTorchJob what Kueue owns on the live one:
+    `runPolicy.suspend`, and the tolerations it added to the pod templates from its
+    ResourceFlavor when it started the job (a list the render sets whole, so an apply without
+    them would remove them and Kueue would drop the Workload of a job whose pod sets changed).
+    Its other additions (nodeSelector entries, annotations, scheduling gates) are map entries or
+    fields the render never sets, which a server-side apply leaves alone."""
+    desired["spec"]["runPolicy"]["suspend"] = suspended(live)
+    live_replicas = live.get("spec", {}).get("pytorchReplicaSpecs") or {}
+    for rtype, replica in desired["spec"]["pytorchReplicaSpecs"].items():
+        pod = replica["template"]["spec"]
+        live_pod = (live_replicas.get(rtype) or {}).get("template", {}).get("spec", {})
+        ours = pod.get("tolerations", [])
+        added = [t for t in live_pod.get("tolerations") or [] if t not in ours]
+        if added:
+            pod["tolerations"] = ours + added
+
+
 def suspended(pytorch_job: Obj | None) -> bool:
     """Whether the PyTorchJob is suspended (by Kueue, for a queued job)."""
     return bool((pytorch_job or {}).get("spec", {}).get("runPolicy", {}).get("suspend"))

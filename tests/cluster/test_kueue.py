@@ -117,7 +117,12 @@ def kueue(kubetron: Cluster) -> Iterator[Cluster]:
                 "apiVersion": KUEUE_API,
                 "kind": "ResourceFlavor",
                 "metadata": {"name": TAS_FLAVOR},
-                "spec": {"nodeLabels": {TAS_LABEL: "true"}, "topologyName": "kubetron-test"},
+                "spec": {
+                    "nodeLabels": {TAS_LABEL: "true"},
+                    "topologyName": "kubetron-test",
+                    # Kueue adds these to the pod templates when it starts a job
+                    "tolerations": [{**TAS_TAINT, "operator": "Equal"}],
+                },
             },
             cluster_queue(TAS_CLUSTER_QUEUE, TAS_FLAVOR, 48),
             cluster_queue(PREEMPT_CLUSTER_QUEUE, FLAVOR, 8, preempt=True),
@@ -311,8 +316,6 @@ def test_a_four_node_job_lands_inside_one_block(
     job = queued_job(
         "placed", nodes=4, complete_after="15s",
         scheduling={"queue": TAS_QUEUE, "topology": {"jobLevel": BLOCK}},
-        resources={"tolerations": [{**FAKE_NODE_TAINT, "operator": "Equal"},
-                                   {**TAS_TAINT, "operator": "Equal"}]},
     )  # fmt: skip
     _apply(kueue, namespace, job)
     wait_phase(kueue, namespace, "placed", "Running", timeout=90)
@@ -325,6 +328,26 @@ def test_a_four_node_job_lands_inside_one_block(
     assert wl is not None
     assignments = wl["status"]["admission"]["podSetAssignments"]
     assert all(a.get("topologyAssignment") for a in assignments), assignments
+    # Kueue added its flavor's toleration to the running PyTorchJob's templates: no drift; an
+    # edit elsewhere is repaired without undoing Kueue's additions or stopping the job
+    image = "/spec/pytorchReplicaSpecs/Worker/template/spec/containers/0/image"
+    edit = json.dumps([{"op": "replace", "path": image, "value": "someone/else:1"}])
+    kueue.kubectl("patch", "pytorchjob", "placed", "-n", namespace, "--type", "json", "-p", edit)
+    pj = kueue.wait_for(
+        lambda: (
+            (p := kueue.get("pytorchjob", "placed", namespace))
+            and p["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0][
+                "image"
+            ]
+            != "someone/else:1"
+            and p
+        ),
+        timeout=30,
+        what="the operator to repair the edited PyTorchJob",
+    )
+    template = pj["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    assert {**TAS_TAINT, "operator": "Equal"} in template["tolerations"], template
+    assert pj["spec"]["runPolicy"]["suspend"] is False
 
     # tensor 8 x pipeline 2 over 2 pods: one model-parallel group, required inside one rack;
     # with b1 taken no rack has two free nodes (r0 and r1 have one each): it waits
@@ -332,8 +355,6 @@ def test_a_four_node_job_lands_inside_one_block(
         "pair", nodes=2, complete_after="600s",
         parallelism={"tensor": 8, "pipeline": 2},
         scheduling={"queue": TAS_QUEUE, "topology": {"modelParallelLevel": RACK}},
-        resources={"tolerations": [{**FAKE_NODE_TAINT, "operator": "Equal"},
-                                   {**TAS_TAINT, "operator": "Equal"}]},
     )  # fmt: skip
     _apply(kueue, namespace, pair)
     wait_queued(kueue, namespace, "pair", "Pending", 'topology "kubetron-test"')

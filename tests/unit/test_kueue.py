@@ -226,6 +226,29 @@ def test_a_queued_job_waits_with_kueues_reason_and_kueue_owns_suspend(queued: Fa
     assert (cond["status"], cond["message"]) == ("False", "admitted by Kueue (ClusterQueue gpus)")
 
 
+def test_what_kueue_adds_when_it_starts_the_job_is_no_drift_and_survives_a_repair(
+    queued: FakeKube,
+) -> None:
+    c = Controller(queued, OperatorMetrics())  # type: ignore[arg-type]
+    c.reconcile("ml", "job")
+    # Kueue admits: un-suspends and adds its ResourceFlavor's toleration and node labels
+    flavor = {"key": "gpu-pool", "operator": "Exists", "effect": "NoSchedule"}
+    _pj(queued)["spec"]["runPolicy"]["suspend"] = False
+    pod = _pj(queued)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    pod["tolerations"] = [*pod.get("tolerations", []), flavor]
+    pod["nodeSelector"] = {**pod.get("nodeSelector", {}), "pool": "h100"}
+    queued.applied.clear()
+    c.reconcile("ml", "job")
+    assert queued.applied == []  # no drift
+    pod["containers"][0]["image"] = "someone/else:1"  # an edit: repaired
+    c.reconcile("ml", "job")
+    assert queued.applied == ["PyTorchJob"]
+    repaired = _pj(queued)
+    pod = repaired["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert pod["containers"][0]["image"] != "someone/else:1"
+    assert flavor in pod["tolerations"] and repaired["spec"]["runPolicy"]["suspend"] is False
+
+
 def test_kueue_evicting_a_running_job_is_no_failure(queued: FakeKube) -> None:
     from tests.unit.test_controller import trainer_pod
 
