@@ -167,6 +167,12 @@ class Controller:
             now=now,
             held=held,
         )
+        if queue and held is None and verdict.action in ("restart", "fail"):
+            # Kueue may have evicted the job between the two reads: its suspend stops the pods
+            fresh = self.kube.get("PyTorchJob", namespace, name)
+            if kueue.suspended(fresh) and not rp.suspend:
+                pytorch_job, workload = fresh, self._sync_workload(job, fresh)
+                verdict = Verdict("queue", *kueue.waiting(workload, queue, name))
         observed = Observed(generation, old_status, pytorch_job, pods, live, bool(queue), workload)
         if verdict.action == "restart":
             return self._restart(body, job, observed, job_plan, verdict, attempt, now)

@@ -328,26 +328,29 @@ def test_a_four_node_job_lands_inside_one_block(
     assert wl is not None
     assignments = wl["status"]["admission"]["podSetAssignments"]
     assert all(a.get("topologyAssignment") for a in assignments), assignments
-    # Kueue added its flavor's toleration to the running PyTorchJob's templates: no drift; an
-    # edit elsewhere is repaired without undoing Kueue's additions or stopping the job
-    image = "/spec/pytorchReplicaSpecs/Worker/template/spec/containers/0/image"
-    edit = json.dumps([{"op": "replace", "path": image, "value": "someone/else:1"}])
-    kueue.kubectl("patch", "pytorchjob", "placed", "-n", namespace, "--type", "json", "-p", edit)
+    # Kueue added its flavor's toleration to the running PyTorchJob's templates: no drift; a
+    # repair (a label someone removed) re-applies it without undoing Kueue's additions, so Kueue
+    # keeps the Workload and the job runs on
+    toleration = {**TAS_TAINT, "operator": "Equal"}
+    before = kueue.get("pytorchjob", "placed", namespace)
+    assert before is not None
+    worker = before["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    assert toleration in worker["tolerations"], worker
+    kueue.kubectl("label", "pytorchjob", "placed", "-n", namespace, "app.kubernetes.io/part-of-")
     pj = kueue.wait_for(
         lambda: (
             (p := kueue.get("pytorchjob", "placed", namespace))
-            and p["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0][
-                "image"
-            ]
-            != "someone/else:1"
+            and "app.kubernetes.io/part-of" in p["metadata"]["labels"]
             and p
         ),
         timeout=30,
-        what="the operator to repair the edited PyTorchJob",
+        what="the operator to repair the PyTorchJob's labels",
     )
-    template = pj["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
-    assert {**TAS_TAINT, "operator": "Equal"} in template["tolerations"], template
-    assert pj["spec"]["runPolicy"]["suspend"] is False
+    worker = pj["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    assert toleration in worker["tolerations"] and pj["spec"]["runPolicy"]["suspend"] is False
+    time.sleep(2)
+    assert workload(kueue, namespace, "placed") is not None
+    assert (kueue.get("megatronjob", "placed", namespace) or {})["status"]["phase"] == "Running"
 
     # tensor 8 x pipeline 2 over 2 pods: one model-parallel group, required inside one rack;
     # with b1 taken no rack has two free nodes (r0 and r1 have one each): it waits

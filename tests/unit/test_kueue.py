@@ -270,6 +270,30 @@ def test_kueue_evicting_a_running_job_is_no_failure(queued: FakeKube) -> None:
     assert _queued_condition(queued)["reason"] == "Preempted"
 
 
+def test_an_eviction_between_the_reads_is_no_failure(queued: FakeKube) -> None:
+    """The PyTorchJob read before Kueue's suspend, the pods after it (gone): the operator reads
+    the PyTorchJob again before it restarts or fails anything."""
+    from tests.unit.test_controller import trainer_pod
+
+    c = Controller(queued, OperatorMetrics())  # type: ignore[arg-type]
+    c.reconcile("ml", "job")
+    _pj(queued)["spec"]["runPolicy"]["suspend"] = False
+    trainer_pod(queued, "master-0", 1)
+    c.reconcile("ml", "job")
+    assert _status(queued)["phase"] == "Running"
+    stale = queued.get("PyTorchJob", "ml", "job")
+    _pj(queued)["spec"]["runPolicy"]["suspend"] = True  # Kueue evicts
+    del queued.objects[("Pod", "ml", "job-master-0")]  # the training-operator stops the pods
+    reads = iter([stale])
+    get = queued.get
+    queued.get = lambda kind, ns, name: (  # type: ignore[method-assign]
+        next(reads, None) or get(kind, ns, name) if kind == "PyTorchJob" else get(kind, ns, name)
+    )
+    assert c.reconcile("ml", "job") == "success"
+    st = _status(queued)
+    assert (st["phase"], st["restarts"]) == ("Queued", 0), st
+
+
 def test_a_users_suspend_deactivates_the_workload_and_resume_reactivates_it(
     queued: FakeKube,
 ) -> None:
