@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetron_api.dims import ParallelDims
-from kubetron_api.v1alpha1 import SchedulingSpec, TopologyPolicy
+from kubetron_api.v1alpha1 import Phase, SchedulingSpec, TopologyPolicy
 
 Obj = dict[str, Any]
 
@@ -49,7 +49,7 @@ MASTER, WORKER = "Master", "Worker"
 # With this schedulerName, spec.scheduling.queue names a Volcano queue (the training-operator's
 # PodGroup), not a Kueue LocalQueue.
 VOLCANO = "volcano"
-QUEUED = "Queued"  # the MegatronJob condition while Kueue holds the job
+QUEUED = Phase.QUEUED.value  # also the type of the condition while Kueue holds the job
 TOPOLOGY_FIELD = "spec.scheduling.topology"
 
 
