@@ -15,6 +15,7 @@ from typing import Any
 
 from kubetron_api.config import ModelArch
 from kubetron_api.exitcodes import ConfigError
+from kubetron_api.files import unreadable
 
 WEIGHTS_FIELD = "spec.model.weights"
 ARCHITECTURES = {
@@ -197,6 +198,8 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(WEIGHTS_FIELD, f"{path} does not exist") from None
+    except PermissionError:
+        raise ConfigError(WEIGHTS_FIELD, unreadable(path) or f"{path}: permission denied") from None
     except json.JSONDecodeError as err:
         raise ConfigError(WEIGHTS_FIELD, f"{path} is not valid JSON: {err}") from None
     if not isinstance(raw, dict):
@@ -207,6 +210,9 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
             f"{directory} holds no *.safetensors files (only safetensors checkpoints are read; "
             "convert .bin weights with transformers' save_pretrained)",
         )
+    blocked = [unreadable(p) for p in sorted(directory.glob("*.safetensors*"))]
+    if problems := [p for p in blocked if p is not None]:
+        raise ConfigError(WEIGHTS_FIELD, "; ".join(problems))
     return raw
 
 

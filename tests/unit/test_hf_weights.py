@@ -9,6 +9,9 @@ tests/distributed/test_hf_cpu.py.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -221,3 +224,35 @@ def test_llama31_rope_scaling_is_megatrons_and_matches_its_config() -> None:
     ]
     other = cfg | {"rope_scaling": cfg["rope_scaling"] | {"factor": 32.0}}
     assert "'factor': 32.0" in mismatches(arch, other)[0]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a check as another user")
+def test_weights_the_trainer_user_cannot_read_are_refused_before_joining() -> None:
+    """safetensors writes 0600 files: saved by root, the image's user 10001 cannot read them.
+    The check says so (uid, mode, owner, the fix) instead of a missing-file error later."""
+    directory = Path(tempfile.mkdtemp(prefix="kubetron-perm-"))
+    try:
+        directory.chmod(0o755)
+        save_hf_model("qwen3", 512, directory / "hf")
+        assert (directory / "hf" / "model.safetensors").stat().st_mode & 0o777 == 0o600
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child drops to the image's user, runs the check, reports, exits
+            os.setgid(10001)
+            os.setuid(10001)
+            try:
+                check_weights(PRESETS["qwen3-0.6b"], "qwen3-0.6b", directory / "hf")
+                out = "no error"
+            except Exception as err:
+                out = f"{type(err).__name__} {err}"
+            os.write(write, out.encode())
+            os._exit(0)
+        os.close(write)
+        os.waitpid(pid, 0)
+        with os.fdopen(read) as pipe:
+            out = pipe.read()
+        assert "ConfigError config field spec.model.weights:" in out, out
+        assert "model.safetensors cannot be read by this process (uid 10001, gid 10001)" in out
+        assert "mode -rw-------, owner uid 0" in out and "chmod -R a+rX" in out, out
+    finally:
+        shutil.rmtree(directory)

@@ -31,6 +31,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from kubetron_api.config import TrainerConfig
 from kubetron_api.exitcodes import ConfigError
+from kubetron_api.files import unreadable
 from kubetron_trainer.chat import LOSS_MASK
 from kubetron_trainer.models.build import padded_vocab_size
 from kubetron_trainer.packing import ChatDataset, block_causal_mask
@@ -120,15 +121,18 @@ def check_indexed_data(cfg: TrainerConfig) -> Tokenizer:
         suffixes += [LOSS_MASK + ".bin", LOSS_MASK + ".idx"]
     for i, path in enumerate(data.paths):
         for suffix in suffixes:
-            if not Path(path.prefix + suffix).is_file():
+            file = Path(path.prefix + suffix)
+            if not file.is_file():
                 how = "prepare it with kubetron-prepare-data" + (
                     " --chat" if data.type == "chat" else ""
                 )
                 raise ConfigError(
                     f"data.paths[{i}].prefix",
-                    f"{path.prefix}{suffix} does not exist; give the prefix of a dataset "
+                    f"{file} does not exist; give the prefix of a dataset "
                     f"(PREFIX{', PREFIX'.join(suffixes)}), {how}",
                 )
+            if problem := unreadable(file):
+                raise ConfigError(f"data.paths[{i}].prefix", problem)
     padded = padded_vocab_size(cfg.model.vocab_size, cfg.parallelism.tensor)
     return check_for_model(data.tokenizer, cfg.model.vocab_size, padded)
 

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from kubetron_api.config import TokenizerSpec
 from kubetron_api.exitcodes import ConfigError
+from kubetron_api.files import unreadable
 
 BYTE = "byte"
 TOKENIZER_FILE = "tokenizer.json"
@@ -118,6 +119,8 @@ class HuggingFaceTokenizer:
                 f"{directory} has no {TOKENIZER_FILE}; save the tokenizer there with "
                 "save_pretrained (a fast tokenizer) or Tokenizer.save"
             )
+        if problem := unreadable(path):
+            raise TokenizerError(problem)
         try:
             self._tok = HfTokenizer.from_file(str(path))
         except Exception as err:  # the Rust side raises a plain Exception
