@@ -378,3 +378,24 @@ def test_an_older_attempt_of_the_same_job_is_fenced_out(tmp_path: Path) -> None:
     check_fence(root, None)
     claim(root, Attempt("u2", 1))  # another job (re-created with the same volume) owns it now
     assert read_fence(root) == Attempt("u2", 1)
+
+
+def test_checkpoints_from_python_313_load_in_older_pythons(tmp_path: Path) -> None:
+    """Torch DCP pickles the checkpoint directory into .metadata; Python 3.13 writes a Path as
+    `pathlib._local.PosixPath`. The trainer package makes that loadable (found when a checkpoint
+    written in the 3.13 trainer image was exported on 3.12), and its writer records a string."""
+    import pickle
+
+    import kubetron_trainer  # noqa: F401  (the alias)
+    from kubetron_trainer.checkpoint import PortableWriter
+
+    as_313 = pickle.dumps(Path("/ckpt/iter_0000010"), protocol=0).replace(
+        b"cpathlib\n", b"cpathlib._local\n"
+    )
+    assert b"pathlib._local" in as_313
+    assert pickle.loads(as_313) == Path("/ckpt/iter_0000010")
+    if sys.version_info < (3, 13):
+        assert sys.modules["pathlib._local"] is sys.modules["pathlib"]
+    meta = PortableWriter(str(tmp_path)).storage_meta()
+    assert meta is not None and meta.checkpoint_id == str(tmp_path)
+    assert type(meta.checkpoint_id) is str

@@ -171,6 +171,15 @@ def saved_optimizer_sharding(source: Path) -> str:
     return OPTIMIZER_SHARDING
 
 
+class PortableWriter(FileSystemWriter):
+    """DCP's FileSystemWriter recording the checkpoint directory as a string: a pickled Path
+    from Python 3.13 (`pathlib._local`) does not unpickle in older Pythons (package __init__)."""
+
+    @property
+    def checkpoint_id(self) -> str:
+        return str(super().checkpoint_id)
+
+
 class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
     """Megatron's torch_dist format, written by torch DCP's plain synchronous FileSystemWriter.
 
@@ -193,7 +202,7 @@ class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
         )
         torch.distributed.checkpoint.save(
             mcore_to_pyt_state_dict(flat, False),
-            storage_writer=FileSystemWriter(checkpoint_dir, thread_count=self.writer_threads),
+            storage_writer=PortableWriter(checkpoint_dir, thread_count=self.writer_threads),
             planner=MCoreSavePlanner(
                 dedup_replicated_tensors=not self.keep_only_main_replica,
                 flatten_state_dict=False,
