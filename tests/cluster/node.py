@@ -538,7 +538,20 @@ oom_score = 0
             self.ctr("images", "import", archive)
             self.ctr("images", "label", name, f"io.kubetron.inputs={digest}")
             imported.append(name)
+        self.prune_images({str(image["name"]) for image in images_manifest(self.cluster.cache)})
         return imported
+
+    def prune_images(self, current: set[str]) -> list[str]:
+        """Remove every image record whose target is not a current image's: earlier builds, by
+        tag and by the digest references the CRI adds. containerd then collects their content
+        and unpacked snapshots (gigabytes per trainer build, in the persistent containerd root).
+        Everything on this node comes from `make images`, so nothing else is touched."""
+        records = [line.split() for line in self.ctr("images", "ls").stdout.splitlines()[1:]]
+        targets = {r[2] for r in records if len(r) > 2 and r[0] in current}
+        stale = [r[0] for r in records if len(r) > 2 and r[2] not in targets]
+        if stale:
+            self.ctr("images", "rm", "--sync", *stale)
+        return stale
 
     # ------------------------------------------------------------------ kubelet
 
