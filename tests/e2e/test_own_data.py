@@ -55,6 +55,8 @@ def volumes(cluster: Cluster) -> Iterator[tuple[Path, Path]]:
     ckpt = deploy.checkpoint_claim(cluster, NAMESPACE, CKPT_CLAIM)
     build_chat_bpe(data / "tokenizer")
     save_hf_model("qwen3", 512, data / "models" / "tiny")
+    for file in (data / "models" / "tiny").iterdir():  # safetensors writes 0600: the
+        file.chmod(0o644)  # image's user must read them (the trainer's check says so)
     (data / "raw").mkdir()
     lines = [json.dumps({"messages": c}) for c in conversations(200, seed=8)]
     (data / "raw" / "chat.jsonl").write_text("\n".join(lines) + "\n")
