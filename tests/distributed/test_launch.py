@@ -32,7 +32,10 @@ def _launch(cfg: dict[str, object], tmp_path: Path, nproc: int) -> subprocess.Po
         "-m", "kubetron_trainer", "--config", str(path), "--device", "cpu",
     ]  # fmt: skip
     log = (tmp_path / "launch.log").open("w")
-    return subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}  # as in a pod
+    return subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def test_bad_config_gives_the_workers_permanent_code(tmp_path: Path) -> None:
