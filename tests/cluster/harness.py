@@ -448,6 +448,41 @@ class Ports:
     node: realnode.NodePorts = field(default_factory=realnode.NodePorts.pick)
 
 
+def kwok_gpu_node(
+    name: str,
+    gpus: int,
+    gpu_product: str,
+    labels: dict[str, str] | None = None,
+    taints: list[dict[str, str]] | None = None,
+) -> dict[str, Any]:
+    """A kwok fake GPU node (kwok's stages make its pods run), with `labels` and `taints` added
+    to the defaults (hostname, the fake-GPU label and taint, the GPU product and count)."""
+    resources = {
+        "cpu": "128", "memory": "2Ti", "pods": "110", "ephemeral-storage": "10Ti",
+        GPU_RESOURCE: str(gpus),
+    }  # fmt: skip
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+            "labels": {
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+                "type": "kwok",
+                FAKE_GPU_LABEL: "true",
+                "nvidia.com/gpu.product": gpu_product,
+                "nvidia.com/gpu.count": str(gpus),
+                **(labels or {}),
+            },
+        },
+        "spec": {"taints": [FAKE_NODE_TAINT, *(taints or [])]},
+        "status": {"allocatable": resources, "capacity": resources},
+    }
+
+
 class Cluster:
     """A running control plane. Create with `Cluster.start()`; stop with `.stop()`.
 
@@ -762,36 +797,8 @@ class Cluster:
         return [f"kwok-gpu-{i}" for i in range(self.config.nodes)]
 
     def _node_manifests(self) -> list[dict[str, Any]]:
-        resources = {
-            "cpu": "128",
-            "memory": "2Ti",
-            "pods": "110",
-            "ephemeral-storage": "10Ti",
-            GPU_RESOURCE: str(self.config.gpus_per_node),
-        }
         return [
-            {
-                "apiVersion": "v1",
-                "kind": "Node",
-                "metadata": {
-                    "name": name,
-                    "annotations": {
-                        "kwok.x-k8s.io/node": "fake",
-                        "node.alpha.kubernetes.io/ttl": "0",
-                    },
-                    "labels": {
-                        "kubernetes.io/hostname": name,
-                        "kubernetes.io/os": "linux",
-                        "kubernetes.io/arch": "amd64",
-                        "type": "kwok",
-                        FAKE_GPU_LABEL: "true",
-                        "nvidia.com/gpu.product": self.config.gpu_product,
-                        "nvidia.com/gpu.count": str(self.config.gpus_per_node),
-                    },
-                },
-                "spec": {"taints": [FAKE_NODE_TAINT]},
-                "status": {"allocatable": resources, "capacity": resources},
-            }
+            kwok_gpu_node(name, self.config.gpus_per_node, self.config.gpu_product)
             for name in self.node_names()
         ]
 

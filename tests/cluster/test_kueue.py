@@ -18,13 +18,7 @@ from typing import Any
 import pytest
 
 from kubetron_operator.kueue import JOB_UID_LABEL
-from tests.cluster.harness import (
-    FAKE_GPU_LABEL,
-    FAKE_NODE_TAINT,
-    GPU_PRODUCT,
-    Cluster,
-    ClusterError,
-)
+from tests.cluster.harness import GPU_PRODUCT, Cluster, ClusterError, kwok_gpu_node
 from tests.cluster.kubetron_fixtures import fake_gpu_job, wait_phase
 
 pytestmark = pytest.mark.cluster
@@ -69,28 +63,14 @@ def cluster_queue(name: str, flavor: str, gpus: int, preempt: bool = False) -> d
 
 
 def tas_nodes() -> list[dict[str, Any]]:
-    capacity = {"cpu": "128", "memory": "2Ti", "pods": "110", "nvidia.com/gpu": "8"}
     return [
-        {
-            "apiVersion": "v1",
-            "kind": "Node",
-            "metadata": {
-                "name": name,
-                "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
-                "labels": {
-                    HOST: name,
-                    "kubernetes.io/os": "linux",
-                    "type": "kwok",
-                    FAKE_GPU_LABEL: "true",
-                    "nvidia.com/gpu.product": GPU_PRODUCT,
-                    TAS_LABEL: "true",
-                    BLOCK: block,
-                    RACK: rack,
-                },
-            },
-            "spec": {"taints": [FAKE_NODE_TAINT, TAS_TAINT]},
-            "status": {"allocatable": capacity, "capacity": capacity},
-        }
+        kwok_gpu_node(
+            name,
+            8,
+            GPU_PRODUCT,
+            labels={TAS_LABEL: "true", BLOCK: block, RACK: rack},
+            taints=[TAS_TAINT],
+        )
         for name, (block, rack) in TAS_NODES.items()
     ]
 

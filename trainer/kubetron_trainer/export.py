@@ -34,6 +34,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD = 5 * UNITS["GB"]  # save_pretrained's default
 
 
 def parse_size(text: str) -> int:
@@ -96,7 +97,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--max-shard-size",
         type=parse_size,
-        default=parse_size("5GB"),
+        default=DEFAULT_MAX_SHARD,
         help="largest safetensors file, e.g. 5GB (the default) or 500MB; larger weights are "
         "split into shards with model.safetensors.index.json",
     )
@@ -189,7 +190,7 @@ def export(
     output: Path,
     step: int | None = None,
     dtype: str | None = None,
-    max_shard_bytes: int = UNITS["GB"] * 5,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD,
 ) -> Path:
     """Write `output/config.json` and the weights (one safetensors file or shards and their
     index); returns `output`."""
