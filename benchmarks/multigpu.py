@@ -27,6 +27,9 @@ One command runs every piece that fits the GPUs of this host and prints one JSON
   async_ckpt  the trainer with checkpoint.asyncSave, resumed, against an uninterrupted run
   train8b     Qwen3-8B and Llama3-8B at seq 4096, DP2, TP2+SP and PP2, fast path, decentralized
               and global groups (KUBETRON_TRAIN8B narrows it: preset:shape:both|dec|glo[:seq])
+  profile8b   Qwen3-8B TP2+SP, PP2 and DP2 at seq 4096, two steps under torch.profiler on each
+              rank: GPU time by kernel family, top kernels, compute / exposed communication /
+              idle (KUBETRON_PROFILE8B narrows it: preset:shape[:seq],...)
 
 Then it runs tests/gpu/test_multigpu.py and tests/gpu/test_reshard_gpu.py in this process with
 pytest: the tests reuse the runs above (cached per process) instead of training again, and their
@@ -183,13 +186,13 @@ def trainer_config(
     return cfg.model_dump(mode="json", by_alias=True)
 
 
-def launch_trainer(cfg: dict[str, Any], workdir: Path, groups: str) -> Any:
+def launch_trainer(cfg: dict[str, Any], workdir: Path, groups: str, *extra: str) -> Any:
     """Start the trainer's processes (one per GPU, LOCAL_RANK = rank); returns the Launch."""
     from tests.distributed.train_harness import launch
 
     if workdir.exists():
         shutil.rmtree(workdir)
-    return launch(cfg, workdir, "--device", DEVICE, "--attention", "sdpa", groups=groups)
+    return launch(cfg, workdir, "--device", DEVICE, "--attention", "sdpa", *extra, groups=groups)
 
 
 def finish(started: Any, what: str, timeout: float = 150) -> dict[str, Any]:
@@ -1430,6 +1433,80 @@ def train8b_runs() -> dict[str, Any]:
     return results
 
 
+# ------------------------------------------- profiles of the 8B shapes (issue 17, the gap)
+
+# Each shape's train8b config (fast path, micro-batch 1, global batch 16), decentralized groups,
+# PROFILE8B_STEPS steps of which steps 4-5 run under torch.profiler on every rank
+# (`--profile-steps 3:2`); each rank's report: GPU time by kernel family, top kernels, the
+# timeline split into compute, exposed communication and idle. KUBETRON_PROFILE8B narrows it:
+# `preset:shape[:seq],...`.
+PROFILE8B_PLAN = [("qwen3-8b", "tp2_sp"), ("qwen3-8b", "pp2"), ("qwen3-8b", "dp2")]
+PROFILE8B_STEPS, PROFILE8B_WINDOW = 6, "3:2"
+
+
+def profile8b_plan() -> list[tuple[str, str, int]]:
+    wanted = os.environ.get("KUBETRON_PROFILE8B")
+    if not wanted:
+        return [(preset, shape, TRAIN8B_SEQ) for preset, shape in PROFILE8B_PLAN]
+    plan = []
+    for item in wanted.split(","):
+        preset, shape, *rest = item.split(":")
+        if preset not in PRESETS or shape not in TRAIN8B_SHAPES:
+            raise ValueError(f"KUBETRON_PROFILE8B: unknown preset or shape in {item!r}")
+        plan.append((preset, shape, int(rest[0]) if rest else TRAIN8B_SEQ))
+    return plan
+
+
+def pipeline_bubble(pp: int, micro_batches: int) -> float:
+    """1F1B's idle share of a step without virtual stages: (pp - 1) / (m + pp - 1)."""
+    return (pp - 1) / (micro_batches + pp - 1)
+
+
+def profile8b_case(preset: str, shape: str, seq: int) -> dict[str, Any]:
+    cfg = trainer_config(
+        f"prof-{preset}-{shape}", PRESETS[preset], preset, TRAIN8B_SHAPES[shape],
+        steps=PROFILE8B_STEPS, seq=seq, micro_batch=TRAIN8B_MICRO, global_batch=TRAIN8B_GBS,
+        fast_path="on",
+    )  # fmt: skip
+    workdir = WORKDIR / "profile8b" / f"{preset}-{shape}-{seq}"
+    out = workdir / "profiles"
+    extra = ("--profile-steps", PROFILE8B_WINDOW, "--profile-out", str(out))
+    t0 = time.monotonic()
+    started = launch_trainer(cfg, workdir / "run", "decentralized", *extra)
+    run = summarize(finish(started, f"profile {preset} {shape}", timeout=300), warmup=2)
+    ranks = [json.loads(p.read_text()) for p in sorted(out.glob("profile_rank*.json"))]
+    case: dict[str, Any] = {
+        "preset": preset, "shape": shape, "parallelism": TRAIN8B_SHAPES[shape],
+        "seq_length": seq, "micro_batch": TRAIN8B_MICRO, "global_batch": TRAIN8B_GBS,
+        "profiled_steps": ranks[0]["steps"] if ranks else None, "wall_s": time.monotonic() - t0,
+        "unprofiled_step_s": [s for i, s in enumerate(run["step_s"]) if i + 3 not in (4, 5)],
+        "losses": run["losses"], "peak_memory_gib_rank0": run["peak_memory_gib_rank0"],
+        "ranks": ranks,
+    }  # fmt: skip
+    if ranks and ranks[0].get("pp", 1) > 1:
+        case["pipeline_bubble_1f1b"] = pipeline_bubble(
+            ranks[0]["pp"], ranks[0]["micro_batches_per_step"]
+        )
+    return case
+
+
+def profile8b_runs() -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    until = float(os.environ.get("KUBETRON_TRAIN8B_UNTIL", "inf"))
+    for preset, shape, seq in profile8b_plan():
+        key = f"{preset}_{shape}_seq{seq}"
+        if time.time() + float(os.environ.get("KUBETRON_TRAIN8B_RUN_S", "100")) > until:
+            results.setdefault("not_run_for_time", []).append(key)
+            continue
+        try:
+            results[key] = profile8b_case(preset, shape, seq)
+        except Exception as err:  # one shape's failure must not hide the others
+            results[key] = {"error": f"{type(err).__name__}: {err}"[-3000:]}
+        brief = [r.get("timeline_share") for r in results[key].get("ranks", [])]
+        print(f"[multigpu] profile8b {key}: {json.dumps(brief)}", file=sys.stderr, flush=True)
+    return results
+
+
 # ------------------------------------------------------------------------- groups (torchrun)
 
 
@@ -1637,7 +1714,7 @@ def versions() -> dict[str, Any]:
 
 PIECES = [
     "groups", "tp2", "dp2", "pp2", "checkpoint", "pp2_vpp2", "ep2_moe", "sp_grads", "sp", "reshard",
-    "ckpt8b", "async_ckpt", "train8b",
+    "ckpt8b", "async_ckpt", "train8b", "profile8b",
 ]  # fmt: skip
 
 
@@ -1667,6 +1744,8 @@ def run_piece(piece: str) -> Any:
                 RESULTS[piece] = async_ckpt_runs()
             elif piece == "train8b":
                 RESULTS[piece] = train8b_runs()
+            elif piece == "profile8b":
+                RESULTS[piece] = profile8b_runs()
             else:
                 RESULTS[piece] = train_pair(piece)
         except Exception as err:

@@ -46,11 +46,13 @@ from tests.ports import free_port  # noqa: E402
 WARMUP = 2
 
 
-def config(args: argparse.Namespace, micro_batch: int, steps: int) -> dict[str, Any]:
+def config(
+    args: argparse.Namespace, micro_batch: int, steps: int, global_batch: int | None = None
+) -> dict[str, Any]:
     recipe = RecipeSpec.model_validate(
         {
             "trainIters": steps,
-            "globalBatchSize": args.global_batch,
+            "globalBatchSize": global_batch or args.global_batch,
             "microBatchSize": micro_batch,
             "seqLength": args.seq,
             "precision": "bf16",
@@ -72,15 +74,19 @@ def measure(
     fast: str,
     micro_batch: int,
     steps: int | None = None,
+    global_batch: int | None = None,
+    extra: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """One trainer run; a failed run (say, out of memory) is recorded, not raised."""
     workdir = Path(args.workdir) / f"{name}-{groups}"
-    cli = ["--attention", args.attention, "--fast-path", fast]
+    cli = ["--attention", args.attention, "--fast-path", fast, *extra]
     steps = steps or args.steps
     t0 = time.monotonic()
-    started = launch(config(args, micro_batch, steps), workdir, *cli, groups=groups)
+    cfg = config(args, micro_batch, steps, global_batch)
+    started = launch(cfg, workdir, *cli, groups=groups)
     entry: dict[str, Any] = {
         "path": name, "groups": groups, "fast_path": fast, "micro_batch": micro_batch,
+        "global_batch": global_batch or args.global_batch,
     }  # fmt: skip
     codes = started.wait(timeout=args.run_timeout)
     entry["wall_s"] = round(time.monotonic() - t0, 1)
@@ -254,7 +260,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--attention", default="auto", choices=["auto", "te", "sdpa", "unfused"])
     p.add_argument("--fast-path", default="on", help="the optimised run's --fast-path")
     p.add_argument("--fast-micro-batch", type=int, help="the optimised run's micro-batch")
-    p.add_argument("--variants", nargs="*", default=[], help="ablations: FAST[:MICRO_BATCH]")
+    p.add_argument(
+        "--variants", nargs="*", default=[], help="ablations: FAST[:MICRO_BATCH[:GLOBAL_BATCH]]"
+    )
+    p.add_argument(
+        "--profile-variants",
+        nargs="*",
+        default=[],
+        help="FAST[:MICRO_BATCH[:GLOBAL_BATCH]] runs with the trainer's --profile-steps 3:2: "
+        "GPU time by kernel family (kubetron_trainer.profiling)",
+    )
     p.add_argument("--variant-steps", type=int, default=8)
     p.add_argument("--profile", action="store_true", help="profile baseline and optimised")
     p.add_argument("--profile-steps", type=int, default=1)
@@ -317,11 +332,29 @@ def profile_and_variants(
         out["profiles"]["optimised"] = profile(args, "optimised", fast_spec, fast_mb)
         record(args, out, None, {"profiled": list(out["profiles"])})
     for spec in args.variants:
-        vfast, _, vmb = spec.partition(":")
-        name = f"variant-{vfast}-mb{vmb or mb}".replace(",", "+")
-        run = measure(args, name, "decentralized", vfast, int(vmb or mb), args.variant_steps)
+        vfast, vmb, vgbs = variant(spec, mb, args.global_batch)
+        name = f"variant-{vfast}-mb{vmb}-gbs{vgbs}".replace(",", "+")
+        run = measure(args, name, "decentralized", vfast, vmb, args.variant_steps, vgbs)
         record(args, out, "ablations", {k: v for k, v in run.items() if k != "step_s"})
+    for spec in args.profile_variants:
+        vfast, vmb, vgbs = variant(spec, mb, args.global_batch)
+        name = f"profile-{vfast}-mb{vmb}-gbs{vgbs}".replace(",", "+")
+        prof_dir = Path(args.workdir) / name / "profiles"
+        extra = ("--profile-steps", "3:2", "--profile-out", str(prof_dir))
+        run = measure(args, name, "decentralized", vfast, vmb, 6, vgbs, extra)
+        reports = [json.loads(p.read_text()) for p in sorted(prof_dir.glob("profile_rank*.json"))]
+        run["profile"] = reports[0] if reports else None
+        out["profiles"][name] = {k: v for k, v in run.items() if k not in ("step_s", "losses")}
+        record(args, out, None, {"profiled": name, "ok": run.get("ok")})
     print(json.dumps(out, indent=1))
+
+
+def variant(spec: str, micro_batch: int, global_batch: int) -> tuple[str, int, int]:
+    """FAST[:MICRO_BATCH[:GLOBAL_BATCH]] with the defaults filled in."""
+    fast, *rest = spec.split(":")
+    mb = int(rest[0]) if rest and rest[0] else micro_batch
+    gbs = int(rest[1]) if len(rest) > 1 and rest[1] else global_batch
+    return fast, mb, gbs
 
 
 def record(

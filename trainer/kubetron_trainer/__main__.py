@@ -36,6 +36,7 @@ from kubetron_api.rules import (
     transformer_engine_uses,
 )
 from kubetron_trainer.failures import classify
+from kubetron_trainer.profiling import parse_window
 from kubetron_trainer.topology import Topology
 
 if TYPE_CHECKING:
@@ -88,6 +89,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "adam (fused AdamW); needs liger-kernel for ce and norm",
     )
     p.add_argument("--summary", type=Path, help="rank 0 writes per-step numbers here (JSON)")
+    p.add_argument(
+        "--profile-steps",
+        type=parse_window,
+        metavar="START:COUNT",
+        help="after START steps, profile COUNT steps with torch.profiler; each rank writes "
+        "GPU time by kernel family to --profile-out/profile_rank<R>.json",
+    )
+    p.add_argument("--profile-out", type=Path, help="directory for --profile-steps")
     p.add_argument(
         "--metrics-linger",
         type=float,
@@ -214,8 +223,9 @@ def run(
         if topology.local_rank == 0:
             metrics.serve(cfg.metrics.port)
     options = loop.RunOptions(
-        args.groups, attention, args.summary, args.metrics_linger, fast_path, attempt
-    )
+        args.groups, attention, args.summary, args.metrics_linger, fast_path, attempt,
+        args.profile_steps, args.profile_out or (args.summary.parent if args.summary else None),
+    )  # fmt: skip
     state = loop.setup(cfg, dims, topology, device, backend, options, metrics)
     log.info(
         "kubetron trainer: %s, %s, %s groups, attention: %s",

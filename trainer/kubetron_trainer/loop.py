@@ -34,6 +34,7 @@ from kubetron_trainer.metrics import StepStats, TrainerMetrics
 from kubetron_trainer.models import build_model
 from kubetron_trainer.models.build import AttentionBackend
 from kubetron_trainer.parallel import GroupOptions, build_process_groups
+from kubetron_trainer.profiling import StepProfiler
 from kubetron_trainer.seeding import setup_megatron_globals
 from kubetron_trainer.topology import Topology
 from kubetron_trainer.train_common import (
@@ -57,6 +58,8 @@ class RunOptions:
     metrics_linger_s: float = 0.0
     fast_path: FastPath = field(default_factory=FastPath)
     attempt: Attempt | None = None  # the operator's attempt (fences checkpoint writes)
+    profile: tuple[int, int] | None = None  # (steps before, steps profiled): --profile-steps
+    profile_out: Path | None = None  # where each rank writes profile_rank<R>.json
 
 
 class Engine(Protocol):
@@ -276,24 +279,53 @@ def train(run: Run) -> Summary:
     if resumed is not None:
         summary.rng, summary.first_sample = resumed.rng, first_sample
     stop = StopFlag(run.device)
+    profiler = None
+    if run.options.profile is not None and run.options.profile_out is not None:
+        window = (start + run.options.profile[0], run.options.profile[1])
+        profiler = StepProfiler(window, run.options.profile_out, run.topology.rank, run.device)
     began = time.perf_counter()
     log.info("training steps %d..%d", start + 1, cfg.recipe.train_iters)
     done = cfg.recipe.train_iters
     for step in range(start, done):
         if stop.agreed():  # a pending background save completes first, this one synchronously
-            save(run, step, batches.consumed(step), blocking=True)
+            interval = cfg.checkpoint.save_interval
+            resave = sigterm_needs_save(step, start, resumed is not None, interval)
+            pending = run.checkpointer.pending if run.checkpointer is not None else None
+            if pending is not None and run.topology.rank == 0:
+                log.warning(
+                    "SIGTERM: completing the background save of step %d%s", pending.step,
+                    f", then saving step {step}" if resave else "",
+                )  # fmt: skip
+            if resave:
+                save(run, step, batches.consumed(step), blocking=True)
+            elif run.checkpointer is not None:
+                run.checkpointer.finalize(blocking=True)
             summary.stopped_by = "SIGTERM"
             finish(run, summary, began)
             raise Terminated(f"SIGTERM: saved step {step} and stopped")
         if run.checkpointer is not None:
             run.checkpointer.finalize()  # a background save that has finished (collective)
+        if profiler is not None:
+            profiler.before(step)
         one_step(run, batches.step(step), step + 1, summary)
+        if profiler is not None:
+            profiler.after(step, profile_context(run, summary))
         if run.checkpointer and (step + 1) % cfg.checkpoint.save_interval == 0:
             save(run, step + 1, batches.consumed(step + 1), blocking=step + 1 == done)
     if run.checkpointer and done % cfg.checkpoint.save_interval and start < done:
         save(run, done, batches.consumed(done), blocking=True)
     finish(run, summary, began)
     return summary
+
+
+def sigterm_needs_save(step: int, start: int, resumed: bool, interval: int) -> bool:
+    """Whether a SIGTERM at the boundary after `step` must save it: not when this run already
+    saved that step on schedule (in the background perhaps: it is completed instead) or
+    resumed from it. Saving it again would first delete the complete directory `latest`
+    points at, and a SIGKILL at the end of the grace period would leave no checkpoint."""
+    if step == start:
+        return not resumed
+    return step % interval != 0
 
 
 def one_step(run: Run, micro: list[Batch | None], step: int, summary: Summary) -> None:
@@ -313,6 +345,20 @@ def one_step(run: Run, micro: list[Batch | None], step: int, summary: Summary) -
             )
     if run.topology.rank == 0 and (step % run.cfg.recipe.log_interval == 0 or step == 1):
         log.info(run.progress.line(stats))
+
+
+def profile_context(run: Run, summary: Summary) -> dict[str, Any]:
+    """What a profile needs beside its kernels: the shape and the profiled steps' host times."""
+    cfg = run.cfg
+    micro = cfg.recipe.global_batch_size // (cfg.recipe.micro_batch_size * run.pg.dp.size())
+    return {
+        "pp_rank": run.pg.pp.rank(), "pp": run.pg.pp.size(), "tp": run.pg.tp.size(),
+        "dp": run.pg.dp.size(), "micro_batches_per_step": micro,
+        "seq_length": cfg.recipe.seq_length, "micro_batch": cfg.recipe.micro_batch_size,
+        "attention": run.attention, "groups": run.options.groups,
+        "step_s": [round(s.duration_s, 4) for s in summary.steps[-run.options.profile[1]:]]
+        if run.options.profile else [],
+    }  # fmt: skip
 
 
 def save(run: Run, step: int, consumed_samples: int, blocking: bool = False) -> None:
