@@ -68,6 +68,13 @@ class ParallelGroupsError(ValueError):
     """Groups that cannot be built or seeded on this topology; the message names the fix."""
 
 
+# The operator gives each pod its replica index and the node rank of every index
+# (`ParallelDims.pod_order`, comma-separated); kubetron_trainer.launch sets torchrun's
+# PET_NODE_RANK from the two.
+REPLICA_INDEX_ENV = "KUBETRON_REPLICA_INDEX"
+NODE_RANKS_ENV = "KUBETRON_NODE_RANKS"
+
+
 @dataclass(frozen=True)
 class ParallelDims:
     """Degrees of one model's parallel grid over `world_size` ranks.
@@ -165,6 +172,34 @@ class ParallelDims:
             for c in range(self.cp)
             for t in range(self.tp)
         )
+
+    def pod_groups(self, procs_per_node: int) -> list[list[int]]:
+        """The node ranks (pods) that hold model-parallel groups together: the pods of each
+        data-parallel replica's group, merged where two groups share a pod, each set ascending
+        and the sets ordered by their first node rank (so node rank 0 comes first)."""
+        owner = list(range(self.world_size // procs_per_node))  # union-find over pods
+
+        def root(pod: int) -> int:
+            while owner[pod] != pod:
+                owner[pod] = owner[owner[pod]]
+                pod = owner[pod]
+            return pod
+
+        for d in range(self.dp):
+            first, *rest = (rank // procs_per_node for rank in self.model_parallel_ranks(d))
+            for pod in rest:
+                owner[root(pod)] = root(first)
+        sets: dict[int, list[int]] = {}
+        for pod in range(len(owner)):
+            sets.setdefault(root(pod), []).append(pod)
+        return sorted(sets.values())
+
+    def pod_order(self, procs_per_node: int) -> list[int]:
+        """The node rank of each pod index: the pods of one `pod_groups` set are consecutive, so
+        slices of consecutive pods (Kueue's topology slices) each hold whole model-parallel
+        groups. The identity unless pipeline and data parallel are both > 1 and a group spans
+        pods: TP8 x PP2 x DP2 on 8-GPU pods is [0, 2, 1, 3] (replica 0's stages are pods 0, 2)."""
+        return [pod for group in self.pod_groups(procs_per_node) for pod in group]
 
     def describe(self) -> str:
         return (

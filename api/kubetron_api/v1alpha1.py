@@ -208,8 +208,7 @@ class TopologySpec(ApiModel):
         default=None,
         max_length=317,
         pattern=LABEL_KEY,
-        description="Every pod of the job inside one domain of this level (the master and the "
-        "workers as one Kueue pod-set group).",
+        description="Every pod of the job inside one domain of this level.",
     )
     job_policy: TopologyPolicy = Field(
         default=TopologyPolicy.REQUIRED,
@@ -221,9 +220,10 @@ class TopologySpec(ApiModel):
         max_length=317,
         pattern=LABEL_KEY,
         description="The pods of each model-parallel group (the tensor x context x pipeline "
-        "ranks of one data-parallel replica) inside one domain of this level. A group inside "
-        "one pod needs nothing more; a group that is the whole job (data parallel 1) becomes "
-        "the job's required level.",
+        "ranks of one data-parallel replica) inside one domain of this level: Kueue slices of "
+        "consecutive pods, the pods ordered so that each slice holds whole groups. A group "
+        "inside one pod needs nothing more; groups that together span every pod make this the "
+        "job's required level.",
     )
 
 

@@ -22,7 +22,7 @@ from kubetron_operator.kube import ApiError, Kube, Obj
 from kubetron_operator.lifecycle import RESTART_GRACE_SECONDS, Verdict, attempt_of
 from kubetron_operator.metrics import OperatorMetrics
 from kubetron_operator.plan import Plan, PlanError, plan
-from kubetron_operator.render import JOB_NAME_LABEL, REPLICA_TYPE_LABEL, drifted, render
+from kubetron_operator.render import JOB_NAME_LABEL, JOB_ROLE_LABEL, drifted, render
 from kubetron_operator.status import (
     Observed,
     invalid_status,
@@ -333,7 +333,7 @@ class Controller:
         if self.clock() - self._progress_read_at.get(key, -math.inf) < self.progress_period:
             return None
         self._progress_read_at[key] = self.clock()
-        selector = f"{JOB_NAME_LABEL}={job.name},{REPLICA_TYPE_LABEL}=master"
+        selector = f"{JOB_NAME_LABEL}={job.name},{JOB_ROLE_LABEL}=master"  # worker 0: rank 0
         ips = [
             p["status"]["podIP"]
             for p in self.kube.list("Pod", job.namespace, selector)

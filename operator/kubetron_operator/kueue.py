@@ -12,19 +12,21 @@ stops a queued job; setting `suspend` on the PyTorchJob directly would be undone
 starts every admitted job it finds suspended.
 
 Placement (`spec.scheduling.topology`) becomes Kueue's topology-aware-scheduling annotations on
-the pod templates. Pod index order is rank order: the training-operator gives the master node
-rank 0 and worker i node rank i+1, and torchrun gives the process with local rank l of node n the
-global rank n*procsPerNode + l. The dense grid is [tp, cp, dp, pp] with tp fastest,
+the PyTorchJob's one pod set (Workers only: the training-operator gives worker 0 the master
+role, `render.py`). Kueue gives pod i of a pod set rank i in its rank-ordered assignment (the
+`training.kubeflow.org/replica-index` label) and fills the domains in order, so a slice of
+`podset-slice-size` consecutive pods lands inside one domain of `podset-slice-required-topology`.
+The dense grid is [tp, cp, dp, pp] with tp fastest,
 
     rank = tp + TP*(cp + CP*(dp + DP*pp)),
 
-so the model-parallel group of data-parallel replica d (its tensor x context x pipeline ranks) is
-{tp + TP*(cp + CP*(d + DP*pp))}: consecutive ranks when PP or DP is 1, and on the pods
-{rank // procsPerNode}. Kueue keeps a whole pod set (or, with a pod-set group, the master and the
-workers together) inside one domain of a level, and slices of consecutive pods inside one pod
-set; a model-parallel group spanning several pods with DP > 1 would need a slice that holds the
-master (its own pod set) and the first workers, which Kueue v0.17 cannot express, so that shape
-is refused with the alternatives named.
+and torchrun gives local rank l of node n the global rank n*procsPerNode + l, so the
+model-parallel group of data-parallel replica d (its tensor x context x pipeline ranks) is on the
+pods {rank // procsPerNode}: consecutive when PP or DP is 1, but TP8 x PP2 x DP2 on 8-GPU pods
+puts replica 0 on pods 0 and 2. `ParallelDims.pod_order` reorders the node ranks so that the
+pods of each group are consecutive pod indices ([0, 2, 1, 3] there); the operator hands that
+order to every pod (`KUBETRON_NODE_RANKS`) and the launcher takes its node rank from it by its
+replica index.
 """
 
 from __future__ import annotations
@@ -42,10 +44,9 @@ QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
 REQUIRED_TOPOLOGY = "kueue.x-k8s.io/podset-required-topology"
 PREFERRED_TOPOLOGY = "kueue.x-k8s.io/podset-preferred-topology"
-# Pod sets of one group are placed as a unit (exactly two, one of them a single pod).
-POD_SET_GROUP = "kueue.x-k8s.io/podset-group-name"
-POD_SET_GROUP_NAME = "kubetron-job"  # Kueue refuses numbers
-MASTER, WORKER = "Master", "Worker"
+# Slices of this many consecutive pods, each inside one domain of the slice level.
+SLICE_TOPOLOGY = "kueue.x-k8s.io/podset-slice-required-topology"
+SLICE_SIZE = "kueue.x-k8s.io/podset-slice-size"
 # With this schedulerName, spec.scheduling.queue names a Volcano queue (the training-operator's
 # PodGroup), not a Kueue LocalQueue.
 VOLCANO = "volcano"
@@ -55,18 +56,24 @@ TOPOLOGY_FIELD = "spec.scheduling.topology"
 
 @dataclass(frozen=True)
 class Placement:
-    """Every pod of the job inside one domain of `level` (required or preferred)."""
+    """Every pod inside one domain of `level` (required or preferred), and/or every slice of
+    `slice_pods` consecutive pods inside one domain of `slice_level`."""
 
-    level: str
-    policy: TopologyPolicy
+    level: str | None = None
+    policy: TopologyPolicy = TopologyPolicy.REQUIRED
+    slice_level: str | None = None
+    slice_pods: int = 1
 
-    def annotations(self, nodes: int) -> dict[str, dict[str, str]]:
-        """Pod-template annotations by replica type (Master, and Worker when nodes > 1)."""
-        key = REQUIRED_TOPOLOGY if self.policy == TopologyPolicy.REQUIRED else PREFERRED_TOPOLOGY
-        if nodes == 1:
-            return {MASTER: {key: self.level}}
-        both = {key: self.level, POD_SET_GROUP: POD_SET_GROUP_NAME}
-        return {MASTER: dict(both), WORKER: dict(both)}
+    def annotations(self) -> dict[str, str]:
+        """Kueue's annotations for the pod template."""
+        out: dict[str, str] = {}
+        if self.level:
+            required = self.policy == TopologyPolicy.REQUIRED
+            out[REQUIRED_TOPOLOGY if required else PREFERRED_TOPOLOGY] = self.level
+        if self.slice_level:
+            out[SLICE_TOPOLOGY] = self.slice_level
+            out[SLICE_SIZE] = str(self.slice_pods)
+        return out
 
 
 def local_queue(scheduling: SchedulingSpec) -> str | None:
@@ -75,14 +82,6 @@ def local_queue(scheduling: SchedulingSpec) -> str | None:
     if scheduling.queue and scheduling.scheduler_name != VOLCANO:
         return scheduling.queue
     return None
-
-
-def group_pods(dims: ParallelDims, procs_per_node: int) -> list[list[int]]:
-    """The pod indices (node ranks) each data-parallel replica's model-parallel group uses."""
-    return [
-        sorted({rank // procs_per_node for rank in dims.model_parallel_ranks(d)})
-        for d in range(dims.dp)
-    ]
 
 
 def placement(
@@ -100,27 +99,19 @@ def placement(
         ]
     job = Placement(topo.job_level, topo.job_policy) if topo.job_level else None
     mp_level = topo.model_parallel_level
-    if mp_level is None:
-        return job, []
-    pods = group_pods(dims, procs_per_node)
-    if all(len(p) == 1 for p in pods):
+    sets = dims.pod_groups(procs_per_node)
+    if mp_level is None or all(len(pods) == 1 for pods in sets):
         return job, []  # every group inside one pod, so inside one node, so inside any level
-    if dims.dp == 1:  # the group is the whole job
+    if len(sets) == 1:  # the groups together hold every pod
         if job is not None:
             return None, [
-                f"{TOPOLOGY_FIELD}: with data parallel 1 the model-parallel group is the whole "
-                f"job, so modelParallelLevel ({mp_level}) already places every pod; remove "
-                f"jobLevel ({topo.job_level}) or modelParallelLevel"
+                f"{TOPOLOGY_FIELD}: the model-parallel groups ({dims.describe()}) together span "
+                f"every pod, so modelParallelLevel ({mp_level}) already places the whole job; "
+                f"remove jobLevel ({topo.job_level}) or modelParallelLevel"
             ]
-        return Placement(mp_level, TopologyPolicy.REQUIRED), []
-    return None, [
-        f"{TOPOLOGY_FIELD}.modelParallelLevel: each model-parallel group spans {len(pods[0])} "
-        f"pods and there are {dims.dp} data-parallel replicas ({dims.describe()}); Kueue places "
-        "slices of consecutive pods within one pod set only, and the master pod (node rank 0, "
-        "a pod set of its own) belongs to the first group, so no annotation keeps every group "
-        "inside one domain. Use jobLevel for the whole job, or a shape whose tensor*context*"
-        "pipeline ranks fit in one pod (resources.gpusPerNode)"
-    ]
+        return Placement(mp_level), []
+    # every set has the same size: the rank layout repeats for each data-parallel replica
+    return Placement(job.level if job else None, topo.job_policy, mp_level, len(sets[0])), []
 
 
 # ---------------------------------------------------------------------------- the Workload

@@ -1,9 +1,10 @@
 """Live progress of a running job, read from global rank 0's metrics endpoint.
 
-Trainer pods hold no API credentials, so the operator pulls: the master pod's local rank 0
-serves the pod's metrics (prometheus-client multiprocess mode), and global rank 0, in that pod,
-writes the job-wide gauges. `parse` is pure (exposition text -> numbers); `progress` turns them
-into `status.progress`; `fetch` is the one HTTP GET, bounded by a short timeout. The controller
+Trainer pods hold no API credentials, so the operator pulls: in worker 0 (node rank 0, labelled
+job-role=master by the training-operator) local rank 0 serves the pod's metrics
+(prometheus-client multiprocess mode), and global rank 0, in that pod, writes the job-wide
+gauges. `parse` is pure (exposition text -> numbers); `progress` turns them into
+`status.progress`; `fetch` is the one HTTP GET, bounded by a short timeout. The controller
 calls it at most once per `--progress-period` per job.
 """
 

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import yaml
 
 from kubetron_api.ckpt_meta import ATTEMPT_ENV, JOB_UID_ENV
+from kubetron_api.dims import NODE_RANKS_ENV, REPLICA_INDEX_ENV
 from kubetron_api.v1alpha1 import (
     API_VERSION,
     DEFAULT_CPU_PER_PROCESS,
@@ -21,7 +22,7 @@ from kubetron_api.v1alpha1 import (
     MegatronJob,
     ResourcesSpec,
 )
-from kubetron_operator.kueue import MASTER, QUEUE_LABEL, WORKER, local_queue
+from kubetron_operator.kueue import QUEUE_LABEL, local_queue
 from kubetron_operator.lifecycle import ATTEMPT_LABEL
 from kubetron_operator.plan import Plan
 
@@ -33,8 +34,14 @@ METRICS_DIR = "/tmp/kubetron-metrics"
 CONTAINER = "pytorch"  # the training-operator requires this container name
 MASTER_PORT = 23456
 JOB_NAME_LABEL = "kubetron.io/job-name"
-# Set by the training-operator on every pod it creates: master or worker.
-REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
+# The one replica type rendered: worker 0 holds node rank 0 and the rendezvous, and the
+# training-operator gives it the master role (JOB_ROLE_LABEL) and the job's success when every
+# worker succeeds. A separate Master would be a pod set of its own, which Kueue cannot slice
+# together with workers (kueue.py).
+WORKER = "Worker"
+# Set by the training-operator on every pod it creates.
+REPLICA_INDEX_LABEL = "training.kubeflow.org/replica-index"
+JOB_ROLE_LABEL = "training.kubeflow.org/job-role"  # "master" on worker 0
 # The operator restarts the whole group itself (lifecycle.py): the training-operator never
 # restarts a single pod, and a failed pod fails the PyTorchJob, which the operator then replaces.
 RESTART_POLICY = "Never"
@@ -96,17 +103,14 @@ class JobBuilder(Protocol):
 
 
 class PyTorchJobBuilder:
-    """Kubeflow training-operator v1 PyTorchJob: one Master plus nodes-1 Workers."""
+    """Kubeflow training-operator v1 PyTorchJob: `nodes` Workers, worker 0 the rendezvous."""
 
     api_version = "kubeflow.org/v1"
     kind = "PyTorchJob"
 
     def build(self, job: MegatronJob, plan: Plan, attempt: int) -> Obj:
-        placed = plan.placement.annotations(plan.nodes) if plan.placement else {}
-        replicas: Obj = {MASTER: self._replica(job, plan, 1, attempt, placed.get(MASTER))}
-        if plan.nodes > 1:
-            replicas[WORKER] = self._replica(job, plan, plan.nodes - 1, attempt,
-                                             placed.get(WORKER))  # fmt: skip
+        placed = plan.placement.annotations() if plan.placement else {}
+        replicas: Obj = {WORKER: self._replica(job, plan, attempt, placed)}
         meta = child_metadata(job, job.name, "trainer")
         meta["labels"][ATTEMPT_LABEL] = str(attempt)
         if queue := local_queue(job.spec.scheduling):
@@ -122,17 +126,15 @@ class PyTorchJobBuilder:
             },
         }
 
-    def _replica(
-        self, job: MegatronJob, plan: Plan, count: int, attempt: int, placed: Obj | None
-    ) -> Obj:
+    def _replica(self, job: MegatronJob, plan: Plan, attempt: int, placed: dict[str, str]) -> Obj:
         res = job.spec.resources
         meta: Obj = {"labels": {**dict(sorted(res.pod_labels.items())), **labels(job, "trainer")}}
         meta["labels"][ATTEMPT_LABEL] = str(attempt)
-        annotations = {**res.pod_annotations, **(placed or {})}
+        annotations = {**res.pod_annotations, **placed}
         if annotations:
             meta["annotations"] = dict(sorted(annotations.items()))
         return {
-            "replicas": count,
+            "replicas": plan.nodes,
             "restartPolicy": RESTART_POLICY,
             "template": {"metadata": meta, "spec": _pod_spec(job, plan, attempt)},
         }
@@ -192,13 +194,14 @@ def _container(job: MegatronJob, plan: Plan, attempt: int) -> Obj:
         "name": CONTAINER,
         "image": res.image,
         "imagePullPolicy": res.image_pull_policy,
-        # kubetron_trainer.launch runs torchrun, which reads PET_NNODES, PET_NPROC_PER_NODE,
-        # PET_NODE_RANK and PET_MASTER_* set by the training-operator and gives each process its
-        # own RANK/LOCAL_RANK/WORLD_SIZE; the launcher then exits with the workers' own code
-        # (torchrun alone exits 1 for every failure, preemption included).
+        # kubetron_trainer.launch sets PET_NODE_RANK from the pod's replica index and runs
+        # torchrun, which reads it with PET_NNODES, PET_NPROC_PER_NODE (the training-operator's)
+        # and PET_MASTER_* (ours) and gives each process its own RANK/LOCAL_RANK/WORLD_SIZE; the
+        # launcher then exits with the workers' own code (torchrun alone exits 1 for every
+        # failure, preemption included).
         "command": ["python", "-m", "kubetron_trainer.launch"],
         "args": ["-m", "kubetron_trainer", "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"],
-        "env": _env(job, attempt),
+        "env": _env(job, plan, attempt),
         "ports": [
             {"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"},
             {"name": "pytorchjob-port", "containerPort": MASTER_PORT, "protocol": "TCP"},
@@ -209,10 +212,26 @@ def _container(job: MegatronJob, plan: Plan, attempt: int) -> Obj:
     }
 
 
-def _env(job: MegatronJob, attempt: int) -> list[Obj]:
-    field = {"POD_NAME": "metadata.name", "NODE_NAME": "spec.nodeName"}
+def rendezvous_host(job: MegatronJob) -> str:
+    """Worker 0's Service, which the training-operator creates: node rank 0 listens there."""
+    return f"{job.name}-{WORKER.lower()}-0"
+
+
+def _env(job: MegatronJob, plan: Plan, attempt: int) -> list[Obj]:
+    field = {
+        "POD_NAME": "metadata.name",
+        "NODE_NAME": "spec.nodeName",
+        REPLICA_INDEX_ENV: f"metadata.labels['{REPLICA_INDEX_LABEL}']",
+    }
     env: list[Obj] = [
         {"name": "KUBETRON_JOB_NAME", "value": job.name},
+        {"name": "PET_MASTER_ADDR", "value": rendezvous_host(job)},
+        {"name": "PET_MASTER_PORT", "value": str(MASTER_PORT)},
+        # pod index -> node rank: each model-parallel group on consecutive pods (kueue.py)
+        {
+            "name": NODE_RANKS_ENV,
+            "value": ",".join(map(str, plan.dims.pod_order(plan.procs_per_node))),
+        },
         # the trainer fences its checkpoint writes with both (ckpt_meta.claim)
         {"name": ATTEMPT_ENV, "value": str(attempt)},
         {"name": JOB_UID_ENV, "value": str(job.metadata.get("uid", ""))},

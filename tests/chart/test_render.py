@@ -54,7 +54,7 @@ def trainer_pod_template() -> Obj:
     obj.setdefault("metadata", {}).update(namespace="research", uid="uid")
     job = parse_job(obj, source)
     pytorchjob = next(o for o in render(job, plan(job)) if o["kind"] == "PyTorchJob")
-    return dict(pytorchjob["spec"]["pytorchReplicaSpecs"]["Master"]["template"])
+    return dict(pytorchjob["spec"]["pytorchReplicaSpecs"]["Worker"]["template"])
 
 
 # --------------------------------------------------------------------------- lint

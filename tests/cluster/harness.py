@@ -907,8 +907,6 @@ class Cluster:
             self.install_crds(sorted((self.bin_dir / VOLCANO_CRDS).glob("*.yaml")))
         if gang_scheduler:
             argv.append(f"--gang-scheduler-name={gang_scheduler}")
-        if self.node is not None:
-            argv += self.node.init_container_flags()
         self._launch("training-operator", argv, self._env({"TMPDIR": str(self.workdir)}))
 
     def _wait_training_operator(self) -> None:

@@ -705,33 +705,6 @@ oom_score = 0
         self.start_kube_proxy()
         self.start_coredns()
 
-    def init_container_flags(self) -> list[str]:
-        """The training-operator's init container for PyTorchJob workers waits for the master's
-        DNS name with `nslookup` in alpine:3.10, which no registry here serves. Point it at the
-        locally built operator image (Debian: sh, seq, getent) and a template using getent,
-        which resolves short names through the pod's search domains as the trainer will."""
-        try:
-            image = self.image("ghcr.io/kubetron/operator:")
-        except NodeError:  # without it PyTorchJob workers wait on alpine:3.10 (ErrImagePull)
-            return []
-        template = [{
-            "name": "init-pytorch",
-            "image": "{{.InitContainerImage}}",
-            "imagePullPolicy": "IfNotPresent",
-            "resources": {"limits": {"cpu": "100m", "memory": "64Mi"},
-                          "requests": {"cpu": "10m", "memory": "16Mi"}},
-            # Admitted where the restricted Pod Security Standard is enforced (the trainer
-            # pod's own securityContext sets the user and the seccomp profile).
-            "securityContext": {"allowPrivilegeEscalation": False,
-                                "capabilities": {"drop": ["ALL"]}},
-            "command": ["sh", "-c",
-                        "for i in $(seq {{.MaxTries}}); do getent hosts {{.MasterAddr}} && exit 0; "
-                        "echo waiting for master {{.MasterAddr}}; sleep 1; done; exit 1"],
-        }]  # fmt: skip
-        path = _write(self.dir / "pytorch-init-container.yaml", yaml.safe_dump(template))
-        return [f"--pytorch-init-container-image={image}",
-                f"--pytorch-init-container-template-file={path}"]  # fmt: skip
-
     def image(self, prefix: str) -> str:
         return built_image(self.cluster.cache, prefix)
 

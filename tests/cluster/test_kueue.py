@@ -5,7 +5,8 @@ quota waits suspended, with the MegatronJob in phase Queued and Kueue's reason i
 condition, and runs once the first finishes; the operator never un-suspends what Kueue holds,
 even when it re-applies the PyTorchJob for a new generation; a user's suspend deactivates the
 Workload and a resume queues the job again; and topology-aware scheduling places a 4-node job
-inside one block of labelled kwok nodes.
+inside one block of labelled kwok nodes and each model-parallel group of a TP8 x PP2 x DP2 job
+inside one rack.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Any
 
 import pytest
 
-from kubetron_operator.kueue import JOB_UID_LABEL
+from kubetron_api.dims import NODE_RANKS_ENV, ParallelDims
+from kubetron_operator.kueue import JOB_UID_LABEL, SLICE_SIZE, SLICE_TOPOLOGY
+from kubetron_operator.render import REPLICA_INDEX_LABEL
 from tests.cluster.harness import GPU_PRODUCT, Cluster, ClusterError, kwok_gpu_node
 from tests.cluster.kubetron_fixtures import fake_gpu_job, wait_phase
 
@@ -32,9 +35,10 @@ LOW, HIGH = "kubetron-test-low", "kubetron-test-high"  # PriorityClasses
 TAS_LABEL = "kubetron.io/topology-test"
 TAS_TAINT = {"key": TAS_LABEL, "value": "true", "effect": "NoSchedule"}
 BLOCK, RACK, HOST = "kubetron.io/test-block", "kubetron.io/test-rack", "kubernetes.io/hostname"
-# block b0: racks r0, r1 with one node each; block b1: racks r2, r3 with two nodes each
+# block b0: racks r0, r1 with one node each; block b1: rack r2 with three nodes, r3 with two
 TAS_NODES = {"tas-0": ("b0", "r0"), "tas-1": ("b0", "r1"), "tas-2": ("b1", "r2"),
-             "tas-3": ("b1", "r2"), "tas-4": ("b1", "r3"), "tas-5": ("b1", "r3")}  # fmt: skip
+             "tas-3": ("b1", "r2"), "tas-4": ("b1", "r2"), "tas-5": ("b1", "r3"),
+             "tas-6": ("b1", "r3")}  # fmt: skip
 COVERED = ["cpu", "memory", "nvidia.com/gpu"]
 
 
@@ -77,8 +81,8 @@ def tas_nodes() -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def kueue(kubetron: Cluster) -> Iterator[Cluster]:
-    """Kueue running, a quota of 16 GPUs (the two default kwok nodes) and, on six labelled
-    nodes of their own, a topology-aware flavor with 48 GPUs."""
+    """Kueue running, a quota of 16 GPUs (the two default kwok nodes) and, on seven labelled
+    nodes of their own, a topology-aware flavor with 56 GPUs."""
     kubetron.start_kueue()
     kubetron.apply(tas_nodes())
     kubetron.apply(
@@ -104,7 +108,7 @@ def kueue(kubetron: Cluster) -> Iterator[Cluster]:
                     "tolerations": [{**TAS_TAINT, "operator": "Equal"}],
                 },
             },
-            cluster_queue(TAS_CLUSTER_QUEUE, TAS_FLAVOR, 48),
+            cluster_queue(TAS_CLUSTER_QUEUE, TAS_FLAVOR, 56),
             cluster_queue(PREEMPT_CLUSTER_QUEUE, FLAVOR, 8, preempt=True),
             *(
                 {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
@@ -195,13 +199,13 @@ def test_over_quota_waits_queued_and_runs_after_the_first_finishes(
     message = condition(second, "Queued")["message"]
     assert "insufficient" in message and "nvidia.com/gpu" in message, message
     # an edited PyTorchJob is re-applied (drift repair): what Kueue holds stays suspended
-    image = "/spec/pytorchReplicaSpecs/Master/template/spec/containers/0/image"
+    image = "/spec/pytorchReplicaSpecs/Worker/template/spec/containers/0/image"
     edit = json.dumps([{"op": "replace", "path": image, "value": "someone/else:1"}])
     kueue.kubectl("patch", "pytorchjob", "second", "-n", namespace, "--type", "json", "-p", edit)
     pj = kueue.wait_for(
         lambda: (
             (p := kueue.get("pytorchjob", "second", namespace))
-            and p["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0][
+            and p["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0][
                 "image"
             ]
             != "someone/else:1"
@@ -289,8 +293,8 @@ def test_a_job_kueue_preempts_is_queued_again_without_a_restart(
 def test_a_four_node_job_lands_inside_one_block(
     kueue: Cluster, namespace: str, start_operator: Any
 ) -> None:
-    """Block b0 has two nodes, b1 four: a job that requires one block for its 4 pods can only
-    go to b1, one pod per node; the scheduler alone would spread it over any six."""
+    """Block b0 has two nodes, b1 five: a job that requires one block for its 4 pods can only
+    go to b1, one pod per node; the scheduler alone would spread it over any seven."""
     start_operator()
     local_queue(kueue, namespace, TAS_QUEUE, TAS_CLUSTER_QUEUE)
     job = queued_job(
@@ -333,7 +337,7 @@ def test_a_four_node_job_lands_inside_one_block(
     assert (kueue.get("megatronjob", "placed", namespace) or {})["status"]["phase"] == "Running"
 
     # tensor 8 x pipeline 2 over 2 pods: one model-parallel group, required inside one rack;
-    # with b1 taken no rack has two free nodes (r0 and r1 have one each): it waits
+    # with four of b1's five nodes taken no rack has two free nodes: it waits
     pair = queued_job(
         "pair", nodes=2, complete_after="600s",
         parallelism={"tensor": 8, "pipeline": 2},
@@ -345,3 +349,47 @@ def test_a_four_node_job_lands_inside_one_block(
     wait_phase(kueue, namespace, "pair", "Running", timeout=90)
     nodes = [p["spec"]["nodeName"] for p in pods(kueue, namespace, "pair")]
     assert len(set(nodes)) == 2 and len({TAS_NODES[n][1] for n in nodes}) == 1, nodes
+    _delete_and_wait(kueue, namespace, "pair")
+
+
+def _delete_and_wait(cluster: Cluster, ns: str, name: str) -> None:
+    cluster.kubectl("delete", "mj", name, "-n", ns)
+    cluster.wait_for(lambda: not pods(cluster, ns, name), timeout=60, what=f"{name}'s pods gone")
+
+
+def test_model_parallel_slices_keep_each_group_inside_one_rack(
+    kueue: Cluster, namespace: str, start_operator: Any
+) -> None:
+    """TP8 x PP2 x DP2 on 8-GPU pods: each data-parallel replica's group is two pods, node ranks
+    {0, 2} and {1, 3}. The operator orders the node ranks 0,2,1,3 over the pod indices and asks
+    Kueue for rack slices of two consecutive pods. Rack r2 has three free nodes and r3 two, so
+    filling r2 first would split a pair; Kueue must put two pods in each, and every group lands
+    inside one rack."""
+    start_operator()
+    local_queue(kueue, namespace, TAS_QUEUE, TAS_CLUSTER_QUEUE)
+    job = queued_job(
+        "sliced", nodes=4, complete_after="15s",
+        parallelism={"tensor": 8, "pipeline": 2},
+        scheduling={"queue": TAS_QUEUE, "topology": {"modelParallelLevel": RACK}},
+    )  # fmt: skip
+    _apply(kueue, namespace, job)
+    wait_phase(kueue, namespace, "sliced", "Running", timeout=90)
+    pj = kueue.get("pytorchjob", "sliced", namespace)
+    assert pj is not None
+    template = pj["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]
+    assert template["metadata"]["annotations"][SLICE_TOPOLOGY] == RACK
+    assert template["metadata"]["annotations"][SLICE_SIZE] == "2"
+    env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0]["env"]}
+    order = [int(r) for r in env[NODE_RANKS_ENV].split(",")]
+    assert order == [0, 2, 1, 3]
+    rack_of_node_rank = {
+        order[int(p["metadata"]["labels"][REPLICA_INDEX_LABEL])]: TAS_NODES[p["spec"]["nodeName"]][
+            1
+        ]
+        for p in pods(kueue, namespace, "sliced")
+    }
+    assert len(rack_of_node_rank) == 4, rack_of_node_rank
+    dims = ParallelDims.from_degrees(32, tp=8, pp=2)
+    racks = [{rack_of_node_rank[r // 8] for r in dims.model_parallel_ranks(d)} for d in range(2)]
+    assert all(len(r) == 1 for r in racks) and racks[0] != racks[1], rack_of_node_rank
+    wait_phase(kueue, namespace, "sliced", "Succeeded", timeout=90)

@@ -93,7 +93,7 @@ def test_permanent_pod_failure_fails_the_job(
     _apply(kubetron, namespace, fake_gpu_job("boom", nodes=1, complete_after="2s", exit_code=3))
     failed = wait_phase(kubetron, namespace, "boom", "Failed")
     cond = next(c for c in failed["status"]["conditions"] if c["type"] == "Failed")
-    assert "pod boom-master-0 container pytorch exited with code 3" in cond["message"], cond
+    assert "pod boom-worker-0 container pytorch exited with code 3" in cond["message"], cond
     assert failed["status"]["attempt"] == 1 and failed["status"]["restarts"] == 0
     warnings = [e for e in _events(kubetron, namespace, "boom") if e["type"] == "Warning"]
     assert warnings, "a Warning event is expected for the Failed phase"

@@ -99,3 +99,34 @@ def test_sigterm_gives_workers_more_than_torchruns_30_seconds(tmp_path: Path) ->
     out, _ = proc.communicate(timeout=120)
     assert sorted(p.name for p in tmp_path.glob("saved-*")) == ["saved-0", "saved-1"], out
     assert proc.returncode == 143, out
+
+
+RANK_REPORTER = """
+import os
+name = "rank-" + os.environ["RANK"]
+open(os.path.join(os.environ["OUT"], name), "w").write(os.environ["KUBETRON_REPLICA_INDEX"])
+"""
+
+
+def test_the_launcher_gives_torchrun_the_node_rank_of_its_replica_index(tmp_path: Path) -> None:
+    """Four launchers, as in four pods of one template: each reads its replica index and the
+    operator's node order, and torchrun's ranks follow the order (pod 1 holds node rank 2)."""
+    script = tmp_path / "report.py"
+    script.write_text(RANK_REPORTER)
+    port = str(free_port())
+    procs = []
+    for index in range(4):
+        env = {**os.environ, "OUT": str(tmp_path), "KUBETRON_REPLICA_INDEX": str(index),
+               "KUBETRON_NODE_RANKS": "0,2,1,3", "PET_NNODES": "4", "PET_NPROC_PER_NODE": "1",
+               "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": port}  # fmt: skip
+        env.pop("PET_NODE_RANK", None)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "kubetron_trainer.launch", str(script)], cwd=ROOT, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))  # fmt: skip
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], outs
+    assert "pod 1 of 0,2,1,3: node rank 2" in outs[1], outs[1]
+    # the pod (replica index) each global rank ran in: ranks 1 and 2 swapped pods
+    found = {p.name: p.read_text() for p in tmp_path.glob("rank-*")}
+    assert found == {"rank-0": "0", "rank-1": "2", "rank-2": "1", "rank-3": "3"}, found

@@ -85,12 +85,12 @@ def show_results(cluster: Cluster, name: str, volume: Path) -> None:
                           "-l", f"training.kubeflow.org/job-name={name}").stdout  # fmt: skip
     for line in out.splitlines():
         print("    " + " ".join(line.split()[:7]))
-    master = f"{name}-master-0"  # global rank 0 logs the steps of the whole job
-    log = deploy.logs(cluster, NAMESPACE, master)
+    rank0_pod = f"{name}-worker-0"  # global rank 0 logs the steps of the whole job
+    log = deploy.logs(cluster, NAMESPACE, rank0_pod)
     steps = deploy.steps(log)
     if not steps:
-        raise AssertionError(f"no step lines in the log of {master}")
-    print(f"    $ kubectl logs {master} | grep step")
+        raise AssertionError(f"no step lines in the log of {rank0_pod}")
+    print(f"    $ kubectl logs {rank0_pod} | grep step")
     for step, loss, tokens in steps:
         print(f"    step {step:3d}  loss {loss:.4f}  {tokens:8,.0f} tokens/s")
     for line in log.splitlines():

@@ -65,7 +65,7 @@ def finished(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
 def resumed_and_trained_once(cluster: Cluster, namespace: str, name: str, volume: Path) -> int:
     """The last attempt resumed from a checkpoint at or after step 40 and trained every later
     step once, to the end; the final checkpoint's data position is exactly ITERS batches."""
-    log = deploy.logs(cluster, namespace, f"{name}-master-0")
+    log = deploy.logs(cluster, namespace, f"{name}-worker-0")
     m = re.search(r"resumed from \S+ \(step (\d+)\)", log)
     assert m, log[-3000:]
     resumed = int(m[1])
@@ -82,9 +82,9 @@ def test_a_killed_trainer_restarts_every_pod_from_the_last_checkpoint(
 ) -> None:
     name = "life-kill"
     volume = start(cluster, life, name)
-    faults.wait_for_log(cluster, life, f"{name}-master-0", FIRST_SAVE)
-    rank = faults.signal_rank(cluster, life, f"{name}-worker-0", "KILL")
-    assert rank == 3  # the worker pod holds global ranks 2 and 3
+    faults.wait_for_log(cluster, life, f"{name}-worker-0", FIRST_SAVE)
+    rank = faults.signal_rank(cluster, life, f"{name}-worker-1", "KILL")
+    assert rank == 3  # worker 1 holds global ranks 2 and 3
     status = finished(cluster, life, name)["status"]
     assert (status["attempt"], status["restarts"]) == (2, 1)
     restarting = next(c for c in status["conditions"] if c["type"] == "Restarting")
@@ -107,8 +107,8 @@ def test_a_deleted_pod_restarts_every_pod(cluster: Cluster, life: str) -> None:
     step, then the operator replaces the attempt, which resumes from it."""
     name = "life-delete"
     volume = start(cluster, life, name)
-    faults.wait_for_log(cluster, life, f"{name}-master-0", FIRST_SAVE)
-    cluster.kubectl("delete", "pod", "-n", life, f"{name}-worker-0", "--wait=false")
+    faults.wait_for_log(cluster, life, f"{name}-worker-0", FIRST_SAVE)
+    cluster.kubectl("delete", "pod", "-n", life, f"{name}-worker-1", "--wait=false")
     status = finished(cluster, life, name)["status"]
     assert (status["attempt"], status["restarts"]) == (2, 1)
     reasons = {e["reason"] for e in events(cluster, life, name) if e["type"] == "Warning"}
@@ -121,8 +121,8 @@ def test_a_stopped_rank_passes_the_progress_deadline_and_restarts_the_group(
 ) -> None:
     name = "life-stop"
     volume = start(cluster, life, name, runPolicy={"progressDeadlineSeconds": 40})
-    faults.wait_for_log(cluster, life, f"{name}-master-0", FIRST_SAVE)
-    faults.signal_rank(cluster, life, f"{name}-worker-0", "STOP")  # hangs every collective
+    faults.wait_for_log(cluster, life, f"{name}-worker-0", FIRST_SAVE)
+    faults.signal_rank(cluster, life, f"{name}-worker-1", "STOP")  # hangs every collective
     status = finished(cluster, life, name)["status"]
     assert (status["attempt"], status["restarts"]) == (2, 1)
     deadline = [e for e in events(cluster, life, name) if e["reason"] == "ProgressDeadlineExceeded"]
@@ -136,7 +136,7 @@ def test_suspend_saves_the_current_step_and_resume_continues_from_it(
 ) -> None:
     name = "life-suspend"
     volume = start(cluster, life, name)
-    faults.wait_for_log(cluster, life, f"{name}-master-0", FIRST_SAVE)
+    faults.wait_for_log(cluster, life, f"{name}-worker-0", FIRST_SAVE)
     patch = json.dumps({"spec": {"runPolicy": {"suspend": True}}})
     cluster.kubectl("patch", "mj", name, "-n", life, "--type", "merge", "-p", patch)
     cluster.wait_for(

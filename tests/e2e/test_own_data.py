@@ -119,8 +119,8 @@ def test_prepare_job_then_sft_example_train_in_pods(
     name = mj["metadata"]["name"]
     cluster.apply(mj)
     final = deploy.wait_final(cluster, NAMESPACE, name, TIMEOUT)
-    master = f"{name}-master-0"
-    log = deploy.logs(cluster, NAMESPACE, master)
+    rank0_pod = f"{name}-worker-0"
+    log = deploy.logs(cluster, NAMESPACE, rank0_pod)
     assert final["status"]["phase"] == "Succeeded", log[-4000:]
     assert "chat data: 200 conversations" in log, log[-4000:]
     losses = [loss for _, loss, _ in deploy.steps(log)]

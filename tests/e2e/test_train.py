@@ -1,7 +1,7 @@
 """`kubectl apply` of a MegatronJob trains, for real, through every part a user's cluster has: the
 operator in a pod (installed by `helm install` from the locally built image), the real
 training-operator, pods on the real node from the CPU trainer image, torchrun rendezvous through
-the master Service's DNS name, checkpoints on a PersistentVolume every pod mounts, resume of a
+worker 0's Service DNS name, checkpoints on a PersistentVolume every pod mounts, resume of a
 second job from the first one's checkpoint, and a permanent failure named in the status. Both
 namespaces enforce the restricted Pod Security Standard, so every pod here passes it.
 """
@@ -68,21 +68,23 @@ def test_example_trains_to_succeeded_through_the_operator(
     assert "Running" in phases
 
     pods = deploy.pods(cluster, namespace, name)
-    assert [p["metadata"]["name"] for p in pods] == [f"{name}-master-0", f"{name}-worker-0"]
+    assert [p["metadata"]["name"] for p in pods] == [f"{name}-worker-0", f"{name}-worker-1"]
     for p in pods:
         assert p["spec"]["nodeName"] == realnode.NODE_NAME
         assert p["status"]["phase"] == "Succeeded"
-    # The worker rendezvoused with the master through the master Service's DNS name: its init
-    # container waited for that name, and torchrun dialled it.
-    worker = pods[1]
-    env = {e["name"]: e.get("value") for e in worker["spec"]["containers"][0]["env"]}
-    assert env["PET_MASTER_ADDR"] == f"{name}-master-0"
-    init = worker["status"]["initContainerStatuses"][0]
-    assert init["state"]["terminated"]["exitCode"] == 0
+        # Workers only: no init container (the training-operator adds one with a Master)
+        assert not p["spec"].get("initContainers"), p["spec"]
+    # Worker 1 met worker 0 through worker 0's Service DNS name; the training-operator gave
+    # worker 0 the master role; the launcher took the node rank from the replica index.
+    assert pods[0]["metadata"]["labels"]["training.kubeflow.org/job-role"] == "master"
+    env = {e["name"]: e.get("value") for e in pods[1]["spec"]["containers"][0]["env"]}
+    assert env["PET_MASTER_ADDR"] == f"{name}-worker-0"
+    log = deploy.logs(cluster, namespace, pods[1]["metadata"]["name"])
+    assert "pod 1 of 0,1: node rank 1" in log, log[-3000:]
 
-    # Global rank 0 (in the master pod) logs the job's steps; the world spans both pods.
+    # Global rank 0 (in worker 0) logs the job's steps; the world spans both pods.
     log = deploy.logs(cluster, namespace, pods[0]["metadata"]["name"])
-    assert f"rank=0/4 local_rank=0/2 node=0/2 master={name}-master-0:" in log, log[-3000:]
+    assert f"rank=0/4 local_rank=0/2 node=0/2 master={name}-worker-0:" in log, log[-3000:]
     steps = deploy.steps(log)
     assert [s for s, _, _ in steps] == [1, 5, 10, 15, 20, 25, 30], log[-3000:]
     assert steps[-1][1] < steps[0][1]
@@ -111,7 +113,7 @@ def test_second_job_resumes_from_the_first_ones_checkpoint(
     cluster.apply(job)
     final = deploy.wait_final(cluster, namespace, "gpt-tiny-cpu-more", TRAIN_TIMEOUT)
     assert final["status"]["phase"] == "Succeeded", report(cluster, namespace, "gpt-tiny-cpu-more")
-    log = deploy.logs(cluster, namespace, "gpt-tiny-cpu-more-master-0")
+    log = deploy.logs(cluster, namespace, "gpt-tiny-cpu-more-worker-0")
     assert "(step 30)" in log and "resumed from" in log, log[-3000:]
     assert [s for s, _, _ in deploy.steps(log)] == [35, 40], log[-3000:]
     assert (volume / "latest").read_text().strip() == "40"
@@ -134,7 +136,7 @@ def test_permanent_exit_code_fails_the_job_naming_pod_and_code(
     messages = " ".join(c.get("message", "") for c in final["status"]["conditions"])
     # The pod, the code and the trainer's own error (its termination message), naming the field.
     assert (
-        "pod gpt-tiny-cpu-bad-data-master-0 container pytorch exited with code 2 (Error): "
+        "pod gpt-tiny-cpu-bad-data-worker-0 container pytorch exited with code 2 (Error): "
         "rank-0: config field data.paths[0].prefix: "
         "/checkpoints/no/such/dataset.bin does not exist" in messages
     ), messages

@@ -74,7 +74,7 @@ def rendered(namespace: str) -> tuple[dict[str, Any], dict[str, Any]]:
     job = parse_job(obj, str(EXAMPLE))
     config_map, pytorchjob = render(job, plan(job))
     config = json.loads(config_map["data"]["config.json"])
-    pod = pytorchjob["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    pod = pytorchjob["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]
     return config, pod
 
 
@@ -276,7 +276,7 @@ def stack(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                     f"127.0.0.1:{ports['trainer']}",
                     pod,
                     namespace=jobs_ns,
-                    pod_name=f"{JOB}-master-0",
+                    pod_name=f"{JOB}-worker-0",
                 ),
             ],
         }
@@ -390,7 +390,7 @@ def test_both_targets_are_up_with_the_monitors_job_labels(trained: Stack) -> Non
 
 def test_trainer_metrics_have_the_values_of_the_run(trained: Stack) -> None:
     prom = trained.prometheus
-    sel = f'{{job="{JOB}", namespace="{trained.jobs_ns}", pod="{JOB}-master-0"}}'
+    sel = f'{{job="{JOB}", namespace="{trained.jobs_ns}", pod="{JOB}-worker-0"}}'
     config, _ = rendered(trained.jobs_ns)
     tokens_per_step = config["recipe"]["globalBatchSize"] * config["recipe"]["seqLength"]
     assert prom.value(f"kubetron_train_step{sel}") == TRAIN_ITERS

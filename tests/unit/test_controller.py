@@ -45,7 +45,7 @@ def test_edited_children_are_restored(kube: FakeKube) -> None:
     rendered = cm["data"]["config.json"]
     cm["data"]["config.json"] = "{}"
     pj = kube.objects[("PyTorchJob", "ml", "job")]
-    container = pj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    container = pj["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
     container["image"] = "someone/else:latest"
     pj["spec"]["extraDefault"] = True  # fields only the live object has are not drift
     kube.applied.clear()
@@ -54,7 +54,7 @@ def test_edited_children_are_restored(kube: FakeKube) -> None:
     assert kube.objects[("ConfigMap", "ml", "job-config")]["data"]["config.json"] == rendered
     pj = kube.objects[("PyTorchJob", "ml", "job")]
     assert (
-        pj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["image"]
+        pj["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["image"]
         == "ghcr.io/kubetron/trainer:0.1.0"
     )
 
@@ -129,10 +129,10 @@ def status(kube: FakeKube) -> Obj:
 
 def test_a_retryable_exit_restarts_every_pod_as_the_next_attempt(kube: FakeKube) -> None:
     reconcile(kube)
-    trainer_pod(kube, "master-0", 1)
+    trainer_pod(kube, "worker-0", 1)
     reconcile(kube)
     assert status(kube)["phase"] == "Running" and status(kube)["runningSince"]
-    trainer_pod(kube, "master-0", 1, "Failed", code=134)  # a lost peer: retryable
+    trainer_pod(kube, "worker-0", 1, "Failed", code=134)  # a lost peer: retryable
     kube.events.clear()
     assert reconcile(kube) == "restarted"
     st = status(kube)
@@ -141,12 +141,12 @@ def test_a_retryable_exit_restarts_every_pod_as_the_next_attempt(kube: FakeKube)
     cond = next(c for c in st["conditions"] if c["type"] == "Restarting")
     assert cond["reason"] == "PodFailed"
     assert cond["message"].startswith(
-        "attempt 1 ended: pod job-master-0 container pytorch exited with code 134 (Error); "
+        "attempt 1 ended: pod job-worker-0 container pytorch exited with code 134 (Error); "
         "restarting every pod as attempt 2 (restart 1 of 3)"
     )
     assert kube.events == [("Warning", "PodFailed")]
     assert ("PyTorchJob", "job", None) in kube.deleted
-    assert ("Pod", "job-master-0", 10) in kube.deleted
+    assert ("Pod", "job-worker-0", 10) in kube.deleted
     # the next reconcile creates attempt 2's PyTorchJob; its pods run: Running again
     kube.applied.clear()
     reconcile(kube)
@@ -154,7 +154,7 @@ def test_a_retryable_exit_restarts_every_pod_as_the_next_attempt(kube: FakeKube)
     pj = kube.objects[("PyTorchJob", "ml", "job")]
     assert pj["metadata"]["labels"]["kubetron.io/attempt"] == "2"
     assert status(kube)["phase"] == "Restarting"
-    trainer_pod(kube, "master-0", 2)
+    trainer_pod(kube, "worker-0", 2)
     reconcile(kube)
     st = status(kube)
     assert (st["phase"], st["attempt"]) == ("Running", 2)
@@ -164,16 +164,16 @@ def test_a_retryable_exit_restarts_every_pod_as_the_next_attempt(kube: FakeKube)
 
 def test_the_next_attempt_waits_until_the_old_pods_are_gone(kube: FakeKube) -> None:
     reconcile(kube)
-    trainer_pod(kube, "master-0", 1, "Failed", code=137)
+    trainer_pod(kube, "worker-0", 1, "Failed", code=137)
     reconcile(kube)
     # the old pod is still terminating (the fake keeps it: a deletionTimestamp is set)
-    trainer_pod(kube, "master-0", 1, "Running")
-    kube.objects[("Pod", "ml", "job-master-0")]["metadata"]["deletionTimestamp"] = "now"
+    trainer_pod(kube, "worker-0", 1, "Running")
+    kube.objects[("Pod", "ml", "job-worker-0")]["metadata"]["deletionTimestamp"] = "now"
     kube.applied.clear()
     reconcile(kube)
     assert "PyTorchJob" not in kube.applied and ("PyTorchJob", "ml", "job") not in kube.objects
     assert status(kube)["phase"] == "Restarting"
-    del kube.objects[("Pod", "ml", "job-master-0")]
+    del kube.objects[("Pod", "ml", "job-worker-0")]
     reconcile(kube)
     assert "PyTorchJob" in kube.applied
 
@@ -181,7 +181,7 @@ def test_the_next_attempt_waits_until_the_old_pods_are_gone(kube: FakeKube) -> N
 def test_restarts_beyond_the_backoff_limit_fail_the_job(kube: FakeKube) -> None:
     kube.objects[("MegatronJob", "ml", "job")]["spec"]["runPolicy"] = {"backoffLimit": 0}
     reconcile(kube)
-    trainer_pod(kube, "master-0", 1, "Failed", code=143)
+    trainer_pod(kube, "worker-0", 1, "Failed", code=143)
     reconcile(kube)
     st = status(kube)
     assert (st["phase"], st["attempt"], st["restarts"]) == ("Failed", 1, 0)
@@ -195,22 +195,22 @@ def test_restarts_beyond_the_backoff_limit_fail_the_job(kube: FakeKube) -> None:
 
 def test_a_permanent_exit_fails_and_stops_the_other_pods(kube: FakeKube) -> None:
     reconcile(kube)
-    trainer_pod(kube, "master-0", 1, "Failed", code=2)
-    trainer_pod(kube, "worker-0", 1)  # blocked in a collective: stopped
+    trainer_pod(kube, "worker-0", 1, "Failed", code=2)
+    trainer_pod(kube, "worker-1", 1)  # blocked in a collective: stopped
     reconcile(kube)
     st = status(kube)
     assert st["phase"] == "Failed"
     failed = next(c for c in st["conditions"] if c["type"] == "Failed")
-    assert failed["message"] == "pod job-master-0 container pytorch exited with code 2 (Error)"
-    assert ("Pod", "job-worker-0", 10) in kube.deleted
-    assert ("Pod", "ml", "job-master-0") in kube.objects  # kept for `kubectl logs`
+    assert failed["message"] == "pod job-worker-0 container pytorch exited with code 2 (Error)"
+    assert ("Pod", "job-worker-1", 10) in kube.deleted
+    assert ("Pod", "ml", "job-worker-0") in kube.objects  # kept for `kubectl logs`
 
 
 def test_a_failure_seen_only_in_a_watch_event_still_counts(kube: FakeKube) -> None:
     c = Controller(kube, OperatorMetrics())  # type: ignore[arg-type]
     c.reconcile("ml", "job")
-    trainer_pod(kube, "master-0", 1, "Failed", code=3)
-    seen = kube.objects.pop(("Pod", "ml", "job-master-0"))  # deleted before the reconcile
+    trainer_pod(kube, "worker-0", 1, "Failed", code=3)
+    seen = kube.objects.pop(("Pod", "ml", "job-worker-0"))  # deleted before the reconcile
     assert c.note_pod(seen) == "job"
     c.reconcile("ml", "job")
     failed = next(x for x in status(kube)["conditions"] if x["type"] == "Failed")
@@ -220,15 +220,15 @@ def test_a_failure_seen_only_in_a_watch_event_still_counts(kube: FakeKube) -> No
 def test_pods_that_exit_on_suspend_are_no_failure_after_resume(kube: FakeKube) -> None:
     c = Controller(kube, OperatorMetrics())  # type: ignore[arg-type]
     c.reconcile("ml", "job")
-    trainer_pod(kube, "master-0", 1)
+    trainer_pod(kube, "worker-0", 1)
     c.reconcile("ml", "job")
     spec = kube.objects[("MegatronJob", "ml", "job")]["spec"]
     spec["runPolicy"] = {"suspend": True}
-    trainer_pod(kube, "master-0", 1, "Failed", code=143)  # saved on SIGTERM, then deleted
-    c.note_pod(kube.objects.pop(("Pod", "ml", "job-master-0")))
+    trainer_pod(kube, "worker-0", 1, "Failed", code=143)  # saved on SIGTERM, then deleted
+    c.note_pod(kube.objects.pop(("Pod", "ml", "job-worker-0")))
     c.reconcile("ml", "job")
     assert status(kube)["phase"] == "Suspended"
     spec["runPolicy"] = {"suspend": False}
-    trainer_pod(kube, "master-0", 1)  # the training-operator re-creates the pods
+    trainer_pod(kube, "worker-0", 1)  # the training-operator re-creates the pods
     assert c.reconcile("ml", "job") == "success"
     assert (status(kube)["phase"], status(kube)["attempt"]) == ("Running", 1)

@@ -53,16 +53,52 @@ def test_the_dense_rank_formula() -> None:
 
 
 @pytest.mark.parametrize(
-    ("world", "degrees", "procs", "pods"),
+    ("world", "degrees", "procs", "pods", "order"),
     [
-        (16, {"tp": 8, "pp": 2}, 8, [[0, 1]]),  # the whole job is one group
-        (32, {"tp": 8, "pp": 2}, 8, [[0, 2], [1, 3]]),  # stages apart: not consecutive pods
-        (32, {"tp": 16}, 8, [[0, 1], [2, 3]]),  # consecutive pairs of pods
-        (16, {"tp": 4}, 8, [[0], [0], [1], [1]]),  # two groups per pod
+        (16, {"tp": 8, "pp": 2}, 8, [[0, 1]], [0, 1]),  # the whole job is one group
+        # stages DP*TP pods apart: replica 0 on pods 0 and 2, so node ranks reorder
+        (32, {"tp": 8, "pp": 2}, 8, [[0, 2], [1, 3]], [0, 2, 1, 3]),
+        (32, {"tp": 16}, 8, [[0, 1], [2, 3]], [0, 1, 2, 3]),  # consecutive pairs of pods
+        (16, {"tp": 4}, 8, [[0], [1]], [0, 1]),  # two groups per pod
+        # tensor 2 x pipeline 2 on 8-GPU pods: all four replicas share both pods
+        (16, {"tp": 2, "pp": 2}, 8, [[0, 1]], [0, 1]),
+        (
+            48,
+            {"tp": 4, "pp": 3},
+            4,
+            [[0, 4, 8], [1, 5, 9], [2, 6, 10], [3, 7, 11]],
+            [0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11],
+        ),  # fmt: skip
     ],
 )
-def test_group_pods(world: int, degrees: dict[str, int], procs: int, pods: list[list[int]]) -> None:
-    assert kueue.group_pods(ParallelDims.from_degrees(world, **degrees), procs) == pods
+def test_pod_groups_and_the_pod_order(
+    world: int, degrees: dict[str, int], procs: int, pods: list[list[int]], order: list[int]
+) -> None:
+    dims = ParallelDims.from_degrees(world, **degrees)
+    assert (dims.pod_groups(procs), dims.pod_order(procs)) == (pods, order)
+
+
+def test_the_pod_order_puts_every_model_parallel_group_on_consecutive_pods_of_equal_slices() -> (
+    None
+):
+    """For every shape: the order is a permutation starting at node rank 0 (the rendezvous),
+    the pod sets have one size, and with pods taken in order, slices of that size each hold
+    whole model-parallel groups (what Kueue's podset-slice-size places in one domain)."""
+    for tp, cp, pp, dp, procs in itertools.product(
+        [1, 2, 4, 8], [1, 2], [1, 2, 4], [1, 2, 3], [1, 2, 4, 8]
+    ):
+        dims = ParallelDims.from_degrees(tp * cp * pp * dp, tp=tp, cp=cp, pp=pp)
+        if dims.world_size % procs:
+            continue
+        order = dims.pod_order(procs)
+        assert sorted(order) == list(range(dims.world_size // procs)) and order[0] == 0
+        sizes = {len(s) for s in dims.pod_groups(procs)}
+        assert len(sizes) == 1, (dims.describe(), procs)
+        (size,) = sizes
+        slice_of = {node: i // size for i, node in enumerate(order)}
+        for d in range(dims.dp):
+            slices = {slice_of[r // procs] for r in dims.model_parallel_ranks(d)}
+            assert len(slices) == 1, (dims.describe(), procs, d)
 
 
 # --------------------------------------------------------------------- placement
@@ -93,18 +129,17 @@ def test_with_volcano_the_queue_is_volcanos_and_nothing_goes_to_kueue() -> None:
         plan(parse_job(body))
 
 
-def test_job_level_groups_master_and_workers() -> None:
+def test_job_level_places_the_one_pod_set() -> None:
     where, problems = _placement({"jobLevel": "example.com/block", "jobPolicy": "Preferred"})
     assert problems == [] and where is not None
-    both = {kueue.PREFERRED_TOPOLOGY: "example.com/block", kueue.POD_SET_GROUP: "kubetron-job"}
-    assert where.annotations(4) == {"Master": both, "Worker": both}
-    assert where.annotations(1) == {"Master": {kueue.PREFERRED_TOPOLOGY: "example.com/block"}}
+    assert where.annotations() == {kueue.PREFERRED_TOPOLOGY: "example.com/block"}
 
 
 def test_a_model_parallel_group_inside_one_pod_needs_nothing() -> None:
     assert _placement({"modelParallelLevel": "rack"}, tp=4) == (None, [])
     where, _ = _placement({"modelParallelLevel": "rack", "jobLevel": "block"}, tp=4)
     assert where == kueue.Placement("block", kueue.TopologyPolicy.REQUIRED)
+    assert where.annotations() == {kueue.REQUIRED_TOPOLOGY: "block"}
 
 
 def test_a_model_parallel_group_that_is_the_whole_job_is_the_jobs_required_level() -> None:
@@ -114,10 +149,16 @@ def test_a_model_parallel_group_that_is_the_whole_job_is_the_jobs_required_level
     assert "remove jobLevel (block) or modelParallelLevel" in problems[0]
 
 
-def test_groups_across_pods_with_data_parallel_are_refused_with_the_alternatives() -> None:
-    _, problems = _placement({"modelParallelLevel": "rack"}, world=32, tp=16)
-    assert "spans 2 pods and there are 2 data-parallel replicas" in problems[0]
-    assert "Use jobLevel" in problems[0]
+def test_groups_across_pods_with_data_parallel_are_slices_of_consecutive_pods() -> None:
+    where, problems = _placement({"modelParallelLevel": "rack"}, world=32, tp=8, pp=2)
+    assert problems == [] and where is not None
+    assert where.annotations() == {kueue.SLICE_TOPOLOGY: "rack", kueue.SLICE_SIZE: "2"}
+    where, _ = _placement({"modelParallelLevel": "rack", "jobLevel": "block"}, world=64, tp=16)
+    assert where is not None and where.annotations() == {
+        kueue.REQUIRED_TOPOLOGY: "block",
+        kueue.SLICE_TOPOLOGY: "rack",
+        kueue.SLICE_SIZE: "2",
+    }
 
 
 def test_plan_reports_topology_problems() -> None:
@@ -135,10 +176,9 @@ def test_a_queued_pytorchjob_is_created_suspended_with_the_label_and_annotations
     pj = render(job, plan(job))[1]
     assert pj["metadata"]["labels"][kueue.QUEUE_LABEL] == "team"
     assert pj["spec"]["runPolicy"]["suspend"] is True
-    for rtype in ("Master", "Worker"):
-        ann = pj["spec"]["pytorchReplicaSpecs"][rtype]["template"]["metadata"]["annotations"]
-        assert ann == {"a": "b", kueue.REQUIRED_TOPOLOGY: "rack",
-                       kueue.POD_SET_GROUP: "kubetron-job"}  # fmt: skip
+    assert list(pj["spec"]["pytorchReplicaSpecs"]) == ["Worker"]
+    ann = pj["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["metadata"]["annotations"]
+    assert ann == {"a": "b", kueue.REQUIRED_TOPOLOGY: "rack"}
 
 
 # --------------------------------------------------------------------- the Workload
@@ -234,7 +274,7 @@ def test_what_kueue_adds_when_it_starts_the_job_is_no_drift_and_survives_a_repai
     # Kueue admits: un-suspends and adds its ResourceFlavor's toleration and node labels
     flavor = {"key": "gpu-pool", "operator": "Exists", "effect": "NoSchedule"}
     _pj(queued)["spec"]["runPolicy"]["suspend"] = False
-    pod = _pj(queued)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    pod = _pj(queued)["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
     pod["tolerations"] = [*pod.get("tolerations", []), flavor]
     pod["nodeSelector"] = {**pod.get("nodeSelector", {}), "pool": "h100"}
     queued.applied.clear()
@@ -244,7 +284,7 @@ def test_what_kueue_adds_when_it_starts_the_job_is_no_drift_and_survives_a_repai
     c.reconcile("ml", "job")
     assert queued.applied == ["PyTorchJob"]
     repaired = _pj(queued)
-    pod = repaired["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    pod = repaired["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
     assert pod["containers"][0]["image"] != "someone/else:1"
     assert flavor in pod["tolerations"] and repaired["spec"]["runPolicy"]["suspend"] is False
 
@@ -255,14 +295,14 @@ def test_kueue_evicting_a_running_job_is_no_failure(queued: FakeKube) -> None:
     c = Controller(queued, OperatorMetrics())  # type: ignore[arg-type]
     c.reconcile("ml", "job")
     _pj(queued)["spec"]["runPolicy"]["suspend"] = False  # admitted
-    trainer_pod(queued, "master-0", 1)
+    trainer_pod(queued, "worker-0", 1)
     c.reconcile("ml", "job")
     assert _status(queued)["phase"] == "Running"
     # preempted: Kueue suspends the PyTorchJob, the training-operator stops the pods (143)
     evicted = {"type": "Evicted", "status": "True", "reason": "Preempted", "message": "by hi"}
     _kueue_made_workload(queued, evicted)
     _pj(queued)["spec"]["runPolicy"]["suspend"] = True
-    trainer_pod(queued, "master-0", 1, "Failed", code=143)
+    trainer_pod(queued, "worker-0", 1, "Failed", code=143)
     assert c.reconcile("ml", "job") == "success"
     st = _status(queued)
     assert (st["phase"], st["restarts"], st["attempt"]) == ("Queued", 0, 1)
@@ -278,12 +318,12 @@ def test_an_eviction_between_the_reads_is_no_failure(queued: FakeKube) -> None:
     c = Controller(queued, OperatorMetrics())  # type: ignore[arg-type]
     c.reconcile("ml", "job")
     _pj(queued)["spec"]["runPolicy"]["suspend"] = False
-    trainer_pod(queued, "master-0", 1)
+    trainer_pod(queued, "worker-0", 1)
     c.reconcile("ml", "job")
     assert _status(queued)["phase"] == "Running"
     stale = queued.get("PyTorchJob", "ml", "job")
     _pj(queued)["spec"]["runPolicy"]["suspend"] = True  # Kueue evicts
-    del queued.objects[("Pod", "ml", "job-master-0")]  # the training-operator stops the pods
+    del queued.objects[("Pod", "ml", "job-worker-0")]  # the training-operator stops the pods
     reads = iter([stale])
     get = queued.get
     queued.get = lambda kind, ns, name: (  # type: ignore[method-assign]

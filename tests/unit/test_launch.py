@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from kubetron_trainer.launch import (
+    LaunchError,
+    node_rank,
     pod_exit_code,
     read_worker_codes,
     termination_message,
@@ -55,3 +57,25 @@ def test_old_style_code_files_without_a_message_still_count(tmp_path: Path) -> N
     (tmp_path / "rank-0").write_text("143\n")
     assert read_worker_codes(tmp_path) == [(143, "")]
     assert termination_message(143, [(143, "")]) == ""
+
+
+def test_node_rank_is_the_operators_order_at_the_pods_replica_index() -> None:
+    order = {"KUBETRON_NODE_RANKS": "0,2,1,3"}
+    assert [node_rank({**order, "KUBETRON_REPLICA_INDEX": str(i)}) for i in range(4)] == [
+        "0", "2", "1", "3"
+    ]  # fmt: skip
+    assert node_rank({}) is None  # outside a kubetron pod: torchrun's own flags and env
+
+
+@pytest.mark.parametrize(
+    ("index", "ranks", "says"),
+    [
+        ("x", "0,1", "KUBETRON_REPLICA_INDEX='x' is not a pod index"),
+        ("0", "", "KUBETRON_NODE_RANKS='' is not an order of node ranks"),
+        ("0", "0,2", "KUBETRON_NODE_RANKS='0,2' is not an order of node ranks"),
+        ("2", "0,1", "KUBETRON_REPLICA_INDEX=2 but KUBETRON_NODE_RANKS has 2 pods"),
+    ],
+)
+def test_a_bad_pod_environment_is_named(index: str, ranks: str, says: str) -> None:
+    with pytest.raises(LaunchError, match=says):
+        node_rank({"KUBETRON_REPLICA_INDEX": index, "KUBETRON_NODE_RANKS": ranks})

@@ -46,59 +46,59 @@ def judge(pods: list[Obj], pj: Obj | None = None, **kw: Any) -> Verdict:
 
 
 def test_all_pods_running_runs_and_fewer_waits() -> None:
-    assert judge([pod("master-0"), pod("worker-0")]).action == "run"
-    assert judge([pod("master-0"), pod("worker-0", phase="Pending")], running_since=None).action \
+    assert judge([pod("worker-0"), pod("worker-1")]).action == "run"
+    assert judge([pod("worker-0"), pod("worker-1", phase="Pending")], running_since=None).action \
         == "wait"  # fmt: skip
 
 
 def test_a_permanent_exit_fails_naming_pod_container_and_code() -> None:
-    v = judge([exited("master-0", 2, message="rank-0: config field x: bad"), pod("worker-0")])
+    v = judge([exited("worker-0", 2, message="rank-0: config field x: bad"), pod("worker-1")])
     assert (v.action, v.reason) == ("fail", "PodFailed")
     assert v.message == (
-        "pod job-master-0 container pytorch exited with code 2 (Error): rank-0: config field x: bad"
+        "pod job-worker-0 container pytorch exited with code 2 (Error): rank-0: config field x: bad"
     )
 
 
 @pytest.mark.parametrize(("code", "reason"), [(134, "Error"), (137, "OOMKilled"), (143, "Error")])
 def test_a_retryable_exit_restarts(code: int, reason: str) -> None:
-    v = judge([exited("worker-0", code, reason), pod("master-0")])
+    v = judge([exited("worker-1", code, reason), pod("worker-0")])
     assert (v.action, v.reason) == ("restart", "PodFailed")
     assert f"exited with code {code} ({reason})" in v.message
 
 
 def test_a_permanent_exit_wins_over_a_retryable_one() -> None:
-    assert judge([exited("master-0", 137), exited("worker-0", 1)]).action == "fail"
+    assert judge([exited("worker-0", 137), exited("worker-1", 1)]).action == "fail"
 
 
 def test_pods_of_other_attempts_are_ignored() -> None:
-    old = exited("master-0", 2)
+    old = exited("worker-0", 2)
     old["metadata"]["labels"]["kubetron.io/attempt"] = "1"
-    v = judge([old, pod("master-0", attempt=2), pod("worker-0", attempt=2)], attempt=2)
+    v = judge([old, pod("worker-0", attempt=2), pod("worker-1", attempt=2)], attempt=2)
     assert v.action == "run"
 
 
 def test_eviction_and_disruption_restart() -> None:
-    evicted = pod("worker-0", phase="Failed", reason="Evicted", message="low on memory")
-    assert judge([pod("master-0"), evicted]) == Verdict(
-        "restart", "PodDisrupted", "pod job-worker-0 evicted: low on memory"
+    evicted = pod("worker-1", phase="Failed", reason="Evicted", message="low on memory")
+    assert judge([pod("worker-0"), evicted]) == Verdict(
+        "restart", "PodDisrupted", "pod job-worker-1 evicted: low on memory"
     )
     cond = {"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager",
             "message": "Taint manager: deleting due to NoExecute taint"}  # fmt: skip
-    v = judge([pod("master-0"), pod("worker-0", conditions=[cond])])
+    v = judge([pod("worker-0"), pod("worker-1", conditions=[cond])])
     assert (v.action, v.reason) == ("restart", "PodDisrupted")
     assert "DeletionByTaintManager" in v.message
 
 
 def test_a_deleted_or_recreated_pod_restarts() -> None:
-    deleting = pod("worker-0", meta={"deletionTimestamp": T1})
-    assert judge([pod("master-0"), deleting]).reason == "PodDeleted"
-    recreated = pod("worker-0", created=T1)  # after the attempt was seen running
-    v = judge([pod("master-0"), recreated])
+    deleting = pod("worker-1", meta={"deletionTimestamp": T1})
+    assert judge([pod("worker-0"), deleting]).reason == "PodDeleted"
+    recreated = pod("worker-1", created=T1)  # after the attempt was seen running
+    v = judge([pod("worker-0"), recreated])
     assert (v.action, v.reason) == ("restart", "PodDeleted")
     assert "re-created" in v.message
-    assert judge([pod("master-0")]).message == "1 of 2 pods are gone"
+    assert judge([pod("worker-0")]).message == "1 of 2 pods are gone"
     # before the attempt ran, a late pod is no restart
-    assert judge([pod("master-0"), recreated], running_since=None).action == "run"
+    assert judge([pod("worker-0"), recreated], running_since=None).action == "run"
 
 
 def test_pytorchjob_outcomes() -> None:
@@ -106,19 +106,19 @@ def test_pytorchjob_outcomes() -> None:
     assert judge([], done).action == "succeed"
     deadline = {"status": {"conditions": [
         {"type": "Failed", "status": "True", "reason": "PyTorchJobDeadlineExceeded"}]}}  # fmt: skip
-    assert judge([pod("master-0"), pod("worker-0")], deadline).action == "fail"
+    assert judge([pod("worker-0"), pod("worker-1")], deadline).action == "fail"
     unseen = {"status": {"conditions": [{"type": "Failed", "status": "True", "message": "x"}]}}
-    assert judge([pod("master-0"), pod("worker-0")], unseen) == Verdict(
+    assert judge([pod("worker-0"), pod("worker-1")], unseen) == Verdict(
         "restart", "ReplicaFailed", "x"
     )
 
 
 def test_suspended_is_neither_failure_nor_restart() -> None:
-    assert judge([exited("master-0", 143)], suspended=True).action == "suspend"
+    assert judge([exited("worker-0", 143)], suspended=True).action == "suspend"
 
 
 def test_progress_deadline() -> None:
-    pods = [pod("master-0"), pod("worker-0")]
+    pods = [pod("worker-0"), pod("worker-1")]
     progress = {"step": 7, "attempt": 1, "advancedAt": T1}
     kw = {"deadline_seconds": 600, "progress": progress}
     assert judge(pods, now="2026-01-01T00:14:00Z", **kw).action == "run"  # 9 min since T1
@@ -144,6 +144,6 @@ def test_advanced_at_moves_only_with_the_step() -> None:
 
 
 def test_running_and_clean_exits_are_not_failures() -> None:
-    ok = pod("master-0", containerStatuses=[{"name": "pytorch", "state": {"running": {}}}])
-    done = exited("worker-0", 0)
+    ok = pod("worker-0", containerStatuses=[{"name": "pytorch", "state": {"running": {}}}])
+    done = exited("worker-1", 0)
     assert container_exits([ok, done]) == []

@@ -43,10 +43,10 @@ def test_the_trainers_metrics_become_progress() -> None:
 def running(fake: FakeKube, ip: str = "10.213.0.20") -> None:
     pj = fake.objects[("PyTorchJob", "ml", "job")]
     pj["status"] = {"conditions": [{"type": "Running", "status": "True", "reason": "Running"}]}
-    labels = {"kubetron.io/job-name": "job", "training.kubeflow.org/replica-type": "master",
+    labels = {"kubetron.io/job-name": "job", "training.kubeflow.org/job-role": "master",
               "kubetron.io/attempt": "1"}  # fmt: skip
     fake.put({"apiVersion": "v1", "kind": "Pod",
-              "metadata": {"name": "job-master-0", "namespace": "ml", "labels": labels},
+              "metadata": {"name": "job-worker-0", "namespace": "ml", "labels": labels},
               "status": {"phase": "Running", "podIP": ip}})  # fmt: skip
 
 

@@ -50,11 +50,19 @@ def _pytorchjob(**fields: Any) -> dict[str, Any]:
     return render(job, plan(job))[1]
 
 
-def test_master_and_workers_from_nodes() -> None:
+def test_one_worker_per_node_with_the_rendezvous_on_worker_0() -> None:
     pj = _pytorchjob(nodes=3, globalBatchSize=48)
     replicas = pj["spec"]["pytorchReplicaSpecs"]
-    assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 2
+    # no Master: worker 0 (node rank 0) is the rendezvous, one pod set for Kueue
+    assert list(replicas) == ["Worker"] and replicas["Worker"]["replicas"] == 3
     assert pj["spec"]["nprocPerNode"] == "8"
+    env = replicas["Worker"]["template"]["spec"]["containers"][0]["env"]
+    values = {e["name"]: e.get("value") for e in env}
+    assert (values["PET_MASTER_ADDR"], values["PET_MASTER_PORT"]) == ("job-worker-0", "23456")
+    assert values["KUBETRON_NODE_RANKS"] == "0,1,2"
+    index = next(e for e in env if e["name"] == "KUBETRON_REPLICA_INDEX")
+    path = "metadata.labels['training.kubeflow.org/replica-index']"
+    assert index["valueFrom"] == {"fieldRef": {"fieldPath": path}}
     # the operator restarts whole groups itself: the training-operator never restarts a pod
     assert {r["restartPolicy"] for r in replicas.values()} == {"Never"}
     for r in replicas.values():
@@ -68,16 +76,16 @@ def test_the_attempt_reaches_labels_and_environment() -> None:
     job = make_job()
     job.metadata["uid"] = "u-1"
     pj = render(job, plan(job), attempt=3)[1]
-    template = pj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    template = pj["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]
     env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0]["env"]}
     assert (env["KUBETRON_ATTEMPT"], env["KUBETRON_JOB_UID"]) == ("3", "u-1")
     assert template["metadata"]["labels"]["kubetron.io/attempt"] == "3"
     single = _pytorchjob(nodes=1)["spec"]["pytorchReplicaSpecs"]
-    assert list(single) == ["Master"]
+    assert list(single) == ["Worker"] and single["Worker"]["replicas"] == 1
 
 
 def test_pod_template_runs_torchrun_with_gpus_shm_and_metrics_port() -> None:
-    pod = _pytorchjob()["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    pod = _pytorchjob()["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
     (c,) = pod["containers"]
     assert c["name"] == "pytorch"
     assert c["command"] == ["python", "-m", "kubetron_trainer.launch"]  # wraps torchrun
@@ -118,7 +126,7 @@ def test_run_policy_scheduling_and_kueue_label() -> None:
     assert rp["schedulingPolicy"] == {"minAvailable": 1, "queue": "team-a"}
     # with volcano the queue is Volcano's (the PodGroup's), not a Kueue LocalQueue
     assert "kueue.x-k8s.io/queue-name" not in pj["metadata"]["labels"]
-    pod = pj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    pod = pj["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
     assert pod["schedulerName"] == "volcano"
     del obj["spec"]["scheduling"]["schedulerName"]
     job = parse_job(obj)
@@ -127,12 +135,12 @@ def test_run_policy_scheduling_and_kueue_label() -> None:
 
 def test_cpu_device_requests_no_gpu() -> None:
     pj = _pytorchjob(preset="gpt-tiny", device="cpu", precision="fp32", seqLength=64)
-    limits = pj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    limits = pj["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in limits["resources"]["limits"]
 
 
 def _trainer_pod(**fields: Any) -> dict[str, Any]:
-    return _pytorchjob(**fields)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    return _pytorchjob(**fields)["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
 
 
 def test_default_requests_cover_the_processes_and_shared_memory() -> None:
@@ -182,7 +190,7 @@ def test_run_policy_timeouts_reach_the_pods_and_the_trainer() -> None:
     body["spec"]["runPolicy"] = {"terminationGracePeriodSeconds": 1800,
                                  "collectiveTimeoutSeconds": 120}  # fmt: skip
     custom = parse_job(body)
-    pod = render(custom, plan(custom))[1]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    pod = render(custom, plan(custom))[1]["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]
     assert pod["spec"]["terminationGracePeriodSeconds"] == 1800
     assert plan(custom).trainer_config.collective_timeout_seconds == 120
     assert (

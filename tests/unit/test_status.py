@@ -58,7 +58,7 @@ def test_pytorchjob_failed_and_restarting_are_not_mirrored() -> None:
 
 
 def test_a_permanent_failure_is_the_failed_condition() -> None:
-    verdict = Verdict("fail", "PodFailed", "pod job-master-0 container pytorch exited with code 2")
+    verdict = Verdict("fail", "PodFailed", "pod job-worker-0 container pytorch exited with code 2")
     pj = _pj(("Failed", "True"), startTime=T0, completionTime=T1)
     status = job_status(Observed(1, {}, pj, []), plan(make_job()), "job", verdict, 1, T1)
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")

@@ -18,7 +18,7 @@ def torchrun_env(rank: int, local_world: int, world: int, **extra: str) -> dict[
         "LOCAL_WORLD_SIZE": str(local_world),
         "GROUP_RANK": str(rank // local_world),
         "GROUP_WORLD_SIZE": str(world // local_world),
-        "MASTER_ADDR": "job-master-0",
+        "MASTER_ADDR": "job-worker-0",
         "MASTER_PORT": "23456",
         "TORCHELASTIC_RUN_ID": "job",
     }
@@ -35,10 +35,10 @@ def test_reads_torchrun_variables() -> None:
         local_world_size=8,
         node_rank=1,
         num_nodes=4,
-        master_addr="job-master-0",
+        master_addr="job-worker-0",
         master_port=23456,
     )
-    assert topo.init_method == "tcp://job-master-0:23456"
+    assert topo.init_method == "tcp://job-worker-0:23456"
     assert [topo.node_of(r) for r in (0, 7, 8, 31)] == [0, 0, 1, 3]
 
 
@@ -127,12 +127,12 @@ def pytorchjob_env_without_torchrun(pod: int, nproc: int, pods: int) -> dict[str
     return {
         "RANK": str(pod),
         "WORLD_SIZE": str(pods * nproc),
-        "MASTER_ADDR": "job-master-0",
+        "MASTER_ADDR": "job-worker-0",
         "MASTER_PORT": "23456",
         "PET_NPROC_PER_NODE": str(nproc),
         "PET_NNODES": str(pods),
         "PET_NODE_RANK": str(pod),
-        "PET_MASTER_ADDR": "job-master-0",
+        "PET_MASTER_ADDR": "job-worker-0",
         "PET_MASTER_PORT": "23456",
     }
 

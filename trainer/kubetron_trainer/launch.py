@@ -8,6 +8,12 @@ themselves (torchrun would kill them 30 s after passing it on, cutting a checkpo
 exits with the code that describes the pod: a permanent worker error wins (the same config
 would fail again), then the largest retryable code. Torch-free: it only starts processes.
 
+In a kubetron pod it also gives torchrun the pod's node rank: the operator renders every pod
+from one template, with the pod's replica index (`KUBETRON_REPLICA_INDEX`, from the
+training-operator's label) and the node rank of every index (`KUBETRON_NODE_RANKS`, which puts
+each model-parallel group on consecutive pods for Kueue's topology slices), and the launcher sets
+`PET_NODE_RANK` from the two.
+
     python -m kubetron_trainer.launch [torchrun arguments] -m kubetron_trainer --config FILE
 """
 
@@ -22,6 +28,9 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+
+from kubetron_api.dims import NODE_RANKS_ENV, REPLICA_INDEX_ENV
+from kubetron_api.exitcodes import ExitCode
 
 log = logging.getLogger("kubetron.launch")
 
@@ -42,6 +51,35 @@ def pod_exit_code(torchrun_code: int, worker_codes: Sequence[int], signalled: bo
     if torchrun_code == 0:
         return 0
     return SIGTERM_CODE if signalled else LOST_WORKER_CODE
+
+
+class LaunchError(ValueError):
+    """The pod's environment cannot give torchrun a node rank."""
+
+
+def node_rank(env: dict[str, str]) -> str | None:
+    """PET_NODE_RANK for torchrun: the node rank `KUBETRON_NODE_RANKS` gives this pod's
+    `KUBETRON_REPLICA_INDEX`; None when the launcher runs outside a kubetron pod (no index)."""
+    index = env.get(REPLICA_INDEX_ENV, "").strip()
+    if not index:
+        return None
+    ranks = [r.strip() for r in env.get(NODE_RANKS_ENV, "").split(",") if r.strip()]
+    if not index.isdigit():
+        raise LaunchError(f"{REPLICA_INDEX_ENV}={index!r} is not a pod index (the "
+                          "training.kubeflow.org/replica-index label of the pod)")  # fmt: skip
+    if (
+        not ranks
+        or not all(r.isdigit() for r in ranks)
+        or sorted(map(int, ranks)) != list(range(len(ranks)))
+    ):
+        raise LaunchError(f"{NODE_RANKS_ENV}={env.get(NODE_RANKS_ENV, '')!r} is not an order of "
+                          "node ranks 0..nodes-1; the operator renders it")  # fmt: skip
+    if int(index) >= len(ranks):
+        raise LaunchError(
+            f"{REPLICA_INDEX_ENV}={index} but {NODE_RANKS_ENV} has {len(ranks)} pods: the "
+            "PyTorchJob has more workers than the MegatronJob's nodes"
+        )
+    return ranks[int(index)]
 
 
 # Kubernetes reads a container's termination message from here (terminationMessagePath) and
@@ -95,8 +133,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    try:
+        rank = node_rank(dict(os.environ))
+    except LaunchError as err:
+        log.error("%s", err)
+        write_termination_message(str(err)[:MESSAGE_LIMIT])
+        return int(ExitCode.ENVIRONMENT)  # the same pod would fail again
     with tempfile.TemporaryDirectory(prefix="kubetron-exit-") as codes_dir:
         env = {**os.environ, "KUBETRON_EXIT_CODE_DIR": codes_dir}
+        if rank is not None:
+            env["PET_NODE_RANK"] = rank
+            log.info("pod %s of %s: node rank %s", env[REPLICA_INDEX_ENV],
+                     env[NODE_RANKS_ENV], rank)  # fmt: skip
         proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], env=env)
         signalled = False
 

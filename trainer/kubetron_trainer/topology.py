@@ -30,8 +30,8 @@ DEFAULT_MASTER_ADDR = "127.0.0.1"
 DEFAULT_MASTER_PORT = 29500
 LAUNCH_HINT = (
     "start the trainer with torchrun, e.g. `torchrun --nproc-per-node=$PET_NPROC_PER_NODE "
-    "--nnodes=$PET_NNODES --node-rank=$PET_NODE_RANK --master-addr=$MASTER_ADDR "
-    "--master-port=$MASTER_PORT -m kubetron_trainer --config ...`"
+    "--nnodes=$PET_NNODES --node-rank=$PET_NODE_RANK --master-addr=$PET_MASTER_ADDR "
+    "--master-port=$PET_MASTER_PORT -m kubetron_trainer --config ...`"
 )
 
 
