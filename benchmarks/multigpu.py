@@ -1366,8 +1366,9 @@ def train8b_case(
     preset: str, shape: str, groups: list[str], seq: int = TRAIN8B_SEQ
 ) -> dict[str, Any]:
     arch = PRESETS[preset]
+    steps = int(os.environ.get("KUBETRON_TRAIN8B_STEPS", TRAIN8B_STEPS))
     cfg = trainer_config(
-        f"{preset}-{shape}", arch, preset, TRAIN8B_SHAPES[shape], steps=TRAIN8B_STEPS,
+        f"{preset}-{shape}", arch, preset, TRAIN8B_SHAPES[shape], steps=steps,
         seq=seq, micro_batch=TRAIN8B_MICRO, global_batch=TRAIN8B_GBS, fast_path="on",
     )  # fmt: skip
     runs: dict[str, Any] = {}
@@ -1379,7 +1380,7 @@ def train8b_case(
             runs[g] = {"error": f"{type(err).__name__}: {err}"[-3000:]}
     out: dict[str, Any] = {
         "preset": preset, "shape": shape, "parallelism": TRAIN8B_SHAPES[shape],
-        "recipe": {"steps": TRAIN8B_STEPS, "seq_length": seq, "micro_batch": TRAIN8B_MICRO,
+        "recipe": {"steps": steps, "seq_length": seq, "micro_batch": TRAIN8B_MICRO,
                    "global_batch": TRAIN8B_GBS, "precision": PRECISION, "fast_path": "on",
                    "distributed_optimizer": True, "warmup_steps_excluded": 2},
         "order": groups, "runs": runs,
@@ -1427,6 +1428,7 @@ def train8b_runs() -> dict[str, Any]:
             results.setdefault("not_run_for_time", []).append(key)
             continue
         results[key] = train8b_case(preset, shape, order, seq)
+        partial("train8b", results)
         print(f"[multigpu] train8b {key}: " + json.dumps(
             {g: r.get("mfu_per_gpu", r.get("error")) for g, r in results[key]["runs"].items()}
         ), file=sys.stderr, flush=True)  # fmt: skip
@@ -1502,6 +1504,7 @@ def profile8b_runs() -> dict[str, Any]:
             results[key] = profile8b_case(preset, shape, seq)
         except Exception as err:  # one shape's failure must not hide the others
             results[key] = {"error": f"{type(err).__name__}: {err}"[-3000:]}
+        partial("profile8b", results)
         brief = [r.get("timeline_share") for r in results[key].get("ranks", [])]
         print(f"[multigpu] profile8b {key}: {json.dumps(brief)}", file=sys.stderr, flush=True)
     return results
@@ -1718,6 +1721,16 @@ PIECES = [
 ]  # fmt: skip
 
 
+# main() sets it: a piece of several cases reports each finished case, so a run cut off by a
+# time limit keeps them in --output
+ON_PARTIAL: Any = None
+
+
+def partial(piece: str, results: dict[str, Any]) -> None:
+    if ON_PARTIAL is not None:
+        ON_PARTIAL(piece, results)
+
+
 # Each piece's raw result (or the exception it raised) in this process. The benchmark fills it;
 # tests/gpu/test_multigpu.py reads it, and with REUSE_ONLY skips pieces that did not run here.
 RESULTS: dict[str, Any] = {}
@@ -1810,6 +1823,13 @@ def main() -> int:
         "errors": {},
         "skipped_for_budget": [],
     }
+    global ON_PARTIAL
+
+    def on_partial(piece: str, results: dict[str, Any]) -> None:
+        report["results"][piece] = results
+        write(report, args.output)
+
+    ON_PARTIAL = on_partial
     done = []
     for piece in args.only or PIECES:
         if time.perf_counter() - began > args.budget_s:

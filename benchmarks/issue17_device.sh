@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# The device calls of issue 17's last part on one 2x H200 host (the `run` tool's nvidia-h200-x2),
+# each under 600 s: `bash benchmarks/issue17_device.sh CALL` with CALL 1, 2 or 3; results in
+# $OUT (at most 8 files). Every run is bounded by `timeout`, so the call returns its JSON even
+# when a run hangs; the 8B pieces write each finished case as it ends.
+#   1: profiles of Qwen3-8B TP2+SP, PP2, DP2 at seq 4096; seq 8192 TP2+SP (both models),
+#      Llama3-8B DP2
+#   2: seq 8192 Qwen3-8B DP2 and PP2, Llama3-8B DP2 with global groups (PLAN2 overrides);
+#      Qwen3-1.7B on one GPU, micro-batch x global-batch sweep (two runs at a time, one per
+#      GPU), a profile of the best
+#   3: Llama3-8B TP2+SP at 4096 with both kinds of groups (PLAN3 overrides, empty: none); GPU
+#      tests: SIGTERM during an async save, SFT on GPUs; the reshard piece and its tests
+#      (tests/gpu/test_reshard_gpu.py) if the time allows
+set -u
+CALL=${1:?call 1, 2 or 3}
+T0=$(date +%s)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD/api:$PWD/trainer:$PWD/operator:$PWD PYTHONUNBUFFERED=1
+export PYTHONWARNINGS=ignore KUBETRON_MULTIGPU_WORKDIR=/tmp NCCL_NVLS_ENABLE=0
+export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+LOG=$OUT/call$CALL.log
+left() { echo $((T0 + ${1} - $(date +%s))); }
+say() { echo "[issue17 +$(($(date +%s) - T0))s] $*" | tee -a "$LOG"; }
+mg() { python3 benchmarks/multigpu.py --no-tests "$@" 2>>"$LOG"; }
+
+say "call $CALL on $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tr '\n' ';') $(nproc) cores"
+
+case $CALL in
+1)
+  # CUDA-only profiling must see kernels; else record host ops too (KUBETRON_PROFILE_CPU)
+  n=$(python3 - <<'EOF' 2>>"$LOG"
+import torch
+from torch.profiler import ProfilerActivity, profile
+from kubetron_trainer.profiling import device_kernels, summarize
+a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+with profile(activities=[ProfilerActivity.CUDA]) as p:
+    for _ in range(5):
+        a @ a
+    torch.cuda.synchronize()
+k = device_kernels(p)
+print(len(k), summarize(k, 5).get("families_ms_per_step"))
+EOF
+)
+  say "profiler check: $n"
+  case "$n" in 0*|"") export KUBETRON_PROFILE_CPU=1; say "kernels not seen: host ops too" ;; esac
+  KUBETRON_TRAIN8B_UNTIL=$((T0 + 330)) KUBETRON_TRAIN8B_RUN_S=80 \
+    timeout $(left 340) python3 benchmarks/multigpu.py --no-tests --only profile8b \
+    --output "$OUT/profile8b.json" >/dev/null 2>>"$LOG"
+  say "profile8b done ($?)"
+  KUBETRON_TRAIN8B_UNTIL=$((T0 + 565)) KUBETRON_TRAIN8B_RUN_S=95 KUBETRON_TRAIN8B_STEPS=6 \
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+    KUBETRON_TRAIN8B=qwen3-8b:tp2_sp:dec:8192,llama3-8b:tp2_sp:dec:8192,llama3-8b:dp2:dec:8192 \
+    timeout $(left 585) python3 benchmarks/multigpu.py --no-tests --only train8b \
+    --output "$OUT/train8b_seq8192_a.json" >/dev/null 2>>"$LOG"
+  say "train8b done ($?)"
+  ;;
+2)
+  PLAN=${PLAN2:-qwen3-8b:dp2:dec:8192,llama3-8b:dp2:glo:8192,qwen3-8b:pp2:dec:8192}
+  KUBETRON_TRAIN8B_UNTIL=$((T0 + 330)) KUBETRON_TRAIN8B_RUN_S=95 KUBETRON_TRAIN8B_STEPS=6 \
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True KUBETRON_TRAIN8B=$PLAN \
+    timeout $(left 345) python3 benchmarks/multigpu.py --no-tests --only train8b \
+    --output "$OUT/train8b_seq8192_b.json" >/dev/null 2>>"$LOG"
+  say "train8b done ($?)"
+  common=(--skip-runs --preset qwen3-1.7b --seq 4096 --micro-batch 4 --global-batch 8
+    --variant-steps 8 --run-timeout 150)
+  CUDA_VISIBLE_DEVICES=0 timeout $(left 520) python3 benchmarks/trainer_throughput.py \
+    "${common[@]}" --workdir /tmp/q0 --variants on:4:8 on:4:32 on:8:32 \
+    --output "$OUT/q17_gpu0.json" >/dev/null 2>>"$LOG" &
+  CUDA_VISIBLE_DEVICES=1 timeout $(left 520) python3 benchmarks/trainer_throughput.py \
+    "${common[@]}" --workdir /tmp/q1 --variants on:8:16 on:6:24 on:2:32 \
+    --output "$OUT/q17_gpu1.json" >/dev/null 2>>"$LOG" &
+  wait
+  say "sweep done"
+  best=$(python3 - "$OUT"/q17_gpu0.json "$OUT"/q17_gpu1.json <<'EOF'
+import json, sys
+runs = [r for f in sys.argv[1:] for r in json.load(open(f)).get("ablations", []) if r.get("ok")]
+best = max(runs, key=lambda r: r["mfu"])
+print(f"{best['fast_path']}:{best['micro_batch']}:{best['global_batch']}")
+EOF
+)
+  say "best: $best"
+  if [ "$(left 590)" -gt 70 ]; then
+    CUDA_VISIBLE_DEVICES=0 timeout $(left 590) python3 benchmarks/trainer_throughput.py \
+      "${common[@]}" --workdir /tmp/qp --profile-variants "${best:-on:4:8}" \
+      --output "$OUT/q17_profile.json" >/dev/null 2>>"$LOG"
+    say "profile done ($?)"
+  fi
+  ;;
+3)
+  PLAN=${PLAN3-llama3-8b:tp2_sp:both}
+  if [ -n "$PLAN" ]; then
+    KUBETRON_TRAIN8B_UNTIL=$((T0 + 150)) KUBETRON_TRAIN8B_RUN_S=60 KUBETRON_TRAIN8B_STEPS=6 \
+      KUBETRON_TRAIN8B=$PLAN timeout $(left 160) python3 benchmarks/multigpu.py --no-tests \
+      --only train8b --output "$OUT/train8b_c.json" >/dev/null 2>>"$LOG"
+    say "train8b done ($?)"
+  fi
+  timeout $(left 330) python3 -m pytest -q -p no:cacheprovider --rootdir "$PWD" \
+    --junitxml "$OUT/tests_call3.xml" tests/gpu/test_async_sigterm_gpu.py tests/gpu/test_sft_gpu.py \
+    >>"$LOG" 2>&1
+  say "tests done ($?)"
+  if [ "$(left 590)" -gt "${RESHARD_NEEDS:-290}" ]; then
+    timeout $(left 590) python3 benchmarks/multigpu.py --only reshard --output "$OUT/reshard.json" \
+      >>"$LOG" 2>&1
+    say "reshard + tests done ($?)"
+  else
+    say "reshard not run: $(left 590) s left"
+  fi
+  ;;
+esac
+say "end"
