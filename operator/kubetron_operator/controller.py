@@ -100,6 +100,17 @@ class Controller:
             self._failed_pods[(meta["namespace"], job)][meta.get("uid") or meta["name"]] = pod
         return str(job)
 
+    @staticmethod
+    def workload_job(workload: Obj) -> str | None:
+        """The MegatronJob a Kueue Workload queues: the job-name label on its pod sets'
+        templates, which Kueue copies from the PyTorchJob (render puts it on every template).
+        None for the Workloads of other jobs."""
+        for pod_set in workload.get("spec", {}).get("podSets") or []:
+            labels = (pod_set.get("template") or {}).get("metadata", {}).get("labels") or {}
+            if labels.get(JOB_NAME_LABEL):
+                return str(labels[JOB_NAME_LABEL])
+        return None
+
     def resync(self) -> None:
         """Reconcile every job in the watched namespaces (retries, missed events)."""
         for ns in self.namespaces or (None,):

@@ -56,6 +56,14 @@ def make_registry(controller: Controller, resync_period: float) -> kopf.Operator
         if job is not None:
             await asyncio.to_thread(controller.reconcile, body["metadata"]["namespace"], job)
 
+    # Kueue's admission decisions (waiting reasons, quota reserved) change the Workload only;
+    # without Kueue's CRDs at startup kopf serves nothing here and the resync picks them up.
+    @kopf.on.event("kueue.x-k8s.io", "v1beta2", "workloads", registry=registry)
+    async def on_workload(body: kopf.Body, **_: Any) -> None:
+        job = controller.workload_job(dict(body))
+        if job is not None:
+            await asyncio.to_thread(controller.reconcile, body["metadata"]["namespace"], job)
+
     @kopf.on.startup(registry=registry)
     async def start_resync(memo: kopf.Memo, **_: Any) -> None:
         memo["resync"] = asyncio.create_task(_resync_forever(controller, resync_period))

@@ -181,6 +181,20 @@ def wait_queued(cluster: Cluster, ns: str, name: str, reason: str, says: str) ->
     return cluster.wait_for(check, timeout=60, what=f"MegatronJob {name} Queued ({reason}: {says})")
 
 
+def test_a_changed_waiting_reason_reaches_the_status_through_the_workload_watch(
+    kueue: Cluster, namespace: str, start_operator: Any
+) -> None:
+    """No resync within the test: the job first waits for a LocalQueue that does not exist;
+    once it exists the job waits for quota it can never get (16 GPUs from a ClusterQueue of
+    8). Only Kueue's Workload changes in between (the PyTorchJob stays suspended), so the new
+    reason reaches the status through the operator's watch on Workloads."""
+    start_operator("op-0", "--resync-period", "600")
+    _apply(kueue, namespace, queued_job("waiting", queue="later", nodes=2))
+    wait_queued(kueue, namespace, "waiting", "Inadmissible", "LocalQueue later doesn't exist")
+    local_queue(kueue, namespace, "later", PREEMPT_CLUSTER_QUEUE)
+    wait_queued(kueue, namespace, "waiting", "Pending", "nvidia.com/gpu")
+
+
 def test_over_quota_waits_queued_and_runs_after_the_first_finishes(
     kueue: Cluster, namespace: str, start_operator: Any
 ) -> None:

@@ -68,7 +68,7 @@ def test_the_dense_rank_formula() -> None:
             4,
             [[0, 4, 8], [1, 5, 9], [2, 6, 10], [3, 7, 11]],
             [0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11],
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_pod_groups_and_the_pod_order(
@@ -361,3 +361,15 @@ def test_a_queued_job_suspended_from_the_start_asks_for_no_quota(queued: FakeKub
     c.reconcile("ml", "job")
     assert _pj(queued)["spec"]["runPolicy"]["suspend"] is True
     assert _status(queued)["phase"] == "Queued"
+
+
+def test_a_workload_names_its_megatronjob_by_the_pod_template_label() -> None:
+    body = job_dict(nodes=2)
+    body["spec"]["scheduling"] = {"queue": "team"}
+    job = parse_job(body)
+    template = render(job, plan(job))[1]["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]
+    ours = {"spec": {"podSets": [{"name": "worker", "count": 2, "template": template}]}}
+    assert Controller.workload_job(ours) == job.name
+    other = {"spec": {"podSets": [{"name": "main", "template": {"metadata": {"labels": {}}}}]}}
+    assert Controller.workload_job(other) is None
+    assert Controller.workload_job({}) is None
