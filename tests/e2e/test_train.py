@@ -141,31 +141,3 @@ def test_permanent_exit_code_fails_the_job_naming_pod_and_code(
         "/checkpoints/no/such/dataset.bin does not exist" in messages
     ), messages
 
-
-def test_pods_take_their_node_rank_from_the_operators_order(
-    cluster: Cluster, trained: tuple[str, Path]
-) -> None:
-    """Pipeline 2 x data parallel 2 on four one-process pods: replica 0's stages are node ranks
-    0 and 2, so the operator orders the node ranks 0,2,1,3 over the pods (each model-parallel
-    group on consecutive pods, what Kueue's topology slices place) and each pod's launcher takes
-    its node rank from its replica index: pod 1 holds node rank 2, and the job trains."""
-    namespace, _ = trained
-    name = "gpt-tiny-cpu-reordered"
-    job = deploy.example_job(
-        parallelism={"tensor": 1, "pipeline": 2},
-        recipe={"trainIters": 10},
-        checkpoint={"path": "/checkpoints/reordered", "saveInterval": 1000},
-        resources={"nodes": 4, "gpusPerNode": 1, "cpu": "450m", "memory": "1536Mi"},
-    )
-    job["metadata"] = {"name": name, "namespace": namespace}
-    cluster.apply(job)
-    final = deploy.wait_final(cluster, namespace, name, TRAIN_TIMEOUT)
-    assert final["status"]["phase"] == "Succeeded", report(cluster, namespace, name)
-    pods = deploy.pods(cluster, namespace, name)
-    env = {e["name"]: e.get("value") for e in pods[0]["spec"]["containers"][0]["env"]}
-    assert env["KUBETRON_NODE_RANKS"] == "0,2,1,3"
-    assert "pod 1 of 0,2,1,3: node rank 2" in deploy.logs(cluster, namespace, f"{name}-worker-1")
-    log = deploy.logs(cluster, namespace, f"{name}-worker-0")
-    assert "rank=0/4 local_rank=0/1 node=0/4" in log, log[-3000:]
-    steps = deploy.steps(log)
-    assert [s for s, _, _ in steps] == [1, 5, 10] and steps[-1][1] < steps[0][1], log[-3000:]
