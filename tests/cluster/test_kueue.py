@@ -352,18 +352,22 @@ def test_a_four_node_job_lands_inside_one_block(
 
     # tensor 8 x pipeline 2 over 2 pods: one model-parallel group, required inside one rack;
     # with four of b1's five nodes taken no rack has two free nodes: it waits
-    pair = queued_job(
-        "pair", nodes=2, complete_after="600s",
-        parallelism={"tensor": 8, "pipeline": 2},
-        scheduling={"queue": TAS_QUEUE, "topology": {"modelParallelLevel": RACK}},
-    )  # fmt: skip
-    _apply(kueue, namespace, pair)
+    _apply(kueue, namespace, rack_groups_job("pair", nodes=2, complete_after="600s"))
     wait_queued(kueue, namespace, "pair", "Pending", 'topology "kubetron-test"')
     wait_phase(kueue, namespace, "placed", "Succeeded", timeout=90)
     wait_phase(kueue, namespace, "pair", "Running", timeout=90)
     nodes = [p["spec"]["nodeName"] for p in pods(kueue, namespace, "pair")]
     assert len(set(nodes)) == 2 and len({TAS_NODES[n][1] for n in nodes}) == 1, nodes
     _delete_and_wait(kueue, namespace, "pair")
+
+
+def rack_groups_job(name: str, nodes: int, complete_after: str) -> dict[str, Any]:
+    """Tensor 8 x pipeline 2 on 8-GPU pods, each model-parallel group inside one rack."""
+    return queued_job(
+        name, nodes=nodes, complete_after=complete_after,
+        parallelism={"tensor": 8, "pipeline": 2},
+        scheduling={"queue": TAS_QUEUE, "topology": {"modelParallelLevel": RACK}},
+    )  # fmt: skip
 
 
 def _delete_and_wait(cluster: Cluster, ns: str, name: str) -> None:
@@ -381,12 +385,7 @@ def test_model_parallel_slices_keep_each_group_inside_one_rack(
     inside one rack."""
     start_operator()
     local_queue(kueue, namespace, TAS_QUEUE, TAS_CLUSTER_QUEUE)
-    job = queued_job(
-        "sliced", nodes=4, complete_after="15s",
-        parallelism={"tensor": 8, "pipeline": 2},
-        scheduling={"queue": TAS_QUEUE, "topology": {"modelParallelLevel": RACK}},
-    )  # fmt: skip
-    _apply(kueue, namespace, job)
+    _apply(kueue, namespace, rack_groups_job("sliced", nodes=4, complete_after="15s"))
     wait_phase(kueue, namespace, "sliced", "Running", timeout=90)
     pj = kueue.get("pytorchjob", "sliced", namespace)
     assert pj is not None

@@ -140,4 +140,3 @@ def test_permanent_exit_code_fails_the_job_naming_pod_and_code(
         "rank-0: config field data.paths[0].prefix: "
         "/checkpoints/no/such/dataset.bin does not exist" in messages
     ), messages
-
