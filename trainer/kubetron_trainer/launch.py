@@ -34,10 +34,9 @@ from kubetron_api.exitcodes import ExitCode
 
 log = logging.getLogger("kubetron.launch")
 
-SIGTERM_CODE = 143
 # A worker that died without recording a code was killed by a signal (NCCL's watchdog abort,
 # the kernel): a restart may well succeed, and backoffLimit bounds the retries.
-LOST_WORKER_CODE = 134
+LOST_WORKER_CODE = ExitCode.COMMUNICATION
 
 
 def pod_exit_code(torchrun_code: int, worker_codes: Sequence[int], signalled: bool) -> int:
@@ -50,7 +49,7 @@ def pod_exit_code(torchrun_code: int, worker_codes: Sequence[int], signalled: bo
         return max(retryable)
     if torchrun_code == 0:
         return 0
-    return SIGTERM_CODE if signalled else LOST_WORKER_CODE
+    return int(ExitCode.SIGTERM if signalled else LOST_WORKER_CODE)
 
 
 class LaunchError(ValueError):
