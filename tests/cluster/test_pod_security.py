@@ -1,7 +1,7 @@
 """Trainer pods of every example pass the restricted Pod Security Standard, checked by the real
 API server's admission in a namespace that enforces it (server-side dry run of the pods the
-training-operator would create from the rendered templates, init container aside: that one
-is the training-operator's own, see docs/install.md).
+training-operator would create from the rendered templates, to which it adds no container:
+kubetron's PyTorchJobs have no Master, the only replica type it adds an init container for).
 """
 
 from __future__ import annotations
