@@ -22,7 +22,13 @@ from kubetron_operator.kube import ApiError, Kube, Obj
 from kubetron_operator.lifecycle import RESTART_GRACE_SECONDS, Verdict, attempt_of
 from kubetron_operator.metrics import OperatorMetrics
 from kubetron_operator.plan import Plan, PlanError, plan
-from kubetron_operator.render import JOB_NAME_LABEL, JOB_ROLE_LABEL, drifted, render
+from kubetron_operator.render import (
+    JOB_NAME_LABEL,
+    JOB_ROLE_LABEL,
+    drifted,
+    render,
+    replica_types,
+)
 from kubetron_operator.status import (
     Observed,
     invalid_status,
@@ -65,6 +71,7 @@ class Controller:
         # failed pods seen in watch events, by job: kept until the attempt is assessed, in case
         # the pod is deleted before a reconcile lists it (cleanPodPolicy All, a manual delete)
         self._failed_pods: defaultdict[tuple[str, str], dict[str, Obj]] = defaultdict(dict)
+        self._kept_layout: set[tuple[str, str, int]] = set()  # logged once per attempt
 
     def _lock(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
@@ -291,6 +298,17 @@ class Controller:
             live = live_job if obj["kind"] == "PyTorchJob" else None
             if live is None and obj["kind"] != "PyTorchJob":
                 live = self.kube.get(obj["kind"], meta["namespace"], meta["name"])
+            layout = replica_types(live) if live is not None else None
+            if obj["kind"] == "PyTorchJob" and layout and layout != replica_types(obj):
+                # made by an earlier operator (a Master pod set): applying the new layout over
+                # running pods would add a worker that meets nobody and orphan the master; the
+                # attempt runs on as it was created, and the next attempt has the new layout
+                if (key := (meta["namespace"], meta["name"], attempt)) not in self._kept_layout:
+                    self._kept_layout.add(key)
+                    log.info("%s/%s: the PyTorchJob of attempt %d has the pod sets %s, not %s: "
+                             "kept until the next attempt", *key, layout,
+                             replica_types(obj))  # fmt: skip
+                continue
             if obj["kind"] == "PyTorchJob" and queued:
                 if live is None and job.spec.run_policy.suspend:
                     continue

@@ -320,6 +320,12 @@ def _volume_mounts(job: MegatronJob) -> list[Obj]:
     return mounts + list(job.spec.resources.volume_mounts)
 
 
+def replica_types(pytorch_job: Obj) -> list[str]:
+    """The pod sets of a PyTorchJob: ["Worker"] as rendered now; ["Master", "Worker"] (or
+    ["Master"]) from earlier kubetron operators."""
+    return sorted(pytorch_job.get("spec", {}).get("pytorchReplicaSpecs") or {})
+
+
 def drifted(desired: object, live: object) -> bool:
     """True when `live` lacks or differs from anything `desired` sets. Fields only the live
     object has (defaults, status, other managers' fields) are not drift; lists must match

@@ -232,3 +232,29 @@ def test_pods_that_exit_on_suspend_are_no_failure_after_resume(kube: FakeKube) -
     trainer_pod(kube, "worker-0", 1)  # the training-operator re-creates the pods
     assert c.reconcile("ml", "job") == "success"
     assert (status(kube)["phase"], status(kube)["attempt"]) == ("Running", 1)
+
+
+def test_a_running_pytorchjob_of_an_earlier_operator_keeps_its_master_until_the_next_attempt(
+    kube: FakeKube,
+) -> None:
+    """After an operator upgrade the running attempt's PyTorchJob (Master + Worker) is no drift
+    to repair: re-applied as Workers only it would gain a worker that meets nobody. The next
+    attempt is created with the current layout."""
+    reconcile(kube)
+    pj = kube.objects[("PyTorchJob", "ml", "job")]
+    replicas = pj["spec"]["pytorchReplicaSpecs"]
+    replicas["Master"] = replicas.pop("Worker")  # one node: a Master alone
+    kube.applied.clear()
+    trainer_pod(kube, "master-0", 1)
+    reconcile(kube)
+    reconcile(kube)
+    assert kube.applied == [] and status(kube)["phase"] == "Running"
+    assert sorted(kube.objects[("PyTorchJob", "ml", "job")]["spec"]["pytorchReplicaSpecs"]) == [
+        "Master"
+    ]  # fmt: skip
+    trainer_pod(kube, "master-0", 1, "Failed", code=143)  # preempted: the next attempt
+    assert reconcile(kube) == "restarted"  # stops attempt 1 (its PyTorchJob and pods)
+    reconcile(kube)  # creates attempt 2
+    new = kube.objects[("PyTorchJob", "ml", "job")]
+    assert status(kube)["attempt"] == 2
+    assert list(new["spec"]["pytorchReplicaSpecs"]) == ["Worker"]
