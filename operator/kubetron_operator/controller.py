@@ -298,17 +298,8 @@ class Controller:
             live = live_job if obj["kind"] == "PyTorchJob" else None
             if live is None and obj["kind"] != "PyTorchJob":
                 live = self.kube.get(obj["kind"], meta["namespace"], meta["name"])
-            layout = replica_types(live) if live is not None else None
-            if obj["kind"] == "PyTorchJob" and layout and layout != replica_types(obj):
-                # made by an earlier operator (a Master pod set): applying the new layout over
-                # running pods would add a worker that meets nobody and orphan the master; the
-                # attempt runs on as it was created, and the next attempt has the new layout
-                if (key := (meta["namespace"], meta["name"], attempt)) not in self._kept_layout:
-                    self._kept_layout.add(key)
-                    log.info("%s/%s: the PyTorchJob of attempt %d has the pod sets %s, not %s: "
-                             "kept until the next attempt", *key, layout,
-                             replica_types(obj))  # fmt: skip
-                continue
+            if obj["kind"] == "PyTorchJob" and live is not None:
+                self._keep_pod_sets(obj, live, attempt)
             if obj["kind"] == "PyTorchJob" and queued:
                 if live is None and job.spec.run_policy.suspend:
                     continue
@@ -322,6 +313,21 @@ class Controller:
             if obj["kind"] == "PyTorchJob":
                 live_job = live
         return live_job
+
+    def _keep_pod_sets(self, desired: Obj, live: Obj, attempt: int) -> None:
+        """A live PyTorchJob made by an earlier operator (a Master pod set) keeps its pod sets
+        for its attempt: applying the new layout over running pods would add a worker that
+        meets nobody and orphan the master. The rest (runPolicy among it) follows the spec; the
+        next attempt has the new layout."""
+        have, want = replica_types(live), replica_types(desired)
+        if have == want:
+            return
+        desired["spec"]["pytorchReplicaSpecs"] = live["spec"]["pytorchReplicaSpecs"]
+        meta = desired["metadata"]
+        if (key := (meta["namespace"], meta["name"], attempt)) not in self._kept_layout:
+            self._kept_layout.add(key)
+            log.info("%s/%s: the PyTorchJob of attempt %d keeps its pod sets %s (not %s) "
+                     "until the next attempt", *key, have, want)  # fmt: skip
 
     def _sync_workload(self, job: MegatronJob, pytorch_job: Obj | None) -> Obj | None:
         """Kueue's Workload for the PyTorchJob (None before Kueue made it, or without Kueue),

@@ -310,3 +310,36 @@ def test_deleted_and_edited_children_of_a_running_job_are_repaired(
         timeout=30,
         what="the edited ConfigMap to be restored",
     )
+
+
+def test_a_running_job_of_an_earlier_operator_keeps_its_master_pod_set(
+    kubetron: Cluster, namespace: str, start_operator: Any
+) -> None:
+    """An operator upgrade over a running job: its PyTorchJob, applied by an earlier operator
+    with a Master pod set, keeps both pod sets and its pods (re-applied workers-only it would
+    gain a worker that meets nobody), while the rest of the spec, a suspend, still reaches it."""
+    _apply(kubetron, namespace, fake_gpu_job("old", nodes=2, complete_after="600s"))
+    body = kubetron.get("megatronjob", "old", namespace)
+    assert body is not None
+    job = parse_job(body)
+    pj = render(job, plan(job))[1]
+    replicas = pj["spec"]["pytorchReplicaSpecs"]
+    replicas["Master"] = {**replicas["Worker"], "replicas": 1}
+    replicas["Worker"] = {**replicas["Worker"], "replicas": 1}
+    kubetron.kubectl(
+        "apply", "--server-side", "--field-manager=kubetron-operator", "-f", "-",
+        input=json.dumps(pj),
+    )  # fmt: skip
+    start_operator()
+    wait_phase(kubetron, namespace, "old", "Running", timeout=60)
+    time.sleep(12)  # two resyncs
+    live = kubetron.get("pytorchjob", "old", namespace) or {}
+    assert sorted(live["spec"]["pytorchReplicaSpecs"]) == ["Master", "Worker"]
+    pods = sorted(p["metadata"]["name"] for p in _items(kubetron, "pods", namespace))
+    assert pods == ["old-master-0", "old-worker-0"], pods
+    patch = json.dumps({"spec": {"runPolicy": {"suspend": True}}})
+    kubetron.kubectl("patch", "mj", "old", "-n", namespace, "--type", "merge", "-p", patch)
+    wait_phase(kubetron, namespace, "old", "Suspended", timeout=60)
+    live = kubetron.get("pytorchjob", "old", namespace) or {}
+    assert live["spec"]["runPolicy"]["suspend"] is True
+    assert sorted(live["spec"]["pytorchReplicaSpecs"]) == ["Master", "Worker"]

@@ -237,9 +237,9 @@ def test_pods_that_exit_on_suspend_are_no_failure_after_resume(kube: FakeKube) -
 def test_a_running_pytorchjob_of_an_earlier_operator_keeps_its_master_until_the_next_attempt(
     kube: FakeKube,
 ) -> None:
-    """After an operator upgrade the running attempt's PyTorchJob (Master + Worker) is no drift
-    to repair: re-applied as Workers only it would gain a worker that meets nobody. The next
-    attempt is created with the current layout."""
+    """After an operator upgrade the running attempt's PyTorchJob (a Master) keeps its pod
+    sets: re-applied as Workers only it would gain a worker that meets nobody. The rest still
+    follows the spec (a suspend reaches it); the next attempt has the current layout."""
     reconcile(kube)
     pj = kube.objects[("PyTorchJob", "ml", "job")]
     replicas = pj["spec"]["pytorchReplicaSpecs"]
@@ -252,6 +252,16 @@ def test_a_running_pytorchjob_of_an_earlier_operator_keeps_its_master_until_the_
     assert sorted(kube.objects[("PyTorchJob", "ml", "job")]["spec"]["pytorchReplicaSpecs"]) == [
         "Master"
     ]  # fmt: skip
+    job = kube.objects[("MegatronJob", "ml", "job")]
+    job["spec"]["runPolicy"] = {**job["spec"].get("runPolicy", {}), "suspend": True}
+    job["metadata"]["generation"] = 2
+    reconcile(kube)
+    pj = kube.objects[("PyTorchJob", "ml", "job")]
+    assert pj["spec"]["runPolicy"]["suspend"] is True
+    assert list(pj["spec"]["pytorchReplicaSpecs"]) == ["Master"]
+    job["spec"]["runPolicy"]["suspend"] = False
+    job["metadata"]["generation"] = 3
+    reconcile(kube)
     trainer_pod(kube, "master-0", 1, "Failed", code=143)  # preempted: the next attempt
     assert reconcile(kube) == "restarted"  # stops attempt 1 (its PyTorchJob and pods)
     reconcile(kube)  # creates attempt 2
