@@ -1371,6 +1371,9 @@ def train8b_case(
         f"{preset}-{shape}", arch, preset, TRAIN8B_SHAPES[shape], steps=steps,
         seq=seq, micro_batch=TRAIN8B_MICRO, global_batch=TRAIN8B_GBS, fast_path="on",
     )  # fmt: skip
+    # e.g. 36: every layer of Qwen3-8B recomputed (its DP2 run at seq 8192 needs it)
+    recompute = int(os.environ.get("KUBETRON_TRAIN8B_RECOMPUTE", "0"))
+    cfg["recipe"]["recomputeLayers"] = recompute
     runs: dict[str, Any] = {}
     for g in groups:
         try:
@@ -1382,7 +1385,8 @@ def train8b_case(
         "preset": preset, "shape": shape, "parallelism": TRAIN8B_SHAPES[shape],
         "recipe": {"steps": steps, "seq_length": seq, "micro_batch": TRAIN8B_MICRO,
                    "global_batch": TRAIN8B_GBS, "precision": PRECISION, "fast_path": "on",
-                   "distributed_optimizer": True, "warmup_steps_excluded": 2},
+                   "distributed_optimizer": True, "warmup_steps_excluded": 2,
+                   "recompute_layers": recompute},
         "order": groups, "runs": runs,
     }  # fmt: skip
     dec, glo = runs.get("decentralized", {}), runs.get("global", {})

@@ -29,6 +29,7 @@ _SECTIONS = {
         "precision",
         "fastPath",
         "kind",
+        "recomputeLayers",
     },
     "parallelism": {
         "tensor",

@@ -283,6 +283,15 @@ class RecipeSpec(ApiModel):
     lr_schedule: LRScheduleSpec = Field(
         default_factory=LRScheduleSpec, description="Learning-rate schedule."
     )
+    recompute_layers: int = Field(
+        default=0,
+        ge=0,
+        description="Transformer layers of each pipeline stage (each model chunk with virtual "
+        "pipelining) whose activations are recomputed in the backward pass instead of kept: "
+        "Megatron-Core's full recompute, block method. 0 keeps every layer's activations; the "
+        "stage's layer count recomputes all of them (the least memory, about a third more "
+        "compute). For long sequences that do not fit otherwise. Needs GPUs.",
+    )
     seed: int = Field(default=1234, ge=0, description="Random seed (model init and data).")
     log_interval: int = Field(default=10, ge=1, description="Steps between progress lines.")
     fast_path: str = Field(

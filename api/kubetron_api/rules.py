@@ -67,6 +67,15 @@ SHAPE_RULES: tuple[Rule, ...] = (
         "virtualPipeline={pipeline}*{virtualPipeline}={pipeline * virtualPipeline}",
     ),
     Rule(
+        "recompute-within-stage",
+        "spec.recipe.recomputeLayers",
+        "recomputeLayers <= numLayers / (pipeline * virtualPipeline)",
+        "spec.recipe.recomputeLayers={recomputeLayers} exceeds the "
+        "{numLayers / (pipeline * virtualPipeline)} layers of a pipeline stage (model numLayers="
+        "{numLayers} over spec.parallelism.pipeline*virtualPipeline={pipeline * virtualPipeline}); "
+        "use at most that many (all of them recomputes every layer)",
+    ),
+    Rule(
         "seq-per-context-chunk",
         "spec.recipe.seqLength",
         "context == 1 || seqLength % (2 * context) == 0",
@@ -176,6 +185,13 @@ CPU_RULES: tuple[Rule, ...] = (
         "use pipeline 1 with spec.resources.device cpu",
     ),
     Rule(
+        "cpu-recompute",
+        "spec.recipe.recomputeLayers",
+        "device != 'cpu' || recomputeLayers == 0",
+        "spec.recipe.recomputeLayers needs GPUs (Megatron-Core's recompute saves and restores the "
+        "CUDA RNG states); use 0 with spec.resources.device cpu",
+    ),
+    Rule(
         "cpu-sequence-parallel",
         "spec.parallelism.sequenceParallel",
         "device != 'cpu' || !sequenceParallel",
@@ -209,6 +225,7 @@ CEL_PATHS: dict[str, str | None] = {
     "seqLength": "self.recipe.seqLength",
     "microBatchSize": "self.recipe.microBatchSize",
     "globalBatchSize": "self.recipe.globalBatchSize",
+    "recomputeLayers": "self.recipe.recomputeLayers",
     "precision": "self.recipe.precision",
     "recipeKind": "self.recipe.kind",
     "dataType": "self.data.type",
@@ -289,6 +306,7 @@ class ShapeSpec:
             "seqLength": recipe.seq_length,
             "microBatchSize": recipe.micro_batch_size,
             "globalBatchSize": recipe.global_batch_size,
+            "recomputeLayers": recipe.recompute_layers,
             "precision": recipe.precision.value,
             "recipeKind": recipe.kind,
             "modelWeights": self.weights or "",
@@ -346,14 +364,9 @@ def check_shape(shape: ShapeSpec) -> ShapeCheck:
     return ShapeCheck(dims=dims, requirements=_requirements(shape.recipe, p))
 
 
-def check_device(device: Device, parallelism: ParallelismSpec) -> list[str]:
+def check_device(device: Device, cfg: TrainerConfig) -> list[str]:
     """The CPU rules for the device the trainer found itself on."""
-    values: dict[str, expr.Value] = {
-        "device": device,
-        "pipeline": parallelism.pipeline,
-        "sequenceParallel": parallelism.sequence_parallel,
-    }
-    return expr.broken(CPU_RULES, values, DERIVED)
+    return expr.broken(CPU_RULES, ShapeSpec.of_config(cfg, device).values(), DERIVED)
 
 
 def transformer_engine_uses(recipe: RecipeSpec, p: ParallelismSpec) -> list[str]:

@@ -93,6 +93,10 @@ CEL_CASES: dict[str, dict[str, Any]] = {
         "recipe": {"precision": "fp32"},
         "parallelism": {"tensor": 2, "sequenceParallel": True},
     },
+    "cpu-recompute": {
+        "resources": {"device": "cpu"},
+        "recipe": {"precision": "fp32", "recomputeLayers": 1},
+    },
 }
 
 

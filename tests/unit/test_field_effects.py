@@ -64,6 +64,7 @@ CHANGES: dict[str, tuple[Any, dict[str, Any]]] = {
     "spec.recipe.seed": (7, {}),
     "spec.recipe.logInterval": (1, {}),
     "spec.recipe.fastPath": ("off", {}),
+    "spec.recipe.recomputeLayers": (2, {}),
     "spec.parallelism.tensor": (2, {}),
     "spec.parallelism.pipeline": (2, {}),
     "spec.parallelism.virtualPipeline": (2, {"spec.parallelism.pipeline": 2}),

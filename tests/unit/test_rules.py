@@ -127,6 +127,21 @@ BAD: list[tuple[str, str | None, dict[str, object], list[str]]] = [
         {"device": "cpu", "precision": "fp32", "tensor": 2, "sequenceParallel": True},
         ["spec.parallelism.sequenceParallel needs GPUs", "set it to false"],
     ),
+    (
+        "cpu-recompute",
+        "gpt-tiny",
+        {"device": "cpu", "precision": "fp32", "recomputeLayers": 1, "seqLength": 64},
+        ["spec.recipe.recomputeLayers needs GPUs", "use 0 with spec.resources.device cpu"],
+    ),
+    (
+        "recompute-beyond-the-stage",
+        "qwen3-8b",  # 36 layers: 18 a stage
+        {"pipeline": 2, "recomputeLayers": 19},
+        [
+            "spec.recipe.recomputeLayers=19 exceeds the 18 layers of a pipeline stage",
+            "pipeline*virtualPipeline=2",
+        ],
+    ),
 ]
 
 

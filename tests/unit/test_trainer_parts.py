@@ -245,3 +245,25 @@ def test_interleaved_two_stage_pipeline_sends_one_direction_at_a_time(
     config = transformer_config(cfg, dims, torch.device("cpu"))
     assert config.batch_p2p_comm is batched
     assert config.virtual_pipeline_model_parallel_size == (vpp if vpp > 1 else None)
+
+
+@pytest.mark.parametrize(("layers", "expected"), [(0, None), (3, "full")])
+def test_recompute_layers_reach_megatrons_block_recompute(
+    layers: int, expected: str | None
+) -> None:
+    """recipe.recomputeLayers is Megatron's full recompute with the block method: the first N
+    layers of each model chunk recompute their activations (runs on GPUs only: the recompute
+    saves CUDA RNG states; tests/gpu/test_recompute_gpu.py trains with it)."""
+    from kubetron_api.config import PRESETS, TrainerConfig
+    from kubetron_trainer.models.build import transformer_config
+
+    arch = PRESETS["gpt-tiny"].model_copy(update={"num_layers": 8})
+    cfg = TrainerConfig.model_validate(
+        {"model": arch.model_dump(), "preset": "gpt-tiny", "worldSize": 2, "gpusPerNode": 2,
+         "parallelism": {"pipeline": 2}, "recipe": {"seqLength": 64, "recomputeLayers": layers}}
+    )  # fmt: skip
+    config = transformer_config(cfg, ParallelDims.from_degrees(2, pp=2), torch.device("cpu"))
+    assert config.recompute_granularity == expected
+    assert (config.recompute_method, config.recompute_num_layers) == (
+        ("block", 3) if layers else (None, None)
+    )

@@ -176,7 +176,7 @@ def run(
         except ValueError as err:
             raise ConfigError("--fast-path", str(err)) from None
     device = pick_device(args.device, topology.local_rank)
-    if device.type == "cpu" and (problems := check_device("cpu", cfg.parallelism)):
+    if device.type == "cpu" and (problems := check_device("cpu", cfg)):
         raise ParallelConfigError(problems, f"device cpu, world={cfg.world_size}")
     attention = args.attention
     if cfg.data.type == "chat":  # packed conversations: a block-diagonal mask TE's spec ignores

@@ -170,7 +170,7 @@ class CpuEngine:
     def __init__(
         self, cfg: TrainerConfig, chunks: list[GPTModel], pg: ProcessGroupCollection
     ) -> None:
-        problems = check_device("cpu", cfg.parallelism)
+        problems = check_device("cpu", cfg)
         if problems:  # the trainer checked them at start; here for callers that build engines
             raise ParallelConfigError(problems, "device cpu")
         if cfg.recipe.optimizer.distributed and pg.dp_cp.size() > 1:

@@ -122,7 +122,20 @@ def transformer_config(
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=False,
+        **recompute_options(cfg.recipe.recompute_layers),
     )
+
+
+def recompute_options(layers: int) -> dict[str, Any]:
+    """Megatron's full recompute of the first `layers` layers of each model chunk (block
+    method): their inputs are kept and the rest recomputed in the backward pass."""
+    if not layers:
+        return {}
+    return {
+        "recompute_granularity": "full",
+        "recompute_method": "block",
+        "recompute_num_layers": layers,
+    }
 
 
 def effective_fast_path(
