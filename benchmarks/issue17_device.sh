@@ -11,8 +11,11 @@
 #   3: Llama3-8B TP2+SP at 4096 with both kinds of groups (PLAN3 overrides, empty: none); GPU
 #      tests: SIGTERM during an async save, SFT on GPUs; the reshard piece and its tests
 #      (tests/gpu/test_reshard_gpu.py) if the time allows
+#   4: what is left: tests/gpu/test_recompute_gpu.py; Qwen3-8B DP2 at seq 8192 with every layer
+#      recomputed (recipe.recomputeLayers 36; it ran out of memory without); seq 8192 rows not
+#      run yet: Llama3-8B PP2, TP2+SP of both models with global groups (PLAN4 overrides)
 set -u
-CALL=${1:?call 1, 2 or 3}
+CALL=${1:?call 1, 2, 3 or 4}
 T0=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
@@ -106,6 +109,22 @@ EOF
   else
     say "reshard not run: $(left 590) s left"
   fi
+  ;;
+4)
+  timeout $(left 120) python3 -m pytest -q -p no:cacheprovider --rootdir "$PWD" \
+    --junitxml "$OUT/tests_call4.xml" tests/gpu/test_recompute_gpu.py >>"$LOG" 2>&1
+  say "recompute test done ($?)"
+  KUBETRON_TRAIN8B_UNTIL=$((T0 + 250)) KUBETRON_TRAIN8B_RUN_S=110 KUBETRON_TRAIN8B_STEPS=6 \
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True KUBETRON_TRAIN8B_RECOMPUTE=36 \
+    KUBETRON_TRAIN8B=qwen3-8b:dp2:dec:8192 timeout $(left 260) python3 benchmarks/multigpu.py \
+    --no-tests --only train8b --output "$OUT/train8b_recompute.json" >/dev/null 2>>"$LOG"
+  say "train8b with recompute done ($?)"
+  PLAN=${PLAN4:-llama3-8b:pp2:dec:8192,qwen3-8b:tp2_sp:glo:8192,llama3-8b:tp2_sp:glo:8192}
+  KUBETRON_TRAIN8B_UNTIL=$((T0 + 570)) KUBETRON_TRAIN8B_RUN_S=95 KUBETRON_TRAIN8B_STEPS=6 \
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True KUBETRON_TRAIN8B=$PLAN \
+    timeout $(left 585) python3 benchmarks/multigpu.py --no-tests --only train8b \
+    --output "$OUT/train8b_seq8192_d.json" >/dev/null 2>>"$LOG"
+  say "train8b done ($?)"
   ;;
 esac
 say "end"
