@@ -26,6 +26,16 @@ LOG=$OUT/call$CALL.log
 left() { echo $((T0 + ${1} - $(date +%s))); }
 say() { echo "[issue17 +$(($(date +%s) - T0))s] $*" | tee -a "$LOG"; }
 mg() { python3 benchmarks/multigpu.py --no-tests "$@" 2>>"$LOG"; }
+# train8b PLAN STOP TIMEOUT RUN_S NAME: the 8B cases of PLAN, 6 steps each, none started with
+# less than RUN_S a run left before T0+STOP, the whole killed at T0+TIMEOUT; -> $OUT/NAME.json.
+# Variables set before the call (KUBETRON_TRAIN8B_RECOMPUTE) reach the runs.
+train8b() {
+  KUBETRON_TRAIN8B_UNTIL=$((T0 + $2)) KUBETRON_TRAIN8B_RUN_S=$4 KUBETRON_TRAIN8B_STEPS=6 \
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True KUBETRON_TRAIN8B=$1 \
+    timeout $(left "$3") python3 benchmarks/multigpu.py --no-tests --only train8b \
+    --output "$OUT/$5.json" >/dev/null 2>>"$LOG"
+  say "train8b $5 done ($?)"
+}
 
 say "call $CALL on $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tr '\n' ';') $(nproc) cores"
 
@@ -51,20 +61,12 @@ EOF
     timeout $(left 340) python3 benchmarks/multigpu.py --no-tests --only profile8b \
     --output "$OUT/profile8b.json" >/dev/null 2>>"$LOG"
   say "profile8b done ($?)"
-  KUBETRON_TRAIN8B_UNTIL=$((T0 + 565)) KUBETRON_TRAIN8B_RUN_S=95 KUBETRON_TRAIN8B_STEPS=6 \
-    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
-    KUBETRON_TRAIN8B=qwen3-8b:tp2_sp:dec:8192,llama3-8b:tp2_sp:dec:8192,llama3-8b:dp2:dec:8192 \
-    timeout $(left 585) python3 benchmarks/multigpu.py --no-tests --only train8b \
-    --output "$OUT/train8b_seq8192_a.json" >/dev/null 2>>"$LOG"
-  say "train8b done ($?)"
+  train8b qwen3-8b:tp2_sp:dec:8192,llama3-8b:tp2_sp:dec:8192,llama3-8b:dp2:dec:8192 \
+    565 585 95 train8b_seq8192_a
   ;;
 2)
-  PLAN=${PLAN2:-qwen3-8b:dp2:dec:8192,llama3-8b:dp2:glo:8192,qwen3-8b:pp2:dec:8192}
-  KUBETRON_TRAIN8B_UNTIL=$((T0 + 330)) KUBETRON_TRAIN8B_RUN_S=95 KUBETRON_TRAIN8B_STEPS=6 \
-    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True KUBETRON_TRAIN8B=$PLAN \
-    timeout $(left 345) python3 benchmarks/multigpu.py --no-tests --only train8b \
-    --output "$OUT/train8b_seq8192_b.json" >/dev/null 2>>"$LOG"
-  say "train8b done ($?)"
+  train8b "${PLAN2:-qwen3-8b:dp2:dec:8192,llama3-8b:dp2:glo:8192,qwen3-8b:pp2:dec:8192}" \
+    330 345 95 train8b_seq8192_b
   common=(--skip-runs --preset qwen3-1.7b --seq 4096 --micro-batch 4 --global-batch 8
     --variant-steps 8 --run-timeout 150)
   CUDA_VISIBLE_DEVICES=0 timeout $(left 520) python3 benchmarks/trainer_throughput.py \
@@ -114,17 +116,9 @@ EOF
   timeout $(left 120) python3 -m pytest -q -p no:cacheprovider --rootdir "$PWD" \
     --junitxml "$OUT/tests_call4.xml" tests/gpu/test_recompute_gpu.py >>"$LOG" 2>&1
   say "recompute test done ($?)"
-  KUBETRON_TRAIN8B_UNTIL=$((T0 + 250)) KUBETRON_TRAIN8B_RUN_S=110 KUBETRON_TRAIN8B_STEPS=6 \
-    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True KUBETRON_TRAIN8B_RECOMPUTE=36 \
-    KUBETRON_TRAIN8B=qwen3-8b:dp2:dec:8192 timeout $(left 260) python3 benchmarks/multigpu.py \
-    --no-tests --only train8b --output "$OUT/train8b_recompute.json" >/dev/null 2>>"$LOG"
-  say "train8b with recompute done ($?)"
-  PLAN=${PLAN4:-llama3-8b:pp2:dec:8192,qwen3-8b:tp2_sp:glo:8192,llama3-8b:tp2_sp:glo:8192}
-  KUBETRON_TRAIN8B_UNTIL=$((T0 + 570)) KUBETRON_TRAIN8B_RUN_S=95 KUBETRON_TRAIN8B_STEPS=6 \
-    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True KUBETRON_TRAIN8B=$PLAN \
-    timeout $(left 585) python3 benchmarks/multigpu.py --no-tests --only train8b \
-    --output "$OUT/train8b_seq8192_d.json" >/dev/null 2>>"$LOG"
-  say "train8b done ($?)"
+  KUBETRON_TRAIN8B_RECOMPUTE=36 train8b qwen3-8b:dp2:dec:8192 250 260 110 train8b_recompute
+  train8b "${PLAN4:-llama3-8b:pp2:dec:8192,qwen3-8b:tp2_sp:glo:8192,llama3-8b:tp2_sp:glo:8192}" \
+    570 585 95 train8b_seq8192_d
   ;;
 esac
 say "end"
