@@ -14,8 +14,12 @@
 #   4: what is left: tests/gpu/test_recompute_gpu.py; Qwen3-8B DP2 at seq 8192 with every layer
 #      recomputed (recipe.recomputeLayers 36; it ran out of memory without); seq 8192 rows not
 #      run yet: Llama3-8B PP2, TP2+SP of both models with global groups (PLAN4 overrides)
+#   5: one H200 (`run`'s nvidia-h200): the GPU tests of the fast path (the Triton RMSNorm and
+#      SwiGLU) and of recompute; benchmarks/kernels.py's norms at the Qwen3-1.7B and Qwen3-8B
+#      widths; Qwen3-1.7B with the fast path on, without swiglu, at global batch 64, and a
+#      profile of on at 8 x 32
 set -u
-CALL=${1:?call 1, 2, 3 or 4}
+CALL=${1:?call 1, 2, 3, 4 or 5}
 T0=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
@@ -119,6 +123,22 @@ EOF
   KUBETRON_TRAIN8B_RECOMPUTE=36 train8b qwen3-8b:dp2:dec:8192 250 260 110 train8b_recompute
   train8b "${PLAN4:-llama3-8b:pp2:dec:8192,qwen3-8b:tp2_sp:glo:8192,llama3-8b:tp2_sp:glo:8192}" \
     570 585 95 train8b_seq8192_d
+  ;;
+5)
+  timeout $(left 230) python3 -m pytest -q -p no:cacheprovider --rootdir "$PWD" \
+    --junitxml "$OUT/tests_call5.xml" tests/gpu/test_fast_path.py tests/gpu/test_recompute_gpu.py \
+    >>"$LOG" 2>&1
+  say "tests done ($?)"
+  timeout $(left 260) python3 benchmarks/kernels.py --only norms --iters 20 \
+    --output "$OUT/kernels_qwen3_1p7b.json" >>"$LOG" 2>&1
+  timeout $(left 290) python3 benchmarks/kernels.py --only norms --iters 20 --micro-batch 1 \
+    --hidden 4096 --ffn 12288 --heads 32 --output "$OUT/kernels_qwen3_8b.json" >>"$LOG" 2>&1
+  say "kernels done ($?)"
+  timeout $(left 590) python3 benchmarks/trainer_throughput.py --skip-runs --preset qwen3-1.7b \
+    --seq 4096 --micro-batch 4 --global-batch 8 --variant-steps 8 --run-timeout 150 \
+    --workdir /tmp/q5 --variants on:8:32 ce,norm,rope,cudnn,wgrad,adam:8:32 on:8:64 \
+    --profile-variants on:8:32 --output "$OUT/q17_call5.json" >/dev/null 2>>"$LOG"
+  say "qwen3-1.7b done ($?)"
   ;;
 esac
 say "end"

@@ -2,8 +2,10 @@
 
 Times forward+backward of the pieces the fast path can swap, at seq 4096, micro-batch 2,
 hidden 2048, 16 query / 8 key-value heads of 128: each SDPA backend (with grouped-query
-attention done by the kernel or by expanding K/V first), and the weight-gradient accumulation
-into an fp32 `main_grad` (bf16 GEMM + add vs one GEMM with an fp32 output). CUDA events,
+attention done by the kernel or by expanding K/V first), the weight-gradient accumulation
+into an fp32 `main_grad` (bf16 GEMM + add vs one GEMM with an fp32 output), and RMSNorm (hidden
+and q/k-head rows) and SwiGLU: kubetron's Triton kernels against Liger's, torch's and
+Megatron's, with the GB/s each reaches. CUDA events,
 median of `--iters` after warmup. It informs which spec choice `models/fused.py` makes; the
 end-to-end numbers are `trainer_throughput.py`'s.
 
@@ -13,6 +15,7 @@ end-to-end numbers are `trainer_throughput.py`'s.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 from collections.abc import Callable
@@ -101,6 +104,61 @@ def wgrad(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _gb_per_s(nbytes: float, ms: float) -> float:
+    return round(nbytes / ms / 1e6, 1)
+
+
+def norms_and_swiglu(args: argparse.Namespace) -> dict[str, Any]:
+    """RMSNorm forward+backward (kubetron's Triton kernels, Liger's, torch's) and SwiGLU
+    forward+backward (kubetron's, Megatron's `bias_swiglu_impl`), with the bytes each must
+    move (x, dy, dx; y, 2 halves and their gradients) over the time: GB/s."""
+    tokens = args.seq * args.micro_batch
+    hidden, ffn = args.hidden, args.ffn
+    from kubetron_trainer.models.kernels import SwiGLU, rms_norm
+
+    out: dict[str, Any] = {"rms_norm": {}, "swiglu": {}}
+    for name, shape in {
+        "hidden": (tokens, hidden),
+        "qk_head": (tokens * args.heads, args.head_dim),
+    }.items():
+        x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        w = torch.ones(shape[-1], device="cuda", dtype=torch.bfloat16).requires_grad_()
+        dy = torch.randn_like(x)
+        nbytes = 5 * x.numel() * x.element_size()  # fwd: read x, write y; bwd: x, dy, dx
+        impls: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+            "kubetron": lambda t, w=w: rms_norm(t, w, 1e-6),
+            "torch": lambda t, w=w: F.rms_norm(t, (t.shape[-1],), w, 1e-6),
+        }
+        try:
+            liger = importlib.import_module("liger_kernel.ops.rms_norm").LigerRMSNormFunction
+            impls["liger"] = lambda t, w=w, f=liger: f.apply(t, w, 1e-6, 0.0, "llama", False)
+        except ImportError:
+            pass
+        entry: dict[str, Any] = {"shape": list(shape)}
+        for impl, fn in impls.items():
+
+            def step(fn: Callable[[torch.Tensor], torch.Tensor] = fn, x=x, dy=dy) -> None:
+                fn(x).backward(dy)
+
+            ms = timed(step, args.iters)
+            entry[impl] = {"fwd_bwd_ms": ms, "gb_per_s": _gb_per_s(nbytes, ms)}
+        out["rms_norm"][name] = entry
+    from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
+
+    xy = torch.randn(tokens, 2 * ffn, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    g = torch.randn(tokens, ffn, device="cuda", dtype=torch.bfloat16)
+    nbytes = (2 + 1 + 2 + 1 + 2) * tokens * ffn * 2  # fwd: xy, out; bwd: xy, g, dxy
+    for impl, fn in {"kubetron": SwiGLU(), "megatron": lambda t: bias_swiglu_impl(t, None)}.items():
+
+        def swiglu_step(fn: Callable[[torch.Tensor], torch.Tensor] = fn) -> None:
+            fn(xy).backward(g)
+
+        ms = timed(swiglu_step, args.iters)
+        out["swiglu"][impl] = {"fwd_bwd_ms": ms, "gb_per_s": _gb_per_s(nbytes, ms)}
+    out["swiglu"]["shape"] = [tokens, 2 * ffn]
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seq", type=int, default=4096)
@@ -108,7 +166,12 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--ffn", type=int, default=6144)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument(
+        "--only", choices=["attention", "wgrad", "norms"], nargs="*", help="pieces (default: all)"
+    )
     p.add_argument("--output", type=Path)
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -119,9 +182,15 @@ def main() -> None:
         "torch": torch.__version__,
         "cudnn": torch.backends.cudnn.version(),
         "shape": vars(args) | {"output": None},
-        "attention_fwd_bwd": attention(args),
-        "wgrad_accumulate": wgrad(args),
     }
+    pieces = {
+        "attention": ("attention_fwd_bwd", attention),
+        "wgrad": ("wgrad_accumulate", wgrad),
+        "norms": ("rms_norm_and_swiglu", norms_and_swiglu),
+    }
+    for name, (key, piece) in pieces.items():
+        if not args.only or name in args.only:
+            result[key] = piece(args)
     text = json.dumps(result, indent=1)
     print(text)
     if args.output:

@@ -9,8 +9,9 @@ invocation on the same machine:
 - `optimised`: the same with `--fast-path` (fused pieces, `models/fused.py`) and
   `--fast-micro-batch`, decentralized and global (the step-time ratio between them);
 - optional ablations (`--variants ce,rope:2 ...`: fast-path pieces and micro-batch, fewer steps);
-- optional `--profile`: one baseline and one optimised step under `torch.profiler` (a separate
-  single-rank process), the top GPU kernels and time by kernel family.
+- optional `--profile-variants` (and `--profile`, the baseline and the optimised run): runs
+  with the trainer's `--profile-steps 3:2`, whose report (`kubetron_trainer.profiling`) gives
+  the top GPU kernels, time by kernel family and the step's compute/communication/idle split.
 
 The first two steps are warmup and excluded from tokens/s, MFU and the step times. Losses of
 all steps are recorded, so baseline and optimised can be compared step by step.
@@ -23,11 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -39,9 +38,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "trainer"), str(ROOT / "operator")]
 
-from kubetron_api.config import PRESETS, FastPath, RecipeSpec, TrainerConfig  # noqa: E402
+from kubetron_api.config import PRESETS, RecipeSpec, TrainerConfig  # noqa: E402
 from tests.distributed.train_harness import launch  # noqa: E402
-from tests.ports import free_port  # noqa: E402
 
 WARMUP = 2
 
@@ -108,116 +106,6 @@ def measure(
     }
 
 
-def profile(args: argparse.Namespace, name: str, fast: str, micro_batch: int) -> dict[str, Any]:
-    """A profiled step in a separate single-rank process (same trainer setup as `measure`)."""
-    workdir = Path(args.workdir) / f"profile-{name}"
-    workdir.mkdir(parents=True, exist_ok=True)
-    cfg_path, out = workdir / "config.json", workdir / "profile.json"
-    cfg_path.write_text(json.dumps(config(args, micro_batch, args.profile_steps + 3)))
-    env = dict(os.environ) | {
-        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-        "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-    }  # fmt: skip
-    paths = [str(ROOT), str(ROOT / "trainer"), str(ROOT / "operator"), env.get("PYTHONPATH", "")]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    cmd = [sys.executable, __file__, "--profile-worker", str(cfg_path), "--profile-out", str(out)]
-    cmd += ["--fast-path", fast, "--attention", args.attention]
-    cmd += ["--profile-steps", str(args.profile_steps)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.run_timeout)
-    if done.returncode != 0:
-        tail = (done.stdout + done.stderr)[-1500:]
-        print(f"profile {name} failed:\n{tail}", file=sys.stderr)
-        return {"ok": False, "log_tail": tail}
-    return {"ok": True, "fast_path": fast, "micro_batch": micro_batch} | json.loads(out.read_text())
-
-
-GEMM = ("gemm", "nvjet", "xmma", "cutlass", "cublas", "sm90_")
-ATTENTION = ("flash", "fmha", "cudnn", "attention", "sdpa")
-
-
-def family(kernel: str) -> str:
-    k = kernel.lower()
-    if any(a in k for a in ATTENTION):
-        return "attention"
-    if any(g in k for g in GEMM):
-        return "gemm"
-    if "nccl" in k:
-        return "nccl"
-    if "memcpy" in k or "memset" in k:
-        return "copy"
-    return "elementwise/reduce/other"
-
-
-def profile_worker(cfg_path: Path, out: Path, args: argparse.Namespace) -> None:
-    """Single rank: set the trainer up, warm up, profile `--profile-steps` optimizer steps."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    from kubetron_api.rules import ShapeSpec, check_shape
-    from kubetron_trainer import loop
-    from kubetron_trainer.data import build_batches
-    from kubetron_trainer.parallel import init_distributed
-    from kubetron_trainer.topology import Topology
-
-    cfg = TrainerConfig.model_validate(json.loads(cfg_path.read_text()))
-    topology = Topology.from_env()
-    init_distributed(topology, "nccl")
-    shape = check_shape(ShapeSpec(cfg.model, cfg.recipe, cfg.parallelism, cfg.data, 1, 1))
-    device = torch.device("cuda", 0)
-    options = loop.RunOptions(attention=args.attention, fast_path=FastPath.parse(args.fast_path))
-    run = loop.setup(cfg, shape.dims, topology, device, "nccl", options, None)
-    batches = build_batches(cfg, reads_data=True, dp_rank=0, dp_size=1, device=device)
-    step = 0
-    for step in range(3):
-        run.engine.step(batches.step(step))
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        start.record()
-        for i in range(args.profile_steps):
-            run.engine.step(batches.step(step + 1 + i))
-        end.record()
-        torch.cuda.synchronize()
-    n = args.profile_steps
-    cuda = torch.autograd.DeviceType.CUDA
-    # GPU kernels only: user annotations (e.g. "Optimizer.step#AdamW.step") also carry device
-    # time, the sum of the kernels they enclose, and would be counted twice.
-    kernels = [
-        e
-        for e in prof.key_averages()
-        if getattr(e, "device_type", None) == cuda
-        and "#" not in e.key
-        and not e.key.startswith(("ProfilerStep", "Optimizer."))
-    ]
-    kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
-    total_us = sum(e.self_device_time_total for e in kernels)
-    families: dict[str, float] = {}
-    for e in kernels:
-        fam = family(e.key)
-        families[fam] = families.get(fam, 0.0) + e.self_device_time_total
-    result = {
-        "attention": run.attention,
-        "step_ms": round(start.elapsed_time(end) / n, 2),
-        "gpu_kernel_ms_per_step": round(total_us / 1e3 / n, 2),
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
-        "families_ms_per_step": {
-            k: round(v / 1e3 / n, 2) for k, v in sorted(families.items(), key=lambda kv: -kv[1])
-        },
-        "top_kernels": [
-            {
-                "kernel": e.key[:140],
-                "family": family(e.key),
-                "ms_per_step": round(e.self_device_time_total / 1e3 / n, 2),
-                "share": round(e.self_device_time_total / total_us, 4),
-                "calls_per_step": e.count // n,
-            }
-            for e in kernels[:20]
-        ],
-    }
-    out.write_text(json.dumps(result, indent=1))
-    torch.distributed.destroy_process_group()
-
-
 def compare(base: dict[str, Any], fast: dict[str, Any], fast_global: dict[str, Any]) -> dict:
     """Speed-up, decentralized/global step-time ratio, and the per-step loss differences."""
     out: dict[str, Any] = {}
@@ -271,8 +159,9 @@ def parse_args() -> argparse.Namespace:
         "GPU time by kernel family (kubetron_trainer.profiling)",
     )
     p.add_argument("--variant-steps", type=int, default=8)
-    p.add_argument("--profile", action="store_true", help="profile baseline and optimised")
-    p.add_argument("--profile-steps", type=int, default=1)
+    p.add_argument(
+        "--profile", action="store_true", help="profile baseline and optimised (as variants)"
+    )
     p.add_argument("--skip-global-baseline", action="store_true")
     p.add_argument(
         "--skip-runs", action="store_true", help="no side-by-side runs: profiles/variants only"
@@ -280,16 +169,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--run-timeout", type=float, default=400)
     p.add_argument("--workdir", default="/tmp/kubetron-bench")
     p.add_argument("--output", type=Path)
-    p.add_argument("--profile-worker", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--profile-out", type=Path, help=argparse.SUPPRESS)
     return p.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    if args.profile_worker:
-        profile_worker(args.profile_worker, args.profile_out, args)
-        return
     if not torch.cuda.is_available():
         sys.exit("trainer_throughput needs a CUDA GPU")
     mb, fast_mb = args.micro_batch, args.fast_micro_batch or args.micro_batch
@@ -327,10 +211,8 @@ def main() -> None:
 def profile_and_variants(
     args: argparse.Namespace, out: dict[str, Any], mb: int, fast_spec: str, fast_mb: int
 ) -> None:
-    if args.profile:
-        out["profiles"]["baseline"] = profile(args, "baseline", "off", mb)
-        out["profiles"]["optimised"] = profile(args, "optimised", fast_spec, fast_mb)
-        record(args, out, None, {"profiled": list(out["profiles"])})
+    if args.profile:  # the baseline and the optimised run, as profile variants
+        args.profile_variants = [f"off:{mb}", f"{fast_spec}:{fast_mb}", *args.profile_variants]
     for spec in args.variants:
         vfast, vmb, vgbs = variant(spec, mb, args.global_batch)
         name = f"variant-{vfast}-mb{vmb}-gbs{vgbs}".replace(",", "+")

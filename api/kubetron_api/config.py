@@ -220,7 +220,7 @@ class LRScheduleSpec(ApiModel):
 
 
 # The fast path's pieces (kubetron_trainer.models.fused): GPU without Transformer Engine only.
-FAST_PATH_PIECES = ("ce", "norm", "rope", "cudnn", "wgrad", "adam")
+FAST_PATH_PIECES = ("ce", "norm", "rope", "cudnn", "wgrad", "adam", "swiglu", "overlap")
 _PIECE = "(" + "|".join(FAST_PATH_PIECES) + ")"
 FAST_PATH_PATTERN = rf"^(off|on|{_PIECE}(,{_PIECE})*)$"
 
@@ -235,6 +235,8 @@ class FastPath:
     cudnn: bool = False
     wgrad: bool = False
     adam: bool = False
+    swiglu: bool = False
+    overlap: bool = False
     every: bool = False  # "on": every piece that applies (ce is skipped under TP, not refused)
 
     @classmethod
@@ -303,7 +305,9 @@ class RecipeSpec(ApiModel):
         "(DP2, seq 4096). off: Transformer Engine when the image has it, else the local spec "
         "without fused kernels. A comma list picks pieces: ce (fused linear cross-entropy), "
         "norm (RMSNorm), rope, cudnn (SDPA backend), wgrad (fp32 weight-gradient "
-        "accumulation), adam (fused AdamW); ce and norm need liger-kernel. No effect on CPU. "
+        "accumulation), adam (fused AdamW), swiglu (SwiGLU, dense models), overlap (gradient "
+        "reduce-scatter overlapped with the backward pass); ce needs liger-kernel. No effect "
+        "on CPU. "
         "The engine used is logged and shown in status.progress.engine.",
     )
 

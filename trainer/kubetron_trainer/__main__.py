@@ -86,7 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="overrides recipe.fastPath: fused kernels without Transformer Engine (GPU, sdpa "
         "attention only): off, on, or a comma list of ce (fused linear cross-entropy), norm "
         "(RMSNorm), rope, cudnn (SDPA backend), wgrad (fp32 weight-gradient accumulation), "
-        "adam (fused AdamW); needs liger-kernel for ce and norm",
+        "adam (fused AdamW), swiglu (SwiGLU, dense models), overlap (gradient reduce-scatter "
+        "overlapped with the backward pass); needs liger-kernel for ce",
     )
     p.add_argument("--summary", type=Path, help="rank 0 writes per-step numbers here (JSON)")
     p.add_argument(

@@ -104,9 +104,12 @@ class GpuEngine:
         wrapped: list[torch.nn.Module] = [
             Float16Module(config, c) if config.bf16 else c for c in chunks
         ]
+        # overlap: each bucket's reduce-scatter starts in the last micro-batch's backward as
+        # soon as its gradients are complete (Megatron's overlap_grad_reduce, 40M-element
+        # buckets); finalize_model_grads waits for them.
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
+            overlap_grad_reduce=self.fast.overlap,
             use_distributed_optimizer=cfg.recipe.optimizer.distributed,
         )
         self.model = [
@@ -128,6 +131,9 @@ class GpuEngine:
         config.no_sync_func = [m.no_sync for m in self.model]
         if len(self.model) == 1:
             config.no_sync_func = config.no_sync_func[0]
+        if self.fast.overlap:  # the interleaved schedule starts each chunk's sync itself
+            syncs = [m.start_grad_sync for m in self.model]
+            config.grad_sync_func = syncs[0] if len(syncs) == 1 else syncs
         vp = len(self.model) if len(self.model) > 1 else None
         self.schedule = get_forward_backward_func(pp_size=pg.pp.size(), vp_size=vp)
         self.p2p = P2PCommunicator(pg.pp, config)

@@ -155,8 +155,8 @@ def effective_fast_path(
 
 
 def fast_layer_spec(spec: ModuleSpec, fast: FastPath) -> str:
-    """Swap the fast path's attention pieces into a local spec with SdpaAttention (its `norm`
-    piece is `use_norm`'s); returns a description."""
+    """Swap the fast path's attention and SwiGLU pieces into a local spec with SdpaAttention
+    (its `norm` piece is `use_norm`'s); returns a description."""
     attention = spec.submodules.self_attention
     if fast.rope:
         from kubetron_trainer.models.rope import RopeSelfAttention
@@ -165,7 +165,23 @@ def fast_layer_spec(spec: ModuleSpec, fast: FastPath) -> str:
     attention.submodules.core_attention = partial(
         SdpaAttention, backend="cudnn" if fast.cudnn else "default", rope=fast.rope
     )
+    if fast.swiglu:
+        from kubetron_trainer.models.kernels import SwiGLU
+
+        spec.submodules.mlp = with_activation(spec.submodules.mlp, SwiGLU)
     return fast.describe()
+
+
+def with_activation(mlp: Any, module: type[torch.nn.Module]) -> Any:
+    """The MLP slot of a layer spec with `module` as its activation (`MLPSubmodules`'
+    `activation_func`, which the MLP calls when `config.use_te_activation_func` is set). The
+    slot is a `ModuleSpec` or, in Megatron-Core 0.19's local spec, a partial of
+    `MLP.as_mlp_submodule`."""
+    if isinstance(mlp, partial):
+        subs = replace(mlp.keywords["submodules"], activation_func=module)
+        return partial(mlp.func, *mlp.args, **{**mlp.keywords, "submodules": subs})
+    mlp.submodules = replace(mlp.submodules, activation_func=module)
+    return mlp
 
 
 @dataclass(frozen=True)
@@ -247,6 +263,13 @@ def build_model(
     fast = effective_fast_path(fast, backend, device)
     if fast.rope and arch.position_embedding_type != "rope":
         fast = replace(fast, rope=False)
+    if fast.swiglu and (not arch.swiglu or arch.is_moe):
+        # the experts' MLPs would need the module too; a GELU model has no SwiGLU to replace
+        log.info("fast path: swiglu applies to dense SwiGLU models; not applied")
+        fast = replace(fast, swiglu=False)
+    if fast.swiglu:  # the MLP calls the spec's activation module instead of bias_swiglu_impl
+        config.use_te_activation_func = True
+        config.bias_activation_fusion = False
     if fast.ce and dims.tp_enabled:
         log.warning("fast path: ce needs tensor parallel size 1; ce not applied")
         fast = replace(fast, ce=False)

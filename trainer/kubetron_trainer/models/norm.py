@@ -7,7 +7,7 @@ slice of the sequence, so their weight gradients are partial sums; Megatron's
 carries `sequence_parallel = True` (TE's norms set it). `Norm` is that: the same parameters,
 state-dict keys and math as `torch.nn.RMSNorm` / `torch.nn.LayerNorm`, its parameters marked
 with `config.sequence_parallel`. With `fused=True` (the fast path's `norm` piece) the RMSNorm
-runs in Liger's Triton kernel instead.
+runs in kubetron's Triton kernels (`models/kernels.py`) instead.
 
 `use_norm` puts it into every norm slot of a local layer spec; `build.py` also makes it the
 decoder's final norm (Megatron's default there is `WrappedTorchNorm` too).
@@ -30,8 +30,8 @@ class Norm(torch.nn.Module):
     """RMSNorm or LayerNorm (`config.normalization`), a drop-in for `WrappedTorchNorm`.
 
     `weight` (ones) and, for LayerNorm, `bias` (zeros), as torch's modules have them.
-    `fused=True`: Liger's RMSNorm (inverse RMS in fp32, "llama" casting, output in the
-    input's dtype), imported only then.
+    `fused=True`: the Triton RMSNorm of `models/kernels.py` (inverse RMS in fp32, the
+    normalised input rounded to its dtype before the weight scales it), imported only then.
     """
 
     def __init__(
@@ -57,13 +57,13 @@ class Norm(torch.nn.Module):
             param.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]
         self._fused: Any = None
         if fused:
-            from kubetron_trainer.models.fused import liger
+            from kubetron_trainer.models.kernels import rms_norm
 
-            self._fused = liger("ops.rms_norm").LigerRMSNormFunction
+            self._fused = rms_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused is not None:
-            return self._fused.apply(x, self.weight, self.eps, 0.0, "llama", False)
+            return self._fused(x, self.weight, self.eps)
         if self.rms:
             return F.rms_norm(x, self.shape, self.weight, self.eps)
         return F.layer_norm(x, self.shape, self.weight, self.bias, self.eps)
@@ -74,7 +74,7 @@ class Norm(torch.nn.Module):
 
 
 def norm_builder(fused: bool = False) -> Any:
-    """What a spec's norm slot takes: `Norm`, or `Norm` with Liger's kernel."""
+    """What a spec's norm slot takes: `Norm`, or `Norm` with the Triton kernel."""
     return partial(Norm, fused=True) if fused else Norm
 
 
