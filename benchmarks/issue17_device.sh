@@ -18,8 +18,11 @@
 #      SwiGLU) and of recompute; benchmarks/kernels.py's norms at the Qwen3-1.7B and Qwen3-8B
 #      widths; Qwen3-1.7B with the fast path on, without swiglu, at global batch 64, and a
 #      profile of on at 8 x 32
+#   6: one H200: the fast-path kernel tests again (after call 5's rounding-test fix), the norms
+#      and SwiGLU at training sizes (micro-batch 8 / 2 at the 1.7B / 8B widths, 10 passes a
+#      timing), Qwen3-1.7B 8 x 32 with torch's own RMSNorm (every piece but norm) and with on
 set -u
-CALL=${1:?call 1, 2, 3, 4 or 5}
+CALL=${1:?call 1 to 6}
 T0=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
@@ -138,6 +141,22 @@ EOF
     --seq 4096 --micro-batch 4 --global-batch 8 --variant-steps 8 --run-timeout 150 \
     --workdir /tmp/q5 --variants on:8:32 ce,norm,rope,cudnn,wgrad,adam:8:32 on:8:64 \
     --profile-variants on:8:32 --output "$OUT/q17_call5.json" >/dev/null 2>>"$LOG"
+  say "qwen3-1.7b done ($?)"
+  ;;
+6)
+  timeout $(left 90) python3 -m pytest -q -p no:cacheprovider --rootdir "$PWD" \
+    --junitxml "$OUT/tests_call6.xml" tests/gpu/test_fast_path.py -k "rmsnorm or swiglu" \
+    >>"$LOG" 2>&1
+  say "tests done ($?)"
+  timeout $(left 150) python3 benchmarks/kernels.py --only norms --iters 10 --micro-batch 8 \
+    --output "$OUT/kernels_qwen3_1p7b.json" >>"$LOG" 2>&1
+  timeout $(left 200) python3 benchmarks/kernels.py --only norms --iters 10 --micro-batch 2 \
+    --hidden 4096 --ffn 12288 --heads 32 --output "$OUT/kernels_qwen3_8b.json" >>"$LOG" 2>&1
+  say "kernels done ($?)"
+  timeout $(left 330) python3 benchmarks/trainer_throughput.py --skip-runs --preset qwen3-1.7b \
+    --seq 4096 --micro-batch 4 --global-batch 8 --variant-steps 8 --run-timeout 120 \
+    --workdir /tmp/q6 --variants ce,rope,cudnn,wgrad,adam,swiglu:8:32 on:8:32 \
+    --output "$OUT/q17_call6.json" >/dev/null 2>>"$LOG"
   say "qwen3-1.7b done ($?)"
   ;;
 esac

@@ -85,14 +85,24 @@ def test_triton_rmsnorm_matches_torch(width: int) -> None:
 
 
 def test_triton_rmsnorm_rounds_like_the_llama_norm() -> None:
-    """bf16: normalised in fp32, rounded to bf16, then scaled (HF Llama/Qwen): bit-equal."""
+    """bf16: normalised in fp32, rounded to bf16, then scaled (HF Llama/Qwen). Equal to that
+    but where the inverse RMS's last fp32 bits (another summation order, an approximate rsqrt)
+    move the normalised value across a bf16 rounding boundary: rare, and one bf16 step apart.
+    Rounding once after the scale instead would differ in a large share of elements."""
     from kubetron_trainer.models.kernels import rms_norm
 
     x = torch.randn(4096, 2048, device="cuda").bfloat16()
     w = (1 + 0.1 * torch.randn(2048, device="cuda")).bfloat16()
     xf = x.float()
-    expected = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()
-    assert torch.equal(rms_norm(x, w, 1e-6), expected)
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
+    llama = w * normed.bfloat16()
+    rounded_once = (w.float() * normed).bfloat16()
+    out = rms_norm(x, w, 1e-6)
+    differ = out != llama
+    assert differ.float().mean() < 1e-3, float(differ.float().mean())
+    ulp = llama.float().abs() * 2**-7  # bf16 keeps 8 significant bits
+    assert ((out.float() - llama.float()).abs() <= ulp + 1e-30).all()
+    assert (rounded_once != llama).float().mean() > 0.05  # the test tells the orders apart
 
 
 def test_triton_swiglu_matches_megatrons_fused_swiglu() -> None:

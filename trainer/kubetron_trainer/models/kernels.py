@@ -48,7 +48,7 @@ def _programs(device: torch.device) -> int:
 
 
 @triton.jit
-def _rms_fwd(
+def _rms_norm_fwd(
     X, W, Y, RSTD, n_rows, n_cols, eps, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -66,7 +66,7 @@ def _rms_fwd(
 
 
 @triton.jit
-def _rms_bwd(
+def _rms_norm_bwd(
     DY, X, W, RSTD, DX, DW_PARTIAL, n_rows, n_cols, n_blocks, BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -110,7 +110,7 @@ class RMSNormFunction(torch.autograd.Function):
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         block_r, block_n, warps = _tile(n_cols)
         grid = (triton.cdiv(n_rows, block_r),)
-        _rms_fwd[grid](
+        _rms_norm_fwd[grid](
             x2, weight, y, rstd, n_rows, n_cols, eps, BLOCK_R=block_r, BLOCK_N=block_n,
             num_warps=warps,
         )  # fmt: skip
@@ -127,7 +127,7 @@ class RMSNormFunction(torch.autograd.Function):
         n_blocks = triton.cdiv(n_rows, block_r)
         programs = max(1, min(n_blocks, _programs(x2.device)))
         partial = torch.empty(programs, n_cols, dtype=torch.float32, device=x2.device)
-        _rms_bwd[(programs,)](
+        _rms_norm_bwd[(programs,)](
             dy2, x2, weight, rstd, dx, partial, n_rows, n_cols, n_blocks, BLOCK_R=block_r,
             BLOCK_N=block_n, num_warps=warps,
         )  # fmt: skip
