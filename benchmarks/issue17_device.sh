@@ -21,6 +21,9 @@
 #   6: one H200: the fast-path kernel tests again (after call 5's rounding-test fix), the norms
 #      and SwiGLU at training sizes (micro-batch 8 / 2 at the 1.7B / 8B widths, 10 passes a
 #      timing), Qwen3-1.7B 8 x 32 with torch's own RMSNorm (every piece but norm) and with on
+#   7: 2 GPUs, after the swiglu and overlap pieces (on by default): the overlap GPU test (DP2);
+#      Qwen3-8B DP2 at seq 8192 with recomputeLayers 36; Qwen3-8B PP2 at 4096 with both kinds of
+#      groups, Qwen3-8B TP2+SP at 4096, Llama3-8B PP2 at 8192 (PLAN7 overrides)
 set -u
 CALL=${1:?call 1 to 6}
 T0=$(date +%s)
@@ -158,6 +161,14 @@ EOF
     --workdir /tmp/q6 --variants ce,rope,cudnn,wgrad,adam,swiglu:8:32 on:8:32 \
     --output "$OUT/q17_call6.json" >/dev/null 2>>"$LOG"
   say "qwen3-1.7b done ($?)"
+  ;;
+7)
+  timeout $(left 110) python3 -m pytest -q -p no:cacheprovider --rootdir "$PWD" \
+    --junitxml "$OUT/tests_call7.xml" tests/gpu/test_fast_path.py -k overlapped >>"$LOG" 2>&1
+  say "overlap test done ($?)"
+  KUBETRON_TRAIN8B_RECOMPUTE=36 train8b qwen3-8b:dp2:dec:8192 240 250 110 train8b_recompute
+  train8b "${PLAN7:-qwen3-8b:pp2:both:4096,qwen3-8b:tp2_sp:dec:4096,llama3-8b:pp2:dec:8192}" \
+    570 585 75 train8b_call7
   ;;
 esac
 say "end"
