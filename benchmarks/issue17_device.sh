@@ -24,6 +24,8 @@
 #   7: 2 GPUs, after the swiglu and overlap pieces (on by default): the overlap GPU test (DP2);
 #      Qwen3-8B DP2 at seq 8192 with recomputeLayers 36; Qwen3-8B PP2 at 4096 with both kinds of
 #      groups, Qwen3-8B TP2+SP at 4096, Llama3-8B PP2 at 8192 (PLAN7 overrides)
+#   8: 2 GPUs: the overlap test again (tolerance mended after call 7); Qwen3-8B DP2 at 8192 with
+#      12 layers recomputed instead of 36; Llama3-8B DP2 at 4096 without and with overlap
 set -u
 CALL=${1:?call 1 to 6}
 T0=$(date +%s)
@@ -169,6 +171,15 @@ EOF
   KUBETRON_TRAIN8B_RECOMPUTE=36 train8b qwen3-8b:dp2:dec:8192 240 250 110 train8b_recompute
   train8b "${PLAN7:-qwen3-8b:pp2:both:4096,qwen3-8b:tp2_sp:dec:4096,llama3-8b:pp2:dec:8192}" \
     570 585 75 train8b_call7
+  ;;
+8)
+  timeout $(left 100) python3 -m pytest -q -p no:cacheprovider --rootdir "$PWD" \
+    --junitxml "$OUT/tests_call8.xml" tests/gpu/test_fast_path.py -k overlapped >>"$LOG" 2>&1
+  say "overlap test done ($?)"
+  KUBETRON_TRAIN8B_RECOMPUTE=12 train8b qwen3-8b:dp2:dec:8192 210 220 100 train8b_recompute12
+  KUBETRON_TRAIN8B_FAST=ce,norm,rope,cudnn,wgrad,adam,swiglu \
+    train8b llama3-8b:dp2:dec 290 300 70 train8b_no_overlap
+  train8b llama3-8b:dp2:dec 370 380 70 train8b_overlap
   ;;
 esac
 say "end"

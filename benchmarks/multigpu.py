@@ -1369,7 +1369,8 @@ def train8b_case(
     steps = int(os.environ.get("KUBETRON_TRAIN8B_STEPS", TRAIN8B_STEPS))
     cfg = trainer_config(
         f"{preset}-{shape}", arch, preset, TRAIN8B_SHAPES[shape], steps=steps,
-        seq=seq, micro_batch=TRAIN8B_MICRO, global_batch=TRAIN8B_GBS, fast_path="on",
+        seq=seq, micro_batch=TRAIN8B_MICRO, global_batch=TRAIN8B_GBS,
+        fast_path=os.environ.get("KUBETRON_TRAIN8B_FAST", "on"),
     )  # fmt: skip
     # e.g. 36: every layer of Qwen3-8B recomputed (its DP2 run at seq 8192 needs it)
     recompute = int(os.environ.get("KUBETRON_TRAIN8B_RECOMPUTE", "0"))
