@@ -26,6 +26,8 @@
 #      groups, Qwen3-8B TP2+SP at 4096, Llama3-8B PP2 at 8192 (PLAN7 overrides)
 #   8: 2 GPUs: the overlap test again (tolerance mended after call 7); Qwen3-8B DP2 at 8192 with
 #      12 layers recomputed instead of 36; Llama3-8B DP2 at 4096 without and with overlap
+#   9: 2 GPUs, the session's last 5 minutes: Llama3-8B TP2+SP at seq 8192 with both kinds of
+#      groups (PLAN9 overrides)
 set -u
 CALL=${1:?call 1 to 6}
 T0=$(date +%s)
@@ -180,6 +182,9 @@ EOF
   KUBETRON_TRAIN8B_FAST=ce,norm,rope,cudnn,wgrad,adam,swiglu \
     train8b llama3-8b:dp2:dec 290 300 70 train8b_no_overlap
   train8b llama3-8b:dp2:dec 370 380 70 train8b_overlap
+  ;;
+9)
+  train8b "${PLAN9:-llama3-8b:tp2_sp:both:8192}" 215 225 80 train8b_call9
   ;;
 esac
 say "end"
