@@ -301,7 +301,7 @@ class RecipeSpec(ApiModel):
         pattern=FAST_PATH_PATTERN,
         description="The engine on GPUs. on (the default): the TE-free fast path, Megatron's "
         "local spec with fused kernels, used even where Transformer Engine is installed "
-        "(unless fp8 or context parallelism needs TE); 55.6% MFU for Llama3-8B on 2 H200s "
+        "(unless fp8 or context parallelism needs TE); 56.7% MFU for Llama3-8B on 2 H200s "
         "(DP2, seq 4096). off: Transformer Engine when the image has it, else the local spec "
         "without fused kernels. A comma list picks pieces: ce (fused linear cross-entropy), "
         "norm (RMSNorm), rope, cudnn (SDPA backend), wgrad (fp32 weight-gradient "

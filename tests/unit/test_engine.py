@@ -46,3 +46,27 @@ def test_engine_names() -> None:
     fast = "local spec + torch SDPA core attention, fast path: ce+norm+rope+cudnn+wgrad+adam"
     assert engine_name(fast) == "fast path (ce+norm+rope+cudnn+wgrad+adam)"
     assert engine_name("local spec + torch SDPA core attention") == "local spec"
+
+
+@pytest.mark.parametrize(
+    ("preset", "tp", "dropped"),
+    [
+        ("qwen3-0.6b", 1, set()),  # dense SwiGLU, RoPE, tied embeddings: every piece applies
+        ("qwen3-0.6b", 2, {"ce", "wgrad"}),  # ce needs TP1; wgrad then loses the tied output
+        ("qwen3-30b-a3b", 1, {"swiglu"}),  # the experts' MLPs keep Megatron's SwiGLU
+        ("gpt-tiny", 1, {"rope"}),  # learned positions: no RoPE to replace
+        ("gpt-tiny-moe", 1, {"rope", "swiglu"}),
+    ],
+)
+def test_pieces_that_do_not_apply_to_the_model_are_dropped(
+    preset: str, tp: int, dropped: set[str]
+) -> None:
+    from dataclasses import asdict
+
+    from kubetron_api.config import FAST_PATH_PIECES
+    from kubetron_api.dims import ParallelDims
+    from kubetron_trainer.models.build import pieces_for_model
+
+    fast = pieces_for_model(FastPath.parse("on"), PRESETS[preset], ParallelDims(2, tp=tp))
+    off = {p for p in FAST_PATH_PIECES if not asdict(fast)[p]}
+    assert off == dropped

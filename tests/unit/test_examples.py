@@ -57,7 +57,9 @@ def test_cli_validate_reports_schema_errors_by_field(
     assert "spec.parallelism.tensr: Extra inputs are not permitted" in err
 
 
-@pytest.mark.parametrize("value", ["on", "off", "ce", "ce,norm,rope", "wgrad,adam"])
+@pytest.mark.parametrize(
+    "value", ["on", "off", "ce", "ce,norm,rope", "wgrad,adam", "swiglu,overlap"]
+)
 def test_fast_path_accepts_off_on_and_piece_lists(value: str) -> None:
     (_, obj), *_ = load_documents(EXAMPLES[0])
     obj["spec"].setdefault("recipe", {})["fastPath"] = value

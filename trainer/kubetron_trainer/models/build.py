@@ -154,6 +154,23 @@ def effective_fast_path(
     return fast
 
 
+def pieces_for_model(fast: FastPath, arch: ModelArch, dims: ParallelDims) -> FastPath:
+    """The pieces that apply to this model and shape; each one dropped is logged."""
+    if fast.rope and arch.position_embedding_type != "rope":
+        fast = replace(fast, rope=False)
+    if fast.swiglu and (not arch.swiglu or arch.is_moe):
+        # the experts' MLPs would need the module too; a GELU model has no SwiGLU to replace
+        log.info("fast path: swiglu applies to dense SwiGLU models; not applied")
+        fast = replace(fast, swiglu=False)
+    if fast.ce and dims.tp_enabled:
+        log.warning("fast path: ce needs tensor parallel size 1; ce not applied")
+        fast = replace(fast, ce=False)
+    if fast.wgrad and not (fast.ce or arch.untie_embeddings):
+        log.warning("fast path: wgrad needs ce (or untied embeddings); wgrad not applied")
+        fast = replace(fast, wgrad=False)
+    return fast
+
+
 def fast_layer_spec(spec: ModuleSpec, fast: FastPath) -> str:
     """Swap the fast path's attention and SwiGLU pieces into a local spec with SdpaAttention
     (its `norm` piece is `use_norm`'s); returns a description."""
@@ -260,22 +277,10 @@ def build_model(
     The degrees come from `dims`, this rank's place in them from `pg` (built from the same)."""
     arch = cfg.model
     config = transformer_config(cfg, dims, device)
-    fast = effective_fast_path(fast, backend, device)
-    if fast.rope and arch.position_embedding_type != "rope":
-        fast = replace(fast, rope=False)
-    if fast.swiglu and (not arch.swiglu or arch.is_moe):
-        # the experts' MLPs would need the module too; a GELU model has no SwiGLU to replace
-        log.info("fast path: swiglu applies to dense SwiGLU models; not applied")
-        fast = replace(fast, swiglu=False)
+    fast = pieces_for_model(effective_fast_path(fast, backend, device), arch, dims)
     if fast.swiglu:  # the MLP calls the spec's activation module instead of bias_swiglu_impl
         config.use_te_activation_func = True
         config.bias_activation_fusion = False
-    if fast.ce and dims.tp_enabled:
-        log.warning("fast path: ce needs tensor parallel size 1; ce not applied")
-        fast = replace(fast, ce=False)
-    if fast.wgrad and not (fast.ce or arch.untie_embeddings):
-        log.warning("fast path: wgrad needs ce (or untied embeddings); wgrad not applied")
-        fast = replace(fast, wgrad=False)
     if fast.wgrad:
         why_not = enable_wgrad_fusion(device)
         if why_not:

@@ -6,8 +6,8 @@ Transformer Engine builds the layers or the model runs on the CPU):
 - `ce`: the output layer and the cross-entropy in one chunked pass (Liger's fused linear
   cross-entropy, through `GPTModel`'s `output_processor` hook), so the `[tokens, vocab]` logits
   are never materialised in fp32; the loss is the same masked mean over the kept tokens.
-- `norm`: every RMSNorm of the model (input, pre-MLP, q/k, final) as Liger's Triton RMSNorm
-  (`models/norm.py`'s `Norm` with `fused=True`).
+- `norm`: every RMSNorm of the model (input, pre-MLP, q/k, final) as kubetron's Triton RMSNorm
+  (`models/norm.py`'s `Norm` with `fused=True`, kernels in `models/kernels.py`).
 - `rope`: RoPE applied by one Triton kernel inside core attention (`models/rope.py`) instead of
   Megatron's unfused `t*cos + rotate_half(t)*sin` (five passes over q and k).
 - `cudnn`: torch SDPA's cuDNN attention first (flash as the fallback) instead of flash.
@@ -19,9 +19,13 @@ Transformer Engine builds the layers or the model runs on the CPU):
   gradient of a tied output weight.
 - `adam`: torch AdamW's single-kernel `fused=True` implementation for the distributed
   optimizer's fp32 master weights instead of the multi-kernel `foreach` one (same update rule).
+- `swiglu`: the MLP's SwiGLU as kubetron's Triton kernels (`models/kernels.py`'s `SwiGLU` in the
+  spec's activation-module slot) instead of Megatron's `bias_swiglu_impl`; dense models.
+- `overlap`: the data-parallel gradient reduce-scatter overlapped with the backward pass
+  (Megatron's `overlap_grad_reduce`, set up in `step_gpu.py`).
 
-`on` means all of them. Liger (`pip install kubetron[fast]`) is imported only when a piece that
-needs it is on. Megatron-Core is not modified: the pieces replace submodules in the spec.
+`on` means all of them. Liger (`pip install kubetron[fast]`) is imported only when `ce` is on.
+Megatron-Core is not modified: the pieces replace submodules in the spec or set its options.
 """
 
 from __future__ import annotations
