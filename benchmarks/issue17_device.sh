@@ -51,6 +51,32 @@ train8b() {
   say "train8b $5 done ($?)"
 }
 
+# gputests STOP NAME PYTEST_ARGS...: GPU tests, junit in $OUT/NAME.xml, killed at T0+STOP
+gputests() {
+  local stop=$1 name=$2
+  shift 2
+  timeout $(left "$stop") python3 -m pytest -q -p no:cacheprovider --rootdir "$PWD" \
+    --junitxml "$OUT/$name.xml" "$@" >>"$LOG" 2>&1
+  say "$name done ($?)"
+}
+# kernels STOP NAME ARGS...: benchmarks/kernels.py's norms and SwiGLU -> $OUT/NAME.json
+kernels() {
+  local stop=$1 name=$2
+  shift 2
+  timeout $(left "$stop") python3 benchmarks/kernels.py --only norms "$@" \
+    --output "$OUT/$name.json" >>"$LOG" 2>&1
+  say "$name done ($?)"
+}
+# qwen17b STOP NAME ARGS...: Qwen3-1.7B variants on one GPU (trainer_throughput.py) -> NAME.json
+qwen17b() {
+  local stop=$1 name=$2
+  shift 2
+  timeout $(left "$stop") python3 benchmarks/trainer_throughput.py --skip-runs \
+    --preset qwen3-1.7b --seq 4096 --micro-batch 4 --global-batch 8 --variant-steps 8 \
+    --workdir "/tmp/$name" "$@" --output "$OUT/$name.json" >/dev/null 2>>"$LOG"
+  say "$name done ($?)"
+}
+
 say "call $CALL on $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tr '\n' ';') $(nproc) cores"
 
 case $CALL in
@@ -127,57 +153,32 @@ EOF
   fi
   ;;
 4)
-  timeout $(left 120) python3 -m pytest -q -p no:cacheprovider --rootdir "$PWD" \
-    --junitxml "$OUT/tests_call4.xml" tests/gpu/test_recompute_gpu.py >>"$LOG" 2>&1
-  say "recompute test done ($?)"
+  gputests 120 tests_call4 tests/gpu/test_recompute_gpu.py
   KUBETRON_TRAIN8B_RECOMPUTE=36 train8b qwen3-8b:dp2:dec:8192 250 260 110 train8b_recompute
   train8b "${PLAN4:-llama3-8b:pp2:dec:8192,qwen3-8b:tp2_sp:glo:8192,llama3-8b:tp2_sp:glo:8192}" \
     570 585 95 train8b_seq8192_d
   ;;
 5)
-  timeout $(left 230) python3 -m pytest -q -p no:cacheprovider --rootdir "$PWD" \
-    --junitxml "$OUT/tests_call5.xml" tests/gpu/test_fast_path.py tests/gpu/test_recompute_gpu.py \
-    >>"$LOG" 2>&1
-  say "tests done ($?)"
-  timeout $(left 260) python3 benchmarks/kernels.py --only norms --iters 20 \
-    --output "$OUT/kernels_qwen3_1p7b.json" >>"$LOG" 2>&1
-  timeout $(left 290) python3 benchmarks/kernels.py --only norms --iters 20 --micro-batch 1 \
-    --hidden 4096 --ffn 12288 --heads 32 --output "$OUT/kernels_qwen3_8b.json" >>"$LOG" 2>&1
-  say "kernels done ($?)"
-  timeout $(left 590) python3 benchmarks/trainer_throughput.py --skip-runs --preset qwen3-1.7b \
-    --seq 4096 --micro-batch 4 --global-batch 8 --variant-steps 8 --run-timeout 150 \
-    --workdir /tmp/q5 --variants on:8:32 ce,norm,rope,cudnn,wgrad,adam:8:32 on:8:64 \
-    --profile-variants on:8:32 --output "$OUT/q17_call5.json" >/dev/null 2>>"$LOG"
-  say "qwen3-1.7b done ($?)"
+  gputests 230 tests_call5 tests/gpu/test_fast_path.py tests/gpu/test_recompute_gpu.py
+  kernels 260 kernels_qwen3_1p7b --iters 20
+  kernels 290 kernels_qwen3_8b --iters 20 --micro-batch 1 --hidden 4096 --ffn 12288 --heads 32
+  qwen17b 590 q17_call5 --run-timeout 150 \
+    --variants on:8:32 ce,norm,rope,cudnn,wgrad,adam:8:32 on:8:64 --profile-variants on:8:32
   ;;
 6)
-  timeout $(left 90) python3 -m pytest -q -p no:cacheprovider --rootdir "$PWD" \
-    --junitxml "$OUT/tests_call6.xml" tests/gpu/test_fast_path.py -k "rmsnorm or swiglu" \
-    >>"$LOG" 2>&1
-  say "tests done ($?)"
-  timeout $(left 150) python3 benchmarks/kernels.py --only norms --iters 10 --micro-batch 8 \
-    --output "$OUT/kernels_qwen3_1p7b.json" >>"$LOG" 2>&1
-  timeout $(left 200) python3 benchmarks/kernels.py --only norms --iters 10 --micro-batch 2 \
-    --hidden 4096 --ffn 12288 --heads 32 --output "$OUT/kernels_qwen3_8b.json" >>"$LOG" 2>&1
-  say "kernels done ($?)"
-  timeout $(left 330) python3 benchmarks/trainer_throughput.py --skip-runs --preset qwen3-1.7b \
-    --seq 4096 --micro-batch 4 --global-batch 8 --variant-steps 8 --run-timeout 120 \
-    --workdir /tmp/q6 --variants ce,rope,cudnn,wgrad,adam,swiglu:8:32 on:8:32 \
-    --output "$OUT/q17_call6.json" >/dev/null 2>>"$LOG"
-  say "qwen3-1.7b done ($?)"
+  gputests 90 tests_call6 tests/gpu/test_fast_path.py -k "rmsnorm or swiglu"
+  kernels 150 kernels_qwen3_1p7b --iters 10 --micro-batch 8
+  kernels 200 kernels_qwen3_8b --iters 10 --micro-batch 2 --hidden 4096 --ffn 12288 --heads 32
+  qwen17b 330 q17_call6 --run-timeout 120 --variants ce,rope,cudnn,wgrad,adam,swiglu:8:32 on:8:32
   ;;
 7)
-  timeout $(left 110) python3 -m pytest -q -p no:cacheprovider --rootdir "$PWD" \
-    --junitxml "$OUT/tests_call7.xml" tests/gpu/test_fast_path.py -k overlapped >>"$LOG" 2>&1
-  say "overlap test done ($?)"
+  gputests 110 tests_call7 tests/gpu/test_fast_path.py -k overlapped
   KUBETRON_TRAIN8B_RECOMPUTE=36 train8b qwen3-8b:dp2:dec:8192 240 250 110 train8b_recompute
   train8b "${PLAN7:-qwen3-8b:pp2:both:4096,qwen3-8b:tp2_sp:dec:4096,llama3-8b:pp2:dec:8192}" \
     570 585 75 train8b_call7
   ;;
 8)
-  timeout $(left 100) python3 -m pytest -q -p no:cacheprovider --rootdir "$PWD" \
-    --junitxml "$OUT/tests_call8.xml" tests/gpu/test_fast_path.py -k overlapped >>"$LOG" 2>&1
-  say "overlap test done ($?)"
+  gputests 100 tests_call8 tests/gpu/test_fast_path.py -k overlapped
   KUBETRON_TRAIN8B_RECOMPUTE=12 train8b qwen3-8b:dp2:dec:8192 210 220 100 train8b_recompute12
   KUBETRON_TRAIN8B_FAST=ce,norm,rope,cudnn,wgrad,adam,swiglu \
     train8b llama3-8b:dp2:dec 290 300 70 train8b_no_overlap
