@@ -79,6 +79,13 @@ def test_swiglu_matches_megatrons_definition(kernels: ModuleType, shape: tuple) 
     torch.testing.assert_close(dxy.double(), rdxy, rtol=1e-5, atol=1e-6)
 
 
+def test_rms_norm_refuses_rows_wider_than_a_tile(kernels: ModuleType) -> None:
+    with pytest.raises(ValueError, match=r"leave norm out of spec\.recipe\.fastPath"):
+        kernels.rms_norm(
+            torch.randn(1, kernels.MAX_COLS + 1), torch.ones(kernels.MAX_COLS + 1), 1e-6
+        )
+
+
 def test_swiglu_refuses_an_odd_width(kernels: ModuleType) -> None:
     with pytest.raises(ValueError, match="even last dimension"):
         kernels.SwiGLU()(torch.randn(2, 7))

@@ -32,8 +32,16 @@ TILE_ELEMENTS = 4096  # elements a program holds per tile (rows x padded columns
 BWD_PROGRAMS_PER_SM = 8  # backward programs per SM, each writing one fp32 weight-gradient row
 
 
+MAX_COLS = 32768  # a whole row is held in registers: hidden sizes of today's models fit
+
+
 def _tile(n_cols: int) -> tuple[int, int, int]:
     """(rows a tile, padded columns, warps) for rows of `n_cols`."""
+    if n_cols > MAX_COLS:
+        raise ValueError(
+            f"the fast path's RMSNorm takes rows of at most {MAX_COLS} elements, not {n_cols}; "
+            "leave norm out of spec.recipe.fastPath for this model"
+        )
     block_n = triton.next_power_of_2(n_cols)
     block_r = max(1, TILE_ELEMENTS // block_n)
     warps = 4 if block_n * block_r <= 4096 else 8 if block_n <= 8192 else 16
