@@ -1367,10 +1367,10 @@ def train8b_case(
 ) -> dict[str, Any]:
     arch = PRESETS[preset]
     steps = int(os.environ.get("KUBETRON_TRAIN8B_STEPS", TRAIN8B_STEPS))
+    fast = os.environ.get("KUBETRON_TRAIN8B_FAST", "on")
     cfg = trainer_config(
         f"{preset}-{shape}", arch, preset, TRAIN8B_SHAPES[shape], steps=steps,
-        seq=seq, micro_batch=TRAIN8B_MICRO, global_batch=TRAIN8B_GBS,
-        fast_path=os.environ.get("KUBETRON_TRAIN8B_FAST", "on"),
+        seq=seq, micro_batch=TRAIN8B_MICRO, global_batch=TRAIN8B_GBS, fast_path=fast,
     )  # fmt: skip
     # e.g. 36: every layer of Qwen3-8B recomputed (its DP2 run at seq 8192 needs it)
     recompute = int(os.environ.get("KUBETRON_TRAIN8B_RECOMPUTE", "0"))
@@ -1385,7 +1385,7 @@ def train8b_case(
     out: dict[str, Any] = {
         "preset": preset, "shape": shape, "parallelism": TRAIN8B_SHAPES[shape],
         "recipe": {"steps": steps, "seq_length": seq, "micro_batch": TRAIN8B_MICRO,
-                   "global_batch": TRAIN8B_GBS, "precision": PRECISION, "fast_path": "on",
+                   "global_batch": TRAIN8B_GBS, "precision": PRECISION, "fast_path": fast,
                    "distributed_optimizer": True, "warmup_steps_excluded": 2,
                    "recompute_layers": recompute},
         "order": groups, "runs": runs,
