@@ -85,7 +85,7 @@ case $CALL in
   n=$(python3 - <<'EOF' 2>>"$LOG"
 import torch
 from torch.profiler import ProfilerActivity, profile
-from kubetron_trainer.profiling import device_kernels, summarize
+from kubetron_trainer.observe.profiling import device_kernels, summarize
 a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
 with profile(activities=[ProfilerActivity.CUDA]) as p:
     for _ in range(5):

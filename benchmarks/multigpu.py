@@ -722,14 +722,14 @@ def sp_grads_worker(out_dir: Path) -> None:
     import torch.distributed as dist
 
     from kubetron_api.dims import ParallelDims
-    from kubetron_trainer.data import build_batches
-    from kubetron_trainer.loop import make_groups
+    from kubetron_trainer.data.batches import build_batches
     from kubetron_trainer.models.build import build_model
     from kubetron_trainer.models.fused import FastPath
-    from kubetron_trainer.parallel import init_distributed
-    from kubetron_trainer.seeding import setup_megatron_globals
-    from kubetron_trainer.step_gpu import GpuEngine
-    from kubetron_trainer.topology import Topology
+    from kubetron_trainer.runtime.loop import make_groups
+    from kubetron_trainer.runtime.parallel import init_distributed
+    from kubetron_trainer.runtime.seeding import setup_megatron_globals
+    from kubetron_trainer.runtime.step_gpu import GpuEngine
+    from kubetron_trainer.runtime.topology import Topology
 
     topo = Topology.from_env()
     init_distributed(topo, "nccl")
@@ -938,7 +938,7 @@ def _pick_ckpt_dir(need: int) -> tuple[Path, dict[str, Any]]:
 
 def _state_checksums(engine: Any) -> list[float]:
     """Float64 sums of every model weight, fp32 main weight and optimizer moment of this rank."""
-    from kubetron_trainer.train_common import megatron_optimizers
+    from kubetron_trainer.runtime.step_common import megatron_optimizers
 
     sums = [float(p.detach().double().sum()) for m in engine.model for p in m.parameters()]
     for opt in megatron_optimizers(engine.optimizer):
@@ -953,7 +953,7 @@ def _state_checksums(engine: Any) -> list[float]:
 
 def _wipe_state(engine: Any) -> None:
     """Zero every weight, main weight and moment: a load must write all of them back."""
-    from kubetron_trainer.train_common import megatron_optimizers
+    from kubetron_trainer.runtime.step_common import megatron_optimizers
 
     with torch.no_grad():
         for m in engine.model:
@@ -974,16 +974,16 @@ def ckpt8b_worker(out_dir: Path, megatron_probe: bool) -> None:
 
     from kubetron_api.ckpt_meta import RunIdentity
     from kubetron_api.dims import ParallelDims
-    from kubetron_trainer import checkpoint as ck
-    from kubetron_trainer.data import build_batches
-    from kubetron_trainer.loop import make_groups
+    from kubetron_trainer.data.batches import build_batches
     from kubetron_trainer.models.build import build_model
     from kubetron_trainer.models.fused import FastPath
-    from kubetron_trainer.parallel import init_distributed
-    from kubetron_trainer.seeding import setup_megatron_globals
-    from kubetron_trainer.step_gpu import GpuEngine
-    from kubetron_trainer.topology import Topology
-    from kubetron_trainer.train_common import build_scheduler
+    from kubetron_trainer.runtime import checkpoint as ck
+    from kubetron_trainer.runtime.loop import make_groups
+    from kubetron_trainer.runtime.parallel import init_distributed
+    from kubetron_trainer.runtime.seeding import setup_megatron_globals
+    from kubetron_trainer.runtime.step_common import build_scheduler
+    from kubetron_trainer.runtime.step_gpu import GpuEngine
+    from kubetron_trainer.runtime.topology import Topology
 
     topo = Topology.from_env()
     init_distributed(topo, "nccl")
@@ -1078,7 +1078,7 @@ def _ckpt8b_phases(
     import torch.distributed as dist
 
     from kubetron_api.ckpt_meta import read_latest
-    from kubetron_trainer import checkpoint as ck
+    from kubetron_trainer.runtime import checkpoint as ck
 
     # 1. synchronous save of step 1, load back
     before = _state_checksums(engine)
@@ -1131,7 +1131,7 @@ def _ckpt8b_probe(
     report: dict[str, Any], flush: Any, timed: Any, engine: Any, built: Any, pg: Any
 ) -> None:
     """Megatron's own fully_reshardable state (gathered on every rank), built, not written."""
-    from kubetron_trainer import checkpoint as ck
+    from kubetron_trainer.runtime import checkpoint as ck
 
     meta = {"distrib_optim_sharding_type": "fully_reshardable", "dp_cp_group": pg.dp_cp,
             "chained_optim_avoid_prefix": True}  # fmt: skip
@@ -1530,8 +1530,8 @@ def worker(out_dir: Path, reps: int, backend: str = "nccl") -> None:
     of this script)."""
     import torch.distributed as dist
 
-    from kubetron_trainer.parallel import init_distributed
-    from kubetron_trainer.topology import Topology
+    from kubetron_trainer.runtime.parallel import init_distributed
+    from kubetron_trainer.runtime.topology import Topology
     from tests.distributed import _pg_worker as oracle
 
     oracle.BACKEND = backend  # the oracle's own groups, built with NCCL like the trainer's
@@ -1559,7 +1559,7 @@ def run_multi(topo: Any, oracle: Any, backend: str) -> dict[str, Any]:
     import torch.distributed as dist
 
     from kubetron_api.dims import ParallelDims
-    from kubetron_trainer.parallel import GridSpec, build_process_groups_multi
+    from kubetron_trainer.runtime.parallel import GridSpec, build_process_groups_multi
 
     specs = [
         GridSpec(name, ParallelDims.from_degrees(topo.world_size, **full_shape(shape)))
@@ -1592,7 +1592,7 @@ def time_setup(topo: Any, reps: int, oracle: Any, backend: str) -> list[dict[str
     from megatron.core import parallel_state
 
     from kubetron_api.dims import ParallelDims
-    from kubetron_trainer.parallel import GroupOptions, build_process_groups
+    from kubetron_trainer.runtime.parallel import GroupOptions, build_process_groups
 
     nccl = backend == "nccl"
     out = []

@@ -40,8 +40,12 @@ def worker(out: Path, reps: int) -> None:
     from megatron.core import parallel_state
 
     from kubetron_api.dims import ParallelDims
-    from kubetron_trainer.parallel import GroupOptions, build_process_groups, init_distributed
-    from kubetron_trainer.topology import Topology
+    from kubetron_trainer.runtime.parallel import (
+        GroupOptions,
+        build_process_groups,
+        init_distributed,
+    )
+    from kubetron_trainer.runtime.topology import Topology
 
     topo = Topology.from_env()
     init_distributed(topo, backend="gloo")

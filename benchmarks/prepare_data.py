@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kubetron_trainer.prepare import prepare
+from kubetron_trainer.tools.prepare import prepare
 from tests.hf_tokenizer import build_chat_bpe, conversations, sentence
 
 OUTPUT = Path(__file__).parent / "results" / "prepare_data.json"
@@ -98,7 +98,7 @@ def main() -> None:
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()
     result = {
-        "benchmark": "prepare-data throughput (python -m kubetron_trainer.prepare)",
+        "benchmark": "prepare-data throughput (python -m kubetron_trainer.tools.prepare)",
         "issue": "15 (data preparation)",
         "date": datetime.now(UTC).date().isoformat(),
         "machine": machine(),

@@ -10,8 +10,9 @@ invocation on the same machine:
   `--fast-micro-batch`, decentralized and global (the step-time ratio between them);
 - optional ablations (`--variants ce,rope:2 ...`: fast-path pieces and micro-batch, fewer steps);
 - optional `--profile-variants` (and `--profile`, the baseline and the optimised run): runs
-  with the trainer's `--profile-steps 3:2`, whose report (`kubetron_trainer.profiling`) gives
-  the top GPU kernels, time by kernel family and the step's compute/communication/idle split.
+  with the trainer's `--profile-steps 3:2`, whose report
+  (`kubetron_trainer.observe.profiling`) gives the top GPU kernels, time by kernel family
+  and the step's compute/communication/idle split.
 
 The first two steps are warmup and excluded from tokens/s, MFU and the step times. Losses of
 all steps are recorded, so baseline and optimised can be compared step by step.
@@ -156,7 +157,7 @@ def parse_args() -> argparse.Namespace:
         nargs="*",
         default=[],
         help="FAST[:MICRO_BATCH[:GLOBAL_BATCH]] runs with the trainer's --profile-steps 3:2: "
-        "GPU time by kernel family (kubetron_trainer.profiling)",
+        "GPU time by kernel family (kubetron_trainer.observe.profiling)",
     )
     p.add_argument("--variant-steps", type=int, default=8)
     p.add_argument(

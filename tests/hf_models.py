@@ -3,8 +3,9 @@
 `python -m tests.hf_models parity DIR KIND VOCAB TP OUT [PP [EP [DEVICE]]]` is one rank of a
 parity check (torchrun's variables in the environment): it builds kubetron's GPTModel for `KIND`
 in that shape (data-parallel over the rest of the world), loads the Hugging Face checkpoint in
-DIR through `kubetron_trainer.hf`, and the last stage's first rank writes to OUT the largest
-difference between the gathered logits and the transformers model's on the same tokens.
+DIR through `kubetron_trainer.models.hf_weights`, and the last stage's first rank writes to
+OUT the largest difference between the gathered logits and the transformers model's on the
+same tokens.
 `... save DIR KIND VOCAB TP CKPT 1 EP` instead saves the loaded weights as step 1 of a kubetron
 checkpoint (model only, what export reads): Megatron's MoE layers build on the CPU but route
 tokens only on CUDA, so an MoE model goes through the CPU tiers this way.
@@ -141,10 +142,10 @@ def run_ranks(world: int, *args: str) -> None:
 
 
 def export(ckpt: Path, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """`python -m kubetron_trainer.export CKPT OUT ARGS` as a plain command (no launcher)."""
+    """`python -m kubetron_trainer.tools.export CKPT OUT ARGS` as a plain command (no launcher)."""
     from tests.ports import free_port
 
-    cmd = [sys.executable, "-m", "kubetron_trainer.export", str(ckpt), str(out), *args]
+    cmd = [sys.executable, "-m", "kubetron_trainer.tools.export", str(ckpt), str(out), *args]
     env = rank_env(0, 1, free_port())
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"):
         env.pop(name)  # a plain command, no launcher
@@ -205,11 +206,11 @@ def main(argv: list[str]) -> int:
 
     from kubetron_api.config import RecipeSpec, TrainerConfig
     from kubetron_api.dims import ParallelDims
-    from kubetron_trainer.hf import load_hf_weights
     from kubetron_trainer.models.build import build_model
-    from kubetron_trainer.parallel import build_process_groups, init_distributed
-    from kubetron_trainer.seeding import setup_megatron_globals
-    from kubetron_trainer.topology import Topology
+    from kubetron_trainer.models.hf_weights import load_hf_weights
+    from kubetron_trainer.runtime.parallel import build_process_groups, init_distributed
+    from kubetron_trainer.runtime.seeding import setup_megatron_globals
+    from kubetron_trainer.runtime.topology import Topology
 
     mode, argv = argv[0], argv[1:]
     directory, kind, vocab, tp, out = Path(argv[0]), argv[1], int(argv[2]), int(argv[3]), argv[4]
@@ -272,7 +273,7 @@ def save_checkpoint(cfg: Any, dims: Any, pg: Any, built: Any, root: Path) -> Non
     from megatron.core import dist_checkpointing
 
     from kubetron_api.ckpt_meta import RunIdentity, step_dir, write_latest, write_step_meta
-    from kubetron_trainer.checkpoint import SyncTorchDistSaveStrategy, sharded_model_state
+    from kubetron_trainer.runtime.checkpoint import SyncTorchDistSaveStrategy, sharded_model_state
 
     target = step_dir(root, 1)
     if dist.get_rank() == 0:

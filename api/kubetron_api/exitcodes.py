@@ -6,8 +6,9 @@ that does not fit, an out-of-memory) must exit below 128, and one that failed fo
 restart can fix (preemption, a lost peer or a collective timeout) must exit at 128 or above,
 after saving a checkpoint when it can.
 
-The codes are the contract: the trainer exits with them (`kubetron_trainer.failures` maps its
-exceptions to them) and the operator reads them from the pod status.
+The codes are the contract: the trainer exits with them
+(`kubetron_trainer.runtime.failures` maps its exceptions to them) and the operator reads them from the pod
+status.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """MegatronJob, kubetron.io/v1alpha1: the pydantic models that are the one schema source.
 
 The CRD (OpenAPI schema, CEL rules, `kubectl explain` text) is generated from these models by
-`kubetron_operator.crd`; the operator parses every object with them; the trainer's part of the
+`kubetron_operator.cli.crd`; the operator parses every object with them; the trainer's part of the
 spec is `kubetron_api.config`, embedded here, so all three read one schema.
 """
 

@@ -28,7 +28,7 @@ OPERATOR_MODULES = (
     "kubetron_api.v1alpha1",
     "kubetron_operator.plan",
     "kubetron_operator.render",
-    "kubetron_operator.crd",
+    "kubetron_operator.cli.crd",
     "kubetron_operator.cli",
     "kubetron_operator.__main__",  # the image's entrypoint: kopf, kubernetes, prometheus-client
 )

@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from kubetron_api.parse import load_documents, parse_job
+from kubetron_operator.cli.rbac import LEASE_RULES, RULES
 from kubetron_operator.plan import plan
-from kubetron_operator.rbac import LEASE_RULES, RULES
 from kubetron_operator.render import render
 from tests.chart.helm import (
     CHART,

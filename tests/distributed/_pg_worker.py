@@ -25,7 +25,7 @@ from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from kubetron_api.dims import ParallelConfigError, ParallelDims
-from kubetron_trainer.parallel import (
+from kubetron_trainer.runtime.parallel import (
     GridSpec,
     GroupOptions,
     build_process_groups,
@@ -33,7 +33,7 @@ from kubetron_trainer.parallel import (
     init_distributed,
     setup_megatron_globals,
 )
-from kubetron_trainer.topology import Topology
+from kubetron_trainer.runtime.topology import Topology
 
 VARIANTS: list[dict[str, bool]] = [{}, {"share_identical": True}, {"local_sync": True}]
 BACKEND = "gloo"  # also on a GPU: several workers may share one device

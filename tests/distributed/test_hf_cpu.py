@@ -3,7 +3,7 @@
 Tiny random Qwen3 and Llama models built with transformers load into kubetron's Megatron model
 in tensor-parallel shapes with transformers' logits. A finetune run (TP2) starts at step 0 from
 the weights: its first loss is the transformers model's loss on the same batch. Its checkpoint,
-exported to a Hugging Face directory by `kubetron_trainer.export` (one process, TP1), loads in
+exported to a Hugging Face directory by `kubetron_trainer.tools.export` (one process, TP1), loads in
 transformers with the loss the trainer computed with those weights at the next step. A restart
 of the finetune resumes from its checkpoint instead of the weights.
 """
@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from kubetron_trainer.data import MockDataset
+from kubetron_trainer.data.batches import MockDataset
 from tests.distributed.train_harness import example_config, run
 from tests.hf_models import (
     PRESET,

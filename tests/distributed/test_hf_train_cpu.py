@@ -1,5 +1,5 @@
 """Train on data prepared with a Hugging Face tokenizer (issue 15 parts 1-2, 'done when'): a BPE
-trained here, JSONL and Parquet prepared by `python -m kubetron_trainer.prepare` with two
+trained here, JSONL and Parquet prepared by `python -m kubetron_trainer.tools.prepare` with two
 workers, then gpt-tiny trained by 2 gloo processes (TP2) with `tokenizer.type: huggingface`.
 """
 
@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kubetron_trainer.tokenizer import HuggingFaceTokenizer
+from kubetron_trainer.data.tokenizer import HuggingFaceTokenizer
 from tests.distributed.train_harness import ROOT, example_config, run
 from tests.hf_tokenizer import build_bpe, documents
 
@@ -31,7 +31,7 @@ def test_gpt_tiny_trains_on_data_prepared_with_a_hugging_face_tokenizer(tmp_path
         f.writelines(json.dumps({"text": d}) + "\n" for d in docs[:800])
     pq.write_table(pa.table({"text": docs[800:]}), tmp_path / "b.parquet")
     prefix = tmp_path / "data" / "corpus"
-    cmd = [sys.executable, "-m", "kubetron_trainer.prepare", str(tmp_path / "a.jsonl")]
+    cmd = [sys.executable, "-m", "kubetron_trainer.tools.prepare", str(tmp_path / "a.jsonl")]
     cmd += [str(tmp_path / "b.parquet"), "--tokenizer", str(tok), "--append-eod"]
     cmd += ["--output-prefix", str(prefix), "--workers", "2"]
     done = subprocess.run(cmd, cwd=ROOT / "trainer", capture_output=True, text=True, timeout=300)

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import torch
 
-from kubetron_trainer import prepare as prep
-from kubetron_trainer.packing import ChatDataset
-from kubetron_trainer.tokenizer import HuggingFaceTokenizer
+from kubetron_trainer.data.packing import ChatDataset
+from kubetron_trainer.data.tokenizer import HuggingFaceTokenizer
+from kubetron_trainer.tools import prepare as prep
 from tests.distributed.train_harness import example_config, run
 from tests.hf_models import PRESET, model_spec, save_hf_model
 from tests.hf_tokenizer import build_chat_bpe, conversations

@@ -38,7 +38,7 @@ def tokenize(tmp: Path) -> str:
     text = tmp / "text.txt"
     text.write_text(paragraphs(300))
     prefix = tmp / "data" / "text"
-    cmd = [sys.executable, "-m", "kubetron_trainer.tokenize", "--input", str(text)]
+    cmd = [sys.executable, "-m", "kubetron_trainer.tools.tokenize", "--input", str(text)]
     subprocess.run([*cmd, "--output-prefix", str(prefix)], check=True, cwd=ROOT / "trainer")
     return str(prefix)
 

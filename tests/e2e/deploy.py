@@ -26,7 +26,7 @@ EXAMPLE = REPO_ROOT / "manifests" / "examples" / "gpt-tiny-cpu.yaml"
 OPERATOR_IMAGE = "ghcr.io/kubetron/operator:"
 TRAINER_CPU_IMAGE = "ghcr.io/kubetron/trainer:"
 FINAL_PHASES = ("Succeeded", "Failed")
-# A trainer's step line (kubetron_trainer.loop.Progress.line).
+# A trainer's step line (kubetron_trainer.runtime.loop.Progress.line).
 STEP_LINE = re.compile(r"step (\d+)/(\d+) \| loss ([0-9.]+) .*? \| ([0-9,]+) tok/s")
 
 Obj = dict[str, Any]

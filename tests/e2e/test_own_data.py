@@ -133,7 +133,7 @@ def test_prepare_job_then_sft_example_train_in_pods(
         "PYTHONPATH": os.pathsep.join(str(ROOT / d) for d in ("trainer", "api"))
     }
     done = subprocess.run(
-        [sys.executable, "-m", "kubetron_trainer.export", str(ckpt), str(out)],
+        [sys.executable, "-m", "kubetron_trainer.tools.export", str(ckpt), str(out)],
         env=env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

@@ -22,17 +22,17 @@ from tokenizers import Tokenizer
 
 from kubetron_api.config import PRESETS, TrainerConfig
 from kubetron_api.exitcodes import ConfigError
-from kubetron_trainer import prepare as prep
 from kubetron_trainer.__main__ import main as trainer_main
-from kubetron_trainer.chat import (
+from kubetron_trainer.data.chat import (
     ChatError,
     check_messages,
     compile_template,
     load_template,
     segments,
 )
-from kubetron_trainer.packing import ChatDataset, block_causal_mask, next_fit, train_documents
-from kubetron_trainer.tokenizer import HuggingFaceTokenizer
+from kubetron_trainer.data.packing import ChatDataset, block_causal_mask, next_fit, train_documents
+from kubetron_trainer.data.tokenizer import HuggingFaceTokenizer
+from kubetron_trainer.tools import prepare as prep
 from tests.hf_tokenizer import CHATML, IM_END, build_chat_bpe, conversations
 
 CONVERSATIONS = conversations(60, seed=5)

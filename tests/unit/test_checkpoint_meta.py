@@ -34,8 +34,8 @@ from kubetron_api.config import PRESETS, TrainerConfig
 from kubetron_api.dims import ParallelDims
 from kubetron_api.exitcodes import ConfigError
 from kubetron_trainer.__main__ import main as trainer_main
-from kubetron_trainer.data import Batches
-from kubetron_trainer.seeding import reseed_for_resume, resume_seed, rng_seeds
+from kubetron_trainer.data.batches import Batches
+from kubetron_trainer.runtime.seeding import reseed_for_resume, resume_seed, rng_seeds
 
 ROOT = Path(__file__).resolve().parents[2]
 GBS = 8
@@ -387,7 +387,7 @@ def test_checkpoints_from_python_313_load_in_older_pythons(tmp_path: Path) -> No
     import pickle
 
     import kubetron_trainer  # noqa: F401  (the alias)
-    from kubetron_trainer.checkpoint import PortableWriter
+    from kubetron_trainer.runtime.checkpoint import PortableWriter
 
     as_313 = pickle.dumps(Path("/ckpt/iter_0000010"), protocol=0).replace(
         b"cpathlib\n", b"cpathlib._local\n"

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetron_operator.crd import crd, crd_yaml
+from kubetron_operator.cli.crd import crd, crd_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 CHECKED_IN = ROOT / "manifests" / "crds" / "kubetron.io_megatronjobs.yaml"
@@ -44,8 +44,8 @@ def test_checked_in_crd_matches_models() -> None:
     ],
 )
 def test_generated_files_are_current(checked_in: str, generate: str) -> None:
-    from kubetron_operator import crd as crd_module
-    from kubetron_operator import rbac
+    from kubetron_operator.cli import crd as crd_module
+    from kubetron_operator.cli import rbac
 
     make = getattr(rbac, generate, None) or getattr(crd_module, generate)
     assert (ROOT / checked_in).read_text() == make(), (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kubetron_operator.docs import BEGIN, END, generated_block
+from kubetron_operator.cli.docs import BEGIN, END, generated_block
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

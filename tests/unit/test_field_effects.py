@@ -19,7 +19,7 @@ import pytest
 
 from kubetron_api.config import TrainerConfig
 from kubetron_api.parse import parse_job
-from kubetron_operator.crd import crd
+from kubetron_operator.cli.crd import crd
 from kubetron_operator.plan import plan
 from kubetron_operator.render import render
 from tests.builders import job_dict

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kubetron_api.config import PRESETS
-from kubetron_trainer.flops import flops_per_token, peak_flops
+from kubetron_trainer.observe.flops import flops_per_token, peak_flops
 
 
 def test_qwen3_1_7b_flops_per_token_at_seq_4096() -> None:

@@ -46,7 +46,7 @@ def test_an_moe_checkpoint_exports_back_to_its_weights(tmp_path: Path) -> None:
 
 
 def test_fused_qkv_is_megatrons_group_order() -> None:
-    from kubetron_trainer.hf import fuse_qkv, split_qkv
+    from kubetron_trainer.models.hf_weights import fuse_qkv, split_qkv
 
     arch = model_spec("qwen3", 512).resolve()  # 4 heads, 2 groups, head size 16
     h, d = arch.hidden_size, arch.kv_channels
@@ -176,7 +176,7 @@ def test_the_expert_count_is_read_under_either_name() -> None:
 def test_export_shard_sizes_and_plan() -> None:
     import argparse
 
-    from kubetron_trainer.export import parse_size, shard_plan
+    from kubetron_trainer.tools.export import parse_size, shard_plan
 
     assert [parse_size(t) for t in ("5GB", "500mb", "100KB", "2048")] == [5e9, 5e8, 1e5, 2048]
     for bad in ("5XB", "0GB", "-1"):

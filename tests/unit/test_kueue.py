@@ -19,7 +19,7 @@ from kubetron_operator.controller import Controller
 from kubetron_operator.metrics import OperatorMetrics
 from kubetron_operator.plan import PlanError, plan
 from kubetron_operator.render import render
-from kubetron_trainer.parallel import make_grids
+from kubetron_trainer.runtime.parallel import make_grids
 from tests.builders import job_dict
 from tests.unit.fake_kube import FakeKube
 

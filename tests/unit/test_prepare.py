@@ -27,16 +27,21 @@ from tokenizers import Tokenizer
 from kubetron_api.config import PRESETS, TokenizerSpec, TrainerConfig
 from kubetron_api.exitcodes import ConfigError
 from kubetron_api.v1alpha1 import TRAINER_UID, ResourcesSpec
-from kubetron_trainer import prepare as prep
 from kubetron_trainer.__main__ import main as trainer_main
-from kubetron_trainer.data import NO_PAD, DatasetTokenizer, check_indexed_data, indexed_dataset
-from kubetron_trainer.tokenizer import (
+from kubetron_trainer.data.batches import (
+    NO_PAD,
+    DatasetTokenizer,
+    check_indexed_data,
+    indexed_dataset,
+)
+from kubetron_trainer.data.tokenizer import (
     ByteTokenizer,
     HuggingFaceTokenizer,
     TokenizerError,
     check_for_model,
     from_spec,
 )
+from kubetron_trainer.tools import prepare as prep
 from tests.hf_tokenizer import EOS, PAD, build_bpe, documents
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,7 +95,7 @@ def test_a_hugging_face_directory_loads_offline_with_its_special_tokens(
     # no network and no torch: the loader runs with sockets gone and torch unimportable
     code = (
         "import socket, sys; socket.socket = None; sys.modules['torch'] = None\n"
-        "from kubetron_trainer.tokenizer import load\n"
+        "from kubetron_trainer.data.tokenizer import load\n"
         f"t = load({str(tok_dir)!r}); print(t.vocab_size, t.eod, t.pad)"
     )
     out = subprocess.run(
@@ -375,7 +380,7 @@ def test_the_module_runs_with_workers_and_sigterm_removes_the_partial_output(
 ) -> None:
     src = write_jsonl(tmp_path / "a.jsonl", [{"text": f"doc {i} " * 40} for i in range(150_000)])
     out = tmp_path / "out" / "corpus"
-    cmd = [sys.executable, "-m", "kubetron_trainer.prepare", str(src), "--output-prefix"]
+    cmd = [sys.executable, "-m", "kubetron_trainer.tools.prepare", str(src), "--output-prefix"]
     cmd += [str(out), "--workers", "2", "--chunk-size", "200", "--progress-interval", "0.2"]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
@@ -477,7 +482,7 @@ def test_the_prepare_job_manifest_runs_the_cli_with_its_real_arguments() -> None
     assert pod["restartPolicy"] == "Never"
     (container,) = pod["containers"]
     assert container["image"] == ResourcesSpec().image  # the trainer image
-    assert container["command"] == ["python", "-m", "kubetron_trainer.prepare"]
+    assert container["command"] == ["python", "-m", "kubetron_trainer.tools.prepare"]
     args = prep.parse_args(container["args"])  # the CLI's own parser accepts them
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]}

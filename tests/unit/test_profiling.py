@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kubetron_trainer.profiling import Kernel, kernel_family, parse_window, summarize
+from kubetron_trainer.observe.profiling import Kernel, kernel_family, parse_window, summarize
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from prometheus_client import generate_latest
 from kubetron_operator.controller import Controller
 from kubetron_operator.metrics import OperatorMetrics
 from kubetron_operator.progress import Sample, parse, progress
-from kubetron_trainer.metrics import StepStats, TrainerMetrics
+from kubetron_trainer.observe.metrics import StepStats, TrainerMetrics
 from tests.unit.fake_kube import FakeKube
 
 

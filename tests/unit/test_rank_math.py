@@ -18,14 +18,14 @@ from megatron.core.parallel_state import (
 )
 
 from kubetron_api.dims import ParallelConfigError, ParallelDims
-from kubetron_trainer.parallel import (
+from kubetron_trainer.runtime.parallel import (
     ParallelGroupsError,
     check_grid_fits,
     make_grids,
     rank_lists,
     rng_seeds,
 )
-from kubetron_trainer.topology import Topology
+from kubetron_trainer.runtime.topology import Topology
 
 ORDER = "tp-cp-ep-dp-pp"
 

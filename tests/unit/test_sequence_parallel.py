@@ -22,7 +22,7 @@ from kubetron_operator.plan import plan
 from kubetron_trainer.__main__ import run
 from kubetron_trainer.models.build import layer_spec
 from kubetron_trainer.models.norm import Norm
-from kubetron_trainer.topology import Topology
+from kubetron_trainer.runtime.topology import Topology
 from tests.builders import make_job
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kubetron_trainer.loop import sigterm_needs_save
+from kubetron_trainer.runtime.loop import sigterm_needs_save
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kubetron_trainer.topology import _MEANING, Topology, TopologyError
+from kubetron_trainer.runtime.topology import _MEANING, Topology, TopologyError
 
 
 def torchrun_env(rank: int, local_world: int, world: int, **extra: str) -> dict[str, str]:

@@ -16,12 +16,12 @@ from prometheus_client import CollectorRegistry
 from kubetron_api.dims import ParallelConfigError, ParallelDims
 from kubetron_api.exitcodes import ConfigError, ExitCode, Terminated
 from kubetron_trainer.__main__ import load_config
-from kubetron_trainer.checkpoint import read_latest, write_latest
-from kubetron_trainer.data import Batches, MockDataset
-from kubetron_trainer.failures import classify
-from kubetron_trainer.metrics import StepStats, TrainerMetrics
-from kubetron_trainer.tokenize import ByteTokenizer, documents, write_indexed
-from kubetron_trainer.topology import TopologyError
+from kubetron_trainer.data.batches import Batches, MockDataset
+from kubetron_trainer.observe.metrics import StepStats, TrainerMetrics
+from kubetron_trainer.runtime.checkpoint import read_latest, write_latest
+from kubetron_trainer.runtime.failures import classify
+from kubetron_trainer.runtime.topology import TopologyError
+from kubetron_trainer.tools.tokenize import ByteTokenizer, documents, write_indexed
 
 
 @pytest.mark.parametrize(
@@ -126,7 +126,7 @@ class Wrapper:
 
 
 def test_adam_steps_are_floats_during_a_load_and_tensors_after() -> None:
-    from kubetron_trainer.checkpoint import steps_aside_while_loading
+    from kubetron_trainer.runtime.checkpoint import steps_aside_while_loading
 
     p = torch.nn.Parameter(torch.ones(4))
     trained = torch.optim.AdamW([p], lr=0.1)
@@ -182,7 +182,7 @@ def _megatron_style_load(
 def test_megatron_distributed_optimizer_load_resumes_torch_adam_exactly() -> None:
     """The H100 failure (KeyError 'step') through Megatron's own copy, and the workaround: after
     it the optimizer continues exactly as one that was never interrupted."""
-    from kubetron_trainer.checkpoint import steps_aside_while_loading
+    from kubetron_trainer.runtime.checkpoint import steps_aside_while_loading
 
     def grads(step: int) -> list[torch.Tensor]:
         return [torch.full((4,), 0.1 * step + 0.5), torch.full((3,), 1.0 - 0.2 * step)]

@@ -35,9 +35,9 @@ from kubetron_api.rules import (
     missing_transformer_engine,
     transformer_engine_uses,
 )
-from kubetron_trainer.failures import classify
-from kubetron_trainer.profiling import parse_window
-from kubetron_trainer.topology import Topology
+from kubetron_trainer.observe.profiling import parse_window
+from kubetron_trainer.runtime.failures import classify
+from kubetron_trainer.runtime.topology import Topology
 
 if TYPE_CHECKING:
     from kubetron_trainer.models.build import AttentionBackend
@@ -165,9 +165,9 @@ def run(
     """Join the job, train, clean up (imports Megatron only now, after the config is valid)."""
     import torch.distributed as dist
 
-    from kubetron_trainer.metrics import prepare_multiproc_dir
     from kubetron_trainer.models.build import resolve_backend
-    from kubetron_trainer.parallel import init_distributed
+    from kubetron_trainer.observe.metrics import prepare_multiproc_dir
+    from kubetron_trainer.runtime.parallel import init_distributed
 
     if args.fast_path is None:
         fast_path = cfg.recipe.fast
@@ -194,7 +194,7 @@ def run(
     if no_te and (problems := missing_transformer_engine(cfg.recipe, cfg.parallelism)):
         raise ParallelConfigError(problems, f"device {device.type}, world={cfg.world_size}")
     if cfg.data.type != "mock":  # the files, and the tokenizer against the model
-        from kubetron_trainer.data import check_indexed_data
+        from kubetron_trainer.data.batches import check_indexed_data
 
         check_indexed_data(cfg)
     attempt = Attempt.from_env(os.environ)  # set by the operator: fences checkpoint writes
@@ -204,7 +204,7 @@ def run(
 
         check_weights(cfg.model, cfg.preset, Path(cfg.weights))
     backend = "nccl" if device.type == "cuda" else "gloo"
-    from kubetron_trainer.metrics import MULTIPROC_ENV
+    from kubetron_trainer.observe.metrics import MULTIPROC_ENV
 
     own_metrics_dir = MULTIPROC_ENV not in os.environ  # pods get theirs from the operator
     metrics_dir = prepare_multiproc_dir(
@@ -212,8 +212,8 @@ def run(
     )
     init_distributed(topology, backend, timedelta(seconds=cfg.collective_timeout_seconds))
     dist.barrier()  # the metrics directory is clean before any rank writes to it
-    from kubetron_trainer import loop
-    from kubetron_trainer.metrics import TrainerMetrics
+    from kubetron_trainer.observe.metrics import TrainerMetrics
+    from kubetron_trainer.runtime import loop
 
     metrics = None
     if cfg.metrics.enabled:

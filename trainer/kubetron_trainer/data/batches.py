@@ -32,10 +32,10 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from kubetron_api.config import TrainerConfig
 from kubetron_api.exitcodes import ConfigError
 from kubetron_api.files import unreadable
-from kubetron_trainer.chat import LOSS_MASK
+from kubetron_trainer.data.chat import LOSS_MASK
+from kubetron_trainer.data.packing import ChatDataset, block_causal_mask
+from kubetron_trainer.data.tokenizer import Tokenizer, check_for_model
 from kubetron_trainer.models.build import padded_vocab_size
-from kubetron_trainer.packing import ChatDataset, block_causal_mask
-from kubetron_trainer.tokenizer import Tokenizer, check_for_model
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Turn JSONL and Parquet text into a Megatron indexed dataset (`PREFIX.bin` + `PREFIX.idx`).
 
-`python -m kubetron_trainer.prepare INPUT... --output-prefix PREFIX [--tokenizer DIR|byte]`
+`python -m kubetron_trainer.tools.prepare INPUT... --output-prefix PREFIX [--tokenizer DIR|byte]`
 (console script `kubetron-prepare-data`). Inputs are files or glob patterns (expanded here, so
 a container's args need no shell) of `.jsonl`, `.jsonl.gz` and `.parquet`; each JSON line, or
 Parquet row, is one document, its text in `--text-key` (default `text`). Files are read in the
@@ -22,7 +22,7 @@ Exit codes: 0 done, 2 bad arguments or input, 143 SIGTERM.
 `--chat` prepares supervised fine-tuning data (`data.type: chat`): each record holds a
 conversation (`--messages-key`, default `messages`: a list of `{"role", "content"}`), rendered
 with the tokenizer's chat template (or `--chat-template FILE`) and tokenized piece by piece
-(`kubetron_trainer.chat`); besides PREFIX.bin/.idx it writes PREFIX.loss_mask.bin/.idx, an
+(`kubetron_trainer.data.chat`); besides PREFIX.bin/.idx it writes PREFIX.loss_mask.bin/.idx, an
 indexed dataset of the same documents and lengths whose values are 1 for the tokens an
 assistant wrote (the ones the loss is taken on) and 0 for the rest. A conversation without an
 assistant message, a role not in system/user/assistant/tool, or a template that cannot mark
@@ -51,7 +51,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from kubetron_trainer.chat import (
+from kubetron_trainer.data.chat import (
     LOSS_MASK,
     ChatError,
     Template,
@@ -60,7 +60,7 @@ from kubetron_trainer.chat import (
     load_template,
     segments,
 )
-from kubetron_trainer.tokenizer import BYTE, Tokenizer, TokenizerError, load
+from kubetron_trainer.data.tokenizer import BYTE, Tokenizer, TokenizerError, load
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 DEFAULT_CHUNK = 1024

@@ -28,8 +28,8 @@ from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_du
 from kubetron_api.config import OptimizerSpec, TrainerConfig
 from kubetron_api.dims import ParallelConfigError
 from kubetron_api.rules import check_device
-from kubetron_trainer.data import Batch
-from kubetron_trainer.train_common import StepResult, masked_mean
+from kubetron_trainer.data.batches import Batch
+from kubetron_trainer.runtime.step_common import StepResult, masked_mean
 
 log = logging.getLogger(__name__)
 

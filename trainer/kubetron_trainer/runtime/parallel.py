@@ -26,7 +26,7 @@ from megatron.core.hyper_comm_grid import HyperCommGrid
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from kubetron_api.dims import ParallelDims, ParallelGroupsError
-from kubetron_trainer.topology import Topology
+from kubetron_trainer.runtime.topology import Topology
 
 DENSE_DIM_NAMES = ["tp", "cp", "dp", "pp"]
 EXPERT_DIM_NAMES = ["etp", "ep", "edp", "pp"]
@@ -418,7 +418,7 @@ def build_process_groups_multi(
 
 
 # Seeding lives in its own module; re-exported here for callers that import it from parallel.
-from kubetron_trainer.seeding import RngSeeds, rng_seeds, setup_megatron_globals  # noqa: E402
+from kubetron_trainer.runtime.seeding import RngSeeds, rng_seeds, setup_megatron_globals  # noqa: E402
 
 __all__ = [
     "GridSpec",

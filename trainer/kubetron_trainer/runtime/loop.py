@@ -27,22 +27,22 @@ from kubetron_api.ckpt_meta import Attempt, RunIdentity, claim, plan_resume
 from kubetron_api.config import FastPath, TrainerConfig
 from kubetron_api.dims import ParallelDims
 from kubetron_api.exitcodes import Terminated
-from kubetron_trainer.checkpoint import Checkpointer
-from kubetron_trainer.data import Batch, build_batches
-from kubetron_trainer.flops import flops_per_token, peak_flops
-from kubetron_trainer.metrics import StepStats, TrainerMetrics
+from kubetron_trainer.data.batches import Batch, build_batches
 from kubetron_trainer.models import build_model
 from kubetron_trainer.models.build import AttentionBackend
-from kubetron_trainer.parallel import GroupOptions, build_process_groups
-from kubetron_trainer.profiling import StepProfiler
-from kubetron_trainer.seeding import setup_megatron_globals
-from kubetron_trainer.topology import Topology
-from kubetron_trainer.train_common import (
+from kubetron_trainer.observe.flops import flops_per_token, peak_flops
+from kubetron_trainer.observe.metrics import StepStats, TrainerMetrics
+from kubetron_trainer.observe.profiling import StepProfiler
+from kubetron_trainer.runtime.checkpoint import Checkpointer
+from kubetron_trainer.runtime.parallel import GroupOptions, build_process_groups
+from kubetron_trainer.runtime.seeding import setup_megatron_globals
+from kubetron_trainer.runtime.step_common import (
     StepResult,
     build_scheduler,
     current_lr,
     share_from_last_stage,
 )
+from kubetron_trainer.runtime.topology import Topology
 
 log = logging.getLogger(__name__)
 GroupsMode = Literal["decentralized", "global"]
@@ -132,10 +132,10 @@ def make_engine(
     fast: FastPath | None = None,
 ) -> Engine:
     if device.type == "cuda":
-        from kubetron_trainer.step_gpu import GpuEngine
+        from kubetron_trainer.runtime.step_gpu import GpuEngine
 
         return GpuEngine(cfg, chunks, pg, fast=fast)
-    from kubetron_trainer.step_cpu import CpuEngine
+    from kubetron_trainer.runtime.step_cpu import CpuEngine
 
     return CpuEngine(cfg, chunks, pg)
 
@@ -246,7 +246,7 @@ def start_weights(
     if identity is not None and path and auto and plan_resume(Path(path), identity) is not None:
         log.info("finetune: %s has a checkpoint; resuming from it, not from %s", path, cfg.weights)
         return "checkpoint"
-    from kubetron_trainer.hf import load_hf_weights
+    from kubetron_trainer.models.hf_weights import load_hf_weights
 
     load_hf_weights(chunks, pg, cfg.model, Path(cfg.weights), padded_vocab)
     return "weights"

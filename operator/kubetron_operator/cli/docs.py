@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubetron_api.config import PRESETS
-from kubetron_operator.crd import spec_schema
+from kubetron_operator.cli.crd import spec_schema
 
 BEGIN = "<!-- BEGIN GENERATED: kubetron docs -->"
 END = "<!-- END GENERATED: kubetron docs -->"

@@ -4,8 +4,8 @@ The demo and the tests need real indexed data without downloading a tokenizer, s
 byte-level tokenizer: every UTF-8 byte is a token (0..255), then end-of-document (256) and
 padding (257); 258 tokens fit gpt-tiny's vocabulary of 512. Each non-empty paragraph (text
 between blank lines) becomes one document. Run it as
-`python -m kubetron_trainer.tokenize --input text.txt --output-prefix data/text`.
-JSONL and Parquet, other tokenizers and several processes: `kubetron_trainer.prepare`.
+`python -m kubetron_trainer.tools.tokenize --input text.txt --output-prefix data/text`.
+JSONL and Parquet, other tokenizers and several processes: `kubetron_trainer.tools.prepare`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kubetron_trainer.prepare import IndexedWriter
-from kubetron_trainer.tokenizer import ByteTokenizer
+from kubetron_trainer.data.tokenizer import ByteTokenizer
+from kubetron_trainer.tools.prepare import IndexedWriter
 
 __all__ = ["ByteTokenizer", "documents", "main", "write_indexed"]
 

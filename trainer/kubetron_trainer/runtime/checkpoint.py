@@ -79,8 +79,8 @@ from kubetron_api.ckpt_meta import (
     write_latest,
     write_step_meta,
 )
-from kubetron_trainer.seeding import reseed_for_resume, resume_seed
-from kubetron_trainer.train_common import megatron_optimizers, torch_optimizers
+from kubetron_trainer.runtime.seeding import reseed_for_resume, resume_seed
+from kubetron_trainer.runtime.step_common import megatron_optimizers, torch_optimizers
 
 __all__ = ["LATEST", "Checkpointer", "Resumed", "read_latest", "step_dir", "write_latest"]
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from kubetron_api.exitcodes import ConfigError
-from kubetron_trainer.chat import LOSS_MASK
+from kubetron_trainer.data.chat import LOSS_MASK
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from kubetron_api.dims import ParallelConfigError
 from kubetron_api.exitcodes import ConfigError, ExitCode, Terminated
-from kubetron_trainer.topology import TopologyError
+from kubetron_trainer.runtime.topology import TopologyError
 
 # Messages of collective failures that torch raises as a plain RuntimeError (gloo, some NCCL).
 _COMM_MARKERS = ("timed out", "connection closed", "connection reset", "nccl error", "gloo")

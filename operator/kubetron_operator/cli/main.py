@@ -15,10 +15,10 @@ import yaml
 from kubetron_api import ckpt_inspect
 from kubetron_api.parse import SpecError, load_documents, parse_job
 from kubetron_api.v1alpha1 import MegatronJob
-from kubetron_operator.crd import crd_yaml
-from kubetron_operator.docs import generated_block
+from kubetron_operator.cli.crd import crd_yaml
+from kubetron_operator.cli.docs import generated_block
+from kubetron_operator.cli.rbac import helm_rules_template, rbac_yaml
 from kubetron_operator.plan import Plan, PlanError, plan
-from kubetron_operator.rbac import helm_rules_template, rbac_yaml
 from kubetron_operator.render import render, to_yaml
 
 

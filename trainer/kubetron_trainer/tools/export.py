@@ -1,4 +1,4 @@
-"""`python -m kubetron_trainer.export CKPT_DIR OUT_DIR [--step N]` (console script
+"""`python -m kubetron_trainer.tools.export CKPT_DIR OUT_DIR [--step N]` (console script
 `kubetron-export`): a Hugging Face checkpoint (`model.safetensors` + `config.json`) from a
 kubetron checkpoint of any parallel shape. Weights larger than `--max-shard-size` (default
 5GB, as `save_pretrained`) are split, in key order, into `model-0000K-of-0000N.safetensors`
@@ -29,7 +29,7 @@ from kubetron_api.dims import ParallelDims
 from kubetron_api.exitcodes import ConfigError, ExitCode
 from kubetron_api.hf_config import hf_config, unsupported
 
-log = logging.getLogger("kubetron_trainer.export")
+log = logging.getLogger("kubetron_trainer.tools.export")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
 SINGLE = "model.safetensors"
@@ -141,9 +141,9 @@ def init_single_process() -> Any:
     """A gloo world of one and its process groups (TP1/PP1/DP1)."""
     import torch.distributed as dist
 
-    from kubetron_trainer.parallel import build_process_groups, init_distributed
-    from kubetron_trainer.seeding import setup_megatron_globals
-    from kubetron_trainer.topology import Topology
+    from kubetron_trainer.runtime.parallel import build_process_groups, init_distributed
+    from kubetron_trainer.runtime.seeding import setup_megatron_globals
+    from kubetron_trainer.runtime.topology import Topology
 
     topology = Topology.single_process()
     if not dist.is_initialized():
@@ -160,8 +160,8 @@ def load_model(meta: StepMeta, source: Path, arch: ModelArch, dtype: torch.dtype
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-    from kubetron_trainer.checkpoint import sharded_model_state
     from kubetron_trainer.models.build import build_model
+    from kubetron_trainer.runtime.checkpoint import sharded_model_state
 
     pg = init_single_process()
     # the saved padded vocabulary (a multiple of 128 x the saving tensor degree) as the vocab
@@ -194,7 +194,7 @@ def export(
 ) -> Path:
     """Write `output/config.json` and the weights (one safetensors file or shards and their
     index); returns `output`."""
-    from kubetron_trainer.hf import hf_state_dict
+    from kubetron_trainer.models.hf_weights import hf_state_dict
 
     meta = pick_step(root, step)
     arch = export_arch(meta)

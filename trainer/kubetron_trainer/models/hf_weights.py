@@ -13,7 +13,7 @@ Megatron-layout tensor of a key from the Hugging Face tensors and copies its sli
 - embeddings and output layer padded with zero rows to Megatron's padded vocabulary, the output
   layer from the embeddings when they are tied (also on the last stage of a pipeline).
 
-Export runs the same table backwards on a TP1/PP1 model (`kubetron_trainer.export`).
+Export runs the same table backwards on a TP1/PP1 model (`kubetron_trainer.tools.export`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from megatron.core.transformer.module import MegatronModule
 from kubetron_api.config import ModelArch
 from kubetron_api.exitcodes import ConfigError
 from kubetron_api.hf_config import WEIGHTS_FIELD
-from kubetron_trainer.checkpoint import sharded_model_state
+from kubetron_trainer.runtime.checkpoint import sharded_model_state
 
 log = logging.getLogger(__name__)
 INDEX = "model.safetensors.index.json"

@@ -1,0 +1,1 @@
+"""Training data: mock tokens, indexed datasets, packed chat conversations, tokenizers."""

@@ -1,0 +1,1 @@
+"""Running one trainer: rank environment, process groups, the loop, optimizer steps, checkpoints."""

@@ -1,0 +1,1 @@
+"""Offline tools beside the trainer: data preparation and export to Hugging Face format."""
