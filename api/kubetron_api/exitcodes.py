@@ -7,8 +7,8 @@ restart can fix (preemption, a lost peer or a collective timeout) must exit at 1
 after saving a checkpoint when it can.
 
 The codes are the contract: the trainer exits with them
-(`kubetron_trainer.runtime.failures` maps its exceptions to them) and the operator reads them from the pod
-status.
+(`kubetron_trainer.runtime.failures` maps its exceptions to them) and the operator reads
+them from the pod status.
 """
 
 from __future__ import annotations
