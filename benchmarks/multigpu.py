@@ -938,7 +938,7 @@ def _pick_ckpt_dir(need: int) -> tuple[Path, dict[str, Any]]:
 
 def _state_checksums(engine: Any) -> list[float]:
     """Float64 sums of every model weight, fp32 main weight and optimizer moment of this rank."""
-    from kubetron_trainer.runtime.step_common import megatron_optimizers
+    from kubetron_trainer.runtime.optimizer import megatron_optimizers
 
     sums = [float(p.detach().double().sum()) for m in engine.model for p in m.parameters()]
     for opt in megatron_optimizers(engine.optimizer):
@@ -953,7 +953,7 @@ def _state_checksums(engine: Any) -> list[float]:
 
 def _wipe_state(engine: Any) -> None:
     """Zero every weight, main weight and moment: a load must write all of them back."""
-    from kubetron_trainer.runtime.step_common import megatron_optimizers
+    from kubetron_trainer.runtime.optimizer import megatron_optimizers
 
     with torch.no_grad():
         for m in engine.model:
@@ -979,9 +979,9 @@ def ckpt8b_worker(out_dir: Path, megatron_probe: bool) -> None:
     from kubetron_trainer.models.fused import FastPath
     from kubetron_trainer.runtime import checkpoint as ck
     from kubetron_trainer.runtime.loop import make_groups
+    from kubetron_trainer.runtime.optimizer import build_scheduler
     from kubetron_trainer.runtime.parallel import init_distributed
     from kubetron_trainer.runtime.seeding import setup_megatron_globals
-    from kubetron_trainer.runtime.step_common import build_scheduler
     from kubetron_trainer.runtime.step_gpu import GpuEngine
     from kubetron_trainer.runtime.topology import Topology
 

@@ -126,7 +126,7 @@ class Wrapper:
 
 
 def test_adam_steps_are_floats_during_a_load_and_tensors_after() -> None:
-    from kubetron_trainer.runtime.checkpoint import steps_aside_while_loading
+    from kubetron_trainer.runtime.optim_state import steps_aside_while_loading
 
     p = torch.nn.Parameter(torch.ones(4))
     trained = torch.optim.AdamW([p], lr=0.1)
@@ -182,7 +182,7 @@ def _megatron_style_load(
 def test_megatron_distributed_optimizer_load_resumes_torch_adam_exactly() -> None:
     """The H100 failure (KeyError 'step') through Megatron's own copy, and the workaround: after
     it the optimizer continues exactly as one that was never interrupted."""
-    from kubetron_trainer.runtime.checkpoint import steps_aside_while_loading
+    from kubetron_trainer.runtime.optim_state import steps_aside_while_loading
 
     def grads(step: int) -> list[torch.Tensor]:
         return [torch.full((4,), 0.1 * step + 0.5), torch.full((3,), 1.0 - 0.2 * step)]

@@ -1,7 +1,8 @@
 """Kueue: what a queued job's PyTorchJob carries, what its Workload says, where its pods go. Pure.
 
 A MegatronJob with `spec.scheduling.queue` (and no `schedulerName: volcano`, whose queue is
-Volcano's: `local_queue`) renders its PyTorchJob with Kueue's queue label and
+Volcano's: `local_queue`) goes through the `Kueue` scheduler (the scheduling seam,
+`interface.py`): it renders its PyTorchJob with Kueue's queue label and
 creates it suspended; Kueue makes a Workload for it (labelled with the PyTorchJob's uid), reserves
 quota in the LocalQueue's ClusterQueue and un-suspends the PyTorchJob when it admits it. From then
 on Kueue owns `runPolicy.suspend`: it suspends the job again when it evicts it (preemption, a
@@ -32,10 +33,17 @@ replica index.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from kubetron_api.dims import ParallelDims
-from kubetron_api.v1alpha1 import Phase, SchedulingSpec, TopologyPolicy
+from kubetron_api.v1alpha1 import SchedulingSpec, TopologyPolicy
+from kubetron_operator.scheduling.interface import (
+    TOPOLOGY_FIELD,
+    VOLCANO,
+    Scheduler,
+    asks_placement,
+    placement_needs_kueue,
+)
 
 Obj = dict[str, Any]
 
@@ -47,11 +55,6 @@ PREFERRED_TOPOLOGY = "kueue.x-k8s.io/podset-preferred-topology"
 # Slices of this many consecutive pods, each inside one domain of the slice level.
 SLICE_TOPOLOGY = "kueue.x-k8s.io/podset-slice-required-topology"
 SLICE_SIZE = "kueue.x-k8s.io/podset-slice-size"
-# With this schedulerName, spec.scheduling.queue names a Volcano queue (the training-operator's
-# PodGroup), not a Kueue LocalQueue.
-VOLCANO = "volcano"
-QUEUED = Phase.QUEUED.value  # also the type of the condition while Kueue holds the job
-TOPOLOGY_FIELD = "spec.scheduling.topology"
 
 
 @dataclass(frozen=True)
@@ -89,14 +92,10 @@ def placement(
 ) -> tuple[Placement | None, list[str]]:
     """The placement `spec.scheduling.topology` asks for, or the problems that prevent it."""
     topo = scheduling.topology
-    if topo is None or (topo.job_level is None and topo.model_parallel_level is None):
-        return None, []  # the API server defaults an absent topology to {}
+    if topo is None or not asks_placement(topo):
+        return None, []
     if not local_queue(scheduling):
-        return None, [
-            f"{TOPOLOGY_FIELD} needs a Kueue queue: topology-aware placement is Kueue's; name the "
-            "LocalQueue whose ClusterQueue has a ResourceFlavor with a topologyName in "
-            f"spec.scheduling.queue (and no spec.scheduling.schedulerName {VOLCANO})"
-        ]
+        return None, placement_needs_kueue()
     job = Placement(topo.job_level, topo.job_policy) if topo.job_level else None
     mp_level = topo.model_parallel_level
     sets = dims.pod_groups(procs_per_node)
@@ -177,3 +176,45 @@ def keep_admission(desired: Obj, live: Obj) -> None:
 def suspended(pytorch_job: Obj | None) -> bool:
     """Whether the PyTorchJob is suspended (by Kueue, for a queued job)."""
     return bool((pytorch_job or {}).get("spec", {}).get("runPolicy", {}).get("suspend"))
+
+
+# ---------------------------------------------------------------------------- the seam
+
+
+class Kueue(Scheduler):
+    """A job queued in a Kueue LocalQueue (`spec.scheduling.queue`)."""
+
+    name = "kueue"
+    queues: ClassVar[bool] = True
+
+    @property
+    def queue(self) -> str:
+        return str(self.spec.queue)
+
+    def placement(
+        self, dims: ParallelDims, procs_per_node: int
+    ) -> tuple[Placement | None, list[str]]:
+        return placement(self.spec, dims, procs_per_node)
+
+    def job_labels(self) -> dict[str, str]:
+        return {QUEUE_LABEL: self.queue}
+
+    def keep(self, desired: Obj, live: Obj) -> None:
+        keep_admission(desired, live)
+
+    def admission_query(self, backend_job: Obj | None) -> tuple[str, str] | None:
+        uid = (backend_job or {}).get("metadata", {}).get("uid")
+        return ("Workload", f"{JOB_UID_LABEL}={uid}") if uid else None
+
+    def follow_suspend(self, record: Obj, suspended: bool) -> Obj | None:
+        active = not suspended
+        return None if is_active(record) == active else {"spec": {"active": active}}
+
+    def holds(self, backend_job: Obj | None) -> bool:
+        return backend_job is None or suspended(backend_job)
+
+    def waiting(self, record: Obj | None, job_name: str) -> tuple[str, str]:
+        return waiting(record, self.queue, job_name)
+
+    def admitted(self, record: Obj | None) -> str | None:
+        return admitted_message(record)

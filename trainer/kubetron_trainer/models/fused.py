@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from kubetron_api.config import FastPath
-from kubetron_trainer.runtime.step_common import torch_optimizers
+from kubetron_trainer.runtime.optimizer import torch_optimizers
 
 
 def liger(module: str) -> ModuleType:

@@ -34,14 +34,10 @@ from kubetron_trainer.observe.flops import flops_per_token, peak_flops
 from kubetron_trainer.observe.metrics import StepStats, TrainerMetrics
 from kubetron_trainer.observe.profiling import StepProfiler
 from kubetron_trainer.runtime.checkpoint import Checkpointer
+from kubetron_trainer.runtime.optimizer import build_scheduler, current_lr
 from kubetron_trainer.runtime.parallel import GroupOptions, build_process_groups
 from kubetron_trainer.runtime.seeding import setup_megatron_globals
-from kubetron_trainer.runtime.step_common import (
-    StepResult,
-    build_scheduler,
-    current_lr,
-    share_from_last_stage,
-)
+from kubetron_trainer.runtime.step import StepResult, share_from_last_stage
 from kubetron_trainer.runtime.topology import Topology
 
 log = logging.getLogger(__name__)

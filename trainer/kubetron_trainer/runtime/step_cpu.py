@@ -1,12 +1,12 @@
 """The optimizer step on CPU (gloo), where Megatron-Core's schedules, DDP and optimizers can't run.
 
-DESIGN.md lists what is CUDA-only in Megatron-Core 0.19: every `get_forward_backward_func`
-schedule, `DistributedDataParallel`, the distributed optimizer and `get_grad_norm_fp32`. So on
-CPU this module does the same arithmetic itself: forward and backward per micro-batch (loss
-averaged over micro-batches, as Megatron's schedules do), gradients averaged over the dp group,
-the global grad norm over unique tensor-parallel shards reduced over the model-parallel group,
-clipping, a torch optimizer with Megatron's weight-decay grouping, and Megatron's
-`OptimizerParamScheduler`. Model, groups, data, checkpoints and metrics are shared with the GPU
+In Megatron-Core 0.19 every `get_forward_backward_func` schedule, `DistributedDataParallel`, the
+distributed optimizer and `get_grad_norm_fp32` need CUDA. So on CPU this module does the same
+arithmetic itself: forward and backward per micro-batch (loss averaged over micro-batches, as
+Megatron's schedules do), gradients averaged over the dp group, the global grad norm over unique
+tensor-parallel shards reduced over the model-parallel group, clipping, a torch optimizer with
+Megatron's weight-decay grouping, and Megatron's `OptimizerParamScheduler`
+(`optimizer.build_scheduler`). Model, groups, data, checkpoints and metrics are shared with the GPU
 path. Pipeline parallelism needs a GPU.
 """
 
@@ -29,7 +29,7 @@ from kubetron_api.config import OptimizerSpec, TrainerConfig
 from kubetron_api.dims import ParallelConfigError
 from kubetron_api.rules import check_device
 from kubetron_trainer.data.batches import Batch
-from kubetron_trainer.runtime.step_common import StepResult, masked_mean
+from kubetron_trainer.runtime.step import StepResult, masked_mean
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from megatron.core.transformer.module import Float16Module
 from kubetron_api.config import TrainerConfig
 from kubetron_trainer.data.batches import Batch
 from kubetron_trainer.models.fused import OFF, FastPath, fused_lm_loss, use_fused_adam
-from kubetron_trainer.runtime.step_common import StepResult, masked_mean
+from kubetron_trainer.runtime.step import StepResult, masked_mean
 
 
 def optimizer_config(cfg: TrainerConfig, bf16: bool) -> OptimizerConfig:
