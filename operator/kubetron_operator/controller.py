@@ -1,4 +1,10 @@
-"""The reconcile loop for one MegatronJob: parse, plan, render, apply, mirror status.
+"""The reconcile loop for one MegatronJob: parse -> plan -> apply -> assess -> status.
+
+Each step is a method of its own: parse and plan the spec (`plan.py`), apply the rendered
+children (`render.py`), assess the attempt from its pods, its PyTorchJob, rank 0's progress and
+the scheduler's admission (`lifecycle.py`), then act on the verdict and write the status
+(`status.py`). What depends on the job's scheduler (Kueue, Volcano, none) is asked of the one
+`Scheduler` the plan carries (`scheduling/`); the reads and writes it describes happen here.
 
 Level-based and idempotent: each call reads the current state and converges, so a crash at any
 point is repaired by the next call (from a watch event or the periodic resync). kopf only
@@ -13,11 +19,12 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from kubetron_api.parse import SpecError, parse_job
 from kubetron_api.v1alpha1 import MegatronJob, Phase
-from kubetron_operator import kueue, lifecycle, progress
+from kubetron_operator import lifecycle, progress
 from kubetron_operator.kube import ApiError, Kube, Obj
 from kubetron_operator.lifecycle import RESTART_GRACE_SECONDS, Verdict, attempt_of
 from kubetron_operator.metrics import OperatorMetrics
@@ -29,6 +36,7 @@ from kubetron_operator.render import (
     render,
     replica_types,
 )
+from kubetron_operator.scheduling import Scheduler
 from kubetron_operator.status import (
     Observed,
     invalid_status,
@@ -47,6 +55,21 @@ _FINAL_PHASES = {Phase.SUCCEEDED.value, Phase.FAILED.value}
 
 def utcnow() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """One reconcile of a valid job: what the steps after parse and plan read."""
+
+    body: Obj
+    job: MegatronJob
+    plan: Plan
+    old_status: Obj
+    generation: int
+
+    @property
+    def attempt(self) -> int:
+        return int(self.old_status.get("attempt") or 1)
 
 
 class Controller:
@@ -131,10 +154,26 @@ class Controller:
                 self.reconcile(meta["namespace"], meta["name"])
 
     def _reconcile(self, namespace: str, name: str) -> str:
+        """parse -> plan -> apply -> assess -> status; a step that leaves nothing for the next
+        ends the call (its status written)."""
         body = self.kube.get("MegatronJob", namespace, name)
         if body is None:
             self.forget(namespace, name)
             return "success"
+        r = self._parse_and_plan(body)
+        if r is None:
+            return "invalid"
+        if self._is_final(r):
+            return "success"
+        applied = self._apply(r)
+        if applied is None:
+            return "success"
+        now = utcnow()
+        observed, verdict = self._assess(r, *applied, now)
+        return self._conclude(r, observed, verdict, now)
+
+    def _parse_and_plan(self, body: Obj) -> _Pass | None:
+        """The job parsed and planned; None when its spec cannot run (Valid=False written)."""
         old_status: Obj = body.get("status") or {}
         generation = int(body["metadata"].get("generation", 1))
         try:
@@ -144,63 +183,77 @@ class Controller:
             observed = Observed(generation, old_status, None, [])
             new_status = invalid_status(observed, err.problems, utcnow())
             self._write_status(body, old_status, new_status, "InvalidSpec", "; ".join(err.problems))
-            return "invalid"
+            return None
+        return _Pass(body, job, job_plan, old_status, generation)
+
+    def _is_final(self, r: _Pass) -> bool:
+        """Final: nothing is re-created, whatever happened to the children (the
+        training-operator's ttlSecondsAfterFinished, a manual delete); the status stays."""
+        phase = r.old_status.get("phase")
+        if phase not in _FINAL_PHASES or r.old_status.get("observedGeneration") != r.generation:
+            return False
+        self.metrics.jobs.set(r.job.namespace, r.job.name, str(phase))
+        return True
+
+    def _apply(self, r: _Pass) -> tuple[Obj | None, list[Obj]] | None:
+        """The attempt's children applied: (its PyTorchJob, the job's pods); None while what an
+        older attempt left is still going (status Restarting written)."""
+        namespace, name = r.job.namespace, r.job.name
         pytorch_job = self.kube.get("PyTorchJob", namespace, name)
-        finished = old_status.get("phase") in _FINAL_PHASES
-        if finished and old_status.get("observedGeneration") == generation:
-            # Final: nothing is re-created, whatever happened to the children (the
-            # training-operator's ttlSecondsAfterFinished, a manual delete); the status stays.
-            self.metrics.jobs.set(namespace, name, old_status["phase"])
-            return "success"
-        attempt = int(old_status.get("attempt") or 1)
         pods = self.kube.list("Pod", namespace, f"{JOB_NAME_LABEL}={name}")
-        if self._replace_old_attempt(namespace, name, attempt, pytorch_job, pods):
-            new_status = waiting_status(old_status, job_plan, generation, attempt, name)
-            self._write_status(body, old_status, new_status, new_status["phase"], "")
-            return "success"
-        pytorch_job = self._apply_children(job, job_plan, generation, old_status, pytorch_job,
-                                           attempt)  # fmt: skip
-        seen = list(self._failed_pods.get((namespace, name), {}).values())
-        pods += [
-            p for p in seen if p["metadata"]["name"] not in {q["metadata"]["name"] for q in pods}
-        ]
-        now = utcnow()
-        live = self._read_progress(job, pytorch_job, attempt, old_status.get("progress"), now)
-        progress_now = live or old_status.get("progress")
-        rp = job.spec.run_policy
-        queue = kueue.local_queue(job.spec.scheduling)
-        workload = self._sync_workload(job, pytorch_job) if queue else None
+        if self._replace_old_attempt(namespace, name, r.attempt, pytorch_job, pods):
+            new_status = waiting_status(r.old_status, r.plan, r.generation, r.attempt, name)
+            self._write_status(r.body, r.old_status, new_status, new_status["phase"], "")
+            return None
+        return self._apply_children(r, pytorch_job), pods
+
+    def _assess(
+        self, r: _Pass, pytorch_job: Obj | None, pods: list[Obj], now: str
+    ) -> tuple[Observed, Verdict]:
+        """What the cluster shows of the attempt (its pods, with the failed ones seen in watch
+        events; rank 0's progress; the scheduler's admission) and the verdict on it."""
+        job, scheduler, rp = r.job, r.plan.scheduler, r.job.spec.run_policy
+        seen = self._failed_pods.get((job.namespace, job.name), {}).values()
+        listed = {p["metadata"]["name"] for p in pods}
+        pods = pods + [p for p in seen if p["metadata"]["name"] not in listed]
+        live = self._read_progress(job, pytorch_job, r.attempt, r.old_status.get("progress"), now)
+        admission = self._sync_admission(job, scheduler, pytorch_job)
         held = None
-        if queue and not rp.suspend and (pytorch_job is None or kueue.suspended(pytorch_job)):
-            held = kueue.waiting(workload, queue, name)
+        if not rp.suspend and scheduler.holds(pytorch_job):
+            held = scheduler.waiting(admission, job.name)
         verdict = lifecycle.assess(
             pods=pods,
             pytorch_job=pytorch_job,
-            attempt=attempt,
-            expected_pods=job_plan.nodes,
-            running_since=old_status.get("runningSince"),
-            progress=progress_now,
+            attempt=r.attempt,
+            expected_pods=r.plan.nodes,
+            running_since=r.old_status.get("runningSince"),
+            progress=live or r.old_status.get("progress"),
             deadline_seconds=rp.progress_deadline_seconds if self.progress_period > 0 else None,
             suspended=rp.suspend,
             now=now,
             held=held,
         )
-        if queue and held is None and verdict.action in ("restart", "fail"):
-            # Kueue may have evicted the job between the two reads: its suspend stops the pods
-            fresh = self.kube.get("PyTorchJob", namespace, name)
-            if kueue.suspended(fresh) and not rp.suspend:
-                pytorch_job, workload = fresh, self._sync_workload(job, fresh)
-                verdict = Verdict("queue", *kueue.waiting(workload, queue, name))
-        observed = Observed(generation, old_status, pytorch_job, pods, live, bool(queue), workload)
+        if scheduler.queues and held is None and verdict.action in ("restart", "fail"):
+            # the queue may have evicted the job between the two reads: its suspend stops the pods
+            fresh = self.kube.get("PyTorchJob", job.namespace, job.name)
+            if fresh is not None and scheduler.holds(fresh) and not rp.suspend:
+                pytorch_job, admission = fresh, self._sync_admission(job, scheduler, fresh)
+                verdict = Verdict("queue", *scheduler.waiting(admission, job.name))
+        observed = Observed(r.generation, r.old_status, pytorch_job, pods, live, admission)
+        return observed, verdict
+
+    def _conclude(self, r: _Pass, observed: Observed, verdict: Verdict, now: str) -> str:
+        """Act on the verdict (restart, stop a failed attempt) and write the status."""
+        namespace, name = r.job.namespace, r.job.name
         if verdict.action == "restart":
-            return self._restart(body, job, observed, job_plan, verdict, attempt, now)
-        new_status = job_status(observed, job_plan, name, verdict, attempt, now)
+            return self._restart(r, observed, verdict, now)
+        new_status = job_status(observed, r.plan, name, verdict, r.attempt, now)
         if verdict.action == "fail":
-            self._stop_attempt(namespace, name, attempt, pods, keep_failed=True)
+            self._stop_attempt(namespace, name, r.attempt, observed.pods, keep_failed=True)
         if verdict.action in ("fail", "suspend", "queue"):
             # Suspended pods exit 143 after their save: not failures of the resumed pods.
             self._failed_pods.pop((namespace, name), None)
-        self._write_status(body, old_status, new_status, verdict.reason or new_status["phase"],
+        self._write_status(r.body, r.old_status, new_status, verdict.reason or new_status["phase"],
                            verdict.message)  # fmt: skip
         return "success"
 
@@ -221,29 +274,20 @@ class Controller:
             pytorch_job = None
         return bool(old) or (pytorch_job is not None and attempt_of(pytorch_job) != attempt)
 
-    def _restart(
-        self,
-        body: Obj,
-        job: MegatronJob,
-        observed: Observed,
-        job_plan: Plan,
-        verdict: Verdict,
-        attempt: int,
-        now: str,
-    ) -> str:
+    def _restart(self, r: _Pass, observed: Observed, verdict: Verdict, now: str) -> str:
         """Replace the attempt by the next one, or fail the job when the restarts are used up.
         The status is written first: a crash after it is finished by the next reconcile."""
-        namespace, name = job.namespace, job.name
+        namespace, name, attempt = r.job.namespace, r.job.name, r.attempt
         restarts = int(observed.old_status.get("restarts") or 0)
-        limit = job.spec.run_policy.backoff_limit
+        limit = r.job.spec.run_policy.backoff_limit
         if restarts >= limit:
             message = (
                 f"attempt {attempt} ended ({verdict.message}) and all "
                 f"spec.runPolicy.backoffLimit={limit} restarts are used"
             )
             verdict = Verdict("fail", "BackoffLimitExceeded", message)
-            new_status = job_status(observed, job_plan, name, verdict, attempt, now)
-            self._write_status(body, observed.old_status, new_status, "BackoffLimitExceeded",
+            new_status = job_status(observed, r.plan, name, verdict, attempt, now)
+            self._write_status(r.body, observed.old_status, new_status, "BackoffLimitExceeded",
                                message)  # fmt: skip
             self._stop_attempt(namespace, name, attempt, observed.pods, keep_failed=True)
         else:
@@ -251,8 +295,8 @@ class Controller:
                 f"attempt {attempt} ended: {verdict.message}; restarting every pod as attempt "
                 f"{attempt + 1} (restart {restarts + 1} of {limit}), from the latest checkpoint"
             )
-            new_status = restart_status(observed, job_plan, name, verdict.reason, message, now)
-            self._write_status(body, observed.old_status, new_status, verdict.reason, message)
+            new_status = restart_status(observed, r.plan, name, verdict.reason, message, now)
+            self._write_status(r.body, observed.old_status, new_status, verdict.reason, message)
             # Pods first, with the short grace period: the garbage collector would delete them
             # with their own (long, for saves) one, and a kubelet that started stopping a
             # container with it does not shorten it later.
@@ -275,36 +319,27 @@ class Controller:
                 continue
             self.kube.delete("Pod", namespace, meta["name"], RESTART_GRACE_SECONDS)
 
-    def _apply_children(
-        self,
-        job: MegatronJob,
-        job_plan: Plan,
-        generation: int,
-        old_status: Obj,
-        live_job: Obj | None,
-        attempt: int,
-    ) -> Obj | None:
+    def _apply_children(self, r: _Pass, live_job: Obj | None) -> Obj | None:
         """Apply every child that is missing, differs from what the spec renders (someone
         deleted or edited it), or belongs to an older generation; returns the PyTorchJob.
 
-        A queued job's PyTorchJob is created suspended and its `runPolicy.suspend` (and the
-        tolerations Kueue adds when it starts it) are Kueue's from then on: re-applies carry the
-        live values (kueue.keep_admission). A queued job the user suspends before
-        its PyTorchJob exists gets none (it asks for no quota) until it is resumed."""
-        new_generation = old_status.get("observedGeneration") != generation
-        queued = bool(kueue.local_queue(job.spec.scheduling))
-        for obj in render(job, job_plan, attempt=attempt):
+        What the job's scheduler owns on a live PyTorchJob stays (`Scheduler.keep`: a queued
+        job's `runPolicy.suspend` and the tolerations Kueue adds when it starts it), and a
+        queued job the user suspends before its PyTorchJob exists gets none (it asks for no
+        quota) until it is resumed (`Scheduler.creates`)."""
+        new_generation = r.old_status.get("observedGeneration") != r.generation
+        scheduler = r.plan.scheduler
+        for obj in render(r.job, r.plan, attempt=r.attempt):
             meta = obj["metadata"]
             live = live_job if obj["kind"] == "PyTorchJob" else None
             if live is None and obj["kind"] != "PyTorchJob":
                 live = self.kube.get(obj["kind"], meta["namespace"], meta["name"])
-            if obj["kind"] == "PyTorchJob" and live is not None:
-                self._keep_pod_sets(obj, live, attempt)
-            if obj["kind"] == "PyTorchJob" and queued:
-                if live is None and job.spec.run_policy.suspend:
+            if obj["kind"] == "PyTorchJob":
+                if live is None and not scheduler.creates(r.job.spec.run_policy.suspend):
                     continue
                 if live is not None:
-                    kueue.keep_admission(obj, live)
+                    self._keep_pod_sets(obj, live, r.attempt)
+                    scheduler.keep(obj, live)
             if new_generation or live is None or drifted(obj, live):
                 if live is not None and not new_generation:
                     log.info("%s %s/%s drifted from its spec: re-applying", obj["kind"],
@@ -329,33 +364,31 @@ class Controller:
             log.info("%s/%s: the PyTorchJob of attempt %d keeps its pod sets %s (not %s) "
                      "until the next attempt", *key, have, want)  # fmt: skip
 
-    def _sync_workload(self, job: MegatronJob, pytorch_job: Obj | None) -> Obj | None:
-        """Kueue's Workload for the PyTorchJob (None before Kueue made it, or without Kueue),
-        made active or inactive to follow the user's spec.runPolicy.suspend."""
-        uid = (pytorch_job or {}).get("metadata", {}).get("uid")
-        if not uid:
+    def _sync_admission(
+        self, job: MegatronJob, scheduler: Scheduler, pytorch_job: Obj | None
+    ) -> Obj | None:
+        """The scheduler's record of the PyTorchJob's admission (Kueue's Workload; None before
+        the scheduler made it, or without one), patched to follow the user's
+        spec.runPolicy.suspend."""
+        query = scheduler.admission_query(pytorch_job)
+        if query is None:
             return None
+        kind, selector = query
         try:
-            found = self.kube.list("Workload", job.namespace, f"{kueue.JOB_UID_LABEL}={uid}")
+            found = self.kube.list(kind, job.namespace, selector)
         except ApiError as err:
-            if err.status == 404:  # Kueue's CRDs are not installed
+            if err.status == 404:  # the scheduler's CRDs are not installed
                 return None
             raise
         if not found:
             return None
-        workload = found[0]
-        active = not job.spec.run_policy.suspend
-        if kueue.is_active(workload) != active:
-            log.info("%s/%s: %s Kueue Workload %s", job.namespace, job.name,
-                     "activating" if active else "deactivating",
-                     workload["metadata"]["name"])  # fmt: skip
-            workload = self.kube.patch(
-                "Workload",
-                job.namespace,
-                workload["metadata"]["name"],
-                {"spec": {"active": active}},
-            )
-        return workload
+        record, suspend = found[0], job.spec.run_policy.suspend
+        if (patch := scheduler.follow_suspend(record, suspend)) is not None:
+            name = record["metadata"]["name"]
+            log.info("%s/%s: %s %s %s follows spec.runPolicy.suspend=%s", job.namespace, job.name,
+                     scheduler.name, kind, name, suspend)  # fmt: skip
+            record = self.kube.patch(kind, job.namespace, name, patch)
+        return record
 
     def _read_progress(
         self, job: MegatronJob, pytorch_job: Obj | None, attempt: int, old: Obj | None, now: str

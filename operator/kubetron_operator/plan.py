@@ -17,7 +17,8 @@ from kubetron_api.config import (
 from kubetron_api.dims import ParallelConfigError, ParallelDims
 from kubetron_api.rules import ShapeSpec, check_shape
 from kubetron_api.v1alpha1 import MegatronJob, MegatronJobSpec, ResolvedParallelism
-from kubetron_operator.kueue import Placement, placement
+from kubetron_operator.scheduling import Scheduler, choose
+from kubetron_operator.scheduling.kueue import Placement
 
 
 class PlanError(ValueError):
@@ -38,7 +39,8 @@ class Plan:
     procs_per_node: int
     requirements: tuple[str, ...]
     trainer_config: TrainerConfig
-    placement: Placement | None = None  # Kueue topology-aware placement (kueue.py)
+    scheduler: Scheduler  # the job's scheduler, chosen once from spec.scheduling
+    placement: Placement | None = None  # Kueue topology-aware placement (scheduling/kueue.py)
 
     @property
     def world_size(self) -> int:
@@ -67,7 +69,8 @@ def plan(job: MegatronJob) -> Plan:
         shape = check_shape(ShapeSpec.of_job(spec))
     except ParallelConfigError as err:
         raise PlanError([*err.problems, *problems]) from err
-    where, topology_problems = placement(spec.scheduling, shape.dims, res.gpus_per_node)
+    scheduler = choose(spec.scheduling)
+    where, topology_problems = scheduler.placement(shape.dims, res.gpus_per_node)
     problems += topology_problems
     if problems:
         raise PlanError(problems)
@@ -92,6 +95,7 @@ def plan(job: MegatronJob) -> Plan:
         procs_per_node=res.gpus_per_node,
         requirements=shape.requirements,
         trainer_config=config,
+        scheduler=scheduler,
         placement=where,
     )
 

@@ -22,9 +22,9 @@ from kubetron_api.v1alpha1 import (
     MegatronJob,
     ResourcesSpec,
 )
-from kubetron_operator.kueue import QUEUE_LABEL, local_queue
 from kubetron_operator.lifecycle import ATTEMPT_LABEL
 from kubetron_operator.plan import Plan
+from kubetron_operator.scheduling import Scheduler
 
 Obj = dict[str, Any]
 
@@ -37,7 +37,7 @@ JOB_NAME_LABEL = "kubetron.io/job-name"
 # The one replica type rendered: worker 0 holds node rank 0 and the rendezvous, and the
 # training-operator gives it the master role (JOB_ROLE_LABEL) and the job's success when every
 # worker succeeds. A separate Master would be a pod set of its own, which Kueue cannot slice
-# together with workers (kueue.py).
+# together with workers (scheduling/kueue.py).
 WORKER = "Worker"
 # Set by the training-operator on every pod it creates.
 REPLICA_INDEX_LABEL = "training.kubeflow.org/replica-index"
@@ -113,15 +113,14 @@ class PyTorchJobBuilder:
         replicas: Obj = {WORKER: self._replica(job, plan, attempt, placed)}
         meta = child_metadata(job, job.name, "trainer")
         meta["labels"][ATTEMPT_LABEL] = str(attempt)
-        if queue := local_queue(job.spec.scheduling):
-            meta["labels"][QUEUE_LABEL] = queue
+        meta["labels"].update(plan.scheduler.job_labels())
         return {
             "apiVersion": self.api_version,
             "kind": self.kind,
             "metadata": meta,
             "spec": {
                 "nprocPerNode": str(plan.procs_per_node),
-                "runPolicy": _run_policy(job),
+                "runPolicy": _run_policy(job, plan.scheduler),
                 "pytorchReplicaSpecs": replicas,
             },
         }
@@ -140,25 +139,18 @@ class PyTorchJobBuilder:
         }
 
 
-def _run_policy(job: MegatronJob) -> Obj:
-    rp, sched = job.spec.run_policy, job.spec.scheduling
+def _run_policy(job: MegatronJob, scheduler: Scheduler) -> Obj:
+    rp = job.spec.run_policy
     out: Obj = {  # backoffLimit: the operator counts restarts (attempts) itself
         "cleanPodPolicy": rp.clean_pod_policy.value,
-        # queued: created suspended, and Kueue un-suspends it when it admits it (kueue.py)
-        "suspend": rp.suspend or bool(local_queue(sched)),
+        # queued: created suspended, and the queue un-suspends it when it admits it
+        "suspend": rp.suspend or scheduler.queues,
     }
     if rp.active_deadline_seconds is not None:
         out["activeDeadlineSeconds"] = rp.active_deadline_seconds
     if rp.ttl_seconds_after_finished is not None:
         out["ttlSecondsAfterFinished"] = rp.ttl_seconds_after_finished
-    policy: Obj = {}
-    if sched.min_available is not None:
-        policy["minAvailable"] = sched.min_available
-    if sched.queue:
-        policy["queue"] = sched.queue
-    if job.spec.resources.priority_class_name:
-        policy["priorityClass"] = job.spec.resources.priority_class_name
-    if policy:
+    if policy := scheduler.pod_group(job.spec.resources.priority_class_name):
         out["schedulingPolicy"] = policy
     return out
 
@@ -181,7 +173,7 @@ def _pod_spec(job: MegatronJob, plan: Plan, attempt: int) -> Obj:
         "tolerations": list(res.tolerations) or None,
         "affinity": res.affinity,
         "priorityClassName": res.priority_class_name,
-        "schedulerName": job.spec.scheduling.scheduler_name,
+        "schedulerName": plan.scheduler.pod_scheduler_name(),
     }
     spec.update({k: v for k, v in optional.items() if v})
     return spec

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetron_api.v1alpha1 import Phase
-from kubetron_operator.kueue import QUEUED, admitted_message
 from kubetron_operator.lifecycle import Verdict
 from kubetron_operator.plan import Plan
+from kubetron_operator.scheduling import QUEUED
 
 Obj = dict[str, Any]
 
@@ -44,8 +44,8 @@ class Observed:
     pytorch_job: Obj | None
     pods: list[Obj]
     progress: Obj | None = None  # a fresh read of rank 0's metrics (progress.py), if any
-    queued: bool = False  # the job goes through a Kueue queue
-    workload: Obj | None = None  # Kueue's Workload for the PyTorchJob, if any
+    # the scheduler's record of the job's admission (Kueue's Workload), if any
+    admission: Obj | None = None
 
 
 def condition(old: list[Obj], type_: str, status: str, reason: str, message: str, now: str) -> Obj:
@@ -104,11 +104,11 @@ def job_status(
             )
     if restarts:
         conditions.append(_restarting_condition(old, phase, attempt, now))
+    admitted = plan.scheduler.admitted(observed.admission)  # None without a queue
     if verdict.action == "queue":
         conditions.append(condition(old, QUEUED, "True", verdict.reason, verdict.message, now))
-    elif observed.queued and verdict.action != "suspend" and observed.pytorch_job is not None:
-        message = admitted_message(observed.workload)
-        conditions.append(condition(old, QUEUED, "False", "Admitted", message, now))
+    elif admitted is not None and verdict.action != "suspend" and observed.pytorch_job is not None:
+        conditions.append(condition(old, QUEUED, "False", "Admitted", admitted, now))
     if verdict.action == "fail":
         conditions.append(condition(old, FAILED, "True", verdict.reason, verdict.message, now))
     status: Obj = {

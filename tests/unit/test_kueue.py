@@ -14,11 +14,11 @@ import pytest
 from kubetron_api.dims import ParallelDims
 from kubetron_api.parse import parse_job
 from kubetron_api.v1alpha1 import SchedulingSpec
-from kubetron_operator import kueue
 from kubetron_operator.controller import Controller
 from kubetron_operator.metrics import OperatorMetrics
 from kubetron_operator.plan import PlanError, plan
 from kubetron_operator.render import render
+from kubetron_operator.scheduling import kueue
 from kubetron_trainer.runtime.parallel import make_grids
 from tests.builders import job_dict
 from tests.unit.fake_kube import FakeKube
