@@ -9,7 +9,7 @@ import argparse
 import os
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,20 @@ def parse_settings(
     argv: Sequence[str] | None = None, env: Mapping[str, str] = os.environ
 ) -> Settings:
     """Flags override env (KUBETRON_*, POD_NAME, POD_NAMESPACE), which override defaults."""
+    p = _parser(env)
+    a = p.parse_args(argv)
+    if a.renew_deadline >= a.lease_duration:
+        p.error("--renew-deadline must be shorter than --lease-duration")
+    if a.retry_period >= a.renew_deadline:
+        p.error("--retry-period must be shorter than --renew-deadline")
+    values = {f.name: getattr(a, f.name) for f in fields(Settings)}
+    values["namespaces"] = tuple(ns.strip() for ns in a.namespaces.split(",") if ns.strip())
+    values["log_level"] = a.log_level.upper()
+    return Settings(**values)
+
+
+def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    """One flag per Settings field (its dest is the field's name), defaults from `env`."""
     d = Settings()
     p = argparse.ArgumentParser(prog="kubetron-operator", description="The MegatronJob operator.")
     p.add_argument(
@@ -101,27 +115,4 @@ def parse_settings(
         default=env.get("KUBECONFIG"),
         help="kubeconfig file; in-cluster config when unset",
     )
-    a = p.parse_args(argv)
-    if a.renew_deadline >= a.lease_duration:
-        p.error("--renew-deadline must be shorter than --lease-duration")
-    if a.retry_period >= a.renew_deadline:
-        p.error("--retry-period must be shorter than --renew-deadline")
-    namespaces = tuple(ns.strip() for ns in a.namespaces.split(",") if ns.strip())
-    return Settings(
-        namespaces=namespaces,
-        leader_elect=a.leader_elect,
-        lease_name=a.lease_name,
-        lease_namespace=a.lease_namespace,
-        identity=a.identity,
-        lease_duration=a.lease_duration,
-        renew_deadline=a.renew_deadline,
-        retry_period=a.retry_period,
-        metrics_port=a.metrics_port,
-        health_port=a.health_port,
-        bind_address=a.bind_address,
-        log_format=a.log_format,
-        log_level=a.log_level.upper(),
-        resync_period=a.resync_period,
-        progress_period=a.progress_period,
-        kubeconfig=a.kubeconfig,
-    )
+    return p
