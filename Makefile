@@ -46,7 +46,7 @@ demo: setup tools images
 	@bash hack/demo.sh
 
 cluster-up: setup tools images
-	@$(PY) -m tests.cluster.harness up
+	@$(PY) -m devtools.cluster up
 
 cluster-down: setup
-	@$(PY) -m tests.cluster.harness down
+	@$(PY) -m devtools.cluster down

@@ -188,7 +188,7 @@ def trainer_config(
 
 def launch_trainer(cfg: dict[str, Any], workdir: Path, groups: str, *extra: str) -> Any:
     """Start the trainer's processes (one per GPU, LOCAL_RANK = rank); returns the Launch."""
-    from tests.distributed.train_harness import launch
+    from devtools.training.launch import launch
 
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -1252,7 +1252,7 @@ ASYNC_STEPS, ASYNC_TO, ASYNC_EVERY = 6, 8, 2
 def launch_dumpable(cfg: dict[str, Any], workdir: Path) -> Any:
     """The trainer (decentralized groups) with faulthandler on: a SIGABRT prints every
     thread's Python stack into the rank's log."""
-    from tests.distributed.train_harness import launch
+    from devtools.training.launch import launch
 
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -1530,9 +1530,9 @@ def worker(out_dir: Path, reps: int, backend: str = "nccl") -> None:
     of this script)."""
     import torch.distributed as dist
 
+    from devtools.training import pg_oracle as oracle
     from kubetron_trainer.runtime.parallel import init_distributed
     from kubetron_trainer.runtime.topology import Topology
-    from tests.distributed import _pg_worker as oracle
 
     oracle.BACKEND = backend  # the oracle's own groups, built with NCCL like the trainer's
     topo = Topology.from_env()

@@ -4,7 +4,7 @@ and CPU seconds.
 
     .venv/bin/python -m benchmarks.operator_latency --n 1 --n 200
 
-Starts the test control plane (tests/cluster/harness.py), the kubetron operator as a process
+Starts the test control plane (devtools/cluster/), the kubetron operator as a process
 (no leader election), creates N objects at once from a thread pool, and timestamps watch events
 on this machine's monotonic clock (creationTimestamp has 1 s resolution, too coarse). Writes
 benchmarks/results/operator_latency.json.
@@ -25,16 +25,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from kubetron_operator.kube import Kube, path
-from tests.cluster.harness import (
+from devtools.cluster import (
     FAKE_NODE_SELECTOR,
     FAKE_NODE_TOLERATIONS,
     Cluster,
     http_get,
     wait_until,
 )
-from tests.cluster.kubetron_fixtures import fake_gpu_job, install_kubetron
-from tests.ports import free_port
+from devtools.cluster.kubetron import fake_gpu_job, install_kubetron
+from devtools.ports import free_port
+from kubetron_operator.kube import Kube, path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "operator_latency.json"

@@ -27,8 +27,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from devtools.hf_tokenizer import build_chat_bpe, conversations, sentence
 from kubetron_trainer.tools.prepare import prepare
-from tests.hf_tokenizer import build_chat_bpe, conversations, sentence
 
 OUTPUT = Path(__file__).parent / "results" / "prepare_data.json"
 

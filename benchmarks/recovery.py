@@ -24,9 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tests.cluster import harness
-from tests.cluster.harness import Cluster
-from tests.e2e import deploy, faults
+from devtools.cluster import Cluster, deploy, detached, faults
 
 NAMESPACE, RELEASE = "bench-recovery", "kubetron-bench"
 SAVE = 20
@@ -83,7 +81,7 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=400)
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args()
-    cluster = harness.up(real_node=True)
+    cluster = detached.up(real_node=True)
     restricted = {"pod-security.kubernetes.io/enforce": "restricted"}
     for ns in (NAMESPACE, RELEASE):
         meta = {"name": ns, "labels": restricted}

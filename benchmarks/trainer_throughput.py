@@ -39,8 +39,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "trainer"), str(ROOT / "operator")]
 
+from devtools.training.launch import launch  # noqa: E402
 from kubetron_api.config import PRESETS, RecipeSpec, TrainerConfig  # noqa: E402
-from tests.distributed.train_harness import launch  # noqa: E402
 
 WARMUP = 2
 

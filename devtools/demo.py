@@ -17,10 +17,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.cluster import harness
-from tests.cluster.harness import Cluster, ClusterError
-from tests.cluster.node import NodeError
-from tests.e2e import deploy
+from devtools.cluster import deploy, detached
+from devtools.cluster.control_plane import Cluster
+from devtools.cluster.host import NodeError
+from devtools.cluster.paths import REPO_ROOT
+from devtools.cluster.waiting import ClusterError
 
 NAMESPACE = "default"
 CLAIM = "gpt-tiny-cpu-checkpoints"
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stage(0, total, "images built by `make images`", check_images)
         cluster = stage(1, total, "local cluster: control plane, training-operator, real node",
-                        lambda: harness.up(real_node=True))  # fmt: skip
+                        lambda: detached.up(real_node=True))  # fmt: skip
         # Reconciles (and progress reads) every 3 s instead of 30 s: the demo job is short.
         stage(2, total, "helm install kubetron (operator from the locally built image)",
               lambda: deploy.install_operator(cluster, progress_seconds=3))  # fmt: skip
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         volume = stage(3, total, f"checkpoint volume: PersistentVolumeClaim {CLAIM}",
                        lambda: deploy.checkpoint_claim(cluster, NAMESPACE, CLAIM))  # fmt: skip
         fresh_job(cluster, name, volume)
-        stage(4, total, f"kubectl apply -f {deploy.EXAMPLE.relative_to(harness.REPO_ROOT)}",
+        stage(4, total, f"kubectl apply -f {deploy.EXAMPLE.relative_to(REPO_ROOT)}",
               lambda: cluster.apply(job))  # fmt: skip
         stage(5, total, "watching the MegatronJob until it finishes", lambda: watch(cluster, name))
         stage(6, total, "results", lambda: show_results(cluster, name, volume))
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"demo: the MegatronJob trained to Succeeded through Kubernetes in "
           f"{time.monotonic() - started:.0f}s")  # fmt: skip
     if args.down:
-        harness.cmd_down()
+        detached.cmd_down()
         return 0
     print("demo: the cluster is still up; to look around:")
     print(f"    export KUBECONFIG={cluster.kubeconfig}")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make demo: the CPU example trained through Kubernetes (tests/e2e/demo.py): the local cluster
+# make demo: the CPU example trained through Kubernetes (devtools/demo.py): the local cluster
 # with its real node, `helm install` of the chart, `kubectl apply` of
 # manifests/examples/gpt-tiny-cpu.yaml, and what a user watches until it Succeeded. The cluster
 # stays up afterwards; `make demo DOWN=1` (or `hack/demo.sh --down`) stops it at the end.
@@ -8,4 +8,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 args=("$@")
 if [[ "${DOWN:-}" == "1" ]]; then args+=(--down); fi
-exec .venv/bin/python -m tests.e2e.demo "${args[@]}"
+exec .venv/bin/python -m devtools.demo "${args[@]}"

@@ -2,7 +2,7 @@
 # Where the control-plane binaries pinned in hack/versions.env live. Source it (bash) to get
 # KUBETRON_CACHE, KUBETRON_BIN_DIR and the pinned versions; run it to print `export` lines:
 #   eval "$(bash hack/tools-env.sh)" && kubectl version --client
-# tests/cluster/harness.py computes the same path from the same file.
+# devtools/cluster/paths.py computes the same path from the same file.
 # Strict mode only when executed: sourcing must not change the caller's shell options.
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then set -euo pipefail; fi
 

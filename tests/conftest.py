@@ -2,25 +2,25 @@
 
 Why: kubetron's operator must be tested against a real API server (validation, RBAC, owner
 references, garbage collection) and a real Kubeflow training-operator, not against mocks. The
-control plane comes from tests/cluster/harness.py, built from binaries `make tools` puts in
-$KUBETRON_CACHE/bin/<kubernetes version>/.
+control plane comes from devtools/cluster/ (control_plane.py), built from binaries `make tools`
+puts in $KUBETRON_CACHE/bin/<kubernetes version>/.
 
 Fixtures
 --------
-``cluster`` (session scope) -> ``harness.Cluster``, started once per test session:
+``cluster`` (session scope) -> ``devtools.cluster.Cluster``, started once per test session:
 
 - ``cluster.kubeconfig: Path`` -- admin kubeconfig (client cert in ``system:masters``).
 - ``cluster.server: str`` -- ``https://127.0.0.1:<port>``.
 - ``cluster.bin_dir: Path`` -- kubectl, helm, kwok, ... and ``crds/kubeflow.org_pytorchjobs.yaml``.
 - ``cluster.kubectl(*args, check=True, input=None, timeout=120) -> CompletedProcess[str]``;
-  ``check=True`` raises ``harness.ClusterError`` on a non-zero exit.
+  ``check=True`` raises ``devtools.cluster.ClusterError`` on a non-zero exit.
 - ``cluster.apply(manifest)`` -- server-side apply of YAML text, a ``Path``, a dict or a list.
 - ``cluster.get(kind, name, namespace=None) -> dict | None`` (None when NotFound).
 - ``cluster.api_client() -> kubernetes.client.ApiClient`` for the admin kubeconfig; close it
   (``with cluster.api_client() as api: ...``).
 - ``cluster.wait_for(predicate, timeout=..., what=..., interval=0.2)`` -- polls until the
   predicate returns something truthy (returned); raises ``ClusterError`` on timeout or as soon
-  as a control-plane process dies. ``harness.wait_until`` is the same without that check.
+  as a control-plane process dies. ``devtools.cluster.wait_until`` is the same without that check.
 - ``cluster.start_training_operator()`` / ``cluster.stop_training_operator()`` -- it runs by
   default (PyTorchJob controller only, no webhook); the PyTorchJob CRD is installed.
 - ``cluster.install_crds(paths)`` -- server-side apply CRD files, wait until Established.
@@ -34,17 +34,17 @@ Fixtures
 ``namespace`` (function scope) -> ``str``: a fresh namespace for one test, deleted afterwards.
 
 Real node: when this machine can run one (root, `make tools`, `make images`; see
-``tests/cluster/node.py``), the session's cluster also has a real worker node
+``devtools/cluster/node.py``), the session's cluster also has a real worker node
 ``kubetron-node`` (label ``kubetron.io/real-node=true``) whose pods run for real, from the images
-``make images`` built; ``cluster.node`` is then a ``node.RealNode`` (else None, and the e2e tests
-skip, or fail when $CI is set). ``KUBETRON_REAL_NODE=0`` turns it off.
+``make images`` built; ``cluster.node`` is then a ``devtools.cluster.node.RealNode`` (else None,
+and the e2e tests skip, or fail when $CI is set). ``KUBETRON_REAL_NODE=0`` turns it off.
 
 Fake GPU nodes: capacity ``nvidia.com/gpu: 8``, labels ``kubetron.io/fake-gpu=true`` and
 ``nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3``, taint ``kwok.x-k8s.io/node=fake:NoSchedule``.
-Pods reach them with ``harness.FAKE_NODE_SELECTOR`` and ``harness.FAKE_NODE_TOLERATIONS``. kwok
+Pods reach them with ``devtools.cluster.FAKE_NODE_SELECTOR`` and ``FAKE_NODE_TOLERATIONS``. kwok
 marks a bound pod Running; with the pod annotation ``kwok.kubetron.io/complete-after: "3s"`` it
 then ends after that delay with exit code ``kwok.kubetron.io/exit-code`` (default "0";
-non-zero makes the pod Failed). See kwok_stages.yaml.
+non-zero makes the pod Failed). See devtools/cluster/kwok_stages.yaml.
 
 This conftest sits at the top of tests/, so every test directory shares one control plane per
 session. Mark such tests ``@pytest.mark.cluster``.
@@ -52,7 +52,7 @@ session. Mark such tests ``@pytest.mark.cluster``.
 Missing binaries: the tests skip with the reason on a dev box, but fail when $CI is set
 (``make test`` runs ``make tools`` first, so CI never lacks them).
 Set ``KUBETRON_REUSE_CLUSTER=1`` to run against a cluster started by
-``python -m tests.cluster.harness up`` instead of starting a new one (it is left running).
+``python -m devtools.cluster up`` instead of starting a new one (it is left running).
 """
 
 from __future__ import annotations
@@ -63,15 +63,16 @@ from collections.abc import Generator, Iterator
 
 import pytest
 
-from tests.cluster import node as realnode
-from tests.cluster.harness import (
+from devtools.cluster import (
     KUBETRON_CRDS,
     Cluster,
     ClusterConfig,
     ClusterError,
     cache_dir,
     default_bin_dir,
+    host,
     missing_tools,
+    node,
     running_cluster,
 )
 
@@ -84,7 +85,7 @@ def real_node_missing() -> list[str]:
     """Why the session's cluster has no real node ([] when it has one)."""
     if os.environ.get("KUBETRON_REAL_NODE", "1") == "0":
         return ["KUBETRON_REAL_NODE=0"]
-    return realnode.missing_prerequisites(default_bin_dir(), cache_dir())
+    return node.missing_prerequisites(default_bin_dir(), cache_dir())
 
 
 def _require_tools() -> None:
@@ -105,7 +106,7 @@ def cluster() -> Iterator[Cluster]:
     if os.environ.get("KUBETRON_REUSE_CLUSTER"):
         existing = running_cluster()
         if existing is None:
-            pytest.fail("KUBETRON_REUSE_CLUSTER is set but no cluster is up (harness up)")
+            pytest.fail("KUBETRON_REUSE_CLUSTER is set but no cluster is up (devtools.cluster up)")
         yield existing
         return
     _require_tools()
@@ -116,7 +117,7 @@ def cluster() -> Iterator[Cluster]:
     finally:
         started.stop()
     if config.real_node:  # teardown is tested on every run that had a real node
-        left = realnode.leftovers(started.workdir)
+        left = host.leftovers(started.workdir)
         assert not left, f"the real node's teardown left: {left}"
 
 

@@ -121,7 +121,7 @@ def run_save(
 
 
 def run_ranks(world: int, *args: str) -> None:
-    from tests.ports import free_port
+    from devtools.ports import free_port
 
     port = free_port()
     cmd = [sys.executable, "-m", "tests.hf_models", *args]
@@ -143,7 +143,7 @@ def run_ranks(world: int, *args: str) -> None:
 
 def export(ckpt: Path, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """`python -m kubetron_trainer.tools.export CKPT OUT ARGS` as a plain command (no launcher)."""
-    from tests.ports import free_port
+    from devtools.ports import free_port
 
     cmd = [sys.executable, "-m", "kubetron_trainer.tools.export", str(ckpt), str(out), *args]
     env = rank_env(0, 1, free_port())

@@ -1,6 +1,6 @@
 """kubetron on a cluster with a real node, as a user installs and uses it: `helm install` of the
 chart (operator in a pod from the locally built image), a PersistentVolumeClaim for checkpoints,
-`kubectl apply` of a MegatronJob, and watching it. Shared by `make demo` (tests/e2e/demo.py)
+`kubectl apply` of a MegatronJob, and watching it. Shared by `make demo` (devtools/demo.py)
 and the e2e tests, so the demo shows exactly what the tests check.
 """
 
@@ -17,9 +17,12 @@ from typing import Any
 
 import yaml
 
-from tests.cluster import node
-from tests.cluster.harness import REPO_ROOT, Cluster, ClusterError, cache_dir
-from tests.cluster.node import NodeError, RealNode
+from devtools.cluster import node
+from devtools.cluster.control_plane import Cluster
+from devtools.cluster.host import NodeError
+from devtools.cluster.node import RealNode
+from devtools.cluster.paths import REPO_ROOT, cache_dir
+from devtools.cluster.waiting import ClusterError
 
 CHART = REPO_ROOT / "charts" / "kubetron"
 EXAMPLE = REPO_ROOT / "manifests" / "examples" / "gpt-tiny-cpu.yaml"

@@ -10,8 +10,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from tests.cluster.harness import Cluster
-from tests.e2e import deploy
+from devtools.cluster import deploy
+from devtools.cluster.control_plane import Cluster
 
 # Lists the trainer processes (torchrun's workers, `python ... -m kubetron_trainer --config`) of
 # the container as JSON [[pid, rank], ...]; the launcher and torchrun are not among them.

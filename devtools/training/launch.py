@@ -19,9 +19,9 @@ from typing import Any
 
 import yaml
 
+from devtools.ports import free_port
 from kubetron_api.parse import parse_job
 from kubetron_operator.plan import plan
-from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "manifests/examples/gpt-tiny-cpu.yaml"

@@ -1,6 +1,7 @@
-"""One torchrun worker for tests/distributed: builds groups both ways and writes what it saw.
+"""The process-group oracle: one torchrun worker that builds groups both ways and writes what
+it saw (tests/distributed, and the 2-GPU runs with NCCL).
 
-Run as `torchrun --standalone --nproc-per-node=N _pg_worker.py MODES OUT_DIR [STRIDE]`; each
+Run as `torchrun --standalone --nproc-per-node=N pg_oracle.py MODES OUT_DIR [STRIDE]`; each
 rank writes OUT_DIR/rank<r>.json and the test process compares. MODES, comma-separated:
   oracle  every (STRIDE-th) shape that fits the world: our groups vs parallel_state's, by field
   multi   several grids in one world, vs parallel_state with rank_offset / local_world_size

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.cluster.harness import REPO_ROOT, default_bin_dir, read_versions
+from devtools.cluster import REPO_ROOT, default_bin_dir, read_versions
 
 CHART = REPO_ROOT / "charts" / "kubetron"
 CI_VALUES = CHART / "ci" / "ci-values.yaml"

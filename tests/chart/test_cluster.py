@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import yaml
 
+from devtools.cluster import KUEUE_CRDS, Cluster
 from kubetron_operator.cli.rbac import LEASE_RULES, RULES
 from tests.chart.helm import CHART, CI_VALUES, REPO_ROOT, load_all, require_helm, run_helm
 from tests.chart.monitoring import monitoring_crds
-from tests.cluster.harness import KUEUE_CRDS, Cluster
 
 pytestmark = pytest.mark.cluster
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from devtools.cluster import REPO_ROOT, cache_dir
 from kubetron_api.v1alpha1 import TRAINER_UID
-from tests.cluster.harness import REPO_ROOT, cache_dir
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 HADOLINT_VERSION = "2.15.1"

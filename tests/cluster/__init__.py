@@ -1,1 +1,1 @@
-"""Tests against a real Kubernetes control plane started by tests/cluster/harness.py."""
+"""Tests against a real Kubernetes control plane started by devtools/cluster/ (control_plane.py)."""

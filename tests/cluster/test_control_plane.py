@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.harness import (
+from devtools.cluster import (
     COMPLETE_AFTER_ANNOTATION,
     EXIT_CODE_ANNOTATION,
     FAKE_NODE_SELECTOR,
@@ -93,7 +93,7 @@ def test_fake_gpu_nodes_have_eight_gpus(cluster: Cluster) -> None:
     for node in nodes:
         name = node["metadata"]["name"]
         if name not in cluster.node_names():
-            continue  # the real node (tests/cluster/node.py) has no GPUs
+            continue  # the real node (devtools/cluster/node.py) has no GPUs
         assert name in listing
         assert node["status"]["allocatable"][GPU_RESOURCE] == "8"
         assert node["metadata"]["labels"]["nvidia.com/gpu.product"] == GPU_PRODUCT

@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
+from devtools.cluster import GPU_PRODUCT, Cluster, ClusterError, kwok_gpu_node
+from devtools.cluster.kubetron import fake_gpu_job, wait_phase
 from kubetron_api.dims import NODE_RANKS_ENV, ParallelDims
-from kubetron_operator.kueue import JOB_UID_LABEL, SLICE_SIZE, SLICE_TOPOLOGY
 from kubetron_operator.render import REPLICA_INDEX_LABEL
-from tests.cluster.harness import GPU_PRODUCT, Cluster, ClusterError, kwok_gpu_node
-from tests.cluster.kubetron_fixtures import fake_gpu_job, wait_phase
+from kubetron_operator.scheduling.kueue import JOB_UID_LABEL, SLICE_SIZE, SLICE_TOPOLOGY
 
 pytestmark = pytest.mark.cluster
 

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 import yaml
 
+from devtools.cluster import Cluster
+from devtools.cluster.kubetron import EXAMPLES
 from kubetron_api.expr import broken, static_message
 from kubetron_api.parse import parse_job
 from kubetron_api.rules import DERIVED, RULES, ShapeSpec, in_crd
 from kubetron_operator.plan import PlanError, plan
-from tests.cluster.harness import Cluster
-from tests.cluster.kubetron_fixtures import EXAMPLES
 
 pytestmark = pytest.mark.cluster
 

@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
+from devtools.cluster import Cluster
+from devtools.cluster.kubetron import OPERATOR_NS, OPERATOR_SA, fake_gpu_job, wait_phase
+from devtools.ports import free_port
 from kubetron_api.parse import parse_job
 from kubetron_operator.plan import plan
 from kubetron_operator.render import render
-from tests.cluster.harness import Cluster
-from tests.cluster.kubetron_fixtures import OPERATOR_NS, OPERATOR_SA, fake_gpu_job, wait_phase
-from tests.ports import free_port
 
 pytestmark = pytest.mark.cluster
 SELECTOR = "app.kubernetes.io/managed-by=kubetron-operator"

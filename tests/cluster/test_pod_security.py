@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 import yaml
 
+from devtools.cluster import Cluster, ClusterError
+from devtools.cluster.kubetron import EXAMPLES
 from kubetron_api.parse import load_documents, parse_job
 from kubetron_operator.plan import plan
 from kubetron_operator.render import render
-from tests.cluster.harness import Cluster, ClusterError
-from tests.cluster.kubetron_fixtures import EXAMPLES
 
 pytestmark = pytest.mark.cluster
 

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import yaml
 
+from devtools.cluster import Cluster
+from devtools.cluster.kubetron import fake_gpu_job, wait_phase
 from kubetron_api.parse import parse_job
 from kubetron_operator.plan import plan
 from kubetron_operator.render import render
-from tests.cluster.harness import Cluster
-from tests.cluster.kubetron_fixtures import fake_gpu_job, wait_phase
 
 pytestmark = pytest.mark.cluster
 

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import torch
 
+from devtools.training.launch import example_config, run
 from kubetron_trainer.data.batches import MockDataset
-from tests.distributed.train_harness import example_config, run
 from tests.hf_models import (
     PRESET,
     check_round_trip,

@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from devtools.hf_tokenizer import build_bpe, documents
+from devtools.training.launch import ROOT, example_config, run
 from kubetron_trainer.data.tokenizer import HuggingFaceTokenizer
-from tests.distributed.train_harness import ROOT, example_config, run
-from tests.hf_tokenizer import build_bpe, documents
 
 pytestmark = pytest.mark.distributed
 STEPS = 8

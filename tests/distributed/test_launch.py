@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.train_harness import ROOT, example_config
-from tests.ports import free_port
+from devtools.ports import free_port
+from devtools.training.launch import ROOT, example_config
 
 pytestmark = pytest.mark.distributed
 

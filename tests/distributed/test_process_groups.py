@@ -1,10 +1,10 @@
 """Decentralized groups against Megatron's global parallel_state, in real gloo worlds on CPU.
 
-Each world size is one `torchrun --standalone` run of `_pg_worker.py` (so `Topology.from_env`
-reads real torchrun variables); the workers build groups both ways and write what every rank
-saw, and these tests compare. Every shape is checked for worlds 1, 2 and 4; world 8 checks every
-6th of its 146 shapes (tests/unit/test_rank_math.py covers all of them, and 4096-rank worlds,
-as rank arithmetic).
+Each world size is one `torchrun --standalone` run of devtools/training/pg_oracle.py (so
+`Topology.from_env` reads real torchrun variables); the workers build groups both ways and write
+what every rank saw, and these tests compare. Every shape is checked for worlds 1, 2 and 4;
+world 8 checks every 6th of its 146 shapes (tests/unit/test_rank_math.py covers all of them, and
+4096-rank worlds, as rank arithmetic).
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ from typing import Any
 
 import pytest
 
+from devtools.training import PG_ORACLE
+
 pytestmark = pytest.mark.distributed
 
-WORKER = Path(__file__).with_name("_pg_worker.py")
+WORKER = PG_ORACLE
 # Megatron builds singleton GTP groups even with GTP off; we leave them None, which Megatron
 # reads as "GTP off" (ProcessGroupCollection.is_gtp_remat_active, get_pg_rank).
 GTP_FIELDS = ("gtp_remat", "expt_gtp_remat")

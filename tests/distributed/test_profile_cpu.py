@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.distributed.train_harness import example_config, run
+from devtools.training.launch import example_config, run
 
 
 def test_profile_steps_writes_one_report_per_rank(tmp_path: Path) -> None:

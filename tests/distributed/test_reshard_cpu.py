@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.distributed.train_harness import Launch, example_config, launch, run
+from devtools.training.launch import Launch, example_config, launch, run
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 K, N = 2, 4  # save (and resume) at step K, train to step N

@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 import torch
 
+from devtools.hf_tokenizer import build_chat_bpe, conversations
+from devtools.training.launch import example_config, run
 from kubetron_trainer.data.packing import ChatDataset
 from kubetron_trainer.data.tokenizer import HuggingFaceTokenizer
 from kubetron_trainer.tools import prepare as prep
-from tests.distributed.train_harness import example_config, run
 from tests.hf_models import PRESET, model_spec, save_hf_model
-from tests.hf_tokenizer import build_chat_bpe, conversations
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 SEQ, STEPS, GBS = 256, 40, 4

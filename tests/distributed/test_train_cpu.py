@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.distributed.train_harness import (
+from devtools.hf_tokenizer import paragraphs
+from devtools.training.launch import (
     ROOT,
     Launch,
     example_config,
@@ -28,7 +29,6 @@ from tests.distributed.train_harness import (
     scrape,
     wait_for_line,
 )
-from tests.hf_tokenizer import paragraphs
 
 pytestmark = pytest.mark.distributed
 STEPS, SAVE_EVERY = 20, 10

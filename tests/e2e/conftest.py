@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from tests.cluster.harness import Cluster
+from devtools.cluster import Cluster
 from tests.conftest import real_node_missing
 
 

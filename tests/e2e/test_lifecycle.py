@@ -5,7 +5,7 @@ trained once; a suspended job saves its current step and a resume continues from
 
 The jobs are the CPU example (2 pods x 2 processes, TP2 x DP2) run longer, each with its own
 checkpoint claim; faults are injected through `kubectl exec` and `kubectl delete` once the
-checkpoint of step 40 is written (tests/e2e/faults.py).
+checkpoint of step 40 is written (devtools/cluster/faults.py).
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.harness import Cluster
-from tests.e2e import deploy, faults
+from devtools.cluster import Cluster, deploy, faults
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.slow]
 

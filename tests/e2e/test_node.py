@@ -14,9 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import node as realnode
-from tests.cluster.harness import Cluster, read_versions
-from tests.e2e.deploy import OPERATOR_IMAGE, built_image
+from devtools.cluster import Cluster, host, read_versions
+from devtools.cluster.deploy import OPERATOR_IMAGE, built_image
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 
@@ -32,7 +31,7 @@ def pod(
         "metadata": {"name": name, "labels": {"app": name, **labels}},
         "spec": {
             "restartPolicy": restart,
-            "nodeSelector": {realnode.NODE_LABEL: "true"},
+            "nodeSelector": {host.NODE_LABEL: "true"},
             "terminationGracePeriodSeconds": 1,
             "containers": [{
                 "name": "main",
@@ -94,13 +93,13 @@ def test_pod_runs_on_the_real_node_with_logs_exec_and_port_forward(
     cluster: Cluster, namespace: str, web: str
 ) -> None:
     obj = cluster.get("pod", web, namespace) or {}
-    assert obj["spec"]["nodeName"] == realnode.NODE_NAME
+    assert obj["spec"]["nodeName"] == host.NODE_NAME
     ip = obj["status"]["podIP"]
-    assert ip.startswith(realnode.NODE_IP.rsplit(".", 1)[0] + ".") and ip != realnode.NODE_IP
+    assert ip.startswith(host.NODE_IP.rsplit(".", 1)[0] + ".") and ip != host.NODE_IP
 
     out = cluster.kubectl("exec", "-n", namespace, web, "--", "getent", "hosts",
-                          f"kubernetes.default.svc.{realnode.CLUSTER_DOMAIN}").stdout  # fmt: skip
-    assert out.split()[0] == realnode.KUBERNETES_SERVICE_IP
+                          f"kubernetes.default.svc.{host.CLUSTER_DOMAIN}").stdout  # fmt: skip
+    assert out.split()[0] == host.KUBERNETES_SERVICE_IP
 
     # port-forward: kubectl -> API server -> kubelet (by InternalIP) -> containerd -> the pod.
     argv = [
@@ -138,7 +137,7 @@ import urllib.request
 from kubernetes import client, config
 config.load_incluster_config()  # KUBERNETES_SERVICE_HOST -> the `kubernetes` Service
 print("version", client.VersionApi().get_code().git_version)
-url = "http://web.{namespace}.svc.{realnode.CLUSTER_DOMAIN}"
+url = "http://web.{namespace}.svc.{host.CLUSTER_DOMAIN}"
 body = urllib.request.urlopen(url, timeout=10).read()
 print("web", len(body))
 body = urllib.request.urlopen("http://web", timeout=10).read()  # the pod's search domains

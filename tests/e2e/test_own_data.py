@@ -19,10 +19,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.cluster.harness import Cluster
-from tests.e2e import deploy
+from devtools.cluster import Cluster, deploy
+from devtools.hf_tokenizer import build_chat_bpe, conversations
 from tests.hf_models import OVERRIDES, save_hf_model
-from tests.hf_tokenizer import build_chat_bpe, conversations
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.slow]
 

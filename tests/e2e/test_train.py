@@ -13,9 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import node as realnode
-from tests.cluster.harness import Cluster
-from tests.e2e import deploy
+from devtools.cluster import Cluster, deploy, host
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.slow]
 
@@ -70,7 +68,7 @@ def test_example_trains_to_succeeded_through_the_operator(
     pods = deploy.pods(cluster, namespace, name)
     assert [p["metadata"]["name"] for p in pods] == [f"{name}-worker-0", f"{name}-worker-1"]
     for p in pods:
-        assert p["spec"]["nodeName"] == realnode.NODE_NAME
+        assert p["spec"]["nodeName"] == host.NODE_NAME
         assert p["status"]["phase"] == "Succeeded"
         # Workers only: no init container (the training-operator adds one with a Master)
         assert not p["spec"].get("initContainers"), p["spec"]

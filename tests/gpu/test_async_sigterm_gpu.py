@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from benchmarks import multigpu as mg
+from devtools.training.launch import Launch, launch, wait_for_line
 from kubetron_api.config import PRESETS
-from tests.distributed.train_harness import Launch, launch, wait_for_line
 
 pytestmark = [
     pytest.mark.gpu,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed.train_harness import run
+from devtools.training.launch import run
 from tests.gpu.test_train_gpu import STEPS, qwen3_small_config
 
 pytestmark = [

@@ -1,8 +1,9 @@
 """On a GPU: Megatron's CUDA RNG tracker holds the same states after `setup_megatron_globals`
 with decentralized groups as after Megatron training's `_set_random_seed` with global groups.
 
-Four processes share one GPU and talk over gloo, so one lent H100 is enough; the worker is the
-one tests/distributed uses (its `rng` mode adds the CUDA and tracker states when CUDA exists).
+Four processes share one GPU and talk over gloo, so one GPU is enough; the worker is the one
+tests/distributed uses (devtools/training/pg_oracle.py; its `rng` mode adds the CUDA and tracker
+states when CUDA exists).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from devtools.training import PG_ORACLE
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
 
-WORKER = Path(__file__).parents[1] / "distributed" / "_pg_worker.py"
+WORKER = PG_ORACLE
 
 
 def test_cuda_rng_tracker_states_equal_the_global_path(tmp_path: Path) -> None:

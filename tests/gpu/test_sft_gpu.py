@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from devtools.training.launch import run
 from tests.distributed.test_sft_cpu import first_step_loss, prepare_sft, sft_config
-from tests.distributed.train_harness import run
 
 pytestmark = [
     pytest.mark.gpu,

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import torch
 
+from devtools.training.launch import run
 from kubetron_api.config import PRESETS, RecipeSpec, TrainerConfig
-from tests.distributed.train_harness import run
 
 pytestmark = [
     pytest.mark.gpu,

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.cluster.harness import REPO_ROOT
+from devtools.cluster import REPO_ROOT
 
 DASHBOARD = REPO_ROOT / "charts" / "kubetron" / "files" / "dashboards" / "kubetron.json"
 

@@ -36,12 +36,12 @@ from typing import Any
 import pytest
 import yaml
 
+from devtools.cluster import REPO_ROOT, Cluster, wait_until
+from devtools.ports import free_port
 from kubetron_api.parse import load_documents, parse_job
 from kubetron_operator.plan import plan
 from kubetron_operator.render import render
 from tests.chart.helm import one, template
-from tests.cluster.harness import REPO_ROOT, Cluster, wait_until
-from tests.ports import free_port
 from tests.prometheus.scrape import pod_monitor_job, service_monitor_job
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]

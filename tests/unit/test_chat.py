@@ -20,6 +20,7 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from tokenizers import Tokenizer
 
+from devtools.hf_tokenizer import CHATML, IM_END, build_chat_bpe, conversations
 from kubetron_api.config import PRESETS, TrainerConfig
 from kubetron_api.exitcodes import ConfigError
 from kubetron_trainer.__main__ import main as trainer_main
@@ -33,7 +34,6 @@ from kubetron_trainer.data.chat import (
 from kubetron_trainer.data.packing import ChatDataset, block_causal_mask, next_fit, train_documents
 from kubetron_trainer.data.tokenizer import HuggingFaceTokenizer
 from kubetron_trainer.tools import prepare as prep
-from tests.hf_tokenizer import CHATML, IM_END, build_chat_bpe, conversations
 
 CONVERSATIONS = conversations(60, seed=5)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from tests.ports import candidate_ports, ephemeral_range, free_port
+from devtools.ports import candidate_ports, ephemeral_range, free_port
 
 
 def test_candidates_avoid_the_ephemeral_range() -> None:

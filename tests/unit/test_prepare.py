@@ -24,6 +24,7 @@ import yaml
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from tokenizers import Tokenizer
 
+from devtools.hf_tokenizer import EOS, PAD, build_bpe, documents
 from kubetron_api.config import PRESETS, TokenizerSpec, TrainerConfig
 from kubetron_api.exitcodes import ConfigError
 from kubetron_api.v1alpha1 import TRAINER_UID, ResourcesSpec
@@ -42,7 +43,6 @@ from kubetron_trainer.data.tokenizer import (
     from_spec,
 )
 from kubetron_trainer.tools import prepare as prep
-from tests.hf_tokenizer import EOS, PAD, build_bpe, documents
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB = ROOT / "manifests" / "jobs" / "prepare-data.yaml"

@@ -1,0 +1,53 @@
+"""`python -m devtools.cluster up|down|status`: the detached dev cluster (the Makefile's
+`cluster-up` / `cluster-down`, and what `make demo` leaves running).
+
+    python -m devtools.cluster up       # start detached, print the kubeconfig path
+    python -m devtools.cluster down     # stop what `up` started
+    python -m devtools.cluster status   # each process up or DEAD; exit 1 when down
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from devtools.cluster import control_plane
+from devtools.cluster.detached import cmd_down, cmd_status, cmd_up
+from devtools.cluster.waiting import ClusterError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m devtools.cluster",
+        description=f"{__doc__}\n{control_plane.__doc__}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", choices=["up", "down", "status"])
+    node = parser.add_mutually_exclusive_group()
+    node.add_argument(
+        "--real-node",
+        dest="real_node",
+        action="store_true",
+        default=None,
+        help="start the real worker node (fail if this machine cannot)",
+    )
+    node.add_argument(
+        "--no-real-node",
+        dest="real_node",
+        action="store_false",
+        help="only the control plane and the kwok nodes",
+    )
+    args = parser.parse_args(argv)
+    commands = {"up": lambda: cmd_up(args.real_node), "down": cmd_down, "status": cmd_status}
+    try:
+        return commands[args.command]()
+    except ClusterError as err:
+        print(f"devtools.cluster: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("devtools.cluster: interrupted; stopped what was started", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
