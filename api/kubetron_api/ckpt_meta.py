@@ -33,6 +33,7 @@ from typing import Any
 
 from kubetron_api.dims import ParallelDims
 from kubetron_api.exitcodes import ConfigError
+from kubetron_api.wire import ATTEMPT_ENV, JOB_UID_ENV
 
 FORMAT = 1  # bump when a reader of the previous format would misread a new checkpoint
 META_FILE = "kubetron.json"
@@ -90,8 +91,7 @@ def write_latest(root: Path, step: int) -> None:
 # and tells each pod its attempt and the job's uid. An attempt claims the checkpoint directory at
 # start (`attempt` file: "<job uid> <attempt>"); a pod of an older attempt of the same job (a
 # zombie on a lost node, say) then refuses to save: it can never replace a newer `latest`.
-ATTEMPT_ENV = "KUBETRON_ATTEMPT"
-JOB_UID_ENV = "KUBETRON_JOB_UID"
+# The two variables are the wire's (ATTEMPT_ENV, JOB_UID_ENV).
 FENCE_FILE = "attempt"
 
 

@@ -68,13 +68,6 @@ class ParallelGroupsError(ValueError):
     """Groups that cannot be built or seeded on this topology; the message names the fix."""
 
 
-# The operator gives each pod its replica index and the node rank of every index
-# (`ParallelDims.pod_order`, comma-separated); kubetron_trainer.launch sets torchrun's
-# PET_NODE_RANK from the two.
-REPLICA_INDEX_ENV = "KUBETRON_REPLICA_INDEX"
-NODE_RANKS_ENV = "KUBETRON_NODE_RANKS"
-
-
 @dataclass(frozen=True)
 class ParallelDims:
     """Degrees of one model's parallel grid over `world_size` ranks.
@@ -108,12 +101,18 @@ class ParallelDims:
         values = degree_values(world_size, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, vpp=vpp)
         degrees = {name: v for name, v in values.items() if name != "worldSize"}
         problems = broken((POSITIVE,), values, {}) or broken(DEGREE_RULES[1:], values, {})
-        model_parallel = tp * cp * pp
-        divisible = model_parallel > 0 and not world_size % model_parallel
-        dp = world_size // model_parallel if divisible else None
         if problems:
+            dp = data_parallel(world_size, tp=tp, cp=cp, pp=pp)
             raise ParallelConfigError(problems, _shape(world_size, degrees, dp=dp))
-        assert dp is not None  # for the type checker: no problems means divisible
+        return cls.of_checked(world_size, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, vpp=vpp)
+
+    @classmethod
+    def of_checked(
+        cls, world_size: int, *, tp: int, pp: int, cp: int, ep: int, etp: int, vpp: int
+    ) -> ParallelDims:
+        """The dims of degrees whose DEGREE_RULES a caller has already checked, among its own
+        rules (`kubetron_api.rules.check_shape`): dp derived, nothing checked twice."""
+        dp = world_size // (tp * cp * pp)
         return cls(world_size=world_size, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, vpp=vpp, dp=dp)
 
     @property
@@ -217,6 +216,14 @@ def degree_values(
         "worldSize": world_size, "tensor": tp, "pipeline": pp, "context": cp, "expert": ep,
         "expertTensor": etp, "virtualPipeline": vpp,
     }  # fmt: skip
+
+
+def data_parallel(world_size: int, *, tp: int, cp: int, pp: int) -> int | None:
+    """The data-parallel degree, or None where the degrees do not divide the world (the shape
+    an error message shows)."""
+    model_parallel = tp * cp * pp
+    divisible = model_parallel > 0 and not world_size % model_parallel
+    return world_size // model_parallel if divisible else None
 
 
 def _shape(world_size: int, degrees: dict[str, int], dp: int | None) -> str:

@@ -16,17 +16,21 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from kubetron_api import wire
+
 Obj = dict[str, object]
 
 # metric family (as the parser names it) -> field of `Sample`
 _GAUGES = {
-    "kubetron_train_step": "step",
-    "kubetron_train_loss": "loss",
-    "kubetron_train_tokens_per_second": "tokens_per_second",
-    "kubetron_train_mfu_ratio": "mfu",
-    "kubetron_checkpoint_last_step": "last_checkpoint_step",
-    "kubetron_train_attempt": "attempt",
+    wire.STEP.name: "step",
+    wire.LOSS.name: "loss",
+    wire.TOKENS_PER_SECOND.name: "tokens_per_second",
+    wire.MFU.name: "mfu",
+    wire.LAST_CHECKPOINT_STEP.name: "last_checkpoint_step",
+    wire.ATTEMPT.name: "attempt",
 }
+_DURATION_SUM = wire.STEP_DURATION.sample("_sum")
+_DURATION_COUNT = wire.STEP_DURATION.sample("_count")
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ class Sample:
     last_checkpoint_step: float | None = None
     attempt: float | None = None
     mean_step_seconds: float | None = None
-    engine: str | None = None  # what runs the layers (kubetron_train_engine_info's label)
+    engine: str | None = None  # what runs the layers (`wire.LayerEngine`'s label)
 
 
 def parse(text: str, job: str) -> Sample:
@@ -50,18 +54,27 @@ def parse(text: str, job: str) -> Sample:
     engine = None
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            if s.labels.get("job") != job or math.isnan(s.value):
+            if s.labels.get(wire.JOB_LABEL) != job or math.isnan(s.value):
                 continue
             if s.name in _GAUGES:
                 values[_GAUGES[s.name]] = s.value
-            elif s.name == "kubetron_train_step_duration_seconds_sum":
+            elif s.name == _DURATION_SUM:
                 duration_sum = s.value
-            elif s.name == "kubetron_train_step_duration_seconds_count":
+            elif s.name == _DURATION_COUNT:
                 duration_count = s.value
-            elif s.name == "kubetron_train_engine_info" and s.value == 1:
-                engine = s.labels.get("engine")
+            elif s.name == wire.ENGINE_INFO.name and s.value == 1:
+                engine = engine_label(s.labels.get(wire.ENGINE_LABEL, ""))
     mean = duration_sum / duration_count if duration_sum and duration_count else None
     return Sample(**values, mean_step_seconds=mean, engine=engine)  # type: ignore[arg-type]
+
+
+def engine_label(label: str) -> str | None:
+    """The engine a trainer reported, as status.progress.engine shows it; None for a label
+    that names no engine."""
+    try:
+        return wire.LayerEngine.from_label(label).to_label()
+    except ValueError:
+        return None
 
 
 def progress(sample: Sample, total_steps: int, now: str) -> Obj | None:

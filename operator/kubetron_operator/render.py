@@ -11,8 +11,6 @@ from typing import Any, Protocol
 
 import yaml
 
-from kubetron_api.ckpt_meta import ATTEMPT_ENV, JOB_UID_ENV
-from kubetron_api.dims import NODE_RANKS_ENV, REPLICA_INDEX_ENV
 from kubetron_api.v1alpha1 import (
     API_VERSION,
     DEFAULT_CPU_PER_PROCESS,
@@ -22,15 +20,26 @@ from kubetron_api.v1alpha1 import (
     MegatronJob,
     ResourcesSpec,
 )
+from kubetron_api.wire import (
+    ATTEMPT_ENV,
+    CONFIG_DIR,
+    CONFIG_FILE,
+    CONFIG_PATH,
+    JOB_NAME_ENV,
+    JOB_UID_ENV,
+    MASTER_ADDR_ENV,
+    MASTER_PORT_ENV,
+    METRICS_DIR,
+    METRICS_DIR_ENV,
+    NODE_RANKS_ENV,
+    REPLICA_INDEX_ENV,
+)
 from kubetron_operator.lifecycle import ATTEMPT_LABEL
 from kubetron_operator.plan import Plan
 from kubetron_operator.scheduling import Scheduler
 
 Obj = dict[str, Any]
 
-CONFIG_DIR = "/etc/kubetron"
-CONFIG_FILE = "config.json"
-METRICS_DIR = "/tmp/kubetron-metrics"
 CONTAINER = "pytorch"  # the training-operator requires this container name
 MASTER_PORT = 23456
 JOB_NAME_LABEL = "kubetron.io/job-name"
@@ -192,7 +201,7 @@ def _container(job: MegatronJob, plan: Plan, attempt: int) -> Obj:
         # launcher then exits with the workers' own code (torchrun alone exits 1 for every
         # failure, preemption included).
         "command": ["python", "-m", "kubetron_trainer.launch"],
-        "args": ["-m", "kubetron_trainer", "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"],
+        "args": ["-m", "kubetron_trainer", "--config", CONFIG_PATH],
         "env": _env(job, plan, attempt),
         "ports": [
             {"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"},
@@ -216,9 +225,9 @@ def _env(job: MegatronJob, plan: Plan, attempt: int) -> list[Obj]:
         REPLICA_INDEX_ENV: f"metadata.labels['{REPLICA_INDEX_LABEL}']",
     }
     env: list[Obj] = [
-        {"name": "KUBETRON_JOB_NAME", "value": job.name},
-        {"name": "PET_MASTER_ADDR", "value": rendezvous_host(job)},
-        {"name": "PET_MASTER_PORT", "value": str(MASTER_PORT)},
+        {"name": JOB_NAME_ENV, "value": job.name},
+        {"name": MASTER_ADDR_ENV, "value": rendezvous_host(job)},
+        {"name": MASTER_PORT_ENV, "value": str(MASTER_PORT)},
         # pod index -> node rank: each model-parallel group on consecutive pods (kueue.py)
         {
             "name": NODE_RANKS_ENV,
@@ -227,7 +236,7 @@ def _env(job: MegatronJob, plan: Plan, attempt: int) -> list[Obj]:
         # the trainer fences its checkpoint writes with both (ckpt_meta.claim)
         {"name": ATTEMPT_ENV, "value": str(attempt)},
         {"name": JOB_UID_ENV, "value": str(job.metadata.get("uid", ""))},
-        {"name": "PROMETHEUS_MULTIPROC_DIR", "value": METRICS_DIR},
+        {"name": METRICS_DIR_ENV, "value": METRICS_DIR},
     ]
     env += [
         {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}

@@ -20,7 +20,8 @@ import pytest
 
 from devtools.cluster import GPU_PRODUCT, Cluster, ClusterError, kwok_gpu_node
 from devtools.cluster.kubetron import fake_gpu_job, wait_phase
-from kubetron_api.dims import NODE_RANKS_ENV, ParallelDims
+from kubetron_api.dims import ParallelDims
+from kubetron_api.wire import NODE_RANKS_ENV
 from kubetron_operator.render import REPLICA_INDEX_LABEL
 from kubetron_operator.scheduling.kueue import JOB_UID_LABEL, SLICE_SIZE, SLICE_TOPOLOGY
 

@@ -29,8 +29,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from kubetron_api.dims import NODE_RANKS_ENV, REPLICA_INDEX_ENV
 from kubetron_api.exitcodes import ExitCode
+from kubetron_api.wire import NODE_RANKS_ENV, REPLICA_INDEX_ENV
 
 log = logging.getLogger("kubetron.launch")
 
