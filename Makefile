@@ -25,13 +25,13 @@ test-unit: setup
 	@$(PY) -m pytest -q tests/unit
 
 lint: setup
-	@$(PY) -m ruff check api operator trainer tests benchmarks hack
-	@$(PY) -m ruff format --check api operator trainer tests benchmarks hack
+	@$(PY) -m ruff check api operator trainer devtools tests benchmarks hack
+	@$(PY) -m ruff format --check api operator trainer devtools tests benchmarks hack
 	@$(PY) -m mypy
 
 fmt: setup
-	@$(PY) -m ruff format api operator trainer tests benchmarks hack
-	@$(PY) -m ruff check --fix api operator trainer tests benchmarks hack
+	@$(PY) -m ruff format api operator trainer devtools tests benchmarks hack
+	@$(PY) -m ruff check --fix api operator trainer devtools tests benchmarks hack
 
 # Regenerate the checked-in CRD from the pydantic models.
 generate crd: setup

@@ -1,6 +1,6 @@
 """`--profile-steps` on the CPU example (4 processes, TP2 x DP2): each rank profiles the asked
 steps and writes its report (no GPU kernels here: the plumbing, not the numbers; the GPU
-profile is benchmarks/multigpu.py's piece `profile8b`)."""
+profile is benchmarks/profile_8b.py's)."""
 
 from __future__ import annotations
 

@@ -19,15 +19,16 @@ from typing import Any
 import pytest
 import torch
 
-from benchmarks import multigpu as mg
+from devtools.training.async_save import ASYNC_ARCH
+from devtools.training.gpu import WORLD, trainer_config
 from devtools.training.launch import Launch, launch, wait_for_line
 from kubetron_api.config import PRESETS
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(
-        torch.cuda.device_count() < mg.WORLD,
-        reason=f"needs {mg.WORLD} CUDA GPUs, found {torch.cuda.device_count()}",
+        torch.cuda.device_count() < WORLD,
+        reason=f"needs {WORLD} CUDA GPUs, found {torch.cuda.device_count()}",
     ),
 ]
 
@@ -35,8 +36,8 @@ STEPS, DECAY, EVERY = 200, 200, 2  # the run is stopped long before its last ste
 
 
 def _config(steps: int, ckpt: Path | None, async_save: bool) -> dict[str, Any]:
-    arch = PRESETS["qwen3-0.6b"].model_copy(update=mg.ASYNC_ARCH)
-    cfg = mg.trainer_config(
+    arch = PRESETS["qwen3-0.6b"].model_copy(update=ASYNC_ARCH)
+    cfg = trainer_config(
         "async-term", arch, "qwen3-0.6b", {}, steps=steps, seq=512, micro_batch=2,
         global_batch=8, lr=3e-3, checkpoint=ckpt, save_interval=EVERY, decay_iters=DECAY,
     )  # fmt: skip
@@ -56,7 +57,7 @@ def test_sigterm_during_async_save_completes_it_and_resumes(tmp_path: Path) -> N
         proc.send_signal(signal.SIGTERM)
     codes = first.wait(timeout=300)
     log0 = first.output()
-    assert codes == [143] * mg.WORLD, log0[-6000:]
+    assert codes == [143] * WORLD, log0[-6000:]
     assert "exiting 143 (retryable)" in log0
     # the boundary after the SIGTERM: step 2's background save still pending, completed
     # first; then that step saved synchronously, unless it was a scheduled save's own step
@@ -81,13 +82,13 @@ def test_sigterm_during_async_save_completes_it_and_resumes(tmp_path: Path) -> N
     upto = stopped + 3
     resumed = _launch(_config(upto, ckpt, async_save=True), tmp_path / "resumed")
     plain = _launch(_config(upto, None, async_save=False), tmp_path / "plain")
-    assert resumed.wait(timeout=300) == [0] * mg.WORLD, resumed.output()[-6000:]
-    assert plain.wait(timeout=300) == [0] * mg.WORLD, plain.output()[-6000:]
+    assert resumed.wait(timeout=300) == [0] * WORLD, resumed.output()[-6000:]
+    assert plain.wait(timeout=300) == [0] * WORLD, plain.output()[-6000:]
     r, p = resumed.result(), plain.result()
     assert r["resumed_from"] == stopped
     assert [s["step"] for s in r["steps"]] == list(range(stopped + 1, upto + 1))
     after = p["steps"][stopped:]
     assert all(math.isfinite(s["loss"]) for s in r["steps"])
-    # bf16, the same shape and order of reductions: as benchmarks/multigpu.py's async_ckpt
+    # bf16, the same shape and order of reductions: as devtools/training/async_save.py's run
     diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(r["steps"], after, strict=True)]
     assert max(diffs) < 1e-3, diffs
