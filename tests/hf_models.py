@@ -207,6 +207,7 @@ def main(argv: list[str]) -> int:
     from kubetron_api.config import RecipeSpec, TrainerConfig
     from kubetron_api.dims import ParallelDims
     from kubetron_trainer.models.build import build_model
+    from kubetron_trainer.models.fast_path import EngineChoice
     from kubetron_trainer.models.hf_weights import load_hf_weights
     from kubetron_trainer.runtime.parallel import build_process_groups, init_distributed
     from kubetron_trainer.runtime.seeding import setup_megatron_globals
@@ -228,7 +229,7 @@ def main(argv: list[str]) -> int:
     assert pg is not None
     setup_megatron_globals(pg, 1)
     cfg = TrainerConfig(model=arch, recipe=RecipeSpec(precision="fp32", seq_length=TOKENS[1]))
-    built = build_model(cfg, dims, pg, device, "sdpa")
+    built = build_model(cfg, dims, pg, device, EngineChoice("sdpa"))
     load_hf_weights(built.chunks, pg, arch, directory, built.padded_vocab_size)
     if mode == "save":
         save_checkpoint(cfg, dims, pg, built, Path(out))

@@ -7,7 +7,8 @@ model back. Field names are camelCase on the wire (Kubernetes style) and snake_c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -257,12 +258,28 @@ class FastPath:
         return cls(**{n: True for n in names})
 
     @property
+    def pieces(self) -> tuple[str, ...]:
+        """The pieces that are on, in FAST_PATH_PIECES order."""
+        return tuple(p for p in FAST_PATH_PIECES if getattr(self, p))
+
+    @property
     def enabled(self) -> bool:
-        return any(getattr(self, p) for p in FAST_PATH_PIECES)
+        return bool(self.pieces)
+
+    def lists(self, piece: str) -> bool:
+        """Whether `piece` was named on its own (not through `on`): such a piece is refused
+        where it cannot apply, instead of skipped."""
+        return getattr(self, piece) and not self.every
+
+    def without(self, piece: str) -> FastPath:
+        return replace(self, **{piece: False})
 
     def describe(self) -> str:
-        on = [p for p in FAST_PATH_PIECES if getattr(self, p)]
-        return "fast path: " + "+".join(on) if on else "fast path off"
+        return "fast path: " + "+".join(self.pieces) if self.enabled else "fast path off"
+
+
+# A spec's fastPath is parsed once per process, however often the recipe is read.
+_parse_fast_path = functools.cache(FastPath.parse)
 
 
 class RecipeSpec(ApiModel):
@@ -316,7 +333,7 @@ class RecipeSpec(ApiModel):
     @property
     def fast(self) -> FastPath:
         """`fast_path` parsed (the schema's pattern admits only what parses)."""
-        return FastPath.parse(self.fast_path)
+        return _parse_fast_path(self.fast_path)
 
 
 class ParallelismSpec(ApiModel):

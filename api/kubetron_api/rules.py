@@ -27,6 +27,7 @@ from kubetron_api.dims import (
     POSITIVE,
     ParallelConfigError,
     ParallelDims,
+    data_parallel,
     degree_values,
 )
 from kubetron_api.expr import Rule
@@ -202,6 +203,9 @@ CPU_RULES: tuple[Rule, ...] = (
 )
 
 RULES: tuple[Rule, ...] = (*DEGREE_RULES, *SHAPE_RULES, CPU_PRECISION, *CPU_RULES)
+# What the trainer checks at start, on the device it found itself on: every rule but the
+# operator's steer of CPU pods to fp32 (a trainer started by hand runs the precision it is given).
+TRAINER_RULES: tuple[Rule, ...] = tuple(r for r in RULES if r is not CPU_PRECISION)
 
 # Derived values, written once as expressions over the others.
 DERIVED: dict[str, str] = {
@@ -314,7 +318,7 @@ class ShapeSpec:
             "dataPaths": [str(path) for path in data.paths],
             "tokenizerType": data.tokenizer.type,
             "tokenizerName": data.tokenizer.name or "",
-            "fastPathListsCe": fast.ce and not fast.every,
+            "fastPathListsCe": fast.lists("ce"),
             "numAttentionHeads": arch.num_attention_heads,
             "numQueryGroups": arch.num_query_groups,
             "numLayers": arch.num_layers,
@@ -341,26 +345,20 @@ class ShapeCheck:
     requirements: tuple[str, ...]
 
 
-def check_shape(shape: ShapeSpec) -> ShapeCheck:
-    """Validate the whole shape; raise one `ParallelConfigError` naming every broken rule."""
+def check_shape(shape: ShapeSpec, rules: tuple[Rule, ...] = RULES) -> ShapeCheck:
+    """Validate the whole shape once; raise one `ParallelConfigError` naming every broken rule,
+    else the resolved degrees (built without checking them again) and the image's needs."""
     p, world = shape.parallelism, shape.world_size
     values = shape.values()
     problems = expr.broken((POSITIVE,), values, DERIVED)
     if not problems:  # the other rules divide by the degrees
-        problems = expr.broken(tuple(r for r in RULES if r is not POSITIVE), values, DERIVED)
+        problems = expr.broken(tuple(r for r in rules if r is not POSITIVE), values, DERIVED)
+    degrees = {"tp": p.tensor, "pp": p.pipeline, "cp": p.context, "ep": p.expert,
+               "etp": p.expert_tensor, "vpp": p.virtual_pipeline}  # fmt: skip
     if problems:
-        mp = p.tensor * p.context * p.pipeline
-        dp = world // mp if mp and not world % mp else None
+        dp = data_parallel(world, tp=p.tensor, cp=p.context, pp=p.pipeline)
         raise ParallelConfigError(problems, _shape(world, shape.gpus_per_node, p, dp))
-    dims = ParallelDims.from_degrees(
-        world,
-        tp=p.tensor,
-        pp=p.pipeline,
-        cp=p.context,
-        ep=p.expert,
-        etp=p.expert_tensor,
-        vpp=p.virtual_pipeline,
-    )
+    dims = ParallelDims.of_checked(world, **degrees)
     return ShapeCheck(dims=dims, requirements=_requirements(shape.recipe, p))
 
 

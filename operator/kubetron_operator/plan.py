@@ -62,11 +62,11 @@ class Plan:
 def plan(job: MegatronJob) -> Plan:
     """Resolve and validate a MegatronJob; raise `PlanError` naming every broken rule."""
     spec = job.spec
-    arch = spec.model.resolve()
-    res = spec.resources
+    wanted = ShapeSpec.of_job(spec)  # the preset resolved once; the shape checked once
+    arch, res = wanted.arch, spec.resources
     problems = _volume_rules(spec)
     try:
-        shape = check_shape(ShapeSpec.of_job(spec))
+        shape = check_shape(wanted)
     except ParallelConfigError as err:
         raise PlanError([*err.problems, *problems]) from err
     scheduler = choose(spec.scheduling)

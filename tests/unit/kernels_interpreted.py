@@ -93,7 +93,7 @@ def test_swiglu_refuses_an_odd_width(kernels: ModuleType) -> None:
 
 def test_swiglu_piece_puts_the_module_into_the_mlp(kernels: ModuleType) -> None:
     from kubetron_api.config import PRESETS, FastPath
-    from kubetron_trainer.models.build import layer_spec
+    from kubetron_trainer.models.spec import layer_spec
 
     arch = PRESETS["qwen3-0.6b"]
     spec = layer_spec(arch, "sdpa", FastPath.parse("swiglu"))

@@ -17,11 +17,11 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from kubetron_api.config import PRESETS, TrainerConfig
-from kubetron_api.dims import ParallelConfigError, ParallelDims
+from kubetron_api.dims import ParallelConfigError
 from kubetron_operator.plan import plan
-from kubetron_trainer.__main__ import run
-from kubetron_trainer.models.build import layer_spec
+from kubetron_trainer.__main__ import prepare
 from kubetron_trainer.models.norm import Norm
+from kubetron_trainer.models.spec import layer_spec
 from kubetron_trainer.runtime.topology import Topology
 from tests.builders import make_job
 
@@ -88,7 +88,7 @@ def test_trainer_refuses_sequence_parallel_on_cpu_before_joining() -> None:
     cfg: TrainerConfig = plan(job).trainer_config
     args = argparse.Namespace(fast_path=None, device="cpu")
     with pytest.raises(ParallelConfigError) as info:  # exit code 2
-        run(cfg, ParallelDims.from_degrees(2, tp=2), Topology.single_process(), args)
+        prepare(cfg, Topology.single_process(), args)
     assert "spec.parallelism.sequenceParallel needs GPUs" in str(info.value)
 
 
@@ -105,6 +105,5 @@ def test_trainer_without_te_refuses_fp8_and_context_before_joining(
     cfg: TrainerConfig = plan(job).trainer_config
     args = argparse.Namespace(fast_path=None, device="cpu", attention="auto")
     with pytest.raises(ParallelConfigError) as info:
-        run(cfg, ParallelDims.from_degrees(2, cp=job.spec.parallelism.context),
-            Topology.single_process(), args)  # fmt: skip
+        prepare(cfg, Topology.single_process(), args)
     assert named in str(info.value) and "no Transformer Engine" in str(info.value)

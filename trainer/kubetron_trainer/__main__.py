@@ -13,10 +13,10 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import threading
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,21 +26,18 @@ from pydantic import ValidationError
 
 from kubetron_api.ckpt_meta import Attempt, check_fence
 from kubetron_api.config import FastPath, TrainerConfig
-from kubetron_api.dims import ParallelConfigError, ParallelDims
+from kubetron_api.dims import ParallelDims
 from kubetron_api.exitcodes import ConfigError, ExitCode, Terminated
-from kubetron_api.rules import (
-    ShapeSpec,
-    check_device,
-    check_shape,
-    missing_transformer_engine,
-    transformer_engine_uses,
-)
+from kubetron_api.rules import TRAINER_RULES, ShapeSpec, check_shape
+from kubetron_api.wire import METRICS_DIR, LayerEngine
+from kubetron_trainer.models.fast_path import EngineChoice, decide_fast_path
+from kubetron_trainer.models.fast_path import pick_attention as pick_attention
 from kubetron_trainer.observe.profiling import parse_window
 from kubetron_trainer.runtime.failures import classify
 from kubetron_trainer.runtime.topology import Topology
 
 if TYPE_CHECKING:
-    from kubetron_trainer.models.build import AttentionBackend
+    from kubetron_trainer.observe.metrics import TrainerMetrics
 
 log = logging.getLogger("kubetron_trainer")
 
@@ -128,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"the config expects {cfg.world_size} processes but torchrun started "
                 f"{topology.world_size}; match nnodes*nproc-per-node to worldSize",
             )
-        shape = check_shape(ShapeSpec.of_config(cfg))
-        return run(cfg, shape.dims, topology, args)
+        return run(prepare(cfg, topology, args), args)
     except BaseException as err:  # every way out gets an exit code for the restart policy
         code = classify(err)
         if isinstance(err, Terminated):
@@ -159,83 +155,74 @@ def record_exit_code(rank: int, code: int, message: str = "") -> None:
         (Path(directory) / f"rank-{rank}").write_text(f"{int(code)}\n{message}")
 
 
-def run(
-    cfg: TrainerConfig, dims: ParallelDims, topology: Topology, args: argparse.Namespace
-) -> int:
-    """Join the job, train, clean up (imports Megatron only now, after the config is valid)."""
-    import torch.distributed as dist
+@dataclass(frozen=True)
+class Start:
+    """What the trainer settled before it joins the job."""
 
-    from kubetron_trainer.models.build import resolve_backend
-    from kubetron_trainer.observe.metrics import prepare_multiproc_dir
-    from kubetron_trainer.runtime.parallel import init_distributed
+    cfg: TrainerConfig
+    topology: Topology
+    device: torch.device
+    dims: ParallelDims  # the shape, checked once, on this device
+    choice: EngineChoice  # the engine: attention and fast-path pieces
+    attempt: Attempt | None  # set by the operator: fences checkpoint writes
 
-    if args.fast_path is None:
-        fast_path = cfg.recipe.fast
-    else:  # the command line overrides the spec
-        try:
-            fast_path = FastPath.parse(args.fast_path)
-        except ValueError as err:
-            raise ConfigError("--fast-path", str(err)) from None
+
+def prepare(cfg: TrainerConfig, topology: Topology, args: argparse.Namespace) -> Start:
+    """Everything that can refuse the run, checked before it joins the job (exit 2 naming the
+    field): the shape on this device, the engine, the data, the checkpoint directory and a
+    finetune's weights."""
     device = pick_device(args.device, topology.local_rank)
-    if device.type == "cpu" and (problems := check_device("cpu", cfg)):
-        raise ParallelConfigError(problems, f"device cpu, world={cfg.world_size}")
-    attention = args.attention
-    if cfg.data.type == "chat":  # packed conversations: a block-diagonal mask TE's spec ignores
-        if attention == "te":
-            raise ConfigError(
-                "--attention",
-                "te ignores the attention mask of packed conversations (data.type chat); use "
-                "sdpa (what auto picks for chat data)",
-            )
-        attention = "sdpa" if attention == "auto" else attention
-    attention = pick_attention(attention, device.type, fast_path, cfg)
-    # fp8 and context parallelism need TE's layer spec, which only an image with TE has
-    no_te = resolve_backend(attention) != "te"
-    if no_te and (problems := missing_transformer_engine(cfg.recipe, cfg.parallelism)):
-        raise ParallelConfigError(problems, f"device {device.type}, world={cfg.world_size}")
+    shape = ShapeSpec.of_config(cfg, "gpu" if device.type == "cuda" else "cpu")
+    dims = check_shape(shape, TRAINER_RULES).dims
+    choice = decide_fast_path(requested_fast_path(cfg, args), cfg, dims, device, args.attention)
+    log.info("engine: %s", choice.engine.to_label())
     if cfg.data.type != "mock":  # the files, and the tokenizer against the model
         from kubetron_trainer.data.batches import check_indexed_data
 
         check_indexed_data(cfg)
-    attempt = Attempt.from_env(os.environ)  # set by the operator: fences checkpoint writes
+    attempt = Attempt.from_env(os.environ)
     check_checkpoint(cfg, dims, attempt)
     if cfg.weights is not None:  # a finetune's Hugging Face checkpoint fits the model (files)
         from kubetron_api.hf_config import check_weights
 
         check_weights(cfg.model, cfg.preset, Path(cfg.weights))
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    from kubetron_trainer.observe.metrics import MULTIPROC_ENV
+    return Start(cfg, topology, device, dims, choice, attempt)
 
-    own_metrics_dir = MULTIPROC_ENV not in os.environ  # pods get theirs from the operator
-    metrics_dir = prepare_multiproc_dir(
-        topology.local_rank, f"/tmp/kubetron-metrics-{cfg.job_name}-{topology.master_port}"
-    )
+
+def requested_fast_path(cfg: TrainerConfig, args: argparse.Namespace) -> FastPath:
+    """recipe.fastPath, or `--fast-path` where given (the command line overrides the spec)."""
+    if args.fast_path is None:
+        return cfg.recipe.fast
+    try:
+        return FastPath.parse(args.fast_path)
+    except ValueError as err:
+        raise ConfigError("--fast-path", str(err)) from None
+
+
+def run(start: Start, args: argparse.Namespace) -> int:
+    """Join the job, train, clean up (imports Megatron only now, after every check)."""
+    import torch.distributed as dist
+
+    from kubetron_trainer.observe.metrics import MultiprocDir
+    from kubetron_trainer.runtime import loop
+    from kubetron_trainer.runtime.parallel import init_distributed
+
+    cfg, topology = start.cfg, start.topology
+    backend = "nccl" if start.device.type == "cuda" else "gloo"
+    own_dir = f"{METRICS_DIR}-{cfg.job_name}-{topology.master_port}"  # outside a pod
+    metrics_dir = MultiprocDir.prepare(topology.local_rank, own_dir)
     init_distributed(topology, backend, timedelta(seconds=cfg.collective_timeout_seconds))
     dist.barrier()  # the metrics directory is clean before any rank writes to it
-    from kubetron_trainer.observe.metrics import TrainerMetrics
-    from kubetron_trainer.runtime import loop
-
-    metrics = None
-    if cfg.metrics.enabled:
-        metrics = TrainerMetrics(
-            cfg.job_name, topology.rank, topology.local_rank, topology.world_size,
-            attempt=attempt.number if attempt else 0,
-        )  # fmt: skip
-        if topology.local_rank == 0:
-            metrics.serve(cfg.metrics.port)
+    metrics = start_metrics(start)
     options = loop.RunOptions(
-        args.groups, attention, args.summary, args.metrics_linger, fast_path, attempt,
+        start.choice, args.groups, args.summary, args.metrics_linger, start.attempt,
         args.profile_steps, args.profile_out or (args.summary.parent if args.summary else None),
     )  # fmt: skip
-    state = loop.setup(cfg, dims, topology, device, backend, options, metrics)
+    state = loop.setup(cfg, start.dims, topology, start.device, backend, options, metrics)
     log.info(
         "kubetron trainer: %s, %s, %s groups, attention: %s",
-        topology.describe(), dims, args.groups, state.attention,
+        topology.describe(), start.dims, args.groups, state.attention,
     )  # fmt: skip
-    engine = engine_name(state.attention)
-    log.info("engine: %s", engine)
-    if metrics is not None:
-        metrics.record_engine(engine)
     summary = loop.train(state)
     log.info(
         "done: %d steps, final loss %.4f, %.0f tokens/s",
@@ -246,9 +233,26 @@ def run(
         linger(args.metrics_linger)  # the other ranks wait in the barrier below
     dist.barrier()
     dist.destroy_process_group()
-    if own_metrics_dir and topology.local_rank == 0:  # every local rank is past its last write
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.remove(topology.local_rank)  # every local rank is past its last write
     return int(ExitCode.OK)
+
+
+def start_metrics(start: Start) -> TrainerMetrics | None:
+    """This rank's metrics, None when spec.metrics is off. They report the engine from the
+    start; local rank 0 serves the pod's endpoint."""
+    if not start.cfg.metrics.enabled:
+        return None
+    from kubetron_trainer.observe.metrics import TrainerMetrics
+
+    t = start.topology
+    metrics = TrainerMetrics(
+        start.cfg.job_name, t.rank, t.local_rank, t.world_size,
+        attempt=start.attempt.number if start.attempt else 0,
+    )  # fmt: skip
+    metrics.record_engine(start.choice.engine.to_label())
+    if t.local_rank == 0:
+        metrics.serve(start.cfg.metrics.port)
+    return metrics
 
 
 def check_checkpoint(cfg: TrainerConfig, dims: ParallelDims, attempt: Attempt | None) -> None:
@@ -261,32 +265,21 @@ def check_checkpoint(cfg: TrainerConfig, dims: ParallelDims, attempt: Attempt | 
     if cfg.checkpoint.resume != "auto":
         return
     from kubetron_api.ckpt_meta import RunIdentity, plan_resume
-    from kubetron_trainer.models.build import padded_vocab_size
+    from kubetron_trainer.models.megatron_config import padded_vocab_size
 
     vocab = padded_vocab_size(cfg.model.vocab_size, dims.tp)
     plan_resume(Path(cfg.checkpoint.path), RunIdentity.from_config(cfg, dims, vocab))
 
 
-def pick_attention(
-    attention: AttentionBackend, device_type: str, fast_path: FastPath, cfg: TrainerConfig
-) -> AttentionBackend:
-    """The engine: on GPUs the TE-free fast path (recipe.fastPath, on by default) replaces
-    `auto`'s Transformer Engine, unless the recipe needs TE (fp8, context parallelism);
-    `fastPath: off` or `--attention te` asks for TE. Elsewhere `attention` as given."""
-    needs_te = bool(transformer_engine_uses(cfg.recipe, cfg.parallelism))
-    if attention == "auto" and device_type == "cuda" and fast_path.enabled and not needs_te:
-        return "sdpa"
-    return attention
-
-
 def engine_name(attention: str) -> str:
-    """What runs the layers, for the logs and status.progress.engine: transformer-engine, the
-    fast path with its pieces, or the local spec without fused kernels."""
+    """The engine label of an attention path as logs and `--summary` files record it
+    (`ModelChunks.attention`), for reading such records; the trainer itself reports its
+    `EngineChoice.engine`."""
     if attention.startswith("transformer-engine"):
-        return "transformer-engine"
-    if "fast path: " in attention:
-        return "fast path (" + attention.split("fast path: ", 1)[1] + ")"
-    return "local spec"
+        return LayerEngine("transformer-engine").to_label()
+    _, fast, pieces = attention.partition("fast path: ")
+    engine = LayerEngine("fast-path", tuple(pieces.split("+"))) if fast else LayerEngine("local")
+    return engine.to_label()
 
 
 def linger(seconds: float) -> None:

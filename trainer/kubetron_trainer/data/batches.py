@@ -35,7 +35,7 @@ from kubetron_api.files import unreadable
 from kubetron_trainer.data.chat import LOSS_MASK
 from kubetron_trainer.data.packing import ChatDataset, block_causal_mask
 from kubetron_trainer.data.tokenizer import Tokenizer, check_for_model
-from kubetron_trainer.models.build import padded_vocab_size
+from kubetron_trainer.models.megatron_config import padded_vocab_size
 
 log = logging.getLogger(__name__)
 

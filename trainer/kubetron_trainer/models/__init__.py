@@ -1,6 +1,4 @@
-"""GPT models for the trainer: Megatron-Core `GPTModel` chunks built on explicit process groups."""
-
-from kubetron_trainer.models.attention import SdpaAttention
-from kubetron_trainer.models.build import ModelChunks, build_model, padded_vocab_size, te_available
-
-__all__ = ["ModelChunks", "SdpaAttention", "build_model", "padded_vocab_size", "te_available"]
+"""GPT models for the trainer: which engine runs the layers (`fast_path`), Megatron's config
+(`megatron_config`), the layer spec (`spec`) and the `GPTModel` chunks (`build`), with the
+modules they swap in. Importing the package imports no Megatron: the trainer decides its engine
+before it loads Megatron."""

@@ -1,7 +1,9 @@
 """The fast path without Transformer Engine: fused kernels chosen in the layer spec.
 
-Each piece is a spec choice, switched on by `--fast-path` (off by default, and ignored when
-Transformer Engine builds the layers or the model runs on the CPU):
+Each piece is a spec choice or a Megatron option, asked for by `recipe.fastPath` (or
+`--fast-path`): `on`, the default, asks for every piece; `models/fast_path.py` decides once which
+of them apply (none when Transformer Engine builds the layers or the model runs on the CPU; some
+need a model or shape, e.g. `ce` tensor parallel size 1):
 
 - `ce`: the output layer and the cross-entropy in one chunked pass (Liger's fused linear
   cross-entropy, through `GPTModel`'s `output_processor` hook), so the `[tokens, vocab]` logits
@@ -24,7 +26,7 @@ Transformer Engine builds the layers or the model runs on the CPU):
 - `overlap`: the data-parallel gradient reduce-scatter overlapped with the backward pass
   (Megatron's `overlap_grad_reduce`, set up in `step_gpu.py`).
 
-`on` means all of them. Liger (`pip install kubetron[fast]`) is imported only when `ce` is on.
+Liger (`pip install kubetron[fast]`) is imported only when `ce` is on.
 Megatron-Core is not modified: the pieces replace submodules in the spec or set its options.
 """
 
@@ -37,7 +39,6 @@ from typing import Any
 
 import torch
 
-from kubetron_api.config import FastPath
 from kubetron_trainer.runtime.optimizer import torch_optimizers
 
 
@@ -52,7 +53,6 @@ def liger(module: str) -> ModuleType:
         ) from err
 
 
-OFF = FastPath()
 IGNORE_INDEX = -100
 # Tokens per chunk of the fused cross-entropy, as a multiple of Liger's default budget (about
 # `tokens x hidden` logits elements). Liger's default (1) gives 128-token chunks for a 152k

@@ -9,7 +9,7 @@ state-dict keys and math as `torch.nn.RMSNorm` / `torch.nn.LayerNorm`, its param
 with `config.sequence_parallel`. With `fused=True` (the fast path's `norm` piece) the RMSNorm
 runs in kubetron's Triton kernels (`models/kernels.py`) instead.
 
-`use_norm` puts it into every norm slot of a local layer spec; `build.py` also makes it the
+`use_norm` puts it into every norm slot of a local layer spec; `spec.py` also makes it the
 decoder's final norm (Megatron's default there is `WrappedTorchNorm` too).
 """
 

@@ -4,14 +4,15 @@ torchrun starts one process per GPU, but Prometheus scrapes one endpoint per pod
 PodMonitor's `metrics` port). prometheus-client's multiprocess mode lets every rank write its
 values to files in `PROMETHEUS_MULTIPROC_DIR`, and local rank 0 serves them all, aggregated, from
 one HTTP endpoint. The directory must be set before prometheus-client is first imported (it
-picks its value class at import), which is why `prepare_multiproc_dir` runs first and
+picks its value class at import), which is why `MultiprocDir.prepare` runs first and
 prometheus-client is imported only inside functions here.
 
 Who writes what, so that a pod's endpoint (and a `sum` over pods) means the right thing:
 job-level gauges and histograms are written by local rank 0 only (every rank knows the step's
 loss and timing); the tokens counter is incremented by every rank with its share of the step's
 tokens, so the pod sums to its share and a sum over pods is the job's total; GPU memory is per
-rank (label `rank`). Nothing registers on prometheus-client's global registry.
+rank (label `rank`). Nothing registers on prometheus-client's global registry. The names and
+labels are the wire's (`kubetron_api.wire`): the operator reads some of them back.
 """
 
 from __future__ import annotations
@@ -22,31 +23,52 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kubetron_api import wire
+
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
-SAVE_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
-WAIT_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30)
+# Bucket bounds of each histogram, in seconds.
+BUCKETS: dict[str, tuple[float, ...]] = {
+    wire.STEP_DURATION.name: (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+    wire.SAVE_DURATION.name: (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
+    wire.DATA_WAIT.name: (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
+}
 
 
-def prepare_multiproc_dir(local_rank: int, default: str) -> Path:
-    """Point `PROMETHEUS_MULTIPROC_DIR` at a directory (the operator sets it; else `default`).
+@dataclass(frozen=True)
+class MultiprocDir:
+    """The directory every rank of the pod writes its values to, and whether this run made it
+    (no operator set `PROMETHEUS_MULTIPROC_DIR`): then local rank 0 removes it at the end."""
 
-    Local rank 0 empties it: values left by an earlier run in the same pod must not be summed
-    into this run's. Call before anything imports prometheus-client, and barrier afterwards so no
-    rank writes before the directory is clean.
-    """
-    path = Path(os.environ.setdefault(MULTIPROC_ENV, default))
-    if local_rank == 0 and path.exists():
-        for child in path.iterdir():
-            if child.is_dir():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    path: Path
+    owned: bool
+
+    @classmethod
+    def prepare(cls, local_rank: int, default: str) -> MultiprocDir:
+        """Point `PROMETHEUS_MULTIPROC_DIR` at a directory (the operator sets it; else
+        `default`).
+
+        Local rank 0 empties it: values left by an earlier run in the same pod must not be
+        summed into this run's. Call before anything imports prometheus-client, and barrier
+        afterwards so no rank writes before the directory is clean.
+        """
+        owned = wire.METRICS_DIR_ENV not in os.environ
+        path = Path(os.environ.setdefault(wire.METRICS_DIR_ENV, default))
+        if local_rank == 0 and path.exists():
+            for child in path.iterdir():
+                if child.is_dir():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        path.mkdir(parents=True, exist_ok=True)
+        return cls(path, owned)
+
+    def remove(self, local_rank: int) -> None:
+        """Remove a directory this run made (local rank 0, once every rank is past its last
+        write); one the operator mounted stays."""
+        if self.owned and local_rank == 0:
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -76,7 +98,7 @@ class TrainerMetrics:
         multiprocess: bool = True,
         attempt: int = 0,
     ) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry
 
         self.job = job
         self.rank = rank
@@ -85,69 +107,36 @@ class TrainerMetrics:
         # In multiprocess mode values go to files; a private registry serves them. Without it
         # (unit tests), the metrics live in this private registry.
         self.registry: CollectorRegistry | None = None if multiprocess else CollectorRegistry()
-        reg = self.registry
-        recent: dict[str, Any] = {"multiprocess_mode": "mostrecent"}
-
-        def gauge(name: str, doc: str, labels: tuple[str, ...] = ("job",)) -> Any:
-            return Gauge(name, doc, labels, registry=reg, **recent)
-
-        self.step = gauge("kubetron_train_step", "Last completed optimizer step.")
-        self.loss = gauge("kubetron_train_loss", "Language-model loss of the last step.")
-        self.tokens_per_s = gauge(
-            "kubetron_train_tokens_per_second", "Throughput of the last step, whole job."
-        )
-        self.tflops = gauge(
-            "kubetron_train_model_tflops_per_gpu", "Model TFLOP/s per GPU (Megatron's formula)."
-        )
-        self.mfu = gauge("kubetron_train_mfu_ratio", "Model FLOPs utilisation against peak.")
-        self.grad_norm = gauge("kubetron_train_grad_norm", "Gradient norm before clipping.")
-        self.lr = gauge("kubetron_train_learning_rate", "Learning rate of the last step.")
-        self.last_save = gauge(
-            "kubetron_checkpoint_last_step", "Step of the last complete checkpoint."
-        )
-        self.attempt = gauge(
-            "kubetron_train_attempt",
-            "The operator's attempt these pods belong to (0 outside the operator); a "
-            "whole-group restart starts the next.",
-        )
+        self.step = self._family(wire.STEP)
+        self.loss = self._family(wire.LOSS)
+        self.tokens_per_s = self._family(wire.TOKENS_PER_SECOND)
+        self.tflops = self._family(wire.MODEL_TFLOPS)
+        self.mfu = self._family(wire.MFU)
+        self.grad_norm = self._family(wire.GRAD_NORM)
+        self.lr = self._family(wire.LEARNING_RATE)
+        self.last_save = self._family(wire.LAST_CHECKPOINT_STEP)
+        self.attempt = self._family(wire.ATTEMPT)
         if self.writer:
             self.attempt.labels(job).set(attempt)
-        self.engine = gauge(
-            "kubetron_train_engine_info",
-            "1, labelled with what runs the layers: transformer-engine, fast path (pieces) or "
-            "local spec.",
-            ("job", "engine"),
-        )
-        self.mem_alloc = gauge(
-            "kubetron_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated", ("job", "rank")
-        )
-        self.mem_reserved = gauge(
-            "kubetron_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved", ("job", "rank")
-        )
-        self.tokens = Counter(
-            "kubetron_train_tokens", "Tokens trained on.", ["job"], registry=reg
-        ).labels(job)
-        self.step_duration = Histogram(
-            "kubetron_train_step_duration_seconds",
-            "Wall time of one optimizer step.",
-            ["job"],
-            buckets=STEP_BUCKETS,
-            registry=reg,
-        ).labels(job)
-        self.save_duration = Histogram(
-            "kubetron_checkpoint_save_duration_seconds",
-            "Time to save one checkpoint.",
-            ["job"],
-            buckets=SAVE_BUCKETS,
-            registry=reg,
-        ).labels(job)
-        self.data_wait = Histogram(
-            "kubetron_data_wait_seconds",
-            "Time waiting for the next batch.",
-            ["job"],
-            buckets=WAIT_BUCKETS,
-            registry=reg,
-        ).labels(job)
+        self.engine = self._family(wire.ENGINE_INFO)
+        self.mem_alloc = self._family(wire.GPU_MEMORY_ALLOCATED)
+        self.mem_reserved = self._family(wire.GPU_MEMORY_RESERVED)
+        self.tokens = self._family(wire.TOKENS).labels(job)
+        self.step_duration = self._family(wire.STEP_DURATION).labels(job)
+        self.save_duration = self._family(wire.SAVE_DURATION).labels(job)
+        self.data_wait = self._family(wire.DATA_WAIT).labels(job)
+
+    def _family(self, metric: wire.Metric) -> Any:
+        """One family on this rank's registry; gauges keep the most recent value written in
+        the pod (multiprocess mode), histograms their `BUCKETS`."""
+        from prometheus_client import Counter, Gauge, Histogram
+
+        args = (metric.name, metric.help, metric.labels)
+        if metric.kind == "gauge":
+            return Gauge(*args, registry=self.registry, multiprocess_mode="mostrecent")
+        if metric.kind == "counter":
+            return Counter(*args, registry=self.registry)
+        return Histogram(*args, buckets=BUCKETS[metric.name], registry=self.registry)
 
     def serve(self, port: int) -> CollectorRegistry:
         """Serve the pod's aggregated metrics on `port` (call on local rank 0 only)."""
@@ -176,6 +165,7 @@ class TrainerMetrics:
         self.step_duration.observe(s.duration_s)
 
     def record_engine(self, engine: str) -> None:
+        """`engine`: a `wire.LayerEngine` label."""
         if self.writer:
             self.engine.labels(self.job, engine).set(1)
 

@@ -28,8 +28,8 @@ from kubetron_api.config import FastPath, TrainerConfig
 from kubetron_api.dims import ParallelDims
 from kubetron_api.exitcodes import Terminated
 from kubetron_trainer.data.batches import Batch, build_batches
-from kubetron_trainer.models import build_model
-from kubetron_trainer.models.build import AttentionBackend
+from kubetron_trainer.models.build import build_model
+from kubetron_trainer.models.fast_path import EngineChoice
 from kubetron_trainer.observe.flops import flops_per_token, peak_flops
 from kubetron_trainer.observe.metrics import StepStats, TrainerMetrics
 from kubetron_trainer.observe.profiling import StepProfiler
@@ -48,11 +48,10 @@ GroupsMode = Literal["decentralized", "global"]
 class RunOptions:
     """How to run, beyond the config: chosen by the launcher or a test, not by the user's spec."""
 
+    choice: EngineChoice  # the engine decided at start (`models.fast_path.decide_fast_path`)
     groups: GroupsMode = "decentralized"
-    attention: AttentionBackend = "auto"
     summary: Path | None = None
     metrics_linger_s: float = 0.0
-    fast_path: FastPath = field(default_factory=FastPath)
     attempt: Attempt | None = None  # the operator's attempt (fences checkpoint writes)
     profile: tuple[int, int] | None = None  # (steps before, steps profiled): --profile-steps
     profile_out: Path | None = None  # where each rank writes profile_rank<R>.json
@@ -201,13 +200,13 @@ def setup(
     """Groups, seeds, model, optimizer, scheduler and checkpointer, in Megatron's order."""
     pg = make_groups(cfg, dims, topology, backend, options.groups)
     setup_megatron_globals(pg, cfg.recipe.seed)  # global memory buffer and RNG seeds
-    built = build_model(cfg, dims, pg, device, options.attention, options.fast_path)
+    built = build_model(cfg, dims, pg, device, options.choice)
     identity = None
     if cfg.checkpoint.path is not None:
         identity = RunIdentity.from_config(cfg, dims, built.padded_vocab_size, options.attempt)
     # before the engine: a GPU optimizer copies the parameters into its fp32 main weights
     start = start_weights(cfg, identity, built.chunks, pg, built.padded_vocab_size)
-    engine = make_engine(cfg, built.chunks, pg, device, fast=built.fast)
+    engine = make_engine(cfg, built.chunks, pg, device, fast=built.choice.fast)
     scheduler = build_scheduler(engine.optimizer, cfg.recipe)
     checkpointer = None
     if cfg.checkpoint.path is not None and identity is not None:

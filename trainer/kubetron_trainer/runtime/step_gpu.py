@@ -27,9 +27,10 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import Float16Module
 
-from kubetron_api.config import TrainerConfig
+from kubetron_api.config import FastPath, TrainerConfig
 from kubetron_trainer.data.batches import Batch
-from kubetron_trainer.models.fused import OFF, FastPath, fused_lm_loss, use_fused_adam
+from kubetron_trainer.models.fast_path import OFF
+from kubetron_trainer.models.fused import fused_lm_loss, use_fused_adam
 from kubetron_trainer.runtime.step import StepResult, masked_mean
 
 

@@ -161,6 +161,7 @@ def load_model(meta: StepMeta, source: Path, arch: ModelArch, dtype: torch.dtype
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     from kubetron_trainer.models.build import build_model
+    from kubetron_trainer.models.fast_path import EngineChoice
     from kubetron_trainer.runtime.checkpoint import sharded_model_state
 
     pg = init_single_process()
@@ -169,7 +170,9 @@ def load_model(meta: StepMeta, source: Path, arch: ModelArch, dtype: torch.dtype
     precision = Precision.FP32 if dtype == torch.float32 else Precision.BF16
     seq = min(arch.max_position_embeddings, 4096)
     cfg = TrainerConfig(model=padded, recipe=RecipeSpec(precision=precision, seq_length=seq))
-    built = build_model(cfg, ParallelDims.from_degrees(1), pg, torch.device("cpu"), "sdpa")
+    built = build_model(
+        cfg, ParallelDims.from_degrees(1), pg, torch.device("cpu"), EngineChoice("sdpa")
+    )
     [chunk] = built.chunks
     state = sharded_model_state(chunk, pg)
     request = {
