@@ -233,7 +233,7 @@ def test_interleaved_two_stage_pipeline_sends_one_direction_at_a_time(
     """With two stages the previous and the next stage are one peer: a batched isend/irecv
     to it swapped activations and gradients under the interleaved schedule (2 H200s)."""
     from kubetron_api.config import PRESETS, TrainerConfig
-    from kubetron_trainer.models.build import transformer_config
+    from kubetron_trainer.models.megatron_config import transformer_config
 
     arch = PRESETS["gpt-tiny"].model_copy(update={"num_layers": 8})
     cfg = TrainerConfig.model_validate(
@@ -255,7 +255,7 @@ def test_recompute_layers_reach_megatrons_block_recompute(
     layers of each model chunk recompute their activations (runs on GPUs only: the recompute
     saves CUDA RNG states; tests/gpu/test_recompute_gpu.py trains with it)."""
     from kubetron_api.config import PRESETS, TrainerConfig
-    from kubetron_trainer.models.build import transformer_config
+    from kubetron_trainer.models.megatron_config import transformer_config
 
     arch = PRESETS["gpt-tiny"].model_copy(update={"num_layers": 8})
     cfg = TrainerConfig.model_validate(
