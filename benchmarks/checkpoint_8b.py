@@ -33,7 +33,9 @@ PIECES = ["ckpt8b", "async_ckpt"]
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.checkpoint_8b",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--only", nargs="+", choices=PIECES, help="run only these pieces")
     p.add_argument(

@@ -37,7 +37,9 @@ PIECES = ["groups", *CASES, "checkpoint"]
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.decentralized_groups",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--only", nargs="+", choices=PIECES, help="run only these pieces")
     p.add_argument("--reps", type=int, default=2, help="timed rounds of group setup")

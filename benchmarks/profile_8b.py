@@ -83,7 +83,9 @@ def profile_runs(args: argparse.Namespace, report: dict[str, Any]) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.profile_8b",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--models", nargs="+", choices=MODELS, default=["qwen3-8b"])
     p.add_argument(

@@ -31,7 +31,9 @@ PIECES = ["sp_grads", "sp"]
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.sequence_parallel",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--only", nargs="+", choices=PIECES, help="run only these pieces")
     add_common_args(p)

@@ -10,7 +10,8 @@ parallelism), pp2 (1F1B). Per run: losses, step times, tokens/s and MFU per GPU,
     python -m benchmarks.train_8b --models qwen3-8b --shapes dp2 --seq 8192 \\
         --recompute-layers 12 --groups decentralized --steps 6
 
-Needs exactly 2 visible GPUs of about 140 GB each for seq 8192 (80 GB ones fit seq 4096).
+Needs exactly 2 visible GPUs of about 140 GB each: a rank's peak memory reaches 115 GiB at seq
+4096 and 130 GiB at 8192 (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -122,7 +123,9 @@ def add_time_args(p: argparse.ArgumentParser) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.train_8b",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))

@@ -18,7 +18,7 @@ The first two steps are warmup and excluded from tokens/s, MFU and the step time
 all steps are recorded, so baseline and optimised can be compared step by step.
 
     python benchmarks/trainer_throughput.py --fast-path on --fast-micro-batch 4 --profile \
-        --steps 20 --output benchmarks/results/trainer_h100.json
+        --steps 20 --output benchmarks/results/trainer_fast_path.json
 """
 
 from __future__ import annotations
