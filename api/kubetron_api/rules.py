@@ -176,7 +176,7 @@ CPU_PRECISION = Rule(
 )
 
 # What a run on CPUs (gloo) cannot do: the operator checks these for spec.resources.device cpu,
-# the trainer again when it finds itself on the CPU.
+# the trainer in its one check at start when it finds itself on the CPU (TRAINER_RULES).
 CPU_RULES: tuple[Rule, ...] = (
     Rule(
         "cpu-pipeline",
@@ -360,11 +360,6 @@ def check_shape(shape: ShapeSpec, rules: tuple[Rule, ...] = RULES) -> ShapeCheck
         raise ParallelConfigError(problems, _shape(world, shape.gpus_per_node, p, dp))
     dims = ParallelDims.of_checked(world, **degrees)
     return ShapeCheck(dims=dims, requirements=_requirements(shape.recipe, p))
-
-
-def check_device(device: Device, cfg: TrainerConfig) -> list[str]:
-    """The CPU rules for the device the trainer found itself on."""
-    return expr.broken(CPU_RULES, ShapeSpec.of_config(cfg, device).values(), DERIVED)
 
 
 def transformer_engine_uses(recipe: RecipeSpec, p: ParallelismSpec) -> list[str]:

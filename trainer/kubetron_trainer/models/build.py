@@ -61,9 +61,9 @@ def build_model(
     the attention and the fast-path pieces from `choice` (`fast_path.decide_fast_path`)."""
     arch = cfg.model
     config = transformer_config(cfg, dims, device, choice.fast)
+    vocab = padded_vocab_size(arch.vocab_size, dims.tp)
     spec = layer_spec(arch, choice.attention, choice.fast)
     pp_rank, pp_size, vpp = pg.pp.rank(), dims.pp, dims.vpp_size or 1
-    vocab = padded_vocab_size(arch.vocab_size, dims.tp)
     chunks = []
     for stage in range(vpp):
         model = GPTModel(

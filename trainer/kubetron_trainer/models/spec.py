@@ -69,16 +69,16 @@ def layer_spec(arch: ModelArch, backend: Attention, fast: FastPath = OFF) -> Lay
         qk_layernorm=arch.qk_layernorm,
         normalization=arch.normalization,
     )
-    norm = use_norm(spec, fused=fast.norm)
     attention = spec.submodules.self_attention.submodules
     if backend == "sdpa":
         attention.core_attention = SdpaAttention
         name = "local spec + torch SDPA core attention"
         if fast.enabled:
             name += ", " + fast_layer_spec(spec, fast)
-        return LayerSpec(spec, name, norm)
-    attention.core_attention = DotProductAttention
-    return LayerSpec(spec, "local spec + Megatron unfused DotProductAttention", norm)
+    else:
+        attention.core_attention = DotProductAttention
+        name = "local spec + Megatron unfused DotProductAttention"
+    return LayerSpec(spec, name, use_norm(spec, fused=fast.norm))
 
 
 def fast_layer_spec(spec: ModuleSpec, fast: FastPath) -> str:

@@ -26,8 +26,6 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
 
 from kubetron_api.config import OptimizerSpec, TrainerConfig
-from kubetron_api.dims import ParallelConfigError
-from kubetron_api.rules import check_device
 from kubetron_trainer.data.batches import Batch
 from kubetron_trainer.runtime.step import StepResult, masked_mean
 
@@ -170,9 +168,6 @@ class CpuEngine:
     def __init__(
         self, cfg: TrainerConfig, chunks: list[GPTModel], pg: ProcessGroupCollection
     ) -> None:
-        problems = check_device("cpu", cfg)
-        if problems:  # the trainer checked them at start; here for callers that build engines
-            raise ParallelConfigError(problems, "device cpu")
         if cfg.recipe.optimizer.distributed and pg.dp_cp.size() > 1:
             log.info("CPU path: optimizer state is replicated, not sharded (GPU only)")
         self.chunks = chunks
