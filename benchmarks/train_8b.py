@@ -2,9 +2,10 @@
 
 Each model x shape runs the real trainer with both kinds of process groups (or the ones
 `--groups` names), one run after the other, each alone on the GPUs: bf16, distributed
-optimizer, mock data, micro-batch 1, global batch 16 (DP2: 8 micro-batches a rank; TP2 and PP2:
-16), the first 2 steps excluded from the timings. Shapes: dp2, tp2_sp (TP2 with sequence
-parallelism), pp2 (1F1B). Per run: losses, step times, tokens/s and MFU per GPU, peak memory.
+optimizer, mock data, micro-batch 1 (2 fits DP2 too, but 1 is what every shape runs), global
+batch 16 (DP2: 8 micro-batches a rank; TP2 and PP2: 16), the first 2 steps excluded from the
+timings. Shapes: dp2, tp2_sp (TP2 with sequence parallelism), pp2 (1F1B). Per run: losses,
+step times, tokens/s and MFU per GPU, peak memory.
 
     python -m benchmarks.train_8b --output benchmarks/results/train_8b.json
     python -m benchmarks.train_8b --models qwen3-8b --shapes dp2 --seq 8192 \\

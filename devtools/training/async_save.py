@@ -118,9 +118,3 @@ def async_ckpt_runs(workdir: Path) -> dict[str, Any]:
         "first_run_step_s": [x["duration_s"] for x in a["steps"]],
         "exits": exits,
     }  # fmt: skip
-
-
-# ------------------------------------------------ 8B-class models on 2 GPUs (issue 17 part 3)
-
-# Each shape with decentralized and with Megatron's global groups, one run after the other,
-# `fastPath: on`, bf16, distributed optimizer, mock data. Micro-batch 1 at seq 4096 (2 at

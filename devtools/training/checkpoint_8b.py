@@ -459,11 +459,6 @@ def ckpt8b_run(workdir: Path, megatron_probe: bool = False) -> dict[str, Any]:
     return report
 
 
-# ------------------------------------------------- asynchronous saves in the trainer (issue 17)
-
-# qwen3-0.6b widths, 4 layers, a 4096-token vocabulary, DP2: `checkpoint.asyncSave` saving every
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path, help="each rank writes rank<r>.json here")

@@ -139,18 +139,3 @@ def checkpoint_reshard(workdir: Path) -> dict[str, Any]:
         },
         "loss_drop_steps_1_to_resume": full["losses"][0] - full["losses"][CKPT_AT],
     }
-
-
-# ------------------------------------------------- checkpoints across PP / VPP / EP (issue 19)
-
-# Each pair (old shape -> new shape) on 2 GPUs, bf16, distributed optimizer, mock data:
-#   base       one run of the family's base shape trains steps 1..K0 and saves step K0
-#   reference  every shape of the family resumes that step-K0 checkpoint and trains K0+1..N
-#              without interruption, saving at K and N (the "uninterrupted run" of that shape)
-#   resumed    a copy of the old shape's step-K checkpoint, resumed in the new shape, K+1..N
-# On GPUs Megatron initialises each rank's shards from seeds offset by pipeline stage and by
-# expert-parallel rank (seeding.rng_seeds), so runs of two shapes started at step 0 hold other
-# weights; from the common step-K0 checkpoint every shape starts from the same ones, and the
-# resumed run must follow both the new shape's reference and the old shape's continuation.
-# Dense: the checkpoint piece's model (qwen3-0.6b widths, 4 layers, 4096-token vocabulary;
-# PP2 x VPP2 holds one layer a chunk). MoE: the ep2_moe case's qwen3-30b-a3b widths, 4 layers,

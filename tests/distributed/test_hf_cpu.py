@@ -1,4 +1,4 @@
-"""Hugging Face weights in and out on CPU processes (gloo; issue 15, parts 3 and 4).
+"""Hugging Face weights in and out on CPU processes (gloo).
 
 Tiny random Qwen3 and Llama models built with transformers load into kubetron's Megatron model
 in tensor-parallel shapes with transformers' logits. A finetune run (TP2) starts at step 0 from

@@ -1,4 +1,4 @@
-"""Train on data prepared with a Hugging Face tokenizer (issue 15 parts 1-2, 'done when'): a BPE
+"""Train on data prepared with a Hugging Face tokenizer: a BPE
 trained here, JSONL and Parquet prepared by `python -m kubetron_trainer.tools.prepare` with two
 workers, then gpt-tiny trained by 2 gloo processes (TP2) with `tokenizer.type: huggingface`.
 """

@@ -1,4 +1,4 @@
-"""Checkpoints resumed into another parallel shape on CPU (gloo, gpt-tiny; issue 19).
+"""Checkpoints resumed into another parallel shape on CPU (gloo, gpt-tiny).
 
 Four uninterrupted runs, DP2, DP4, TP2 x DP2 and TP2, train N steps from the same initial
 weights (on CPU Megatron initialises each full weight from the seed and then splits it, so the

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning on CPU processes (gloo; issue 15 part 3, 'done when'): a tiny random
+"""Supervised fine-tuning on CPU processes (gloo): a tiny random
 Qwen3 saved by transformers is fine-tuned (TP2, recipe.kind finetune) on conversations that
 `prepare --chat` rendered with a ChatML template. The trainer's first loss is what transformers
 computes on the assistant's tokens only, each packed conversation run on its own (so the

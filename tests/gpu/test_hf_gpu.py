@@ -1,4 +1,4 @@
-"""Hugging Face weights into pipeline and expert-parallel shapes on GPUs (issue 15, part 3).
+"""Hugging Face weights into pipeline and expert-parallel shapes on GPUs.
 
 The CPU tiers cover TP1, TP2 and TP2 x DP2 for Qwen3 and Llama; pipelines (the layer offset of
 each stage, the tied output layer on the last stage) and Megatron's MoE need CUDA. Each case

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning on GPUs (issue 15 part 3): the CPU test's recipe (a tiny transformers
+"""Supervised fine-tuning on GPUs: the CPU test's recipe (a tiny transformers
 Qwen3, conversations packed with a block-diagonal attention mask, loss on the assistant's
 tokens) through Megatron's GPU path: DDP, the distributed optimizer, SDPA's masked kernel on
 CUDA, and pipeline parallelism, where every stage reads the chat batches for their masks.

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning data (issue 15, part 3): conversations rendered with the tokenizer's
+"""Supervised fine-tuning data: conversations rendered with the tokenizer's
 chat template, the assistant's tokens marked, `prepare --chat` writing tokens and loss mask that
 Megatron's IndexedDataset reads back, and the trainer's packing of them into sequences (next-fit,
 block-diagonal attention, positions restarting per conversation, loss on the assistant's labels).

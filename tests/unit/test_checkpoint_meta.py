@@ -1,5 +1,5 @@
 """Checkpoint metadata, the refusals before a resume, `kubetron checkpoints`, the data position
-and the re-seeding of a resume into another shape (issue 19); no processes, no torch.distributed.
+and the re-seeding of a resume into another shape; no processes, no torch.distributed.
 """
 
 from __future__ import annotations

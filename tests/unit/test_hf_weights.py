@@ -1,4 +1,4 @@
-"""Hugging Face weights into kubetron's Megatron model (issue 15, part 3): logits equal
+"""Hugging Face weights into kubetron's Megatron model: logits equal
 transformers' on the same tokens; a config.json that does not fit is refused naming each key.
 
 The parity checks run `tests.hf_models` in a subprocess (a gloo world of one): torch.distributed

@@ -1,4 +1,4 @@
-"""Hugging Face tokenizers and data preparation (issue 15, parts 1-2), with a BPE tokenizer
+"""Hugging Face tokenizers and data preparation, with a BPE tokenizer
 trained here: loading it offline, `prepare` on JSONL and Parquet read back with Megatron-Core's
 own dataset classes, bad input named by file and line and leaving nothing behind, the trainer's
 start-time checks of a tokenizer against the model, and the Job manifest that runs `prepare`.
