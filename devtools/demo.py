@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"    export KUBECONFIG={cluster.kubeconfig}")
     print(f'    export PATH="{cluster.bin_dir}:$PATH"')
     print("    kubectl get mj,pytorchjobs,pods -A")
-    print("demo: `make cluster-down` stops it")
+    print("demo: `make cluster-down` stops it (`make test` does too, before its own cluster)")
     return 0
 
 

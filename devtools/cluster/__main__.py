@@ -4,6 +4,7 @@
     python -m devtools.cluster up       # start detached, print the kubeconfig path
     python -m devtools.cluster down     # stop what `up` started
     python -m devtools.cluster status   # each process up or DEAD; exit 1 when down
+    python -m devtools.cluster down-before-tests   # hack/run-tests.sh: stop it, saying so
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import sys
 
 from devtools.cluster import control_plane
-from devtools.cluster.detached import cmd_down, cmd_status, cmd_up
+from devtools.cluster.detached import cmd_down, cmd_down_before_tests, cmd_status, cmd_up
 from devtools.cluster.waiting import ClusterError
 
 
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         description=f"{__doc__}\n{control_plane.__doc__}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("command", choices=["up", "down", "status", "down-before-tests"])
     node = parser.add_mutually_exclusive_group()
     node.add_argument(
         "--real-node",
@@ -38,7 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         help="only the control plane and the kwok nodes",
     )
     args = parser.parse_args(argv)
-    commands = {"up": lambda: cmd_up(args.real_node), "down": cmd_down, "status": cmd_status}
+    commands = {
+        "up": lambda: cmd_up(args.real_node),
+        "down": cmd_down,
+        "status": cmd_status,
+        "down-before-tests": cmd_down_before_tests,
+    }
     try:
         return commands[args.command]()
     except ClusterError as err:

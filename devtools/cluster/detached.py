@@ -117,6 +117,22 @@ def _down() -> int:
     return 0
 
 
+def cmd_down_before_tests() -> int:
+    """Stop the cluster `make demo` or `make cluster-up` left running, saying so; silent when
+    there is none. The tests start their own cluster: one real node fits a machine, and the
+    detached cluster's files outside its temp dir (the training-operator's certificate) would
+    be removed under the tests' cluster when it stopped later."""
+    with _state_lock():
+        if _read_state() is None:
+            return 0
+        print(
+            "run-tests: stopping the cluster that `make demo` or `make cluster-up` left running "
+            f"({state_file()}) before the tests start their own; `make demo` starts it again",
+            flush=True,
+        )
+        return _down()
+
+
 def cmd_status() -> int:
     state = _read_state()
     if state is None:
