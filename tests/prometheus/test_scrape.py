@@ -215,10 +215,12 @@ class Stack:
     dashboard: dict[str, Any]
 
 
-@pytest.fixture(scope="module")
-def stack(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    prom_bin = prometheus_binary()
-    tmp = tmp_path_factory.mktemp("prometheus-stack")
+Ports = dict[str, int]
+
+
+def _namespaces(cluster: Cluster) -> tuple[str, str, str]:
+    """Fresh namespaces for the operator, the jobs and the quota that fails the operator's apply;
+    the CRD installed."""
     suffix = uuid.uuid4().hex[:6]
     operator_ns, jobs_ns, quota_ns = (f"{p}-{suffix}" for p in ("kt-ops", "kt-jobs", "kt-quota"))
     for ns in (operator_ns, jobs_ns, quota_ns):
@@ -234,7 +236,121 @@ def stack(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             "spec": {"hard": {"count/configmaps": "0"}},
         }
     )
+    return operator_ns, jobs_ns, quota_ns
 
+
+def _trainer_config(tmp: Path, jobs_ns: str, port: int) -> tuple[Path, dict[str, Any]]:
+    """The config the operator renders, on a loopback port and a temp checkpoint dir; its pod."""
+    config, pod = rendered(jobs_ns)
+    config["metrics"]["port"] = port
+    config["checkpoint"]["path"] = str(tmp / "checkpoints")
+    config["checkpoint"]["saveInterval"] = SAVE_INTERVAL
+    config["recipe"]["trainIters"] = TRAIN_ITERS
+    config_path = tmp / "config.json"
+    config_path.write_text(json.dumps(config, indent=2))
+    return config_path, pod
+
+
+def _start_prometheus(
+    processes: Processes, binary: str, tmp: Path, objs: list[dict[str, Any]],
+    pod: dict[str, Any], jobs_ns: str, ports: Ports,
+) -> Prometheus:  # fmt: skip
+    """Prometheus scraping the operator and the trainer through the chart's monitors."""
+    prom_config = {
+        "global": {
+            "scrape_interval": "1s",
+            "scrape_timeout": "1s",
+            "evaluation_interval": "1s",
+        },
+        "scrape_configs": [
+            service_monitor_job(
+                one(objs, "ServiceMonitor"),
+                f"127.0.0.1:{ports['metrics']}",
+                one(objs, "Service"),
+                pod_name="kubetron-operator-0",
+            ),
+            pod_monitor_job(
+                one(objs, "PodMonitor"),
+                f"127.0.0.1:{ports['trainer']}",
+                pod,
+                namespace=jobs_ns,
+                pod_name=f"{JOB}-worker-0",
+            ),
+        ],
+    }
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump(prom_config, sort_keys=False))
+    processes.start(
+        "prometheus",
+        [
+            binary,
+            f"--config.file={tmp / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{ports['prom']}",
+            "--storage.tsdb.retention.time=1h",
+        ],
+    )
+    prom = Prometheus(f"http://127.0.0.1:{ports['prom']}")
+
+    def prometheus_ready() -> bool:
+        processes.check("prometheus")
+        return http_ok(f"{prom.url}/-/ready")
+
+    wait_until(prometheus_ready, timeout=60, what="Prometheus /-/ready")
+    return prom
+
+
+def _start_operator(
+    processes: Processes, cluster: Cluster, namespaces: tuple[str, str, str], ports: Ports
+) -> None:
+    """The operator watching the jobs' and the quota's namespaces, leader election on."""
+    operator_ns, jobs_ns, quota_ns = namespaces
+    processes.start(
+        "operator",
+        [
+            sys.executable, "-m", "kubetron_operator",
+            f"--kubeconfig={cluster.kubeconfig}",
+            f"--namespaces={jobs_ns},{quota_ns}",
+            "--leader-elect", "--lease-name=kubetron-operator",
+            f"--lease-namespace={operator_ns}", "--identity=kubetron-operator-0",
+            f"--metrics-port={ports['metrics']}", f"--health-port={ports['health']}",
+            "--bind-address=127.0.0.1", "--log-format=text", "--log-level=info",
+            "--resync-period=5",
+        ],
+    )  # fmt: skip
+
+    def operator_ready() -> bool:
+        processes.check("operator")
+        return http_ok(f"http://127.0.0.1:{ports['health']}/readyz")
+
+    wait_until(operator_ready, timeout=90, what="operator /readyz")
+
+
+def _start_trainer(processes: Processes, tmp: Path, config_path: Path, master_port: int) -> None:
+    """The CPU trainer under torchrun, its metrics kept up after the last step."""
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    assert shutil.which(torchrun), f"{torchrun} missing"
+    processes.start(
+        "trainer",
+        [
+            torchrun, f"--nproc-per-node={WORLD}", "--nnodes=1",
+            "--master-addr=127.0.0.1", f"--master-port={master_port}",
+            "-m", "kubetron_trainer", "--config", str(config_path),
+            "--device", "cpu", "--metrics-linger", "600",
+        ],
+        env={
+            "KUBETRON_JOB_NAME": JOB,
+            "PROMETHEUS_MULTIPROC_DIR": str(tmp / "trainer-metrics"),
+            "OMP_NUM_THREADS": "1",
+        },
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def stack(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    prom_bin = prometheus_binary()
+    tmp = tmp_path_factory.mktemp("prometheus-stack")
+    namespaces = _namespaces(cluster)
+    operator_ns, jobs_ns, quota_ns = namespaces
     # The chart's monitors and dashboard, rendered for an operator in operator_ns.
     objs = template(
         namespace=operator_ns,
@@ -245,106 +361,21 @@ def stack(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         },
     )
     dashboard = json.loads(one(objs, "ConfigMap")["data"]["kubetron.json"])
-
     ports = {name: free_port() for name in ("metrics", "health", "trainer", "master", "prom")}
     processes = Processes(tmp)
     try:
-        # Trainer: the config the operator renders, on loopback ports and a temp checkpoint dir.
-        config, pod = rendered(jobs_ns)
-        config["metrics"]["port"] = ports["trainer"]
-        config["checkpoint"]["path"] = str(tmp / "checkpoints")
-        config["checkpoint"]["saveInterval"] = SAVE_INTERVAL
-        config["recipe"]["trainIters"] = TRAIN_ITERS
-        config_path = tmp / "config.json"
-        config_path.write_text(json.dumps(config, indent=2))
-
-        prom_config = {
-            "global": {
-                "scrape_interval": "1s",
-                "scrape_timeout": "1s",
-                "evaluation_interval": "1s",
-            },
-            "scrape_configs": [
-                service_monitor_job(
-                    one(objs, "ServiceMonitor"),
-                    f"127.0.0.1:{ports['metrics']}",
-                    one(objs, "Service"),
-                    pod_name="kubetron-operator-0",
-                ),
-                pod_monitor_job(
-                    one(objs, "PodMonitor"),
-                    f"127.0.0.1:{ports['trainer']}",
-                    pod,
-                    namespace=jobs_ns,
-                    pod_name=f"{JOB}-worker-0",
-                ),
-            ],
-        }
-        (tmp / "prometheus.yml").write_text(yaml.safe_dump(prom_config, sort_keys=False))
-        processes.start(
-            "prometheus",
-            [
-                prom_bin,
-                f"--config.file={tmp / 'prometheus.yml'}",
-                f"--storage.tsdb.path={tmp / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{ports['prom']}",
-                "--storage.tsdb.retention.time=1h",
-            ],
-        )
-        prom = Prometheus(f"http://127.0.0.1:{ports['prom']}")
-
-        def prometheus_ready() -> bool:
-            processes.check("prometheus")
-            return http_ok(f"{prom.url}/-/ready")
-
-        wait_until(prometheus_ready, timeout=60, what="Prometheus /-/ready")
-
-        processes.start(
-            "operator",
-            [
-                sys.executable, "-m", "kubetron_operator",
-                f"--kubeconfig={cluster.kubeconfig}",
-                f"--namespaces={jobs_ns},{quota_ns}",
-                "--leader-elect", "--lease-name=kubetron-operator",
-                f"--lease-namespace={operator_ns}", "--identity=kubetron-operator-0",
-                f"--metrics-port={ports['metrics']}", f"--health-port={ports['health']}",
-                "--bind-address=127.0.0.1", "--log-format=text", "--log-level=info",
-                "--resync-period=5",
-            ],
-        )  # fmt: skip
-
-        def operator_ready() -> bool:
-            processes.check("operator")
-            return http_ok(f"http://127.0.0.1:{ports['health']}/readyz")
-
-        wait_until(operator_ready, timeout=90, what="operator /readyz")
-
+        config_path, pod = _trainer_config(tmp, jobs_ns, ports["trainer"])
+        prom = _start_prometheus(processes, prom_bin, tmp, objs, pod, jobs_ns, ports)
+        _start_operator(processes, cluster, namespaces, ports)
         bad = example_job(jobs_ns, "gpt-tiny-invalid")
         bad["spec"]["parallelism"] = {"tensor": 8}
         bad["spec"]["resources"]["gpusPerNode"] = 8
         cluster.apply([example_job(jobs_ns), bad, example_job(quota_ns)])
-
-        torchrun = str(Path(sys.executable).with_name("torchrun"))
-        assert shutil.which(torchrun), f"{torchrun} missing"
-        processes.start(
-            "trainer",
-            [
-                torchrun, f"--nproc-per-node={WORLD}", "--nnodes=1",
-                "--master-addr=127.0.0.1", f"--master-port={ports['master']}",
-                "-m", "kubetron_trainer", "--config", str(config_path),
-                "--device", "cpu", "--metrics-linger", "600",
-            ],
-            env={
-                "KUBETRON_JOB_NAME": JOB,
-                "PROMETHEUS_MULTIPROC_DIR": str(tmp / "trainer-metrics"),
-                "OMP_NUM_THREADS": "1",
-            },
-        )  # fmt: skip
-
+        _start_trainer(processes, tmp, config_path, ports["master"])
         yield Stack(prom, processes, jobs_ns, quota_ns, operator_ns, dashboard)
     finally:
         processes.stop_all()
-        for ns in (operator_ns, jobs_ns, quota_ns):
+        for ns in namespaces:
             cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
