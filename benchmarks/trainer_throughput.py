@@ -30,7 +30,6 @@ import shlex
 import statistics
 import sys
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "trainer"), str(ROOT / "operator")]
 
+from benchmarks.report import versions  # noqa: E402
 from devtools.training.launch import launch  # noqa: E402
 from kubetron_api.config import PRESETS, RecipeSpec, TrainerConfig  # noqa: E402
 
@@ -122,21 +122,6 @@ def compare(base: dict[str, Any], fast: dict[str, Any], fast_global: dict[str, A
         ratio = fast["median_step_s"] / fast_global["median_step_s"]
         out["decentralized_over_global_step_time"] = round(ratio, 4)
     return out
-
-
-def versions() -> dict[str, str | None]:
-    def ver(name: str) -> str | None:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
-
-    return {
-        "python": platform.python_version(), "torch": torch.__version__,
-        "cuda": torch.version.cuda, "cudnn": str(torch.backends.cudnn.version()),
-        "megatron-core": ver("megatron-core"), "transformer-engine": ver("transformer-engine"),
-        "liger-kernel": ver("liger-kernel"), "triton": ver("triton"),
-    }  # fmt: skip
 
 
 def parse_args() -> argparse.Namespace:
