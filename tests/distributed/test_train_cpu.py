@@ -38,8 +38,9 @@ def tokenize(tmp: Path) -> str:
     text = tmp / "text.txt"
     text.write_text(paragraphs(300))
     prefix = tmp / "data" / "text"
-    cmd = [sys.executable, "-m", "kubetron_trainer.tools.tokenize", "--input", str(text)]
-    subprocess.run([*cmd, "--output-prefix", str(prefix)], check=True, cwd=ROOT / "trainer")
+    cmd = [sys.executable, "-m", "kubetron_trainer.tools.prepare", str(text), "--append-eod"]
+    cmd += ["--workers", "1", "--output-prefix", str(prefix)]
+    subprocess.run(cmd, check=True, cwd=ROOT / "trainer")
     return str(prefix)
 
 

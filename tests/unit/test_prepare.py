@@ -7,6 +7,7 @@ start-time checks of a tokenizer against the model, and the Job manifest that ru
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import math
 import signal
@@ -21,6 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from tokenizers import Tokenizer
 
@@ -250,6 +253,31 @@ def test_patterns_are_expanded_and_empty_documents_skipped(
     assert "171 documents (1 empty, skipped)" in printed and "from 3 files" in printed
 
 
+def test_a_text_file_is_a_document_a_paragraph_with_the_byte_tokenizer(tmp_path: Path) -> None:
+    """The distributed tests' data: UTF-8 text, no download, EOD after every document."""
+    src = tmp_path / "t.txt"
+    src.write_text("héllo world\n\n\n\nsecond doc\n\n  ", encoding="utf-8")
+    summary = prep.prepare([str(src)], tmp_path / "d", append_eod=True)
+    docs = ["héllo world", "second doc"]
+    ds = IndexedDataset(str(tmp_path / "d"))
+    assert len(ds) == 2 and summary.tokens == sum(len(d.encode()) + 1 for d in docs)
+    first = ds[0]
+    assert isinstance(first, np.ndarray)
+    assert first[-1] == ByteTokenizer.eod
+    assert ByteTokenizer().detokenize(first.tolist()) == "héllo world"
+    assert ByteTokenizer().detokenize(ds[1].tolist()) == "second doc"
+    src.write_bytes("héllo world\r\n\r\nsecond doc\r\n".encode())  # Windows line ends
+    prep.prepare([str(src)], tmp_path / "crlf", append_eod=True)
+    assert (tmp_path / "crlf.bin").read_bytes() == (tmp_path / "d.bin").read_bytes()
+
+
+@given(st.lists(st.sampled_from(["a", "b c", " ", "\t", "é", "\n"]), max_size=30))
+def test_text_paragraphs_are_the_text_split_at_empty_lines(pieces: list[str]) -> None:
+    text = "".join(pieces)
+    expected = [p.strip() for p in text.split("\n\n") if p.strip()]
+    assert list(prep.paragraphs(io.StringIO(text))) == expected
+
+
 def test_the_output_reads_back_through_megatrons_gpt_dataset(
     corpus: dict[str, Any], tok_dir: Path, hf: Tokenizer
 ) -> None:
@@ -294,7 +322,9 @@ BAD_INPUT = [
     ("parquet null", "{p}: row 14 (counting from 0): 'text' is null"),
     ("parquet ints", "{p}: column 'text' holds int64, not strings"),
     ("not parquet", "{p}: not a Parquet file"),
-    ("suffix", "{t}: not a .jsonl, .jsonl.gz, .parquet file"),
+    ("suffix", "{t}: not a .jsonl, .jsonl.gz, .parquet, .txt file"),
+    ("not utf-8", "{x}:4: not UTF-8 text ('utf-8' codec can't decode byte 0xff in position 2"),
+    ("chat text", "{x}: --chat reads conversations from .jsonl, .jsonl.gz or .parquet, not text"),
     ("no match", "{tmp}/nothing-*.jsonl: matches no file"),
 ]
 # found by the worker processes (the others by this one): also with a pool of two
@@ -310,7 +340,8 @@ def test_bad_input_is_named_and_leaves_nothing(
 ) -> None:
     good = [{"text": f"document {i}"} for i in range(30)]
     a = write_jsonl(tmp_path / "a.jsonl", good)
-    e, p, t = tmp_path / "e.jsonl", tmp_path / "p.parquet", tmp_path / "t.txt"
+    e, p, t = tmp_path / "e.jsonl", tmp_path / "p.parquet", tmp_path / "t.csv"
+    x = tmp_path / "x.txt"
     inputs = [a, e, p]
     write_jsonl(e, good[:3])
     write_parquet(p, {"text": [f"row {i}" for i in range(30)]})
@@ -345,11 +376,19 @@ def test_bad_input_is_named_and_leaves_nothing(
         inputs.append(t)
     elif case == "no match":
         inputs.append(tmp_path / "nothing-*.jsonl")
+    elif case == "not utf-8":
+        x.write_bytes("one\n\ntwo\nab\xff\n".encode("latin-1"))
+        inputs.append(x)
+    elif case == "chat text":
+        x.write_text("a conversation?\n")
+        inputs = [x]
     out = tmp_path / "out" / "corpus"
     args = [*map(str, inputs), "--output-prefix", str(out), "--workers", str(workers)]
+    if case == "chat text":
+        args.append("--chat")
     assert prep.main([*args, "--chunk-size", "4"]) == 2
     err = capsys.readouterr().err
-    expected = message.format(a=a, e=e, p=p, t=t, tmp=tmp_path)
+    expected = message.format(a=a, e=e, p=p, t=t, x=x, tmp=tmp_path)
     assert f"prepare-data: {expected}" in err, err
     assert files_in(out.parent) == []  # no dataset, no partial files
 

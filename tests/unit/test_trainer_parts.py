@@ -1,16 +1,14 @@
 """Trainer parts that need no process group: exit codes, config errors, the data layout, the
-byte tokenizer, the checkpoint pointer and the metrics a step records."""
+checkpoint pointer and the metrics a step records."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from megatron.core.datasets.indexed_dataset import IndexedDataset
 from prometheus_client import CollectorRegistry
 
 from kubetron_api.dims import ParallelConfigError, ParallelDims
@@ -21,7 +19,6 @@ from kubetron_trainer.observe.metrics import StepStats, TrainerMetrics
 from kubetron_trainer.runtime.checkpoint import read_latest, write_latest
 from kubetron_trainer.runtime.failures import classify
 from kubetron_trainer.runtime.topology import TopologyError
-from kubetron_trainer.tools.tokenize import ByteTokenizer, documents, write_indexed
 
 
 @pytest.mark.parametrize(
@@ -70,18 +67,6 @@ def test_mock_samples_are_deterministic_and_shifted_by_one() -> None:
     assert not torch.equal(a[3]["tokens"], a[4]["tokens"])
     assert torch.equal(a[3]["tokens"][1:], a[3]["labels"][:-1])
     assert int(a[3]["tokens"].max()) < 512
-
-
-def test_byte_tokenizer_writes_a_megatron_indexed_dataset(tmp_path: Path) -> None:
-    docs = documents("héllo world\n\n\n\nsecond doc\n\n  ")
-    assert docs == ["héllo world", "second doc"]
-    tokens = write_indexed(docs, tmp_path / "d", ByteTokenizer())
-    ds = IndexedDataset(str(tmp_path / "d"))
-    assert len(ds) == 2 and tokens == sum(len(d.encode()) + 1 for d in docs)
-    first = ds[0]
-    assert isinstance(first, np.ndarray)
-    assert first[-1] == ByteTokenizer.eod
-    assert ByteTokenizer().detokenize(first.tolist()) == "héllo world"
 
 
 def test_latest_pointer_is_replaced_atomically(tmp_path: Path) -> None:

@@ -1,22 +1,27 @@
-"""Turn JSONL and Parquet text into a Megatron indexed dataset (`PREFIX.bin` + `PREFIX.idx`).
+"""The one data-preparation tool: JSONL, Parquet and plain text into a Megatron indexed dataset
+(`PREFIX.bin` + `PREFIX.idx`).
 
 `python -m kubetron_trainer.tools.prepare INPUT... --output-prefix PREFIX [--tokenizer DIR|byte]`
 (console script `kubetron-prepare-data`). Inputs are files or glob patterns (expanded here, so
-a container's args need no shell) of `.jsonl`, `.jsonl.gz` and `.parquet`; each JSON line, or
-Parquet row, is one document, its text in `--text-key` (default `text`). Files are read in the
+a container's args need no shell) of `.jsonl`, `.jsonl.gz`, `.parquet` and `.txt`; each JSON
+line, or Parquet row, is one document, its text in `--text-key` (default `text`); in a UTF-8
+`.txt` file each paragraph (text between empty lines, stripped) is one. Files are read in the
 order given (a pattern's matches sorted), and the documents are written in that order, whatever
 `--workers`; `--append-eod` ends every document with the tokenizer's EOD token (what GPT
 pretraining wants: Megatron's GPTDataset concatenates documents into sequences). Blank lines are
-skipped; a document with no tokens is skipped and counted.
+skipped; a document with no tokens is skipped and counted. The default byte tokenizer needs no
+download (`data.tokenizer`): `kubetron-prepare-data text.txt --append-eod --output-prefix P`
+builds real data for gpt-tiny offline (the distributed tests' data).
 
 Worker processes (`--workers`, spawned) parse and tokenize chunks of `--chunk-size` documents;
 this process writes them in order with Megatron-Core's `IndexedDatasetBuilder`, to temporary
-names next to the output, and renames both files into place only when everything was written,
-so an error, SIGTERM or Ctrl-C leaves nothing at the prefix (an existing dataset there is kept
-unless `--overwrite`, and replaced only at the very end). Bad input stops the run, naming the
-file and line (Parquet: row, counting from 0): a line that is not a JSON object, a missing or
-non-string text field, an empty file. Progress goes to stderr every `--progress-interval`
-seconds, the summary (documents, tokens, seconds, tokens/s, files written) to stdout.
+names next to the output, and renames both files into place only when everything was written
+(`tools.indexed`), so an error, SIGTERM or Ctrl-C leaves nothing at the prefix (an existing
+dataset there is kept unless `--overwrite`, and replaced only at the very end). Bad input stops
+the run, naming the file and line (Parquet: row, counting from 0): a line that is not a JSON
+object, a missing or non-string text field, text that is not UTF-8, an empty file. Progress
+goes to stderr every `--progress-interval` seconds, the summary (documents, tokens, seconds,
+tokens/s, files written) to stdout.
 Exit codes: 0 done, 2 bad arguments or input, 143 SIGTERM.
 
 `--chat` prepares supervised fine-tuning data (`data.type: chat`): each record holds a
@@ -35,15 +40,14 @@ import argparse
 import contextlib
 import glob
 import gzip
+import itertools
 import json
 import os
-import secrets
 import signal
 import sys
 import time
-import warnings
 from collections import deque
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -61,8 +65,10 @@ from kubetron_trainer.data.chat import (
     segments,
 )
 from kubetron_trainer.data.tokenizer import BYTE, Tokenizer, TokenizerError, load
+from kubetron_trainer.tools.indexed import IndexedWriter, token_dtype
 
-SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+TEXT = ".txt"
+SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", TEXT)
 DEFAULT_CHUNK = 1024
 EXIT_INPUT = 2
 EXIT_SIGTERM = 143
@@ -76,22 +82,18 @@ class Interrupted(Exception):
     """SIGTERM: stop, removing the partial output."""
 
 
-def token_dtype(vocab_size: int) -> type[np.unsignedinteger[Any] | np.signedinteger[Any]]:
-    """Megatron's choice (`DType.optimal_dtype`): uint16 below 65500 ids, else int32."""
-    return np.uint16 if vocab_size < 65500 else np.int32
-
-
 # --------------------------------------------------------------------------- reading
 
 
 @dataclass(frozen=True)
 class Chunk:
     """Consecutive documents of one file: raw JSONL lines from line `first` (1-based; blank
-    ones included, so a line's number is `first + i`), or Parquet texts from row `first`."""
+    ones included, so a line's number is `first + i`), Parquet texts from row `first`, or the
+    paragraphs of a text file from paragraph `first` (1-based)."""
 
     file: int  # index into the input files
     path: str
-    kind: Literal["jsonl", "parquet"]
+    kind: Literal["jsonl", "parquet", "text"]
     first: int
     items: list[Any]
 
@@ -126,6 +128,8 @@ def read_chunks(
     hold text (a chat dataset's column holds lists of messages)."""
     if path.name.endswith(".parquet"):
         yield from _parquet_chunks(file, path, text_key, size, strings)
+    elif path.name.endswith(TEXT):
+        yield from _text_chunks(file, path, size)
     else:
         yield from _jsonl_chunks(file, path, size)
 
@@ -144,6 +148,47 @@ def _jsonl_chunks(file: int, path: Path, size: int) -> Iterator[Chunk]:
         raise PrepareError(f"{path}:{first + len(lines)}: cannot read: {err}") from None
     if lines or first == 1:
         yield Chunk(file, str(path), "jsonl", first, lines)
+
+
+def paragraphs(lines: Iterable[str]) -> Iterator[str]:
+    """The paragraphs of text read line by line (each line with its newline): the text between
+    empty lines, stripped, the empty ones left out; one paragraph in memory at a time."""
+    pending: list[str] = []
+    for line in itertools.chain(lines, ["\n"]):  # the end of the text ends the last one
+        if line != "\n":
+            pending.append(line)
+            continue
+        text = "".join(pending).strip()
+        pending = []
+        if text:
+            yield text
+
+
+def _text_chunks(file: int, path: Path, size: int) -> Iterator[Chunk]:
+    first, docs = 1, []
+    try:
+        with open(path, encoding="utf-8") as stream:  # universal newlines: \r\n is \n
+            for doc in paragraphs(stream):
+                docs.append(doc)
+                if len(docs) == size:
+                    yield Chunk(file, str(path), "text", first, docs)
+                    first, docs = first + size, []
+    except UnicodeDecodeError as err:
+        raise PrepareError(_not_utf8(path, err)) from None
+    if docs or first == 1:
+        yield Chunk(file, str(path), "text", first, docs)
+
+
+def _not_utf8(path: Path, err: UnicodeDecodeError) -> str:
+    """Which line of a text file is not UTF-8: read again line by line, only on that error (a
+    character never spans a newline, so each line decodes on its own)."""
+    with open(path, "rb") as stream:
+        for number, raw in enumerate(stream, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                return f"{path}:{number}: not UTF-8 text ({bad})"
+    return f"{path}: not UTF-8 text ({err})"
 
 
 def _parquet_chunks(
@@ -244,6 +289,8 @@ def encode_records(
 def _where(chunk: Chunk, i: int) -> str:
     if chunk.kind == "jsonl":
         return f"{chunk.path}:{chunk.first + i}"
+    if chunk.kind == "text":
+        return f"{chunk.path}: paragraph {chunk.first + i}"
     return f"{chunk.path}: row {chunk.first + i} (counting from 0)"
 
 
@@ -320,88 +367,6 @@ def _json_text(raw: bytes, key: str) -> tuple[str | None, str | None]:
     if not isinstance(text, str):
         return None, f"{key!r} is {'null' if text is None else type(text).__name__}, not a string"
     return text, None
-
-
-# --------------------------------------------------------------------------- writing
-
-
-class IndexedWriter:
-    """Megatron-Core's `IndexedDatasetBuilder` writing to temporary names next to `prefix`;
-    `commit` renames both files into place, `discard` (or leaving the `with` block by an
-    exception) removes them. PREFIX.idx (what makes a dataset complete) is renamed last, after
-    an existing one is removed, so no moment shows a complete-looking mix of old and new."""
-
-    def __init__(self, prefix: Path, vocab_size: int, loss_mask: bool = False) -> None:
-        with warnings.catch_warnings():  # Megatron's notes on Transformer Engine, Apex, absl
-            warnings.simplefilter("ignore")
-            from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-        self.prefix = prefix
-        self.dtype = token_dtype(vocab_size)
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        tag = f"{os.getpid()}-{secrets.token_hex(4)}"  # created by the builder, with the umask
-        # the loss mask's files first: PREFIX.idx, renamed last, makes the dataset complete
-        suffixes = [LOSS_MASK + ".bin", LOSS_MASK + ".idx"] if loss_mask else []
-        suffixes += [".bin", ".idx"]
-        self.partial = {
-            suffix: prefix.parent / f".{prefix.name}{suffix}.{tag}.partial" for suffix in suffixes
-        }
-        self.builder = IndexedDatasetBuilder(str(self.partial[".bin"]), dtype=self.dtype)
-        self.mask_builder = (
-            IndexedDatasetBuilder(str(self.partial[LOSS_MASK + ".bin"]), dtype=np.uint8)
-            if loss_mask
-            else None
-        )
-        self.documents = 0
-        self.tokens = 0
-
-    def add(
-        self, tokens: np.ndarray, lengths: Sequence[int], loss_mask: np.ndarray | None = None
-    ) -> None:
-        """Documents of `lengths` tokens each, `tokens` (and their loss mask) end to end."""
-        if (loss_mask is None) != (self.mask_builder is None):
-            raise ValueError("a loss mask goes with every chunk of a chat dataset, and only there")
-        start = 0
-        for length in lengths:
-            self.builder.add_document(tokens[start : start + length], [length])
-            if self.mask_builder is not None and loss_mask is not None:
-                self.mask_builder.add_document(loss_mask[start : start + length], [length])
-            start += length
-        self.documents += len(lengths)
-        self.tokens += start
-
-    def commit(self) -> list[Path]:
-        if self.mask_builder is not None:
-            self.mask_builder.finalize(str(self.partial[LOSS_MASK + ".idx"]))
-        self.builder.finalize(str(self.partial[".idx"]))
-        for path in self.partial.values():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        final = {s: Path(f"{self.prefix}{s}") for s in self.partial}
-        final[".idx"].unlink(missing_ok=True)
-        for suffix in self.partial:
-            os.replace(self.partial[suffix], final[suffix])
-        dir_fd = os.open(self.prefix.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        self.partial = {}
-        return list(final.values())
-
-    def discard(self) -> None:
-        for builder in (self.builder, self.mask_builder):
-            with contextlib.suppress(Exception):
-                builder.data_file.close()  # type: ignore[union-attr]
-        for path in self.partial.values():
-            path.unlink(missing_ok=True)
-        self.partial = {}
-
-    def __enter__(self) -> IndexedWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.discard()  # a no-op after commit
 
 
 # --------------------------------------------------------------------------- the run
@@ -481,6 +446,37 @@ def encoded_chunks(
         pool.join()
 
 
+def _check_arguments(
+    files: list[Path],
+    tok: Tokenizer,
+    output_prefix: Path,
+    chat: bool,
+    append_eod: bool,
+    overwrite: bool,
+) -> None:
+    """Refuse, before anything is read, what cannot work together."""
+    if chat and (texts := [f for f in files if f.name.endswith(TEXT)]):
+        raise PrepareError(
+            f"{texts[0]}: --chat reads conversations from .jsonl, .jsonl.gz or .parquet, not text"
+        )
+    if chat and append_eod:
+        raise PrepareError(
+            "--append-eod does not go with --chat: the chat template ends every turn itself"
+        )
+    if append_eod and tok.eod is None:
+        raise PrepareError(
+            f'--append-eod: {tok.describe()} defines no EOD token; set "eos_token" in its '
+            "tokenizer_config.json"
+        )
+    if not overwrite:
+        for suffix in (".bin", ".idx") + ((LOSS_MASK + ".bin", LOSS_MASK + ".idx") if chat else ()):
+            if Path(f"{output_prefix}{suffix}").exists():
+                raise PrepareError(
+                    f"{output_prefix}{suffix} exists; pass --overwrite to replace it (only once "
+                    "the new dataset is complete) or choose another --output-prefix"
+                )
+
+
 def prepare(
     inputs: Sequence[str],
     output_prefix: Path,
@@ -500,27 +496,12 @@ def prepare(
     nothing at the prefix (and an existing dataset there untouched)."""
     files = expand_inputs(inputs)
     if not files:
-        raise PrepareError("no input files; name .jsonl, .jsonl.gz or .parquet files or patterns")
+        raise PrepareError(f"no input files; name {', '.join(SUFFIXES)} files or patterns")
     try:
         tok = load(tokenizer)
     except TokenizerError as err:
         raise PrepareError(f"--tokenizer {tokenizer}: {err}") from None
-    if chat and append_eod:
-        raise PrepareError(
-            "--append-eod does not go with --chat: the chat template ends every turn itself"
-        )
-    if append_eod and tok.eod is None:
-        raise PrepareError(
-            f'--append-eod: {tok.describe()} defines no EOD token; set "eos_token" in its '
-            "tokenizer_config.json"
-        )
-    if not overwrite:
-        for suffix in (".bin", ".idx") + ((LOSS_MASK + ".bin", LOSS_MASK + ".idx") if chat else ()):
-            if Path(f"{output_prefix}{suffix}").exists():
-                raise PrepareError(
-                    f"{output_prefix}{suffix} exists; pass --overwrite to replace it (only once "
-                    "the new dataset is complete) or choose another --output-prefix"
-                )
+    _check_arguments(files, tok, output_prefix, chat, append_eod, overwrite)
     dtype = np.dtype(token_dtype(tok.vocab_size)).name
     key = messages_key if chat else text_key
     template_file = str(chat_template_file) if chat_template_file else None
@@ -565,14 +546,15 @@ def prepare(
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="kubetron-prepare-data",
-        description="Tokenize JSONL and Parquet text into a Megatron indexed dataset "
-        "(PREFIX.bin + PREFIX.idx).",
+        description="Tokenize JSONL, Parquet and plain text into a Megatron indexed dataset "
+        "(PREFIX.bin + PREFIX.idx); with --chat, conversations for supervised fine-tuning.",
     )
     p.add_argument(
         "inputs",
         nargs="+",
         metavar="INPUT",
-        help="files or glob patterns (quoted; ** recurses) of .jsonl, .jsonl.gz, .parquet",
+        help="files or glob patterns (quoted; ** recurses) of .jsonl, .jsonl.gz, .parquet (a "
+        "document a line or row) or UTF-8 .txt (a document a paragraph, between empty lines)",
     )
     p.add_argument("--output-prefix", type=Path, required=True, help="writes PREFIX.bin/.idx")
     p.add_argument(
