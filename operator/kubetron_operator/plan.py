@@ -62,9 +62,9 @@ class Plan:
 def plan(job: MegatronJob) -> Plan:
     """Resolve and validate a MegatronJob; raise `PlanError` naming every broken rule."""
     spec = job.spec
+    problems = _volume_rules(spec)
     wanted = ShapeSpec.of_job(spec)  # the preset resolved once; the shape checked once
     arch, res = wanted.arch, spec.resources
-    problems = _volume_rules(spec)
     try:
         shape = check_shape(wanted)
     except ParallelConfigError as err:
