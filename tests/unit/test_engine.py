@@ -5,8 +5,12 @@ from __future__ import annotations
 import pytest
 
 from kubetron_api.config import PRESETS, FastPath, TrainerConfig
-from kubetron_trainer.__main__ import engine_name, pick_attention
-from kubetron_trainer.models.build import AttentionBackend
+from kubetron_trainer.models.fast_path import (
+    AttentionBackend,
+    EngineChoice,
+    pick_attention,
+    pieces_for_model,
+)
 
 
 def config(**recipe: object) -> TrainerConfig:
@@ -42,10 +46,12 @@ def test_te_stays_available(
 
 
 def test_engine_names() -> None:
-    assert engine_name("transformer-engine") == "transformer-engine"
-    fast = "local spec + torch SDPA core attention, fast path: ce+norm+rope+cudnn+wgrad+adam"
-    assert engine_name(fast) == "fast path (ce+norm+rope+cudnn+wgrad+adam)"
-    assert engine_name("local spec + torch SDPA core attention") == "local spec"
+    assert EngineChoice("te").engine.to_label() == "transformer-engine"
+    fast = FastPath.parse("ce,norm,rope,cudnn,wgrad,adam")
+    assert (
+        EngineChoice("sdpa", fast).engine.to_label() == "fast path (ce+norm+rope+cudnn+wgrad+adam)"
+    )
+    assert EngineChoice("sdpa").engine.to_label() == "local spec"
 
 
 @pytest.mark.parametrize(
@@ -65,7 +71,6 @@ def test_pieces_that_do_not_apply_to_the_model_are_dropped(
 
     from kubetron_api.config import FAST_PATH_PIECES
     from kubetron_api.dims import ParallelDims
-    from kubetron_trainer.models.build import pieces_for_model
 
     fast = pieces_for_model(FastPath.parse("on"), PRESETS[preset], ParallelDims(2, tp=tp))
     off = {p for p in FAST_PATH_PIECES if not asdict(fast)[p]}

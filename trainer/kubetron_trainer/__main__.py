@@ -29,9 +29,8 @@ from kubetron_api.config import FastPath, TrainerConfig
 from kubetron_api.dims import ParallelDims
 from kubetron_api.exitcodes import ConfigError, ExitCode, Terminated
 from kubetron_api.rules import TRAINER_RULES, ShapeSpec, check_shape
-from kubetron_api.wire import METRICS_DIR, LayerEngine
+from kubetron_api.wire import METRICS_DIR
 from kubetron_trainer.models.fast_path import EngineChoice, decide_fast_path
-from kubetron_trainer.models.fast_path import pick_attention as pick_attention
 from kubetron_trainer.observe.profiling import parse_window
 from kubetron_trainer.runtime.failures import classify
 from kubetron_trainer.runtime.topology import Topology
@@ -269,17 +268,6 @@ def check_checkpoint(cfg: TrainerConfig, dims: ParallelDims, attempt: Attempt | 
 
     vocab = padded_vocab_size(cfg.model.vocab_size, dims.tp)
     plan_resume(Path(cfg.checkpoint.path), RunIdentity.from_config(cfg, dims, vocab))
-
-
-def engine_name(attention: str) -> str:
-    """The engine label of an attention path as logs and `--summary` files record it
-    (`ModelChunks.attention`), for reading such records; the trainer itself reports its
-    `EngineChoice.engine`."""
-    if attention.startswith("transformer-engine"):
-        return LayerEngine("transformer-engine").to_label()
-    _, fast, pieces = attention.partition("fast path: ")
-    engine = LayerEngine("fast-path", tuple(pieces.split("+"))) if fast else LayerEngine("local")
-    return engine.to_label()
 
 
 def linger(seconds: float) -> None:

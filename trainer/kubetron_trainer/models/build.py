@@ -20,9 +20,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from kubetron_api.config import TrainerConfig
 from kubetron_api.dims import ParallelDims
-from kubetron_trainer.models.fast_path import AttentionBackend as AttentionBackend
 from kubetron_trainer.models.fast_path import EngineChoice
-from kubetron_trainer.models.fast_path import pieces_for_model as pieces_for_model
 from kubetron_trainer.models.megatron_config import padded_vocab_size, transformer_config
 from kubetron_trainer.models.spec import layer_spec
 
