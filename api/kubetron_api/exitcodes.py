@@ -1,14 +1,14 @@
-"""Exit codes the PyTorchJob `restartPolicy: ExitCode` acts on, and the errors that map to them.
+"""Exit codes of the trainer, what each means to a restart, and the errors that map to them.
 
-The Kubeflow training-operator restarts a pod whose container exits with 128 or more and fails
-the job for 1-127. So a trainer that cannot ever succeed with its config (a bad field, a shape
-that does not fit, an out-of-memory) must exit below 128, and one that failed for a reason a
-restart can fix (preemption, a lost peer or a collective timeout) must exit at 128 or above,
-after saving a checkpoint when it can.
+The operator renders pods with `restartPolicy: Never` and decides restarts itself, the way the
+Kubeflow training-operator's `ExitCode` policy reads codes: a container that exits with 1-127
+failed for good (a bad field, a shape that does not fit, an out-of-memory: the job fails), one
+that exits with 128 or more failed for a reason a restart of the whole group can fix
+(preemption, a lost peer or a collective timeout), after saving a checkpoint when it can.
 
 The codes are the contract: the trainer exits with them
 (`kubetron_trainer.runtime.failures` maps its exceptions to them) and the operator reads
-them from the pod status.
+them from the pod status (`kubetron_operator.lifecycle`).
 """
 
 from __future__ import annotations
