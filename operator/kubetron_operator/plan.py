@@ -18,7 +18,7 @@ from kubetron_api.dims import ParallelConfigError, ParallelDims
 from kubetron_api.rules import ShapeSpec, check_shape
 from kubetron_api.v1alpha1 import MegatronJob, MegatronJobSpec, ResolvedParallelism
 from kubetron_operator.scheduling import Scheduler, choose
-from kubetron_operator.scheduling.kueue import Placement
+from kubetron_operator.scheduling.interface import PodPlacement
 
 
 class PlanError(ValueError):
@@ -40,7 +40,7 @@ class Plan:
     requirements: tuple[str, ...]
     trainer_config: TrainerConfig
     scheduler: Scheduler  # the job's scheduler, chosen once from spec.scheduling
-    placement: Placement | None = None  # Kueue topology-aware placement (scheduling/kueue.py)
+    placement: PodPlacement | None = None  # pod annotations of the scheduler's placement
 
     @property
     def world_size(self) -> int:

@@ -23,15 +23,22 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from kubetron_api.v1alpha1 import Phase, SchedulingSpec, TopologySpec
 
 if TYPE_CHECKING:
     from kubetron_api.dims import ParallelDims
-    from kubetron_operator.scheduling.kueue import Placement
 
 Obj = dict[str, Any]
+
+
+class PodPlacement(Protocol):
+    """Where a scheduler puts the job's pods, as the pod template's annotations it reads
+    (Kueue's topology-aware placement, `kueue.Placement`, is the one there is)."""
+
+    def annotations(self) -> dict[str, str]: ...
+
 
 QUEUED = Phase.QUEUED.value  # also the type of the condition while a queue holds the job
 TOPOLOGY_FIELD = "spec.scheduling.topology"
@@ -75,7 +82,7 @@ class Scheduler(ABC):
 
     def placement(
         self, dims: ParallelDims, procs_per_node: int
-    ) -> tuple[Placement | None, list[str]]:
+    ) -> tuple[PodPlacement | None, list[str]]:
         """The placement `spec.scheduling.topology` asks for, or the problems that prevent it:
         only Kueue places."""
         return None, placement_needs_kueue() if asks_placement(self.spec.topology) else []
