@@ -130,7 +130,7 @@ def test_triton_swiglu_matches_megatrons_fused_swiglu() -> None:
 def test_fused_linear_cross_entropy_matches_unfused_loss() -> None:
     pytest.importorskip("liger_kernel")
     from kubetron_trainer.models.fused import fused_lm_loss
-    from kubetron_trainer.runtime.step_common import masked_mean
+    from kubetron_trainer.runtime.step import masked_mean
 
     s, b, h, vocab = 512, 2, 256, 4096
     hidden = (torch.randn(s, b, h, device="cuda") * 0.5).bfloat16().requires_grad_()
