@@ -296,7 +296,11 @@ class RecipeSpec(ApiModel):
     micro_batch_size: int = Field(default=1, ge=1, description="Sequences per forward pass.")
     seq_length: int = Field(default=2048, ge=8, description="Tokens per sequence.")
     precision: Precision = Field(
-        default=Precision.BF16, description="bf16 (GPU), fp8 (needs Transformer Engine), fp32."
+        default=Precision.BF16,
+        description="bf16 (GPU), fp8 (GPU: on the fast path kubetron's row-wise scaled fp8 "
+        "GEMMs for the dense layers' linear layers, Hopper or newer, no Transformer Engine "
+        "needed; with fastPath off Transformer Engine's), fp32. Weights, optimizer state and "
+        "checkpoints are the same in bf16 and fp8: a job can switch at a resume.",
     )
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer.")
     lr_schedule: LRScheduleSpec = Field(
@@ -318,7 +322,7 @@ class RecipeSpec(ApiModel):
         pattern=FAST_PATH_PATTERN,
         description="The engine on GPUs. on (the default): the TE-free fast path, Megatron's "
         "local spec with fused kernels, used even where Transformer Engine is installed "
-        "(unless fp8 or context parallelism needs TE); 56.7% MFU for Llama3-8B on 2 H200s "
+        "(unless context parallelism needs TE); 56.7% MFU for Llama3-8B on 2 H200s "
         "(DP2, seq 4096). off: Transformer Engine when the image has it, else the local spec "
         "without fused kernels. A comma list picks pieces: ce (fused linear cross-entropy), "
         "norm (RMSNorm), rope, cudnn (SDPA backend), wgrad (fp32 weight-gradient "

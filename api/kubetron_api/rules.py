@@ -364,10 +364,14 @@ def check_shape(shape: ShapeSpec, rules: tuple[Rule, ...] = RULES) -> ShapeCheck
 
 def transformer_engine_uses(recipe: RecipeSpec, p: ParallelismSpec) -> list[str]:
     """What this shape needs Transformer Engine for, one message per field. Sequence
-    parallelism runs without it (models/norm.py); fp8 and context parallelism do not."""
+    parallelism runs without it (models/norm.py), fp8 too on the fast path (its own fp8 GEMMs,
+    models/fp8.py); fp8 with the fast path off and context parallelism do not."""
     uses: list[str] = []
-    if recipe.precision == Precision.FP8:
-        uses.append("spec.recipe.precision=fp8 needs Transformer Engine's fp8 GEMMs")
+    if recipe.precision == Precision.FP8 and not recipe.fast.enabled:
+        uses.append(
+            "spec.recipe.precision=fp8 needs Transformer Engine's fp8 GEMMs when "
+            "spec.recipe.fastPath is off (the fast path has its own, on Hopper GPUs)"
+        )
     if p.context > 1:
         uses.append(
             f"spec.parallelism.context={p.context} needs Transformer Engine's context-parallel "

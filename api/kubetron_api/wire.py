@@ -69,7 +69,11 @@ TOKENS_PER_SECOND = Metric(
 MODEL_TFLOPS = Metric(
     "kubetron_train_model_tflops_per_gpu", "gauge", "Model TFLOP/s per GPU (Megatron's formula)."
 )
-MFU = Metric("kubetron_train_mfu_ratio", "gauge", "Model FLOPs utilisation against peak.")
+MFU = Metric(
+    "kubetron_train_mfu_ratio",
+    "gauge",
+    "Model FLOPs utilisation against the GPU's dense bf16 peak (fp8 runs too, so the two compare).",
+)
 GRAD_NORM = Metric("kubetron_train_grad_norm", "gauge", "Gradient norm before clipping.")
 LEARNING_RATE = Metric("kubetron_train_learning_rate", "gauge", "Learning rate of the last step.")
 LAST_CHECKPOINT_STEP = Metric(
@@ -111,6 +115,10 @@ DATA_WAIT = Metric("kubetron_data_wait_seconds", "histogram", "Time waiting for 
 # --------------------------------------------------------------------------- the engine
 
 EngineKind = Literal["transformer-engine", "fast-path", "local"]
+# The fast path's label lists this after its pieces when its linear layers run fp8 GEMMs
+# (recipe.precision fp8); it is no recipe.fastPath piece: the precision asks for it.
+FP8_PIECE = "fp8"
+_LABEL_PIECES = (*FAST_PATH_PIECES, FP8_PIECE)
 _FAST_PREFIX, _FAST_SUFFIX = "fast path (", ")"
 _LABELS: dict[EngineKind, str] = {"transformer-engine": "transformer-engine", "local": "local spec"}
 
@@ -118,15 +126,16 @@ _LABELS: dict[EngineKind, str] = {"transformer-engine": "transformer-engine", "l
 @dataclass(frozen=True)
 class LayerEngine:
     """What runs the transformer layers: Transformer Engine, the fast path with its pieces (the
-    ones that applied, in `FAST_PATH_PIECES` order), or Megatron's local spec without fused
-    kernels. The trainer exports it as ENGINE_INFO's label; the operator shows that label in
-    `status.progress.engine`."""
+    ones that applied, in `FAST_PATH_PIECES` order, then `fp8` when its GEMMs run in fp8), or
+    Megatron's local spec without fused kernels. The trainer exports it as ENGINE_INFO's
+    label; the operator shows that label in `status.progress.engine`."""
 
     kind: EngineKind
     pieces: tuple[str, ...] = ()
 
     def to_label(self) -> str:
-        """`transformer-engine`, `fast path (ce+norm+...)` or `local spec`."""
+        """`transformer-engine`, `fast path (ce+norm+...)`, `fast path (ce+...+fp8)` or
+        `local spec`."""
         if self.kind == "fast-path":
             return _FAST_PREFIX + "+".join(self.pieces) + _FAST_SUFFIX
         return _LABELS[self.kind]
@@ -139,6 +148,6 @@ class LayerEngine:
                 return cls(kind)
         if label.startswith(_FAST_PREFIX) and label.endswith(_FAST_SUFFIX):
             pieces = tuple(label[len(_FAST_PREFIX) : -len(_FAST_SUFFIX)].split("+"))
-            if pieces and all(p in FAST_PATH_PIECES for p in pieces):
+            if pieces and all(p in _LABEL_PIECES for p in pieces):
                 return cls("fast-path", pieces)
         raise ValueError(f"{label!r} names no engine")

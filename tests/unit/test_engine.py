@@ -33,7 +33,8 @@ def test_gpu_default_is_the_fast_path_even_where_te_is_installed() -> None:
     [
         ("auto", "cuda", {"fastPath": "off"}, "auto"),  # off: TE when the image has it
         ("te", "cuda", {}, "te"),  # asked for on the command line
-        ("auto", "cuda", {"precision": "fp8"}, "auto"),  # fp8 needs TE
+        ("auto", "cuda", {"precision": "fp8", "fastPath": "off"}, "auto"),  # TE's fp8
+        ("auto", "cuda", {"precision": "fp8"}, "sdpa"),  # the fast path's own fp8
         ("auto", "cpu", {"precision": "fp32"}, "auto"),  # no effect on the CPU
         ("unfused", "cuda", {}, "unfused"),
     ],

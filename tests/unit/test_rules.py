@@ -213,7 +213,7 @@ def test_parallel_dims_expert_grid() -> None:
 def test_what_needs_transformer_engine_is_named_with_the_fix() -> None:
     from kubetron_api.rules import missing_transformer_engine
 
-    job = make_job(precision="fp8", context=2, globalBatchSize=4)
+    job = make_job(precision="fp8", fastPath="off", context=2, globalBatchSize=4)
     problems = missing_transformer_engine(job.spec.recipe, job.spec.parallelism)
     assert problems[0].startswith("spec.recipe.precision=fp8 needs Transformer Engine")
     assert problems[1].startswith("spec.parallelism.context=2 needs Transformer Engine")

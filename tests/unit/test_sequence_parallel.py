@@ -94,7 +94,10 @@ def test_trainer_refuses_sequence_parallel_on_cpu_before_joining() -> None:
 
 @pytest.mark.parametrize(
     ("fields", "named"),
-    [({"precision": "fp8"}, "spec.recipe.precision=fp8"), ({"context": 2}, "context=2")],
+    [
+        ({"precision": "fp8", "fastPath": "off"}, "spec.recipe.precision=fp8"),
+        ({"context": 2}, "context=2"),
+    ],
 )
 def test_trainer_without_te_refuses_fp8_and_context_before_joining(
     fields: dict[str, object], named: str

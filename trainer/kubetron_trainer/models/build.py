@@ -58,9 +58,9 @@ def build_model(
     The degrees come from `dims`, this rank's place in them from `pg` (built from the same),
     the attention and the fast-path pieces from `choice` (`fast_path.decide_fast_path`)."""
     arch = cfg.model
-    config = transformer_config(cfg, dims, device, choice.fast)
+    config = transformer_config(cfg, dims, device, choice.fast, choice.fp8)
     vocab = padded_vocab_size(arch.vocab_size, dims.tp)
-    spec = layer_spec(arch, choice.attention, choice.fast)
+    spec = layer_spec(arch, choice.attention, choice.fast, choice.fp8)
     pp_rank, pp_size, vpp = pg.pp.rank(), dims.pp, dims.vpp_size or 1
     chunks = []
     for stage in range(vpp):

@@ -27,10 +27,15 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
 
 
 def transformer_config(
-    cfg: TrainerConfig, dims: ParallelDims, device: torch.device, fast: FastPath = OFF
+    cfg: TrainerConfig,
+    dims: ParallelDims,
+    device: torch.device,
+    fast: FastPath = OFF,
+    own_fp8: bool = False,
 ) -> TransformerConfig:
     """Megatron's TransformerConfig for the resolved architecture, precision and shape, with
-    the fast-path pieces that apply (`EngineChoice.fast`)."""
+    the fast-path pieces that apply (`EngineChoice.fast`); `own_fp8`: fp8 runs in kubetron's
+    linear layers (`EngineChoice.fp8`), so Megatron is not asked for Transformer Engine's."""
     arch = cfg.model
     bf16 = cfg.recipe.precision in (Precision.BF16, Precision.FP8)
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -67,9 +72,9 @@ def transformer_config(
         moe_aux_loss_coeff=1e-3 if arch.is_moe else 0.0,
         bf16=bf16,
         params_dtype=dtype,
-        # fp8 GEMMs through Transformer Engine (e4m3 forward, e5m2 gradients); the trainer
-        # refuses fp8 before this point when TE's spec is not in use.
-        fp8="hybrid" if cfg.recipe.precision == Precision.FP8 else None,
+        # fp8 GEMMs through Transformer Engine (e4m3 forward, e5m2 gradients) unless the fast
+        # path's own run them; the trainer refuses fp8 before this point when neither can.
+        fp8="hybrid" if cfg.recipe.precision == Precision.FP8 and not own_fp8 else None,
         pipeline_dtype=dtype,
         autocast_dtype=dtype,
         use_cpu_initialization=not on_gpu,

@@ -4,8 +4,9 @@ Under Transformer Engine the spec is TE's. Otherwise it is Megatron's local spec
 `SdpaAttention` as core attention (or, on request, Megatron's unfused `DotProductAttention`,
 which tests compare against) and `models/norm.py`'s `Norm` in every norm slot, the decoder's
 final norm included, so that it also runs with sequence parallelism. The fast-path pieces that
-are modules (`models/fused.py`: norm, rope, cudnn, swiglu) are swapped into the local spec here;
-which pieces apply was decided before (`models/fast_path.py`).
+are modules (`models/fused.py`: norm, rope, cudnn, swiglu) and the fp8 linear layers
+(`models/fp8.py`) are swapped into the local spec here; which apply was decided before
+(`models/fast_path.py`).
 """
 
 from __future__ import annotations
@@ -56,9 +57,12 @@ class LayerSpec:
         )
 
 
-def layer_spec(arch: ModelArch, backend: Attention, fast: FastPath = OFF) -> LayerSpec:
+def layer_spec(
+    arch: ModelArch, backend: Attention, fast: FastPath = OFF, fp8: bool = False
+) -> LayerSpec:
     """The transformer layer spec: TE's, or the local one with `Norm` in every norm slot (so it
-    runs sequence-parallel) and SDPA or Megatron's unfused core attention."""
+    runs sequence-parallel) and SDPA or Megatron's unfused core attention; `fp8`: the linear
+    layers run kubetron's fp8 GEMMs (`models/fp8.py`, decided by `decide_fast_path`)."""
     if backend == "te":
         spec = get_gpt_layer_with_transformer_engine_spec(
             num_experts=arch.num_experts, qk_layernorm=arch.qk_layernorm
@@ -75,6 +79,8 @@ def layer_spec(arch: ModelArch, backend: Attention, fast: FastPath = OFF) -> Lay
         name = "local spec + torch SDPA core attention"
         if fast.enabled:
             name += ", " + fast_layer_spec(spec, fast)
+        if fp8:
+            name += ", " + fp8_layer_spec(spec)
     else:
         attention.core_attention = DotProductAttention
         name = "local spec + Megatron unfused DotProductAttention"
@@ -99,13 +105,31 @@ def fast_layer_spec(spec: ModuleSpec, fast: FastPath) -> str:
     return fast.describe()
 
 
+def fp8_layer_spec(spec: ModuleSpec) -> str:
+    """Swap the fp8 linear layers into a dense local spec: attention's qkv and proj, the MLP's
+    fc1 and fc2 (the same Megatron layers with fp8 GEMMs); returns a description."""
+    from kubetron_trainer.models.fp8 import Fp8ColumnParallelLinear, Fp8RowParallelLinear
+
+    attention = spec.submodules.self_attention.submodules
+    attention.linear_qkv = Fp8ColumnParallelLinear
+    attention.linear_proj = Fp8RowParallelLinear
+    spec.submodules.mlp = with_mlp_submodules(
+        spec.submodules.mlp, linear_fc1=Fp8ColumnParallelLinear, linear_fc2=Fp8RowParallelLinear
+    )
+    return "fp8 GEMMs (row-wise scaled e4m3)"
+
+
 def with_activation(mlp: Any, module: type[torch.nn.Module]) -> Any:
     """The MLP slot of a layer spec with `module` as its activation (`MLPSubmodules`'
-    `activation_func`, which the MLP calls when `config.use_te_activation_func` is set). The
-    slot is a `ModuleSpec` or, in Megatron-Core 0.19's local spec, a partial of
-    `MLP.as_mlp_submodule`."""
+    `activation_func`, which the MLP calls when `config.use_te_activation_func` is set)."""
+    return with_mlp_submodules(mlp, activation_func=module)
+
+
+def with_mlp_submodules(mlp: Any, **changes: Any) -> Any:
+    """The MLP slot of a layer spec with `changes` to its `MLPSubmodules`. The slot is a
+    `ModuleSpec` or, in Megatron-Core 0.19's local spec, a partial of `MLP.as_mlp_submodule`."""
     if isinstance(mlp, partial):
-        subs = replace(mlp.keywords["submodules"], activation_func=module)
+        subs = replace(mlp.keywords["submodules"], **changes)
         return partial(mlp.func, *mlp.args, **{**mlp.keywords, "submodules": subs})
-    mlp.submodules = replace(mlp.submodules, activation_func=module)
+    mlp.submodules = replace(mlp.submodules, **changes)
     return mlp
