@@ -23,9 +23,10 @@ import shutil
 import socket
 import struct
 import subprocess
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -45,12 +46,9 @@ from devtools.cluster.host import (
     create_cgroups,
     ctr,
 )
-from devtools.cluster.pki import b64, new_leaf
+from devtools.cluster.pki import Pki, b64, new_leaf
 from devtools.cluster.waiting import http_get
 from devtools.ports import free_port
-
-if TYPE_CHECKING:
-    from devtools.cluster.base import ClusterBase
 
 CNI_NETWORK = "kubetron"
 STORAGE_CLASS = "kubetron-local"
@@ -165,10 +163,33 @@ class NodePorts:
         return cls(*(free_port() for _ in range(6)))
 
 
+class NodeCluster(Protocol):
+    """What the node needs of the control plane it joins (`base.ClusterBase` is the one)."""
+
+    workdir: Path
+    bin_dir: Path
+    cache: Path
+    pki: Pki
+    server: str
+    timings: dict[str, float]
+
+    def _env(self, extra: dict[str, str] | None = None) -> dict[str, str]: ...
+
+    def _launch(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None: ...
+
+    def wait_for[T](
+        self, predicate: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.2
+    ) -> T: ...
+
+    def apply(self, manifest: str | Path | dict[str, Any] | Iterable[dict[str, Any]]) -> None: ...
+
+    def api_get(self, path: str) -> dict[str, Any] | None: ...
+
+
 class RealNode:
     """Configuration and processes of the real node of one cluster."""
 
-    def __init__(self, cluster: ClusterBase, ports: NodePorts, containerd_root: Path):
+    def __init__(self, cluster: NodeCluster, ports: NodePorts, containerd_root: Path):
         self.cluster = cluster
         self.ports = ports
         self.dir = cluster.workdir / "node"

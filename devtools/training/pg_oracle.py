@@ -15,7 +15,7 @@ import itertools
 import json
 import random
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from kubetron_trainer.runtime.parallel import (
 )
 from kubetron_trainer.runtime.topology import Topology
 
-VARIANTS: list[dict[str, bool]] = [{}, {"share_identical": True}, {"local_sync": True}]
+VARIANTS = [GroupOptions(), GroupOptions(share_identical=True), GroupOptions(local_sync=True)]
 BACKEND = "gloo"  # also on a GPU: several workers may share one device
 FIELDS = [f.name for f in fields(ProcessGroupCollection)]
 
@@ -108,7 +108,7 @@ def run_oracle(topo: Topology, stride: int = 1) -> list[dict[str, Any]]:
         theirs = megatron_groups(shape, num_distributed_optimizer_instances=instances)
         # each way of building, in turn: Megatron's communicators, shared ones, local sync
         variant = VARIANTS[index % len(VARIANTS)]
-        options = GroupOptions(dist_opt_instances=instances, **variant)
+        options = replace(variant, dist_opt_instances=instances)
         groups = build_process_groups(dims, topo, BACKEND, options=options)
         ours = describe(groups.pg)
         members = {name: groups.members(name) for name in FIELDS}
@@ -116,9 +116,14 @@ def run_oracle(topo: Topology, stride: int = 1) -> list[dict[str, Any]]:
         dist.barrier()  # every rank has torn the shape down before the next one starts
         results.append(
             {"shape": shape, "instances": instances, "ours": ours, "megatron": theirs}
-            | {"members": members, "variant": variant}
+            | {"members": members, "variant": _named(variant)}
         )
     return results
+
+
+def _named(options: GroupOptions) -> dict[str, bool]:
+    """The variant's switches that are on, as the report names them."""
+    return {name: True for name in ("share_identical", "local_sync") if getattr(options, name)}
 
 
 def _instances_fit(shape: dict[str, int], world: int, n: int) -> bool:
