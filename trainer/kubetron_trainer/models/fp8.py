@@ -23,6 +23,12 @@ input-gradient all-reduce or reduce-scatter) and Megatron's gradient-accumulatio
 (`main_grad`) semantics are kept. The quantisers are compiled by `torch.compile` (one fused
 reduction and cast per operand); `KUBETRON_FP8_EAGER=1` runs them eagerly.
 
+A weight's two quantisations are made once per optimizer step, at its first use, and kept on the
+parameter until the next step (a global torch optimizer step hook marks them stale): with
+several micro-batches a step, quantising the weights for every micro-batch cost more than the
+fp8 GEMMs saved (Qwen3-4B at micro-batch 1 ran at 0.97x bf16's tokens/s on an H100). The cache
+holds 2 bytes per linear-layer parameter.
+
 Where it cannot run is decided before the model is built (`models/fast_path.py`): the CPU,
 GPUs below compute capability 9.0, dimensions that are not multiples of 16, MoE experts.
 """
@@ -40,6 +46,7 @@ from megatron.core.tensor_parallel.layers import (
     linear_with_grad_accumulation_and_async_allreduce,
 )
 from megatron.core.utils import get_tensor_model_parallel_group_if_none
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = float(torch.finfo(E4M3).max)
@@ -69,12 +76,20 @@ def _rows_and_columns(
     return q, s, qt, st
 
 
+def _weight_rows_and_columns(
+    w: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_rows_and_columns` for weights: a function of its own, so that torch.compile keeps the
+    weights' shapes apart from the activations' (each function recompiles at most 8 shapes)."""
+    return _rows_and_columns(w)
+
+
 _compiled: dict[str, Callable[..., Any]] = {}
 
 
 def _quantiser(name: str) -> Callable[..., Any]:
     """The quantiser `name`, compiled once per process (eager under KUBETRON_FP8_EAGER=1)."""
-    fn = {"rows": _rows, "columns": _columns, "both": _rows_and_columns}[name]
+    fn = {"rows": _rows, "both": _rows_and_columns, "weight": _weight_rows_and_columns}[name]
     if os.environ.get("KUBETRON_FP8_EAGER") == "1":
         return fn
     if name not in _compiled:
@@ -90,6 +105,28 @@ def _gemm(
     return torch._scaled_mm(
         a, b_rows.t(), scale_a=scale_a, scale_b=scale_b.t(), out_dtype=torch.bfloat16
     )
+
+
+_generation = [0]  # optimizer steps seen: a weight quantised at an older one is stale
+
+
+def _new_weights(*_: Any) -> None:
+    _generation[0] += 1
+
+
+register_optimizer_step_post_hook(_new_weights)
+
+
+def _weight(weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The weight quantised along its rows and along its columns, made once per optimizer step
+    (the parameter keeps them until the next one)."""
+    key = (_generation[0], weight._version)  # the version too: a load writes in place
+    cached = getattr(weight, "_kubetron_fp8", None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, *_quantiser("weight")(weight.detach()))
+        weight._kubetron_fp8 = cached  # type: ignore[attr-defined]
+    return cached[1:]
 
 
 def fp8_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -122,7 +159,7 @@ class Fp8Linear(torch.autograd.Function):
         total = _gather(inp, tp_group) if sequence_parallel else inp
         x = total.reshape(-1, total.shape[-1])
         qx, sx, qxt, sxt = _quantiser("both")(x)
-        qw, sw = _quantiser("rows")(weight)
+        qw, sw, _, _ = _weight(weight)
         out = _gemm(qx, sx, qw, sw)
         if bias is not None:
             out = out + bias
@@ -139,7 +176,7 @@ class Fp8Linear(torch.autograd.Function):
         qxt, sxt, weight = ctx.saved_tensors
         g = grad_output.reshape(-1, grad_output.shape[-1]).contiguous()
         qg, sg, qgt, sgt = _quantiser("both")(g)
-        qwt, swt = _quantiser("columns")(weight)
+        _, _, qwt, swt = _weight(weight)
         grad_input = _gemm(qg, sg, qwt, swt).view(*grad_output.shape[:-1], weight.shape[1])
         handle, grad_input = _reduce_input_grad(ctx, grad_input)
         grad_weight: torch.Tensor | None = _gemm(qgt, sgt, qxt, sxt)  # (N, M) x (K, M)^T
