@@ -19,6 +19,7 @@ from kubetron_api.exitcodes import ConfigError
 from kubetron_api.rules import missing_transformer_engine, transformer_engine_uses
 from kubetron_api.wire import LayerEngine
 from kubetron_operator.plan import plan
+from kubetron_operator.progress import engine_label
 from kubetron_trainer.__main__ import prepare
 from kubetron_trainer.models.fast_path import EngineChoice, decide_fast_path, fp8_model_refusal
 from kubetron_trainer.runtime.topology import Topology
@@ -71,6 +72,7 @@ def test_on_hopper_the_fast_path_runs_fp8_and_says_so(capability: list[tuple[int
     assert choice.engine == LayerEngine("fast-path", ("norm", "rope", "fp8"))
     assert choice.engine.to_label() == "fast path (norm+rope+fp8)"
     assert LayerEngine.from_label("fast path (norm+rope+fp8)") == choice.engine
+    assert engine_label("fast path (norm+rope+fp8)") == "fast path (norm+rope+fp8)"  # status
 
 
 def test_bf16_runs_no_fp8(capability: list[tuple[int, int]]) -> None:
