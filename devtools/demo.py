@@ -20,7 +20,7 @@ from pathlib import Path
 from devtools.cluster import deploy, detached
 from devtools.cluster.control_plane import Cluster
 from devtools.cluster.host import NodeError
-from devtools.cluster.paths import REPO_ROOT
+from devtools.cluster.paths import REPO_ROOT, state_file
 from devtools.cluster.waiting import ClusterError
 
 NAMESPACE = "default"
@@ -137,8 +137,13 @@ def main(argv: list[str] | None = None) -> int:
         stage(6, total, "results", lambda: show_results(cluster, name, volume))
     except StageFailed as err:
         print(f"demo: {err}", file=sys.stderr)
-        print("demo: component logs are under the cluster's temp dir (logs/); the cluster is "
-              "left up for a look: `make cluster-down` stops it", file=sys.stderr)  # fmt: skip
+        if not state_file().exists():  # a failed start stops what it started
+            print("demo: no cluster is left running; `make demo` again starts a fresh one",
+                  file=sys.stderr)  # fmt: skip
+        else:
+            print("demo: component logs are under the cluster's temp dir (logs/); the cluster "
+                  "is left up for a look: `make cluster-down` stops it",
+                  file=sys.stderr)  # fmt: skip
         return 1
     print(f"demo: the MegatronJob trained to Succeeded through Kubernetes in "
           f"{time.monotonic() - started:.0f}s")  # fmt: skip
