@@ -256,26 +256,23 @@ def fp8_linear(
     return out
 
 
-class Fp8ColumnParallelLinear(ColumnParallelLinear):
+class _Fp8Forward:
+    """The GEMMs of a Megatron parallel linear layer in fp8; a frozen weight keeps bf16."""
+
+    def _forward_impl(
+        self, input: torch.Tensor, weight: torch.Tensor, *args: Any, **kw: Any
+    ) -> Any:
+        if not weight.requires_grad:
+            return super()._forward_impl(input, weight, *args, **kw)  # type: ignore[misc]
+        return fp8_linear(input, weight, *args, **kw)
+
+
+class Fp8ColumnParallelLinear(_Fp8Forward, ColumnParallelLinear):
     """Megatron's `ColumnParallelLinear` whose GEMMs run in fp8 (frozen weights: bf16)."""
 
-    def _forward_impl(
-        self, input: torch.Tensor, weight: torch.Tensor, *args: Any, **kw: Any
-    ) -> Any:
-        if not weight.requires_grad:
-            return super()._forward_impl(input, weight, *args, **kw)
-        return fp8_linear(input, weight, *args, **kw)
 
-
-class Fp8RowParallelLinear(RowParallelLinear):
+class Fp8RowParallelLinear(_Fp8Forward, RowParallelLinear):
     """Megatron's `RowParallelLinear` whose GEMMs run in fp8 (frozen weights: bf16)."""
-
-    def _forward_impl(
-        self, input: torch.Tensor, weight: torch.Tensor, *args: Any, **kw: Any
-    ) -> Any:
-        if not weight.requires_grad:
-            return super()._forward_impl(input, weight, *args, **kw)
-        return fp8_linear(input, weight, *args, **kw)
 
 
 def fp8_device_refusal(device: torch.device) -> str | None:
