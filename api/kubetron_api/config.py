@@ -282,14 +282,59 @@ class FastPath:
 _parse_fast_path = functools.cache(FastPath.parse)
 
 
+class DpoSpec(ApiModel):
+    """Direct preference optimisation: the policy learns to prefer each pair's chosen response
+    over its rejected one, relative to the frozen reference."""
+
+    beta: float = Field(
+        default=0.1,
+        gt=0,
+        description="Strength of the pull towards the reference (DPO's beta): the log-ratio "
+        "margins are scaled by it.",
+    )
+    label_smoothing: float = Field(
+        default=0.0,
+        ge=0,
+        lt=0.5,
+        description="Probability that a pair's preference is flipped (conservative DPO): "
+        "0 is DPO's sigmoid loss.",
+    )
+
+
+class DistillSpec(ApiModel):
+    """Knowledge distillation: the student learns the frozen teacher's token distribution."""
+
+    temperature: float = Field(
+        default=1.0, gt=0, description="Softmax temperature of both distributions."
+    )
+    kl_weight: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description="loss = klWeight * KL(teacher || student) + (1 - klWeight) * the "
+        "language-model loss on the data's labels.",
+    )
+
+
+# Recipes that train one model against others (spec.models).
+MULTI_MODEL_RECIPES = ("dpo", "distill")
+
+
 class RecipeSpec(ApiModel):
     """How to train: steps, batch sizes, precision, optimizer and schedule."""
 
-    kind: Literal["pretrain", "finetune"] = Field(
+    kind: Literal["pretrain", "finetune", "dpo", "distill"] = Field(
         default="pretrain",
         description="pretrain: from random weights. finetune: from the Hugging Face weights in "
         "spec.model.weights (needs them), at step 0 with a fresh optimizer and its own LR "
-        "schedule; a restart resumes from the job's own checkpoints instead.",
+        "schedule; a restart resumes from the job's own checkpoints instead. dpo: preference "
+        "tuning of a trainable policy against a frozen reference (spec.models, data.type "
+        "preference; globalBatchSize and microBatchSize count pairs). distill: a trainable "
+        "student learns a frozen teacher's token distribution (spec.models).",
+    )
+    dpo: DpoSpec = Field(default_factory=DpoSpec, description="DPO settings (kind dpo).")
+    distill: DistillSpec = Field(
+        default_factory=DistillSpec, description="Distillation settings (kind distill)."
     )
     train_iters: int = Field(default=100, ge=1, description="Optimizer steps to run.")
     global_batch_size: int = Field(default=8, ge=1, description="Sequences per optimizer step.")
@@ -356,6 +401,56 @@ class ParallelismSpec(ApiModel):
     )
 
 
+# A model's name: a directory of the job's checkpoint and a metric label value.
+MODEL_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+class RankSlice(ApiModel):
+    """A contiguous slice of the job's ranks (global ranks first .. first + count - 1)."""
+
+    first: int = Field(ge=0, description="First global rank of the slice.")
+    count: int = Field(ge=1, description="Ranks in the slice.")
+
+    @property
+    def end(self) -> int:
+        return self.first + self.count
+
+
+class JobModel(ModelSpec):
+    """One of several models of a job (recipe.kind dpo or distill): its architecture, weights,
+    parallel shape, whether it trains, and the ranks it runs on."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=40,
+        pattern=MODEL_NAME,
+        description="The model's name: its checkpoint subdirectory and its metrics' model label.",
+    )
+    weights: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1024,
+        description="What the model starts from: a Hugging Face checkpoint directory "
+        "(config.json and *.safetensors) or a kubetron checkpoint directory (its latest step), "
+        "on a volume mounted in the pods. A frozen model needs it; a trainable one without it "
+        "starts from random weights.",
+    )
+    trainable: bool = Field(
+        default=True,
+        description="true: trained (optimizer state, checkpoints). false: frozen, forward only "
+        "(a reference or a teacher), no optimizer state.",
+    )
+    parallelism: ParallelismSpec = Field(
+        default_factory=lambda: ParallelismSpec(),
+        description="This model's parallel shape over its ranks; data parallel is derived.",
+    )
+    ranks: RankSlice | None = Field(
+        default=None,
+        description="The ranks the model runs on. Unset: every rank of the job (co-located "
+        "with the other models, each in its own grid over the same ranks).",
+    )
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -389,14 +484,17 @@ class DataSpec(ApiModel):
     conversations prepared by `kubetron-prepare-data --chat` (supervised fine-tuning: packed to
     the sequence length, loss on the assistant's tokens)."""
 
-    type: Literal["mock", "indexed", "chat"] = Field(
+    type: Literal["mock", "indexed", "chat", "preference"] = Field(
         default="mock",
-        description="Data source: mock, indexed (pretraining text) or chat (conversations).",
+        description="Data source: mock, indexed (pretraining text), chat (conversations) or "
+        "preference (prompt, chosen and rejected responses, from kubetron-prepare-data "
+        "--preference; recipe dpo).",
     )
     paths: list[DatasetPath] = Field(
         default_factory=list,
         max_length=64,
-        description="Indexed datasets (type indexed: a weighted blend; type chat: exactly one).",
+        description="Indexed datasets (type indexed: a weighted blend; types chat and "
+        "preference: exactly one).",
     )
     split: str = Field(
         default="99,1,0",
@@ -457,8 +555,25 @@ class MetricsSpec(ApiModel):
 DEFAULT_COLLECTIVE_TIMEOUT_S = 600
 
 
+class TrainerModel(ApiModel):
+    """One model of a job that holds several, resolved: what its ranks build."""
+
+    name: str = Field(description="The model's name (spec.models[].name).")
+    model: ModelArch = Field(description="Resolved architecture.")
+    preset: str = Field(description="Preset the architecture came from.")
+    weights: str | None = Field(default=None, description="What the model starts from.")
+    trainable: bool = Field(description="Trained (true) or frozen (false).")
+    parallelism: ParallelismSpec = Field(description="Its parallel shape.")
+    ranks: RankSlice = Field(description="Its ranks (every rank when co-located).")
+
+
 class TrainerConfig(ApiModel):
-    """Everything one trainer process needs; the operator writes it to a ConfigMap as JSON."""
+    """Everything one trainer process needs; the operator writes it to a ConfigMap as JSON.
+
+    A job of several models (recipe dpo or distill) lists them in `models`; `model`, `preset`,
+    `weights` and `parallelism` then describe the trained one, and `for_model` gives each
+    model's own view of the config.
+    """
 
     job_name: str = Field(default="local", description="MegatronJob name, used in metric labels.")
     model: ModelArch = Field(description="Resolved architecture.")
@@ -479,3 +594,24 @@ class TrainerConfig(ApiModel):
         description="Timeout of every process group: a collective that waits longer (a lost or "
         "hung peer) fails, and the attempt ends with a retryable exit code.",
     )
+    models: list[TrainerModel] = Field(
+        default_factory=list,
+        description="The models of a multi-model job, in spec order; empty for one model.",
+    )
+
+    def trained(self) -> TrainerModel:
+        """The one trainable model of a multi-model job."""
+        return next(m for m in self.models if m.trainable)
+
+    def for_model(self, m: TrainerModel) -> TrainerConfig:
+        """`m`'s own view: its architecture, weights, shape and ranks, its checkpoints in
+        `<checkpoint.path>/<name>` (trainable models only: a frozen model is its weights)."""
+        path = self.checkpoint.path
+        own = f"{path.rstrip('/')}/{m.name}" if path and m.trainable else None
+        return self.model_copy(
+            update={
+                "model": m.model, "preset": m.preset, "weights": m.weights,
+                "parallelism": m.parallelism, "world_size": m.ranks.count, "models": [],
+                "checkpoint": self.checkpoint.model_copy(update={"path": own}),
+            }
+        )  # fmt: skip

@@ -18,6 +18,7 @@ from kubetron_api.config import (
     ApiModel,
     CheckpointSpec,
     DataSpec,
+    JobModel,
     MetricsSpec,
     ModelSpec,
     ParallelismSpec,
@@ -311,7 +312,19 @@ class RunPolicySpec(ApiModel):
 class MegatronJobSpec(ApiModel):
     """A Megatron-Core training job: model, recipe, parallel shape and resources."""
 
-    model: ModelSpec = Field(description="Model preset and overrides.")
+    model: ModelSpec | None = Field(
+        default=None,
+        description="The model: preset, overrides and weights (a job of one model; "
+        "spec.models for several).",
+    )
+    models: list[JobModel] | None = Field(
+        default=None,
+        min_length=2,
+        max_length=8,
+        description="Several models, each with its own parallel shape and ranks (recipe.kind "
+        "dpo: a trainable policy and a frozen reference; distill: a trainable student and a "
+        "frozen teacher). Instead of spec.model and spec.parallelism.",
+    )
     recipe: RecipeSpec = Field(default_factory=RecipeSpec, description="Training recipe.")
     parallelism: ParallelismSpec = Field(
         default_factory=ParallelismSpec, description="Parallel shape; data parallel is derived."
@@ -330,6 +343,19 @@ class MegatronJobSpec(ApiModel):
         default_factory=RunPolicySpec, description="Retries, deadlines, suspend."
     )
     metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="Trainer metrics.")
+
+    def job_models(self) -> list[JobModel]:
+        """Every model of the job: spec.models, or spec.model and spec.parallelism as the one
+        trainable model (named `model`) on every rank."""
+        if self.models is not None:
+            return list(self.models)
+        if self.model is None:
+            return []
+        return [
+            JobModel.model_validate(
+                {**self.model.model_dump(), "name": "model", "parallelism": self.parallelism}
+            )
+        ]
 
 
 class Phase(StrEnum):
