@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -55,6 +55,11 @@ class Batch:
     position_ids: torch.Tensor
     # packed conversations (data.type chat): `[micro_batch, 1, seq, seq]`, True = masked
     attention_mask: torch.Tensor | None = None
+    # preference pairs: the global sample indices of the micro-batch's pairs, `[k]`
+    index: torch.Tensor | None = None
+    # what another model of the job computed for these rows (a reference's log-probabilities,
+    # a teacher's logits), attached on the way to the trained model's loss
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class MockDataset:
