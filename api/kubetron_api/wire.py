@@ -43,6 +43,7 @@ METRICS_DIR = "/tmp/kubetron-metrics"  # an emptyDir, the value of METRICS_DIR_E
 JOB_LABEL = "job"
 RANK_LABEL = "rank"
 ENGINE_LABEL = "engine"
+MODEL_LABEL = "model"  # a model of a multi-model job (spec.models[].name)
 
 MetricKind = Literal["gauge", "counter", "histogram"]
 
@@ -111,6 +112,56 @@ SAVE_DURATION = Metric(
     "kubetron_checkpoint_save_duration_seconds", "histogram", "Time to save one checkpoint."
 )
 DATA_WAIT = Metric("kubetron_data_wait_seconds", "histogram", "Time waiting for the next batch.")
+
+# Several models in one job: each model's share of a step, and the recipes' own numbers (the
+# keys are the names the trainer's recipes report them by).
+MODEL_TOKENS_PER_SECOND = Metric(
+    "kubetron_train_model_tokens_per_second",
+    "gauge",
+    "Tokens of the last step over the time this pod's first rank spent in the model (a frozen "
+    "model's forward passes; the trained model's forward, backward and update).",
+    (JOB_LABEL, MODEL_LABEL),
+)
+MODEL_PARAMETER_BYTES = Metric(
+    "kubetron_train_model_parameter_bytes",
+    "gauge",
+    "Bytes of the model's parameters held by the rank (its shard in its own parallel shape).",
+    (JOB_LABEL, RANK_LABEL, MODEL_LABEL),
+)
+RECIPE_METRICS: dict[str, Metric] = {
+    "chosen_reward": Metric(
+        "kubetron_train_dpo_chosen_reward",
+        "gauge",
+        "DPO: mean reward of the chosen responses (beta times the policy's log-probability "
+        "ratio to the reference), last step.",
+    ),
+    "rejected_reward": Metric(
+        "kubetron_train_dpo_rejected_reward",
+        "gauge",
+        "DPO: mean reward of the rejected responses, last step.",
+    ),
+    "reward_margin": Metric(
+        "kubetron_train_dpo_reward_margin",
+        "gauge",
+        "DPO: mean chosen minus rejected reward, last step.",
+    ),
+    "reward_accuracy": Metric(
+        "kubetron_train_dpo_reward_accuracy",
+        "gauge",
+        "DPO: fraction of pairs whose chosen reward exceeds the rejected one, last step.",
+    ),
+    "distill_kl": Metric(
+        "kubetron_train_distill_kl",
+        "gauge",
+        "Distillation: KL divergence of the student's from the teacher's token distribution "
+        "at the recipe's temperature (times its square), mean over loss tokens, last step.",
+    ),
+    "distill_lm_loss": Metric(
+        "kubetron_train_distill_lm_loss",
+        "gauge",
+        "Distillation: the student's language-model loss on the data's labels, last step.",
+    ),
+}
 
 # --------------------------------------------------------------------------- the engine
 

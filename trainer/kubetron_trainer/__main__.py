@@ -37,6 +37,8 @@ from kubetron_trainer.runtime.topology import Topology
 
 if TYPE_CHECKING:
     from kubetron_trainer.observe.metrics import TrainerMetrics
+    from kubetron_trainer.runtime.loop import RunOptions, Summary
+    from kubetron_trainer.runtime.model_plan import ModelStart
 
 log = logging.getLogger("kubetron_trainer")
 
@@ -164,6 +166,7 @@ class Start:
     dims: ParallelDims  # the shape, checked once, on this device
     choice: EngineChoice  # the engine: attention and fast-path pieces
     attempt: Attempt | None  # set by the operator: fences checkpoint writes
+    models: tuple[ModelStart, ...] = ()  # a multi-model job's models (the trained one's above)
 
 
 def prepare(cfg: TrainerConfig, topology: Topology, args: argparse.Namespace) -> Start:
@@ -171,14 +174,14 @@ def prepare(cfg: TrainerConfig, topology: Topology, args: argparse.Namespace) ->
     field): the shape on this device, the engine, the data, the checkpoint directory and a
     finetune's weights."""
     device = pick_device(args.device, topology.local_rank)
+    fast = requested_fast_path(cfg, args)
+    if cfg.models:
+        return prepare_models(cfg, topology, device, fast, args)
     shape = ShapeSpec.of_config(cfg, "gpu" if device.type == "cuda" else "cpu")
     dims = check_shape(shape, TRAINER_RULES).dims
-    choice = decide_fast_path(requested_fast_path(cfg, args), cfg, dims, device, args.attention)
+    choice = decide_fast_path(fast, cfg, dims, device, args.attention)
     log.info("engine: %s", choice.engine.to_label())
-    if cfg.data.type != "mock":  # the files, and the tokenizer against the model
-        from kubetron_trainer.data.batches import check_indexed_data
-
-        check_indexed_data(cfg)
+    check_data(cfg)
     attempt = Attempt.from_env(os.environ)
     check_checkpoint(cfg, dims, attempt)
     if cfg.weights is not None:  # a finetune's Hugging Face checkpoint fits the model (files)
@@ -186,6 +189,38 @@ def prepare(cfg: TrainerConfig, topology: Topology, args: argparse.Namespace) ->
 
         check_weights(cfg.model, cfg.preset, Path(cfg.weights))
     return Start(cfg, topology, device, dims, choice, attempt)
+
+
+def prepare_models(
+    cfg: TrainerConfig,
+    topology: Topology,
+    device: torch.device,
+    fast: FastPath,
+    args: argparse.Namespace,
+) -> Start:
+    """`prepare` for a job of several models: each model's shape, engine and weights, the
+    data, and the trained model's checkpoint directory."""
+    from kubetron_api.hf_config import check_model_weights
+    from kubetron_trainer.runtime.model_plan import plan_models
+
+    models = plan_models(cfg, device, fast, args.attention)
+    trained = next(m for m in models if m.spec.trainable)
+    check_data(cfg)
+    attempt = Attempt.from_env(os.environ)
+    check_checkpoint(trained.cfg, trained.dims, attempt)
+    for m in models:
+        if m.spec.weights is not None:
+            where = f"{m.field}.weights"
+            check_model_weights(m.cfg.model, m.spec.preset, Path(m.spec.weights), where)
+    return Start(cfg, topology, device, trained.dims, trained.choice, attempt, models)
+
+
+def check_data(cfg: TrainerConfig) -> None:
+    """The data's files, and the tokenizer against the model (indexed, chat, preference)."""
+    if cfg.data.type != "mock":
+        from kubetron_trainer.data.batches import check_indexed_data
+
+        check_indexed_data(cfg)
 
 
 def requested_fast_path(cfg: TrainerConfig, args: argparse.Namespace) -> FastPath:
@@ -217,12 +252,7 @@ def run(start: Start, args: argparse.Namespace) -> int:
         start.choice, args.groups, args.summary, args.metrics_linger, start.attempt,
         args.profile_steps, args.profile_out or (args.summary.parent if args.summary else None),
     )  # fmt: skip
-    state = loop.setup(cfg, start.dims, topology, start.device, backend, options, metrics)
-    log.info(
-        "kubetron trainer: %s, %s, %s groups, attention: %s",
-        topology.describe(), start.dims, args.groups, state.attention,
-    )  # fmt: skip
-    summary = loop.train(state)
+    summary = train(start, options, backend, metrics)
     log.info(
         "done: %d steps, final loss %.4f, %.0f tokens/s",
         len(summary.steps), summary.steps[-1].loss if summary.steps else float("nan"),
@@ -234,6 +264,29 @@ def run(start: Start, args: argparse.Namespace) -> int:
     dist.destroy_process_group()
     metrics_dir.remove(topology.local_rank)  # every local rank is past its last write
     return int(ExitCode.OK)
+
+
+def train(
+    start: Start, options: RunOptions, backend: str, metrics: TrainerMetrics | None
+) -> Summary:
+    """Build this rank's part of the job and train it (imports Megatron)."""
+    from kubetron_trainer.runtime import loop
+
+    cfg, topology = start.cfg, start.topology
+    if start.models:
+        from kubetron_trainer.runtime.multi_run import Bystander, serve, setup_models
+
+        built = setup_models(cfg, start.models, topology, start.device, backend, options, metrics)
+        if isinstance(built, Bystander):
+            return serve(built)
+        state = built
+    else:
+        state = loop.setup(cfg, start.dims, topology, start.device, backend, options, metrics)
+    log.info(
+        "kubetron trainer: %s, %s, %s groups, attention: %s",
+        topology.describe(), start.dims, options.groups, state.attention,
+    )  # fmt: skip
+    return loop.train(state)
 
 
 def start_metrics(start: Start) -> TrainerMetrics | None:

@@ -38,6 +38,12 @@ def flops_per_token(arch: ModelArch, seq_length: int, padded_vocab: int) -> floa
     return 6.0 * (layers * per_layer + h * padded_vocab) + 6.0 * q * seq_length * layers
 
 
+def forward_flops_per_token(arch: ModelArch, seq_length: int, padded_vocab: int) -> float:
+    """Forward-only FLOPs per token (a frozen model): a third of the training count, whose
+    backward pass costs twice the forward."""
+    return flops_per_token(arch, seq_length, padded_vocab) / 3
+
+
 def peak_flops(device_name: str | None, precision: str) -> float | None:
     """Peak dense FLOP/s of the named GPU at `precision`, or None when unknown."""
     if device_name is None or precision not in ("bf16", "fp8"):

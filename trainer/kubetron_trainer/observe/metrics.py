@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +84,7 @@ class StepStats:
     tokens_per_s: float
     tflops_per_gpu: float
     mfu: float | None
+    extras: dict[str, float] = field(default_factory=dict)  # the recipe's own numbers
 
 
 class TrainerMetrics:
@@ -125,6 +126,9 @@ class TrainerMetrics:
         self.step_duration = self._family(wire.STEP_DURATION).labels(job)
         self.save_duration = self._family(wire.SAVE_DURATION).labels(job)
         self.data_wait = self._family(wire.DATA_WAIT).labels(job)
+        self.recipe = {name: self._family(m) for name, m in wire.RECIPE_METRICS.items()}
+        self.model_tps = self._family(wire.MODEL_TOKENS_PER_SECOND)
+        self.model_bytes = self._family(wire.MODEL_PARAMETER_BYTES)
 
     def _family(self, metric: wire.Metric) -> Any:
         """One family on this rank's registry; gauges keep the most recent value written in
@@ -162,7 +166,19 @@ class TrainerMetrics:
         self.tflops.labels(self.job).set(s.tflops_per_gpu)
         if s.mfu is not None:
             self.mfu.labels(self.job).set(s.mfu)
+        for name, value in s.extras.items():
+            self.recipe[name].labels(self.job).set(value)
         self.step_duration.observe(s.duration_s)
+
+    def record_models(self, tokens: int, seconds: dict[str, float]) -> None:
+        """Each model's tokens per second over its share of the last step."""
+        if self.writer:
+            for model, spent in seconds.items():
+                if spent > 0:
+                    self.model_tps.labels(self.job, model).set(tokens / spent)
+
+    def record_parameters(self, model: str, nbytes: int) -> None:
+        self.model_bytes.labels(self.job, str(self.rank), model).set(nbytes)
 
     def record_engine(self, engine: str) -> None:
         """`engine`: a `wire.LayerEngine` label."""

@@ -12,6 +12,7 @@ import json
 import logging
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -34,10 +35,16 @@ from kubetron_trainer.observe.flops import flops_per_token, peak_flops
 from kubetron_trainer.observe.metrics import StepStats, TrainerMetrics
 from kubetron_trainer.observe.profiling import StepProfiler
 from kubetron_trainer.runtime.checkpoint import Checkpointer
+from kubetron_trainer.runtime.multi import Recipe
 from kubetron_trainer.runtime.optimizer import build_scheduler, current_lr
 from kubetron_trainer.runtime.parallel import GroupOptions, build_process_groups
 from kubetron_trainer.runtime.seeding import setup_megatron_globals
-from kubetron_trainer.runtime.step import StepResult, share_from_last_stage
+from kubetron_trainer.runtime.step import (
+    LM_LOSS,
+    Objective,
+    StepResult,
+    share_from_last_stage,
+)
 from kubetron_trainer.runtime.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -61,7 +68,7 @@ class Engine(Protocol):
     @property
     def optimizer(self) -> Any: ...
 
-    def step(self, micro_batches: list[Batch | None]) -> StepResult: ...
+    def step(self, micro_batches: Sequence[Batch | None]) -> StepResult: ...
 
     def after_load(self) -> None:
         """Called once a checkpoint has been loaded into the optimizer."""
@@ -125,24 +132,34 @@ def make_engine(
     pg: ProcessGroupCollection,
     device: torch.device,
     fast: FastPath | None = None,
+    objective: Objective = LM_LOSS,
 ) -> Engine:
     if device.type == "cuda":
         from kubetron_trainer.runtime.step_gpu import GpuEngine
 
-        return GpuEngine(cfg, chunks, pg, fast=fast)
+        return GpuEngine(cfg, chunks, pg, fast=fast, objective=objective)
     from kubetron_trainer.runtime.step_cpu import CpuEngine
 
-    return CpuEngine(cfg, chunks, pg)
+    return CpuEngine(cfg, chunks, pg, objective=objective)
 
 
 class Progress:
     """Turns step results into `StepStats`, the progress line and the summary."""
 
-    def __init__(self, cfg: TrainerConfig, padded_vocab: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        padded_vocab: int,
+        device: torch.device,
+        frozen_flops_per_token: float = 0.0,
+    ) -> None:
         r = cfg.recipe
         self.cfg = cfg
-        self.tokens = r.global_batch_size * r.seq_length
-        self.flops_per_token = flops_per_token(cfg.model, r.seq_length, padded_vocab)
+        self.tokens = r.global_batch_size * r.seq_length * (2 if r.kind == "dpo" else 1)
+        # the trained model's forward and backward, plus the frozen models' forward passes
+        self.flops_per_token = (
+            flops_per_token(cfg.model, r.seq_length, padded_vocab) + frozen_flops_per_token
+        )
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         self.peak = peak_flops(name, r.precision.value)
         self.durations: list[float] = []
@@ -154,7 +171,7 @@ class Progress:
         mfu = flops_per_gpu / self.peak if self.peak else None
         return StepStats(
             step, result.loss, result.grad_norm, lr, seconds, self.tokens, tps,
-            flops_per_gpu / 1e12, mfu,
+            flops_per_gpu / 1e12, mfu, result.extras,
         )  # fmt: skip
 
     def line(self, s: StepStats) -> str:
@@ -162,8 +179,9 @@ class Progress:
         recent = self.durations[-10:]
         eta = (total - s.step) * sum(recent) / len(recent)
         mfu = f"{100 * s.mfu:.1f}%" if s.mfu is not None else "n/a"
+        extras = "".join(f" | {k.replace('_', ' ')} {v:.4f}" for k, v in s.extras.items())
         return (
-            f"step {s.step}/{total} | loss {s.loss:.4f} | grad norm {s.grad_norm:.3f} | "
+            f"step {s.step}/{total} | loss {s.loss:.4f}{extras} | grad norm {s.grad_norm:.3f} | "
             f"lr {s.lr:.2e} | {s.tokens_per_s:,.0f} tok/s | {s.tflops_per_gpu:.2f} TFLOP/s/GPU | "
             f"MFU {mfu} | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}"
         )
@@ -186,6 +204,7 @@ class Run:
     metrics: TrainerMetrics | None
     progress: Progress
     start: str = "random"  # what the model started from (start_weights)
+    recipe: Recipe | None = None  # the other models of a multi-model job, and the loss
 
 
 def setup(
@@ -200,13 +219,29 @@ def setup(
     """Groups, seeds, model, optimizer, scheduler and checkpointer, in Megatron's order."""
     pg = make_groups(cfg, dims, topology, backend, options.groups)
     setup_megatron_globals(pg, cfg.recipe.seed)  # global memory buffer and RNG seeds
+    return build_run(cfg, dims, pg, topology, device, options, metrics)
+
+
+def build_run(
+    cfg: TrainerConfig,
+    dims: ParallelDims,
+    pg: ProcessGroupCollection,
+    topology: Topology,
+    device: torch.device,
+    options: RunOptions,
+    metrics: TrainerMetrics | None,
+    recipe: Recipe | None = None,
+) -> Run:
+    """The trained model on its groups: chunks, weights, optimizer, scheduler, checkpointer.
+    `recipe` (a multi-model job's) gives the loss and the frozen models' FLOPs."""
     built = build_model(cfg, dims, pg, device, options.choice)
     identity = None
     if cfg.checkpoint.path is not None:
         identity = RunIdentity.from_config(cfg, dims, built.padded_vocab_size, options.attempt)
     # before the engine: a GPU optimizer copies the parameters into its fp32 main weights
     start = start_weights(cfg, identity, built.chunks, pg, built.padded_vocab_size)
-    engine = make_engine(cfg, built.chunks, pg, device, fast=built.choice.fast)
+    objective = recipe.objective if recipe is not None else LM_LOSS
+    engine = make_engine(cfg, built.chunks, pg, device, built.choice.fast, objective)
     scheduler = build_scheduler(engine.optimizer, cfg.recipe)
     checkpointer = None
     if cfg.checkpoint.path is not None and identity is not None:
@@ -218,10 +253,11 @@ def setup(
         )  # fmt: skip
         if metrics is not None:
             checkpointer.on_saved = lambda step, seconds: metrics.record_save(seconds, step)
-    progress = Progress(cfg, built.padded_vocab_size, device)
+    frozen = recipe.frozen_flops_per_token() if recipe is not None else 0.0
+    progress = Progress(cfg, built.padded_vocab_size, device, frozen)
     return Run(
         cfg, options, topology, device, pg, built.chunks, built.attention, engine, scheduler,
-        checkpointer, metrics, progress, start,
+        checkpointer, metrics, progress, start, recipe,
     )  # fmt: skip
 
 
@@ -269,6 +305,8 @@ def train(run: Run) -> Summary:
         start_step=start,
         start_sample=first_sample,
     )
+    if run.recipe is not None:  # the other models read the same steps in their own layouts
+        run.recipe.begin(start, first_sample, resumed is not None)
     summary = Summary(cfg.job_name, str(run.device), run.attention, run.options.groups, start)
     summary.start = "checkpoint" if resumed is not None else run.start
     if resumed is not None:
@@ -302,7 +340,10 @@ def train(run: Run) -> Summary:
             run.checkpointer.finalize()  # a background save that has finished (collective)
         if profiler is not None:
             profiler.before(step)
-        one_step(run, batches.step(step), step + 1, summary)
+        micro: Sequence[Batch | None] = batches.step(step)
+        if run.recipe is not None:
+            micro = run.recipe.feed(step, micro)
+        one_step(run, micro, step + 1, summary)
         if profiler is not None:
             profiler.after(step, profile_context(run, summary))
         if run.checkpointer and (step + 1) % cfg.checkpoint.save_interval == 0:
@@ -323,17 +364,23 @@ def sigterm_needs_save(step: int, start: int, resumed: bool, interval: int) -> b
     return step % interval != 0
 
 
-def one_step(run: Run, micro: list[Batch | None], step: int, summary: Summary) -> None:
+def one_step(run: Run, micro: Sequence[Batch | None], step: int, summary: Summary) -> None:
     t0 = time.perf_counter()
     result = run.engine.step(micro)
     run.scheduler.step(1)  # type: ignore[attr-defined]
-    loss, norm = share_from_last_stage([result.loss, result.grad_norm], run.pg)
+    names = run.recipe.stats if run.recipe is not None else ()  # known on every stage
+    shared = share_from_last_stage(
+        [result.loss, result.grad_norm, *(result.extras.get(n, 0.0) for n in names)], run.pg
+    )
+    loss, norm, extras = shared[0], shared[1], dict(zip(names, shared[2:], strict=True))
     seconds = time.perf_counter() - t0
     lr = current_lr(run.engine.optimizer)
-    stats = run.progress.stats(step, StepResult(loss, norm, result.ok), lr, seconds)
+    stats = run.progress.stats(step, StepResult(loss, norm, result.ok, extras), lr, seconds)
     summary.steps.append(stats)
     if run.metrics is not None:
         run.metrics.record_step(stats)
+        if run.recipe is not None:
+            run.metrics.record_models(stats.tokens, run.recipe.spent(seconds))
         if run.device.type == "cuda":
             run.metrics.record_memory(
                 torch.cuda.memory_allocated(run.device), torch.cuda.memory_reserved(run.device)

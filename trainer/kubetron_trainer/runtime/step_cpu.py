@@ -13,6 +13,7 @@ path. Pipeline parallelism needs a GPU.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_du
 
 from kubetron_api.config import OptimizerSpec, TrainerConfig
 from kubetron_trainer.data.batches import Batch
-from kubetron_trainer.runtime.step import StepResult, masked_mean
+from kubetron_trainer.runtime.step import LM_LOSS, LOSS_KEY, Objective, StepResult, mean_over_dp
 
 log = logging.getLogger(__name__)
 
@@ -140,41 +141,50 @@ class CpuOptimizer:
 
 
 def cpu_train_step(
-    chunks: list[GPTModel], optimizer: CpuOptimizer, micro_batches: list[Batch | None]
+    chunks: list[GPTModel],
+    optimizer: CpuOptimizer,
+    micro_batches: Sequence[Batch | None],
+    objective: Objective = LM_LOSS,
 ) -> StepResult:
-    """One optimizer step over this rank's micro-batches; the loss is averaged over dp."""
+    """One optimizer step over this rank's micro-batches; the loss (and the objective's own
+    numbers) averaged over micro-batches and dp."""
     if len(chunks) != 1:
         raise ValueError("the CPU step supports one model chunk (no pipeline parallelism)")
     model = chunks[0]
     model.train()
     optimizer.zero_grad()
-    total = torch.zeros(1)
+    reported = []
     for batch in micro_batches:
         if batch is None:
             raise ValueError("every CPU rank reads data (pipeline parallelism needs a GPU)")
-        losses = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels)
-        loss = masked_mean(losses, batch.loss_mask)
+        labels = None if objective.logits else batch.labels
+        output = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=labels)
+        loss, stats = objective(output, batch)
         (loss / len(micro_batches)).backward()
-        total += loss.detach()
+        reported.append({LOSS_KEY: loss.detach(), **stats})
     ok, grad_norm, _ = optimizer.step()
-    mean = total / len(micro_batches)
-    dist.all_reduce(mean, group=optimizer.pg.dp_cp)
-    return StepResult(loss=float(mean) / optimizer.pg.dp_cp.size(), grad_norm=grad_norm, ok=ok)
+    means = mean_over_dp(reported, optimizer.pg)
+    return StepResult(means.pop(LOSS_KEY), grad_norm, ok, means)
 
 
 class CpuEngine:
     """The CPU optimizer step behind the loop's `Engine` interface."""
 
     def __init__(
-        self, cfg: TrainerConfig, chunks: list[GPTModel], pg: ProcessGroupCollection
+        self,
+        cfg: TrainerConfig,
+        chunks: list[GPTModel],
+        pg: ProcessGroupCollection,
+        objective: Objective = LM_LOSS,
     ) -> None:
         if cfg.recipe.optimizer.distributed and pg.dp_cp.size() > 1:
             log.info("CPU path: optimizer state is replicated, not sharded (GPU only)")
         self.chunks = chunks
+        self.objective = objective
         self.optimizer = CpuOptimizer(chunks, cfg.recipe.optimizer, pg)
 
     def after_load(self) -> None:
         """Nothing to redo after a load on the CPU path."""
 
-    def step(self, micro_batches: list[Batch | None]) -> StepResult:
-        return cpu_train_step(self.chunks, self.optimizer, micro_batches)
+    def step(self, micro_batches: Sequence[Batch | None]) -> StepResult:
+        return cpu_train_step(self.chunks, self.optimizer, micro_batches, self.objective)

@@ -13,7 +13,7 @@ per-token losses from materialised logits; the loss function then only reports i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -27,11 +27,11 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import Float16Module
 
-from kubetron_api.config import FastPath, TrainerConfig
+from kubetron_api.config import FastPath, RecipeSpec, TrainerConfig
 from kubetron_trainer.data.batches import Batch
 from kubetron_trainer.models.fast_path import OFF
 from kubetron_trainer.models.fused import fused_lm_loss, use_fused_adam
-from kubetron_trainer.runtime.step import StepResult, masked_mean
+from kubetron_trainer.runtime.step import LM_LOSS, LOSS_KEY, Objective, StepResult, mean_over_dp
 
 
 def optimizer_config(cfg: TrainerConfig, bf16: bool) -> OptimizerConfig:
@@ -51,22 +51,27 @@ def optimizer_config(cfg: TrainerConfig, bf16: bool) -> OptimizerConfig:
     )
 
 
-def _loss_func(loss_mask: torch.Tensor | None, output: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    if loss_mask is None:
+def _loss_func(
+    objective: Objective, batch: Batch | None, output: torch.Tensor
+) -> tuple[torch.Tensor, dict]:
+    if batch is None:
         raise RuntimeError("loss requested on a pipeline stage that read no labels")
-    loss = masked_mean(output, loss_mask)
+    loss, stats = objective(output, batch)
     # clone: the schedule divides the returned loss by the micro-batch count in place, and a
     # detached view would share that storage (the logged loss came out 1/num_microbatches).
-    return loss, {"lm loss": loss.detach().clone()}
+    return loss, {LOSS_KEY: loss.detach().clone(), **stats}
 
 
 def _reduced_loss_func(output: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """The fused loss path: the model already returned the masked-mean loss (a scalar)."""
-    return output, {"lm loss": output.detach().clone()}
+    return output, {LOSS_KEY: output.detach().clone()}
 
 
 def _forward_step(
-    data: Iterator[Batch | None], model: torch.nn.Module, fused_loss: bool = False
+    data: Iterator[Batch | None],
+    model: torch.nn.Module,
+    fused_loss: bool = False,
+    objective: Objective = LM_LOSS,
 ) -> tuple[Any, Any]:
     """Megatron's forward_step_func: tokens on the first stage, labels on the last (chat data:
     every stage gets the batch, for its attention mask; the model reads only what its stage
@@ -74,7 +79,7 @@ def _forward_step(
     batch = next(data)
     if batch is None:  # a middle pipeline stage: activations come from the previous stage
         output = model(None, None, None)
-        return output, partial(_loss_func, None)
+        return output, partial(_loss_func, objective, None)
     if fused_loss and batch.labels is not None:
         output = model(
             batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels,
@@ -82,9 +87,15 @@ def _forward_step(
         )  # fmt: skip
         if output.dim() == 0:  # the last stage: the loss itself
             return output, _reduced_loss_func
-        return output, partial(_loss_func, batch.loss_mask)
-    output = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels)
-    return output, partial(_loss_func, batch.loss_mask)
+        return output, partial(_loss_func, objective, batch)
+    labels = None if objective.logits else batch.labels
+    output = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=labels)
+    return output, partial(_loss_func, objective, batch)
+
+
+def rows_per_micro_batch(recipe: RecipeSpec) -> int:
+    """Sequences in one micro-batch: a DPO micro-batch holds both rows of each pair."""
+    return recipe.micro_batch_size * (2 if recipe.kind == "dpo" else 1)
 
 
 class GpuEngine:
@@ -96,11 +107,12 @@ class GpuEngine:
         chunks: list[GPTModel],
         pg: ProcessGroupCollection,
         fast: FastPath | None = None,
+        objective: Objective = LM_LOSS,
     ) -> None:
         self.cfg = cfg
         self.pg = pg
         self.fast = fast or OFF
-        self.forward_step = partial(_forward_step, fused_loss=self.fast.ce)
+        self.forward_step = partial(_forward_step, fused_loss=self.fast.ce, objective=objective)
         config = chunks[0].config
         wrapped: list[torch.nn.Module] = [
             Float16Module(config, c) if config.bf16 else c for c in chunks
@@ -144,17 +156,15 @@ class GpuEngine:
         if self.fast.adam:
             use_fused_adam(self.optimizer)
 
-    def step(self, micro_batches: list[Batch | None]) -> StepResult:
+    def step(self, micro_batches: Sequence[Batch | None]) -> StepResult:
         losses = self.forward_backward(micro_batches)
         ok, grad_norm, _ = self.optimizer.step()
-        loss = 0.0
-        if losses:  # last pipeline stage: average over micro-batches, then over dp
-            mean = torch.stack([x["lm loss"] for x in losses]).float().mean()
-            torch.distributed.all_reduce(mean, group=self.pg.dp_cp)
-            loss = float(mean) / self.pg.dp_cp.size()
-        return StepResult(loss=loss, grad_norm=float(grad_norm or 0.0), ok=bool(ok))
+        # the last pipeline stage: averaged over micro-batches, then over dp
+        means = mean_over_dp(losses, self.pg)
+        loss = means.pop(LOSS_KEY, 0.0)
+        return StepResult(loss, float(grad_norm or 0.0), bool(ok), means)
 
-    def forward_backward(self, micro_batches: list[Batch | None]) -> list[dict[str, Any]]:
+    def forward_backward(self, micro_batches: Sequence[Batch | None]) -> list[dict[str, Any]]:
         """Zeroed gradients, then the schedule over the micro-batches: each parameter's
         `main_grad` holds the step's finalized gradient (reduced over dp, and over tp for
         sequence-parallel norms). Returns the last stage's per-micro-batch losses."""
@@ -170,7 +180,7 @@ class GpuEngine:
             model=self.model,
             num_microbatches=len(micro_batches),
             seq_length=recipe.seq_length,
-            micro_batch_size=recipe.micro_batch_size,
+            micro_batch_size=rows_per_micro_batch(recipe),
             forward_only=False,
             p2p_communicator=self.p2p,
             pg_collection=self.pg,
