@@ -10,11 +10,13 @@ are dropped: a CEL messageExpression with values costs more than the API server 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 from kubetron_api import expr
 from kubetron_api.config import (
+    MULTI_MODEL_RECIPES,
     DataSpec,
     ModelArch,
     ParallelismSpec,
@@ -35,6 +37,17 @@ from kubetron_api.v1alpha1 import MegatronJobSpec
 
 TRANSFORMER_ENGINE = "transformer-engine"
 Device = Literal["gpu", "cpu"]
+
+# A one-model job's weights are a finetune's start; a job of several models gives each model's
+# weights in spec.models (rules of model_rules), so its recipes are out of this rule.
+FINETUNE_WEIGHTS = Rule(
+    "finetune-needs-weights",
+    "spec.recipe.kind",
+    "multiModelRecipe || (recipeKind == 'finetune') == (size(modelWeights) > 0)",
+    "spec.recipe.kind={recipeKind} and spec.model.weights go together: finetune starts from "
+    "the Hugging Face checkpoint directory in spec.model.weights, and only finetune reads "
+    "it; set kind finetune with weights, or pretrain without them",
+)
 
 # Rules on the whole spec, after the degree rules (dims.DEGREE_RULES) hold.
 SHAPE_RULES: tuple[Rule, ...] = (
@@ -141,7 +154,7 @@ SHAPE_RULES: tuple[Rule, ...] = (
         "mock-data-has-no-paths",
         "spec.data.paths",
         "dataType != 'mock' || size(dataPaths) == 0",
-        "spec.data.paths is only used with type indexed or chat; remove it or set "
+        "spec.data.paths is only used with type indexed, chat or preference; remove it or set "
         "spec.data.type: indexed",
     ),
     Rule(
@@ -152,19 +165,19 @@ SHAPE_RULES: tuple[Rule, ...] = (
         "every conversation file into one with kubetron-prepare-data --chat",
     ),
     Rule(
+        "preference-data-has-one-path",
+        "spec.data.paths",
+        "dataType != 'preference' || size(dataPaths) == 1",
+        "spec.data.paths must list exactly one dataset when spec.data.type is preference; "
+        "prepare every preference file into one with kubetron-prepare-data --preference",
+    ),
+    Rule(
         "huggingface-tokenizer-needs-name",
         "spec.data.tokenizer.name",
         "tokenizerType != 'huggingface' || size(tokenizerName) > 0",
         "spec.data.tokenizer.name is required when the tokenizer type is huggingface",
     ),
-    Rule(
-        "finetune-needs-weights",
-        "spec.recipe.kind",
-        "(recipeKind == 'finetune') == (size(modelWeights) > 0)",
-        "spec.recipe.kind={recipeKind} and spec.model.weights go together: finetune starts from "
-        "the Hugging Face checkpoint directory in spec.model.weights, and only finetune reads "
-        "it; set kind finetune with weights, or pretrain without them",
-    ),
+    FINETUNE_WEIGHTS,
 )
 
 # Pods with device cpu train in fp32 (bf16 on CPU is slow and not what a GPU run would do).
@@ -211,6 +224,7 @@ TRAINER_RULES: tuple[Rule, ...] = tuple(r for r in RULES if r is not CPU_PRECISI
 DERIVED: dict[str, str] = {
     "modelParallel": "tensor * context * pipeline",
     "dataParallel": "worldSize / modelParallel",
+    "multiModelRecipe": " || ".join(f"recipeKind == '{k}'" for k in MULTI_MODEL_RECIPES),
 }
 
 # Each value's CEL path under the MegatronJob spec (`self`); None: not in the spec (a preset
@@ -237,7 +251,7 @@ CEL_PATHS: dict[str, str | None] = {
     "dataPaths": "(has(self.data.paths) ? self.data.paths : [])",
     "tokenizerType": "self.data.tokenizer.type",
     "tokenizerName": "(has(self.data.tokenizer.name) ? self.data.tokenizer.name : '')",
-    "modelWeights": "(has(self.model.weights) ? self.model.weights : '')",
+    "modelWeights": "(has(self.model) && has(self.model.weights) ? self.model.weights : '')",
     "fastPathListsCe": None,
     "numAttentionHeads": None,
     "numQueryGroups": None,
@@ -248,28 +262,57 @@ CEL_PATHS: dict[str, str | None] = {
 }
 
 
-def in_crd(rule: Rule) -> bool:
-    """Whether the API server can check `rule`: it reads only values with a CEL path."""
-    used = expr.names(expr.expand(rule.expr, DERIVED)) | {
-        n for part in rule.placeholders() for n in expr.names(expr.expand(part, DERIVED))
+# The values each model of spec.models has of its own (its fields, its ranks); the others are the
+# job's. A rule that reads one is checked on every model (kubetron_api.model_rules), and its
+# CEL form here, on spec.model and spec.parallelism, holds for a spec with spec.models.
+MODEL_VALUES = frozenset(
+    {"worldSize", "tensor", "pipeline", "virtualPipeline", "context", "expert", "expertTensor",
+     "sequenceParallel", "modelWeights", "numAttentionHeads", "numQueryGroups", "numLayers",
+     "maxPositionEmbeddings", "numExperts", "moeRouterTopk", "rankFirst"}
+)  # fmt: skip
+NOT_SEVERAL_MODELS = "has(self.models)"
+
+
+def reads(rule: Rule, derived: Mapping[str, str] = DERIVED) -> set[str]:
+    """The values `rule`'s expression reads (derived values expanded)."""
+    return expr.names(expr.expand(rule.expr, derived))
+
+
+def reads_model(rule: Rule) -> bool:
+    """Whether `rule` reads a value of the model (MODEL_VALUES), not only the job's."""
+    return bool(reads(rule) & MODEL_VALUES)
+
+
+def in_crd(
+    rule: Rule, paths: Mapping[str, str | None] = CEL_PATHS, derived: Mapping[str, str] = DERIVED
+) -> bool:
+    """Whether the API server can check `rule`: its expression reads only values with a CEL
+    path (the message's values are the Python check's alone)."""
+    return rule.crd and all(paths.get(n) for n in reads(rule, derived))
+
+
+def validation(rule: Rule, cel: str, message: str, field: str) -> dict[str, str]:
+    """One x-kubernetes-validations entry: `cel` must hold, else the static `message`."""
+    return {
+        "rule": cel,
+        "message": expr.static_message(message),
+        "fieldPath": field.removeprefix("spec"),
+        "reason": "FieldValueInvalid",
     }
-    return rule.crd and all(CEL_PATHS.get(n) for n in used)
 
 
 def crd_validations() -> list[dict[str, str]]:
-    """The CRD's x-kubernetes-validations for the spec: every rule the API server can check."""
+    """The CRD's x-kubernetes-validations of the one-model rules: every rule the API server can
+    check, those on the model's values skipped for a spec with spec.models."""
     paths = {k: v for k, v in CEL_PATHS.items() if v}
     out = []
     for rule in RULES:
         if not in_crd(rule):
             continue
-        validation = {
-            "rule": expr.to_cel(expr.expand(rule.expr, DERIVED), paths),
-            "message": expr.static_message(rule.message),
-            "fieldPath": rule.field.removeprefix("spec"),
-            "reason": "FieldValueInvalid",
-        }
-        out.append(validation)
+        cel = expr.to_cel(expr.expand(rule.expr, DERIVED), paths)
+        if reads_model(rule):
+            cel = f"{NOT_SEVERAL_MODELS} || ({cel})"
+        out.append(validation(rule, cel, rule.message, rule.field))
     return out
 
 
@@ -285,9 +328,12 @@ class ShapeSpec:
     gpus_per_node: int
     device: Device = "gpu"
     weights: str | None = None  # spec.model.weights
+    first_rank: int = 0  # the first global rank of a model of spec.models with its own ranks
 
     @classmethod
     def of_job(cls, spec: MegatronJobSpec) -> ShapeSpec:
+        """A one-model job's shape (spec.model set)."""
+        assert spec.model is not None, "a job of several models has a shape per model"
         res = spec.resources
         return cls(spec.model.resolve(), spec.recipe, spec.parallelism, spec.data,
                    res.world_size, res.gpus_per_node, res.device, spec.model.weights)  # fmt: skip
@@ -325,6 +371,7 @@ class ShapeSpec:
             "maxPositionEmbeddings": arch.max_position_embeddings,
             "numExperts": arch.num_experts or 0,
             "moeRouterTopk": arch.moe_router_topk,
+            "rankFirst": self.first_rank,
         }
 
 

@@ -392,6 +392,15 @@ class ResolvedParallelism(ApiModel):
     data: int = Field(description="Data-parallel degree (derived).")
 
 
+class ModelStatus(ApiModel):
+    """One model of a job of several (spec.models) as it runs."""
+
+    name: str = Field(description="The model's name (spec.models[].name).")
+    trainable: bool = Field(description="Trained (true) or frozen (false).")
+    ranks: str = Field(description="Its global ranks, first-last.")
+    parallelism: ResolvedParallelism = Field(description="Its resolved shape over its ranks.")
+
+
 class Progress(ApiModel):
     """What global rank 0 last reported (its metrics endpoint, read by the operator)."""
 
@@ -430,7 +439,14 @@ class MegatronJobStatus(ApiModel):
         default=None, description="Generation of the spec this status describes."
     )
     world_size: int | None = Field(default=None, description="Trainer processes in total.")
-    parallelism: ResolvedParallelism | None = Field(default=None, description="Resolved shape.")
+    parallelism: ResolvedParallelism | None = Field(
+        default=None, description="Resolved shape (of the trainable model with spec.models)."
+    )
+    models: list[ModelStatus] | None = Field(
+        default=None,
+        max_length=8,
+        description="Each model of spec.models, in spec order: its ranks and resolved shape.",
+    )
     pytorch_job: str | None = Field(default=None, description="Name of the PyTorchJob.")
     start_time: str | None = Field(default=None, description="When the job started running.")
     completion_time: str | None = Field(default=None, description="When the job finished.")

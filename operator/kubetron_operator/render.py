@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 import yaml
 
+from kubetron_api.config import MULTI_MODEL_RECIPES, TrainerConfig
 from kubetron_api.v1alpha1 import (
     API_VERSION,
     DEFAULT_CPU_PER_PROCESS,
@@ -92,8 +93,19 @@ def config_map_name(job: MegatronJob) -> str:
     return f"{job.name}-config"
 
 
+def config_json(cfg: TrainerConfig) -> str:
+    """The trainer config as JSON without what the job does not read: the settings of the
+    recipes it does not run, and a one-model job's empty list of models (the trainer's defaults
+    fill them in), so a one-model job's config reads as it did before there were several."""
+    exclude: dict[str, Any] = {"recipe": {k: True for k in MULTI_MODEL_RECIPES}}
+    exclude["recipe"].pop(cfg.recipe.kind, None)
+    if not cfg.models:
+        exclude["models"] = True
+    return cfg.model_dump_json(by_alias=True, indent=2, exclude=exclude)
+
+
 def render_config_map(job: MegatronJob, plan: Plan) -> Obj:
-    body = plan.trainer_config.model_dump_json(by_alias=True, indent=2)
+    body = config_json(plan.trainer_config)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -229,10 +241,7 @@ def _env(job: MegatronJob, plan: Plan, attempt: int) -> list[Obj]:
         {"name": MASTER_ADDR_ENV, "value": rendezvous_host(job)},
         {"name": MASTER_PORT_ENV, "value": str(MASTER_PORT)},
         # pod index -> node rank: each model-parallel group on consecutive pods (kueue.py)
-        {
-            "name": NODE_RANKS_ENV,
-            "value": ",".join(map(str, plan.dims.pod_order(plan.procs_per_node))),
-        },
+        {"name": NODE_RANKS_ENV, "value": ",".join(map(str, plan.pod_order()))},
         # the trainer fences its checkpoint writes with both (ckpt_meta.claim)
         {"name": ATTEMPT_ENV, "value": str(attempt)},
         {"name": JOB_UID_ENV, "value": str(job.metadata.get("uid", ""))},

@@ -168,11 +168,14 @@ def waiting_status(old_status: Obj, plan: Plan, generation: int, attempt: int, n
 
 
 def _shape(plan: Plan, job_name: str) -> Obj:
-    return {
+    shape: Obj = {
         "worldSize": plan.world_size,
         "parallelism": plan.resolved_parallelism().model_dump(by_alias=True),
         "pytorchJob": job_name,
     }
+    if plan.models:  # a job of several models: each one's ranks and shape
+        shape["models"] = [m.status().model_dump(by_alias=True) for m in plan.models]
+    return shape
 
 
 def _restarting_condition(old: list[Obj], phase: Phase, attempt: int, now: str) -> Obj:

@@ -248,6 +248,7 @@ def test_every_rule_of_the_table_is_broken_by_a_case() -> None:
         "indexed-data-needs-paths",
         "mock-data-has-no-paths",
         "chat-data-has-one-path",
+        "preference-data-has-one-path",
         "huggingface-tokenizer-needs-name",
     }
     assert missing <= extra, missing
@@ -268,6 +269,10 @@ def test_router_topk_beyond_the_experts_is_refused() -> None:
     [
         ({"type": "indexed"}, "spec.data.paths must list at least one dataset prefix"),
         ({"paths": [{"prefix": "/d/x"}]}, "spec.data.paths is only used with type indexed"),
+        (
+            {"type": "preference"},
+            "spec.data.paths must list exactly one dataset when spec.data.type is preference",
+        ),
         ({"type": "chat"}, "spec.data.paths must list exactly one dataset when spec.data.type is"),
         (
             {"type": "chat", "paths": [{"prefix": "/d/x"}, {"prefix": "/d/y"}]},

@@ -14,24 +14,35 @@ from typing import Any
 import yaml
 
 from kubetron_api import v1alpha1 as api
-from kubetron_api.rules import crd_validations
+from kubetron_api.model_rules import crd_validations
 
 Schema = dict[str, Any]
 
 _DROP_KEYS = {"title", "additionalProperties", "$defs"}
 
 # Everything but runPolicy.suspend is fixed once created: a running job cannot change shape.
-IMMUTABLE_FIELDS: tuple[str, ...] = ("model", "recipe", "parallelism", "data", "checkpoint")
-IMMUTABLE_FIELDS += ("resources", "scheduling", "metrics")
+IMMUTABLE_FIELDS: tuple[str, ...] = ("model", "models", "recipe", "parallelism", "data")
+IMMUTABLE_FIELDS += ("checkpoint", "resources", "scheduling", "metrics")
 IMMUTABLE_RUN_POLICY = ("backoffLimit", "cleanPodPolicy")
 OPTIONAL_RUN_POLICY = ("activeDeadlineSeconds", "ttlSecondsAfterFinished")
 
 
-def _immutability_rules() -> list[dict[str, str]]:
+def _unchanged(path: str, optional: bool) -> str:
+    """CEL: the field at `path` (under self and oldSelf) did not change; an optional one may not
+    appear or go either (reading an absent field is an error in CEL)."""
+    same = f"self.{path} == oldSelf.{path}"
+    if not optional:
+        return same
+    return f"has(self.{path}) == has(oldSelf.{path}) && (!has(self.{path}) || {same})"
+
+
+def _immutability_rules(spec: Schema) -> list[dict[str, str]]:
     hint = "; delete and recreate the MegatronJob to change it (only runPolicy.suspend may change)"
+    # spec.model and spec.models: one of them is set, the other absent (no default)
+    props, required = spec["properties"], set(spec.get("required", []))
     rules = [
         {
-            "rule": f"self.{f} == oldSelf.{f}",
+            "rule": _unchanged(f, f not in required and "default" not in props[f]),
             "message": f"spec.{f} is immutable{hint}",
             "fieldPath": f".{f}",
         }
@@ -47,8 +58,7 @@ def _immutability_rules() -> list[dict[str, str]]:
     ]
     rules += [
         {
-            "rule": f"has(self.runPolicy.{f}) == has(oldSelf.runPolicy.{f}) && "
-            f"(!has(self.runPolicy.{f}) || self.runPolicy.{f} == oldSelf.runPolicy.{f})",
+            "rule": _unchanged(f"runPolicy.{f}", optional=True),
             "message": f"spec.runPolicy.{f} is immutable{hint}",
             "fieldPath": f".runPolicy.{f}",
         }
@@ -114,7 +124,7 @@ def _default_nested_objects(obj: Schema) -> None:
 
 def spec_schema() -> Schema:
     schema = openapi_schema(api.MegatronJobSpec)
-    schema["x-kubernetes-validations"] = crd_validations() + _immutability_rules()
+    schema["x-kubernetes-validations"] = crd_validations() + _immutability_rules(schema)
     return schema
 
 
@@ -128,8 +138,9 @@ def _printer_columns() -> list[Schema]:
     return [
         col("Phase", ".status.phase", desc="Summary phase"),
         col("World", ".status.worldSize", "integer", desc="Trainer processes"),
-        col("TP", ".spec.parallelism.tensor", "integer", desc="Tensor parallel"),
-        col("PP", ".spec.parallelism.pipeline", "integer", desc="Pipeline parallel"),
+        # the resolved shape: the trainable model's in a job of several models
+        col("TP", ".status.parallelism.tensor", "integer", desc="Tensor parallel"),
+        col("PP", ".status.parallelism.pipeline", "integer", desc="Pipeline parallel"),
         col("DP", ".status.parallelism.data", "integer", desc="Data parallel (derived)"),
         col("Step", ".status.progress.step", "integer", desc="Last training step"),
         col("Loss", ".status.progress.loss", desc="Loss of the last step"),
