@@ -11,6 +11,11 @@ state needs saving. Only the first
 and last pipeline stages read data (tokens feed the embedding, labels the loss); the others get
 `None` micro-batches. Indexed datasets go through Megatron-Core's `BlendedMegatronDatasetBuilder`
 and `GPTDataset`, so blends, splits and the index caches are Megatron's own.
+
+For DPO (recipe dpo: `data.type: preference`, or mock pairs) a sample is a pair, so batch sizes
+count pairs; a micro-batch of k pairs is laid out as 2k rows, the k chosen sequences first, then
+the k rejected ones in the same order (TRL's concatenated forward), and `Batch.index` holds the
+pairs' global sample indices.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from kubetron_api.exitcodes import ConfigError
 from kubetron_api.files import unreadable
 from kubetron_trainer.data.chat import LOSS_MASK
 from kubetron_trainer.data.packing import ChatDataset, block_causal_mask
+from kubetron_trainer.data.pairs import check_marker
+from kubetron_trainer.data.preference import PreferenceDataset, pair_sample
 from kubetron_trainer.data.tokenizer import Tokenizer, check_for_model
 from kubetron_trainer.models.megatron_config import padded_vocab_size
 
@@ -47,7 +54,8 @@ class SampleSource(Protocol):
 
 @dataclass(frozen=True)
 class Batch:
-    """One micro-batch, `[micro_batch, seq]` each, on the training device."""
+    """One micro-batch, `[micro_batch, seq]` each (preference pairs: `[2 * micro_batch, seq]`,
+    chosen rows first), on the training device."""
 
     tokens: torch.Tensor
     labels: torch.Tensor
@@ -55,7 +63,7 @@ class Batch:
     position_ids: torch.Tensor
     # packed conversations (data.type chat): `[micro_batch, 1, seq, seq]`, True = masked
     attention_mask: torch.Tensor | None = None
-    # preference pairs: the global sample indices of the micro-batch's pairs, `[k]`
+    # preference pairs: the global sample indices of the micro-batch's pairs, `[k]` (long)
     index: torch.Tensor | None = None
     # what another model of the job computed for these rows (a reference's log-probabilities,
     # a teacher's logits), attached on the way to the trained model's loss
@@ -78,17 +86,36 @@ class MockDataset:
     def __len__(self) -> int:
         return self.num_samples
 
-    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+    def sequence(self, idx: int) -> np.ndarray:
+        """Sample `idx`'s `seq_length + 1` tokens."""
         rng = np.random.default_rng([self.seed, idx])
         start, stride = int(rng.integers(self.vocab_size)), int(rng.integers(1, 8))
-        text = (start + stride * np.arange(self.seq_length + 1)) % self.vocab_size
-        seq = torch.from_numpy(text).long()
+        return (start + stride * np.arange(self.seq_length + 1)) % self.vocab_size
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        seq = torch.from_numpy(self.sequence(idx)).long()
         return {
             "tokens": seq[:-1],
             "labels": seq[1:],
             "loss_mask": torch.ones(self.seq_length),
             "position_ids": torch.arange(self.seq_length),
         }
+
+
+class MockPreferenceDataset(MockDataset):
+    """Deterministic pairs (`data.type: mock`, recipe dpo): the first half of a `MockDataset`
+    sequence is the prompt both rows share; the chosen row continues it by the learnable rule,
+    the rejected row with random tokens (a generator seeded by (seed, index, 1)). The loss is on
+    the continuation only, so a policy that learns the rule prefers the chosen rows."""
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        chosen = self.sequence(idx)
+        prompt = len(chosen) // 2
+        rejected = chosen.copy()
+        rng = np.random.default_rng([self.seed, idx, 1])
+        rejected[prompt:] = rng.integers(self.vocab_size, size=len(chosen) - prompt)
+        mask = (np.arange(len(chosen)) >= prompt).astype(np.float32)
+        return pair_sample((chosen, rejected), (mask, mask), self.seq_length, pad=0)
 
 
 # Megatron's pad id for "no padding in the data" (megatron.core.datasets.megatron_dataset).
@@ -116,20 +143,21 @@ class DatasetTokenizer:
 
 
 def check_indexed_data(cfg: TrainerConfig) -> Tokenizer:
-    """What the trainer checks at start, before it joins the job, for `data.type: indexed` and
-    `chat`: every dataset's files exist (a chat dataset's loss mask too), and the tokenizer
-    loads, fits the model's padded vocabulary and has EOD and pad tokens. Raises ConfigError
-    naming the field; returns the tokenizer."""
+    """What the trainer checks at start, before it joins the job, for `data.type: indexed`,
+    `chat` and `preference`: every dataset's files exist (a chat or preference dataset's loss
+    mask too, and a preference dataset's pairs marker), and the tokenizer loads, fits the model's
+    padded vocabulary and has EOD and pad tokens. Raises ConfigError naming the field; returns
+    the tokenizer."""
     data = cfg.data
     suffixes = [".bin", ".idx"]
-    if data.type == "chat":
+    if data.type != "indexed":
         suffixes += [LOSS_MASK + ".bin", LOSS_MASK + ".idx"]
     for i, path in enumerate(data.paths):
         for suffix in suffixes:
             file = Path(path.prefix + suffix)
             if not file.is_file():
                 how = "prepare it with kubetron-prepare-data" + (
-                    " --chat" if data.type == "chat" else ""
+                    "" if data.type == "indexed" else f" --{data.type}"
                 )
                 raise ConfigError(
                     f"data.paths[{i}].prefix",
@@ -138,15 +166,19 @@ def check_indexed_data(cfg: TrainerConfig) -> Tokenizer:
                 )
             if problem := unreadable(file):
                 raise ConfigError(f"data.paths[{i}].prefix", problem)
+        if data.type == "preference":
+            check_marker(path.prefix, f"data.paths[{i}].prefix")
     padded = padded_vocab_size(cfg.model.vocab_size, cfg.parallelism.tensor)
     return check_for_model(data.tokenizer, cfg.model.vocab_size, padded)
 
 
-def chat_dataset(cfg: TrainerConfig, num_samples: int) -> ChatDataset:
-    """Packed conversations (`data.type: chat`), padded with the tokenizer's pad token."""
+def chat_dataset(cfg: TrainerConfig, num_samples: int) -> ChatDataset | PreferenceDataset:
+    """Packed conversations (`data.type: chat`) or preference pairs (`preference`), padded with
+    the tokenizer's pad token."""
     tokenizer = check_indexed_data(cfg)
     assert tokenizer.pad is not None  # check_indexed_data refused it otherwise
-    return ChatDataset(
+    dataset = PreferenceDataset if cfg.data.type == "preference" else ChatDataset
+    return dataset(
         cfg.data.paths[0].prefix, seq_length=cfg.recipe.seq_length, num_samples=num_samples,
         seed=cfg.recipe.seed, split=cfg.data.split, pad=tokenizer.pad,
     )  # fmt: skip
@@ -232,15 +264,22 @@ class Batches:
     def _batch(self, step: int, micro: int) -> Batch:
         source = self.source
         assert source is not None
-        samples = [source[i % len(source)] for i in self.indices(step, micro)]
+        indices = self.indices(step, micro)
+        samples = [source[i % len(source)] for i in indices]
+        pairs = samples[0]["tokens"].dim() == 2  # preference: [2, seq] a sample
 
         def stack(key: str) -> torch.Tensor:
-            return torch.stack([s[key] for s in samples]).to(self.device, non_blocking=True)
+            rows = torch.stack([s[key] for s in samples])
+            if pairs:  # [k, 2, seq] -> [2k, seq]: the k chosen rows, then the k rejected ones
+                rows = rows.transpose(0, 1).reshape(-1, rows.shape[-1])
+            return rows.to(self.device, non_blocking=True)
 
         mask = block_causal_mask(stack("document_ids")) if "document_ids" in samples[0] else None
+        index = torch.tensor(indices, dtype=torch.long, device=self.device) if pairs else None
         return Batch(
-            stack("tokens"), stack("labels"), stack("loss_mask"), stack("position_ids"), mask
-        )
+            stack("tokens"), stack("labels"), stack("loss_mask"), stack("position_ids"), mask,
+            index,
+        )  # fmt: skip
 
 
 def build_batches(
@@ -262,11 +301,11 @@ def build_batches(
     num_samples = max(start_sample + max(cfg.recipe.train_iters - start_step, 0) * gbs, gbs)
     source: SampleSource | None
     if cfg.data.type == "mock":
-        mock = MockDataset(
+        mock = (MockPreferenceDataset if cfg.recipe.kind == "dpo" else MockDataset)(
             cfg.model.vocab_size, cfg.recipe.seq_length, num_samples, cfg.recipe.seed
         )
         source = mock if reads_data else None
-    elif cfg.data.type == "chat":
+    elif cfg.data.type in ("chat", "preference"):
         source = chat_dataset(cfg, num_samples) if reads_data else None
     else:
         source = indexed_dataset(cfg, num_samples, reads_data)

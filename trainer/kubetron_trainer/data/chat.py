@@ -28,7 +28,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kubetron_trainer.data.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant", "tool")
 TEMPLATE_FILE = "chat_template.jinja"
@@ -87,6 +90,18 @@ def compile_template(text: str, source: str, special: dict[str, str] | None = No
 def load_template(directory: Path, override: Path | None = None) -> Template:
     """The chat template of a tokenizer directory (or the file `override`), with the special
     tokens of its tokenizer_config.json."""
+    template = find_template(directory, override)
+    if template is None:
+        raise ChatError(
+            f"{directory} has no chat template ({TEMPLATE_FILE}, or chat_template in "
+            f"{CONFIG_FILE}); use the tokenizer of a chat model or pass --chat-template FILE"
+        )
+    return template
+
+
+def find_template(directory: Path, override: Path | None = None) -> Template | None:
+    """`load_template`, or None when the directory has no chat template and there is no
+    `override` (preference data is then plain text)."""
     config: dict[str, Any] = {}
     config_path = directory / CONFIG_FILE
     if config_path.is_file():
@@ -112,10 +127,7 @@ def load_template(directory: Path, override: Path | None = None) -> Template:
         named = {t.get("name"): t.get("template") for t in text if isinstance(t, dict)}
         text = named.get("default")
     if not isinstance(text, str) or not text:
-        raise ChatError(
-            f"{directory} has no chat template ({TEMPLATE_FILE}, or chat_template in "
-            f"{CONFIG_FILE}); use the tokenizer of a chat model or pass --chat-template FILE"
-        )
+        return None
     return compile_template(text, f"{config_path} chat_template", special)
 
 
@@ -134,7 +146,15 @@ def check_messages(record: Any, key: str) -> list[dict[str, Any]]:
     if key not in record:
         fields = ", ".join(map(str, record)) or "none"
         raise ChatError(f"no {key!r} field (fields: {fields}); name it with --messages-key")
-    messages = record[key]
+    messages = message_list(record[key], key)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ChatError(f"{key!r} has no assistant message: nothing to learn from")
+    return messages
+
+
+def message_list(messages: Any, key: str) -> list[dict[str, Any]]:
+    """`messages` (the value of field `key`) as a non-empty list of `{"role", "content"}`, or
+    ChatError naming the message that is not one."""
     if not isinstance(messages, list) or not messages:
         raise ChatError(f"{key!r} must be a non-empty list of messages")
     for i, message in enumerate(messages):
@@ -145,18 +165,19 @@ def check_messages(record: Any, key: str) -> list[dict[str, Any]]:
             raise ChatError(f"{key}[{i}].role is {role!r}; use one of {', '.join(ROLES)}")
         if not isinstance(message.get("content"), str):
             raise ChatError(f"{key}[{i}].content must be a string")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise ChatError(f"{key!r} has no assistant message: nothing to learn from")
     return messages
 
 
-def segments(template: Template, messages: Sequence[dict[str, Any]]) -> list[tuple[str, bool]]:
-    """The rendered conversation cut into (text, written by the assistant) pieces, in order;
-    joined, they are the whole rendering."""
+def segments(
+    template: Template, messages: Sequence[dict[str, Any]], first: int = 0
+) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into (text, learned) pieces, in order; joined, they are the
+    whole rendering. Learned: the assistant messages from index `first` on (a preference pair's
+    response; the assistant turns of its prompt are context)."""
     full = template.render(messages, add_generation_prompt=False)
     cuts: list[tuple[int, int]] = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if i < first or message["role"] != "assistant":
             continue
         prompt = template.render(messages[:i], add_generation_prompt=True)
         turn = template.render(messages[: i + 1], add_generation_prompt=False)
@@ -184,3 +205,18 @@ def segments(template: Template, messages: Sequence[dict[str, Any]]) -> list[tup
     if position < len(full):
         pieces.append((full[position:], False))
     return pieces
+
+
+def tokenize_segments(
+    tokenizer: Tokenizer, pieces: Sequence[tuple[str, bool]]
+) -> tuple[list[int], list[int]]:
+    """`segments`' pieces tokenized one by one, without the tokenizer's post-processor (the
+    template writes its own special tokens): the token ids, and 1 where a token is learned."""
+    ids: list[int] = []
+    learned: list[int] = []
+    for piece, (_, learn) in zip(
+        tokenizer.tokenize_plain([text for text, _ in pieces]), pieces, strict=True
+    ):
+        ids += piece
+        learned += [int(learn)] * len(piece)
+    return ids, learned

@@ -32,6 +32,12 @@ indexed dataset of the same documents and lengths whose values are 1 for the tok
 assistant wrote (the ones the loss is taken on) and 0 for the rest. A conversation without an
 assistant message, a role not in system/user/assistant/tool, or a template that cannot mark
 the assistant's tokens stops the run, naming the file and line.
+
+`--preference` prepares DPO pairs (`data.type: preference`, rows as `kubetron_trainer.data.pairs`
+reads them: `prompt`, `chosen`, `rejected`): row i becomes documents 2i (prompt + chosen) and
+2i + 1 (prompt + rejected), tokenized as `--chat` does, the loss mask 1 on the response only, and
+PREFIX.pairs.json marks the dataset as pairs. A missing field, an empty response, or responses
+that render identically stop the run, naming the file and line (Parquet: row).
 """
 
 from __future__ import annotations
@@ -61,9 +67,12 @@ from kubetron_trainer.data.chat import (
     Template,
     check_messages,
     compile_template,
+    find_template,
     load_template,
     segments,
+    tokenize_segments,
 )
+from kubetron_trainer.data.pairs import KEYS, PAIRS, ROW, pair_documents, write_marker
 from kubetron_trainer.data.tokenizer import BYTE, Tokenizer, TokenizerError, load
 from kubetron_trainer.tools.indexed import IndexedWriter, token_dtype
 
@@ -121,11 +130,12 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
 
 
 def read_chunks(
-    file: int, path: Path, text_key: str, size: int, strings: bool = True
+    file: int, path: Path, text_key: str | tuple[str, ...], size: int, strings: bool = True
 ) -> Iterator[Chunk]:
     """The documents of input file number `file` in chunks of `size`; at least one chunk, so
     an empty file reaches the check of its document count. `strings`: the Parquet column must
-    hold text (a chat dataset's column holds lists of messages)."""
+    hold text (a chat dataset's column holds lists of messages). A tuple of keys (preference
+    rows): Parquet rows are read as records of those columns."""
     if path.name.endswith(".parquet"):
         yield from _parquet_chunks(file, path, text_key, size, strings)
     elif path.name.endswith(TEXT):
@@ -192,7 +202,7 @@ def _not_utf8(path: Path, err: UnicodeDecodeError) -> str:
 
 
 def _parquet_chunks(
-    file: int, path: Path, text_key: str, size: int, strings: bool
+    file: int, path: Path, text_key: str | tuple[str, ...], size: int, strings: bool
 ) -> Iterator[Chunk]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -202,18 +212,21 @@ def _parquet_chunks(
     except (pa.ArrowException, OSError) as err:
         raise PrepareError(f"{path}: not a Parquet file: {err}") from None
     schema = reader.schema_arrow
-    if text_key not in schema.names:
-        raise PrepareError(
-            f"{path}: no column {text_key!r} (columns: {', '.join(schema.names) or 'none'}); "
-            "name the column with --text-key (--messages-key with --chat)"
-        )
-    kind = schema.field(text_key).type
+    keys = (text_key,) if isinstance(text_key, str) else text_key
+    for key in keys:
+        if key not in schema.names:
+            how = "name the column with --text-key (--messages-key with --chat)"
+            raise PrepareError(
+                f"{path}: no column {key!r} (columns: {', '.join(schema.names) or 'none'}); "
+                + (how if isinstance(text_key, str) else ROW)
+            )
+    kind = schema.field(keys[0]).type
     if strings and not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise PrepareError(f"{path}: column {text_key!r} holds {kind}, not strings")
     row = 0
     try:
-        for batch in reader.iter_batches(batch_size=size, columns=[text_key]):
-            texts = batch.column(0).to_pylist()
+        for batch in reader.iter_batches(batch_size=size, columns=list(keys)):
+            texts = batch.column(0).to_pylist() if isinstance(text_key, str) else batch.to_pylist()
             yield Chunk(file, str(path), "parquet", row, texts)
             row += len(texts)
     except (pa.ArrowException, OSError) as err:
@@ -235,7 +248,7 @@ class Encoded:
     tokens: np.ndarray
     lengths: list[int]
     error: str | None = None
-    loss_mask: np.ndarray | None = None  # chat data: 1 where an assistant wrote the token
+    loss_mask: np.ndarray | None = None  # chat and preference data: 1 on the learned tokens
 
 
 @dataclass(frozen=True)
@@ -246,15 +259,20 @@ class Job:
     dtype: str
     chat: bool = False
     chat_template: str | None = None  # a template file instead of the tokenizer's
+    preference: bool = False
 
 
 def chat_template(job: Job) -> Template | None:
-    """The template chat records are rendered with (None without `--chat`)."""
-    if not job.chat:
+    """The template chat records are rendered with (None without `--chat`), or preference rows
+    (None without one: plain text)."""
+    if not (job.chat or job.preference):
         return None
     override = Path(job.chat_template) if job.chat_template else None
     if job.tokenizer != BYTE:
-        return load_template(Path(job.tokenizer), override)
+        find = load_template if job.chat else find_template
+        return find(Path(job.tokenizer), override)
+    if job.preference and override is None:
+        return None
     if override is None or not override.is_file():
         raise ChatError("the byte tokenizer has no chat template; pass --chat-template FILE")
     return compile_template(override.read_text(encoding="utf-8"), str(override))
@@ -280,8 +298,9 @@ def _encode_in_worker(chunk: Chunk) -> Encoded:
 def encode_records(
     chunk: Chunk, tokenizer: Tokenizer, job: Job, template: Template | None
 ) -> Encoded:
-    """One chunk of text documents, or of conversations when there is a chat template."""
-    if template is not None:
+    """One chunk of text documents, of conversations when there is a chat template, or of
+    preference rows."""
+    if template is not None or job.preference:
         return encode_chat(chunk, tokenizer, job, template)
     return encode(chunk, tokenizer, job)
 
@@ -294,33 +313,39 @@ def _where(chunk: Chunk, i: int) -> str:
     return f"{chunk.path}: row {chunk.first + i} (counting from 0)"
 
 
-def encode_chat(chunk: Chunk, tokenizer: Tokenizer, job: Job, template: Template) -> Encoded:
-    """Render and tokenize one chunk of conversations, with their assistant-token masks."""
+def encode_chat(chunk: Chunk, tokenizer: Tokenizer, job: Job, template: Template | None) -> Encoded:
+    """Render and tokenize one chunk of conversations (a document each) or of preference rows
+    (two each, in order), with the masks of the learned tokens."""
     tokens: list[int] = []
     mask: list[int] = []
     lengths: list[int] = []
-    records = 0
     for i, item in enumerate(chunk.items):
         if chunk.kind == "jsonl" and not item.strip():
             continue
-        records += 1
         try:
-            record = {job.text_key: item} if chunk.kind == "parquet" else _json(item)
-            pieces = segments(template, check_messages(record, job.text_key))
+            docs = _documents(chunk, item, tokenizer, job, template)
         except ChatError as err:
             error = f"{_where(chunk, i)}: {err}"
             return Encoded(chunk.file, 0, np.empty(0, job.dtype), [], error)
-        length = 0
-        for ids, learned in zip(
-            tokenizer.tokenize_plain([text for text, _ in pieces]), (a for _, a in pieces),
-            strict=True,
-        ):  # fmt: skip
+        for ids, learned in docs:
             tokens += ids
-            mask += [int(learned)] * len(ids)
-            length += len(ids)
-        lengths.append(length)
+            mask += learned
+            lengths.append(len(ids))
     flat = np.asarray(tokens, dtype=job.dtype)
-    return Encoded(chunk.file, records, flat, lengths, loss_mask=np.asarray(mask, np.uint8))
+    return Encoded(chunk.file, len(lengths), flat, lengths, loss_mask=np.asarray(mask, np.uint8))
+
+
+def _documents(
+    chunk: Chunk, item: Any, tokenizer: Tokenizer, job: Job, template: Template | None
+) -> list[tuple[list[int], list[int]]]:
+    """The (token ids, learned) documents of one record: its conversation, or a preference
+    row's chosen and rejected ones."""
+    if job.preference:
+        return pair_documents(item if chunk.kind == "parquet" else _json(item), tokenizer, template)
+    assert template is not None
+    record = {job.text_key: item} if chunk.kind == "parquet" else _json(item)
+    pieces = segments(template, check_messages(record, job.text_key))
+    return [tokenize_segments(tokenizer, pieces)]
 
 
 def _json(raw: bytes) -> Any:
@@ -380,6 +405,7 @@ class Summary:
     tokens: int
     seconds: float
     written: list[Path]
+    pairs: int | None = None  # preference data
 
     @property
     def tokens_per_s(self) -> float:
@@ -387,8 +413,9 @@ class Summary:
 
     def text(self) -> str:
         sizes = ", ".join(f"{p} ({p.stat().st_size:,} bytes)" for p in self.written)
+        pairs = "" if self.pairs is None else f"{self.pairs:,} preference pairs, "
         return (
-            f"prepare-data: {self.documents:,} documents ({self.empty:,} empty, skipped), "
+            f"prepare-data: {pairs}{self.documents:,} documents ({self.empty:,} empty, skipped), "
             f"{self.tokens:,} tokens from {self.files} files in {self.seconds:.1f} s "
             f"({self.tokens_per_s:,.0f} tokens/s); wrote {sizes}"
         )
@@ -450,26 +477,30 @@ def _check_arguments(
     files: list[Path],
     tok: Tokenizer,
     output_prefix: Path,
-    chat: bool,
+    mode: str | None,
     append_eod: bool,
     overwrite: bool,
 ) -> None:
-    """Refuse, before anything is read, what cannot work together."""
-    if chat and (texts := [f for f in files if f.name.endswith(TEXT)]):
+    """Refuse, before anything is read, what cannot work together (`mode`: --chat,
+    --preference or None)."""
+    if mode and (texts := [f for f in files if f.name.endswith(TEXT)]):
         raise PrepareError(
-            f"{texts[0]}: --chat reads conversations from .jsonl, .jsonl.gz or .parquet, not text"
+            f"{texts[0]}: {mode} reads {'conversations' if mode == '--chat' else 'pairs'} from "
+            ".jsonl, .jsonl.gz or .parquet, not text"
         )
-    if chat and append_eod:
+    if mode and append_eod:
+        plain = ", and plain-text pairs end with it already" if mode == "--preference" else ""
         raise PrepareError(
-            "--append-eod does not go with --chat: the chat template ends every turn itself"
+            f"--append-eod does not go with {mode}: the chat template ends every turn itself{plain}"
         )
     if append_eod and tok.eod is None:
         raise PrepareError(
             f'--append-eod: {tok.describe()} defines no EOD token; set "eos_token" in its '
             "tokenizer_config.json"
         )
+    suffixes = [".bin", ".idx"] + ([LOSS_MASK + ".bin", LOSS_MASK + ".idx"] if mode else [])
     if not overwrite:
-        for suffix in (".bin", ".idx") + ((LOSS_MASK + ".bin", LOSS_MASK + ".idx") if chat else ()):
+        for suffix in suffixes + ([PAIRS] if mode == "--preference" else []):
             if Path(f"{output_prefix}{suffix}").exists():
                 raise PrepareError(
                     f"{output_prefix}{suffix} exists; pass --overwrite to replace it (only once "
@@ -491,9 +522,12 @@ def prepare(
     chat: bool = False,
     messages_key: str = "messages",
     chat_template_file: Path | None = None,
+    preference: bool = False,
 ) -> Summary:
     """Tokenize `inputs` into `output_prefix`.bin/.idx; raises PrepareError on bad input, leaving
     nothing at the prefix (and an existing dataset there untouched)."""
+    if chat and preference:
+        raise PrepareError("--chat and --preference exclude each other")
     files = expand_inputs(inputs)
     if not files:
         raise PrepareError(f"no input files; name {', '.join(SUFFIXES)} files or patterns")
@@ -501,11 +535,12 @@ def prepare(
         tok = load(tokenizer)
     except TokenizerError as err:
         raise PrepareError(f"--tokenizer {tokenizer}: {err}") from None
-    _check_arguments(files, tok, output_prefix, chat, append_eod, overwrite)
+    mode = "--chat" if chat else "--preference" if preference else None
+    _check_arguments(files, tok, output_prefix, mode, append_eod, overwrite)
     dtype = np.dtype(token_dtype(tok.vocab_size)).name
     key = messages_key if chat else text_key
     template_file = str(chat_template_file) if chat_template_file else None
-    job = Job(tokenizer, key, append_eod, dtype, chat, template_file)
+    job = Job(tokenizer, key, append_eod, dtype, chat, template_file, preference)
     try:
         template = chat_template(job)
     except ChatError as err:
@@ -514,11 +549,11 @@ def prepare(
 
     def chunks() -> Iterator[Chunk]:
         for i, path in enumerate(files):
-            yield from read_chunks(i, path, key, chunk_size, strings=not chat)
+            yield from read_chunks(i, path, KEYS if preference else key, chunk_size, not mode)
 
     documents = 0
     with (
-        IndexedWriter(output_prefix, tok.vocab_size, loss_mask=chat) as writer,
+        IndexedWriter(output_prefix, tok.vocab_size, loss_mask=mode is not None) as writer,
         contextlib.closing(encoded_chunks(chunks(), tok, job, workers, template)) as results,
     ):
         progress = Progress(len(files), progress_interval)  # the clock starts with the reading
@@ -536,10 +571,15 @@ def prepare(
             raise PrepareError(f"{files[-1]}: empty (no documents)")
         if writer.tokens == 0:
             raise PrepareError("every document is empty: no tokens to write")
+        if not preference:  # an earlier preference dataset's marker would pair these documents
+            Path(f"{output_prefix}{PAIRS}").unlink(missing_ok=True)
         written = writer.commit()
+        pairs = writer.documents // 2 if preference else None
+        if pairs is not None:
+            written.append(write_marker(output_prefix, pairs))
         return Summary(
             len(files), documents, documents - writer.documents, writer.tokens,
-            time.monotonic() - progress.start, written,
+            time.monotonic() - progress.start, written, pairs,
         )  # fmt: skip
 
 
@@ -547,7 +587,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="kubetron-prepare-data",
         description="Tokenize JSONL, Parquet and plain text into a Megatron indexed dataset "
-        "(PREFIX.bin + PREFIX.idx); with --chat, conversations for supervised fine-tuning.",
+        "(PREFIX.bin + PREFIX.idx); with --chat, conversations for supervised fine-tuning; with "
+        "--preference, prompt/chosen/rejected pairs for DPO.",
     )
     p.add_argument(
         "inputs",
@@ -576,11 +617,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--overwrite", action="store_true", help="replace an existing dataset at the prefix"
     )
-    p.add_argument(
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
         "--chat",
         action="store_true",
         help="records are conversations: render them with the chat template and write "
         f"PREFIX{LOSS_MASK}.bin/.idx (loss on the assistant's tokens) for data.type chat",
+    )
+    mode.add_argument(
+        "--preference",
+        action="store_true",
+        help="records are DPO pairs with prompt, chosen and rejected: lists of messages "
+        "(conversational) or strings (standard: a user and an assistant message). Row i "
+        "becomes documents 2i (prompt + chosen) and 2i+1 (prompt + rejected), rendered as "
+        f"--chat renders, loss on the response only; writes PREFIX{LOSS_MASK}.bin/.idx and "
+        f"PREFIX{PAIRS} for data.type preference. Without a chat template (the byte tokenizer, "
+        "no --chat-template) standard pairs are plain text: prompt, then response and EOD",
     )
     p.add_argument(
         "--messages-key", default="messages", help="JSON field / Parquet column of a conversation"
@@ -629,6 +681,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             chat=args.chat,
             messages_key=args.messages_key,
             chat_template_file=args.chat_template,
+            preference=args.preference,
         )
     except PrepareError as err:
         print(f"prepare-data: {err}", file=sys.stderr)
