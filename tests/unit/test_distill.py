@@ -23,7 +23,7 @@ from kubetron_trainer.recipes.distill import (
 SHAPES = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 2), (2, 4), (4, 1), (1, 4), (8, 2), (2, 8)]
 # 300 pads to 384 / 512 / 512 / 1024 for TP 1 / 2 / 4 / 8; 600 leaves TP4's and TP8's last
 # shards all padding; 50257 is GPT-2's.
-VOCABS = [300, 600, 1000, 50257]
+VOCABS = [300, 600, 50257]
 MICRO = [1, 2, 4]
 
 
@@ -99,27 +99,22 @@ def test_every_rank_receives_exactly_its_interval_once(layout: DistillLayout) ->
     plan = layout.plan()
     assert len({(p.sender, p.receiver) for p in plan}) == len(plan)  # one piece per pair
     for rank in ranks(layout):
-        want = layout.student_interval(rank)
-        got: Counter[tuple[int, int]] = Counter()
+        block = (rank - layout.first_rank) // layout.block
+        by_row: dict[int, list[tuple[int, int]]] = {r: [] for r in range(layout.micro_batch)}
         for p in layout.pieces_to(rank):
             assert p.receiver == rank
-            assert (p.sender - layout.first_rank) // layout.block == (
-                rank - layout.first_rank
-            ) // layout.block
-            lo, hi = p.vocab
-            assert lo < hi
-            assert (
-                layout.teacher_interval(p.sender)[0] <= lo
-                and hi <= layout.teacher_interval(p.sender)[1]
-            )
-            assert want[0] <= lo and hi <= want[1]
+            assert (p.sender - layout.first_rank) // layout.block == block
+            t_lo, t_hi = layout.teacher_interval(p.sender)
+            assert t_lo <= p.vocab[0] < p.vocab[1] <= t_hi
             assert p.src_rows[1] - p.src_rows[0] == p.dst_rows[1] - p.dst_rows[0]
             for src, dst in zip(range(*p.src_rows), range(*p.dst_rows), strict=True):
                 assert source(layout, p.sender, src) == (layout.student_batch(rank), dst)
-                got.update((dst, v) for v in range(lo, hi))
-        assert got == Counter(
-            {(row, v): 1 for row in range(layout.micro_batch) for v in range(*want)}
-        )
+                by_row[dst].append(p.vocab)
+        lo, hi = layout.student_interval(rank)
+        for row, intervals in by_row.items():
+            # the row's pieces, in order, tile [lo, hi): no gap, no overlap
+            edges = [lo] + [e for iv in sorted(intervals) for e in iv] + [hi]
+            assert all(a == b for a, b in zip(edges[::2], edges[1::2], strict=True)), (rank, row)
 
 
 def test_senders_and_receivers_agree(layout: DistillLayout) -> None:
