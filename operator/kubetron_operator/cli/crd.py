@@ -85,6 +85,8 @@ def _convert(node: Schema, defs: dict[str, Schema]) -> Schema:
             out[key] = _convert(value, defs)
         elif key == "exclusiveMinimum":
             out["minimum"], out["exclusiveMinimum"] = value, True
+        elif key == "exclusiveMaximum" and value != int(value):
+            out.setdefault("x-kubernetes-validations", []).append(_below(value))
         elif key == "exclusiveMaximum":
             out["maximum"], out["exclusiveMaximum"] = value, True
         else:
@@ -95,6 +97,13 @@ def _convert(node: Schema, defs: dict[str, Schema]) -> Schema:
     if out.get("type") == "object" and "properties" in out:
         _default_nested_objects(out)
     return out
+
+
+def _below(bound: float) -> dict[str, str]:
+    """A bound that is not a whole number, as CEL: the API server compares a whole-number value
+    (a default of 0.0 arrives as 0) with `maximum` cut to an integer, so `exclusiveMaximum` 0.5
+    would refuse 0."""
+    return {"rule": f"self < {bound}", "message": f"must be less than {bound}"}
 
 
 def _inline(node: Schema, defs: dict[str, Schema]) -> Schema:
