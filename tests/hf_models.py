@@ -120,11 +120,12 @@ def run_save(
     run_ranks(world, "save", str(directory), kind, str(vocab), str(tp), str(ckpt), "1", str(ep))
 
 
-def run_ranks(world: int, *args: str) -> None:
+def run_ranks(world: int, *args: str, module: str = "tests.hf_models") -> None:
+    """`world` ranks of `python -m MODULE ARGS` on this host; each must exit 0."""
     from devtools.ports import free_port
 
     port = free_port()
-    cmd = [sys.executable, "-m", "tests.hf_models", *args]
+    cmd = [sys.executable, "-m", module, *args]
     procs = [
         subprocess.Popen(
             cmd,

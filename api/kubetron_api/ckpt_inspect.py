@@ -2,13 +2,14 @@
 directory holds.
 
 Lists every saved step, whether its save finished, and the model, parallel shape and data
-position it was written with, and where `latest` points. Reads only `latest` and the steps'
+position it was written with, and where `latest` points; for a job of several models (one
+directory per trained model, `DIR/<name>/`) each model's. Reads only `latest` and the steps'
 `kubetron.json` (and checks that Megatron's metadata files exist); imports no torch, so it runs
 anywhere the `kubetron` command does, against a mounted volume.
 
 Exit code: 0 when `latest` points to a complete checkpoint or there is no `latest` (a run
-starts from step 0); 1 when a resume would be refused (`latest` unreadable or pointing to an
-incomplete or newer-format save); 2 when DIR is not a directory.
+starts from step 0), for every model; 1 when a resume would be refused (`latest` unreadable or
+pointing to an incomplete or newer-format save); 2 when DIR is not a directory.
 """
 
 from __future__ import annotations
@@ -25,10 +26,16 @@ from kubetron_api.ckpt_meta import (
     StepStatus,
     describe_shape,
     list_steps,
+    model_dirs,
     read_latest,
     step_status,
 )
 from kubetron_api.exitcodes import ConfigError
+
+SUMMARY = (
+    "list a checkpoint directory's steps: complete or not, model, shape (each model's, for a job "
+    "of several models)"
+)
 
 
 @dataclass(frozen=True)
@@ -127,10 +134,27 @@ def to_json(report: DirReport) -> dict[str, Any]:
     }
 
 
+def models_to_text(root: Path, reports: dict[str, DirReport]) -> str:
+    """Each model's report, indented under its name."""
+    lines = [f"checkpoint directory {root}: one directory per trained model"]
+    for name, report in reports.items():
+        lines += ["", f"model {name}"]
+        lines += [f"  {line}" for line in to_text(report).splitlines()]
+    return "\n".join(lines) + "\n"
+
+
+def models_to_json(root: Path, reports: dict[str, DirReport]) -> dict[str, Any]:
+    return {
+        "path": str(root),
+        "resumable": all(r.resumable for r in reports.values()),
+        "models": {name: to_json(report) for name, report in reports.items()},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="kubetron checkpoints",
-        description="List a checkpoint directory's steps: complete or not, model, shape.",
+        description=SUMMARY,
     )
     p.add_argument("dir", type=Path, help="a job's checkpoint.path")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -138,12 +162,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dir.is_dir():
         print(f"{args.dir} is not a directory", file=sys.stderr)
         return 2
-    report = inspect(args.dir)
-    if args.json:
-        print(json.dumps(to_json(report), indent=1))
+    if models := model_dirs(args.dir):
+        reports = {name: inspect(path) for name, path in models.items()}
+        doc, text = models_to_json(args.dir, reports), models_to_text(args.dir, reports)
+        resumable = all(r.resumable for r in reports.values())
     else:
-        sys.stdout.write(to_text(report))
-    return 0 if report.resumable else 1
+        report = inspect(args.dir)
+        doc, text, resumable = to_json(report), to_text(report), report.resumable
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    else:
+        sys.stdout.write(text)
+    return 0 if resumable else 1
 
 
 if __name__ == "__main__":

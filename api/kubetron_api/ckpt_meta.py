@@ -406,12 +406,17 @@ def plan_resume(root: Path, run: RunIdentity) -> ResumePlan | None:
     return ResumePlan(step, status.path, meta.consumed_samples, same, meta, why)
 
 
-def _check_model(source: Path, saved: ModelId, current: ModelId) -> None:
-    diffs = [
-        f"{key}: checkpoint {saved.arch[key]!r}, this job {current.arch[key]!r}"
-        for key in current.arch
-        if key in saved.arch and saved.arch[key] != current.arch[key]
+def arch_differences(saved: dict[str, Any], current: dict[str, Any], mine: str) -> list[str]:
+    """`key: checkpoint X, <mine> Y` for each architecture field (camelCase) that differs."""
+    return [
+        f"{key}: checkpoint {saved[key]!r}, {mine} {current[key]!r}"
+        for key in current
+        if key in saved and saved[key] != current[key]
     ]
+
+
+def _check_model(source: Path, saved: ModelId, current: ModelId) -> None:
+    diffs = arch_differences(saved.arch, current.arch, "this job")
     if diffs:
         raise ConfigError(
             "model",
@@ -429,3 +434,82 @@ def _check_model(source: Path, saved: ModelId, current: ModelId) -> None:
             "fit; nothing was loaded or changed. Resume with a tensor degree that pads it to "
             f"{saved.padded_vocab_size} (as the one it was written with)",
         )
+
+
+# --------------------------------------------------------------------------- several models
+# A job of several models keeps one directory per trainable model, `<checkpoint.path>/<name>/`,
+# each with the layout above; a frozen model is its weights and is never saved. A model's
+# weights may name such a directory: its `latest` step is what the model starts from.
+
+
+def is_checkpoint_dir(root: Path) -> bool:
+    """Whether `root` holds one model's checkpoints: a `latest` file or a step directory."""
+    if (root / LATEST).is_file():
+        return True
+    return root.is_dir() and any(
+        p.is_dir() and parse_step_dir(p.name) is not None for p in root.iterdir()
+    )
+
+
+def model_dirs(root: Path) -> dict[str, Path]:
+    """The models of a multi-model job's checkpoint directory (name -> its directory, sorted by
+    name); empty for one model's directory or anything else."""
+    if not root.is_dir() or is_checkpoint_dir(root):
+        return {}
+    return {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and is_checkpoint_dir(p)}
+
+
+def pick_model_dir(root: Path, name: str | None, option: str) -> Path:
+    """`root` itself, or `root/<name>` of a multi-model job's directory. A multi-model directory
+    without a name, or a name it does not hold, is refused (ConfigError naming `option`)."""
+    models = model_dirs(root)
+    listed = ", ".join(models)
+    if name is None and models:
+        raise ConfigError(
+            option,
+            f"{root} holds the checkpoints of several models ({listed}); pick one: pass "
+            f"{option} {next(iter(models))}",
+        )
+    if name is None:
+        return root
+    if name not in models:
+        held = (
+            f"its models: {listed}"
+            if models
+            else f"it is one model's checkpoint directory; leave {option} out"
+        )
+        raise ConfigError(option, f"{root} has no model {name!r} ({held})")
+    return models[name]
+
+
+def weights_step(root: Path, field: str) -> StepMeta:
+    """What a kubetron checkpoint directory named as a model's weights holds: the step `latest`
+    points to, which must be complete and carry its `kubetron.json` (the model it was written
+    with). Reads files only; anything else is refused (ConfigError naming `field`)."""
+
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(
+            field,
+            f"{root} is a kubetron checkpoint directory, but {why}; a model starts from the "
+            f"complete step its {LATEST} names. Write the step of a complete save into "
+            f"{root}/{LATEST} (`kubetron checkpoints {root}` lists them) or name another "
+            "directory (a Hugging Face checkpoint or a kubetron checkpoint)",
+        )
+
+    try:
+        step = read_latest(root)
+    except ConfigError:
+        raise refuse(f"its {LATEST} holds no step number") from None
+    if step is None:
+        raise refuse(f"it has no {LATEST} (no save of it finished)")
+    status = step_status(root, step)
+    if status.newer_format is not None:
+        raise refuse(f"step {step} was written by a newer kubetron ({status.problem})")
+    if not status.complete:
+        raise refuse(f"{LATEST} points to step {step}, an incomplete save ({status.problem})")
+    if status.meta is None:
+        raise refuse(
+            f"step {step} has no {META_FILE} (written before checkpoint format 1): its model "
+            "is unknown"
+        )
+    return status.meta

@@ -1,7 +1,9 @@
 """Hugging Face `config.json` and kubetron's `ModelArch`: which checkpoints fit which model.
 
-Torch-free: the trainer checks a finetune's `spec.model.weights` here before it joins the job,
-and the export command writes the `config.json` of a kubetron checkpoint from the same table.
+Torch-free: the trainer checks a model's weights here before it joins the job (a finetune's
+`spec.model.weights`, each of `spec.models[].weights`: a Hugging Face checkpoint, or a kubetron
+checkpoint directory whose `latest` step was written with the same architecture), and the
+export command writes the `config.json` of a kubetron checkpoint from the same table.
 Supported: Qwen3 (`Qwen3ForCausalLM`), Qwen3 MoE (`Qwen3MoeForCausalLM`) and Llama
 (`LlamaForCausalLM`, Llama 3 without RoPE scaling): SwiGLU, RMSNorm, RoPE, no biases.
 """
@@ -11,8 +13,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from kubetron_api.ckpt_meta import (
+    StepMeta,
+    arch_differences,
+    is_checkpoint_dir,
+    model_dirs,
+    weights_step,
+)
 from kubetron_api.config import ModelArch
 from kubetron_api.exitcodes import ConfigError
 from kubetron_api.files import unreadable
@@ -184,53 +193,113 @@ def mismatches(arch: ModelArch, raw: dict[str, Any]) -> list[str]:
     return out
 
 
-def read_hf_config(directory: Path) -> dict[str, Any]:
-    """`directory/config.json`, refusing (ConfigError on spec.model.weights) a directory without
-    it or without safetensors files."""
+def _both_kinds(field: str) -> str:
+    """What a multi-model job's weights may name, appended to the refusals of a directory that
+    is no Hugging Face checkpoint (one model's spec.model.weights reads Hugging Face's only)."""
+    if field == WEIGHTS_FIELD:
+        return ""
+    return (
+        f"; {field} names a Hugging Face checkpoint directory (config.json and *.safetensors) "
+        "or a kubetron checkpoint directory (the step its `latest` names)"
+    )
+
+
+def _fit_fix(field: str) -> str:
+    return f"pick the preset and {field.removesuffix('.weights')}.overrides of that checkpoint"
+
+
+def read_hf_config(directory: Path, field: str = WEIGHTS_FIELD) -> dict[str, Any]:
+    """`directory/config.json`, refusing (ConfigError on `field`) a directory without it or
+    without safetensors files."""
     if not directory.is_dir():
         raise ConfigError(
-            WEIGHTS_FIELD,
+            field,
             f"{directory} is not a directory; mount the volume that holds the Hugging Face "
-            "checkpoint and name its directory",
+            f"checkpoint and name its directory{_both_kinds(field)}",
         )
     path = directory / "config.json"
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(WEIGHTS_FIELD, f"{path} does not exist") from None
+        raise ConfigError(field, f"{path} does not exist{_both_kinds(field)}") from None
     except PermissionError:
-        raise ConfigError(WEIGHTS_FIELD, unreadable(path) or f"{path}: permission denied") from None
+        raise ConfigError(field, unreadable(path) or f"{path}: permission denied") from None
     except json.JSONDecodeError as err:
-        raise ConfigError(WEIGHTS_FIELD, f"{path} is not valid JSON: {err}") from None
+        raise ConfigError(field, f"{path} is not valid JSON: {err}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(WEIGHTS_FIELD, f"{path} does not hold a JSON object")
+        raise ConfigError(field, f"{path} does not hold a JSON object")
     if not any(directory.glob("*.safetensors")):
         raise ConfigError(
-            WEIGHTS_FIELD,
+            field,
             f"{directory} holds no *.safetensors files (only safetensors checkpoints are read; "
             "convert .bin weights with transformers' save_pretrained)",
         )
     blocked = [unreadable(p) for p in sorted(directory.glob("*.safetensors*"))]
     if problems := [p for p in blocked if p is not None]:
-        raise ConfigError(WEIGHTS_FIELD, "; ".join(problems))
+        raise ConfigError(field, "; ".join(problems))
     return raw
 
 
-def check_weights(arch: ModelArch, preset: str, directory: Path) -> dict[str, Any]:
+def check_weights(
+    arch: ModelArch, preset: str, directory: Path, field: str = WEIGHTS_FIELD
+) -> dict[str, Any]:
     """Refuse Hugging Face weights that do not fit the resolved architecture, naming every
     differing key; returns the checkpoint's config.json."""
     if why := unsupported(arch):
         raise ConfigError(
-            WEIGHTS_FIELD,
+            field,
             f"preset {preset} has {', '.join(why)}, which no supported Hugging Face model has "
-            "(Qwen3, Qwen3 MoE, Llama); remove spec.model.weights or pick such a preset",
+            f"(Qwen3, Qwen3 MoE, Llama); remove {field} or pick such a preset",
         )
-    raw = read_hf_config(directory)
+    raw = read_hf_config(directory, field)
     if problems := mismatches(arch, raw):
         raise ConfigError(
-            WEIGHTS_FIELD,
+            field,
             f"{directory}/config.json does not match the model (preset {preset} with its "
-            f"overrides): {'; '.join(problems)}; pick the preset and spec.model.overrides of "
-            "that checkpoint",
+            f"overrides): {'; '.join(problems)}; {_fit_fix(field)}",
         )
     return raw
+
+
+# What a model's weights name: a Hugging Face checkpoint or a kubetron one.
+WeightsKind = Literal["huggingface", "kubetron"]
+
+
+def check_checkpoint_weights(arch: ModelArch, preset: str, root: Path, field: str) -> StepMeta:
+    """Refuse a kubetron checkpoint directory whose `latest` step is not complete or was written
+    with another architecture (the padded vocabulary may differ: the loader reshards it);
+    returns that step's `kubetron.json`."""
+    meta = weights_step(root, field)
+    current = arch.model_dump(mode="json", by_alias=True)
+    if diffs := arch_differences(meta.model.arch, current, "the model"):
+        raise ConfigError(
+            field,
+            f"step {meta.step} of {root} holds {meta.model.describe()}, another architecture "
+            f"than the model (preset {preset} with its overrides): {'; '.join(diffs)}; "
+            f"{_fit_fix(field)}",
+        )
+    return meta
+
+
+def check_model_weights(
+    arch: ModelArch, preset: str, path: Path, field: str = WEIGHTS_FIELD
+) -> WeightsKind:
+    """Refuse, before the trainer joins the job, weights that cannot start the model; returns
+    which kind they are. `field` names them in the refusals: spec.models[1].weights (a model of
+    a multi-model job) accepts a Hugging Face checkpoint directory (`check_weights`) or a
+    kubetron checkpoint directory (one model's `latest` and steps, `check_checkpoint_weights`);
+    spec.model.weights (a finetune of one model) a Hugging Face one only, as it always did."""
+    if field == WEIGHTS_FIELD:
+        check_weights(arch, preset, path, field)
+        return "huggingface"
+    if is_checkpoint_dir(path):
+        check_checkpoint_weights(arch, preset, path, field)
+        return "kubetron"
+    if models := model_dirs(path):
+        raise ConfigError(
+            field,
+            f"{path} holds the checkpoints of a job with several models ({', '.join(models)}); "
+            f"name one model's directory, e.g. {path / next(iter(models))}",
+        )
+    check_weights(arch, preset, path, field)
+    return "huggingface"

@@ -399,3 +399,135 @@ def test_checkpoints_from_python_313_load_in_older_pythons(tmp_path: Path) -> No
     meta = PortableWriter(str(tmp_path)).storage_meta()
     assert meta is not None and meta.checkpoint_id == str(tmp_path)
     assert type(meta.checkpoint_id) is str
+
+
+# --------------------------------------------------------------------------- several models
+
+FIELD = "spec.models[1].weights"
+
+
+def multi_model_dir(root: Path) -> Path:
+    """A multi-model job's checkpoints: `policy` saved twice, `critic` interrupted."""
+    fake_save(root / "policy", 2, identity())
+    fake_save(root / "policy", 4, identity(world=4, tp=2))
+    fake_save(root / "critic", 2, identity(world=1))
+    write_latest(root / "critic", 6)  # points to a save that never finished
+    return root
+
+
+def test_inspect_lists_each_model_of_a_job_of_several_models(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kubetron_operator.cli import main
+
+    root = multi_model_dir(tmp_path / "ckpt")
+    assert main(["checkpoints", str(root)]) == 1  # critic's `latest` would be refused
+    text = capsys.readouterr().out
+    assert text.startswith(f"checkpoint directory {root}: one directory per trained model\n")
+    critic, policy = text.split("\nmodel ")[1:]
+    assert critic.startswith("critic\n") and policy.startswith("policy\n")
+    assert "latest: step 6: NOT RESUMABLE, points to an incomplete save" in critic
+    assert "latest: step 4 (a run resumes from it)" in policy
+    assert "TP2 x DP2 (world 4)" in policy and "gpt-tiny (2 layers" in policy
+    assert main(["checkpoints", str(root), "--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert sorted(doc["models"]) == ["critic", "policy"] and doc["resumable"] is False
+    assert [s["step"] for s in doc["models"]["policy"]["steps"]] == [2, 4]
+    write_latest(root / "critic", 2)
+    assert ckpt_inspect.main([str(root)]) == 0
+    assert ckpt_inspect.main([str(root / "policy")]) == 0  # one model's directory, as before
+    assert capsys.readouterr().out.count("checkpoint directory") == 3 + 1
+
+
+def test_a_model_is_picked_from_a_job_of_several_models(tmp_path: Path) -> None:
+    from kubetron_api.ckpt_meta import model_dirs, pick_model_dir
+
+    root = multi_model_dir(tmp_path / "ckpt")
+    assert list(model_dirs(root)) == ["critic", "policy"]
+    assert model_dirs(root / "policy") == {} and model_dirs(tmp_path / "missing") == {}
+    assert pick_model_dir(root, "policy", "--model") == root / "policy"
+    assert pick_model_dir(root / "policy", None, "--model") == root / "policy"
+    refusals = {
+        None: "holds the checkpoints of several models (critic, policy); pick one: pass "
+        "--model critic",
+        "actor": "has no model 'actor' (its models: critic, policy)",
+    }
+    for name, message in refusals.items():
+        with pytest.raises(ConfigError, match=r"config field --model: ") as err:
+            pick_model_dir(root, name, "--model")
+        assert message in str(err.value)
+    with pytest.raises(ConfigError, match="it is one model's checkpoint directory; leave --model"):
+        pick_model_dir(root / "policy", "policy", "--model")
+
+
+def test_export_refuses_a_job_of_several_models_without_a_model(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from kubetron_trainer.tools.export import main as export_main
+
+    root = multi_model_dir(tmp_path / "ckpt")
+    assert export_main([str(root), str(tmp_path / "out")]) == 2
+    assert "pass --model critic" in caplog.text
+    assert export_main([str(root), str(tmp_path / "out"), "--model", "actor"]) == 2
+    assert "has no model 'actor' (its models: critic, policy)" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+def check_kubetron_weights(root: Path, field: str = FIELD, **model: int) -> str:
+    from kubetron_api.hf_config import check_model_weights
+
+    arch = PRESETS["gpt-tiny"].model_copy(update=model)
+    return check_model_weights(arch, "gpt-tiny", root, field)
+
+
+def test_weights_from_a_kubetron_checkpoint_are_checked_against_the_model(tmp_path: Path) -> None:
+    root = multi_model_dir(tmp_path / "ckpt")
+    assert check_kubetron_weights(root / "policy") == "kubetron"
+    with pytest.raises(ConfigError) as err:
+        check_kubetron_weights(root / "policy", num_layers=3)
+    assert err.value.field == FIELD
+    assert (
+        f"step 4 of {root / 'policy'} holds gpt-tiny (2 layers, hidden 64, vocab 512), another "
+        "architecture than the model (preset gpt-tiny with its overrides): numLayers: "
+        "checkpoint 2, the model 3; pick the preset and spec.models[1].overrides of that "
+        "checkpoint"
+    ) in str(err.value)
+    with pytest.raises(ConfigError, match=r"holds the checkpoints of a job with several models "
+                       r"\(critic, policy\); name one model's directory, e\.g\. "):  # fmt: skip
+        check_kubetron_weights(root)
+    # one model's finetune (spec.model.weights) reads Hugging Face weights only, as before
+    with pytest.raises(ConfigError, match=r"spec\.model\.weights: preset gpt-tiny has "
+                       "learned_absolute positions"):  # fmt: skip
+        check_kubetron_weights(root / "policy", "spec.model.weights")
+
+
+@pytest.mark.parametrize(
+    ("case", "why"),
+    [
+        ("no latest", "but it has no latest (no save of it finished)"),
+        ("incomplete", "but latest points to step 6, an incomplete save (iter_0000006/ does not"),
+        ("not a number", "but its latest holds no step number"),
+        ("legacy", "but step 2 has no kubetron.json (written before checkpoint format 1): its "),
+        ("newer", "but step 2 was written by a newer kubetron (checkpoint format 99 is newer"),
+    ],
+)
+def test_weights_from_a_checkpoint_that_cannot_start_a_model_are_refused(
+    tmp_path: Path, case: str, why: str
+) -> None:
+    root = tmp_path / "policy"
+    target = fake_save(root, 2, identity(), latest=case != "no latest")
+    if case == "incomplete":
+        write_latest(root, 6)
+    elif case == "not a number":
+        (root / "latest").write_text("two\n")
+    elif case == "legacy":
+        (target / META_FILE).unlink()
+    elif case == "newer":
+        raw = json.loads((target / META_FILE).read_text())
+        (target / META_FILE).write_text(json.dumps(raw | {"format": 99}))
+    with pytest.raises(ConfigError) as err:
+        check_kubetron_weights(root)
+    assert str(err.value).startswith(
+        f"config field {FIELD}: {root} is a kubetron checkpoint directory, {why}"
+    ), str(err.value)
+    assert f"Write the step of a complete save into {root}/latest" in str(err.value)

@@ -20,7 +20,7 @@ import torch
 
 from kubetron_api.config import PRESETS, TrainerConfig
 from kubetron_api.exitcodes import ConfigError
-from kubetron_api.hf_config import check_weights, hf_config, mismatches
+from kubetron_api.hf_config import check_model_weights, check_weights, hf_config, mismatches
 from kubetron_trainer.__main__ import main as trainer_main
 from tests.hf_models import PRESET, check_round_trip, model_spec, run_parity, save_hf_model
 
@@ -136,6 +136,41 @@ def test_weights_that_cannot_load_are_refused(tmp_path: Path, case: str, fragmen
     with pytest.raises(ConfigError, match=r"spec\.model\.weights") as info:
         check_weights(arch, preset, directory)
     assert fragment in str(info.value)
+
+
+def test_a_model_of_several_names_its_own_weights_field(tmp_path: Path) -> None:
+    """spec.models[i].weights: the same checks, refusals naming that field and saying which two
+    kinds of directory it takes; one model's spec.model.weights messages are as they were."""
+    directory = _hf_dir(tmp_path)
+    arch, preset, field = model_spec("qwen3", 512).resolve(), "qwen3-0.6b", "spec.models[1].weights"
+    assert check_model_weights(arch, preset, directory, field) == "huggingface"
+    assert check_model_weights(arch, preset, directory) == "huggingface"
+    both = (
+        "; spec.models[1].weights names a Hugging Face checkpoint directory (config.json and "
+        "*.safetensors) or a kubetron checkpoint directory (the step its `latest` names)"
+    )
+    nowhere, empty = tmp_path / "nowhere", tmp_path / "empty"
+    empty.mkdir()
+    mount = "mount the volume that holds the Hugging Face checkpoint and name its directory"
+    expected = {
+        (nowhere, field): f"{nowhere} is not a directory; {mount}{both}",
+        (nowhere, "spec.model.weights"): f"{nowhere} is not a directory; {mount}",
+        (empty, field): f"{empty / 'config.json'} does not exist{both}",
+        (empty, "spec.model.weights"): f"{empty / 'config.json'} does not exist",
+    }
+    for (path, name), message in expected.items():
+        with pytest.raises(ConfigError) as info:
+            check_model_weights(arch, preset, path, name)
+        assert str(info.value) == f"config field {name}: {message}"
+    raw = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps(raw | {"num_hidden_layers": 3}))
+    with pytest.raises(ConfigError) as info:
+        check_model_weights(arch, preset, directory, field)
+    assert info.value.field == field
+    assert str(info.value).endswith(
+        "num_hidden_layers=3, the model needs 2 (numLayers); pick the preset and "
+        "spec.models[1].overrides of that checkpoint"
+    )
 
 
 def test_the_trainer_refuses_unfit_weights_before_joining(

@@ -41,7 +41,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedStateDict
+from megatron.core.dist_checkpointing.mapping import (
+    ShardedObject,
+    ShardedStateDict,
+    ShardedTensor,
+    ShardedTensorFactory,
+)
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner,
     TorchDistSaveShardedStrategy,
@@ -58,9 +63,11 @@ from kubetron_api.ckpt_meta import (
     LATEST,
     RunIdentity,
     check_fence,
+    describe_shape,
     plan_resume,
     read_latest,
     step_dir,
+    weights_step,
     write_latest,
     write_step_meta,
 )
@@ -75,7 +82,17 @@ from kubetron_trainer.runtime.optim_state import (
 )
 from kubetron_trainer.runtime.seeding import reseed_for_resume, resume_seed
 
-__all__ = ["LATEST", "Checkpointer", "Resumed", "read_latest", "step_dir", "write_latest"]
+__all__ = [
+    "LATEST",
+    "Checkpointer",
+    "Resumed",
+    "load_model_state",
+    "load_model_weights",
+    "model_state",
+    "read_latest",
+    "step_dir",
+    "write_latest",
+]
 log = logging.getLogger(__name__)
 
 
@@ -145,6 +162,60 @@ def sharded_model_state(chunk: MegatronModule, pg: ProcessGroupCollection) -> Sh
     """One model chunk's sharded state dict on this rank's groups (what a checkpoint holds)."""
     with _megatron_dp_rank(pg.dp_cp.rank()):
         return chunk.sharded_state_dict(metadata={"dp_cp_group": pg.dp_cp})
+
+
+def model_state(chunks: list[MegatronModule], pg: ProcessGroupCollection) -> dict[str, Any]:
+    """Every chunk's sharded state under its key in a checkpoint: `model`, or `model0`,
+    `model1`, ... with virtual pipeline stages."""
+    if len(chunks) == 1:
+        return {"model": sharded_model_state(chunks[0], pg)}
+    return {f"model{i}": sharded_model_state(chunk, pg) for i, chunk in enumerate(chunks)}
+
+
+def load_model_state(
+    chunks: list[MegatronModule], pg: ProcessGroupCollection, source: Path
+) -> None:
+    """Load the model tensors of the step directory `source` into this rank's chunks, whatever
+    the shape that saved them: Megatron's loader reshards every ShardedTensor (the padded
+    vocabulary too). Only the weights are read: no optimizer state, scheduler or RNG, and no
+    ShardedObject (a layer's `_extra_state` belongs to the shape that wrote it)."""
+    state = model_state(chunks, pg)
+    request = {
+        key: {k: v for k, v in part.items() if isinstance(v, ShardedTensor | ShardedTensorFactory)}
+        for key, part in state.items()
+    }
+    loaded = dist_checkpointing.load(request, str(source))
+    for key, chunk in zip(state, chunks, strict=True):
+        result = chunk.load_state_dict(loaded[key], strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(
+                f"checkpoint load from {source}: missing {missing}, unexpected "
+                f"{result.unexpected_keys}"
+            )
+
+
+def load_model_weights(
+    chunks: list[MegatronModule],
+    pg: ProcessGroupCollection,
+    path: Path,
+    field: str,
+) -> int:
+    """Start this rank's chunks from the weights in a kubetron checkpoint directory `path` (one
+    model's: `latest` and its steps), in any parallel shape; returns the step loaded. The step
+    is the one `latest` names, refused (ConfigError naming `field`) unless complete with its
+    `kubetron.json` (`ckpt_meta.weights_step`; `hf_config.check_model_weights` also compares
+    the architecture before the job starts). Model only: a frozen model or a new run's."""
+    meta = weights_step(path, field)
+    source = step_dir(path, meta.step)
+    began = time.perf_counter()
+    load_model_state(chunks, pg, source)
+    log.info(
+        "loaded the weights of %s (step %d, %s, saved as %s) in %.2fs",
+        source, meta.step, meta.model.describe(), describe_shape(meta.shape),
+        time.perf_counter() - began,
+    )  # fmt: skip
+    return meta.step
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -223,13 +294,6 @@ class Checkpointer:
         self.pending: PendingSave | None = None
         self.on_saved: Callable[[int, float], None] | None = None  # (step, seconds)
 
-    def _model_state(self) -> dict[str, Any]:
-        if len(self.chunks) == 1:
-            return {"model": sharded_model_state(self.chunks[0], self.pg)}
-        return {
-            f"model{i}": sharded_model_state(chunk, self.pg) for i, chunk in enumerate(self.chunks)
-        }
-
     def _sharded_state(
         self,
         step: int,
@@ -238,7 +302,7 @@ class Checkpointer:
         rng: bool = True,
         chained_prefix: bool = False,
     ) -> dict[str, Any]:
-        state = self._model_state()
+        state = model_state(self.chunks, self.pg)
         meta = {
             "distrib_optim_sharding_type": sharding,
             "dp_cp_group": self.pg.dp_cp,
@@ -400,3 +464,16 @@ class Checkpointer:
             step, time.perf_counter() - began, self.rank, peak_rss_gib(),
         )  # fmt: skip
         return Resumed(step, plan.consumed_samples, "restored" if plan.restore_rng else "re-seeded")
+
+
+def join_save(root: Path, step: int) -> None:
+    """Take part, holding nothing of the saved model, in a `Checkpointer.save` of `step` that
+    the ranks of another model run (a multi-model job's frozen model on its own slice):
+    Megatron's save is collective over the whole job, so this rank follows the saver's
+    barriers and writes an empty share (rank 0, which holds the trained model, writes the
+    common state)."""
+    dist.barrier()  # the step's directory exists
+    strategy = SyncTorchDistSaveStrategy()
+    dist_checkpointing.save({}, str(step_dir(root, step)), sharded_strategy=strategy)
+    dist.barrier()  # every share is complete: rank 0 writes kubetron.json and `latest`
+    dist.barrier()

@@ -1,8 +1,10 @@
-"""`python -m kubetron_trainer.tools.export CKPT_DIR OUT_DIR [--step N]` (console script
-`kubetron-export`): a Hugging Face checkpoint (`model.safetensors` + `config.json`) from a
-kubetron checkpoint of any parallel shape. Weights larger than `--max-shard-size` (default
-5GB, as `save_pretrained`) are split, in key order, into `model-0000K-of-0000N.safetensors`
-with a `model.safetensors.index.json` naming each tensor's file.
+"""`python -m kubetron_trainer.tools.export CKPT_DIR OUT_DIR [--step N] [--model NAME]`
+(console script `kubetron-export`): a Hugging Face checkpoint (`model.safetensors` +
+`config.json`) from a kubetron checkpoint of any parallel shape; of a job of several models,
+the trained model `--model` names (its directory `CKPT_DIR/NAME`). Weights larger than
+`--max-shard-size` (default 5GB, as `save_pretrained`) are split, in key order, into
+`model-0000K-of-0000N.safetensors` with a `model.safetensors.index.json` naming each tensor's
+file.
 
 One process on the CPU: it builds the saved architecture as a TP1/PP1 `GPTModel` (with the
 saved padded vocabulary), lets Megatron's loader reshard the checkpoint's model tensors into it
@@ -23,7 +25,7 @@ from typing import Any
 
 import torch
 
-from kubetron_api.ckpt_meta import StepMeta, read_latest, step_dir, step_status
+from kubetron_api.ckpt_meta import StepMeta, pick_model_dir, read_latest, step_dir, step_status
 from kubetron_api.config import ModelArch, Precision, RecipeSpec, TrainerConfig
 from kubetron_api.dims import ParallelDims
 from kubetron_api.exitcodes import ConfigError, ExitCode
@@ -89,6 +91,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("checkpoint", type=Path, help="the job's checkpoint.path")
     p.add_argument("output", type=Path, help="directory for config.json and the safetensors")
     p.add_argument("--step", type=int, help="the step to export (default: `latest`)")
+    p.add_argument(
+        "--model",
+        help="the model to export from a job of several models (its checkpoint directory "
+        "CKPT_DIR/MODEL); needed there, refused for one model's directory",
+    )
     p.add_argument(
         "--dtype",
         choices=sorted(DTYPES),
@@ -157,12 +164,9 @@ def init_single_process() -> Any:
 
 def load_model(meta: StepMeta, source: Path, arch: ModelArch, dtype: torch.dtype) -> Any:
     """The checkpoint's model in one TP1/PP1 chunk on the CPU, and its process groups."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
     from kubetron_trainer.models.build import build_model
     from kubetron_trainer.models.fast_path import EngineChoice
-    from kubetron_trainer.runtime.checkpoint import sharded_model_state
+    from kubetron_trainer.runtime.checkpoint import load_model_state
 
     pg = init_single_process()
     # the saved padded vocabulary (a multiple of 128 x the saving tensor degree) as the vocab
@@ -173,18 +177,8 @@ def load_model(meta: StepMeta, source: Path, arch: ModelArch, dtype: torch.dtype
     built = build_model(
         cfg, ParallelDims.from_degrees(1), pg, torch.device("cpu"), EngineChoice("sdpa")
     )
+    load_model_state(built.chunks, pg, source)
     [chunk] = built.chunks
-    state = sharded_model_state(chunk, pg)
-    request = {
-        k: v for k, v in state.items() if isinstance(v, ShardedTensor | ShardedTensorFactory)
-    }
-    loaded = dist_checkpointing.load({"model": request}, str(source))["model"]
-    result = chunk.load_state_dict(loaded, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-    if missing or result.unexpected_keys:
-        raise RuntimeError(
-            f"checkpoint load: missing {missing}, unexpected {result.unexpected_keys}"
-        )
     return chunk, pg
 
 
@@ -194,11 +188,13 @@ def export(
     step: int | None = None,
     dtype: str | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD,
+    model: str | None = None,
 ) -> Path:
     """Write `output/config.json` and the weights (one safetensors file or shards and their
-    index); returns `output`."""
+    index) of `root`, or of its model `model` for a job of several models; returns `output`."""
     from kubetron_trainer.models.hf_weights import hf_state_dict
 
+    root = pick_model_dir(root, model, "--model")
     meta = pick_step(root, step)
     arch = export_arch(meta)
     source = step_dir(root, meta.step)
@@ -224,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        export(args.checkpoint, args.output, args.step, args.dtype, args.max_shard_size)
+        export(args.checkpoint, args.output, args.step, args.dtype, args.max_shard_size, args.model)
     except ConfigError as err:
         log.error("%s", err)
         return int(ExitCode.CONFIG)
