@@ -345,6 +345,13 @@ def check_models(spec: MegatronJobSpec) -> tuple[list[ModelCheck], list[str]]:
     return checks, problems
 
 
+def model_crd_message(rule: Rule) -> str:
+    """The CRD's message of a rule of MODEL_SHAPE_RULES on any model of spec.models, opened by
+    its field as `expr.broken` opens it."""
+    message = rule.message if rule.message.startswith("spec.") else f"{rule.field}: {rule.message}"
+    return on_model(message, "i")
+
+
 def crd_validations() -> list[dict[str, str]]:
     """The CRD's x-kubernetes-validations: the one-model rules, each model's rules over
     spec.models, and MODELS_RULES, every one the API server can check."""
@@ -354,9 +361,7 @@ def crd_validations() -> list[dict[str, str]]:
         if in_crd(rule, MODEL_CEL_PATHS):
             cel = expr.to_cel(expr.expand(rule.expr, DERIVED), model_paths)
             each = f"!has(self.models) || self.models.all(m, {cel})"
-            message = rule.message  # opened by its field, as expr.broken opens it
-            message = message if message.startswith("spec.") else f"{rule.field}: {message}"
-            out.append(validation(rule, each, on_model(message, "i"), "spec.models"))
+            out.append(validation(rule, each, model_crd_message(rule), "spec.models"))
     paths = {k: v for k, v in MODELS_CEL_PATHS.items() if v}
     for rule in MODELS_RULES:
         if in_crd(rule, MODELS_CEL_PATHS):

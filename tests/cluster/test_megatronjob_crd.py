@@ -18,7 +18,7 @@ from kubetron_api.model_rules import (
     MODEL_SHAPE_RULES,
     MODELS_CEL_PATHS,
     MODELS_RULES,
-    on_model,
+    model_crd_message,
 )
 from kubetron_api.parse import parse_job
 from kubetron_api.rules import DERIVED, RULES, ShapeSpec, in_crd
@@ -26,9 +26,9 @@ from kubetron_operator.plan import PlanError, plan
 from tests.unit.test_multi_model_spec import (
     DISTILL,
     DPO,
-    SMALL_QWEN3,
+    JOB_CASES,
+    MODEL_CASES,
     Spec,
-    changes,
     multi_model_job,
     set_field,
 )
@@ -226,128 +226,41 @@ def test_multi_model_spec_is_accepted_with_each_models_defaults(
     assert first["trainable"] is True and first["parallelism"]["context"] == 1
 
 
-# One multi-model spec breaking each rule the CRD carries for spec.models: each model's rules
-# (CEL over the list) and the rules between the models.
-MODEL_CEL_CASES: dict[str, tuple[Spec, Any]] = {
-    "world-per-model-parallel": (DPO, set_field("models.0.parallelism.pipeline", 3)),
-    "world-per-expert-parallel": (DPO, set_field("models.1.parallelism.expert", 3)),
-    "virtual-pipeline-needs-pipeline": (DPO, set_field("models.1.parallelism.virtualPipeline", 2)),
-    "tensor-inside-node": (DPO, set_field("models.0.parallelism.tensor", 3)),
-    "seq-per-context-chunk": (
-        DPO,
-        changes(set_field("models.1.parallelism.context", 2), set_field("recipe.seqLength", 258)),
-    ),
-    "sequence-parallel-needs-tensor": (
-        DPO,
-        set_field("models.1.parallelism.sequenceParallel", True),
-    ),
-    "batch-per-data-parallel": (DPO, set_field("recipe.globalBatchSize", 6)),
-    "cpu-pipeline": (
-        DPO,
-        changes(
-            set_field("resources.device", "cpu"),
-            set_field("recipe.precision", "fp32"),
-            set_field("models.1.parallelism.pipeline", 2),
-        ),
-    ),
-    "cpu-sequence-parallel": (
-        DPO,
-        changes(
-            set_field("resources.device", "cpu"),
-            set_field("recipe.precision", "fp32"),
-            set_field("models.0.parallelism.sequenceParallel", True),
-        ),
-    ),
-    "slice-start-per-tensor": (
-        DPO,
-        changes(
-            set_field("models.0.parallelism.tensor", 4),
-            set_field("models.0.ranks", {"first": 2, "count": 6}),
-            set_field("models.1.ranks", {"first": 0, "count": 2}),
-        ),
-    ),
-    "distill-needs-pipeline-1": (DISTILL, set_field("models.0.parallelism", {"pipeline": 2})),
-}
-MODELS_CEL_CASES: dict[str, tuple[Spec, Any]] = {
-    "model-or-models": (DPO, set_field("model", {"preset": "gpt-tiny"})),
-    "models-need-multi-model-recipe": (DPO, set_field("recipe.kind", "pretrain")),
-    "models-leave-parallelism": (DPO, set_field("parallelism", {"tensor": 2})),
-    "model-names-unique": (DPO, set_field("models.1.name", "policy")),
-    "one-trainable-model": (DPO, set_field("models.1.trainable", True)),
-    "frozen-model-needs-weights": (DPO, set_field("models.1.weights", None)),
-    "ranks-on-every-model-or-none": (DPO, set_field("models.1.ranks", None)),
-    "ranks-inside-world": (DPO, set_field("models.1.ranks", {"first": 4, "count": 8})),
-    "ranks-disjoint": (DPO, set_field("models.1.ranks", {"first": 2, "count": 6})),
-    "ranks-cover-world": (DPO, set_field("models.1.ranks", {"first": 4, "count": 2})),
-    "two-models": (
-        DISTILL,
-        lambda s: s["models"].append({**s["models"][1], "name": "teacher-2"}),
-    ),
-    "distill-co-located": (
-        DISTILL,
-        changes(
-            set_field("models.0.ranks", {"first": 0, "count": 4}),
-            set_field("models.1.ranks", {"first": 4, "count": 4}),
-        ),
-    ),
-    "distill-tensor-nested": (
-        DISTILL,
-        changes(
-            set_field("resources.gpusPerNode", 6),
-            set_field("recipe.globalBatchSize", 6),
-            set_field("models.0.parallelism", {"tensor": 2}),
-            set_field("models.1.parallelism", {"tensor": 3}),
-            set_field("models.1.overrides", {**SMALL_QWEN3, "numAttentionHeads": 6}),
-            set_field("models.1.overrides.numQueryGroups", 3),
-        ),
-    ),
-    "preference-data-needs-dpo": (
-        DISTILL,
-        set_field("data", {"type": "preference", "paths": [{"prefix": "/data/pairs"}]}),
-    ),
-    "dpo-needs-preference-data": (
-        DPO,
-        set_field("data", {"type": "indexed", "paths": [{"prefix": "/data/text"}]}),
-    ),
+# One multi-model spec breaking each rule the CRD carries for spec.models (each model's rules,
+# CEL over the list, and the rules between the models): the unit tests' cases.
+MODEL_CEL_CASES = {
+    rule: (spec, change)
+    for _, rule, spec, change, _ in reversed(MODEL_CASES + JOB_CASES)  # each rule's first case
+    if rule in {r.name for r in MODEL_SHAPE_RULES if in_crd(r, MODEL_CEL_PATHS)}
+    or rule in {r.name for r in MODELS_RULES if in_crd(r, MODELS_CEL_PATHS)}
 }
 
 
 def test_every_crd_rule_of_several_models_has_a_case() -> None:
-    per_model = {r.name for r in MODEL_SHAPE_RULES if in_crd(r, MODEL_CEL_PATHS)}
-    assert set(MODEL_CEL_CASES) == per_model
-    assert set(MODELS_CEL_CASES) == {r.name for r in MODELS_RULES if in_crd(r, MODELS_CEL_PATHS)}
+    carried = {r.name for r in MODEL_SHAPE_RULES if in_crd(r, MODEL_CEL_PATHS)}
+    carried |= {r.name for r in MODELS_RULES if in_crd(r, MODELS_CEL_PATHS)}
+    assert set(MODEL_CEL_CASES) == carried
 
 
-def _refused_at_apply(kubetron: Cluster, namespace: str, job: dict[str, Any]) -> str:
+@pytest.mark.parametrize("name", sorted(MODEL_CEL_CASES))
+def test_cel_refuses_a_bad_multi_model_spec_naming_the_field(
+    kubetron: Cluster, namespace: str, name: str
+) -> None:
+    spec, change = MODEL_CEL_CASES[name]
+    job = _models_job(spec, change)
     with pytest.raises(PlanError):  # the operator's Python check refuses it too
         plan(parse_job(job))
     code, out = _apply(kubetron, namespace, job)
     assert code != 0, out
     assert kubetron.get("megatronjob", "cel", namespace) is None
-    return out
-
-
-@pytest.mark.parametrize("name", sorted(MODEL_CEL_CASES))
-def test_cel_refuses_a_bad_model_naming_its_fields(
-    kubetron: Cluster, namespace: str, name: str
-) -> None:
-    spec, change = MODEL_CEL_CASES[name]
-    out = _refused_at_apply(kubetron, namespace, _models_job(spec, change))
-    rule = next(r for r in MODEL_SHAPE_RULES if r.name == name)
-    message = rule.message if rule.message.startswith("spec.") else f"{rule.field}: {rule.message}"
-    assert "spec.models: Invalid value" in out, out
-    assert static_message(on_model(message, "i")) in out, out
-
-
-@pytest.mark.parametrize("name", sorted(MODELS_CEL_CASES))
-def test_cel_refuses_models_that_do_not_fit_together(
-    kubetron: Cluster, namespace: str, name: str
-) -> None:
-    spec, change = MODELS_CEL_CASES[name]
-    out = _refused_at_apply(kubetron, namespace, _models_job(spec, change))
-    rule = next(r for r in MODELS_RULES if r.name == name)
-    assert f"{rule.field}: Invalid value" in out, out
-    assert static_message(rule.message) in out, out
+    between = next((r for r in MODELS_RULES if r.name == name), None)
+    if between is not None:
+        field, message = between.field, between.message
+    else:
+        rule = next(r for r in MODEL_SHAPE_RULES if r.name == name)
+        field, message = "spec.models", model_crd_message(rule)
+    assert f"{field}: Invalid value" in out, out
+    assert static_message(message) in out, out
 
 
 def test_models_are_immutable(kubetron: Cluster, namespace: str) -> None:

@@ -116,3 +116,36 @@ def test_cel_rules_name_fields_and_cover_immutability() -> None:
 
 def test_crd_yaml_round_trips() -> None:
     assert yaml.safe_load(crd_yaml()) == crd()
+
+
+def test_shape_columns_read_the_resolved_shape() -> None:
+    # the trainable model's shape in a job of several models, spec.parallelism's otherwise
+    columns = crd()["spec"]["versions"][0]["additionalPrinterColumns"]
+    paths = {c["name"]: c["jsonPath"] for c in columns}
+    assert [paths[n] for n in ("TP", "PP", "DP")] == [
+        ".status.parallelism.tensor",
+        ".status.parallelism.pipeline",
+        ".status.parallelism.data",
+    ]
+
+
+def test_immutability_of_an_optional_field_reads_it_only_where_set() -> None:
+    rules = _schema()["properties"]["spec"]["x-kubernetes-validations"]
+    immutable = {r["fieldPath"]: r["rule"] for r in rules if "immutable" in r["message"]}
+    assert immutable[".models"] == (
+        "has(self.models) == has(oldSelf.models) && "
+        "(!has(self.models) || self.models == oldSelf.models)"
+    )
+    assert immutable[".model"].startswith("has(self.model) == has(oldSelf.model) && ")
+    assert immutable[".recipe"] == "self.recipe == oldSelf.recipe"
+
+
+def test_a_bound_that_is_not_a_whole_number_is_a_cel_rule() -> None:
+    recipe = _schema()["properties"]["spec"]["properties"]["recipe"]["properties"]
+    smoothing = recipe["dpo"]["properties"]["labelSmoothing"]
+    assert "exclusiveMaximum" not in smoothing and "maximum" not in smoothing
+    assert smoothing["x-kubernetes-validations"] == [
+        {"rule": "self < 0.5", "message": "must be less than 0.5"}
+    ]
+    beta1 = recipe["optimizer"]["properties"]["adamBeta1"]
+    assert (beta1["maximum"], beta1["exclusiveMaximum"]) == (1, True)

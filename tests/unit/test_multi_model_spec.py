@@ -226,6 +226,40 @@ MODEL_CASES: list[tuple[str, str, Spec, Callable[[Spec], None], list[str]]] = [
         ],
     ),
     (
+        "expert-degree-on-a-slice",
+        "world-per-expert-parallel",
+        DPO,
+        set_field("models.1.parallelism.expert", 3),
+        [
+            "model 'reference' (spec.models[1]): spec.models[1].parallelism.expert: "
+            "spec.models[1].ranks.count=4 is not divisible by expertTensor*expert*pipeline=3"
+        ],
+    ),
+    (
+        "virtual-pipeline-without-pipeline",
+        "virtual-pipeline-needs-pipeline",
+        DPO,
+        set_field("models.1.parallelism.virtualPipeline", 2),
+        ["model 'reference' (spec.models[1]): spec.models[1].parallelism.virtualPipeline=2 needs"],
+    ),
+    (
+        "seq-per-context-chunk",
+        "seq-per-context-chunk",
+        DPO,
+        changes(set_field("models.1.parallelism.context", 2), set_field("recipe.seqLength", 258)),
+        [
+            "model 'reference' (spec.models[1]): spec.recipe.seqLength=258 must be divisible by "
+            "2*spec.models[1].parallelism.context=4"
+        ],
+    ),
+    (
+        "sequence-parallel-without-tensor",
+        "sequence-parallel-needs-tensor",
+        DPO,
+        set_field("models.1.parallelism.sequenceParallel", True),
+        ["model 'reference' (spec.models[1]): spec.models[1].parallelism.sequenceParallel needs"],
+    ),
+    (
         "batch-per-reference-replicas",
         "batch-per-data-parallel",
         DPO,
@@ -265,6 +299,17 @@ MODEL_CASES: list[tuple[str, str, Spec, Callable[[Spec], None], list[str]]] = [
             set_field("models.1.parallelism", {"pipeline": 2}),
         ),
         ["model 'reference' (spec.models[1]): spec.models[1].parallelism.pipeline > 1 needs GPUs"],
+    ),
+    (
+        "cpu-sequence-parallel",
+        "cpu-sequence-parallel",
+        DPO,
+        changes(
+            set_field("resources.device", "cpu"),
+            set_field("recipe.precision", "fp32"),
+            set_field("models.0.parallelism.sequenceParallel", True),
+        ),
+        ["model 'policy' (spec.models[0]): spec.models[0].parallelism.sequenceParallel needs GPUs"],
     ),
     (
         "slice-start",
@@ -530,11 +575,17 @@ def test_crd_checks_each_model_and_the_rules_between_them() -> None:
     assert "one vocabulary" not in messages and "per-token log-probabilities" not in messages
 
 
-def test_validate_prints_each_models_grid(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+@pytest.fixture
+def dpo_file(tmp_path: Path) -> Path:
     path = tmp_path / "dpo.yaml"
     path.write_text(yaml.safe_dump(multi_model_job(DPO)))
+    return path
+
+
+def test_validate_prints_each_models_grid(
+    dpo_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = dpo_file
     assert main(["validate", str(path)]) == 0
     out = capsys.readouterr().out
     assert f"{path}: valid: world=8" in out
@@ -543,11 +594,9 @@ def test_validate_prints_each_models_grid(
 
 
 def test_render_heads_the_objects_with_each_model_as_comments(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    dpo_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = tmp_path / "dpo.yaml"
-    path.write_text(yaml.safe_dump(multi_model_job(DPO)))
-    assert main(["render", str(path)]) == 0
+    assert main(["render", str(dpo_file)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("# mm: model policy: ranks 0-3, ")
     assert [o["kind"] for o in yaml.safe_load_all(out)] == ["ConfigMap", "PyTorchJob"]
