@@ -41,13 +41,21 @@ def _check(path: Path) -> tuple[list[tuple[str, Plan, MegatronJob]], list[str]]:
     return good, errors
 
 
+def _model_lines(p: Plan) -> list[str]:
+    """One line per model of a job of several: its ranks, grid and role; none for one model."""
+    return [m.describe() for m in p.models]
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     failed = False
     for path in args.files:
         good, errors = _check(Path(path))
         for source, p, _ in good:
             extra = f" (needs {', '.join(p.requirements)})" if p.requirements else ""
-            print(f"{source}: valid: {p.dims.describe()}{extra}")
+            shape = f"world={p.world_size}" if p.models else p.dims.describe()
+            print(f"{source}: valid: {shape}{extra}")
+            for line in _model_lines(p):
+                print(f"  {line}")
         for line in errors:
             print(line, file=sys.stderr)
         failed |= bool(errors)
@@ -61,7 +69,9 @@ def cmd_render(args: argparse.Namespace) -> int:
     if errors:
         return 1
     objs = [obj for _, p, job in good for obj in render(job, p)]
-    sys.stdout.write(to_yaml(objs))
+    # each model's grid as YAML comments: stdout stays what `kubectl apply -f -` reads
+    header = [f"# {job.name}: model {line}\n" for _, p, job in good for line in _model_lines(p)]
+    sys.stdout.write("".join(header) + to_yaml(objs))
     return 0
 
 
@@ -96,9 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_rbac)
     d = sub.add_parser("docs", help="print the README's generated configuration reference")
     d.set_defaults(func=cmd_docs)
-    k = sub.add_parser(
-        "checkpoints", help="list a checkpoint directory's steps: complete or not, model, shape"
-    )
+    k = sub.add_parser("checkpoints", help=ckpt_inspect.SUMMARY)
     k.add_argument("dir", help="a job's checkpoint.path")
     k.add_argument("--json", action="store_true", help="print JSON instead of a table")
     k.set_defaults(func=lambda a: ckpt_inspect.main([a.dir, *(["--json"] if a.json else [])]))
