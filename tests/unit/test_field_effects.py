@@ -26,6 +26,42 @@ from tests.builders import job_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# A job of two models (recipe dpo) instead of spec.model: a field of spec.models changes the
+# models of the trainer config. `_models` is the list with the policy and the reference changed.
+POLICY: dict[str, Any] = {"name": "policy", "preset": "gpt-tiny"}
+REFERENCE: dict[str, Any] = {
+    "name": "reference", "preset": "gpt-tiny", "trainable": False, "weights": "/m/sft",
+}  # fmt: skip
+
+
+def _models(policy: dict[str, Any] | None = None, reference: dict[str, Any] | None = None) -> Any:
+    return [{**POLICY, **(policy or {})}, {**REFERENCE, **(reference or {})}]
+
+
+TWO: dict[str, Any] = {
+    "spec.model": None, "spec.models": _models(), "spec.recipe.kind": "dpo",
+    "spec.recipe.seqLength": 256, "spec.recipe.globalBatchSize": 24,
+}  # fmt: skip
+# A value of each override that keeps the two-model job valid.
+OVERRIDES = (
+    ("numLayers", 4), ("hiddenSize", 128), ("ffnHiddenSize", 512), ("numAttentionHeads", 8),
+    ("numQueryGroups", 4), ("kvChannels", 32), ("vocabSize", 1024),
+    ("maxPositionEmbeddings", 1024), ("numExperts", 8), ("moeRouterTopk", 1),
+    ("moeFfnHiddenSize", 64),
+)  # fmt: skip
+MOE = {**TWO, "spec.models": _models({"preset": "gpt-tiny-moe"})}
+TENSOR_2 = {**TWO, "spec.models": _models({"parallelism": {"tensor": 2}})}
+STAGES_2 = {
+    **TWO,
+    "spec.models": _models({"overrides": {"numLayers": 4}, "parallelism": {"pipeline": 2}}),
+}
+SLICES = {
+    **TWO,
+    "spec.models": _models(
+        {"ranks": {"first": 0, "count": 4}}, {"ranks": {"first": 4, "count": 4}}
+    ),
+}
+
 # field -> (new value, changes applied to both the base and the changed job)
 CHANGES: dict[str, tuple[Any, dict[str, Any]]] = {
     "spec.model.preset": ("qwen3-4b", {}),
@@ -146,6 +182,50 @@ CHANGES: dict[str, tuple[Any, dict[str, Any]]] = {
     "spec.runPolicy.terminationGracePeriodSeconds": (1200, {}),
     "spec.metrics.enabled": (False, {}),
     "spec.metrics.port": (9500, {}),
+    "spec.models[].name": (_models({"name": "actor"}), TWO),
+    "spec.models[].preset": (_models(reference={"preset": "gpt-tiny-moe"}), TWO),
+    "spec.models[].weights": (_models(reference={"weights": "/m/other"}), TWO),
+    "spec.models[].trainable": (
+        _models({"trainable": False, "weights": "/m/p"}, {"trainable": True}),
+        TWO,
+    ),
+    **{
+        f"spec.models[].overrides.{name}": (_models({"overrides": {name: value}}), TWO)
+        for name, value in OVERRIDES
+    },
+    "spec.models[].parallelism.tensor": (TENSOR_2["spec.models"], TWO),
+    "spec.models[].parallelism.pipeline": (_models({"parallelism": {"pipeline": 2}}), TWO),
+    "spec.models[].parallelism.virtualPipeline": (
+        _models(
+            {"overrides": {"numLayers": 4}, "parallelism": {"pipeline": 2, "virtualPipeline": 2}}
+        ),
+        STAGES_2,
+    ),
+    "spec.models[].parallelism.context": (_models({"parallelism": {"context": 2}}), TWO),
+    "spec.models[].parallelism.expert": (
+        _models({"preset": "gpt-tiny-moe", "parallelism": {"expert": 2}}),
+        MOE,
+    ),
+    "spec.models[].parallelism.expertTensor": (
+        _models({"preset": "gpt-tiny-moe", "parallelism": {"expertTensor": 2}}),
+        MOE,
+    ),
+    "spec.models[].parallelism.sequenceParallel": (
+        _models({"parallelism": {"tensor": 2, "sequenceParallel": True}}),
+        TENSOR_2,
+    ),
+    "spec.models[].ranks.first": (
+        _models({"ranks": {"first": 4, "count": 4}}, {"ranks": {"first": 0, "count": 4}}),
+        SLICES,
+    ),
+    "spec.models[].ranks.count": (
+        _models({"ranks": {"first": 0, "count": 2}}, {"ranks": {"first": 2, "count": 6}}),
+        SLICES,
+    ),
+    "spec.recipe.dpo.beta": (0.2, TWO),
+    "spec.recipe.dpo.labelSmoothing": (0.1, TWO),
+    "spec.recipe.distill.temperature": (2.0, {**TWO, "spec.recipe.kind": "distill"}),
+    "spec.recipe.distill.klWeight": (0.5, {**TWO, "spec.recipe.kind": "distill"}),
 }
 # What must change with a field on the changed side only (to stay valid).
 CHANGED_TOO: dict[str, dict[str, Any]] = {"spec.data.type": {"spec.data.paths": [{"prefix": "/a"}]}}
@@ -200,6 +280,8 @@ def _rendered(changes: dict[str, Any]) -> list[dict[str, Any]]:
             field = "spec.data.paths"
         elif field.startswith("spec.resources.env[]"):
             field = "spec.resources.env"
+        elif field.startswith("spec.models[]"):  # the whole list of models changes
+            field = "spec.models"
         _set(body, field, value)
     job = parse_job(body)
     return render(job, plan(job))
