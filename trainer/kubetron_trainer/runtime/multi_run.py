@@ -18,6 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
 
 from kubetron_api.config import TrainerConfig
 from kubetron_api.exitcodes import Terminated
@@ -77,8 +78,8 @@ def setup_models(
             if metrics is not None:
                 metrics.record_parameters(s.name, parameter_bytes([frozen[s.name].model]))
     trained = next(s for s in starts if s.spec.trainable)
-    recipe = make_recipe(cfg, starts, frozen, device)
     pg = groups[trained.name].pg
+    recipe = make_recipe(cfg, starts, frozen, pg, device, topology.rank)
     if pg is None:
         return Bystander(cfg, topology, device, recipe, trained)
     trained_options = RunOptions(trained.choice, *_rest(options))
@@ -106,9 +107,12 @@ def make_recipe(
     cfg: TrainerConfig,
     starts: tuple[ModelStart, ...],
     frozen: dict[str, FrozenModel],
+    trained_pg: ProcessGroupCollection | None,
     device: torch.device,
+    rank: int,
 ) -> Recipe:
-    """The recipe object of `recipe.kind` over the job's models."""
+    """The recipe object of `recipe.kind` over the job's models (`trained_pg`: the trained
+    model's groups where this rank holds it)."""
     trained = next(s for s in starts if s.spec.trainable)
     other = next(s for s in starts if not s.spec.trainable)
     if cfg.recipe.kind == "dpo":
@@ -120,7 +124,8 @@ def make_recipe(
     if cfg.recipe.kind == "distill":
         from kubetron_trainer.recipes.teacher import DistillRecipe
 
-        return DistillRecipe(cfg, frozen[other.name], other, trained, device)
+        assert trained_pg is not None, "distillation's models are co-located"
+        return DistillRecipe(cfg, frozen[other.name], other, trained, trained_pg, rank)
     raise ValueError(f"recipe.kind {cfg.recipe.kind} holds one model")
 
 
