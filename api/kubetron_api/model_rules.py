@@ -182,6 +182,30 @@ MODELS_RULES: tuple[Rule, ...] = (
         "preference (kubetron-prepare-data --preference) or mock",
     ),
     Rule(
+        "frozen-model-pipeline-1",
+        "spec.models",
+        "size(frozenPipelined) == 0",
+        "frozen models run forward only in one pipeline stage: set "
+        "spec.models[i].parallelism.pipeline 1 (use tensor or data parallelism to fit them); "
+        "frozen models with pipeline > 1={frozenPipelined}",
+    ),
+    Rule(
+        "trained-slice-from-rank-0",
+        "spec.models",
+        "size(trainedOffRank0) == 0",
+        "the trainable model's slice must start at rank 0 (global rank 0 reports the job's "
+        "progress and writes its checkpoints' metadata): give it spec.models[i].ranks.first 0 "
+        "and the frozen models the ranks after it; trainable models elsewhere={trainedOffRank0}",
+    ),
+    Rule(
+        "slices-save-synchronously",
+        "spec.checkpoint.asyncSave",
+        "size(slicedModels) == 0 || !asyncSave",
+        "spec.checkpoint.asyncSave needs co-located models: the ranks of a frozen model on a "
+        "slice of its own take part in each save synchronously; set asyncSave false or remove "
+        "spec.models[i].ranks",
+    ),
+    Rule(
         "several-models-without-fused-ce",
         "spec.recipe.fastPath",
         "!fastPathListsCe || !multiModelRecipe",
@@ -229,6 +253,11 @@ MODELS_CEL_PATHS: dict[str, str | None] = {
     "trainableModels": _names("m.trainable"),
     "frozenWithoutWeights": _names("!m.trainable && !has(m.weights)"),
     "slicedModels": _names("has(m.ranks)"),
+    "frozenPipelined": _names("!m.trainable && m.parallelism.pipeline > 1"),
+    "trainedOffRank0": _names("m.trainable && has(m.ranks) && m.ranks.first != 0"),
+    "asyncSave": (
+        "(has(self.checkpoint) && has(self.checkpoint.asyncSave) && self.checkpoint.asyncSave)"
+    ),
     "slicesOutsideWorld": _names(f"has(m.ranks) && m.ranks.first + m.ranks.count > {_JOB_WORLD}"),
     "overlappingSlices": _names(f"has(a.ranks) && {_OVERLAP}", "a"),
     "rankSum": _over_models("self.models.filter(m, has(m.ranks)).map(m, m.ranks.count).sum()", "0"),
@@ -272,6 +301,13 @@ def models_values(spec: MegatronJobSpec) -> dict[str, expr.Value]:
         "trainableModels": [m.name for m in models if m.trainable],
         "frozenWithoutWeights": [m.name for m in models if not m.trainable and not m.weights],
         "slicedModels": [name for name, _ in sliced],
+        "frozenPipelined": [
+            m.name for m in models if not m.trainable and m.parallelism.pipeline > 1
+        ],
+        "trainedOffRank0": [
+            m.name for m in models if m.trainable and m.ranks is not None and m.ranks.first != 0
+        ],
+        "asyncSave": spec.checkpoint.async_save,
         "slicesOutsideWorld": [name for name, ranks in sliced if ranks.end > world],
         "overlappingSlices": [s[0] for s in sliced if any(overlaps(s, o) for o in sliced)],
         "rankSum": sum(ranks.count for _, ranks in sliced),

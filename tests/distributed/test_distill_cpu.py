@@ -31,7 +31,7 @@ def spec(overrides: dict[str, Any]) -> ModelSpec:
 
 
 def distill_config(
-    teacher: Path, student: Path, teacher_tp: int, student_tp: int, steps: int
+    teacher: Path, student: Path, teacher_tp: int, student_tp: int, steps: int, world: int = 2
 ) -> dict[str, Any]:
     preset = PRESET["qwen3"]
     cfg = example_config(
@@ -41,14 +41,15 @@ def distill_config(
             "distill": {"temperature": TEMPERATURE, "klWeight": KL_WEIGHT},
             "lrSchedule": {"style": "constant", "warmupIters": 0},
         },
-        checkpoint={"path": None}, metrics={"enabled": False}, worldSize=2, gpusPerNode=2,
+        checkpoint={"path": None}, metrics={"enabled": False}, worldSize=world,
+        gpusPerNode=world,
         preset=preset, weights=str(student),
     )  # fmt: skip
     cfg["recipe"]["optimizer"] |= {"lr": 3e-3, "minLr": 0.0, "weightDecay": 0.0}
     student_arch = spec(STUDENT).resolve().model_dump(mode="json", by_alias=True)
     teacher_arch = spec(OVERRIDES).resolve().model_dump(mode="json", by_alias=True)
     cfg["model"] = student_arch
-    every = {"first": 0, "count": 2}
+    every = {"first": 0, "count": world}
     cfg["models"] = [
         {"name": "teacher", "model": teacher_arch, "preset": preset, "weights": str(teacher),
          "trainable": False, "parallelism": {"tensor": teacher_tp}, "ranks": every},
@@ -75,25 +76,36 @@ def expected_first_loss(teacher: Any, student: Any) -> dict[str, float]:
     return {"loss": float(loss), "distill_kl": float(kl), "distill_lm_loss": float(lm)}
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, float]]:
+def make_distill_weights(root: Path) -> tuple[Path, Path, dict[str, float]]:
+    """The teacher's and the student's tiny Qwen3 checkpoints under `root` and the first
+    step's expected numbers, from the models as transformers loads them back."""
     import transformers
 
-    root = tmp_path_factory.mktemp("distill-weights")
     for name, overrides, seed in (("teacher", OVERRIDES, 0), ("student", STUDENT, 1)):
         hf_model("qwen3", spec(overrides).resolve(), seed).save_pretrained(root / name)
     teacher, student = (
         transformers.AutoModelForCausalLM.from_pretrained(root / name).eval()
         for name in ("teacher", "student")
-    )  # what the trainer loads
+    )
     return root / "teacher", root / "student", expected_first_loss(teacher, student)
+
+
+Weights = tuple[Path, Path, dict[str, float]]
+
+
+@pytest.fixture(scope="module")
+def distill_weights(tmp_path_factory: pytest.TempPathFactory) -> Weights:
+    return make_distill_weights(tmp_path_factory.mktemp("distill-weights"))
 
 
 @pytest.mark.parametrize(("teacher_tp", "student_tp"), [(2, 1), (1, 2)])
 def test_first_distillation_loss_is_the_kl_of_the_transformers_logits(
-    weights: tuple[Path, Path, dict[str, float]], tmp_path: Path, teacher_tp: int, student_tp: int
+    distill_weights: tuple[Path, Path, dict[str, float]],
+    tmp_path: Path,
+    teacher_tp: int,
+    student_tp: int,
 ) -> None:
-    teacher, student, expected = weights
+    teacher, student, expected = distill_weights
     steps = 12 if teacher_tp == 2 else 1
     cfg = distill_config(teacher, student, teacher_tp, student_tp, steps)
     result = run(cfg, tmp_path / "run").result()

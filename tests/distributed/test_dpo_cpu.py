@@ -25,7 +25,7 @@ VOCAB, SEQ, GBS, BETA, SMOOTH = 512, 32, 4, 0.1, 0.1
 
 def dpo_config(
     policy: Path, reference: Path, policy_shape: dict[str, Any], reference_shape: dict[str, Any],
-    steps: int, smoothing: float = SMOOTH, lr: float = 2e-3,
+    steps: int, smoothing: float = SMOOTH, lr: float = 2e-3, world: int = 4,
 ) -> dict[str, Any]:  # fmt: skip
     arch = model_spec("qwen3", VOCAB).resolve().model_dump(mode="json", by_alias=True)
     preset = PRESET["qwen3"]
@@ -35,7 +35,8 @@ def dpo_config(
             "seqLength": SEQ, "logInterval": 1, "dpo": {"beta": BETA, "labelSmoothing": smoothing},
             "lrSchedule": {"style": "constant", "warmupIters": 0},
         },
-        checkpoint={"path": None}, metrics={"enabled": False}, worldSize=4, gpusPerNode=4,
+        checkpoint={"path": None}, metrics={"enabled": False}, worldSize=world,
+        gpusPerNode=world,
         preset=preset, weights=str(policy),
     )  # fmt: skip
     cfg["recipe"]["optimizer"] |= {"lr": lr, "minLr": 0.0, "weightDecay": 0.0}
@@ -69,22 +70,29 @@ def expected_first_step(policy: Any, reference: Any) -> dict[str, float]:
     return {
         "loss": float(loss.mean()), "chosen_reward": float(BETA * ratios[:, 0].mean()),
         "rejected_reward": float(BETA * ratios[:, 1].mean()),
-        "reward_margin": float(margin.mean()), "reward_accuracy": float((margin > 0).double().mean()),
+        "reward_margin": float(margin.mean()),
+        "reward_accuracy": float((margin > 0).double().mean()),
     }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, float]]:
+def make_dpo_weights(root: Path) -> tuple[Path, Path, dict[str, float]]:
+    """Two tiny Qwen3 checkpoints (policy, reference) under `root` and the first step's
+    expected numbers, from the models as transformers loads them back (what the trainer
+    reads)."""
     import transformers
 
-    root = tmp_path_factory.mktemp("dpo-weights")
     save_hf_model("qwen3", VOCAB, root / "policy", seed=0)
     save_hf_model("qwen3", VOCAB, root / "reference", seed=1)
     policy, reference = (
         transformers.AutoModelForCausalLM.from_pretrained(root / name).eval()
         for name in ("policy", "reference")
-    )  # what the trainer loads
+    )
     return root / "policy", root / "reference", expected_first_step(policy, reference)
+
+
+@pytest.fixture(scope="module")
+def dpo_weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, float]]:
+    return make_dpo_weights(tmp_path_factory.mktemp("dpo-weights"))
 
 
 def first_step(result: dict[str, Any]) -> dict[str, float]:
@@ -96,9 +104,9 @@ EVERY = {"first": 0, "count": 4}
 
 
 def test_dpo_colocated_first_step_matches_the_formula(
-    weights: tuple[Path, Path, dict[str, float]], tmp_path: Path
+    dpo_weights: tuple[Path, Path, dict[str, float]], tmp_path: Path
 ) -> None:
-    policy, reference, expected = weights
+    policy, reference, expected = dpo_weights
     cfg = dpo_config(policy, reference, {"tensor": 2, "ranks": EVERY},
                      {"tensor": 1, "ranks": EVERY}, steps=1)  # fmt: skip
     started = run(cfg, tmp_path / "run")
@@ -110,11 +118,11 @@ def test_dpo_colocated_first_step_matches_the_formula(
 
 
 def test_dpo_policy_learns_to_prefer_the_chosen_responses(
-    weights: tuple[Path, Path, dict[str, float]], tmp_path: Path
+    dpo_weights: tuple[Path, Path, dict[str, float]], tmp_path: Path
 ) -> None:
     """Policy and reference start from the same weights, as in practice: the first loss is
     ln 2 and every reward 0; training raises the chosen rows' margin over the rejected ones."""
-    policy = weights[0]
+    policy = dpo_weights[0]
     cfg = dpo_config(policy, policy, {"tensor": 2, "ranks": EVERY},
                      {"tensor": 1, "ranks": EVERY}, steps=30, smoothing=0.0, lr=5e-3)  # fmt: skip
     steps = run(cfg, tmp_path / "run").result()["steps"]
@@ -129,9 +137,9 @@ def test_dpo_policy_learns_to_prefer_the_chosen_responses(
 
 
 def test_dpo_with_the_reference_on_its_own_slice_gives_the_same_first_loss(
-    weights: tuple[Path, Path, dict[str, float]], tmp_path: Path
+    dpo_weights: tuple[Path, Path, dict[str, float]], tmp_path: Path
 ) -> None:
-    policy, reference, expected = weights
+    policy, reference, expected = dpo_weights
     cfg = dpo_config(policy, reference, {"tensor": 2, "ranks": {"first": 0, "count": 2}},
                      {"tensor": 1, "ranks": {"first": 2, "count": 2}}, steps=2)  # fmt: skip
     started = run(cfg, tmp_path / "run")

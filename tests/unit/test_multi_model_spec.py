@@ -340,6 +340,30 @@ MODEL_CASES: list[tuple[str, str, Spec, Callable[[Spec], None], list[str]]] = [
 # (case id, the rule, base spec, change, fragments of the message)
 JOB_CASES: list[tuple[str, str, Spec, Callable[[Spec], None], list[str]]] = [
     (
+        "frozen-pipelined",
+        "frozen-model-pipeline-1",
+        DPO,
+        set_field("models.1.parallelism", {"pipeline": 2}),
+        ["frozen models run forward only in one pipeline stage", "['reference']"],
+    ),
+    (
+        "trained-off-rank-0",
+        "trained-slice-from-rank-0",
+        DPO,
+        changes(
+            set_field("models.0.ranks", {"first": 4, "count": 4}),
+            set_field("models.1.ranks", {"first": 0, "count": 4}),
+        ),
+        ["the trainable model's slice must start at rank 0", "['policy']"],
+    ),
+    (
+        "async-save-on-slices",
+        "slices-save-synchronously",
+        DPO,
+        changes(set_field("checkpoint", {"path": "/ckpt", "asyncSave": True})),
+        ["spec.checkpoint.asyncSave needs co-located models"],
+    ),
+    (
         "model-and-models",
         "model-or-models",
         DPO,
