@@ -15,15 +15,14 @@ import torch
 
 from kubetron_api.config import FastPath, TrainerConfig, TrainerModel
 from kubetron_api.dims import ParallelConfigError, ParallelDims
-from kubetron_api.rules import TRAINER_RULES, ShapeSpec, check_shape
+from kubetron_api.model_rules import MODEL_SHAPE_RULES, on_model
+from kubetron_api.rules import CPU_PRECISION, Device, ShapeSpec, check_shape
 from kubetron_trainer.models.fast_path import AttentionBackend, EngineChoice, decide_fast_path
 
 log = logging.getLogger(__name__)
-
-
-def model_field(cfg: TrainerConfig, m: TrainerModel) -> str:
-    """The spec path of a model, for messages: `spec.models[1]`."""
-    return f"spec.models[{cfg.models.index(m)}]"
+# What the trainer checks of each model at start: the operator's model rules but its steer of
+# CPU pods to fp32 (as for one model, `rules.TRAINER_RULES`).
+MODEL_TRAINER_RULES = tuple(r for r in MODEL_SHAPE_RULES if r is not CPU_PRECISION)
 
 
 @dataclass(frozen=True)
@@ -50,14 +49,17 @@ def plan_models(
     """Every model's shape checked on this device and its engine decided; a broken rule raises
     one `ParallelConfigError` naming the model and its fields."""
     starts = []
-    kind = "gpu" if device.type == "cuda" else "cpu"
-    for m in cfg.models:
+    kind: Device = "gpu" if device.type == "cuda" else "cpu"
+    for index, m in enumerate(cfg.models):
         view = cfg.for_model(m)
-        where = model_field(cfg, m)
+        where = f"spec.models[{index}]"
+        shape = ShapeSpec(view.model, view.recipe, m.parallelism, view.data, m.ranks.count,
+                          view.gpus_per_node, kind, m.weights, m.ranks.first)  # fmt: skip
         try:
-            dims = check_shape(ShapeSpec.of_config(view, kind), TRAINER_RULES).dims
+            dims = check_shape(shape, MODEL_TRAINER_RULES).dims
         except ParallelConfigError as err:
-            problems = [f"model {m.name!r} ({where}): {p}" for p in err.problems]
+            sliced = m.ranks.count != cfg.world_size
+            problems = [on_model(p, index, m.name, sliced) for p in err.problems]
             raise ParallelConfigError(problems, err.shape) from None
         # the recipes read per-token log-probabilities or logits: no fused loss
         choice = decide_fast_path(fast.without("ce"), view, dims, device, attention)
