@@ -147,3 +147,49 @@ def test_dpo_with_the_reference_on_its_own_slice_gives_the_same_first_loss(
     assert got == pytest.approx(expected, abs=1e-5), (got, expected)
     out = started.output()
     assert "model policy: ranks 0-1, " in out and "model reference: ranks 2-3, " in out
+
+
+def test_dpo_resumes_at_another_policy_shape(
+    dpo_weights: tuple[Path, Path, dict[str, float]], tmp_path: Path
+) -> None:
+    """Four steps with the policy in TP2 x DP2, saved; resumed with the policy in DP4 it goes on
+    from step 4 as the uninterrupted TP2 x DP2 run does (its own checkpoint subdirectory, the
+    reference reloaded from its weights)."""
+    policy, reference, _ = dpo_weights
+
+    def job(tensor: int, steps: int, ckpt: Path | None) -> dict[str, Any]:
+        cfg = dpo_config(policy, reference, {"tensor": tensor, "ranks": EVERY},
+                         {"tensor": 1, "ranks": EVERY}, steps=steps)  # fmt: skip
+        cfg["checkpoint"] = {"path": str(ckpt) if ckpt else None, "saveInterval": 4}
+        return cfg
+
+    straight = run(job(2, 6, None), tmp_path / "straight").result()["steps"]
+    ckpt = tmp_path / "ckpt"
+    run(job(2, 4, ckpt), tmp_path / "first")
+    assert (ckpt / "policy" / "latest").read_text().strip() == "4"
+    assert not (ckpt / "reference").exists()  # a frozen model is its weights
+    resumed = run(job(1, 6, ckpt), tmp_path / "resumed").result()
+    assert resumed["resumed_from"] == 4 and resumed["start"] == "checkpoint"
+    got = [s["loss"] for s in resumed["steps"]]
+    want = [s["loss"] for s in straight[4:]]
+    assert got == pytest.approx(want, abs=2e-4), (got, want)
+
+
+def test_dpo_on_slices_saves_and_resumes(
+    dpo_weights: tuple[Path, Path, dict[str, float]], tmp_path: Path
+) -> None:
+    """The reference's ranks join the policy's saves (Megatron's save spans the job) and stay
+    out of its loads (over the policy's slice alone)."""
+    policy, reference, _ = dpo_weights
+
+    def job(steps: int) -> dict[str, Any]:
+        cfg = dpo_config(policy, reference, {"tensor": 2, "ranks": {"first": 0, "count": 2}},
+                         {"tensor": 1, "ranks": {"first": 2, "count": 2}}, steps=steps)  # fmt: skip
+        cfg["checkpoint"] = {"path": str(tmp_path / "ckpt"), "saveInterval": 2}
+        return cfg
+
+    first = run(job(2), tmp_path / "first").result()
+    assert (tmp_path / "ckpt" / "policy" / "latest").read_text().strip() == "2"
+    resumed = run(job(3), tmp_path / "resumed").result()
+    assert resumed["resumed_from"] == 2 and len(resumed["steps"]) == 1
+    assert resumed["steps"][0]["loss"] != pytest.approx(first["steps"][0]["loss"], abs=1e-6)

@@ -173,18 +173,23 @@ def model_state(chunks: list[MegatronModule], pg: ProcessGroupCollection) -> dic
 
 
 def load_model_state(
-    chunks: list[MegatronModule], pg: ProcessGroupCollection, source: Path
+    chunks: list[MegatronModule],
+    pg: ProcessGroupCollection,
+    source: Path,
+    group: dist.ProcessGroup | None = None,
 ) -> None:
     """Load the model tensors of the step directory `source` into this rank's chunks, whatever
     the shape that saved them: Megatron's loader reshards every ShardedTensor (the padded
     vocabulary too). Only the weights are read: no optimizer state, scheduler or RNG, and no
-    ShardedObject (a layer's `_extra_state` belongs to the shape that wrote it)."""
+    ShardedObject (a layer's `_extra_state` belongs to the shape that wrote it). `group`: the
+    ranks that load together (default: the whole job; a model on a slice of its own loads over
+    its slice's group)."""
     state = model_state(chunks, pg)
     request = {
         key: {k: v for k, v in part.items() if isinstance(v, ShardedTensor | ShardedTensorFactory)}
         for key, part in state.items()
     }
-    loaded = dist_checkpointing.load(request, str(source))
+    loaded = dist_checkpointing.load(request, str(source), process_group=group)
     for key, chunk in zip(state, chunks, strict=True):
         result = chunk.load_state_dict(loaded[key], strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
@@ -200,6 +205,7 @@ def load_model_weights(
     pg: ProcessGroupCollection,
     path: Path,
     field: str,
+    group: dist.ProcessGroup | None = None,
 ) -> int:
     """Start this rank's chunks from the weights in a kubetron checkpoint directory `path` (one
     model's: `latest` and its steps), in any parallel shape; returns the step loaded. The step
@@ -209,7 +215,7 @@ def load_model_weights(
     meta = weights_step(path, field)
     source = step_dir(path, meta.step)
     began = time.perf_counter()
-    load_model_state(chunks, pg, source)
+    load_model_state(chunks, pg, source, group)
     log.info(
         "loaded the weights of %s (step %d, %s, saved as %s) in %.2fs",
         source, meta.step, meta.model.describe(), describe_shape(meta.shape),
@@ -277,8 +283,10 @@ class Checkpointer:
         device: torch.device,
         identity: RunIdentity,
         async_save: bool = False,
+        group: dist.ProcessGroup | None = None,
     ) -> None:
         self.root = root
+        self.group = group  # the ranks that load together: the job, or a model's own slice
         self.chunks = chunks
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -286,7 +294,9 @@ class Checkpointer:
         self.device = device
         self.identity = identity
         self.rank = dist.get_rank()
-        self.world = dist.get_world_size()
+        # one RNG state a rank of the model: its place among the ranks that save the model
+        self.shard = dist.get_rank(group) if group is not None else self.rank
+        self.shards = dist.get_world_size(group) if group is not None else dist.get_world_size()
         if async_save and device.type != "cuda":
             log.warning("checkpoint.asyncSave needs CUDA (Megatron's async writer); saving "
                         "synchronously on %s", device.type)  # fmt: skip
@@ -314,9 +324,9 @@ class Checkpointer:
             )
         state["scheduler"] = self.scheduler.state_dict()
         state["iteration"] = step
-        if rng:  # one object per rank of this world: rng_state/shard_<rank>_<world>
+        if rng:  # one object per rank of the model: rng_state/shard_<rank>_<ranks>
             state["rng_state"] = ShardedObject(
-                "rng_state", _rng_state(self.device), (self.world,), (self.rank,), replica_id=0
+                "rng_state", _rng_state(self.device), (self.shards,), (self.shard,), replica_id=0
             )
         return state
 
@@ -434,7 +444,7 @@ class Checkpointer:
             step, True, sharding=sharding, rng=plan.restore_rng, chained_prefix=prefix
         )
         began = time.perf_counter()
-        loaded = dist_checkpointing.load(request, str(source))
+        loaded = dist_checkpointing.load(request, str(source), process_group=self.group)
         if loaded["iteration"] != step:
             raise ValueError(f"{source} holds iteration {loaded['iteration']}, expected {step}")
         if len(self.chunks) == 1:

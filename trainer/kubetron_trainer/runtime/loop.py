@@ -231,9 +231,12 @@ def build_run(
     options: RunOptions,
     metrics: TrainerMetrics | None,
     recipe: Recipe | None = None,
+    span: dist.ProcessGroup | None = None,
 ) -> Run:
     """The trained model on its groups: chunks, weights, optimizer, scheduler, checkpointer.
-    `recipe` (a multi-model job's) gives the loss and the frozen models' FLOPs."""
+    `recipe` (a multi-model job's) gives the loss and the frozen models' FLOPs; `span` is the
+    group of the model's ranks where it holds a slice of the job (its checkpoints load over
+    it)."""
     built = build_model(cfg, dims, pg, device, options.choice)
     identity = None
     if cfg.checkpoint.path is not None:
@@ -249,7 +252,7 @@ def build_run(
             claim(Path(cfg.checkpoint.path), options.attempt)
         checkpointer = Checkpointer(
             Path(cfg.checkpoint.path), built.chunks, engine.optimizer, scheduler, pg, device,
-            identity, async_save=cfg.checkpoint.async_save,
+            identity, async_save=cfg.checkpoint.async_save, group=span,
         )  # fmt: skip
         if metrics is not None:
             checkpointer.on_saved = lambda step, seconds: metrics.record_save(seconds, step)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import Float16Module
 
@@ -84,6 +85,24 @@ def build_groups(
     return build_process_groups_multi(specs, topology, backend)
 
 
+def span_groups(
+    starts: tuple[ModelStart, ...], topology: Topology, backend: str, timeout: timedelta
+) -> dict[str, dist.ProcessGroup | None]:
+    """Each model's group over all its ranks where it holds a slice (None where it spans the
+    job, and on ranks outside it): the ranks that load its checkpoints together. Collective:
+    every rank creates every model's, in spec order."""
+    spans: dict[str, dist.ProcessGroup | None] = {}
+    for s in starts:
+        ranks = s.spec.ranks
+        if ranks.count == topology.world_size:
+            spans[s.name] = None
+            continue
+        members = list(range(ranks.first, ranks.end))
+        group = dist.new_group(members, backend=backend, timeout=timeout)
+        spans[s.name] = group if isinstance(group, dist.ProcessGroup) else None
+    return spans
+
+
 def seeding_groups(
     starts: tuple[ModelStart, ...], groups: dict[str, ParallelGroups]
 ) -> ProcessGroupCollection:
@@ -130,19 +149,28 @@ class FrozenModel:
 
 
 def build_frozen(
-    start: ModelStart, pg: ProcessGroupCollection, device: torch.device
+    start: ModelStart,
+    pg: ProcessGroupCollection,
+    device: torch.device,
+    span: dist.ProcessGroup | None = None,
 ) -> FrozenModel:
-    """Build a frozen model's chunks on this rank and load its weights."""
+    """Build a frozen model's chunks on this rank and load its weights (`span`: its slice's
+    group, None when it spans the job)."""
     if start.spec.weights is None:
         raise ValueError(f"model {start.name!r} is frozen and has no weights to load")
     built = build_model(start.cfg, start.dims, pg, device, start.choice)
-    load_weights(start, built, pg)
+    load_weights(start, built, pg, span)
     return FrozenModel(start, built, pg)
 
 
-def load_weights(start: ModelStart, built: ModelChunks, pg: ProcessGroupCollection) -> str:
-    """Fill a model's chunks from its weights: a kubetron checkpoint (any shape) or a Hugging
-    Face directory. Returns which kind it was."""
+def load_weights(
+    start: ModelStart,
+    built: ModelChunks,
+    pg: ProcessGroupCollection,
+    span: dist.ProcessGroup | None = None,
+) -> str:
+    """Fill a model's chunks from its weights: a kubetron checkpoint (any shape, loaded over
+    `span`) or a Hugging Face directory (each rank reads its own slices). Returns which."""
     assert start.spec.weights is not None
     path = Path(start.spec.weights)
     from kubetron_api.ckpt_meta import LATEST
@@ -150,7 +178,7 @@ def load_weights(start: ModelStart, built: ModelChunks, pg: ProcessGroupCollecti
     if (path / LATEST).is_file():
         from kubetron_trainer.runtime.checkpoint import load_model_weights
 
-        load_model_weights(built.chunks, pg, path, f"{start.field}.weights")
+        load_model_weights(built.chunks, pg, path, f"{start.field}.weights", span)
         return "checkpoint"
     from kubetron_trainer.models.hf_weights import load_hf_weights
 

@@ -38,6 +38,7 @@ from kubetron_trainer.runtime.multi import (
     build_frozen,
     build_groups,
     seeding_groups,
+    span_groups,
 )
 from kubetron_trainer.runtime.seeding import setup_megatron_globals
 from kubetron_trainer.runtime.topology import Topology
@@ -69,12 +70,13 @@ def setup_models(
     model's run (or a `Bystander` on a rank without it)."""
     timeout = timedelta(seconds=cfg.collective_timeout_seconds)
     groups = build_groups(starts, topology, backend, timeout)
+    spans = span_groups(starts, topology, backend, timeout)
     setup_megatron_globals(seeding_groups(starts, groups), cfg.recipe.seed)
     frozen: dict[str, FrozenModel] = {}
     for s in starts:
         pg = groups[s.name].pg
         if not s.spec.trainable and pg is not None:
-            frozen[s.name] = build_frozen(s, pg, device)
+            frozen[s.name] = build_frozen(s, pg, device, spans[s.name])
             if metrics is not None:
                 metrics.record_parameters(s.name, parameter_bytes([frozen[s.name].model]))
     trained = next(s for s in starts if s.spec.trainable)
@@ -84,7 +86,7 @@ def setup_models(
         return Bystander(cfg, topology, device, recipe, trained)
     trained_options = RunOptions(trained.choice, *_rest(options))
     run = build_run(trained.cfg, trained.dims, pg, topology, device, trained_options, metrics,
-                    recipe)  # fmt: skip
+                    recipe, spans[trained.name])  # fmt: skip
     if metrics is not None:
         metrics.record_parameters(trained.name, parameter_bytes(run.chunks))
     return run
