@@ -63,7 +63,11 @@ class Metric:
 
 
 STEP = Metric("kubetron_train_step", "gauge", "Last completed optimizer step.")
-LOSS = Metric("kubetron_train_loss", "gauge", "Language-model loss of the last step.")
+LOSS = Metric(
+    "kubetron_train_loss",
+    "gauge",
+    "Loss of the last step: the language-model loss, or the recipe's (DPO, distillation).",
+)
 TOKENS_PER_SECOND = Metric(
     "kubetron_train_tokens_per_second", "gauge", "Throughput of the last step, whole job."
 )
