@@ -6,8 +6,8 @@
     python -m benchmarks.pg_setup               process-group setup time with gloo (CPU)
     python -m benchmarks.trainer_throughput     one GPU: baseline vs fast path, variants, profiles
     python -m benchmarks.kernels                one GPU: attention, wgrad, RMSNorm, SwiGLU kernels
-    python -m benchmarks.fp8                    one GPU: fp8 vs bf16 trainer throughput, GEMMs
     python -m benchmarks.fp8                    one Hopper GPU: fp8 against bf16, GEMMs and training
+    python -m benchmarks.dpo_peers              one GPU: DPO, kubetron against TRL's DPOTrainer
     python -m benchmarks.decentralized_groups   2 GPUs: groups vs parallel_state, trainer shapes
     python -m benchmarks.sequence_parallel      2 GPUs: SP gradients and training against TP2
     python -m benchmarks.reshard                2 GPUs: checkpoints resumed across PP/VPP/EP

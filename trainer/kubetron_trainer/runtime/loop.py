@@ -343,10 +343,7 @@ def train(run: Run) -> Summary:
             run.checkpointer.finalize()  # a background save that has finished (collective)
         if profiler is not None:
             profiler.before(step)
-        micro: Sequence[Batch | None] = batches.step(step)
-        if run.recipe is not None:
-            micro = run.recipe.feed(step, micro)
-        one_step(run, micro, step + 1, summary)
+        one_step(run, batches.step(step), step + 1, summary)
         if profiler is not None:
             profiler.after(step, profile_context(run, summary))
         if run.checkpointer and (step + 1) % cfg.checkpoint.save_interval == 0:
@@ -369,6 +366,8 @@ def sigterm_needs_save(step: int, start: int, resumed: bool, interval: int) -> b
 
 def one_step(run: Run, micro: Sequence[Batch | None], step: int, summary: Summary) -> None:
     t0 = time.perf_counter()
+    if run.recipe is not None:  # the frozen models' share of the step is part of its time
+        micro = run.recipe.feed(step - 1, micro)
     result = run.engine.step(micro)
     run.scheduler.step(1)  # type: ignore[attr-defined]
     names = run.recipe.stats if run.recipe is not None else ()  # known on every stage
