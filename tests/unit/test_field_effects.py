@@ -215,7 +215,7 @@ CHANGES: dict[str, tuple[Any, dict[str, Any]]] = {
         TENSOR_2,
     ),
     "spec.models[].ranks.first": (
-        _models({"ranks": {"first": 4, "count": 4}}, {"ranks": {"first": 0, "count": 4}}),
+        _models({"ranks": {"first": 0, "count": 6}}, {"ranks": {"first": 6, "count": 2}}),
         SLICES,
     ),
     "spec.models[].ranks.count": (
