@@ -320,6 +320,62 @@ class DistillSpec(ApiModel):
 MULTI_MODEL_RECIPES = ("dpo", "distill")
 
 
+# LoRA's targets: kubetron's names of Megatron-Core's linear layers of a transformer layer, and
+# the Hugging Face (peft) modules each one stands for. qkv and fc1 are fused in Megatron: one
+# adapter of qkv is three of peft's (q_proj, k_proj, v_proj), each with its own rank.
+LORA_TARGETS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "qkv": (
+        "self_attention.linear_qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ),
+    "proj": ("self_attention.linear_proj", ("self_attn.o_proj",)),
+    "fc1": ("mlp.linear_fc1", ("mlp.gate_proj", "mlp.up_proj")),
+    "fc2": ("mlp.linear_fc2", ("mlp.down_proj",)),
+}  # fmt: skip
+LoraTarget = Literal["qkv", "proj", "fc1", "fc2"]
+
+
+class PeftSpec(ApiModel):
+    """Parameter-efficient fine-tuning: LoRA adapters trained on top of frozen base weights."""
+
+    type: Literal["lora"] = Field(
+        default="lora",
+        description="lora: each target layer computes W x + (alpha / rank) B A dropout(x), W "
+        "frozen, A and B trained (peft's LoRA, A Kaiming-uniform and B zero at the start).",
+    )
+    rank: int = Field(default=16, ge=1, description="Rank r of each adapter.")
+    alpha: float = Field(default=32.0, gt=0, description="Scale numerator: updates x alpha/r.")
+    dropout: float = Field(
+        default=0.0, ge=0, lt=1, description="Dropout on each adapter's input while training."
+    )
+    targets: list[LoraTarget] = Field(
+        default_factory=lambda: ["qkv", "proj", "fc1", "fc2"],
+        min_length=1,
+        max_length=len(LORA_TARGETS),
+        description="Linear layers of every transformer layer that get adapters: qkv "
+        "(self_attention.linear_qkv; peft's q_proj, k_proj, v_proj), proj (linear_proj; "
+        "o_proj), fc1 (mlp.linear_fc1; gate_proj, up_proj), fc2 (mlp.linear_fc2; down_proj).",
+    )
+    adapters: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1024,
+        description="A peft adapter directory (adapter_config.json and "
+        "adapter_model.safetensors) to start the adapters from instead of peft's "
+        "initialisation; its r, lora_alpha and target modules must be these.",
+    )
+
+    @model_validator(mode="after")
+    def _targets_once(self) -> PeftSpec:
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"targets lists a layer twice: {self.targets}")
+        return self
+
+    @property
+    def scale(self) -> float:
+        """What the adapters' product is multiplied by (peft's lora_alpha / r)."""
+        return self.alpha / self.rank
+
+
 class RecipeSpec(ApiModel):
     """How to train: steps, batch sizes, precision, optimizer and schedule."""
 
@@ -335,6 +391,12 @@ class RecipeSpec(ApiModel):
     dpo: DpoSpec = Field(default_factory=DpoSpec, description="DPO settings (kind dpo).")
     distill: DistillSpec = Field(
         default_factory=DistillSpec, description="Distillation settings (kind distill)."
+    )
+    peft: PeftSpec | None = Field(
+        default=None,
+        description="LoRA adapters trained on frozen base weights (recipe.kind finetune, "
+        "spec.model.weights); checkpoints hold the adapters and their optimizer state only, "
+        "and record the base weights they need. Unset: every weight trains.",
     )
     train_iters: int = Field(default=100, ge=1, description="Optimizer steps to run.")
     global_batch_size: int = Field(default=8, ge=1, description="Sequences per optimizer step.")
