@@ -376,6 +376,33 @@ class PeftSpec(ApiModel):
         return self.alpha / self.rank
 
 
+# The schema's mark of an optional object whose absence is a setting (unset: off): the CRD
+# generator gives it no `default: {}`, which would turn it on in every stored job.
+OFF_WHEN_UNSET_KEY = "x-kubetron-off-when-unset"
+OFF_WHEN_UNSET: dict[str, Any] = {OFF_WHEN_UNSET_KEY: True}
+
+
+class EvalSpec(ApiModel):
+    """Validation loss: forward-only passes over the validation split (`data.split`'s second
+    weight), in the trained model's own parallel shape."""
+
+    interval: int | None = Field(
+        default=None,
+        ge=1,
+        description="Optimizer steps between evaluations (after steps interval, 2 x interval, "
+        "...); unset: no evaluation during training.",
+    )
+    iterations: int = Field(
+        default=10,
+        ge=1,
+        description="Global batches (recipe.globalBatchSize sequences each, read in "
+        "recipe.microBatchSize micro-batches like a training step) one evaluation scores, "
+        "Megatron's eval_iters. Every evaluation reads the same ones, from the start of the "
+        "validation split.",
+    )
+    at_end: bool = Field(default=True, description="Evaluate after the last step too.")
+
+
 class RecipeSpec(ApiModel):
     """How to train: steps, batch sizes, precision, optimizer and schedule."""
 
@@ -424,6 +451,14 @@ class RecipeSpec(ApiModel):
     )
     seed: int = Field(default=1234, ge=0, description="Random seed (model init and data).")
     log_interval: int = Field(default=10, ge=1, description="Steps between progress lines.")
+    eval: EvalSpec | None = Field(
+        default=None,
+        json_schema_extra=OFF_WHEN_UNSET,
+        description="Validation loss on the validation split (data.split's second weight), "
+        "token-weighted over the pass, with its perplexity: logged, exported as "
+        "kubetron_train_validation_loss and shown in status.progress.validationLoss. "
+        "pretrain and finetune. Unset: no evaluation.",
+    )
     fast_path: str = Field(
         default="on",
         pattern=FAST_PATH_PATTERN,

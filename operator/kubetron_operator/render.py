@@ -95,10 +95,12 @@ def config_map_name(job: MegatronJob) -> str:
 
 def config_json(cfg: TrainerConfig) -> str:
     """The trainer config as JSON without what the job does not read: the settings of the
-    recipes it does not run, and a one-model job's empty list of models (the trainer's defaults
-    fill them in), so a one-model job's config reads as it did before there were several."""
+    recipes it does not run, the recipe's optional sections left unset (recipe.eval), and a
+    one-model job's empty list of models (the trainer's defaults fill them in), so a one-model
+    job's config reads as it did before there were several."""
     exclude: dict[str, Any] = {"recipe": {k: True for k in MULTI_MODEL_RECIPES}}
     exclude["recipe"].pop(cfg.recipe.kind, None)
+    exclude["recipe"] |= {name: True for name, value in cfg.recipe if value is None}
     if not cfg.models:
         exclude["models"] = True
     return cfg.model_dump_json(by_alias=True, indent=2, exclude=exclude)

@@ -14,11 +14,12 @@ from typing import Any
 import yaml
 
 from kubetron_api import v1alpha1 as api
+from kubetron_api.config import OFF_WHEN_UNSET_KEY
 from kubetron_api.model_rules import crd_validations
 
 Schema = dict[str, Any]
 
-_DROP_KEYS = {"title", "additionalProperties", "$defs"}
+_DROP_KEYS = {"title", "additionalProperties", "$defs", OFF_WHEN_UNSET_KEY}
 
 # Everything but runPolicy.suspend is fixed once created: a running job cannot change shape.
 IMMUTABLE_FIELDS: tuple[str, ...] = ("model", "models", "recipe", "parallelism", "data")
@@ -76,6 +77,9 @@ def openapi_schema(model: type[api.ApiModel]) -> Schema:
 def _convert(node: Schema, defs: dict[str, Schema]) -> Schema:
     node = _inline(node, defs)
     out: Schema = {}
+    off_when_unset = {
+        n for n, sub in node.get("properties", {}).items() if sub.get(OFF_WHEN_UNSET_KEY)
+    }
     for key, value in node.items():
         if key in _DROP_KEYS:
             continue
@@ -95,7 +99,7 @@ def _convert(node: Schema, defs: dict[str, Schema]) -> Schema:
     if isinstance(extra, dict) and extra:
         out["additionalProperties"] = _convert(extra, defs)
     if out.get("type") == "object" and "properties" in out:
-        _default_nested_objects(out)
+        _default_nested_objects(out, off_when_unset)
     return out
 
 
@@ -122,11 +126,13 @@ def _inline(node: Schema, defs: dict[str, Schema]) -> Schema:
     return node
 
 
-def _default_nested_objects(obj: Schema) -> None:
-    """Give optional sub-objects `default: {}` so the API server fills their defaults."""
+def _default_nested_objects(obj: Schema, off_when_unset: set[str]) -> None:
+    """Give optional sub-objects `default: {}` so the API server fills their defaults; not the
+    ones marked OFF_WHEN_UNSET, which an object would turn on."""
     required = set(obj.get("required", []))
     for name, prop in obj["properties"].items():
         fillable = prop.get("type") == "object" and "properties" in prop
+        fillable = fillable and name not in off_when_unset
         if fillable and name not in required and "default" not in prop and not prop.get("required"):
             prop["default"] = {}
 
