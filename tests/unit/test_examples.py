@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from kubetron_api.parse import load_documents, parse_job
 from kubetron_operator.cli import main
@@ -18,6 +20,30 @@ def test_examples_cover_the_required_cases() -> None:
     names = {p.stem for p in EXAMPLES}
     assert {"gpt-tiny-cpu", "qwen3-1.7b-1gpu", "qwen3-8b-2x8", "qwen3-30b-a3b-moe"} <= names
     assert {"suspended", "kueue-queue"} <= names
+    assert {"qwen3-0.6b-dpo", "qwen3-distill", "tiny-dpo-cpu", "tiny-distill-cpu"} <= names
+
+
+def claims(spec: dict[str, Any]) -> list[str]:
+    """The PersistentVolumeClaims a MegatronJob's pods mount."""
+    volumes = spec.get("resources", {}).get("volumes", [])
+    out = [v["persistentVolumeClaim"]["claimName"] for v in volumes if "persistentVolumeClaim" in v]
+    checkpoint = spec.get("checkpoint", {}).get("volume")
+    return out + ([checkpoint["claimName"]] if checkpoint else [])
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_states_what_it_needs(path: Path) -> None:
+    """The comment block above the job says what a cluster must hold to run it: every claim it
+    mounts and every weights directory its models start from."""
+    text = path.read_text()
+    head = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    assert "It needs:" in head, path.name
+    spec = yaml.safe_load(text)["spec"]
+    for claim in claims(spec):
+        assert f"`{claim}`" in head, (path.name, claim)
+    models = spec.get("models") or [spec["model"]]
+    for weights in {m["weights"] for m in models if m.get("weights")}:
+        assert weights in head, (path.name, weights)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
