@@ -49,6 +49,31 @@ FINETUNE_WEIGHTS = Rule(
     "it; set kind finetune with weights, or pretrain without them",
 )
 
+# recipe.eval scores the validation split with the trained objective of a one-model job.
+EVAL_RULES: tuple[Rule, ...] = (
+    Rule(
+        "eval-needs-validation-split",
+        "spec.data.split",
+        "!evalOn || splitHasValidation",
+        "spec.data.split={dataSplit} has no validation part but spec.recipe.eval is set; give "
+        "the second weight a share (e.g. 98,2,0) or remove spec.recipe.eval",
+    ),
+    Rule(
+        "eval-needs-one-model",
+        "spec.recipe.eval",
+        "!evalOn || !multiModelRecipe",
+        "spec.recipe.eval scores the language-model loss of recipe.kind pretrain and finetune; "
+        "spec.recipe.kind={recipeKind} is not evaluated (its loss needs the frozen models' "
+        "forward passes); remove spec.recipe.eval",
+    ),
+    Rule(
+        "eval-runs",
+        "spec.recipe.eval",
+        "!evalOn || evalInterval > 0 || evalAtEnd",
+        "spec.recipe.eval never evaluates: set its interval, or leave atEnd true",
+    ),
+)
+
 # Rules on the whole spec, after the degree rules (dims.DEGREE_RULES) hold.
 SHAPE_RULES: tuple[Rule, ...] = (
     Rule(
@@ -178,6 +203,7 @@ SHAPE_RULES: tuple[Rule, ...] = (
         "spec.data.tokenizer.name is required when the tokenizer type is huggingface",
     ),
     FINETUNE_WEIGHTS,
+    *EVAL_RULES,
 )
 
 # Pods with device cpu train in fp32 (bf16 on CPU is slow and not what a GPU run would do).
@@ -252,6 +278,12 @@ CEL_PATHS: dict[str, str | None] = {
     "tokenizerType": "self.data.tokenizer.type",
     "tokenizerName": "(has(self.data.tokenizer.name) ? self.data.tokenizer.name : '')",
     "modelWeights": "(has(self.model) && has(self.model.weights) ? self.model.weights : '')",
+    "evalOn": "has(self.recipe.eval)",
+    "evalInterval": "(has(self.recipe.eval) && has(self.recipe.eval.interval) ? "
+    "self.recipe.eval.interval : 0)",
+    "evalAtEnd": "(has(self.recipe.eval) && self.recipe.eval.atEnd)",
+    # the split's pattern makes its second part a number (Kubernetes' CEL string library)
+    "splitHasValidation": "(double(self.data.split.split(',')[1]) > 0.0)",
     "fastPathListsCe": None,
     "numAttentionHeads": None,
     "numQueryGroups": None,
@@ -361,6 +393,11 @@ class ShapeSpec:
             "recipeKind": recipe.kind,
             "modelWeights": self.weights or "",
             "dataType": data.type,
+            "dataSplit": data.split,
+            "splitHasValidation": float(data.split.split(",")[1]) > 0,
+            "evalOn": recipe.eval is not None,
+            "evalInterval": (recipe.eval.interval or 0) if recipe.eval else 0,
+            "evalAtEnd": recipe.eval is not None and recipe.eval.at_end,
             "dataPaths": [str(path) for path in data.paths],
             "tokenizerType": data.tokenizer.type,
             "tokenizerName": data.tokenizer.name or "",

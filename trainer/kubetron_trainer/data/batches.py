@@ -12,6 +12,13 @@ and last pipeline stages read data (tokens feed the embedding, labels the loss);
 `None` micro-batches. Indexed datasets go through Megatron-Core's `BlendedMegatronDatasetBuilder`
 and `GPTDataset`, so blends, splits and the index caches are Megatron's own.
 
+With `recipe.eval` a second `Batches` reads the validation split (`build_data`): the same
+layout, from sample 0 of that split at every evaluation, so each evaluation scores the same
+samples, each dp rank its own (`split_indices` gives both splits' indices of a rank). Indexed
+data's validation split is Megatron's (the builder's second size), chat and preference data's
+the conversations or pairs after the train split's, mock data's a random stream of its own
+(its sequences follow the same rule, so they measure the rule learned, not held-out text).
+
 For DPO (recipe dpo: `data.type: preference`, or mock pairs) a sample is a pair, so batch sizes
 count pairs; a micro-batch of k pairs is laid out as 2k rows, the k chosen sequences first, then
 the k rejected ones in the same order (TRL's concatenated forward), and `Batch.index` holds the
@@ -34,7 +41,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import (
 )
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-from kubetron_api.config import TrainerConfig
+from kubetron_api.config import RecipeSpec, TrainerConfig
 from kubetron_api.exitcodes import ConfigError
 from kubetron_api.files import unreadable
 from kubetron_trainer.data.chat import LOSS_MASK
@@ -70,25 +77,37 @@ class Batch:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+# Mock data's split part p > 0 draws from generators seeded by (seed, index, MOCK_PART + p).
+MOCK_PART = 1000
+
+
 class MockDataset:
     """Learnable, deterministic sequences: `(start + stride * t) % vocab` per sample.
 
     Start and stride come from a generator seeded by (seed, index), so any rank can produce any
-    sample, and a model that learns the rule drives the loss well below `ln(vocab)`.
+    sample, and a model that learns the rule drives the loss well below `ln(vocab)`. The
+    validation split (`part` 1) seeds by (seed, index, MOCK_PART + 1): a stream of its own.
     """
 
-    def __init__(self, vocab_size: int, seq_length: int, num_samples: int, seed: int) -> None:
+    def __init__(
+        self, vocab_size: int, seq_length: int, num_samples: int, seed: int, part: int = 0
+    ) -> None:
         self.vocab_size = vocab_size
         self.seq_length = seq_length
         self.num_samples = num_samples
         self.seed = seed
+        self.part = part
 
     def __len__(self) -> int:
         return self.num_samples
 
+    def entropy(self, idx: int) -> list[int]:
+        """The seed of sample `idx`'s generator."""
+        return [self.seed, idx] + ([MOCK_PART + self.part] if self.part else [])
+
     def sequence(self, idx: int) -> np.ndarray:
         """Sample `idx`'s `seq_length + 1` tokens."""
-        rng = np.random.default_rng([self.seed, idx])
+        rng = np.random.default_rng(self.entropy(idx))
         start, stride = int(rng.integers(self.vocab_size)), int(rng.integers(1, 8))
         return (start + stride * np.arange(self.seq_length + 1)) % self.vocab_size
 
@@ -112,7 +131,7 @@ class MockPreferenceDataset(MockDataset):
         chosen = self.sequence(idx)
         prompt = len(chosen) // 2
         rejected = chosen.copy()
-        rng = np.random.default_rng([self.seed, idx, 1])
+        rng = np.random.default_rng([*self.entropy(idx), 1])
         rejected[prompt:] = rng.integers(self.vocab_size, size=len(chosen) - prompt)
         mask = (np.arange(len(chosen)) >= prompt).astype(np.float32)
         return pair_sample((chosen, rejected), (mask, mask), self.seq_length, pad=0)
@@ -172,21 +191,31 @@ def check_indexed_data(cfg: TrainerConfig) -> Tokenizer:
     return check_for_model(data.tokenizer, cfg.model.vocab_size, padded)
 
 
-def chat_dataset(cfg: TrainerConfig, num_samples: int) -> ChatDataset | PreferenceDataset:
-    """Packed conversations (`data.type: chat`) or preference pairs (`preference`), padded with
-    the tokenizer's pad token."""
+def chat_dataset(
+    cfg: TrainerConfig, num_samples: int, part: int = 0
+) -> ChatDataset | PreferenceDataset:
+    """Packed conversations (`data.type: chat`) or preference pairs (`preference`) of split part
+    `part` (0 train, 1 validation), padded with the tokenizer's pad token."""
     tokenizer = check_indexed_data(cfg)
     assert tokenizer.pad is not None  # check_indexed_data refused it otherwise
     dataset = PreferenceDataset if cfg.data.type == "preference" else ChatDataset
     return dataset(
         cfg.data.paths[0].prefix, seq_length=cfg.recipe.seq_length, num_samples=num_samples,
-        seed=cfg.recipe.seed, split=cfg.data.split, pad=tokenizer.pad,
+        seed=cfg.recipe.seed, split=cfg.data.split, pad=tokenizer.pad, part=part,
     )  # fmt: skip
 
 
 def indexed_dataset(cfg: TrainerConfig, num_samples: int, reads_data: bool) -> GPTDataset | None:
-    """The training split of the configured blend, built by Megatron-Core (collective: every
-    rank of the job must call this; ranks that read no data get None)."""
+    """The training split of the configured blend (`indexed_datasets`)."""
+    return indexed_datasets(cfg, num_samples, 0, reads_data)[0]
+
+
+def indexed_datasets(
+    cfg: TrainerConfig, num_samples: int, num_valid: int, reads_data: bool
+) -> tuple[GPTDataset | None, GPTDataset | None]:
+    """The training and validation splits of the configured blend (`num_valid` samples: 0 builds
+    none), built by Megatron-Core (collective: every rank of the job must call this; ranks that
+    read no data get None)."""
     data = cfg.data
     tokenizer = check_indexed_data(cfg)
     log.info(
@@ -205,10 +234,10 @@ def indexed_dataset(cfg: TrainerConfig, num_samples: int, reads_data: bool) -> G
         create_attention_mask=False,
     )
     builder = BlendedMegatronDatasetBuilder(
-        GPTDataset, [num_samples, 0, 0], lambda: reads_data, config
+        GPTDataset, [num_samples, num_valid, 0], lambda: reads_data, config
     )
-    train, _, _ = builder.build()
-    return train
+    train, valid, _ = builder.build()
+    return train, (valid if num_valid else None)
 
 
 class Batches:
@@ -251,6 +280,11 @@ class Batches:
         first += self.dp_rank * self.micro_batch
         return list(range(first, first + self.micro_batch))
 
+    def samples(self, steps: range) -> list[int]:
+        """The global sample indices this rank reads in `steps`, in reading order."""
+        micro = range(self.num_micro_batches)
+        return [i for s in steps for m in micro for i in self.indices(s, m)]
+
     def step(self, step: int) -> list[Batch | None]:
         """The micro-batches of one optimizer step; None on ranks that read no data."""
         start = time.perf_counter()
@@ -282,6 +316,50 @@ class Batches:
         )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Data:
+    """This rank's batches: the train split's, and the validation split's with `recipe.eval`."""
+
+    train: Batches
+    validation: Batches | None = None
+
+
+def validation_samples(recipe: RecipeSpec) -> int:
+    """Samples one evaluation reads: `recipe.eval.iterations` global batches (0 without eval)."""
+    return recipe.eval.iterations * recipe.global_batch_size if recipe.eval else 0
+
+
+def build_data(
+    cfg: TrainerConfig,
+    *,
+    reads_data: bool,
+    dp_rank: int,
+    dp_size: int,
+    device: torch.device,
+    on_wait: Callable[[float], None] | None = None,
+    start_step: int = 0,
+    start_sample: int = 0,
+) -> Data:
+    """Mock, indexed, chat or preference batches for this rank (collective for indexed data),
+    the train split's from sample `start_sample` at step `start_step` (a resumed run's consumed
+    samples), the validation split's from its sample 0."""
+    gbs = cfg.recipe.global_batch_size
+    # train_iters x gbs when the global batch never changed (the dataset, and an indexed one's
+    # shuffle, are then the uninterrupted run's)
+    num_samples = max(start_sample + max(cfg.recipe.train_iters - start_step, 0) * gbs, gbs)
+    num_valid = validation_samples(cfg.recipe)
+    train, valid = sources(cfg, num_samples, num_valid, reads_data)
+    log.info("data: %s, %s", cfg.data.type, "read on this rank" if reads_data else "not read")
+    layout = {
+        "global_batch": gbs, "micro_batch": cfg.recipe.micro_batch_size, "dp_rank": dp_rank,
+        "dp_size": dp_size, "device": device,
+    }  # fmt: skip
+    return Data(
+        Batches(train, **layout, on_wait=on_wait, start_step=start_step, start_sample=start_sample),
+        Batches(valid, **layout) if num_valid else None,
+    )
+
+
 def build_batches(
     cfg: TrainerConfig,
     *,
@@ -293,31 +371,49 @@ def build_batches(
     start_step: int = 0,
     start_sample: int = 0,
 ) -> Batches:
-    """Mock or indexed batches for this rank (collective for indexed data), from sample
-    `start_sample` at step `start_step` (a resumed run's consumed samples)."""
-    gbs = cfg.recipe.global_batch_size
-    # train_iters x gbs when the global batch never changed (the dataset, and an indexed one's
-    # shuffle, are then the uninterrupted run's)
-    num_samples = max(start_sample + max(cfg.recipe.train_iters - start_step, 0) * gbs, gbs)
-    source: SampleSource | None
-    if cfg.data.type == "mock":
-        mock = (MockPreferenceDataset if cfg.recipe.kind == "dpo" else MockDataset)(
-            cfg.model.vocab_size, cfg.recipe.seq_length, num_samples, cfg.recipe.seed
-        )
-        source = mock if reads_data else None
-    elif cfg.data.type in ("chat", "preference"):
-        source = chat_dataset(cfg, num_samples) if reads_data else None
-    else:
-        source = indexed_dataset(cfg, num_samples, reads_data)
-    log.info("data: %s, %s", cfg.data.type, "read on this rank" if reads_data else "not read")
-    return Batches(
-        source,
-        global_batch=cfg.recipe.global_batch_size,
-        micro_batch=cfg.recipe.micro_batch_size,
-        dp_rank=dp_rank,
-        dp_size=dp_size,
-        device=device,
-        on_wait=on_wait,
-        start_step=start_step,
-        start_sample=start_sample,
+    """The train split's batches of `build_data`."""
+    return build_data(
+        cfg, reads_data=reads_data, dp_rank=dp_rank, dp_size=dp_size, device=device,
+        on_wait=on_wait, start_step=start_step, start_sample=start_sample,
+    ).train  # fmt: skip
+
+
+def sources(
+    cfg: TrainerConfig, num_samples: int, num_valid: int, reads_data: bool
+) -> tuple[SampleSource | None, SampleSource | None]:
+    """The train split's `num_samples` samples and the validation split's `num_valid` (0: none);
+    None on a rank that reads no data."""
+    if cfg.data.type == "indexed":  # collective: every rank builds, or not, together
+        return indexed_datasets(cfg, num_samples, num_valid, reads_data)
+    if not reads_data:
+        return None, None
+
+    def part(p: int, n: int) -> SampleSource:
+        if cfg.data.type in ("chat", "preference"):
+            return chat_dataset(cfg, n, p)
+        mock = MockPreferenceDataset if cfg.recipe.kind == "dpo" else MockDataset
+        return mock(cfg.model.vocab_size, cfg.recipe.seq_length, n, cfg.recipe.seed, p)
+
+    return part(0, num_samples), (part(1, num_valid) if num_valid else None)
+
+
+@dataclass(frozen=True)
+class SplitIndices:
+    """The samples one dp rank reads, by their index in each split."""
+
+    train: list[int]  # over every step of an uninterrupted run
+    validation: list[int]  # in one evaluation (every evaluation reads these)
+
+
+def split_indices(recipe: RecipeSpec, dp_rank: int, dp_size: int) -> SplitIndices:
+    """The sample indices dp rank `dp_rank` of `dp_size` reads of each split, by the
+    arithmetic of `Batches` (the two splits hold different documents, mock data different
+    streams)."""
+    layout = Batches(
+        None, global_batch=recipe.global_batch_size, micro_batch=recipe.micro_batch_size,
+        dp_rank=dp_rank, dp_size=dp_size, device=torch.device("cpu"),
+    )  # fmt: skip
+    iterations = recipe.eval.iterations if recipe.eval else 0
+    return SplitIndices(
+        layout.samples(range(recipe.train_iters)), layout.samples(range(iterations))
     )

@@ -3,12 +3,13 @@
 The data is what `kubetron-prepare-data --chat` writes: PREFIX.bin/.idx (each conversation's
 tokens, one document each) and PREFIX.loss_mask.bin/.idx (1 where an assistant wrote the token).
 The train split is the first share of the conversations (`data.split`'s first weight, as
-Megatron splits documents). Each epoch shuffles them (seeded by `recipe.seed` and the epoch) and
-packs them in that order, next-fit, into sequences of `seqLength + 1` tokens: a conversation
-goes into the current sequence when it fits, else it starts the next one, whose tail is padded
-with the pad token; a conversation longer than a sequence is cut to one (and counted in the log).
-Every rank computes the same packing, so sample `i` is the same everywhere, as Megatron's
-indices are for pretraining.
+Megatron splits documents), the validation split the next share (`recipe.eval` scores it), so
+no conversation is in both. Each epoch of a split shuffles its conversations (seeded by
+`recipe.seed` and the epoch) and packs them in that order, next-fit, into sequences of
+`seqLength + 1` tokens: a conversation goes into the current sequence when it fits, else it
+starts the next one, whose tail is padded with the pad token; a conversation longer than a
+sequence is cut to one (and counted in the log). Every rank computes the same packing, so
+sample `i` is the same everywhere, as Megatron's indices are for pretraining.
 
 Inside a sequence, each token attends only to the earlier tokens of its own conversation (a
 block-diagonal causal mask; `Batch.attention_mask`, Megatron's convention: True = masked), its
@@ -46,11 +47,36 @@ def next_fit(lengths: np.ndarray, capacity: int) -> np.ndarray:
     return np.asarray(bounds, dtype=np.int64)
 
 
-def train_documents(count: int, split: str) -> int:
-    """How many conversations (the first ones) the train split holds: Megatron's rounding of
-    the split weights' first share."""
+# The parts of `data.split`, in its order, and the weight that sizes each.
+SPLIT_PARTS = ("train", "validation", "test")
+_WEIGHTS = ("first", "second", "third")
+
+
+def split_documents(count: int, split: str, part: int) -> range:
+    """The documents of part `part` of `split` (0 train, 1 validation, 2 test) among `count`:
+    consecutive shares of the weights, each bound rounded (the train part's is Megatron's
+    rounding of the first share)."""
     weights = [float(w) for w in split.split(",")]
-    return round(count * weights[0] / sum(weights))
+    total = sum(weights)
+    bounds = [round(count * sum(weights[:i]) / total) for i in range(len(weights) + 1)]
+    return range(bounds[part], bounds[part + 1])
+
+
+def train_documents(count: int, split: str) -> int:
+    """How many conversations (the first ones) the train split holds."""
+    return len(split_documents(count, split, 0))
+
+
+def split_part(count: int, split: str, part: int, what: str) -> range:
+    """`split_documents`, refused (naming data.split) where the part is empty."""
+    documents = split_documents(count, split, part)
+    if not documents:
+        raise ConfigError(
+            "data.split",
+            f"the {SPLIT_PARTS[part]} split ({split}) of {count} {what} is empty; give the "
+            f"{_WEIGHTS[part]} weight a larger share",
+        )
+    return documents
 
 
 def block_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
@@ -73,7 +99,8 @@ class ChatDataset:
     """Packed conversations (module docstring) behind the `SampleSource` interface."""
 
     def __init__(self, prefix: str, *, seq_length: int, num_samples: int, seed: int,
-                 split: str, pad: int, field: str = "data.paths[0].prefix") -> None:  # fmt: skip
+                 split: str, pad: int, field: str = "data.paths[0].prefix",
+                 part: int = 0) -> None:  # fmt: skip
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -87,19 +114,15 @@ class ChatDataset:
                 f"{prefix}{LOSS_MASK} does not match {prefix} (other conversations or lengths); "
                 "prepare both again with one kubetron-prepare-data --chat run",
             )
-        count = train_documents(len(lengths), split)
-        if count == 0:
-            raise ConfigError(
-                "data.split",
-                f"the train split ({split}) of {len(lengths)} conversations is empty; give the "
-                "first weight a larger share",
-            )
+        documents = split_part(len(lengths), split, part, "conversations")
+        self.first = documents.start  # the part's first document
         self.seq_length = seq_length
         self.capacity = seq_length + 1
         self.pad = pad
         self.seed = seed
-        self.lengths = np.minimum(lengths[:count], self.capacity)
-        cut = int((lengths[:count] > self.capacity).sum())
+        own = lengths[documents.start : documents.stop]
+        self.lengths = np.minimum(own, self.capacity)
+        cut = int((own > self.capacity).sum())
         self.order = np.empty(0, dtype=np.int64)
         self.bounds = np.zeros(1, dtype=np.int64)
         epochs = 0
@@ -108,9 +131,10 @@ class ChatDataset:
             epochs += 1
         tokens = int(self.lengths.sum())
         log.info(
-            "chat data: %d conversations (%d cut to %d tokens), %d tokens packed into %d "
+            "chat data%s: %d conversations (%d cut to %d tokens), %d tokens packed into %d "
             "sequences per epoch (%.1f%% padding), %d epoch(s) for %d samples",
-            count, cut, self.capacity, tokens, self.per_epoch,
+            f" ({SPLIT_PARTS[part]} split)" if part else "", len(own), cut, self.capacity, tokens,
+            self.per_epoch,
             100 * (1 - tokens / (self.per_epoch * self.capacity)), epochs, num_samples,
         )  # fmt: skip
 
@@ -125,15 +149,19 @@ class ChatDataset:
     def __len__(self) -> int:
         return len(self.bounds) - 1
 
+    def documents(self, idx: int) -> np.ndarray:
+        """The conversations (their document numbers in the dataset) packed into sample `idx`."""
+        return self.first + self.order[self.bounds[idx] : self.bounds[idx + 1]]
+
     def sample(self, idx: int) -> Sample:
         """The packed sequence `idx` (seq_length + 1 tokens)."""
-        docs = self.order[self.bounds[idx] : self.bounds[idx + 1]]
+        docs = self.documents(idx)
         tokens = np.full(self.capacity, self.pad, dtype=np.int64)
         mask = np.zeros(self.capacity, dtype=np.int64)
         ids = np.full(self.capacity, -1, dtype=np.int64)
         at = 0
         for number, doc in enumerate(docs.tolist()):
-            n = int(self.lengths[doc])
+            n = int(self.lengths[doc - self.first])
             tokens[at : at + n] = self.tokens[doc][:n]
             mask[at : at + n] = self.mask[doc][:n]
             ids[at : at + n] = number

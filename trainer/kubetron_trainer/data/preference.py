@@ -4,12 +4,12 @@ and its rejected sequence side by side, for the policy and the reference to scor
 The data is what `kubetron-prepare-data --preference` writes (`data.pairs`): documents 2i and
 2i + 1 are pair i's prompt + chosen and prompt + rejected, PREFIX.loss_mask.bin/.idx marks the
 response's tokens, PREFIX.pairs.json says the documents are pairs. The train split is the first
-share of the pairs (`data.split`'s first weight, as Megatron splits documents); each epoch visits
-them in a permutation seeded by `recipe.seed` and the epoch, so sample `i` is the same pair on
-every rank. A sample is built as Megatron builds a GPT sample, once per row: tokens = document[:-1],
-labels = document[1:], loss mask = the mask of each label, cut to `seqLength` on the right and
-padded (labels with the pad token, loss mask 0). Pairs are never packed: DPO compares a pair's
-two sequences as wholes.
+share of the pairs (`data.split`'s first weight, as Megatron splits documents), the validation
+split the next share; each epoch of a split visits its pairs in a permutation seeded by
+`recipe.seed` and the epoch, so sample `i` is the same pair on every rank. A sample is built
+as Megatron builds a GPT sample, once per row: tokens = document[:-1], labels = document[1:],
+loss mask = the mask of each label, cut to `seqLength` on the right and padded (labels with the
+pad token, loss mask 0). Pairs are never packed: DPO compares a pair's two sequences as wholes.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 
 from kubetron_api.exitcodes import ConfigError
 from kubetron_trainer.data.chat import LOSS_MASK
-from kubetron_trainer.data.packing import train_documents
+from kubetron_trainer.data.packing import split_part
 from kubetron_trainer.data.pairs import NOT_PREFERENCE, check_marker
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,8 @@ class PreferenceDataset:
     """Preference pairs (module docstring) behind the `SampleSource` interface."""
 
     def __init__(self, prefix: str, *, seq_length: int, num_samples: int, seed: int,
-                 split: str, pad: int, field: str = "data.paths[0].prefix") -> None:  # fmt: skip
+                 split: str, pad: int, field: str = "data.paths[0].prefix",
+                 part: int = 0) -> None:  # fmt: skip
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -76,20 +77,15 @@ class PreferenceDataset:
                 f"{prefix}{LOSS_MASK} does not match {prefix} (other documents or lengths); "
                 "prepare both again with one kubetron-prepare-data --preference run",
             )
-        count = train_documents(marked, split)
-        if count == 0:
-            raise ConfigError(
-                "data.split",
-                f"the train split ({split}) of {marked} pairs is empty; give the first weight a "
-                "larger share",
-            )
+        pairs = split_part(marked, split, part, "pairs")
+        count = len(pairs)
         self.seq_length = seq_length
         self.pad = pad
         epochs = -(-num_samples // count)
-        self.order = np.concatenate(
+        self.order = pairs.start + np.concatenate(
             [np.random.default_rng([seed, e]).permutation(count) for e in range(epochs)]
         )
-        cut = int((lengths[: 2 * count] > seq_length + 1).sum())
+        cut = int((lengths[2 * pairs.start : 2 * pairs.stop] > seq_length + 1).sum())
         log.info(
             "preference data: %d pairs (%d of their sequences cut to %d tokens), %d epoch(s) "
             "for %d samples",
