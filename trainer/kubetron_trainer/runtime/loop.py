@@ -243,6 +243,10 @@ def build_run(
         identity = RunIdentity.from_config(cfg, dims, built.padded_vocab_size, options.attempt)
     # before the engine: a GPU optimizer copies the parameters into its fp32 main weights
     start = start_weights(cfg, identity, built.chunks, pg, built.padded_vocab_size)
+    if cfg.recipe.peft is not None:  # adapters on the loaded base, which they leave frozen
+        from kubetron_trainer.models.lora import apply_lora
+
+        apply_lora(built.chunks, cfg.model, cfg.recipe.peft, pg, cfg.recipe.seed)
     objective = recipe.objective if recipe is not None else LM_LOSS
     engine = make_engine(cfg, built.chunks, pg, device, built.choice.fast, objective)
     scheduler = build_scheduler(engine.optimizer, cfg.recipe)
@@ -273,17 +277,19 @@ def start_weights(
 ) -> str:
     """What the model starts from: `weights` (a finetune loads spec.model.weights), `checkpoint`
     (a finetune whose job already saved a checkpoint resumes from it instead: a restart must
-    not start over) or `random` (pretrain). Every rank decides from the same files."""
+    not start over) or `random` (pretrain). Every rank decides from the same files. A LoRA
+    checkpoint holds the adapters only: their base weights are loaded first in either case."""
     if cfg.weights is None:
         return "random"
     path, auto = cfg.checkpoint.path, cfg.checkpoint.resume == "auto"
-    if identity is not None and path and auto and plan_resume(Path(path), identity) is not None:
+    resume = identity is not None and path and auto and plan_resume(Path(path), identity)
+    if resume and cfg.recipe.peft is None:
         log.info("finetune: %s has a checkpoint; resuming from it, not from %s", path, cfg.weights)
         return "checkpoint"
     from kubetron_trainer.models.hf_weights import load_hf_weights
 
     load_hf_weights(chunks, pg, cfg.model, Path(cfg.weights), padded_vocab)
-    return "weights"
+    return "checkpoint" if resume else "weights"
 
 
 def train(run: Run) -> Summary:
