@@ -80,6 +80,12 @@ MFU = Metric(
     "Model FLOPs utilisation against the GPU's dense bf16 peak (fp8 runs too, so the two compare).",
 )
 GRAD_NORM = Metric("kubetron_train_grad_norm", "gauge", "Gradient norm before clipping.")
+VALIDATION_LOSS = Metric(
+    "kubetron_train_validation_loss",
+    "gauge",
+    "Loss on the validation split at the last evaluation (recipe.eval): the language-model "
+    "loss over every loss token the evaluation scored.",
+)
 LEARNING_RATE = Metric("kubetron_train_learning_rate", "gauge", "Learning rate of the last step.")
 LAST_CHECKPOINT_STEP = Metric(
     "kubetron_checkpoint_last_step", "gauge", "Step of the last complete checkpoint."

@@ -31,6 +31,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -350,13 +351,13 @@ def build_data(
     num_valid = validation_samples(cfg.recipe)
     train, valid = sources(cfg, num_samples, num_valid, reads_data)
     log.info("data: %s, %s", cfg.data.type, "read on this rank" if reads_data else "not read")
-    layout = {
-        "global_batch": gbs, "micro_batch": cfg.recipe.micro_batch_size, "dp_rank": dp_rank,
-        "dp_size": dp_size, "device": device,
-    }  # fmt: skip
+    laid_out = partial(
+        Batches, global_batch=gbs, micro_batch=cfg.recipe.micro_batch_size, dp_rank=dp_rank,
+        dp_size=dp_size, device=device,
+    )  # fmt: skip
     return Data(
-        Batches(train, **layout, on_wait=on_wait, start_step=start_step, start_sample=start_sample),
-        Batches(valid, **layout) if num_valid else None,
+        laid_out(train, on_wait=on_wait, start_step=start_step, start_sample=start_sample),
+        laid_out(valid) if num_valid else None,
     )
 
 

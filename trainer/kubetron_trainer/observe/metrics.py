@@ -114,6 +114,7 @@ class TrainerMetrics:
         self.tflops = self._family(wire.MODEL_TFLOPS)
         self.mfu = self._family(wire.MFU)
         self.grad_norm = self._family(wire.GRAD_NORM)
+        self.validation_loss = self._family(wire.VALIDATION_LOSS)
         self.lr = self._family(wire.LEARNING_RATE)
         self.last_save = self._family(wire.LAST_CHECKPOINT_STEP)
         self.attempt = self._family(wire.ATTEMPT)
@@ -169,6 +170,11 @@ class TrainerMetrics:
         for name, value in s.extras.items():
             self.recipe[name].labels(self.job).set(value)
         self.step_duration.observe(s.duration_s)
+
+    def record_validation(self, loss: float) -> None:
+        """The loss of an evaluation of the validation split."""
+        if self.writer:
+            self.validation_loss.labels(self.job).set(loss)
 
     def record_models(self, tokens: int, seconds: dict[str, float]) -> None:
         """Each model's tokens per second over its share of the last step."""

@@ -28,13 +28,14 @@ from kubetron_api.ckpt_meta import Attempt, RunIdentity, claim, plan_resume
 from kubetron_api.config import FastPath, TrainerConfig
 from kubetron_api.dims import ParallelDims
 from kubetron_api.exitcodes import Terminated
-from kubetron_trainer.data.batches import Batch, build_batches
+from kubetron_trainer.data.batches import Batch, build_data
 from kubetron_trainer.models.build import build_model
 from kubetron_trainer.models.fast_path import EngineChoice
 from kubetron_trainer.observe.flops import flops_per_token, peak_flops
 from kubetron_trainer.observe.metrics import StepStats, TrainerMetrics
 from kubetron_trainer.observe.profiling import StepProfiler
 from kubetron_trainer.runtime.checkpoint import Checkpointer
+from kubetron_trainer.runtime.evaluate import Evaluation, Evaluator
 from kubetron_trainer.runtime.multi import Recipe
 from kubetron_trainer.runtime.optimizer import build_scheduler, current_lr
 from kubetron_trainer.runtime.parallel import GroupOptions, build_process_groups
@@ -42,6 +43,7 @@ from kubetron_trainer.runtime.seeding import setup_megatron_globals
 from kubetron_trainer.runtime.step import (
     LM_LOSS,
     Objective,
+    Stats,
     StepResult,
     share_from_last_stage,
 )
@@ -70,6 +72,10 @@ class Engine(Protocol):
 
     def step(self, micro_batches: Sequence[Batch | None]) -> StepResult: ...
 
+    def evaluate(self, micro_batches: Sequence[Batch | None]) -> list[Stats]:
+        """Forward only (`recipe.eval`): the last stage's loss and loss tokens per micro-batch."""
+        ...
+
     def after_load(self) -> None:
         """Called once a checkpoint has been loaded into the optimizer."""
         ...
@@ -93,6 +99,8 @@ class Summary:
     wall_s: float = 0.0
     peak_memory_gib: float | None = None  # this rank's peak allocated GPU memory
     stopped_by: str = "completed"
+    validation: list[Evaluation] = field(default_factory=list)  # recipe.eval's evaluations
+    validation_indices: list[list[int]] = field(default_factory=list)  # read by each dp rank
 
 
 class StopFlag:
@@ -303,7 +311,7 @@ def train(run: Run) -> Summary:
     start = resumed.step if resumed else 0
     first_sample = resumed.consumed_samples if resumed else 0
     first, last = pg.pp.rank() == 0, pg.pp.rank() == pg.pp.size() - 1
-    batches = build_batches(
+    data = build_data(
         cfg,
         # packed conversations: every stage needs the attention mask of its micro-batches
         reads_data=first or last or cfg.data.type == "chat",
@@ -314,9 +322,11 @@ def train(run: Run) -> Summary:
         start_step=start,
         start_sample=first_sample,
     )
+    batches = data.train
     if run.recipe is not None:  # the other models read the same steps in their own layouts
         run.recipe.begin(start, first_sample, resumed is not None)
     summary = Summary(cfg.job_name, str(run.device), run.attention, run.options.groups, start)
+    evaluator = Evaluator(run, data.validation, summary)
     summary.start = "checkpoint" if resumed is not None else run.start
     if resumed is not None:
         summary.rng, summary.first_sample = resumed.rng, first_sample
@@ -352,8 +362,10 @@ def train(run: Run) -> Summary:
         one_step(run, batches.step(step), step + 1, summary)
         if profiler is not None:
             profiler.after(step, profile_context(run, summary))
+        evaluator.after(step + 1)
         if run.checkpointer and (step + 1) % cfg.checkpoint.save_interval == 0:
             save(run, step + 1, batches.consumed(step + 1), blocking=step + 1 == done)
+    evaluator.finish(done)
     if run.checkpointer and done % cfg.checkpoint.save_interval and start < done:
         save(run, done, batches.consumed(done), blocking=True)
     finish(run, summary, began)

@@ -7,7 +7,8 @@ Megatron's schedules do), gradients averaged over the dp group, the global grad 
 tensor-parallel shards reduced over the model-parallel group, clipping, a torch optimizer with
 Megatron's weight-decay grouping, and Megatron's `OptimizerParamScheduler`
 (`optimizer.build_scheduler`). Model, groups, data, checkpoints and metrics are shared with the GPU
-path. Pipeline parallelism needs a GPU.
+path. Pipeline parallelism needs a GPU. An evaluation (`recipe.eval`) is the model's forward
+under `no_grad`, in eval mode.
 """
 
 from __future__ import annotations
@@ -28,7 +29,15 @@ from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_du
 
 from kubetron_api.config import OptimizerSpec, TrainerConfig
 from kubetron_trainer.data.batches import Batch
-from kubetron_trainer.runtime.step import LM_LOSS, LOSS_KEY, Objective, StepResult, mean_over_dp
+from kubetron_trainer.runtime.evaluate import scored
+from kubetron_trainer.runtime.step import (
+    LM_LOSS,
+    LOSS_KEY,
+    Objective,
+    Stats,
+    StepResult,
+    mean_over_dp,
+)
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +176,24 @@ def cpu_train_step(
     return StepResult(means.pop(LOSS_KEY), grad_norm, ok, means)
 
 
+def cpu_evaluate(
+    chunks: list[GPTModel], micro_batches: Sequence[Batch | None], objective: Objective = LM_LOSS
+) -> list[Stats]:
+    """Each micro-batch's loss and loss tokens (`evaluate.scored`), forward only."""
+    model = chunks[0]
+    model.eval()
+    records = []
+    with torch.no_grad():
+        for batch in micro_batches:
+            if batch is None:
+                raise ValueError("every CPU rank reads data (pipeline parallelism needs a GPU)")
+            labels = None if objective.logits else batch.labels
+            output = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=labels)
+            records.append(scored(objective(output, batch)[0], batch))
+    model.train()
+    return records
+
+
 class CpuEngine:
     """The CPU optimizer step behind the loop's `Engine` interface."""
 
@@ -188,3 +215,6 @@ class CpuEngine:
 
     def step(self, micro_batches: Sequence[Batch | None]) -> StepResult:
         return cpu_train_step(self.chunks, self.optimizer, micro_batches, self.objective)
+
+    def evaluate(self, micro_batches: Sequence[Batch | None]) -> list[Stats]:
+        return cpu_evaluate(self.chunks, micro_batches, self.objective)

@@ -9,6 +9,9 @@ grad norm come from Megatron's optimizer (`OptimizerConfig.clip_grad`).
 With the fast path's `ce` piece the last stage hands `GPTModel` an `output_processor` that
 returns the masked-mean loss from the hidden states (fused linear cross-entropy) instead of
 per-token losses from materialised logits; the loss function then only reports it.
+
+An evaluation (`recipe.eval`) runs the same schedule with `forward_only=True` under `no_grad`,
+the model in eval mode, each micro-batch's loss reported with its loss-token count.
 """
 
 from __future__ import annotations
@@ -31,7 +34,15 @@ from kubetron_api.config import FastPath, RecipeSpec, TrainerConfig
 from kubetron_trainer.data.batches import Batch
 from kubetron_trainer.models.fast_path import OFF
 from kubetron_trainer.models.fused import fused_lm_loss, use_fused_adam
-from kubetron_trainer.runtime.step import LM_LOSS, LOSS_KEY, Objective, StepResult, mean_over_dp
+from kubetron_trainer.runtime.evaluate import scored
+from kubetron_trainer.runtime.step import (
+    LM_LOSS,
+    LOSS_KEY,
+    Objective,
+    Stats,
+    StepResult,
+    mean_over_dp,
+)
 
 
 def optimizer_config(cfg: TrainerConfig, bf16: bool) -> OptimizerConfig:
@@ -91,6 +102,22 @@ def _forward_step(
     labels = None if objective.logits else batch.labels
     output = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=labels)
     return output, partial(_loss_func, objective, batch)
+
+
+def _eval_forward_step(
+    forward_step: Any, data: Iterator[Batch | None], model: torch.nn.Module
+) -> tuple[Any, Any]:
+    """`forward_step` whose loss function also reports the micro-batch's loss tokens."""
+    batch = next(data)
+    output, loss_func = forward_step(iter([batch]), model)
+    if batch is None:  # a middle stage: no loss here
+        return output, loss_func
+
+    def counted(out: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+        loss, stats = loss_func(out)
+        return loss, scored(stats[LOSS_KEY], batch)
+
+    return output, counted
 
 
 def rows_per_micro_batch(recipe: RecipeSpec) -> int:
@@ -172,17 +199,33 @@ class GpuEngine:
             m.train()
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
+        return self._schedule(micro_batches, self.forward_step, forward_only=False)
+
+    def evaluate(self, micro_batches: Sequence[Batch | None]) -> list[Stats]:
+        """The schedule forward only: the last stage's `scored` record of each micro-batch."""
+        for m in self.model:
+            m.eval()
+        with torch.no_grad():
+            step = partial(_eval_forward_step, self.forward_step)
+            records = self._schedule(micro_batches, step, forward_only=True)
+        for m in self.model:
+            m.train()
+        return records
+
+    def _schedule(
+        self, micro_batches: Sequence[Batch | None], forward_step: Any, forward_only: bool
+    ) -> list[dict[str, Any]]:
         iters: Any = [iter(micro_batches) for _ in self.model]
         recipe = self.cfg.recipe
-        losses: list[dict[str, Any]] = self.schedule(
-            forward_step_func=self.forward_step,
+        out: list[dict[str, Any]] = self.schedule(
+            forward_step_func=forward_step,
             data_iterator=iters if len(iters) > 1 else iters[0],
             model=self.model,
             num_microbatches=len(micro_batches),
             seq_length=recipe.seq_length,
             micro_batch_size=rows_per_micro_batch(recipe),
-            forward_only=False,
+            forward_only=forward_only,
             p2p_communicator=self.p2p,
             pg_collection=self.pg,
         )
-        return losses
+        return out
