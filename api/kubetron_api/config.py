@@ -421,6 +421,7 @@ class RecipeSpec(ApiModel):
     )
     peft: PeftSpec | None = Field(
         default=None,
+        json_schema_extra=OFF_WHEN_UNSET,
         description="LoRA adapters trained on frozen base weights (recipe.kind finetune, "
         "spec.model.weights); checkpoints hold the adapters and their optimizer state only, "
         "and record the base weights they need. Unset: every weight trains.",

@@ -407,6 +407,10 @@ class Progress(ApiModel):
     step: int = Field(description="Last completed optimizer step.")
     total_steps: int = Field(description="Steps the recipe runs (recipe.trainIters).")
     loss: str | None = Field(default=None, description="Loss of the last step.")
+    validation_loss: str | None = Field(
+        default=None,
+        description="Loss on the validation split at the last evaluation (recipe.eval).",
+    )
     tokens_per_second: int | None = Field(default=None, description="Throughput, whole job.")
     mfu: str | None = Field(default=None, description="Model FLOPs utilisation (GPU jobs).")
     eta_seconds: int | None = Field(

@@ -24,6 +24,7 @@ Obj = dict[str, object]
 _GAUGES = {
     wire.STEP.name: "step",
     wire.LOSS.name: "loss",
+    wire.VALIDATION_LOSS.name: "validation_loss",
     wire.TOKENS_PER_SECOND.name: "tokens_per_second",
     wire.MFU.name: "mfu",
     wire.LAST_CHECKPOINT_STEP.name: "last_checkpoint_step",
@@ -39,6 +40,7 @@ class Sample:
 
     step: float | None = None
     loss: float | None = None
+    validation_loss: float | None = None  # the last evaluation's (recipe.eval)
     tokens_per_second: float | None = None
     mfu: float | None = None
     last_checkpoint_step: float | None = None
@@ -85,6 +87,8 @@ def progress(sample: Sample, total_steps: int, now: str) -> Obj | None:
     out: Obj = {"step": step, "totalSteps": total_steps, "observedAt": now}
     if sample.loss is not None:
         out["loss"] = f"{sample.loss:.4f}"
+    if sample.validation_loss is not None:
+        out["validationLoss"] = f"{sample.validation_loss:.4f}"
     if sample.tokens_per_second is not None:
         out["tokensPerSecond"] = round(sample.tokens_per_second)
     if sample.mfu is not None:

@@ -80,7 +80,7 @@ def test_get_mj_shows_printer_columns(kubetron: Cluster, namespace: str) -> None
     assert header == ["NAME", "PHASE", "WORLD", "TP", "PP", "DP", "STEP", "LOSS", "TOKENS/S", "AGE"]
     wide = kubetron.kubectl("get", "kubetron", "-n", namespace, "-o", "wide").stdout
     assert "MFU" in wide.splitlines()[0] and "ETA(S)" in wide.splitlines()[0]
-    assert "RESTARTS" in wide.splitlines()[0]
+    assert "RESTARTS" in wide.splitlines()[0] and "VAL-LOSS" in wide.splitlines()[0]
 
 
 # One spec breaking each rule of the table that the CRD carries (kubetron_api.rules): the API
@@ -114,6 +114,9 @@ CEL_CASES: dict[str, dict[str, Any]] = {
         "resources": {"device": "cpu"},
         "recipe": {"precision": "fp32", "recomputeLayers": 1},
     },
+    "eval-needs-validation-split": {"recipe": {"eval": {}}, "data": {"split": "99,0,1"}},
+    "eval-runs": {"recipe": {"eval": {"atEnd": False}}},
+    "eval-needs-one-model": {"recipe": {"kind": "dpo", "eval": {}}},
 }
 
 

@@ -87,6 +87,7 @@ def test_names_columns_and_subresource() -> None:
         "Loss",
         "Tokens/s",
         "MFU",
+        "Val-Loss",
         "ETA(s)",
         "Restarts",
         "Age",

@@ -161,6 +161,7 @@ def _printer_columns() -> list[Schema]:
         col("Loss", ".status.progress.loss", desc="Loss of the last step"),
         col("Tokens/s", ".status.progress.tokensPerSecond", "integer", desc="Throughput"),
         col("MFU", ".status.progress.mfu", priority=1, desc="Model FLOPs utilisation"),
+        col("Val-Loss", ".status.progress.validationLoss", priority=1, desc="Validation loss"),
         col("ETA(s)", ".status.progress.etaSeconds", "integer", priority=1, desc="Time left"),
         col("Restarts", ".status.restarts", "integer", priority=1, desc="Whole-group restarts"),
         col("Age", ".metadata.creationTimestamp", "date"),
