@@ -23,6 +23,7 @@ refuses raises `ConfigError` (exit code 2, permanent) before anything is loaded 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -186,6 +187,64 @@ class ModelId:
         return cls(str(raw["preset"]), dict(raw["arch"]), int(raw["paddedVocabSize"]))
 
 
+# What a fingerprint of base weights reads of each safetensors file besides its name, size and
+# header (every tensor's name, dtype, shape and offsets): this many bytes of the data at its
+# start and at its end. Reading whole files at every start would cost minutes for 8B weights.
+FINGERPRINT_SAMPLE = 1 << 20
+
+
+def weights_fingerprint(directory: Path) -> str:
+    """A fingerprint of a Hugging Face checkpoint directory: config.json, and each safetensors
+    file's name, size, header and first and last FINGERPRINT_SAMPLE bytes of data (sha256)."""
+    digest = hashlib.sha256()
+    config = directory / "config.json"
+    digest.update(config.read_bytes() if config.is_file() else b"")
+    for path in sorted(directory.glob("*.safetensors")):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as f:
+            header = int.from_bytes(f.read(8), "little")
+            digest.update(f.read(min(header + FINGERPRINT_SAMPLE, size)))
+            f.seek(max(size - FINGERPRINT_SAMPLE, 0))
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
+# The settings of recipe.peft that shape a LoRA checkpoint's tensors (camelCase); dropout and
+# `adapters` (where they started) do not.
+PEFT_SHAPE = ("type", "rank", "alpha", "targets")
+
+
+@dataclass(frozen=True)
+class PeftId:
+    """What a LoRA checkpoint records: its adapters' settings and the base weights (Hugging
+    Face directory, spec.model.weights, and its `weights_fingerprint`) they were trained on;
+    the checkpoint holds the adapters alone."""
+
+    settings: dict[str, Any]
+    base: str
+    fingerprint: str
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> PeftId | None:
+        """From a `config.TrainerConfig` (None without recipe.peft); reads the base's files."""
+        peft = cfg.recipe.peft
+        if peft is None or cfg.weights is None:
+            return None
+        settings = peft.model_dump(mode="json", by_alias=True)
+        shape = {k: settings[k] for k in PEFT_SHAPE}
+        return cls(shape, cfg.weights, weights_fingerprint(Path(cfg.weights)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.settings, "base": {"weights": self.base, "fingerprint": self.fingerprint}}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> PeftId:
+        base = raw["base"]
+        settings = {k: raw[k] for k in PEFT_SHAPE}
+        return cls(settings, str(base["weights"]), str(base["fingerprint"]))
+
+
 @dataclass(frozen=True)
 class StepMeta:
     """The contents of one step directory's `kubetron.json`."""
@@ -199,8 +258,10 @@ class StepMeta:
     saved_at: str = ""
     format: int = FORMAT
     attempt: int = 0  # the operator's attempt that wrote it (0: not run by the operator)
+    peft: PeftId | None = None  # a LoRA checkpoint: the adapters alone, on these base weights
 
     def to_json(self) -> dict[str, Any]:
+        peft = {"peft": self.peft.to_json()} if self.peft is not None else {}
         return {
             "format": self.format,
             "step": self.step,
@@ -212,6 +273,7 @@ class StepMeta:
             "rng": "one state per rank, restored only into the same shape",
             "savedAt": self.saved_at,
             "attempt": self.attempt,
+            **peft,
         }
 
     @classmethod
@@ -226,6 +288,7 @@ class StepMeta:
             saved_at=str(raw.get("savedAt", "")),
             format=int(raw["format"]),
             attempt=int(raw.get("attempt", 0)),
+            peft=PeftId.from_json(raw["peft"]) if raw.get("peft") else None,
         )
 
 
@@ -322,6 +385,7 @@ class RunIdentity:
     seed: int
     global_batch_size: int
     attempt: Attempt | None = None
+    peft: PeftId | None = None
 
     @classmethod
     def from_config(
@@ -334,13 +398,14 @@ class RunIdentity:
             cfg.recipe.seed,
             cfg.recipe.global_batch_size,
             attempt,
+            PeftId.from_config(cfg),
         )
 
     def step_meta(self, step: int, consumed_samples: int) -> StepMeta:
         number = self.attempt.number if self.attempt else 0
         return StepMeta(
             step, consumed_samples, self.global_batch_size, self.model, self.shape, self.seed,
-            attempt=number,
+            attempt=number, peft=self.peft,
         )  # fmt: skip
 
 
@@ -397,6 +462,7 @@ def plan_resume(root: Path, run: RunIdentity) -> ResumePlan | None:
             "and shape unchecked; RNG re-seeded; data continues from step x globalBatchSize",
         )  # fmt: skip
     _check_model(status.path, meta.model, run.model)
+    check_peft(status.path, meta.peft, run.peft)
     same = meta.shape == run.shape
     why = (
         f"written by {describe_shape(meta.shape)}, resumed as {describe_shape(run.shape)}: "
@@ -433,6 +499,42 @@ def _check_model(source: Path, saved: ModelId, current: ModelId) -> None:
             "pads it to a multiple of 128 x tensor, so the embedding and output layer would not "
             "fit; nothing was loaded or changed. Resume with a tensor degree that pads it to "
             f"{saved.padded_vocab_size} (as the one it was written with)",
+        )
+
+
+def check_peft(source: Path, saved: PeftId | None, current: PeftId | None) -> None:
+    """Refuse to resume LoRA adapters into a run without them (or the reverse), with other
+    adapter settings, or on base weights other than those they were trained on."""
+    untouched = "nothing was loaded or changed"
+    if current is not None and saved is None:
+        raise ConfigError(
+            "recipe.peft",
+            f"{source} holds a full model, not LoRA adapters; {untouched}. Remove recipe.peft "
+            "to resume it, or set checkpoint.path to a new directory for the adapters",
+        )
+    if saved is not None and current is None:
+        raise ConfigError(
+            "recipe.peft",
+            f"{source} holds LoRA adapters only ({saved.settings}); {untouched}. Set "
+            "recipe.peft as it was written with, or export the merged model "
+            "(kubetron-export --merged) and fine-tune all of it from there",
+        )
+    if saved is None or current is None:
+        return
+    if saved.settings != current.settings:
+        raise ConfigError(
+            "recipe.peft",
+            f"{source} holds adapters of {saved.settings}, this job asks for "
+            f"{current.settings}; {untouched}. Resume with the recipe.peft it was written with, "
+            "or set checkpoint.path to a new directory",
+        )
+    if saved.fingerprint != current.fingerprint:
+        raise ConfigError(
+            "model.weights",
+            f"{source} holds LoRA adapters trained on the base weights {saved.base}; "
+            f"{current.base} holds other weights (fingerprint {current.fingerprint[:12]}, the "
+            f"adapters' base {saved.fingerprint[:12]}); {untouched}. Set spec.model.weights to "
+            "the base the adapters were trained on",
         )
 
 

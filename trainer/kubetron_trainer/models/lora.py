@@ -432,20 +432,28 @@ def adapter_config(arch: ModelArch, peft: PeftSpec, base: str | None) -> dict[st
     }  # fmt: skip
 
 
-def to_peft(
-    arch: ModelArch, peft: PeftSpec, tensors: dict[tuple[str, str], torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """peft's adapter tensors from the full Megatron-layout ones, `tensors[(target, name)]`
-    stacked over layers ([layers, ...])."""
-    out: dict[str, torch.Tensor] = {}
+AdapterTensors = dict[tuple[str, str], torch.Tensor]  # (target, lora_A/B) -> [layers, ...]
+
+
+def peft_pairs(
+    arch: ModelArch, peft: PeftSpec, tensors: AdapterTensors
+) -> Iterator[tuple[int, str, torch.Tensor, torch.Tensor]]:
+    """(layer, peft module path, A, B) of each peft module, from the full Megatron-layout
+    adapters of a checkpoint stacked over the layers."""
     for target in peft.targets:
         a_all, b_all = tensors[(target, "lora_A")], tensors[(target, "lora_B")]
         for layer in range(a_all.shape[0]):
             pairs = unfuse(arch, target, a_all[layer], b_all[layer])
-            modules = peft_modules(arch, target)
-            for module, (a, b) in zip(modules, pairs, strict=True):
-                out[peft_key(layer, module, "lora_A")] = a.contiguous()
-                out[peft_key(layer, module, "lora_B")] = b.contiguous()
+            for module, (a, b) in zip(peft_modules(arch, target), pairs, strict=True):
+                yield layer, module, a, b
+
+
+def to_peft(arch: ModelArch, peft: PeftSpec, tensors: AdapterTensors) -> dict[str, torch.Tensor]:
+    """peft's adapter tensors (adapter_model.safetensors) of a checkpoint's adapters."""
+    out: dict[str, torch.Tensor] = {}
+    for layer, module, a, b in peft_pairs(arch, peft, tensors):
+        out[peft_key(layer, module, "lora_A")] = a.contiguous()
+        out[peft_key(layer, module, "lora_B")] = b.contiguous()
     return out
 
 

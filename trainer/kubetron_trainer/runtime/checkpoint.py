@@ -167,9 +167,38 @@ def sharded_model_state(chunk: MegatronModule, pg: ProcessGroupCollection) -> Sh
 def model_state(chunks: list[MegatronModule], pg: ProcessGroupCollection) -> dict[str, Any]:
     """Every chunk's sharded state under its key in a checkpoint: `model`, or `model0`,
     `model1`, ... with virtual pipeline stages."""
-    if len(chunks) == 1:
-        return {"model": sharded_model_state(chunks[0], pg)}
-    return {f"model{i}": sharded_model_state(chunk, pg) for i, chunk in enumerate(chunks)}
+    keys = model_state_keys(chunks)
+    return {key: sharded_model_state(chunk, pg) for key, chunk in zip(keys, chunks, strict=True)}
+
+
+def model_state_keys(chunks: list[MegatronModule]) -> list[str]:
+    """The checkpoint key of each chunk's model state (`model_state`)."""
+    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+
+
+def adapters_only(state: dict[str, Any]) -> dict[str, Any]:
+    """`model_state` cut to the LoRA adapters' entries (what a LoRA checkpoint holds)."""
+    from kubetron_trainer.models.lora import is_adapter_key
+
+    return {
+        part: {k: v for k, v in sub.items() if is_adapter_key(k)} for part, sub in state.items()
+    }
+
+
+def load_chunk(chunk: MegatronModule, loaded: dict[str, Any], adapters: bool) -> None:
+    """Load a chunk's part of a checkpoint; `adapters`: a LoRA checkpoint, which must hold
+    every adapter (the rest is the base weights, loaded before)."""
+    if not adapters:
+        chunk.load_state_dict(loaded)
+        return
+    from kubetron_trainer.models.lora import is_adapter_key
+
+    result = chunk.load_state_dict(loaded, strict=False)
+    missing = [k for k in result.missing_keys if is_adapter_key(k)]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"LoRA checkpoint: missing {missing}, unexpected {result.unexpected_keys}"
+        )
 
 
 def load_model_state(
@@ -313,6 +342,8 @@ class Checkpointer:
         chained_prefix: bool = False,
     ) -> dict[str, Any]:
         state = model_state(self.chunks, self.pg)
+        if self.identity.peft is not None:  # LoRA: the adapters; the base is its own weights
+            state = adapters_only(state)
         meta = {
             "distrib_optim_sharding_type": sharding,
             "dp_cp_group": self.pg.dp_cp,
@@ -447,11 +478,8 @@ class Checkpointer:
         loaded = dist_checkpointing.load(request, str(source), process_group=self.group)
         if loaded["iteration"] != step:
             raise ValueError(f"{source} holds iteration {loaded['iteration']}, expected {step}")
-        if len(self.chunks) == 1:
-            self.chunks[0].load_state_dict(loaded["model"])
-        else:
-            for i, chunk in enumerate(self.chunks):
-                chunk.load_state_dict(loaded[f"model{i}"])
+        for key, chunk in zip(model_state_keys(self.chunks), self.chunks, strict=True):
+            load_chunk(chunk, loaded[key], adapters=self.identity.peft is not None)
         optimizer_state = loaded["optimizer"]
         if self.device.type == "cuda":
             optimizer_state = regroup_optimizer_state(optimizer_state, self.optimizer)

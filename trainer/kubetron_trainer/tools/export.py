@@ -1,7 +1,9 @@
 """`python -m kubetron_trainer.tools.export CKPT_DIR OUT_DIR [--step N] [--model NAME]`
 (console script `kubetron-export`): a Hugging Face checkpoint (`model.safetensors` +
 `config.json`) from a kubetron checkpoint of any parallel shape; of a job of several models,
-the trained model `--model` names (its directory `CKPT_DIR/NAME`). Weights larger than
+the trained model `--model` names (its directory `CKPT_DIR/NAME`); of a LoRA checkpoint, the
+adapters in peft's format (`--peft`) or the base with them merged in (`--merged`,
+`tools/export_lora.py`). Weights larger than
 `--max-shard-size` (default 5GB, as `save_pretrained`) are split, in key order, into
 `model-0000K-of-0000N.safetensors` with a `model.safetensors.index.json` naming each tensor's
 file.
@@ -101,6 +103,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=sorted(DTYPES),
         help="dtype of the written tensors (default: the checkpoint's parameter dtype)",
     )
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument(
+        "--peft",
+        action="store_true",
+        help="a LoRA checkpoint: write its adapters in peft's format (adapter_config.json and "
+        "adapter_model.safetensors), for peft.PeftModel.from_pretrained(base, OUTPUT)",
+    )
+    kind.add_argument(
+        "--merged",
+        action="store_true",
+        help="a LoRA checkpoint: write the base weights with the adapters merged in (W + "
+        "alpha/r B A), a Hugging Face checkpoint like a full model's export",
+    )
+    p.add_argument(
+        "--base",
+        type=Path,
+        help="--merged: the base weights (default: the directory the checkpoint records, whose "
+        "fingerprint they must have)",
+    )
     p.add_argument(
         "--max-shard-size",
         type=parse_size,
@@ -189,38 +210,80 @@ def export(
     dtype: str | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD,
     model: str | None = None,
+    lora: str | None = None,
+    base: Path | None = None,
 ) -> Path:
     """Write `output/config.json` and the weights (one safetensors file or shards and their
-    index) of `root`, or of its model `model` for a job of several models; returns `output`."""
+    index) of `root`, or of its model `model` for a job of several models; returns `output`.
+    A LoRA checkpoint: `lora` "peft" writes its adapters in peft's format, "merged" the base
+    weights (`base`, default the recorded ones) with the adapters merged in."""
     from kubetron_trainer.models.hf_weights import hf_state_dict
 
     root = pick_model_dir(root, model, "--model")
     meta = pick_step(root, step)
     arch = export_arch(meta)
     source = step_dir(root, meta.step)
-    param_dtype = saved_dtype(source)
-    chunk, pg = load_model(meta, source, arch, param_dtype)
-    out_dtype = DTYPES[dtype] if dtype else param_dtype
-    tensors = {k: v.to(out_dtype) for k, v in hf_state_dict(chunk, pg, arch).items()}
+    check_lora_kind(meta, lora)
+    if lora == "peft":
+        from kubetron_trainer.tools.export_lora import write_adapters
+
+        return write_adapters(meta, source, arch, output)
+    if lora == "merged":
+        from kubetron_trainer.tools.export_lora import merged_weights
+
+        tensors = merged_weights(meta, source, arch, base, DTYPES[dtype] if dtype else None)
+    else:
+        param_dtype = saved_dtype(source)
+        chunk, pg = load_model(meta, source, arch, param_dtype)
+        out_dtype = DTYPES[dtype] if dtype else param_dtype
+        tensors = {k: v.to(out_dtype) for k, v in hf_state_dict(chunk, pg, arch).items()}
+    write_hf_checkpoint(tensors, arch, output, max_shard_bytes)
+    log.info(
+        "exported step %d of %s (%s, saved as %s%s) to %s: %d tensors",
+        meta.step, root, meta.model.describe(), meta.shape,
+        ", LoRA adapters merged" if lora else "", output, len(tensors),
+    )  # fmt: skip
+    return output
+
+
+def write_hf_checkpoint(
+    tensors: dict[str, torch.Tensor], arch: ModelArch, output: Path, max_shard_bytes: int
+) -> None:
+    """config.json and the weights (one safetensors file, or shards and their index)."""
     output.mkdir(parents=True, exist_ok=True)
     for stale in [output / SINGLE, output / INDEX, *output.glob("model-*-of-*.safetensors")]:
         stale.unlink(missing_ok=True)  # an earlier export's files would mix with these
     files = write_safetensors(tensors, output, max_shard_bytes)
-    config = hf_config(arch) | {"torch_dtype": str(out_dtype).removeprefix("torch.")}
+    dtype = next(iter(tensors.values())).dtype
+    config = hf_config(arch) | {"torch_dtype": str(dtype).removeprefix("torch.")}
     (output / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    log.info(
-        "exported step %d of %s (%s, saved as %s) to %s: %d tensors in %s",
-        meta.step, root, meta.model.describe(), meta.shape, output, len(tensors),
-        ", ".join(files),
-    )  # fmt: skip
-    return output
+    log.info("wrote %s and config.json", ", ".join(files))
+
+
+def check_lora_kind(meta: StepMeta, lora: str | None) -> None:
+    """A LoRA checkpoint (the adapters alone) exports with --peft or --merged, and only it."""
+    if meta.peft is not None and lora is None:
+        raise ConfigError(
+            "--peft",
+            f"step {meta.step} holds LoRA adapters only (no base weights): pass --peft for the "
+            "adapters in peft's format, or --merged for the base with the adapters merged in",
+        )
+    if meta.peft is None and lora is not None:
+        raise ConfigError(
+            f"--{lora}",
+            f"step {meta.step} holds a full model, not LoRA adapters; export it without --{lora}",
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        export(args.checkpoint, args.output, args.step, args.dtype, args.max_shard_size, args.model)
+        lora = "peft" if args.peft else "merged" if args.merged else None
+        export(
+            args.checkpoint, args.output, args.step, args.dtype, args.max_shard_size, args.model,
+            lora, args.base,
+        )  # fmt: skip
     except ConfigError as err:
         log.error("%s", err)
         return int(ExitCode.CONFIG)
