@@ -74,6 +74,41 @@ EVAL_RULES: tuple[Rule, ...] = (
     ),
 )
 
+# recipe.peft trains LoRA adapters on the fixed base weights of a one-model finetune.
+PEFT_RULES: tuple[Rule, ...] = (
+    Rule(
+        "lora-needs-finetune",
+        "spec.recipe.peft",
+        "!loraOn || recipeKind == 'finetune' || multiModelRecipe",
+        "spec.recipe.kind={recipeKind}: LoRA trains adapters on top of fixed base weights: set "
+        "recipe.kind finetune and spec.model.weights",
+    ),
+    Rule(
+        "lora-needs-one-model",
+        "spec.recipe.peft",
+        "!loraOn || !multiModelRecipe",
+        "LoRA is not supported yet for a job of several models (spec.models with "
+        "spec.recipe.kind={recipeKind}): it trains adapters on the one model of a finetune; "
+        "remove spec.recipe.peft",
+    ),
+    Rule(
+        "lora-dense-mlp",
+        "spec.recipe.peft.targets",
+        "!loraMlp || numExperts == 0",
+        "spec.recipe.peft.targets lists fc1 or fc2, which LoRA adapts in dense MLPs only; the "
+        "model has numExperts={numExperts} experts a layer: target qkv and proj",
+    ),
+    Rule(
+        "lora-without-transformer-engine",
+        "spec.recipe.peft",
+        "!loraOn || !needsTransformerEngine",
+        "LoRA adapts the linear layers of Megatron's local spec, without Transformer Engine, "
+        "and this shape needs Transformer Engine (spec.parallelism.context > 1, or "
+        "spec.recipe.precision fp8 with spec.recipe.fastPath off): use context 1, and fp8 only "
+        "with the fast path on",
+    ),
+)
+
 # Rules on the whole spec, after the degree rules (dims.DEGREE_RULES) hold.
 SHAPE_RULES: tuple[Rule, ...] = (
     Rule(
@@ -204,6 +239,7 @@ SHAPE_RULES: tuple[Rule, ...] = (
     ),
     FINETUNE_WEIGHTS,
     *EVAL_RULES,
+    *PEFT_RULES,
 )
 
 # Pods with device cpu train in fp32 (bf16 on CPU is slow and not what a GPU run would do).
@@ -279,6 +315,9 @@ CEL_PATHS: dict[str, str | None] = {
     "tokenizerName": "(has(self.data.tokenizer.name) ? self.data.tokenizer.name : '')",
     "modelWeights": "(has(self.model) && has(self.model.weights) ? self.model.weights : '')",
     "evalOn": "has(self.recipe.eval)",
+    "loraOn": "has(self.recipe.peft)",
+    "loraMlp": None,
+    "needsTransformerEngine": None,
     "evalInterval": "(has(self.recipe.eval) && has(self.recipe.eval.interval) ? "
     "self.recipe.eval.interval : 0)",
     "evalAtEnd": "(has(self.recipe.eval) && self.recipe.eval.atEnd)",
@@ -396,6 +435,9 @@ class ShapeSpec:
             "dataSplit": data.split,
             "splitHasValidation": float(data.split.split(",")[1]) > 0,
             "evalOn": recipe.eval is not None,
+            "loraOn": recipe.peft is not None,
+            "loraMlp": recipe.peft is not None and bool({"fc1", "fc2"} & set(recipe.peft.targets)),
+            "needsTransformerEngine": bool(transformer_engine_uses(recipe, p)),
             "evalInterval": (recipe.eval.interval or 0) if recipe.eval else 0,
             "evalAtEnd": recipe.eval is not None and recipe.eval.at_end,
             "dataPaths": [str(path) for path in data.paths],
