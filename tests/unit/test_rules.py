@@ -254,6 +254,11 @@ def test_every_rule_of_the_table_is_broken_by_a_case() -> None:
         "eval-needs-validation-split",
         "eval-needs-one-model",
         "eval-runs",
+        # recipe.peft: tests/unit/test_lora.py breaks these
+        "lora-needs-finetune",
+        "lora-needs-one-model",
+        "lora-dense-mlp",
+        "lora-without-transformer-engine",
     }
     assert missing <= extra, missing
 
