@@ -348,7 +348,7 @@ class PeftSpec(ApiModel):
         default=0.0, ge=0, lt=1, description="Dropout on each adapter's input while training."
     )
     targets: list[LoraTarget] = Field(
-        default_factory=lambda: ["qkv", "proj", "fc1", "fc2"],
+        default_factory=lambda: list(LORA_TARGETS),  # type: ignore[arg-type]
         min_length=1,
         max_length=len(LORA_TARGETS),
         description="Linear layers of every transformer layer that get adapters: qkv "

@@ -47,7 +47,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -304,7 +304,7 @@ def add_adapter(
     lora.lora_gated = gated
 
 
-def target_layers(chunk: torch.nn.Module, targets: list[str]) -> Iterator[tuple[str, Any]]:
+def target_layers(chunk: torch.nn.Module, targets: Sequence[str]) -> Iterator[tuple[str, Any]]:
     """(target, layer) of every target linear layer in a model chunk's transformer layers."""
     for block in chunk.decoder.layers:  # type: ignore[union-attr]
         for target in targets:
@@ -333,7 +333,7 @@ FullAdapters = Callable[[int, str, tuple[int, int]], tuple[torch.Tensor, torch.T
 
 @torch.no_grad()
 def fill_adapters(
-    chunks: list[MegatronModule], targets: list[str], pg: ProcessGroupCollection,
+    chunks: list[MegatronModule], targets: Sequence[str], pg: ProcessGroupCollection,
     full: FullAdapters,
 ) -> int:  # fmt: skip
     """Copy this rank's slice of each adapter from `full(layer, target, (out, in))`, the
@@ -361,7 +361,7 @@ def fill_adapters(
 
 
 def layer_shapes(
-    chunk: Any, targets: list[str], pg: ProcessGroupCollection
+    chunk: Any, targets: Sequence[str], pg: ProcessGroupCollection
 ) -> dict[str, tuple[int, int]]:
     """Each target's full (out, in) of W: its local shape, times the tensor degree on the
     axis it splits."""
@@ -415,7 +415,7 @@ def peft_key(layer: int, module: str, name: str) -> str:
     return f"{PEFT_PREFIX}{layer}.{module}.{name}.weight"
 
 
-def target_modules(arch: ModelArch, targets: list[str]) -> list[str]:
+def target_modules(arch: ModelArch, targets: Sequence[str]) -> list[str]:
     """peft's target_modules of `targets`: the last name of each module path."""
     return [m.rsplit(".", 1)[-1] for t in targets for m in peft_modules(arch, t)]
 
