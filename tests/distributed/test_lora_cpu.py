@@ -27,7 +27,11 @@ VOCAB, SEQ, GBS, RANK, ALPHA, STEPS = 512, 32, 4, 4, 8.0, 4
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def lora_config(weights: Path, adapters: Path | None, ckpt: Path, steps: int) -> dict[str, Any]:
+def lora_config(
+    weights: Path, adapters: Path | None, ckpt: Path, steps: int, world: int = 4,
+    parallelism: dict[str, int] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """A LoRA finetune of `weights` (from `adapters`), TP2 x DP2 unless told otherwise."""
     peft: dict[str, Any] = {"rank": RANK, "alpha": ALPHA}
     if adapters is not None:
         peft["adapters"] = str(adapters)
@@ -38,12 +42,12 @@ def lora_config(weights: Path, adapters: Path | None, ckpt: Path, steps: int) ->
             "lrSchedule": {"style": "constant", "warmupIters": 0},
         },
         checkpoint={"path": str(ckpt), "saveInterval": 100},
-        metrics={"enabled": False}, worldSize=4, gpusPerNode=4,
+        metrics={"enabled": False}, worldSize=world, gpusPerNode=world,
         preset=PRESET["qwen3"], weights=str(weights),
     )  # fmt: skip
     cfg["model"] = model_spec("qwen3", VOCAB).resolve().model_dump(mode="json", by_alias=True)
     cfg["recipe"]["optimizer"] |= {"lr": 1e-2, "minLr": 0.0}
-    cfg["parallelism"] |= {"tensor": 2}
+    cfg["parallelism"] |= parallelism or {"tensor": 2}
     return cfg
 
 

@@ -62,6 +62,14 @@ SLICES = {
     ),
 }
 
+# A LoRA finetune: a field of recipe.peft changes the trainer config's (type: LoRA on).
+LORA: dict[str, Any] = {
+    "spec.model.weights": "/hf/a", "spec.recipe.kind": "finetune", "spec.recipe.peft": {},
+}  # fmt: skip
+PEFT_VALUES = (
+    ("rank", 8), ("alpha", 4.0), ("dropout", 0.1), ("targets", ["qkv"]), ("adapters", "/m/a"),
+)  # fmt: skip
+
 # field -> (new value, changes applied to both the base and the changed job)
 CHANGES: dict[str, tuple[Any, dict[str, Any]]] = {
     "spec.model.preset": ("qwen3-4b", {}),
@@ -102,6 +110,8 @@ CHANGES: dict[str, tuple[Any, dict[str, Any]]] = {
     "spec.recipe.eval.interval": (5, {"spec.recipe.eval": {}}),
     "spec.recipe.eval.iterations": (3, {"spec.recipe.eval": {}}),
     "spec.recipe.eval.atEnd": (False, {"spec.recipe.eval": {"interval": 5}}),
+    "spec.recipe.peft.type": ("lora", {k: v for k, v in LORA.items() if "peft" not in k}),
+    **{f"spec.recipe.peft.{name}": (value, LORA) for name, value in PEFT_VALUES},
     "spec.recipe.fastPath": ("off", {}),
     "spec.recipe.recomputeLayers": (2, {}),
     "spec.parallelism.tensor": (2, {}),
