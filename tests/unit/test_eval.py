@@ -197,6 +197,27 @@ def test_preference_validation_pairs_follow_the_train_pairs(tmp_path: Path) -> N
     assert {int(train[i]["tokens"][0, 0]) - 1 for i in range(15)} == {2 * p for p in range(15)}
 
 
+def test_indexed_validation_samples_are_megatrons_second_share(tmp_path: Path) -> None:
+    prefix = tmp_path / "corpus"
+    with IndexedWriter(prefix, 512) as out:  # document d: 20 tokens d + 1
+        out.add(np.repeat(np.arange(1, 51), 20), [20] * 50)
+        out.commit()
+    body = job_dict("gpt-tiny", seqLength=16, globalBatchSize=8, trainIters=3)
+    body["spec"]["recipe"]["eval"] = {"iterations": 2}
+    body["spec"]["data"] = {"type": "indexed", "paths": [{"prefix": str(prefix)}],
+                            "split": "80,20,0"}  # fmt: skip
+    cfg = plan(parse_job(body)).trainer_config
+    data = build_data(cfg, reads_data=True, dp_rank=0, dp_size=1, device=torch.device("cpu"))
+    assert data.validation is not None and data.validation.source is not None
+    assert len(data.validation.source) >= 2 * 8
+    tokens = {
+        t: {int(x) for i in range(len(b.source)) for x in b.source[i]["tokens"]}  # type: ignore[index, arg-type]
+        for t, b in (("train", data.train), ("validation", data.validation))
+    }
+    assert tokens["validation"] <= set(range(41, 51))  # documents 40..49: 80,20 of 50
+    assert tokens["train"] <= set(range(1, 41))
+
+
 def test_mock_validation_is_a_stream_of_its_own() -> None:
     train, valid = MockDataset(512, 16, 8, seed=3), MockDataset(512, 16, 8, seed=3, part=1)
     assert train.entropy(5) == [3, 5]  # the train stream as it always was
