@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -361,22 +361,9 @@ def build_data(
     )
 
 
-def build_batches(
-    cfg: TrainerConfig,
-    *,
-    reads_data: bool,
-    dp_rank: int,
-    dp_size: int,
-    device: torch.device,
-    on_wait: Callable[[float], None] | None = None,
-    start_step: int = 0,
-    start_sample: int = 0,
-) -> Batches:
-    """The train split's batches of `build_data`."""
-    return build_data(
-        cfg, reads_data=reads_data, dp_rank=dp_rank, dp_size=dp_size, device=device,
-        on_wait=on_wait, start_step=start_step, start_sample=start_sample,
-    ).train  # fmt: skip
+def build_batches(cfg: TrainerConfig, **layout: Any) -> Batches:
+    """The train split's batches of `build_data` (its keywords)."""
+    return build_data(cfg, **layout).train
 
 
 def sources(
