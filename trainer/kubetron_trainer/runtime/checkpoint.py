@@ -17,6 +17,11 @@ to its position in the grid that saved them: they are loaded only when the shape
 otherwise every rank is re-seeded from (seed, step, its position) (`seeding.reseed_for_resume`).
 The data position is the consumed samples in `kubetron.json` (`data.Batches`).
 
+A LoRA run (`recipe.peft`) writes the adapters alone: the model's sharded state cut to the
+`lora_A`/`lora_B` entries and the optimizer state of those (the only parameters it trains);
+`kubetron.json` records the base weights they need, which a resume loads first
+(`loop.start_weights`), refusing another base before anything is read (`ckpt_meta.check_peft`).
+
 The optimizer's state is written in Megatron's `fully_reshardable` format without gathering it
 on every rank (`optim_state`: its format, and why). Synchronous saves go through torch DCP's
 FileSystemWriter, which copies one tensor at a time to the host; an asynchronous save
