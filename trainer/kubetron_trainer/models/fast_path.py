@@ -162,9 +162,12 @@ def pick_attention(
     """On GPUs the TE-free fast path (recipe.fastPath, on by default) replaces `auto`'s
     Transformer Engine, unless the recipe needs TE (context parallelism; fp8 with the fast path
     off); `fastPath: off`
-    or `--attention te` asks for TE. Elsewhere `attention` as given."""
+    or `--attention te` asks for TE, except with LoRA (`recipe.peft`), whose adapters wrap the
+    local spec's linear layers. Elsewhere `attention` as given."""
     needs_te = bool(transformer_engine_uses(cfg.recipe, cfg.parallelism))
     if attention == "auto" and device_type == "cuda" and fast_path.enabled and not needs_te:
+        return "sdpa"
+    if attention == "auto" and cfg.recipe.peft is not None:  # LoRA adapts the local spec only
         return "sdpa"
     return attention
 
