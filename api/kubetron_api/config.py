@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
@@ -320,17 +320,8 @@ class DistillSpec(ApiModel):
 MULTI_MODEL_RECIPES = ("dpo", "distill")
 
 
-# LoRA's targets: kubetron's names of Megatron-Core's linear layers of a transformer layer, and
-# the Hugging Face (peft) modules each one stands for. qkv and fc1 are fused in Megatron: one
-# adapter of qkv is three of peft's (q_proj, k_proj, v_proj), each with its own rank.
-LORA_TARGETS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "qkv": (
-        "self_attention.linear_qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ),
-    "proj": ("self_attention.linear_proj", ("self_attn.o_proj",)),
-    "fc1": ("mlp.linear_fc1", ("mlp.gate_proj", "mlp.up_proj")),
-    "fc2": ("mlp.linear_fc2", ("mlp.down_proj",)),
-}  # fmt: skip
+# LoRA's targets: Megatron-Core's linear layers of a transformer layer (kubetron_trainer.models.lora
+# maps them onto Megatron's modules and peft's).
 LoraTarget = Literal["qkv", "proj", "fc1", "fc2"]
 
 
@@ -340,28 +331,23 @@ class PeftSpec(ApiModel):
     type: Literal["lora"] = Field(
         default="lora",
         description="lora: each target layer computes W x + (alpha / rank) B A dropout(x), W "
-        "frozen, A and B trained (peft's LoRA, A Kaiming-uniform and B zero at the start).",
+        "frozen, A and B trained (peft's LoRA: A Kaiming-uniform, B zero at the start).",
     )
     rank: int = Field(default=16, ge=1, description="Rank r of each adapter.")
     alpha: float = Field(default=32.0, gt=0, description="Scale numerator: updates x alpha/r.")
-    dropout: float = Field(
-        default=0.0, ge=0, lt=1, description="Dropout on each adapter's input while training."
-    )
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on adapter inputs.")
     targets: list[LoraTarget] = Field(
-        default_factory=lambda: list(LORA_TARGETS),  # type: ignore[arg-type]
+        default_factory=lambda: list(get_args(LoraTarget)),
         min_length=1,
-        max_length=len(LORA_TARGETS),
-        description="Linear layers of every transformer layer that get adapters: qkv "
-        "(self_attention.linear_qkv; peft's q_proj, k_proj, v_proj), proj (linear_proj; "
-        "o_proj), fc1 (mlp.linear_fc1; gate_proj, up_proj), fc2 (mlp.linear_fc2; down_proj).",
+        description="Layers of every transformer layer that get adapters: qkv (peft's q_proj, "
+        "k_proj, v_proj), proj (o_proj), fc1 (gate_proj, up_proj), fc2 (down_proj).",
     )
     adapters: str | None = Field(
         default=None,
         min_length=1,
         max_length=1024,
-        description="A peft adapter directory (adapter_config.json and "
-        "adapter_model.safetensors) to start the adapters from instead of peft's "
-        "initialisation; its r, lora_alpha and target modules must be these.",
+        description="A peft adapter directory (adapter_config.json, adapter_model.safetensors) "
+        "to start from instead of peft's initialisation; its r, lora_alpha and modules must fit.",
     )
 
     @model_validator(mode="after")
@@ -422,9 +408,8 @@ class RecipeSpec(ApiModel):
     peft: PeftSpec | None = Field(
         default=None,
         json_schema_extra=OFF_WHEN_UNSET,
-        description="LoRA adapters trained on frozen base weights (recipe.kind finetune, "
-        "spec.model.weights); checkpoints hold the adapters and their optimizer state only, "
-        "and record the base weights they need. Unset: every weight trains.",
+        description="LoRA adapters trained on frozen base weights (kind finetune); checkpoints "
+        "hold the adapters alone and record their base. Unset: every weight trains.",
     )
     train_iters: int = Field(default=100, ge=1, description="Optimizer steps to run.")
     global_batch_size: int = Field(default=8, ge=1, description="Sequences per optimizer step.")

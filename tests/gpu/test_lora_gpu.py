@@ -25,6 +25,8 @@ from tests.hf_models import export
 __all__ = ["weights"]  # the module-scoped fixture of the CPU test
 pytestmark = pytest.mark.gpu
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# fp32 against peft: the local spec's unfused attention (SDPA's fused kernels take no fp32)
+FP32 = {"precision": "fp32", "fastPath": "off"}
 needs_2_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 
 
@@ -38,7 +40,7 @@ def adapter_keys(ckpt: Path, step: int) -> list[str]:
 def test_lora_on_one_gpu(weights: tuple[Path, Path, float], tmp_path: Path) -> None:
     base, adapters, expected = weights
     cfg = lora_config(base, adapters, tmp_path / "fp32", 1, world=1, parallelism={"tensor": 1})
-    cfg["recipe"]["precision"] = "fp32"
+    cfg["recipe"] |= FP32
     first = run(cfg, tmp_path / "fp32-run", "--device", "cuda").result()["steps"][0]["loss"]
     assert first == pytest.approx(expected, rel=1e-4)
 
@@ -59,14 +61,14 @@ def test_lora_with_pipeline_parallelism(weights: tuple[Path, Path, float], tmp_p
     base, adapters, expected = weights
     ckpt, pp2 = tmp_path / "ckpt", {"tensor": 1, "pipeline": 2}
     cfg = lora_config(base, adapters, ckpt, 2, world=2, parallelism=pp2)
-    cfg["recipe"]["precision"] = "fp32"
+    cfg["recipe"] |= FP32
     losses = [s["loss"] for s in run(cfg, tmp_path / "run", "--device", "cuda").result()["steps"]]
     assert losses[0] == pytest.approx(expected, rel=1e-4)
     done = export(ckpt, tmp_path / "peft", "--peft")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     exported = peft_model(base, tmp_path / "peft")
     cfg = lora_config(base, adapters, ckpt, 3, world=2, parallelism=pp2)
-    cfg["recipe"]["precision"] = "fp32"
+    cfg["recipe"] |= FP32
     resumed = run(cfg, tmp_path / "resumed", "--device", "cuda").result()
     assert resumed["resumed_from"] == 2
     assert resumed["steps"][0]["loss"] == pytest.approx(loss_of(exported, 2 * GBS, GBS), rel=1e-4)

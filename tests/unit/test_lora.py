@@ -9,20 +9,21 @@ import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 import torch
 from pydantic import ValidationError
 
 from kubetron_api.ckpt_meta import PeftId, StepMeta, check_peft, weights_fingerprint
-from kubetron_api.config import LORA_TARGETS, ModelArch, PeftSpec, RecipeSpec
+from kubetron_api.config import LoraTarget, ModelArch, PeftSpec, RecipeSpec
 from kubetron_api.exitcodes import ConfigError
 from kubetron_api.parse import parse_job
 from kubetron_operator.cli.crd import crd
 from kubetron_operator.plan import PlanError, plan
 from kubetron_trainer.models import lora
 from kubetron_trainer.models.hf_weights import fuse_qkv
+from kubetron_trainer.models.lora import LORA_TARGETS
 from tests.builders import job_dict
 from tests.unit.test_multi_model_spec import DPO, multi_model_job, set_field
 
@@ -59,7 +60,7 @@ def test_peft_is_off_unless_set_and_its_bounds_are_the_schemas() -> None:
     assert props["rank"]["minimum"] == 1
     assert (props["alpha"]["minimum"], props["alpha"]["exclusiveMinimum"]) == (0, True)
     assert (props["dropout"]["maximum"], props["dropout"]["exclusiveMaximum"]) == (1, True)
-    assert props["targets"]["items"]["enum"] == list(LORA_TARGETS)
+    assert props["targets"]["items"]["enum"] == list(get_args(LoraTarget)) == list(LORA_TARGETS)
 
 
 # --------------------------------------------------------------------------- rules

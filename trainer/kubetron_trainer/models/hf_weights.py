@@ -188,6 +188,17 @@ def local_region(sh: ShardedTensor) -> tuple[slice, ...]:
     return tuple(slice(o, o + n) for o, n in zip(offsets, sh.local_shape, strict=True))
 
 
+def copy_slice(sh: ShardedTensor, full: torch.Tensor, field: str, what: str) -> None:
+    """Copy this rank's slice of `full` (the whole tensor of `sh`'s key) into the parameter
+    behind `sh`; a tensor of another shape is refused (ConfigError on `field`, naming `what`)."""
+    expected = tuple(sh.global_shape[sh.prepend_axis_num :])
+    if tuple(full.shape) != expected:
+        raise ConfigError(
+            field, f"{what} has shape {tuple(full.shape)}, the model needs {expected}"
+        )
+    sh.data.copy_(full[local_region(sh)])
+
+
 @torch.no_grad()
 def load_hf_weights(
     chunks: list[MegatronModule],
@@ -209,14 +220,7 @@ def load_hf_weights(
                 names = hf_names(sh.key, index, arch.untie_embeddings)
                 full = to_megatron(arch, sh.key, [weights.get(n) for n in names], padded_vocab)
                 cache = {(sh.key, index): full}  # the SwiGLU halves share one full tensor
-            expected = tuple(sh.global_shape[sh.prepend_axis_num :])
-            if tuple(full.shape) != expected:
-                raise ConfigError(
-                    WEIGHTS_FIELD,
-                    f"{directory}: {sh.key} (layer/expert {index}) has shape "
-                    f"{tuple(full.shape)} from the checkpoint, the model needs {expected}",
-                )
-            sh.data.copy_(full[local_region(sh)])
+            copy_slice(sh, full, WEIGHTS_FIELD, f"{directory}: {sh.key} (layer/expert {index})")
             filled += 1
     log.info("loaded Hugging Face weights from %s (%d parameter slices)", directory, filled)
     return filled

@@ -1,7 +1,7 @@
 """LoRA adapters on Megatron-Core's parallel linear layers (`recipe.peft`), without Transformer
 Engine: fine-tuning that trains a few million adapter numbers on top of frozen base weights.
 
-Each target layer (`config.LORA_TARGETS`: qkv, proj, fc1, fc2 -> Megatron's `linear_qkv`,
+Each target layer (`LORA_TARGETS`: qkv, proj, fc1, fc2 -> Megatron's `linear_qkv`,
 `linear_proj`, `linear_fc1`, `linear_fc2`) computes `y = W x + (alpha / r) B A dropout(x)`
 with W frozen and A, B trained, as peft's LoRA does. The layer keeps its class's forward, its
 parameters and their checkpoint keys; `apply_lora` changes its class to one with the adapter
@@ -69,7 +69,7 @@ from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-from kubetron_api.config import LORA_TARGETS, ModelArch, PeftSpec
+from kubetron_api.config import ModelArch, PeftSpec
 from kubetron_api.exitcodes import ConfigError
 from kubetron_trainer.models.hf_weights import fuse_qkv, split_qkv
 
@@ -80,6 +80,16 @@ PARAMS = ("lora_A", "lora_B")
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model.model.layers."
+# Each target of recipe.peft: its Megatron-Core layer under a transformer layer, and the
+# Hugging Face (peft) modules under `model.layers.<i>.` it stands for, in Megatron's order.
+LORA_TARGETS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "qkv": (
+        "self_attention.linear_qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ),
+    "proj": ("self_attention.linear_proj", ("self_attn.o_proj",)),
+    "fc1": ("mlp.linear_fc1", ("mlp.gate_proj", "mlp.up_proj")),
+    "fc2": ("mlp.linear_fc2", ("mlp.down_proj",)),
+}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- layout
@@ -338,7 +348,7 @@ def fill_adapters(
 ) -> int:  # fmt: skip
     """Copy this rank's slice of each adapter from `full(layer, target, (out, in))`, the
     layer's full Megatron-layout (A, compact B); returns the slices filled."""
-    from kubetron_trainer.models.hf_weights import local_region
+    from kubetron_trainer.models.hf_weights import copy_slice
 
     filled = 0
     cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -348,14 +358,7 @@ def fill_adapters(
             if (layer, target) not in cache:
                 cache[(layer, target)] = full(layer, target, shapes[target])
             tensor = cache[(layer, target)][PARAMS.index(name)]
-            expected = tuple(sh.global_shape[sh.prepend_axis_num :])
-            if tuple(tensor.shape) != expected:
-                raise ConfigError(
-                    ADAPTERS_FIELD,
-                    f"the {target} adapter {name} of layer {layer} has shape "
-                    f"{tuple(tensor.shape)}, the model needs {expected}",
-                )
-            sh.data.copy_(tensor[local_region(sh)])
+            copy_slice(sh, tensor, ADAPTERS_FIELD, f"the {target} adapter {name} of layer {layer}")
             filled += 1
     return filled
 
