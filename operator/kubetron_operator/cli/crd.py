@@ -1,9 +1,10 @@
 """Generate the MegatronJob CustomResourceDefinition from the pydantic models.
 
 The API server needs a structural OpenAPI v3 schema: every `$ref` inlined, `anyOf: [X, null]`
-turned into X, no `title`, and JSON-Schema 2020 `exclusiveMinimum` numbers mapped to the OpenAPI
-3.0 boolean form. Objects get `default: {}` so the API server fills nested defaults. The CEL
-rules come from the one rule table (`kubetron_api.rules`): each rule that reads no preset number.
+turned into X, no `title`, `const` as a one-value `enum`, and JSON-Schema 2020
+`exclusiveMinimum` numbers mapped to the OpenAPI 3.0 boolean form. Objects get `default: {}` so
+the API server fills nested defaults. The CEL rules come from the one rule table
+(`kubetron_api.rules`): each rule that reads no preset number.
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ def _convert(node: Schema, defs: dict[str, Schema]) -> Schema:
             out[key] = {name: _convert(sub, defs) for name, sub in value.items()}
         elif key == "items":
             out[key] = _convert(value, defs)
+        elif key == "const":  # a one-value Literal: structural schemas have no const
+            out["enum"] = [value]
         elif key == "exclusiveMinimum":
             out["minimum"], out["exclusiveMinimum"] = value, True
         elif key == "exclusiveMaximum" and value != int(value):
