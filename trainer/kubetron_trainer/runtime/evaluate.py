@@ -24,7 +24,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.distributed as dist
@@ -34,7 +34,7 @@ from kubetron_trainer.data.batches import Batch, Batches
 from kubetron_trainer.runtime.step import LOSS_KEY, Stats, share_from_last_stage
 
 if TYPE_CHECKING:
-    from kubetron_trainer.runtime.loop import Run
+    from kubetron_trainer.runtime.loop import Run, Summary
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class Evaluator:
     """`recipe.eval`'s evaluations of `run`'s trained model on the `validation` batches (none
     without `recipe.eval`: then it does nothing); each is appended to `summary.validation`."""
 
-    def __init__(self, run: Run, validation: Batches | None, summary: Any) -> None:
+    def __init__(self, run: Run, validation: Batches | None, summary: Summary) -> None:
         self.run = run
         self.batches = validation
         self.spec = run.cfg.recipe.eval
