@@ -7,7 +7,8 @@ co-located in one pod of 4 CPU processes, both from the same Hugging Face weight
 operator to Succeeded; the status lists both models and the policy's loss, the checkpoints are
 the policy's alone, and `kubetron-export --model policy` gives a checkpoint transformers loads.
 Distillation: manifests/examples/tiny-distill-cpu.yaml trains a tiny student (DP2) on a tiny
-teacher's logits (TP2) in one pod of 2 processes, on text prepared with the same tool.
+teacher's logits (TP2) in one pod of 2 processes, on conversations prepared with the same tool
+(`--chat`, here on the host).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pytest
 import torch
 
 from devtools.cluster import Cluster, deploy
-from devtools.hf_tokenizer import build_chat_bpe, conversations, documents
+from devtools.hf_tokenizer import build_chat_bpe, conversations
 from kubetron_trainer.tools import prepare
 from tests.e2e.test_own_data import prepare_job
 from tests.e2e.test_train import report
@@ -187,11 +188,11 @@ def test_dpo_example_trains_in_pods_and_its_policy_exports(
 def test_distill_example_trains_in_pods(cluster: Cluster, claims: dict[str, Path]) -> None:
     data, ckpt = claims[DISTILL_DATA], claims[DISTILL_CKPT]
     (data / "raw").mkdir()
-    lines = [json.dumps({"text": doc}) for doc in documents(200, seed=12)]
-    (data / "raw" / "text.jsonl").write_text("\n".join(lines) + "\n")
+    lines = [json.dumps({"messages": c}) for c in conversations(200, seed=12)]
+    (data / "raw" / "chat.jsonl").write_text("\n".join(lines) + "\n")
     argv = [
-        str(data / "raw" / "text.jsonl"), "--tokenizer", str(data / "tokenizer"), "--append-eod",
-        "--output-prefix", str(data / "indexed" / "corpus"), "--workers", "1",
+        str(data / "raw" / "chat.jsonl"), "--chat", "--tokenizer", str(data / "tokenizer"),
+        "--output-prefix", str(data / "sft" / "chat"), "--workers", "1",
     ]  # fmt: skip
     assert prepare.main(argv) == 0
 
