@@ -5,7 +5,8 @@ model its base and check nothing of the adapters' arithmetic): the trainer's fir
 peft's on the same samples. The checkpoint holds the adapters alone; a resumed run loads the
 base from spec.model.weights, then the adapters, and its first loss is that of peft with the
 exported adapters on the next samples; `kubetron-export --merged` is peft's merged model; a
-resume onto another base is refused.
+resume onto another base is refused. peft's initialisation from the seed starts TP2 x DP2 and
+DP4 from the same adapters.
 """
 
 from __future__ import annotations
@@ -142,3 +143,23 @@ def test_lora_resume_onto_another_base_is_refused(
     assert started.wait() == [2] * 4
     out = started.output()
     assert "config field model.weights" in out and str(base) in out, out[-3000:]
+
+
+def test_lora_starts_from_the_same_adapters_in_every_shape(
+    weights: tuple[Path, Path, float], tmp_path: Path
+) -> None:
+    """peft's initialisation from the seed (B = 0: step 1 is the base's loss) gives the same
+    adapters in TP2 x DP2 and DP4: step 2, after the first update, has the same loss."""
+    import transformers
+
+    base = weights[0]
+    losses = {}
+    for name, shape in (("tp2", {"tensor": 2}), ("dp4", {"tensor": 1})):
+        cfg = lora_config(base, None, tmp_path / name / "ckpt", 2, parallelism=shape)
+        steps = run(cfg, tmp_path / name).result()["steps"]
+        losses[name] = [s["loss"] for s in steps]
+    plain = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
+    assert losses["tp2"][0] == pytest.approx(loss_of(plain, 0, GBS), abs=1e-5)
+    assert losses["tp2"] == pytest.approx(losses["dp4"], abs=1e-5), losses
+    moved = losses["tp2"][1] - loss_of(plain, GBS, GBS)  # the adapters are no longer zero
+    assert abs(moved) > 1e-4, losses
