@@ -174,6 +174,13 @@ def test_dpo_resumes_at_another_policy_shape(
     want = [s["loss"] for s in straight[4:]]
     assert got == pytest.approx(want, abs=2e-4), (got, want)
 
+    # a new job's policy may start from that checkpoint (spec.models[].weights names it)
+    cfg = job(2, 1, None)
+    cfg["models"][0]["weights"] = cfg["weights"] = str(ckpt / "policy")
+    tuned = run(cfg, tmp_path / "from-checkpoint").result()
+    assert tuned["start"] == "weights" and tuned["resumed_from"] == 0
+    assert tuned["steps"][0]["loss"] != pytest.approx(straight[0]["loss"], abs=1e-4)
+
 
 def test_dpo_on_slices_saves_and_resumes(
     dpo_weights: tuple[Path, Path, dict[str, float]], tmp_path: Path

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from kubetron_api.ckpt_meta import Attempt, RunIdentity, claim, plan_resume
+from kubetron_api.ckpt_meta import Attempt, RunIdentity, claim, is_checkpoint_dir, plan_resume
 from kubetron_api.config import FastPath, TrainerConfig
 from kubetron_api.dims import ParallelDims
 from kubetron_api.exitcodes import Terminated
@@ -250,7 +250,7 @@ def build_run(
     if cfg.checkpoint.path is not None:
         identity = RunIdentity.from_config(cfg, dims, built.padded_vocab_size, options.attempt)
     # before the engine: a GPU optimizer copies the parameters into its fp32 main weights
-    start = start_weights(cfg, identity, built.chunks, pg, built.padded_vocab_size)
+    start = start_weights(cfg, identity, built.chunks, pg, built.padded_vocab_size, span)
     if cfg.recipe.peft is not None:  # adapters on the loaded base, which they leave frozen
         from kubetron_trainer.models.lora import apply_lora
 
@@ -282,8 +282,11 @@ def start_weights(
     chunks: list,
     pg: ProcessGroupCollection,
     padded_vocab: int,
+    span: dist.ProcessGroup | None = None,
 ) -> str:
-    """What the model starts from: `weights` (a finetune loads spec.model.weights), `checkpoint`
+    """What the model starts from: `weights` (a finetune loads spec.model.weights; a model of a
+    multi-model job its weights, a Hugging Face directory or a kubetron checkpoint loaded over
+    `span`, its ranks' group), `checkpoint`
     (a finetune whose job already saved a checkpoint resumes from it instead: a restart must
     not start over) or `random` (pretrain). Every rank decides from the same files. A LoRA
     checkpoint holds the adapters only: their base weights are loaded first in either case."""
@@ -294,9 +297,14 @@ def start_weights(
     if resume and cfg.recipe.peft is None:
         log.info("finetune: %s has a checkpoint; resuming from it, not from %s", path, cfg.weights)
         return "checkpoint"
-    from kubetron_trainer.models.hf_weights import load_hf_weights
+    if is_checkpoint_dir(Path(cfg.weights)):  # a model of several: a kubetron checkpoint
+        from kubetron_trainer.runtime.checkpoint import load_model_weights
 
-    load_hf_weights(chunks, pg, cfg.model, Path(cfg.weights), padded_vocab)
+        load_model_weights(chunks, pg, Path(cfg.weights), "weights", span)
+    else:
+        from kubetron_trainer.models.hf_weights import load_hf_weights
+
+        load_hf_weights(chunks, pg, cfg.model, Path(cfg.weights), padded_vocab)
     return "checkpoint" if resume else "weights"
 
 

@@ -173,9 +173,9 @@ def load_weights(
     `span`) or a Hugging Face directory (each rank reads its own slices). Returns which."""
     assert start.spec.weights is not None
     path = Path(start.spec.weights)
-    from kubetron_api.ckpt_meta import LATEST
+    from kubetron_api.ckpt_meta import is_checkpoint_dir
 
-    if (path / LATEST).is_file():
+    if is_checkpoint_dir(path):
         from kubetron_trainer.runtime.checkpoint import load_model_weights
 
         load_model_weights(built.chunks, pg, path, f"{start.field}.weights", span)
