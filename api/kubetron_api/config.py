@@ -12,17 +12,10 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic import Field, model_validator
 
-
-class ApiModel(BaseModel):
-    """Base of every schema model: camelCase aliases, unknown fields rejected."""
-
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
-    )
-
+from kubetron_api.base import ApiModel
+from kubetron_api.observability import MetricsSpec, ObservabilitySpec
 
 # --------------------------------------------------------------------------- model architecture
 
@@ -599,7 +592,7 @@ class DataSpec(ApiModel):
         return data
 
 
-# --------------------------------------------------------------------------- checkpoint, metrics
+# --------------------------------------------------------------------------- checkpoint
 
 
 class CheckpointSpec(ApiModel):
@@ -621,13 +614,6 @@ class CheckpointSpec(ApiModel):
         "rank's files are complete. The final save and the save on SIGTERM are synchronous "
         "and wait for a pending one first.",
     )
-
-
-class MetricsSpec(ApiModel):
-    """Prometheus metrics served by each trainer pod."""
-
-    enabled: bool = Field(default=True, description="Serve /metrics from local rank 0.")
-    port: int = Field(default=9400, ge=1024, le=65535, description="Metrics port (named metrics).")
 
 
 # --------------------------------------------------------------------------- the trainer config
@@ -669,6 +655,7 @@ class TrainerConfig(ApiModel):
     data: DataSpec = Field(default_factory=DataSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
+    observability: ObservabilitySpec = Field(default_factory=ObservabilitySpec)
     world_size: Annotated[int, Field(ge=1)] = Field(default=1, description="Expected world size.")
     gpus_per_node: int = Field(default=1, ge=1, description="Processes per node.")
     collective_timeout_seconds: int = Field(

@@ -24,6 +24,7 @@ from kubetron_api.config import (
     ParallelismSpec,
     RecipeSpec,
 )
+from kubetron_api.observability import ObservabilitySpec
 
 GROUP = "kubetron.io"
 VERSION = "v1alpha1"
@@ -343,6 +344,9 @@ class MegatronJobSpec(ApiModel):
         default_factory=RunPolicySpec, description="Retries, deadlines, suspend."
     )
     metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="Trainer metrics.")
+    observability: ObservabilitySpec = Field(
+        default_factory=ObservabilitySpec, description="TensorBoard event files (opt-in)."
+    )
 
     def job_models(self) -> list[JobModel]:
         """Every model of the job: spec.models, or spec.model and spec.parallelism as the one

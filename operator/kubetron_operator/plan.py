@@ -225,6 +225,7 @@ def _trainer_config(
         data=spec.data,
         checkpoint=CheckpointSpec.model_validate(spec.checkpoint.model_dump(exclude={"volume"})),
         metrics=spec.metrics,
+        observability=spec.observability,
         world_size=res.world_size,
         gpus_per_node=res.gpus_per_node,
         collective_timeout_seconds=spec.run_policy.collective_timeout_seconds,
@@ -235,4 +236,23 @@ def _trainer_config(
 def _volume_rules(spec: MegatronJobSpec) -> list[str]:
     if spec.checkpoint.volume is not None and not spec.checkpoint.path:
         return ["spec.checkpoint.volume needs spec.checkpoint.path (the mount point)"]
-    return []
+    return _tensorboard_rules(spec)
+
+
+def _tensorboard_rules(spec: MegatronJobSpec) -> list[str]:
+    """The event files must outlive the pods, so their directory must be on a mounted volume:
+    the checkpoint volume's mount point or a mountPath of spec.resources.volumeMounts."""
+    board = spec.observability.tensorboard
+    if board is None:
+        return []
+    mounts = [str(m.get("mountPath", "")) for m in spec.resources.volume_mounts]
+    if spec.checkpoint.volume is not None and spec.checkpoint.path:
+        mounts.append(spec.checkpoint.path)
+    path = board.path.rstrip("/")
+    if any(m and (path + "/").startswith(m.rstrip("/") + "/") for m in mounts):
+        return []
+    return [
+        f"spec.observability.tensorboard.path={board.path} is on no volume the pods mount (its "
+        "event files would be lost with the pod): put it under spec.checkpoint.path with "
+        "spec.checkpoint.volume set, or under a mountPath of spec.resources.volumeMounts"
+    ]

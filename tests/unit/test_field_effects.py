@@ -195,6 +195,14 @@ CHANGES: dict[str, tuple[Any, dict[str, Any]]] = {
     "spec.runPolicy.terminationGracePeriodSeconds": (1200, {}),
     "spec.metrics.enabled": (False, {}),
     "spec.metrics.port": (9500, {}),
+    "spec.observability.tensorboard.path": (
+        "/ckpt/tb2",
+        {
+            "spec.checkpoint.path": "/ckpt",
+            "spec.checkpoint.volume": {"claimName": "runs"},
+            "spec.observability.tensorboard.path": "/ckpt/tb",
+        },
+    ),
     "spec.models[].name": (_models({"name": "actor"}), TWO),
     "spec.models[].preset": (_models(reference={"preset": "gpt-tiny-moe"}), TWO),
     "spec.models[].weights": (_models(reference={"weights": "/m/other"}), TWO),

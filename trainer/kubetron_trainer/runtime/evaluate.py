@@ -126,6 +126,8 @@ class Evaluator:
         self.summary.validation.append(result)
         if run.metrics is not None:
             run.metrics.record_validation(loss)
+        if run.board is not None:
+            run.board.record_validation(step, loss, result.perplexity)
         if run.topology.rank == 0:
             log.info(
                 "step %d | validation loss %.4f | ppl %.2f | %d tokens in %.2f s",

@@ -34,6 +34,7 @@ from kubetron_trainer.models.fast_path import EngineChoice
 from kubetron_trainer.observe.flops import flops_per_token, peak_flops
 from kubetron_trainer.observe.metrics import StepStats, TrainerMetrics
 from kubetron_trainer.observe.profiling import StepProfiler
+from kubetron_trainer.observe.tensorboard import TensorBoard
 from kubetron_trainer.runtime.checkpoint import Checkpointer
 from kubetron_trainer.runtime.evaluate import Evaluation, Evaluator
 from kubetron_trainer.runtime.multi import Recipe
@@ -213,6 +214,7 @@ class Run:
     progress: Progress
     start: str = "random"  # what the model started from (start_weights)
     recipe: Recipe | None = None  # the other models of a multi-model job, and the loss
+    board: TensorBoard | None = None  # spec.observability.tensorboard's writer (one rank)
 
 
 def setup(
@@ -318,6 +320,8 @@ def train(run: Run) -> Summary:
             run.engine.after_load()
     start = resumed.step if resumed else 0
     first_sample = resumed.consumed_samples if resumed else 0
+    attempt = run.options.attempt.number if run.options.attempt is not None else 0
+    run.board = TensorBoard.open(cfg, pg, start + 1, attempt, run.device)
     first, last = pg.pp.rank() == 0, pg.pp.rank() == pg.pp.size() - 1
     data = build_data(
         cfg,
@@ -413,7 +417,10 @@ def one_step(run: Run, micro: Sequence[Batch | None], step: int, summary: Summar
             run.metrics.record_memory(
                 torch.cuda.memory_allocated(run.device), torch.cuda.memory_reserved(run.device)
             )
-    if run.topology.rank == 0 and (step % run.cfg.recipe.log_interval == 0 or step == 1):
+    logs = step % run.cfg.recipe.log_interval == 0 or step == 1
+    if run.board is not None:
+        run.board.record_step(stats, flush=logs)
+    if run.topology.rank == 0 and logs:
         log.info(run.progress.line(stats))
 
 
@@ -442,6 +449,8 @@ def finish(run: Run, summary: Summary, began: float) -> None:
     a background save still pending completes first."""
     if run.checkpointer is not None:
         run.checkpointer.close()
+    if run.board is not None:
+        run.board.close()
     summary.wall_s = time.perf_counter() - began
     timed = [s.duration_s for s in summary.steps[2:]] or [s.duration_s for s in summary.steps]
     if timed:
