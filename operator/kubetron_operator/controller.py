@@ -239,8 +239,22 @@ class Controller:
             if fresh is not None and scheduler.holds(fresh) and not rp.suspend:
                 pytorch_job, admission = fresh, self._sync_admission(job, scheduler, fresh)
                 verdict = Verdict("queue", *scheduler.waiting(admission, job.name))
+        if verdict.action in ("succeed", "fail"):
+            live = self._final_progress(r, pods, live, now) or live
         observed = Observed(r.generation, r.old_status, pytorch_job, pods, live, admission)
         return observed, verdict
+
+    def _final_progress(self, r: _Pass, pods: list[Obj], live: Obj | None, now: str) -> Obj | None:
+        """The ended attempt's progress from global rank 0's exit report, over the last poll;
+        None (the poll stays, and the log says why) when no container left one."""
+        mine = [p for p in pods if attempt_of(p) == r.attempt]
+        last = live or r.old_status.get("progress")
+        total = r.job.spec.recipe.train_iters
+        final, why = progress.final_progress(mine, last, r.attempt, total, now)
+        if final is None:
+            log.info("%s/%s: final progress from the last poll: %s", r.job.namespace,
+                     r.job.name, why)  # fmt: skip
+        return final
 
     def _conclude(self, r: _Pass, observed: Observed, verdict: Verdict, now: str) -> str:
         """Act on the verdict (restart, stop a failed attempt) and write the status."""

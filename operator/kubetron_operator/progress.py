@@ -6,6 +6,11 @@ job-role=master by the training-operator) local rank 0 serves the pod's metrics
 gauges. `parse` is pure (exposition text -> numbers); `progress` turns them into
 `status.progress`; `fetch` is the one HTTP GET, bounded by a short timeout. The controller
 calls it at most once per `--progress-period` per job.
+
+The last poll before the pods end lags the run by up to a period, so when the job ends
+`final_progress` replaces it with what global rank 0 handed over as its container's termination
+message (`kubetron_api.final.ExitReport`): the last step, its loss, the last evaluation's loss,
+the run's throughput and the last checkpoint's step.
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ from __future__ import annotations
 import math
 import urllib.request
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubetron_api import wire
+from kubetron_api.final import ExitReport, FinalProgress
 
 Obj = dict[str, object]
 
@@ -85,20 +92,75 @@ def progress(sample: Sample, total_steps: int, now: str) -> Obj | None:
         return None
     step = int(sample.step)
     out: Obj = {"step": step, "totalSteps": total_steps, "observedAt": now}
-    if sample.loss is not None:
-        out["loss"] = f"{sample.loss:.4f}"
-    if sample.validation_loss is not None:
-        out["validationLoss"] = f"{sample.validation_loss:.4f}"
-    if sample.tokens_per_second is not None:
-        out["tokensPerSecond"] = round(sample.tokens_per_second)
+    out.update(
+        _numbers(
+            sample.loss, sample.validation_loss, sample.tokens_per_second,
+            sample.last_checkpoint_step,
+        )
+    )  # fmt: skip
     if sample.mfu is not None:
         out["mfu"] = f"{100 * sample.mfu:.1f}%"
     if sample.mean_step_seconds is not None:
         out["etaSeconds"] = round(max(total_steps - step, 0) * sample.mean_step_seconds)
-    if sample.last_checkpoint_step is not None:
-        out["lastCheckpointStep"] = int(sample.last_checkpoint_step)
     if sample.engine:
         out["engine"] = sample.engine
+    return out
+
+
+def _numbers(
+    loss: float | None,
+    validation_loss: float | None,
+    tokens_per_second: float | None,
+    checkpoint_step: float | None,
+) -> Obj:
+    """The progress fields both sources report, as `status.progress` shows them."""
+    out: Obj = {}
+    if loss is not None:
+        out["loss"] = f"{loss:.4f}"
+    if validation_loss is not None:
+        out["validationLoss"] = f"{validation_loss:.4f}"
+    if tokens_per_second is not None:
+        out["tokensPerSecond"] = round(tokens_per_second)
+    if checkpoint_step is not None:
+        out["lastCheckpointStep"] = int(checkpoint_step)
+    return out
+
+
+def final_progress(
+    pods: list[dict[str, Any]], last: Obj | None, attempt: int, total_steps: int, now: str
+) -> tuple[Obj | None, str]:
+    """`status.progress` from the exit report in the termination message of the container that
+    ran global rank 0 (among `pods`, the attempt's: one that exited 0 with a report), over the
+    last poll `last`; (None, why) when no container left one (the last poll stays)."""
+    problems: list[str] = []
+    for pod in sorted(pods, key=lambda p: str(p.get("metadata", {}).get("name", ""))):
+        for cs in pod.get("status", {}).get("containerStatuses", []) or []:
+            term = (cs.get("state") or {}).get("terminated") or {}
+            message = str(term.get("message") or "")
+            if term.get("exitCode") != 0 or not message.strip():
+                continue  # a failure's message is its error; other ranks' pods leave none
+            try:
+                report = ExitReport.from_message(message)
+            except ValueError as err:
+                where = f"pod {pod['metadata'].get('name')} container {cs.get('name')}"
+                problems.append(f"{where}: {' '.join(str(err).split())[:200]}")
+                continue
+            return final_reading(report.final, last, attempt, total_steps, now), ""
+    return None, "; ".join(problems) or "no container that exited 0 left an exit report"
+
+
+def final_reading(
+    final: FinalProgress, last: Obj | None, attempt: int, total_steps: int, now: str
+) -> Obj:
+    """The last poll with the run's final numbers in place of its own (what the trainer did
+    not report keeps the poll's value); the engine and MFU stay the poll's."""
+    out: Obj = {**(last or {}), "step": final.step, "totalSteps": total_steps}
+    out.update(etaSeconds=0, attempt=attempt, observedAt=now)
+    out.update(
+        _numbers(final.loss, final.validation_loss, final.tokens_per_second, final.checkpoint_step)
+    )
+    if (last or {}).get("step") != final.step or not out.get("advancedAt"):
+        out["advancedAt"] = now
     return out
 
 

@@ -10,6 +10,7 @@ way of ending to an exit code the PyTorchJob `ExitCode` restart policy understan
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -24,10 +25,11 @@ from typing import TYPE_CHECKING
 import torch
 from pydantic import ValidationError
 
-from kubetron_api.ckpt_meta import Attempt, check_fence
+from kubetron_api.ckpt_meta import Attempt, check_fence, read_latest
 from kubetron_api.config import FastPath, TrainerConfig
 from kubetron_api.dims import ParallelDims
 from kubetron_api.exitcodes import ConfigError, ExitCode, Terminated
+from kubetron_api.final import ExitReport, FinalProgress
 from kubetron_api.rules import TRAINER_RULES, ShapeSpec, check_shape
 from kubetron_api.wire import METRICS_DIR
 from kubetron_trainer.models.fast_path import EngineChoice, decide_fast_path
@@ -156,6 +158,25 @@ def record_exit_code(rank: int, code: int, message: str = "") -> None:
         (Path(directory) / f"rank-{rank}").write_text(f"{int(code)}\n{message}")
 
 
+def exit_report(summary: Summary, cfg: TrainerConfig) -> ExitReport | None:
+    """Global rank 0's final numbers for the operator (`kubetron_api.final`); None when this
+    rank trained no step (a rank of a frozen model, a run resumed at its last step)."""
+    if not summary.steps:
+        return None
+    last, saved = summary.steps[-1], None
+    if cfg.checkpoint.path is not None:
+        with contextlib.suppress(ValueError):  # a `latest` someone broke: no step to report
+            saved = read_latest(Path(cfg.checkpoint.path))
+    final = FinalProgress(
+        step=last.step,
+        loss=last.loss,
+        validation_loss=summary.validation[-1].loss if summary.validation else None,
+        tokens_per_second=summary.tokens_per_s or None,
+        checkpoint_step=saved,
+    )
+    return ExitReport(final=final)
+
+
 @dataclass(frozen=True)
 class Start:
     """What the trainer settled before it joins the job."""
@@ -258,6 +279,8 @@ def run(start: Start, args: argparse.Namespace) -> int:
         len(summary.steps), summary.steps[-1].loss if summary.steps else float("nan"),
         summary.tokens_per_s,
     )  # fmt: skip
+    if topology.rank == 0 and (report := exit_report(summary, cfg)) is not None:
+        record_exit_code(topology.rank, ExitCode.OK, report.to_message())
     if args.metrics_linger > 0 and topology.local_rank == 0:
         linger(args.metrics_linger)  # the other ranks wait in the barrier below
     dist.barrier()

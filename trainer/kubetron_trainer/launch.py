@@ -88,20 +88,25 @@ MESSAGE_LIMIT = 1024
 
 
 def read_worker_codes(directory: Path) -> list[tuple[int, str]]:
-    """(code, message) of every worker that recorded one, by rank."""
+    """(code, message) of every worker that recorded one, by rank. A failure's message names
+    its rank; a success's (global rank 0's exit report, `kubetron_api.final`) is passed on
+    as written, for the operator to parse."""
     codes: list[tuple[int, str]] = []
     for path in sorted(directory.glob("rank-*"), key=lambda p: int(p.name.split("-")[1])):
         first, _, message = path.read_text().partition("\n")
         if first.strip().lstrip("-").isdigit():
-            codes.append((int(first), f"{path.name}: {message.strip()}" if message.strip() else ""))
+            code, text = int(first), message.strip()
+            codes.append((code, f"{path.name}: {text}" if text and code != 0 else text))
     return codes
 
 
 def termination_message(code: int, workers: Sequence[tuple[int, str]]) -> str:
-    """The message of the first worker that exited with the pod's code (the root cause)."""
+    """The message of the first worker that exited with the pod's code: the root cause of a
+    failure (cut to MESSAGE_LIMIT), or the exit report of a success (whole, bounded by
+    `ExitReport.to_message`: a cut one would not parse)."""
     for worker_code, message in workers:
         if worker_code == code and message:
-            return message[:MESSAGE_LIMIT]
+            return message if code == 0 else message[:MESSAGE_LIMIT]
     return ""
 
 
