@@ -94,6 +94,9 @@ class Controller:
         # failed pods seen in watch events, by job: kept until the attempt is assessed, in case
         # the pod is deleted before a reconcile lists it (cleanPodPolicy All, a manual delete)
         self._failed_pods: defaultdict[tuple[str, str], dict[str, Obj]] = defaultdict(dict)
+        # the pod that ran global rank 0, seen in a watch event when it ended with its exit
+        # report: cleanPodPolicy All may delete it before the reconcile that finds the job done
+        self._reports: dict[tuple[str, str], Obj] = {}
         self._kept_layout: set[tuple[str, str, int]] = set()  # logged once per attempt
 
     def _lock(self, namespace: str, name: str) -> threading.Lock:
@@ -119,15 +122,19 @@ class Controller:
     def forget(self, namespace: str, name: str) -> None:
         self.metrics.jobs.forget(namespace, name)
         self._failed_pods.pop((namespace, name), None)
+        self._reports.pop((namespace, name), None)
 
     def note_pod(self, pod: Obj) -> str | None:
-        """Remember a trainer pod with a failed container; returns its job (to reconcile)."""
+        """Remember a trainer pod with a failed container, or with an exit report; returns its
+        job (to reconcile)."""
         meta = pod.get("metadata", {})
         job = meta.get("labels", {}).get(JOB_NAME_LABEL)
         if not job:
             return None
         if lifecycle.container_exits([pod]):
             self._failed_pods[(meta["namespace"], job)][meta.get("uid") or meta["name"]] = pod
+        elif progress.exit_messages(pod):
+            self._reports[(meta["namespace"], job)] = pod
         return str(job)
 
     @staticmethod
@@ -247,7 +254,10 @@ class Controller:
     def _final_progress(self, r: _Pass, pods: list[Obj], live: Obj | None, now: str) -> Obj | None:
         """The ended attempt's progress from global rank 0's exit report, over the last poll;
         None (the poll stays, and the log says why) when no container left one."""
-        mine = [p for p in pods if attempt_of(p) == r.attempt]
+        names = {p["metadata"]["name"] for p in pods}
+        seen = self._reports.get((r.job.namespace, r.job.name))
+        listed = pods + ([seen] if seen and seen["metadata"]["name"] not in names else [])
+        mine = [p for p in listed if attempt_of(p) == r.attempt]
         last = live or r.old_status.get("progress")
         total = r.job.spec.recipe.train_iters
         final, why = progress.final_progress(mine, last, r.attempt, total, now)

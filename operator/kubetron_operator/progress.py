@@ -134,19 +134,27 @@ def final_progress(
     last poll `last`; (None, why) when no container left one (the last poll stays)."""
     problems: list[str] = []
     for pod in sorted(pods, key=lambda p: str(p.get("metadata", {}).get("name", ""))):
-        for cs in pod.get("status", {}).get("containerStatuses", []) or []:
-            term = (cs.get("state") or {}).get("terminated") or {}
-            message = str(term.get("message") or "")
-            if term.get("exitCode") != 0 or not message.strip():
-                continue  # a failure's message is its error; other ranks' pods leave none
+        for container, message in exit_messages(pod):
             try:
                 report = ExitReport.from_message(message)
             except ValueError as err:
-                where = f"pod {pod['metadata'].get('name')} container {cs.get('name')}"
+                where = f"pod {pod['metadata'].get('name')} container {container}"
                 problems.append(f"{where}: {' '.join(str(err).split())[:200]}")
                 continue
             return final_reading(report.final, last, attempt, total_steps, now), ""
     return None, "; ".join(problems) or "no container that exited 0 left an exit report"
+
+
+def exit_messages(pod: dict[str, Any]) -> list[tuple[str, str]]:
+    """(container, termination message) of each container of `pod` that exited 0 leaving one:
+    a failure's message is its error, and the pods of other ranks leave none."""
+    out = []
+    for cs in pod.get("status", {}).get("containerStatuses", []) or []:
+        term = (cs.get("state") or {}).get("terminated") or {}
+        message = str(term.get("message") or "")
+        if term.get("exitCode") == 0 and message.strip():
+            out.append((str(cs.get("name", "?")), message))
+    return out
 
 
 def final_reading(

@@ -170,3 +170,20 @@ def test_a_succeeded_job_without_a_report_keeps_the_last_poll(
         status = succeed_with(kube, [pod("job-worker-0", 0, "not json")])
     assert status["progress"]["step"] == 10  # type: ignore[index]
     assert "final progress from the last poll: pod job-worker-0 container trainer" in caplog.text
+
+
+def test_the_report_of_a_pod_deleted_before_the_job_is_seen_done_is_kept(kube: FakeKube) -> None:
+    """cleanPodPolicy All: the pod that ran rank 0 is gone when the PyTorchJob succeeds; the
+    watch event of its end carried the report."""
+    c = Controller(kube, OperatorMetrics(), read_metrics=lambda ip, port: trainer_text())  # type: ignore[arg-type]
+    c.reconcile("ml", "job")
+    running(kube)
+    c.reconcile("ml", "job")
+    ended = {"apiVersion": "v1", "kind": "Pod", **pod("job-worker-0", 0, REPORT.to_message())}
+    assert c.note_pod(ended) == "job"
+    del kube.objects[("Pod", "ml", "job-worker-0")]
+    pj = kube.objects[("PyTorchJob", "ml", "job")]
+    pj["status"] = {"conditions": [{"type": "Succeeded", "status": "True", "reason": "Done"}]}
+    c.reconcile("ml", "job")
+    status = kube.objects[("MegatronJob", "ml", "job")]["status"]
+    assert (status["phase"], status["progress"]["step"]) == ("Succeeded", 30)
