@@ -36,7 +36,7 @@ def dpo(tmp_path_factory: pytest.TempPathFactory) -> Weights:
 def test_dpo_on_one_gpu_matches_the_formula(dpo: Weights, tmp_path: Path) -> None:
     policy, reference, expected = dpo
     cfg = dpo_config(policy, reference, ONE, ONE, steps=2, world=1)
-    cfg["recipe"]["fastPath"] = "off"  # fp32: the fast path's SDPA kernels run bf16
+    cfg["recipe"]["fastPath"] = "off"  # fp32: the fast path's cuDNN attention has no fp32 kernel
     started = run(cfg, tmp_path / "run", "--device", "cuda")
     got = first_step(started.result())
     assert got == pytest.approx(expected, abs=1e-4), (got, expected)
@@ -58,7 +58,7 @@ def test_dpo_in_bf16_on_the_fast_path_trains(dpo: Weights, tmp_path: Path) -> No
 def test_distillation_on_one_gpu_matches_the_kl(tmp_path: Path) -> None:
     teacher, student, expected = make_distill_weights(tmp_path / "weights")
     cfg = distill_config(teacher, student, 1, 1, steps=2, world=1)
-    cfg["recipe"]["fastPath"] = "off"  # fp32: the fast path's SDPA kernels run bf16
+    cfg["recipe"]["fastPath"] = "off"  # fp32: the fast path's cuDNN attention has no fp32 kernel
     result = run(cfg, tmp_path / "run", "--device", "cuda").result()
     first = result["steps"][0]
     got = {"loss": first["loss"], **first["extras"]}
