@@ -150,7 +150,8 @@ def record_exit_code(rank: int, code: int, message: str = "") -> None:
 
     torchrun exits 1 whenever a worker fails or it is itself sent SIGTERM, which the PyTorchJob
     `ExitCode` policy reads as permanent; the pod command (kubetron_trainer.launch) restores the
-    workers' own codes and hands the message to Kubernetes as the termination message.
+    workers' own codes and hands the message to Kubernetes as the termination message. A run
+    that completes leaves global rank 0's exit report (`exit_report`) as its message instead.
     """
     directory = os.environ.get("KUBETRON_EXIT_CODE_DIR")
     if directory:
