@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from devtools.cluster import Cluster, deploy, faults
+from tests.e2e.test_train import assert_final_progress
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.slow]
 
@@ -96,6 +97,8 @@ def test_a_killed_trainer_restarts_every_pod_from_the_last_checkpoint(
         for e in warnings
     ), warnings
     resumed_and_trained_once(cluster, life, name, volume)
+    # the final progress is the second attempt's end, from its rank 0's exit report
+    assert_final_progress(status, deploy.logs(cluster, life, f"{name}-worker-0"), ITERS)
     meta = json.loads((volume / f"iter_{ITERS:07d}" / "kubetron.json").read_text())
     assert meta["attempt"] == 2
     assert (volume / "attempt").read_text().split()[1] == "2"  # attempt 2 fenced the directory
