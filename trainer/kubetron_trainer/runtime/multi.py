@@ -79,8 +79,7 @@ def build_groups(
 ) -> dict[str, ParallelGroups]:
     """Every model's groups (collective: every rank builds all of them, in spec order)."""
     specs = [
-        GridSpec(s.name, s.dims, s.spec.ranks.first, GroupOptions(timeout=timeout))
-        for s in starts
+        GridSpec(s.name, s.dims, s.spec.ranks.first, GroupOptions(timeout=timeout)) for s in starts
     ]
     return build_process_groups_multi(specs, topology, backend)
 

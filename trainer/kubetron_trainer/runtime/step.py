@@ -75,9 +75,7 @@ def mean_over_dp(
     names = sorted(rows[0])
     if not names:
         return {}
-    means = torch.stack(
-        [torch.stack([r[n].detach().float() for r in rows]).mean() for n in names]
-    )
+    means = torch.stack([torch.stack([r[n].detach().float() for r in rows]).mean() for n in names])
     dist.all_reduce(means, group=pg.dp_cp)
     means /= pg.dp_cp.size()
     return dict(zip(names, means.cpu().tolist(), strict=True))
