@@ -117,6 +117,8 @@ CEL_CASES: dict[str, dict[str, Any]] = {
     "eval-needs-validation-split": {"recipe": {"eval": {}}, "data": {"split": "99,0,1"}},
     "eval-runs": {"recipe": {"eval": {"atEnd": False}}},
     "eval-needs-one-model": {"recipe": {"kind": "dpo", "eval": {}}},
+    "lora-needs-finetune": {"recipe": {"peft": {"type": "lora"}}},
+    "lora-needs-one-model": {"recipe": {"kind": "dpo", "peft": {"type": "lora"}}},
 }
 
 
