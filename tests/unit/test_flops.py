@@ -19,6 +19,15 @@ def test_qwen3_1_7b_flops_per_token_at_seq_4096() -> None:
     assert flops_per_token(arch, 4096, 151936) == pytest.approx(11_731_992_576)
 
 
+def test_frozen_weights_count_forward_and_input_gradients_only() -> None:
+    # LoRA: the same hand-worked Qwen3-1.7B at seq 4096, 4 FLOPs per weight instead of 6;
+    # attention's activation-by-activation products keep their 6.
+    dense = 4 * (28 * (2048 * 6144 * 3 + 2048 * 4096 + 2048 * 2048) + 2048 * 151936)
+    expected = dense + 6 * 2048 * 4096 * 28
+    assert expected == 8_291_090_432
+    assert flops_per_token(PRESETS["qwen3-1.7b"], 4096, 151936, weight_gradients=False) == expected
+
+
 def test_24k_tokens_per_s_of_qwen3_1_7b_on_an_h100_is_29_percent_mfu() -> None:
     # 24.4k tokens/s at seq 4096 against the H100's 989 TFLOP/s dense bf16 peak: 29% MFU.
     achieved = 24_400 * flops_per_token(PRESETS["qwen3-1.7b"], 4096, 151936)

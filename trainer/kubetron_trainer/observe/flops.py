@@ -18,12 +18,19 @@ BF16_PEAK_FLOPS: dict[str, float] = {
 }
 
 
-def flops_per_token(arch: ModelArch, seq_length: int, padded_vocab: int) -> float:
+def flops_per_token(
+    arch: ModelArch, seq_length: int, padded_vocab: int, weight_gradients: bool = True
+) -> float:
     """Training FLOPs (forward + backward) per token, as Megatron counts them.
 
     `6*[L*(h*ffn*(3 if SwiGLU else 2) + h*(q+k+v) + q*h) + h*V] + 6*q*s*L` with
     q = kv_channels*heads and k = v = kv_channels*query_groups; for MoE layers the MLP term is
     the routed experts' (`topk * h * moe_ffn * ...`) plus the router (`h * experts`).
+
+    `weight_gradients=False` counts a model whose weights are frozen but whose backward pass
+    runs (LoRA): its weight matrices cost the forward and the input gradient, 4 instead of 6
+    FLOPs per weight, while attention's score and value products, whose operands are both
+    activations, keep all 6 (the adapters' own FLOPs are under 1% at the ranks used, and left out).
     """
     h, layers = arch.hidden_size, arch.num_layers
     q = arch.kv_channels * arch.num_attention_heads
@@ -35,7 +42,8 @@ def flops_per_token(arch: ModelArch, seq_length: int, padded_vocab: int) -> floa
     else:
         mlp = h * arch.ffn_hidden_size * gate
     per_layer = mlp + h * (q + 2 * kv) + q * h
-    return 6.0 * (layers * per_layer + h * padded_vocab) + 6.0 * q * seq_length * layers
+    per_weight = 6.0 if weight_gradients else 4.0
+    return per_weight * (layers * per_layer + h * padded_vocab) + 6.0 * q * seq_length * layers
 
 
 def forward_flops_per_token(arch: ModelArch, seq_length: int, padded_vocab: int) -> float:

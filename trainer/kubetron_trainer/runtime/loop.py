@@ -165,10 +165,10 @@ class Progress:
         r = cfg.recipe
         self.cfg = cfg
         self.tokens = r.global_batch_size * r.seq_length * (2 if r.kind == "dpo" else 1)
-        # the trained model's forward and backward, plus the frozen models' forward passes
-        self.flops_per_token = (
-            flops_per_token(cfg.model, r.seq_length, padded_vocab) + frozen_flops_per_token
-        )
+        # the trained model's forward and backward (no weight gradients under LoRA), plus the
+        # frozen models' forward passes
+        trained = flops_per_token(cfg.model, r.seq_length, padded_vocab, r.peft is None)
+        self.flops_per_token = trained + frozen_flops_per_token
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         self.peak = peak_flops(name, r.precision.value)
         self.durations: list[float] = []
