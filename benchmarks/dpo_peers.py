@@ -134,23 +134,25 @@ def shape_of(args: argparse.Namespace) -> Shape:
 # ------------------------------------------------------------------------------ shared inputs
 
 
-def save_random_model(shape: Shape, directory: Path, seed: int) -> None:
-    """A Qwen3 of `shape.arch` with random weights, saved as a Hugging Face checkpoint (bf16 for
-    a bf16 run: both sides then start from exactly these values)."""
+def save_random_model(
+    arch: ModelArch, directory: Path, seed: int, bf16: bool, init_std: float | None = None
+) -> None:
+    """A Qwen3 of `arch` with random weights, saved as a Hugging Face checkpoint (bf16 for a bf16
+    run: both sides then start from exactly these values). Built on the GPU when there is one
+    (an 8B model's fp32 initialisation on the CPU takes minutes)."""
     import transformers
 
-    raw = hf_config(shape.arch)
+    raw = hf_config(arch)
     kind = raw.pop("model_type")
     raw.pop("architectures")
     raw.pop("rope_scaling")  # None for Qwen3; transformers 5 reads rope_theta
-    if shape.init_std is not None:
-        raw["initializer_range"] = shape.init_std
+    if init_std is not None:
+        raw["initializer_range"] = init_std
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(
-        transformers.AutoConfig.for_model(kind, **raw)
-    )
-    if shape.precision == "bf16":
-        model = model.to(torch.bfloat16)
+    config = transformers.AutoConfig.for_model(kind, **raw)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    with torch.device("cuda" if bf16 and torch.cuda.is_available() else "cpu"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.save_pretrained(directory)
 
 
@@ -214,11 +216,12 @@ def build_inputs(shape: Shape, workdir: Path, distinct_reference: bool) -> Input
     from kubetron_trainer.tools.prepare import prepare
 
     policy = workdir / "policy"
-    save_random_model(shape, policy, shape.seed)
+    bf16 = shape.precision == "bf16"
+    save_random_model(shape.arch, policy, shape.seed, bf16, shape.init_std)
     reference = policy
     if distinct_reference:
         reference = workdir / "reference"
-        save_random_model(shape, reference, shape.seed + 1)
+        save_random_model(shape.arch, reference, shape.seed + 1, bf16, shape.init_std)
     tokenizer = workdir / "tokenizer"
     save_tokenizer(shape.arch.vocab_size, tokenizer)
     rows = pair_rows(shape)
@@ -281,7 +284,7 @@ def step_ends(log: str) -> list[float]:
     return [ends[s] for s in sorted(ends)]
 
 
-def timing(ends: list[float], start: float | None, shape: Shape) -> dict[str, Any]:
+def timing(ends: list[float], start: float | None, tokens_per_step: int) -> dict[str, Any]:
     """Step times from step-end times (`start`: when step 1 began, if known); tokens/s over the
     steps after the warmup."""
     bounds = ([start] if start is not None else []) + ends
@@ -291,7 +294,7 @@ def timing(ends: list[float], start: float | None, shape: Shape) -> dict[str, An
     if not timed:
         return {"step_s": [round(d, 4) for d in durations]}
     return {
-        "tokens_per_s": round(shape.tokens_per_step * len(timed) / sum(timed), 1),
+        "tokens_per_s": round(tokens_per_step * len(timed) / sum(timed), 1),
         "median_step_s": round(statistics.median(timed), 4),
         "timed_steps": len(timed),
         "step_s": [round(d, 4) for d in durations],
@@ -310,7 +313,7 @@ def run_kubetron(shape: Shape, inputs: Inputs, workdir: Path, timeout: float) ->
     steps = summary["steps"]
     return {
         "ok": True,
-        **timing(step_ends(log), None, shape),
+        **timing(step_ends(log), None, shape.tokens_per_step),
         "peak_memory_gib": summary.get("peak_memory_gib"),
         "losses": [s["loss"] for s in steps],
         "grad_norms": [s["grad_norm"] for s in steps],
@@ -364,7 +367,7 @@ def run_trl(
         tail = (out / "log.txt").read_text()[-3000:]
         return {"ok": False, "exit_code": code, **result, "log_tail": tail}
     ends, start = result.pop("step_ends"), result.pop("train_began")
-    return {**result, **timing(ends, start, shape)}
+    return {**result, **timing(ends, start, shape.tokens_per_step)}
 
 
 def trl_worker(spec_file: Path) -> int:

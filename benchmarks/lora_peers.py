@@ -1,0 +1,365 @@
+"""LoRA against a peer: kubetron's trainer and peft + transformers on one GPU, same model,
+tokens and adapters per optimizer step, JSON out; beside them kubetron's full fine-tuning of a
+model that fits, and the arithmetic of why the LoRA model's full fine-tuning does not.
+
+One invocation, each side in a process of its own, one after the other:
+
+- `kubetron_lora`: the real trainer (`python -m kubetron_trainer`, one process), recipe finetune
+  with `recipe.peft` (rank, alpha, every target: qkv, proj, fc1, fc2; no dropout), bf16 frozen
+  base weights loaded from the Hugging Face checkpoint below, fp32 adapters and their Adam state
+  in the distributed optimizer, `fastPath: on`, mock tokens;
+- `peft` (and `peft_liger`, unless `--no-liger`): transformers' model of the same checkpoint in
+  bf16 with peft's LoRA of the same rank, alpha and modules (q/k/v/o, gate/up/down; peft keeps
+  the adapters in fp32), bf16 autocast, fused AdamW with the same lr, betas, eps, clipping and
+  no weight decay, SDPA attention, micro-batch 1 with gradient accumulation to the same tokens
+  a step; `peft_liger` first applies Liger's Qwen3 kernels (RMSNorm, RoPE, SwiGLU, fused linear
+  cross-entropy). Where a peer runs out of memory without gradient checkpointing it is run again
+  with it, and the report says so;
+- `kubetron_full` (`--full-preset`, default qwen3-1.7b): full fine-tuning of a model that fits,
+  at the same sequence length and tokens a step.
+
+The models have random weights (transformers' initialisation, saved in bf16), nothing is
+downloaded. Every sequence is `--seq` tokens of `MockDataset` (the peers read the trainer's
+kind of mock sequences, in their own order); tokens/s counts global batch x seq a step over the
+steps after two warmup steps.
+MFU uses the trainer's formula (`kubetron_trainer.observe.flops`; LoRA counts 4 FLOPs per frozen
+weight, full fine-tuning 6) against the GPU's dense bf16 peak. Peak memory is each process's
+`torch.cuda.max_memory_allocated`.
+
+    python -m benchmarks.lora_peers --output benchmarks/results/lora_peers.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "api"), str(ROOT / "trainer"), str(ROOT / "operator")]
+
+from benchmarks.dpo_peers import (  # noqa: E402
+    WARMUP,
+    peer_versions,
+    python_path,
+    save_random_model,
+    step_ends,
+    timing,
+    write,
+)
+from benchmarks.report import machine, versions  # noqa: E402
+from devtools.training.launch import launch  # noqa: E402
+from kubetron_api.config import PRESETS, TrainerConfig  # noqa: E402
+
+TARGETS = ["qkv", "proj", "fc1", "fc2"]
+PEFT_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Megatron's distributed optimizer on one GPU keeps, per trained parameter: the bf16 weight (2),
+# its fp32 gradient buffer (4), the fp32 main weight (4) and Adam's two fp32 moments (8).
+FULL_STATE_BYTES_PER_PARAM = 18
+LR, BETAS, EPS, CLIP = 1e-4, (0.9, 0.95), 1e-8, 1.0
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What every side runs."""
+
+    preset: str
+    seq: int
+    global_batch: int  # sequences per optimizer step
+    micro_batch: int
+    steps: int
+    rank: int
+    alpha: int
+    seed: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq
+
+
+# ------------------------------------------------------------------------------------ kubetron
+
+
+def kubetron_config(shape: Shape, weights: Path, lora: bool) -> dict[str, Any]:
+    arch = PRESETS[shape.preset].model_dump(mode="json", by_alias=True)
+    recipe: dict[str, Any] = {
+        "kind": "finetune", "trainIters": shape.steps, "globalBatchSize": shape.global_batch,
+        "microBatchSize": shape.micro_batch, "seqLength": shape.seq, "seed": shape.seed,
+        "precision": "bf16", "logInterval": 1, "fastPath": "on",
+        "optimizer": {"lr": LR, "minLr": 0.0, "weightDecay": 0.0, "distributed": True},
+        "lrSchedule": {"style": "constant", "warmupIters": 0},
+    }  # fmt: skip
+    if lora:
+        recipe["peft"] = {"type": "lora", "rank": shape.rank, "alpha": shape.alpha,
+                          "dropout": 0.0, "targets": TARGETS}  # fmt: skip
+    cfg = TrainerConfig.model_validate({
+        "jobName": "lora-peers", "model": arch, "preset": shape.preset, "weights": str(weights),
+        "recipe": recipe, "data": {"type": "mock"}, "checkpoint": {"path": None},
+    }).model_dump(mode="json", by_alias=True)  # fmt: skip
+    cfg["metrics"]["enabled"] = False
+    return cfg
+
+
+def run_kubetron(
+    shape: Shape, weights: Path, workdir: Path, lora: bool, timeout: float
+) -> dict[str, Any]:
+    started = launch(kubetron_config(shape, weights, lora), workdir, "--attention", "auto",
+                     extra_env={"PYTHONPATH": python_path()})  # fmt: skip
+    codes = started.wait(timeout=timeout)
+    log = started.output()
+    if codes != [0]:
+        return {"ok": False, "exit_codes": codes, "log_tail": log[-3000:]}
+    summary = started.result()
+    return {
+        "ok": True,
+        **timing(step_ends(log), None, shape.tokens_per_step),
+        "mfu": summary["mfu"],
+        "summary_tokens_per_s": round(summary["tokens_per_s"], 1),
+        "peak_memory_gib": summary.get("peak_memory_gib"),
+        "losses": [s["loss"] for s in summary["steps"]],
+        "attention": summary["attention"],
+    }
+
+
+# ---------------------------------------------------------------------------------------- peft
+
+
+def run_peer(shape: Shape, weights: Path, workdir: Path, liger: bool, timeout: float) -> dict:
+    """peft in a process of its own; once more with gradient checkpointing if it ran out of
+    memory without."""
+    for checkpointing in (False, True):
+        spec = {"shape": asdict(shape), "weights": str(weights), "liger": liger,
+                "checkpointing": checkpointing, "out": str(workdir)}  # fmt: skip
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "spec.json").write_text(json.dumps(spec))
+        (workdir / "result.json").unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "benchmarks.lora_peers", "--peer-worker",
+               str(workdir / "spec.json")]  # fmt: skip
+        env = os.environ | {"PYTHONPATH": python_path(), "HF_HUB_OFFLINE": "1"}
+        with open(workdir / "log.txt", "w") as log:
+            try:
+                done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log,
+                                      stderr=subprocess.STDOUT, timeout=timeout)  # fmt: skip
+                code = done.returncode
+            except subprocess.TimeoutExpired:
+                code = 124
+        found = workdir / "result.json"
+        result: dict[str, Any] = json.loads(found.read_text()) if found.exists() else {}
+        if result.get("ok"):
+            ends, began = result.pop("step_ends"), result.pop("train_began")
+            return {**result, **timing(ends, began, shape.tokens_per_step)}
+        if not result.get("out_of_memory"):
+            break
+    tail = (workdir / "log.txt").read_text()[-3000:]
+    return {"ok": False, "exit_code": code, **result, "log_tail": tail}
+
+
+def peer_worker(spec_file: Path) -> int:
+    """One peft run (`--peer-worker SPEC`): writes result.json."""
+    spec = json.loads(spec_file.read_text())
+    out = Path(spec["out"])
+    try:
+        result = peer_train(spec)
+    except torch.cuda.OutOfMemoryError as err:
+        result = {"ok": False, "out_of_memory": True, "error": str(err)[:500],
+                  "gradient_checkpointing": spec["checkpointing"]}  # fmt: skip
+    (out / "result.json").write_text(json.dumps(result))
+    return 0 if result["ok"] else 1
+
+
+def peer_train(spec: dict[str, Any]) -> dict[str, Any]:
+    import peft
+    import transformers
+
+    from kubetron_trainer.data.batches import MockDataset
+
+    shape = Shape(**spec["shape"])
+    if spec["liger"]:
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen3
+
+        apply_liger_kernel_to_qwen3()
+    model: Any = transformers.AutoModelForCausalLM.from_pretrained(
+        spec["weights"], dtype=torch.bfloat16, attn_implementation="sdpa"
+    )
+    model = model.cuda()
+    if spec["checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = peft.LoraConfig(r=shape.rank, lora_alpha=shape.alpha, lora_dropout=0.0,
+                           target_modules=PEFT_MODULES, task_type="CAUSAL_LM")  # fmt: skip
+    model = peft.get_peft_model(model, lora)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS,
+                                  weight_decay=0.0, fused=True)  # fmt: skip
+    vocab = model.config.vocab_size
+    data = MockDataset(vocab, shape.seq, shape.global_batch * shape.steps, shape.seed)
+    accumulate = shape.global_batch // shape.micro_batch
+    torch.cuda.synchronize()
+    began, ends, losses = time.time(), [], []
+    for step in range(shape.steps):
+        total = torch.zeros((), device="cuda")
+        for micro in range(accumulate):
+            first = (step * accumulate + micro) * shape.micro_batch
+            rows = [torch.as_tensor(data.sequence(first + i)[: shape.seq])
+                    for i in range(shape.micro_batch)]  # fmt: skip
+            ids = torch.stack(rows).long().cuda()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss / accumulate
+            loss.backward()
+            total += loss.detach()
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(total))  # a host sync: the step's kernels are done
+        ends.append(time.time())
+    return {
+        "ok": True, "losses": losses, "step_ends": ends, "train_began": began,
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "gradient_checkpointing": spec["checkpointing"], "liger": spec["liger"],
+        "trainable_parameters": sum(p.numel() for p in params),
+        "adapter_dtype": str(params[0].dtype),
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------- comparison
+
+
+def mfu(tokens_per_s: float | None, preset: str, seq: int, lora: bool) -> float | None:
+    from kubetron_trainer.models.megatron_config import padded_vocab_size
+    from kubetron_trainer.observe.flops import flops_per_token, peak_flops
+
+    arch = PRESETS[preset]
+    per_token = flops_per_token(arch, seq, padded_vocab_size(arch.vocab_size, 1), not lora)
+    peak = peak_flops(torch.cuda.get_device_name(0), "bf16")
+    return round(tokens_per_s * per_token / peak, 4) if tokens_per_s and peak else None
+
+
+def full_state(weights: Path) -> dict[str, Any]:
+    """Why the LoRA model's full fine-tuning does not fit one GPU: its optimizer state alone,
+    from the parameters in its checkpoint."""
+    from safetensors import safe_open
+
+    params = 0
+    for file in sorted(weights.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as tensors:
+            for name in tensors.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                params += math.prod(tensors.get_slice(name).get_shape())
+    state = params * FULL_STATE_BYTES_PER_PARAM
+    gpu = torch.cuda.get_device_properties(0).total_memory
+    return {
+        "parameters": params, "bytes_per_parameter": FULL_STATE_BYTES_PER_PARAM,
+        "state_gib": round(state / 2**30, 1), "gpu_memory_gib": round(gpu / 2**30, 1),
+        "fits": state < gpu,
+    }  # fmt: skip
+
+
+def ratios(results: dict[str, Any]) -> dict[str, Any]:
+    ours = results.get("kubetron_lora", {})
+    out: dict[str, Any] = {}
+    for name in ("peft", "peft_liger"):
+        theirs = results.get(name, {})
+        if ours.get("tokens_per_s") and theirs.get("tokens_per_s"):
+            out[f"tokens_per_s_kubetron_over_{name}"] = round(
+                ours["tokens_per_s"] / theirs["tokens_per_s"], 4
+            )
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        sys.exit("lora_peers needs a CUDA GPU")
+    if args.global_batch % args.micro_batch:
+        sys.exit("--global-batch must be a multiple of --micro-batch")
+    shape = Shape(args.preset, args.seq, args.global_batch, args.micro_batch, args.steps,
+                  args.rank, args.alpha, args.seed)  # fmt: skip
+    workdir = Path(args.workdir)
+    report: dict[str, Any] = {
+        "benchmark": "lora_peers",
+        "command": "python -m benchmarks.lora_peers " + shlex.join(sys.argv[1:]),
+        "machine": machine(), "versions": versions() | peer_versions() | {"peft": _peft()},
+        "shape": asdict(shape) | {"tokens_per_step": shape.tokens_per_step,
+                                  "warmup_steps_excluded": WARMUP, "targets": TARGETS},
+        "results": {},
+    }  # fmt: skip
+    weights = workdir / shape.preset
+    if not (weights / "config.json").exists():
+        save_random_model(PRESETS[shape.preset], weights, shape.seed, bf16=True)
+    report["full_finetune_of_lora_model"] = full_state(weights)
+    sides: list[tuple[str, Any]] = [
+        ("kubetron_lora", lambda: run_kubetron(shape, weights, workdir / "kt-lora", True,
+                                               args.run_timeout)),
+        ("peft", lambda: run_peer(shape, weights, workdir / "peft", False, args.run_timeout)),
+    ]  # fmt: skip
+    if args.liger:
+        sides.append(("peft_liger", lambda: run_peer(shape, weights, workdir / "peft-liger",
+                                                     True, args.run_timeout)))  # fmt: skip
+    if args.full_preset:
+        full = Shape(**asdict(shape) | {"preset": args.full_preset})
+        full_weights = workdir / full.preset
+        sides.append(("kubetron_full", lambda: _full(full, full_weights, workdir, args)))
+    for name, side in sides:
+        result = report["results"][name] = side()
+        if result.get("ok"):
+            preset = args.full_preset if name == "kubetron_full" else shape.preset
+            result["mfu_by_formula"] = mfu(result.get("tokens_per_s"), preset, shape.seq,
+                                           name != "kubetron_full")  # fmt: skip
+        print(f"[lora_peers] {name}: {result.get('tokens_per_s', 'failed')} tokens/s",
+              file=sys.stderr, flush=True)  # fmt: skip
+        report["comparison"] = ratios(report["results"])
+        write(report, args.output)  # after each side: a run cut off keeps what finished
+    print(json.dumps(report, indent=1))
+    return 0 if all(r.get("ok") for r in report["results"].values()) else 1
+
+
+def _full(shape: Shape, weights: Path, workdir: Path, args: argparse.Namespace) -> dict:
+    if not (weights / "config.json").exists():
+        save_random_model(PRESETS[shape.preset], weights, shape.seed, bf16=True)
+    return run_kubetron(shape, weights, workdir / "kt-full", False, args.run_timeout)
+
+
+def _peft() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("peft")
+    except Exception:
+        return None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--preset", default="qwen3-8b", choices=sorted(PRESETS))
+    p.add_argument("--full-preset", default="qwen3-1.7b",
+                   help="full fine-tuning of this preset beside ('' to skip)")  # fmt: skip
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--global-batch", type=int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=int, default=32)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--no-liger", dest="liger", action="store_false")
+    p.add_argument("--run-timeout", type=float, default=300, help="seconds per side")
+    p.add_argument("--workdir", default="/tmp/kubetron-lora-peers")
+    p.add_argument("--output", type=Path, help="also write the JSON report here")
+    p.add_argument("--peer-worker", type=Path, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return peer_worker(args.peer_worker) if args.peer_worker else run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
