@@ -8,6 +8,7 @@
     python -m benchmarks.kernels                one GPU: attention, wgrad, RMSNorm, SwiGLU kernels
     python -m benchmarks.fp8                    one Hopper GPU: fp8 against bf16, GEMMs and training
     python -m benchmarks.dpo_peers              one GPU: DPO, kubetron against TRL's DPOTrainer
+    python -m benchmarks.lora_peers             one GPU: LoRA of an 8B model, kubetron against peft
     python -m benchmarks.decentralized_groups   2 GPUs: groups vs parallel_state, trainer shapes
     python -m benchmarks.sequence_parallel      2 GPUs: SP gradients and training against TP2
     python -m benchmarks.reshard                2 GPUs: checkpoints resumed across PP/VPP/EP
