@@ -434,6 +434,73 @@ class Progress(ApiModel):
     advanced_at: str | None = Field(
         default=None, description="When the step last advanced (the progress deadline's clock)."
     )
+    checkpointed_at: str | None = Field(
+        default=None,
+        description="When the operator first saw lastCheckpointStep at its value (the lost "
+        "time of a failed attempt counts from it).",
+    )
+
+
+class FailureCause(StrEnum):
+    """Why an attempt ended (`kubetron_operator.lifecycle` reads it from the pods)."""
+
+    OOM_KILLED = "OOMKilled"  # a container hit its memory limit: a retry repeats it
+    GPU_OUT_OF_MEMORY = "GPUOutOfMemory"  # the trainer ran out of GPU memory (exit 4)
+    EVICTED = "Evicted"  # the kubelet (node pressure) or the eviction API evicted a pod
+    PREEMPTED = "Preempted"  # the scheduler preempted a pod for a higher-priority one
+    NODE_LOST = "NodeLost"  # a pod's node went NotReady or away
+    COLLECTIVE_TIMEOUT = "CollectiveTimeout"  # a collective timed out, a peer vanished (134)
+    HANG = "Hang"  # the step did not advance for spec.runPolicy.progressDeadlineSeconds
+    PERMANENT_ERROR = "PermanentError"  # any other exit 1-127: config, environment, a bug
+    SIGNAL = "Signal"  # killed by a signal (exit 128+N)
+    POD_DELETED = "PodDeleted"  # a pod deleted, re-created or gone
+
+
+class Failure(ApiModel):
+    """One attempt's end: its cause and where it happened."""
+
+    cause: FailureCause = Field(description="Why the attempt ended.")
+    attempt: int = Field(description="The attempt that ended.")
+    pod: str | None = Field(default=None, description="The pod that ended it, if one did.")
+    node: str | None = Field(default=None, description="That pod's node (spec.nodeName).")
+    message: str = Field(default="", max_length=32768, description="What happened.")
+    time: str = Field(description="When the operator saw it (RFC 3339).")
+
+
+class Failures(ApiModel):
+    """Every attempt that ended in failure over the job's life."""
+
+    counts: dict[str, int] = Field(
+        default_factory=dict, description="Failed attempts by cause (FailureCause)."
+    )
+    last: Failure | None = Field(default=None, description="The latest failure.")
+
+
+class AvoidedNode(ApiModel):
+    """A node whose fault ended an attempt: the next attempts' pods are kept off it."""
+
+    node: str = Field(description="The node's name (kubernetes.io/hostname).")
+    cause: FailureCause = Field(description="The fault seen on it.")
+    since: str = Field(description="When the operator saw the fault (RFC 3339).")
+
+
+class Goodput(ApiModel):
+    """Time lost to failures, and the share of the job's wall time that trained.
+
+    Lost time: for each attempt that ended in failure, from its last checkpoint (or from when
+    its pods all ran, if it saved none) until every pod of the next attempt runs: the steps
+    it must redo plus the restart. Wall time: since every pod of the first attempt ran."""
+
+    since: str | None = Field(
+        default=None, description="When every pod of the first attempt ran (wall time's start)."
+    )
+    lost_seconds: int = Field(default=0, description="Lost time of the closed restarts.")
+    lost_since: str | None = Field(
+        default=None, description="Start of the lost time still open (a restart under way)."
+    )
+    ratio: str | None = Field(
+        default=None, description="(wall time - lost time) / wall time at the last reading."
+    )
 
 
 class MegatronJobStatus(ApiModel):
@@ -471,6 +538,18 @@ class MegatronJobStatus(ApiModel):
     )
     running_since: str | None = Field(
         default=None, description="When every pod of the current attempt was first seen running."
+    )
+    failures: Failures | None = Field(
+        default=None, description="Failed attempts by cause, and the latest one."
+    )
+    avoided_nodes: list[AvoidedNode] | None = Field(
+        default=None,
+        max_length=256,
+        description="Nodes whose fault ended an attempt (node lost, evicted by its kubelet): "
+        "the pods of later attempts get a required node affinity keeping them off these.",
+    )
+    goodput: Goodput | None = Field(
+        default=None, description="Time lost to failures and the share that trained."
     )
 
 

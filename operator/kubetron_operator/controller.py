@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 
 from kubetron_api.parse import SpecError, parse_job
 from kubetron_api.v1alpha1 import MegatronJob, Phase
-from kubetron_operator import lifecycle, progress
+from kubetron_operator import faults, goodput, lifecycle, progress
 from kubetron_operator.kube import ApiError, Kube, Obj
 from kubetron_operator.lifecycle import RESTART_GRACE_SECONDS, Verdict, attempt_of
 from kubetron_operator.metrics import OperatorMetrics
@@ -120,7 +120,7 @@ class Controller:
         return result
 
     def forget(self, namespace: str, name: str) -> None:
-        self.metrics.jobs.forget(namespace, name)
+        self.metrics.forget_job(namespace, name)
         self._failed_pods.pop((namespace, name), None)
         self._reports.pop((namespace, name), None)
 
@@ -309,7 +309,7 @@ class Controller:
                 f"attempt {attempt} ended ({verdict.message}) and all "
                 f"spec.runPolicy.backoffLimit={limit} restarts are used"
             )
-            verdict = Verdict("fail", "BackoffLimitExceeded", message)
+            verdict = Verdict("fail", "BackoffLimitExceeded", message, verdict.ended)
             new_status = job_status(observed, r.plan, name, verdict, attempt, now)
             self._write_status(r.body, observed.old_status, new_status, "BackoffLimitExceeded",
                                message)  # fmt: skip
@@ -319,7 +319,9 @@ class Controller:
                 f"attempt {attempt} ended: {verdict.message}; restarting every pod as attempt "
                 f"{attempt + 1} (restart {restarts + 1} of {limit}), from the latest checkpoint"
             )
-            new_status = restart_status(observed, r.plan, name, verdict.reason, message, now)
+            new_status = restart_status(
+                observed, r.plan, name, verdict.reason, message, now, ended=verdict
+            )
             self._write_status(r.body, observed.old_status, new_status, verdict.reason, message)
             # Pods first, with the short grace period: the garbage collector would delete them
             # with their own (long, for saves) one, and a kubelet that started stopping a
@@ -353,8 +355,11 @@ class Controller:
         quota) until it is resumed (`Scheduler.creates`)."""
         new_generation = r.old_status.get("observedGeneration") != r.generation
         scheduler = r.plan.scheduler
+        avoided = faults.avoided_nodes(r.old_status)
         for obj in render(r.job, r.plan, attempt=r.attempt):
             meta = obj["metadata"]
+            if obj["kind"] == "PyTorchJob":  # off the nodes whose fault ended an attempt
+                faults.keep_off(obj, avoided)
             live = live_job if obj["kind"] == "PyTorchJob" else None
             if live is None and obj["kind"] != "PyTorchJob":
                 live = self.kube.get(obj["kind"], meta["namespace"], meta["name"])
@@ -446,13 +451,15 @@ class Controller:
             return None
         reading["attempt"] = int(sample.attempt) if sample.attempt is not None else attempt
         reading["advancedAt"] = lifecycle.advanced_at(old, reading, attempt, now)
+        if saved := goodput.checkpointed_at(old, reading, now):  # a failure's loss starts there
+            reading["checkpointedAt"] = saved
         return reading
 
     def _write_status(
         self, body: Obj, old_status: Obj, new_status: Obj, reason: str, message: str
     ) -> None:
         meta = body["metadata"]
-        self.metrics.jobs.set(meta["namespace"], meta["name"], new_status["phase"])
+        self._job_metrics(meta["namespace"], meta["name"], old_status, new_status)
         if not status_differs(old_status, new_status):
             return
         if not self.may_act():  # lost the lease meanwhile: write nothing
@@ -464,6 +471,17 @@ class Controller:
             text = message or _phase_message(new_status)
             log.info("%s/%s: phase %s (%s)", meta["namespace"], meta["name"], phase, text)
             self.kube.event(body, kind, reason, text)
+
+    def _job_metrics(self, namespace: str, name: str, old_status: Obj, new_status: Obj) -> None:
+        """The job's phase, the failure the new status records and the old did not, and its
+        goodput now."""
+        self.metrics.jobs.set(namespace, name, new_status["phase"])
+        if cause := faults.newly_failed(old_status, new_status):
+            self.metrics.job_failure(namespace, name, cause)
+        if gp := new_status.get("goodput"):
+            now = utcnow()
+            lost, ratio = goodput.lost_seconds(gp, now), goodput.ratio(gp, now)
+            self.metrics.job_goodput_set(namespace, name, lost, ratio)
 
 
 def _is_running(pytorch_job: Obj | None) -> bool:

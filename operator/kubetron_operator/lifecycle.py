@@ -4,15 +4,23 @@ A distributed job fails as a whole: when one rank dies the others block in a col
 restarting one pod (the training-operator's ExitCode policy) leaves a broken group. kubetron
 renders the PyTorchJob with `restartPolicy: Never` and decides here, from the pods labelled with
 the current attempt, whether the attempt runs, has finished, must end the job, or must be
-replaced by a new attempt of every pod (which resumes from the latest complete checkpoint):
+replaced by a new attempt of every pod (which resumes from the latest complete checkpoint).
 
-- a container that exited 1-127 (the trainer's permanent codes: config, environment, memory):
-  the job fails, naming the pod, the container and the code;
-- a container that exited 128 or more (preempted, lost peer, collective timeout, killed), a pod
-  evicted or disrupted (its node lost, preempted), deleted, or deleted and re-created: restart;
-- the step has not advanced for `progressDeadlineSeconds` while every pod runs: restart.
+Each end of an attempt has a cause (`FailureCause`, read by `cause_of` from the pod's status,
+its conditions and its containers' exit codes), and the cause decides:
 
-The controller counts the restarts against `runPolicy.backoffLimit`.
+- a container OOM-killed at its memory limit (`OOMKilled`), a trainer out of GPU memory
+  (`GPUOutOfMemory`, exit 4) or any other exit 1-127 (`PermanentError`: config, environment, a
+  bug): the job fails at once, naming the pod, the container, the code and the fix; a restart
+  would repeat it and burn the retries;
+- a collective timeout or a lost peer (`CollectiveTimeout`, exit 134), a signal (`Signal`,
+  128+N), a pod evicted (`Evicted`), preempted (`Preempted`), on a lost node (`NodeLost`),
+  deleted or re-created (`PodDeleted`), or a step that has not advanced for
+  `progressDeadlineSeconds` while every pod runs (`Hang`): restart.
+
+A node whose fault ended the attempt (`NodeLost`, `Evicted` by its kubelet) is named in the
+verdict: the controller keeps the next attempts off it. The controller counts the restarts
+against `runPolicy.backoffLimit`.
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from kubetron_api.exitcodes import retryable
+from kubetron_api.exitcodes import ExitCode, retryable
+from kubetron_api.v1alpha1 import FailureCause
 
 Obj = dict[str, Any]
 
@@ -34,18 +43,48 @@ Action = Literal["wait", "run", "restart", "fail", "succeed", "suspend", "queue"
 
 
 @dataclass(frozen=True)
+class Ended:
+    """Why an attempt ended: its cause, the pod and node that ended it (if one did), and
+    whether the node was at fault (the next attempts avoid it)."""
+
+    cause: FailureCause
+    pod: str | None = None
+    node: str | None = None
+    node_fault: bool = False
+
+
+@dataclass(frozen=True)
 class Verdict:
-    """What the current attempt's state calls for; `reason` is CamelCase, `message` says why."""
+    """What the current attempt's state calls for; `reason` is CamelCase, `message` says why,
+    `ended` why the attempt ended (a restart or a failure of a pod)."""
 
     action: Action
     reason: str = ""
     message: str = ""
+    ended: Ended | None = None
 
 
 def attempt_of(obj: Obj | None) -> int | None:
     """The attempt a pod or PyTorchJob belongs to (its label), None when unlabelled."""
     value = ((obj or {}).get("metadata", {}).get("labels") or {}).get(ATTEMPT_LABEL)
     return int(value) if value is not None and str(value).isdigit() else None
+
+
+# What a restart cannot fix, and the fields that can.
+_OOM_KILLED_FIX = (
+    "the container reached its memory limit and a restart would repeat it: raise "
+    "spec.resources.memory (each pod's memory request and limit), or use less host memory per "
+    "process: a smaller spec.recipe.microBatchSize, spec.recipe.recomputeLayers (activation "
+    "recompute), more spec.parallelism.pipeline stages"
+)
+_GPU_OOM_FIX = (
+    "the same shape runs out of GPU memory again on a restart: a smaller "
+    "spec.recipe.microBatchSize, spec.recipe.recomputeLayers (activation recompute), more "
+    "spec.parallelism.pipeline stages or a larger spec.parallelism.tensor"
+)
+PERMANENT = frozenset(
+    {FailureCause.OOM_KILLED, FailureCause.GPU_OUT_OF_MEMORY, FailureCause.PERMANENT_ERROR}
+)
 
 
 @dataclass(frozen=True)
@@ -55,16 +94,35 @@ class ContainerExit:
     code: int
     reason: str
     message: str  # the trainer's termination message (what to fix), may be empty
+    node: str | None = None  # the pod's spec.nodeName
+
+    @property
+    def cause(self) -> FailureCause:
+        if self.reason == "OOMKilled":  # the cgroup's limit, whatever the code says
+            return FailureCause.OOM_KILLED
+        if self.code == ExitCode.OUT_OF_MEMORY:
+            return FailureCause.GPU_OUT_OF_MEMORY
+        if self.code == ExitCode.COMMUNICATION:
+            return FailureCause.COLLECTIVE_TIMEOUT
+        return FailureCause.SIGNAL if retryable(self.code) else FailureCause.PERMANENT_ERROR
 
     @property
     def retryable(self) -> bool:
-        return retryable(self.code)
+        return self.cause not in PERMANENT
 
     def describe(self, limit: int = 300) -> str:
         line = f"pod {self.pod} container {self.container} exited with code {self.code}"
         line += f" ({self.reason})"
         text = " ".join(self.message.split())
-        return f"{line}: {text[:limit]}" if text else line
+        line = f"{line}: {text[:limit]}" if text else line
+        fix = {
+            FailureCause.OOM_KILLED: _OOM_KILLED_FIX,
+            FailureCause.GPU_OUT_OF_MEMORY: _GPU_OOM_FIX,
+        }
+        return f"{line}; {fix[self.cause]}" if self.cause in fix else line
+
+    def ended(self) -> Ended:
+        return Ended(self.cause, self.pod, self.node)
 
 
 def container_exits(pods: list[Obj]) -> list[ContainerExit]:
@@ -83,24 +141,68 @@ def container_exits(pods: list[Obj]) -> list[ContainerExit]:
                         code=int(term["exitCode"]),
                         reason=str(term.get("reason") or "Error"),
                         message=str(term.get("message") or ""),
+                        node=node_of(pod),
                     )
                 )
     return out
+
+
+def node_of(pod: Obj) -> str | None:
+    return (pod.get("spec") or {}).get("nodeName") or None
 
 
 def _time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
 
 
-def _disruption(pod: Obj) -> str | None:
-    """Why the pod was evicted or disrupted (node lost, preemption, eviction API), if it was."""
-    status = pod.get("status", {})
-    if status.get("reason") == "Evicted":
-        return f"evicted: {status.get('message', '')}".rstrip(": ")
-    for cond in status.get("conditions", []) or []:
+# DisruptionTarget reasons -> (cause, whether the node is at fault). DeletionByTaintManager: a
+# NoExecute taint, the node lifecycle controller's for a NotReady or unreachable node;
+# DeletionByPodGC: the pod's node is gone; TerminationByKubelet: node pressure.
+_DISRUPTIONS = {
+    "PreemptionByScheduler": (FailureCause.PREEMPTED, False),
+    "PreemptionByKubeScheduler": (FailureCause.PREEMPTED, False),
+    "DeletionByTaintManager": (FailureCause.NODE_LOST, True),
+    "DeletionByPodGC": (FailureCause.NODE_LOST, True),
+    "TerminationByKubelet": (FailureCause.EVICTED, True),
+    "EvictionByEvictionAPI": (FailureCause.EVICTED, False),
+}
+NODE_LOST = "NodeLost"  # the pod reason of a node that stopped reporting (pkg/util/node)
+
+
+def disruption(pod: Obj) -> tuple[Ended, str] | None:
+    """Why the pod was evicted, disrupted or lost with its node, if it was, and how to say it."""
+    status, name, node = pod.get("status", {}), pod["metadata"]["name"], node_of(pod)
+    if status.get("reason") == "Evicted":  # the kubelet's eviction (node pressure)
+        text = f"evicted: {status.get('message', '')}".rstrip(": ")
+        return Ended(FailureCause.EVICTED, name, node, node_fault=True), text
+    conditions = status.get("conditions", []) or []
+    ready: Obj = next((c for c in conditions if c.get("type") == "Ready"), {})
+    if NODE_LOST in (status.get("reason"), ready.get("reason")) or status.get("phase") == "Unknown":
+        why = ready.get("message") or status.get("message") or "its node stopped reporting"
+        text = f"lost with its node {node or '?'}: {why}"
+        return Ended(FailureCause.NODE_LOST, name, node, node_fault=True), text
+    for cond in conditions:
         if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
-            return f"{cond.get('reason', 'disrupted')}: {cond.get('message', '')}".rstrip(": ")
+            reason = str(cond.get("reason", "disrupted"))
+            cause, fault = _DISRUPTIONS.get(reason, (FailureCause.EVICTED, False))
+            text = f"{reason}: {cond.get('message', '')}".rstrip(": ")
+            return Ended(cause, name, node, node_fault=fault), text
     return None
+
+
+def unschedulable(pods: list[Obj], attempt: int) -> list[str]:
+    """The attempt's pods the scheduler found no node for (PodScheduled False, Unschedulable)."""
+    return [
+        p["metadata"]["name"]
+        for p in pods
+        if attempt_of(p) == attempt
+        and any(
+            c.get("type") == "PodScheduled"
+            and c.get("status") == "False"
+            and c.get("reason") == "Unschedulable"
+            for c in p.get("status", {}).get("conditions", []) or []
+        )
+    ]
 
 
 def assess(
@@ -124,23 +226,8 @@ def assess(
     if held is not None:
         return Verdict("queue", *held)
     current = [p for p in pods if attempt_of(p) == attempt]
-    exits = container_exits(current)
-    if permanent := [e for e in exits if not e.retryable]:
-        return Verdict("fail", "PodFailed", "; ".join(e.describe() for e in permanent))
-    if exits:
-        return Verdict("restart", "PodFailed", "; ".join(e.describe() for e in exits))
-    for pod in current:
-        name = pod["metadata"]["name"]
-        if why := _disruption(pod):
-            return Verdict("restart", "PodDisrupted", f"pod {name} {why}")
-        if pod["metadata"].get("deletionTimestamp"):
-            return Verdict("restart", "PodDeleted", f"pod {name} is being deleted")
-        created = _time(pod["metadata"].get("creationTimestamp"))
-        since = _time(running_since)
-        if since and created and created > since:
-            return Verdict(
-                "restart", "PodDeleted", f"pod {name} was deleted and re-created at {created}"
-            )
+    if ended := _pods_ended(current, running_since):
+        return ended
     conditions = {
         c.get("type"): c
         for c in (pytorch_job or {}).get("status", {}).get("conditions", []) or []
@@ -152,10 +239,12 @@ def assess(
         message = str(failed.get("message", ""))
         if "deadline" in str(failed.get("reason", "")).lower():  # activeDeadlineSeconds
             return Verdict("fail", "DeadlineExceeded", message)
-        return Verdict("restart", "ReplicaFailed", message)  # a failed pod nobody could see
+        # a failed pod nobody could see: it is gone
+        return Verdict("restart", "ReplicaFailed", message, Ended(FailureCause.POD_DELETED))
     if running_since and len(current) < expected_pods:
         gone = expected_pods - len(current)
-        return Verdict("restart", "PodDeleted", f"{gone} of {expected_pods} pods are gone")
+        return Verdict("restart", "PodDeleted", f"{gone} of {expected_pods} pods are gone",
+                       Ended(FailureCause.POD_DELETED))  # fmt: skip
     if deadline_seconds and running_since:
         stalled, step = _stalled(progress, attempt, running_since, now)
         if stalled > deadline_seconds:
@@ -165,9 +254,39 @@ def assess(
                 "ProgressDeadlineExceeded",
                 f"{at} has not advanced for {stalled:.0f}s "
                 f"(spec.runPolicy.progressDeadlineSeconds={deadline_seconds})",
+                Ended(FailureCause.HANG),
             )
     running = [p for p in current if p.get("status", {}).get("phase") == "Running"]
     return Verdict("run" if len(running) >= expected_pods else "wait")
+
+
+def _pods_ended(current: list[Obj], running_since: str | None) -> Verdict | None:
+    """The verdict when a pod of the attempt ended it: a permanent exit fails the job; a
+    disruption (evicted, preempted, node lost), a retryable exit, a deleted or re-created pod
+    restart the group. None while no pod did."""
+    exits = container_exits(current)
+    if permanent := [e for e in exits if not e.retryable]:
+        message = "; ".join(e.describe() for e in permanent)
+        return Verdict("fail", "PodFailed", message, permanent[0].ended())
+    for pod in current:  # before the exits: a disruption says why the containers were killed
+        if found := disruption(pod):
+            ended, why = found
+            return Verdict("restart", "PodDisrupted", f"pod {ended.pod} {why}", ended)
+    if exits:
+        return Verdict("restart", "PodFailed", "; ".join(e.describe() for e in exits),
+                       exits[0].ended())  # fmt: skip
+    for pod in current:
+        name = pod["metadata"]["name"]
+        gone = Ended(FailureCause.POD_DELETED, name, node_of(pod))
+        if pod["metadata"].get("deletionTimestamp"):
+            return Verdict("restart", "PodDeleted", f"pod {name} is being deleted", gone)
+        created = _time(pod["metadata"].get("creationTimestamp"))
+        since = _time(running_since)
+        if since and created and created > since:
+            return Verdict(
+                "restart", "PodDeleted", f"pod {name} was deleted and re-created at {created}", gone
+            )
+    return None
 
 
 def _stalled(

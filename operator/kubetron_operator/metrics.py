@@ -6,6 +6,7 @@ custom collector: it is read from the operator's view of the jobs, not counted.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter as Tally
@@ -83,6 +84,26 @@ class OperatorMetrics:
         )
         self.jobs = JobPhases()
         r.register(self.jobs)
+        job = ["namespace", "job"]
+        self.job_failures = Counter(
+            "kubetron_operator_job_failures",
+            "Attempts that ended in failure, by cause (a restart, or the job's failure)",
+            [*job, "cause"],
+            registry=r,
+        )
+        self.job_lost = Gauge(
+            "kubetron_operator_job_lost_seconds",
+            "Time lost to failed attempts (from their last checkpoint to the next attempt running)",
+            job,
+            registry=r,
+        )
+        self.job_goodput = Gauge(
+            "kubetron_operator_job_goodput_ratio",
+            "(wall time - lost time) / wall time, since the first attempt ran",
+            job,
+            registry=r,
+        )
+        self._job_causes: dict[tuple[str, str], set[str]] = {}
         # process_* (CPU, memory, open files), python_info and python_gc_*, as every
         # prometheus-client process exports on the default registry.
         ProcessCollector(registry=r)
@@ -91,6 +112,23 @@ class OperatorMetrics:
 
     def api_error(self, verb: str, resource: str) -> None:
         self.api_errors.labels(verb, resource).inc()
+
+    def job_failure(self, namespace: str, name: str, cause: str) -> None:
+        self._job_causes.setdefault((namespace, name), set()).add(cause)
+        self.job_failures.labels(namespace, name, cause).inc()
+
+    def job_goodput_set(self, namespace: str, name: str, lost: float, ratio: float) -> None:
+        self.job_lost.labels(namespace, name).set(lost)
+        self.job_goodput.labels(namespace, name).set(ratio)
+
+    def forget_job(self, namespace: str, name: str) -> None:
+        """Drop a deleted job's series (its phase, failures and goodput)."""
+        self.jobs.forget(namespace, name)
+        for cause in self._job_causes.pop((namespace, name), set()):
+            self.job_failures.remove(namespace, name, cause)
+        for gauge in (self.job_lost, self.job_goodput):
+            with contextlib.suppress(KeyError):  # never set: the job never ran
+                gauge.remove(namespace, name)
 
 
 class Health:

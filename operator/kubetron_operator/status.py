@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetron_api.v1alpha1 import Phase
-from kubetron_operator.lifecycle import Verdict
+from kubetron_operator import faults, goodput
+from kubetron_operator.lifecycle import Verdict, unschedulable
 from kubetron_operator.plan import Plan
 from kubetron_operator.scheduling import QUEUED
 
@@ -111,6 +112,7 @@ def job_status(
         conditions.append(condition(old, QUEUED, "False", "Admitted", admitted, now))
     if verdict.action == "fail":
         conditions.append(condition(old, FAILED, "True", verdict.reason, verdict.message, now))
+    conditions += _avoided_condition(observed, verdict, attempt, now)
     status: Obj = {
         "phase": phase.value,
         "observedGeneration": observed.generation,
@@ -129,14 +131,48 @@ def job_status(
     progress = observed.progress or old_status.get("progress")
     if progress:
         status["progress"] = progress
+    status.update(_failures(old_status, verdict, attempt, now))
+    if gp := goodput.at_status(old_status.get("goodput"), status["runningSince"], now):
+        status["goodput"] = gp
     return status
 
 
-def restart_status(
-    observed: Observed, plan: Plan, job_name: str, reason: str, message: str, now: str
-) -> Obj:
-    """The status when the operator replaces the attempt: the next attempt, one more restart."""
+def _failures(old_status: Obj, verdict: Verdict, attempt: int, now: str) -> Obj:
+    """`failures` and `avoidedNodes`: with the attempt's end when it failed the job."""
+    if verdict.action == "fail" and verdict.ended is not None:
+        return faults.record(old_status, verdict.ended, verdict.message, attempt, now)
+    return {k: old_status[k] for k in ("failures", "avoidedNodes") if old_status.get(k)}
+
+
+def _avoided_condition(observed: Observed, verdict: Verdict, attempt: int, now: str) -> list[Obj]:
+    """NodesAvoided, while the job avoids nodes: True (the attempt waits) when its pods fit no
+    other node, else False."""
     old_status = observed.old_status
+    nodes = faults.avoided_nodes(old_status)
+    if not nodes:
+        return []
+    old = old_status.get("conditions", [])
+    pending = unschedulable(observed.pods, attempt) if verdict.action == "wait" else []
+    if message := faults.waiting_message(pending, old_status):
+        return [condition(old, faults.NODES_AVOIDED, "True", "NoOtherNode", message, now)]
+    text = f"the pods avoid nodes {', '.join(nodes)} (status.avoidedNodes)"
+    return [condition(old, faults.NODES_AVOIDED, "False", "OtherNodesFit", text, now)]
+
+
+def restart_status(
+    observed: Observed,
+    plan: Plan,
+    job_name: str,
+    reason: str,
+    message: str,
+    now: str,
+    ended: Verdict | None = None,
+) -> Obj:
+    """The status when the operator replaces the attempt: the next attempt, one more restart;
+    the attempt's end (`ended`: the verdict on it) counted by its cause, its node avoided
+    when at fault."""
+    old_status = observed.old_status
+    attempt = int(old_status.get("attempt") or 1)
     old = old_status.get("conditions", [])
     status: Obj = {
         "phase": Phase.RESTARTING.value,
@@ -146,13 +182,19 @@ def restart_status(
             condition(old, RESTARTING, "True", reason, message, now),
         ],
         **_shape(plan, job_name),
-        "attempt": int(old_status.get("attempt") or 1) + 1,
+        "attempt": attempt + 1,
         "restarts": int(old_status.get("restarts") or 0) + 1,
         "runningSince": None,  # removed by the merge patch: the new attempt has not run yet
     }
     for key in ("startTime", "progress"):
         if old_status.get(key):
             status[key] = old_status[key]
+    if ended is not None and ended.ended is not None:
+        status.update(faults.record(old_status, ended.ended, ended.message, attempt, now))
+    else:
+        status.update(_failures(old_status, Verdict("restart"), attempt, now))
+    if gp := goodput.at_restart(old_status, now):
+        status["goodput"] = gp
     return status
 
 
