@@ -268,3 +268,74 @@ def test_a_running_pytorchjob_of_an_earlier_operator_keeps_its_master_until_the_
     new = kube.objects[("PyTorchJob", "ml", "job")]
     assert status(kube)["attempt"] == 2
     assert list(new["spec"]["pytorchReplicaSpecs"]) == ["Worker"]
+
+
+def failing_pod(kube: FakeKube, name: str, attempt: int, node: str, **status: Any) -> None:
+    """A trainer pod on `node` with the given status (a failure the test describes)."""
+    kube.put({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": f"job-{name}", "namespace": "ml",
+                     "creationTimestamp": "2026-01-01T00:00:00Z",
+                     "labels": {"kubetron.io/job-name": "job",
+                                "kubetron.io/attempt": str(attempt)}},
+        "spec": {"nodeName": node},
+        "status": status,
+    })  # fmt: skip
+
+
+def failures_total(metrics: OperatorMetrics, cause: str) -> float | None:
+    labels = {"namespace": "ml", "job": "job", "cause": cause}
+    return metrics.registry.get_sample_value("kubetron_operator_job_failures_total", labels)
+
+
+def test_an_oom_killed_pod_fails_the_job_at_once_with_its_cause(kube: FakeKube) -> None:
+    metrics = OperatorMetrics()
+    c = Controller(kube, metrics)  # type: ignore[arg-type]
+    c.reconcile("ml", "job")
+    trainer_pod(kube, "worker-0", 1)
+    c.reconcile("ml", "job")
+    term = {"exitCode": 137, "reason": "OOMKilled"}
+    failing_pod(kube, "worker-0", 1, "gpu-1", phase="Failed",
+                containerStatuses=[{"name": "pytorch", "state": {"terminated": term}}])  # fmt: skip
+    assert c.reconcile("ml", "job") == "success"  # no restart
+    st = status(kube)
+    assert (st["phase"], st["attempt"], st["restarts"]) == ("Failed", 1, 0)
+    assert st["failures"]["counts"] == {"OOMKilled": 1}
+    last = st["failures"]["last"]
+    assert (last["cause"], last["attempt"], last["pod"], last["node"]) == (
+        "OOMKilled", 1, "job-worker-0", "gpu-1")  # fmt: skip
+    assert "raise spec.resources.memory" in last["message"]
+    assert "avoidedNodes" not in st  # the limit's fault, not the node's
+    assert failures_total(metrics, "OOMKilled") == 1
+    assert ("PyTorchJob", "job", None) not in kube.deleted
+
+
+def test_a_lost_node_restarts_the_group_off_that_node(kube: FakeKube) -> None:
+    metrics = OperatorMetrics()
+    c = Controller(kube, metrics)  # type: ignore[arg-type]
+    c.reconcile("ml", "job")
+    trainer_pod(kube, "worker-0", 1)
+    c.reconcile("ml", "job")
+    ran = status(kube)["runningSince"]
+    ready = {"type": "Ready", "status": "False", "reason": "NodeLost", "message": "unresponsive"}
+    failing_pod(kube, "worker-0", 1, "gpu-3", phase="Running", conditions=[ready])
+    assert c.reconcile("ml", "job") == "restarted"
+    st = status(kube)
+    assert (st["attempt"], st["restarts"], st["failures"]["counts"]) == (2, 1, {"NodeLost": 1})
+    assert [(a["node"], a["cause"]) for a in st["avoidedNodes"]] == [("gpu-3", "NodeLost")]
+    assert st["goodput"]["lostSince"] == ran  # no checkpoint: all it ran is lost
+    assert failures_total(metrics, "NodeLost") == 1
+    c.reconcile("ml", "job")  # attempt 2's PyTorchJob, off gpu-3
+    pj = kube.objects[("PyTorchJob", "ml", "job")]
+    spec = pj["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert terms["nodeSelectorTerms"] == [{"matchExpressions": [
+        {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": ["gpu-3"]}]}]  # fmt: skip
+    trainer_pod(kube, "worker-0", 2)
+    c.reconcile("ml", "job")
+    st = status(kube)
+    assert st["phase"] == "Running" and st["failures"]["counts"] == {"NodeLost": 1}
+    assert "lostSince" not in st["goodput"] and st["goodput"]["lostSeconds"] >= 0
+    assert failures_total(metrics, "NodeLost") == 1  # counted once
+    c.forget("ml", "job")
+    assert failures_total(metrics, "NodeLost") is None
