@@ -6,6 +6,10 @@ failed for good (a bad field, a shape that does not fit, an out-of-memory: the j
 that exits with 128 or more failed for a reason a restart of the whole group can fix
 (preemption, a lost peer or a collective timeout), after saving a checkpoint when it can.
 
+The operator reads more than the code (`FailureCause`): a container the kernel OOM-killed at
+its memory limit exits 137 like any SIGKILL, but its reason `OOMKilled` says a restart would
+repeat it, so the job fails; `COMMUNICATION` is the cause `CollectiveTimeout` (retryable).
+
 The codes are the contract: the trainer exits with them
 (`kubetron_trainer.runtime.failures` maps its exceptions to them) and the operator reads
 them from the pod status (`kubetron_operator.lifecycle`).

@@ -267,7 +267,9 @@ class RunPolicySpec(ApiModel):
         description="Whole-group restarts before the job fails: when a trainer pod fails with a "
         "retryable exit code (128 or more), is deleted or evicted, or the progress deadline "
         "passes, the operator restarts every pod as a new attempt that resumes from the latest "
-        "checkpoint. A permanent exit code (1-127) fails the job at once.",
+        "checkpoint. A permanent exit code (1-127) or a container OOM-killed at its memory "
+        "limit fails the job at once, spending no restart; after a node fault (lost, or "
+        "evicted by its kubelet) the next attempts avoid that node (status.avoidedNodes).",
     )
     active_deadline_seconds: int | None = Field(
         default=None, ge=1, description="Wall-clock limit of the job."
