@@ -1,7 +1,10 @@
 """Parse MegatronJob objects and turn pydantic errors into messages that name the field.
 
-A user sees `spec.parallelism.tensor: Input should be greater than or equal to 1`, the path in
-the camelCase form they wrote, never a Python attribute name.
+A user sees `spec.parallelism.tensor: Input should be greater than or equal to 1` or
+`spec.recipe.trainIters: expected an integer, got the string '4' (write 4 without quotes)`, the
+path in the camelCase form they wrote, never a Python attribute name. An object is read as the
+Kubernetes API server reads it (`kubetron_api.base`): by its camelCase field names only, so a
+snake_case name is an unknown field there as here.
 """
 
 from __future__ import annotations
@@ -33,8 +36,19 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return out or "<root>"
 
 
+# pydantic's wording completed where the user needs to know more than it says.
+_MORE = {
+    "extra_forbidden": "the MegatronJob schema has no field of this name (names are camelCase); "
+    "kubectl apply refuses it too",
+}
+
+
 def describe_validation_error(err: ValidationError) -> list[str]:
-    return [f"{_loc(e['loc'])}: {e['msg']}" for e in err.errors(include_url=False)]
+    """One `<field path>: <message>` line per problem: the one place errors are worded."""
+    return [
+        f"{_loc(e['loc'])}: {e['msg']}" + (f": {_MORE[e['type']]}" if e["type"] in _MORE else "")
+        for e in err.errors(include_url=False)
+    ]
 
 
 def parse_job(obj: Any, source: str = "") -> MegatronJob:
@@ -45,7 +59,7 @@ def parse_job(obj: Any, source: str = "") -> MegatronJob:
         found = f"{obj.get('apiVersion')}/{obj.get('kind')}"
         raise SpecError([f"apiVersion/kind must be {API_VERSION}/{KIND}, found {found}"], source)
     try:
-        return MegatronJob.model_validate(obj)
+        return MegatronJob.model_validate(obj, by_alias=True, by_name=False)
     except ValidationError as err:
         raise SpecError(describe_validation_error(err), source) from err
 
