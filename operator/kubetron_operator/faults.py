@@ -35,9 +35,9 @@ def record(old_status: Obj, ended: Ended, message: str, attempt: int, now: str) 
         return out
     counts = dict(failures.get("counts") or {})
     counts[ended.cause.value] = counts.get(ended.cause.value, 0) + 1
-    last: Obj = {"cause": ended.cause.value, "attempt": attempt}
-    last.update({k: v for k, v in (("pod", ended.pod), ("node", ended.node)) if v})
-    last.update({"message": message[:_MESSAGE_LIMIT], "time": now})
+    # pod and node None when no pod ended it: the merge patch removes the last one's
+    last: Obj = {"cause": ended.cause.value, "attempt": attempt, "pod": ended.pod,
+                 "node": ended.node, "message": message[:_MESSAGE_LIMIT], "time": now}  # fmt: skip
     out["failures"] = {"counts": counts, "last": last}
     if ended.node_fault and ended.node and ended.node not in avoided_nodes(old_status):
         out["avoidedNodes"] = [*avoided, {"node": ended.node, "cause": ended.cause.value,

@@ -20,11 +20,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from kubetron_operator.lifecycle import timestamp
+
 Obj = dict[str, Any]
 
 
 def _time(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    when = timestamp(value)
+    assert when is not None
+    return when
 
 
 def _seconds(start: str, end: str) -> float:
@@ -63,9 +67,10 @@ def at_status(old: Obj | None, running_since: str | None, now: str) -> Obj | Non
     goodput: Obj = dict(old or {})
     if running_since:
         goodput.setdefault("since", running_since)
-        if opened := goodput.pop("lostSince", None):
+        if opened := goodput.get("lostSince"):
             lost = int(goodput.get("lostSeconds") or 0) + _seconds(opened, running_since)
             goodput["lostSeconds"] = round(lost)
+            goodput["lostSince"] = None  # the status is a merge patch: None removes it
     return with_ratio(goodput, now) if goodput.get("since") else None
 
 

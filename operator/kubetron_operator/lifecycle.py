@@ -151,7 +151,8 @@ def node_of(pod: Obj) -> str | None:
     return (pod.get("spec") or {}).get("nodeName") or None
 
 
-def _time(value: str | None) -> datetime | None:
+def timestamp(value: str | None) -> datetime | None:
+    """An RFC 3339 time of the API (or of `now`), None for None."""
     return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
 
 
@@ -280,8 +281,8 @@ def _pods_ended(current: list[Obj], running_since: str | None) -> Verdict | None
         gone = Ended(FailureCause.POD_DELETED, name, node_of(pod))
         if pod["metadata"].get("deletionTimestamp"):
             return Verdict("restart", "PodDeleted", f"pod {name} is being deleted", gone)
-        created = _time(pod["metadata"].get("creationTimestamp"))
-        since = _time(running_since)
+        created = timestamp(pod["metadata"].get("creationTimestamp"))
+        since = timestamp(running_since)
         if since and created and created > since:
             return Verdict(
                 "restart", "PodDeleted", f"pod {name} was deleted and re-created at {created}", gone
@@ -294,10 +295,10 @@ def _stalled(
 ) -> tuple[float, int | None]:
     """Seconds since the step last advanced in this attempt (or since it ran), and the step."""
     mine = progress if progress and progress.get("attempt") == attempt else {}
-    last = _time(running_since)
-    if advanced := _time(mine.get("advancedAt")):
+    last = timestamp(running_since)
+    if advanced := timestamp(mine.get("advancedAt")):
         last = max(last, advanced) if last else advanced
-    now_t = _time(now)
+    now_t = timestamp(now)
     assert last is not None and now_t is not None
     step = mine.get("step")
     return (now_t - last).total_seconds(), int(step) if step is not None else None

@@ -244,5 +244,12 @@ def phase_changed(old_status: Obj, new_status: Obj) -> bool:
 
 
 def status_differs(old_status: Obj, new_status: Obj) -> bool:
-    """True when a write would change anything the operator owns."""
-    return any(old_status.get(k) != v for k, v in new_status.items())
+    """True when a write would change anything the operator owns (a None, which the merge
+    patch removes, equals a missing key)."""
+    return any(_pruned(old_status.get(k)) != _pruned(v) for k, v in new_status.items())
+
+
+def _pruned(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: _pruned(v) for k, v in value.items() if v is not None}
+    return value

@@ -113,13 +113,20 @@ def test_a_replica_that_lost_the_lease_writes_nothing(kube: FakeKube) -> None:
 def trainer_pod(kube: FakeKube, name: str, attempt: int, phase: str = "Running",
                 code: int | None = None) -> None:  # fmt: skip
     state: Obj = {"running": {}} if code is None else {"terminated": {"exitCode": code}}
+    put_pod(kube, name, attempt, None, phase=phase,
+            containerStatuses=[{"name": "pytorch", "state": state}])  # fmt: skip
+
+
+def put_pod(kube: FakeKube, name: str, attempt: int, node: str | None, **status: Any) -> None:
+    """A trainer pod of `attempt` (on `node`, if given) with the given status."""
     kube.put({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": f"job-{name}", "namespace": "ml",
                      "creationTimestamp": "2026-01-01T00:00:00Z",
                      "labels": {"kubetron.io/job-name": "job",
                                 "kubetron.io/attempt": str(attempt)}},
-        "status": {"phase": phase, "containerStatuses": [{"name": "pytorch", "state": state}]},
+        "spec": {"nodeName": node} if node else {},
+        "status": status,
     })  # fmt: skip
 
 
@@ -270,19 +277,6 @@ def test_a_running_pytorchjob_of_an_earlier_operator_keeps_its_master_until_the_
     assert list(new["spec"]["pytorchReplicaSpecs"]) == ["Worker"]
 
 
-def failing_pod(kube: FakeKube, name: str, attempt: int, node: str, **status: Any) -> None:
-    """A trainer pod on `node` with the given status (a failure the test describes)."""
-    kube.put({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": f"job-{name}", "namespace": "ml",
-                     "creationTimestamp": "2026-01-01T00:00:00Z",
-                     "labels": {"kubetron.io/job-name": "job",
-                                "kubetron.io/attempt": str(attempt)}},
-        "spec": {"nodeName": node},
-        "status": status,
-    })  # fmt: skip
-
-
 def failures_total(metrics: OperatorMetrics, cause: str) -> float | None:
     labels = {"namespace": "ml", "job": "job", "cause": cause}
     return metrics.registry.get_sample_value("kubetron_operator_job_failures_total", labels)
@@ -295,7 +289,7 @@ def test_an_oom_killed_pod_fails_the_job_at_once_with_its_cause(kube: FakeKube) 
     trainer_pod(kube, "worker-0", 1)
     c.reconcile("ml", "job")
     term = {"exitCode": 137, "reason": "OOMKilled"}
-    failing_pod(kube, "worker-0", 1, "gpu-1", phase="Failed",
+    put_pod(kube, "worker-0", 1, "gpu-1", phase="Failed",
                 containerStatuses=[{"name": "pytorch", "state": {"terminated": term}}])  # fmt: skip
     assert c.reconcile("ml", "job") == "success"  # no restart
     st = status(kube)
@@ -318,7 +312,7 @@ def test_a_lost_node_restarts_the_group_off_that_node(kube: FakeKube) -> None:
     c.reconcile("ml", "job")
     ran = status(kube)["runningSince"]
     ready = {"type": "Ready", "status": "False", "reason": "NodeLost", "message": "unresponsive"}
-    failing_pod(kube, "worker-0", 1, "gpu-3", phase="Running", conditions=[ready])
+    put_pod(kube, "worker-0", 1, "gpu-3", phase="Running", conditions=[ready])
     assert c.reconcile("ml", "job") == "restarted"
     st = status(kube)
     assert (st["attempt"], st["restarts"], st["failures"]["counts"]) == (2, 1, {"NodeLost": 1})
@@ -335,7 +329,7 @@ def test_a_lost_node_restarts_the_group_off_that_node(kube: FakeKube) -> None:
     c.reconcile("ml", "job")
     st = status(kube)
     assert st["phase"] == "Running" and st["failures"]["counts"] == {"NodeLost": 1}
-    assert "lostSince" not in st["goodput"] and st["goodput"]["lostSeconds"] >= 0
+    assert st["goodput"].get("lostSince") is None and st["goodput"]["lostSeconds"] >= 0
     assert failures_total(metrics, "NodeLost") == 1  # counted once
     c.forget("ml", "job")
     assert failures_total(metrics, "NodeLost") is None

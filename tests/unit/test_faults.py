@@ -13,7 +13,7 @@ from kubetron_operator.faults import keep_off, newly_failed, record, waiting_mes
 from kubetron_operator.lifecycle import Ended, Verdict
 from kubetron_operator.plan import plan
 from kubetron_operator.render import render
-from kubetron_operator.status import Observed, job_status, restart_status
+from kubetron_operator.status import Observed, job_status, restart_status, status_differs
 from tests.builders import make_job
 
 T0, T1, T2 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z", "2026-01-01T01:00:00Z"
@@ -44,6 +44,12 @@ def test_record_counts_by_cause_keeps_the_last_and_avoids_faulty_nodes() -> None
     assert second["failures"]["last"]["cause"] == "Signal"
     assert second["avoidedNodes"] == first["avoidedNodes"]  # a signal is no node's fault
     assert newly_failed(first, second) == "Signal" and newly_failed(second, second) is None
+    # a hang names no pod: None removes the last one's pod and node from the merged status
+    hang = record(second, Ended(C.HANG), "step 7 has not advanced", 3, T2)["failures"]["last"]
+    assert (hang["cause"], hang["pod"], hang["node"]) == ("Hang", None, None)
+    assert (
+        status_differs({"goodput": {"since": T0}}, {"goodput": {"since": T0, "x": None}}) is False
+    )
     MegatronJobStatus.model_validate(second)  # the schema takes it
 
 
