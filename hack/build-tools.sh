@@ -192,9 +192,11 @@ copy_crds() {
   dir=$(module_dir "github.com/kubeflow/trainer/v2@$TRAINER_VERSION")
   mkdir -p "$BIN/crds/trainer"
   install -m 0644 "$dir"/manifests/base/crds/trainer.kubeflow.org_*.yaml "$BIN/crds/trainer/"
+  install -m 0644 "$dir/manifests/base/webhook/manifests.yaml" "$BIN/crds/trainer-webhooks.yaml"
   dir=$(module_dir "sigs.k8s.io/jobset@$JOBSET_VERSION")
   install -m 0644 "$dir/config/components/crd/bases/jobset.x-k8s.io_jobsets.yaml" \
     "$BIN/crds/trainer/"
+  install -m 0644 "$dir/config/components/webhook/manifests.yaml" "$BIN/crds/jobset-webhooks.yaml"
 }
 
 # Volcano publishes its CRDs only in volcano.sh/volcano; generate the PodGroup and Queue CRDs

@@ -45,7 +45,7 @@ from typing import Any
 
 import yaml
 
-from devtools.cluster import host
+from devtools.cluster import host, trainer_v2
 from devtools.cluster.base import ClusterBase
 from devtools.cluster.config import FAKE_GPU_LABEL, ClusterConfig, Ports, kwok_gpu_node
 from devtools.cluster.host import SERVICE_CIDR
@@ -88,6 +88,8 @@ TRAINING_OPERATOR_CERT_DIR = Path("/tmp/k8s-webhook-server/serving-certs")
 KUEUE_METRICS_CERT_DIR = Path("/etc/kueue/metrics/certs")
 
 STOP_ORDER = (
+    trainer_v2.TRAINER,
+    trainer_v2.JOBSET,
     "kueue",
     "training-operator",
     "kwok",
@@ -113,6 +115,7 @@ class Cluster(ClusterBase):
       wait_for(pred, ...)       wait_until() that also fails fast when a component died
       start_training_operator() / stop_training_operator()
       start_kueue() / stop_kueue()  Kueue (PyTorchJob integration, topology-aware scheduling)
+      start_trainer_v2() / stop_trainer_v2()  Kubeflow Trainer v2 and JobSet (trainer_v2.py)
       logs(name) / tails()      component logs
     """
 
@@ -470,6 +473,15 @@ class Cluster(ClusterBase):
         component = self.components.pop("training-operator", None)
         if component is not None:
             component.stop()
+
+    # ------------------------------------------------------------------ Trainer v2
+
+    def start_trainer_v2(self) -> None:
+        """Beside the training-operator: Kubeflow Trainer v2 and JobSet (the TrainJob backend)."""
+        trainer_v2.start(self)
+
+    def stop_trainer_v2(self) -> None:
+        trainer_v2.stop(self)
 
     # ------------------------------------------------------------------ Kueue
 
