@@ -8,7 +8,8 @@ that exits with 128 or more failed for a reason a restart of the whole group can
 
 The operator reads more than the code (`FailureCause`): a container the kernel OOM-killed at
 its memory limit exits 137 like any SIGKILL, but its reason `OOMKilled` says a restart would
-repeat it, so the job fails; `COMMUNICATION` is the cause `CollectiveTimeout` (retryable).
+repeat it, so the job fails; `COMMUNICATION` is the cause `CollectiveTimeout` (retryable);
+`GPU_FAULT` is `GPUFault`: retryable, on another node (the next attempts avoid this one).
 
 The codes are the contract: the trainer exits with them
 (`kubetron_trainer.runtime.failures` maps its exceptions to them) and the operator reads
@@ -27,6 +28,7 @@ class ExitCode(enum.IntEnum):
     ENVIRONMENT = 3  # the rank environment (torchrun's variables) contradicts itself
     OUT_OF_MEMORY = 4  # the same shape would run out of memory again
     COMMUNICATION = 134  # a collective timed out or a peer vanished (also NCCL's watchdog abort)
+    GPU_FAULT = 135  # the GPU itself failed (uncorrectable ECC, off the bus): 128 + SIGBUS
     SIGTERM = 143  # preempted or deleted: saved a checkpoint, then exited (128 + SIGTERM)
 
     @property

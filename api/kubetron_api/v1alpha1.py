@@ -251,6 +251,13 @@ class SchedulingSpec(ApiModel):
     )
 
 
+class Backend(StrEnum):
+    """The Kubeflow job kind a MegatronJob's pods run under."""
+
+    PYTORCHJOB = "PyTorchJob"  # Kubeflow training-operator v1
+    TRAINJOB = "TrainJob"  # Kubeflow Trainer v2 (JobSet), on kubetron's ClusterTrainingRuntime
+
+
 class CleanPodPolicy(StrEnum):
     NONE = "None"
     RUNNING = "Running"
@@ -348,6 +355,12 @@ class MegatronJobSpec(ApiModel):
     metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="Trainer metrics.")
     observability: ObservabilitySpec = Field(
         default_factory=ObservabilitySpec, description="TensorBoard event files (opt-in)."
+    )
+    backend: Backend | None = Field(
+        default=None,
+        description="The Kubeflow job the pods run under: PyTorchJob (training-operator v1) or "
+        "TrainJob (Kubeflow Trainer v2 with JobSet, on the ClusterTrainingRuntime the chart "
+        "ships). Unset: the operator's --backend (chart value `backend`). Fixed once created.",
     )
 
     def job_models(self) -> list[JobModel]:
@@ -452,6 +465,7 @@ class FailureCause(StrEnum):
     PREEMPTED = "Preempted"  # the scheduler preempted a pod for a higher-priority one
     NODE_LOST = "NodeLost"  # a pod's node went NotReady or away
     COLLECTIVE_TIMEOUT = "CollectiveTimeout"  # a collective timed out, a peer vanished (134)
+    GPU_FAULT = "GPUFault"  # the GPU failed in hardware: uncorrectable ECC, off the bus (135)
     HANG = "Hang"  # the step did not advance for spec.runPolicy.progressDeadlineSeconds
     PERMANENT_ERROR = "PermanentError"  # any other exit 1-127: config, environment, a bug
     SIGNAL = "Signal"  # killed by a signal (exit 128+N)
@@ -547,7 +561,8 @@ class MegatronJobStatus(ApiModel):
     avoided_nodes: list[AvoidedNode] | None = Field(
         default=None,
         max_length=256,
-        description="Nodes whose fault ended an attempt (node lost, evicted by its kubelet): "
+        description="Nodes whose fault ended an attempt (node lost, a GPU fault, evicted by its "
+        "kubelet): "
         "the pods of later attempts get a required node affinity keeping them off these.",
     )
     goodput: Goodput | None = Field(

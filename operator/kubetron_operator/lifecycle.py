@@ -13,14 +13,15 @@ its conditions and its containers' exit codes), and the cause decides:
   (`GPUOutOfMemory`, exit 4) or any other exit 1-127 (`PermanentError`: config, environment, a
   bug): the job fails at once, naming the pod, the container, the code and the fix; a restart
   would repeat it and burn the retries;
-- a collective timeout or a lost peer (`CollectiveTimeout`, exit 134), a signal (`Signal`,
+- a GPU that failed in hardware (`GPUFault`, exit 135), a collective timeout or a lost peer
+  (`CollectiveTimeout`, exit 134), a signal (`Signal`,
   128+N), a pod evicted (`Evicted`), preempted (`Preempted`), on a lost node (`NodeLost`),
   deleted or re-created (`PodDeleted`), or a step that has not advanced for
   `progressDeadlineSeconds` while every pod runs (`Hang`): restart.
 
-A node whose fault ended the attempt (`NodeLost`, `Evicted` by its kubelet) is named in the
-verdict: the controller keeps the next attempts off it. The controller counts the restarts
-against `runPolicy.backoffLimit`.
+A node whose fault ended the attempt (`NodeLost`, `GPUFault`, `Evicted` by its kubelet) is
+named in the verdict: the controller keeps the next attempts off it. The controller counts the
+restarts against `runPolicy.backoffLimit`.
 """
 
 from __future__ import annotations
@@ -104,6 +105,8 @@ class ContainerExit:
             return FailureCause.GPU_OUT_OF_MEMORY
         if self.code == ExitCode.COMMUNICATION:
             return FailureCause.COLLECTIVE_TIMEOUT
+        if self.code == ExitCode.GPU_FAULT:
+            return FailureCause.GPU_FAULT
         return FailureCause.SIGNAL if retryable(self.code) else FailureCause.PERMANENT_ERROR
 
     @property
@@ -122,7 +125,7 @@ class ContainerExit:
         return f"{line}; {fix[self.cause]}" if self.cause in fix else line
 
     def ended(self) -> Ended:
-        return Ended(self.cause, self.pod, self.node)
+        return Ended(self.cause, self.pod, self.node, self.cause == FailureCause.GPU_FAULT)
 
 
 def container_exits(pods: list[Obj]) -> list[ContainerExit]:

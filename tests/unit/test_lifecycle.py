@@ -70,13 +70,19 @@ def test_a_permanent_exit_fails_naming_pod_container_and_code() -> None:
 
 @pytest.mark.parametrize(
     ("code", "reason", "cause"),
-    [(134, "Error", C.COLLECTIVE_TIMEOUT), (137, "Error", C.SIGNAL), (143, "Error", C.SIGNAL)],
+    [
+        (134, "Error", C.COLLECTIVE_TIMEOUT),
+        (135, "Error", C.GPU_FAULT),
+        (137, "Error", C.SIGNAL),
+        (143, "Error", C.SIGNAL),
+    ],
 )
 def test_a_retryable_exit_restarts(code: int, reason: str, cause: C) -> None:
     v = judge([exited("worker-1", code, reason, spec={"nodeName": "n1"}), pod("worker-0")])
     assert (v.action, v.reason) == ("restart", "PodFailed")
     assert f"exited with code {code} ({reason})" in v.message
-    assert v.ended == Ended(cause, "job-worker-1", "n1")
+    # a GPU fault is its node's: the next attempts avoid it
+    assert v.ended == Ended(cause, "job-worker-1", "n1", node_fault=cause == C.GPU_FAULT)
 
 
 def test_oom_killed_fails_at_once_naming_the_memory_fields() -> None:

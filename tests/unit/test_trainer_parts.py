@@ -31,6 +31,7 @@ from kubetron_trainer.runtime.topology import TopologyError
         (dist.DistError("watchdog"), ExitCode.COMMUNICATION),
         (RuntimeError("[gloo] Connection closed by peer [127.0.0.1]:1234"), ExitCode.COMMUNICATION),
         (torch.OutOfMemoryError("CUDA out of memory"), ExitCode.OUT_OF_MEMORY),
+        (RuntimeError("CUDA error: uncorrectable ECC error encountered"), ExitCode.GPU_FAULT),
         (ValueError("a bug"), ExitCode.ERROR),
     ],
 )

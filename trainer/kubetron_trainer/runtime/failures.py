@@ -11,6 +11,8 @@ from kubetron_trainer.runtime.topology import TopologyError
 
 # Messages of collective failures that torch raises as a plain RuntimeError (gloo, some NCCL).
 _COMM_MARKERS = ("timed out", "connection closed", "connection reset", "nccl error", "gloo")
+# CUDA's and NVML's words for a GPU that failed in hardware: the node's fault, not the job's.
+_GPU_FAULT_MARKERS = ("uncorrectable ecc", "fallen off the bus", "gpu is lost")
 
 
 def classify(err: BaseException) -> ExitCode:
@@ -23,6 +25,8 @@ def classify(err: BaseException) -> ExitCode:
         return ExitCode.ENVIRONMENT
     if isinstance(err, MemoryError | torch.OutOfMemoryError):
         return ExitCode.OUT_OF_MEMORY
+    if isinstance(err, RuntimeError) and any(m in str(err).lower() for m in _GPU_FAULT_MARKERS):
+        return ExitCode.GPU_FAULT  # before the collectives: NCCL reports it as its own error
     if isinstance(err, dist.DistError | TimeoutError | ConnectionError):
         return ExitCode.COMMUNICATION
     if isinstance(err, RuntimeError) and any(m in str(err).lower() for m in _COMM_MARKERS):
