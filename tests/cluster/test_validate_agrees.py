@@ -179,6 +179,8 @@ def bound_values(schema: Schema) -> st.SearchStrategy[Any]:
             values += [0.1, 0.5, 0.99, 1e300]
     elif typ == "string":
         values += ["", "x", "fp32", "99,1,0", "99,0,1", "/data/x", "500m", "1Gi", "a" * 70]
+        if "maxLength" in schema:
+            values += ["a" * schema["maxLength"], "a" * (schema["maxLength"] + 1)]
     elif typ == "boolean":
         values += [True, False]
     if not values:
@@ -284,3 +286,22 @@ def test_validate_agrees_with_the_api_server(kubetron: Cluster, namespace: str) 
         f"{len(tally.disagreements)} of {tally.specs} specs disagree:\n\n"
         + "\n\n".join(tally.disagreements[:20])
     )
+
+
+def test_an_unknown_field_is_refused_as_kubectl_apply_refuses_it(
+    kubetron: Cluster, namespace: str
+) -> None:
+    """The CRD prunes an unknown field silently for a client that asks no field validation;
+    kubectl apply asks Strict, and the API server refuses it there, as validate does."""
+    obj = copy.deepcopy(BASES[0])
+    obj["metadata"] = {"name": "agree"}
+    obj["spec"]["parallelism"]["tensr"] = 2
+    assert any("spec.parallelism.tensr: Extra inputs" in p for p in server_knowable_problems(obj))
+    with kubetron.api_client() as api_client:
+        api = k8s.CustomObjectsApi(api_client)
+        refused, message = server_refuses(api, namespace, obj)
+        assert refused and 'unknown field "spec.parallelism.tensr"' in message, message
+        pruned = api.create_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, obj, dry_run="All"
+        )
+    assert isinstance(pruned, dict) and "tensr" not in pruned["spec"]["parallelism"]
