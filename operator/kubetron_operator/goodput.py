@@ -12,7 +12,8 @@ The one definition (status.goodput and docs/operator.md describe it):
 - the ratio is (wall time - lost time) / wall time, with three decimals.
 
 The state (`since`, `lostSeconds`, the open `lostSince`) changes only at a restart and when an
-attempt first runs; the ratio is recomputed whenever the status is written.
+attempt first runs; the status's ratio is recomputed then, at each progress reading and when
+the job ends, and the metrics' at every reconcile.
 """
 
 from __future__ import annotations
@@ -61,17 +62,24 @@ def at_restart(old_status: Obj, now: str) -> Obj | None:
     return with_ratio(goodput, now)
 
 
-def at_status(old: Obj | None, running_since: str | None, now: str) -> Obj | None:
+def at_status(old: Obj | None, running_since: str | None, now: str, refresh: bool) -> Obj | None:
     """The goodput in a status written at `now`: once the attempt runs (`running_since`), the
-    wall clock starts (first attempt) or the open loss closes at that time."""
+    wall clock starts (first attempt) or the open loss closes at that time. The ratio is
+    recomputed then, or with `refresh` (a status written anyway: a progress reading, the end);
+    else it stays, so the status does not change every second (each write is an event)."""
     goodput: Obj = dict(old or {})
+    changed = False
     if running_since:
-        goodput.setdefault("since", running_since)
+        if not goodput.get("since"):
+            goodput["since"], changed = running_since, True
         if opened := goodput.get("lostSince"):
             lost = int(goodput.get("lostSeconds") or 0) + _seconds(opened, running_since)
             goodput["lostSeconds"] = round(lost)
             goodput["lostSince"] = None  # the status is a merge patch: None removes it
-    return with_ratio(goodput, now) if goodput.get("since") else None
+            changed = True
+    if not goodput.get("since"):
+        return None
+    return with_ratio(goodput, now) if changed or refresh or "ratio" not in goodput else goodput
 
 
 def lost_seconds(goodput: Obj, now: str) -> float:

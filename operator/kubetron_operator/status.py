@@ -132,7 +132,8 @@ def job_status(
     if progress:
         status["progress"] = progress
     status.update(_failures(old_status, verdict, attempt, now))
-    if gp := goodput.at_status(old_status.get("goodput"), status["runningSince"], now):
+    refresh = observed.progress is not None or verdict.action in ("succeed", "fail")
+    if gp := goodput.at_status(old_status.get("goodput"), status["runningSince"], now, refresh):
         status["goodput"] = gp
     return status
 
