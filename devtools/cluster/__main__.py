@@ -2,6 +2,7 @@
 `cluster-up` / `cluster-down`, and what `make demo` leaves running).
 
     python -m devtools.cluster up       # start detached, print the kubeconfig path
+    python -m devtools.cluster up --nodes 2   # with a second real node (pods on two nodes)
     python -m devtools.cluster down     # stop what `up` started
     python -m devtools.cluster status   # each process up or DEAD; exit 1 when down
     python -m devtools.cluster down-before-tests   # hack/run-tests.sh: stop it, saying so
@@ -38,9 +39,21 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="only the control plane and the kwok nodes",
     )
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="real worker nodes (up; implies --real-node when above 1): the first on the "
+        "host's bridge, each further one in a network namespace of its own",
+    )
     args = parser.parse_args(argv)
+    if args.nodes < 1:
+        parser.error("--nodes must be at least 1")
+    if args.nodes > 1 and args.real_node is False:
+        parser.error("--nodes above 1 needs the real node")
+    real_node = True if args.nodes > 1 else args.real_node
     commands = {
-        "up": lambda: cmd_up(args.real_node),
+        "up": lambda: cmd_up(real_node, args.nodes),
         "down": cmd_down,
         "status": cmd_status,
         "down-before-tests": cmd_down_before_tests,

@@ -22,9 +22,9 @@ from typing import Any, Self
 import yaml
 
 from devtools.cluster.config import ClusterConfig, Ports
-from devtools.cluster.host import NODE_IP
+from devtools.cluster.host import NODE_IP, NodeNet
 from devtools.cluster.node import NodePorts, RealNode
-from devtools.cluster.paths import cache_dir, containerd_root
+from devtools.cluster.paths import cache_dir, containerd_root, node_containerd_root
 from devtools.cluster.pki import Pki
 from devtools.cluster.process import Component
 from devtools.cluster.waiting import ClusterError, http_get, wait_until
@@ -44,12 +44,25 @@ class ClusterBase:
         # With a real node the API server binds the bridge address, so pods can reach it.
         self.address = NODE_IP if config.real_node else "127.0.0.1"
         self.server = f"https://{self.address}:{ports.apiserver}"
-        self.node = RealNode(self, ports.node, containerd_root()) if config.real_node else None
+        self.node = (
+            RealNode(self, ports.node, containerd_root(), NodeNet()) if config.real_node else None
+        )
+        self.extra_nodes = [self._further_node(i) for i in range(2, config.real_nodes + 1)
+                            if config.real_node]  # fmt: skip
         self.components: dict[str, Component] = {}
         self.created_outside: list[str] = []  # paths outside workdir we made (removed on stop)
         self.detached = False
         self.timings: dict[str, float] = {}  # startup phase -> seconds, for reports
         self.state_path: Path | None = None
+
+    def _further_node(self, index: int) -> RealNode:
+        """Real node `index` (>= 2): its own network namespace, so the standard ports are free."""
+        return RealNode(self, NodePorts.standard(), node_containerd_root(index), NodeNet(index))
+
+    @property
+    def real_nodes(self) -> list[RealNode]:
+        """Every real node, the first first."""
+        return ([self.node] if self.node else []) + self.extra_nodes
 
     # ------------------------------------------------------------------ processes
 

@@ -36,6 +36,9 @@ class ClusterConfig:
     startup_timeout: float = 90.0
     # A real worker node (node.py): needs root, `make tools` and `make images`.
     real_node: bool = False
+    # How many real nodes (with real_node): the first on the host's bridge, each further one in
+    # a network namespace of its own (node.py); Cluster.add_node() adds one to a running cluster.
+    real_nodes: int = 1
     # CRD files installed before kube-controller-manager starts, so that its garbage collector
     # watches them from the start (it rediscovers API resources only every 30 s).
     crds: list[str] = field(default_factory=list)

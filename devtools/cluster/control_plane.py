@@ -49,7 +49,7 @@ from devtools.cluster import host, trainer_v2
 from devtools.cluster.base import ClusterBase
 from devtools.cluster.config import FAKE_GPU_LABEL, ClusterConfig, Ports, kwok_gpu_node
 from devtools.cluster.host import SERVICE_CIDR
-from devtools.cluster.node import missing_prerequisites
+from devtools.cluster.node import RealNode, missing_prerequisites
 from devtools.cluster.paths import (
     KUEUE_BINARY,
     KUEUE_CRDS,
@@ -184,6 +184,9 @@ class Cluster(ClusterBase):
         if self.node is not None:
             with self._phase("node"):
                 self.node.launch()
+                for further in self.extra_nodes:
+                    host.node_network_up(further.net)
+                    further.launch()
         with self._phase("crds"):
             self._wait_crds(crds)
         with self._phase("launch-controllers"):
@@ -199,7 +202,36 @@ class Cluster(ClusterBase):
             self._wait_nodes_ready()
         if self.node is not None:
             with self._phase("real-node"):
-                self.node.wait_ready(self.config.startup_timeout)
+                for real in self.real_nodes:
+                    real.wait_ready(self.config.startup_timeout)
+
+    def add_node(self) -> RealNode:
+        """Start one more real node (in a network namespace of its own) and wait until it is
+        Ready; `remove_node` takes it away again (`stop` does in any case)."""
+        if self.node is None:
+            raise ClusterError("a further real node needs the first (ClusterConfig.real_node)")
+        real = self._further_node(len(self.real_nodes) + 1)
+        self.extra_nodes.append(real)
+        self.config.real_nodes += 1
+        self.save_state()
+        started = time.monotonic()
+        host.node_network_up(real.net)
+        real.launch()
+        real.wait_ready(self.config.startup_timeout)
+        self.timings[f"add-{real.name}"] = round(time.monotonic() - started, 2)
+        return real
+
+    def remove_node(self, real: RealNode) -> None:
+        """Stop a further real node, remove everything it made, and delete its Node object."""
+        host.teardown_node(self.workdir, real.net, True, self._forget_component)
+        self.extra_nodes.remove(real)
+        self.config.real_nodes -= 1
+        self.kubectl("delete", "node", real.name, "--ignore-not-found", "--wait=false")
+        self.save_state()
+
+    def _forget_component(self, name: str) -> None:
+        self._stop_component(name)
+        self.components.pop(name, None)
 
     @contextlib.contextmanager
     def _phase(self, name: str) -> Iterator[None]:

@@ -23,6 +23,7 @@ from devtools.cluster.host import NodeError
 from devtools.cluster.node import RealNode
 from devtools.cluster.paths import REPO_ROOT, cache_dir
 from devtools.cluster.waiting import ClusterError
+from kubetron_operator.render import JOB_NAME_LABEL
 
 CHART = REPO_ROOT / "charts" / "kubetron"
 EXAMPLE = REPO_ROOT / "manifests" / "examples" / "gpt-tiny-cpu.yaml"
@@ -61,11 +62,13 @@ def install_operator(
     watch: list[str] | None = None,
     crds: bool = True,
     progress_seconds: int | None = None,
+    node_selector: dict[str, str] | None = None,
 ) -> None:
     """`helm upgrade --install` the chart with the built operator image; waits until it is
     Available (its readiness probe passes only once it reaches the API server from the pod).
     `crds=False` when the CRD is already there (the test session applies it at start);
-    `progress_seconds` reconciles and reads live progress that often (default: 30 s, 15 s)."""
+    `progress_seconds` reconciles and reads live progress that often (default: 30 s, 15 s);
+    `node_selector` pins the operator's pod (off a node a test takes away)."""
     repository, _, tag = built_image(OPERATOR_IMAGE).rpartition(":")
     sets = {
         "image.repository": repository,
@@ -81,6 +84,8 @@ def install_operator(
     if progress_seconds:  # a short job's progress shows only with frequent reconciles
         flags = f"--resync-period={progress_seconds},--progress-period={progress_seconds}"
         args += ["--set", f"operator.extraArgs={{{flags}}}"]
+    if node_selector:
+        args += ["--set-json", f"nodeSelector={json.dumps(node_selector)}"]
     helm(cluster, *args)
 
 
@@ -131,6 +136,24 @@ def _merge(into: Obj, changes: Obj) -> None:
             _merge(into[key], value)
         else:
             into[key] = copy.deepcopy(value)
+
+
+def one_pod_per_node(name: str, required: bool = True) -> Obj:
+    """`spec.resources.affinity` for job `name`: no two of its pods on one node (`required`), or
+    spread where they can be but together where they must (a restart on the nodes that
+    remain)."""
+    term = {"labelSelector": {"matchLabels": {JOB_NAME_LABEL: name}},
+            "topologyKey": "kubernetes.io/hostname"}  # fmt: skip
+    if required:
+        return {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}}
+    preferred = [{"weight": 100, "podAffinityTerm": term}]
+    return {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": preferred}}
+
+
+def placement(cluster: Cluster, namespace: str, job: str) -> dict[str, str]:
+    """pod name -> node name, of the job's pods."""
+    return {p["metadata"]["name"]: p["spec"].get("nodeName", "")
+            for p in pods(cluster, namespace, job)}  # fmt: skip
 
 
 def wait_final(

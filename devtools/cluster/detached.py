@@ -54,26 +54,34 @@ def _raise_on_sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def cmd_up(real_node: bool | None = None) -> int:
-    up(real_node)
+def cmd_up(real_node: bool | None = None, nodes: int = 1) -> int:
+    up(real_node, nodes)
     return 0
 
 
-def up(real_node: bool | None = None) -> Cluster:
+def up(real_node: bool | None = None, nodes: int = 1) -> Cluster:
     """Start the detached cluster (or return the one already up). `real_node`: None means "when
-    this machine can run one"; True fails with what is missing; False never starts one."""
+    this machine can run one"; True fails with what is missing; False never starts one.
+    `nodes`: how many real nodes (when there are any)."""
     with _state_lock():
-        return _up(real_node)
+        return _up(real_node, nodes)
 
 
-def _up(real_node: bool | None) -> Cluster:
+def _same_setup(running: Cluster, real_node: bool | None, nodes: int) -> bool:
+    if real_node is None or real_node == running.config.real_node:
+        return not running.config.real_node or running.config.real_nodes == nodes
+    return False
+
+
+def _up(real_node: bool | None, nodes: int) -> Cluster:
     running = running_cluster()
-    if running is not None and (real_node is None or real_node == running.config.real_node):
+    if running is not None and _same_setup(running, real_node, nodes):
         print(f"already up; state: {state_file()}", file=sys.stderr)
-        if running.node is not None:  # images rebuilt since it started
-            imported = running.node.import_images()
+        for real in running.real_nodes:  # images rebuilt since it started
+            imported = real.import_images()
             if imported:
-                print(f"imported rebuilt images: {', '.join(imported)}", file=sys.stderr)
+                print(f"{real.name}: imported rebuilt images: {', '.join(imported)}",
+                      file=sys.stderr)  # fmt: skip
         print(running.kubeconfig)
         return running
     if running is not None:
@@ -88,7 +96,7 @@ def _up(real_node: bool | None) -> Cluster:
     started = time.monotonic()
     try:
         # No kubetron CRD: `make demo` installs it with the chart, as a user does.
-        config = ClusterConfig(real_node=real_node)
+        config = ClusterConfig(real_node=real_node, real_nodes=nodes)
         cluster = Cluster.start(config, detached=True, state_path=state_file())
     except BaseException:
         state_file().unlink(missing_ok=True)

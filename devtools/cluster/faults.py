@@ -1,6 +1,8 @@
-"""Faults a real cluster brings, injected into trainer pods on the real node: a killed or stopped
-trainer process (through `kubectl exec`, as the container's own user), a deleted pod. Each helper
-is bounded and returns; used by tests/e2e/test_lifecycle.py and benchmarks/recovery.py."""
+"""Faults a real cluster brings, injected into trainer pods on the real nodes: a killed or stopped
+trainer process (through `kubectl exec`, as the container's own user), a deleted pod, a lost
+node (a further real node gone like a machine that lost power). Each helper is bounded and
+returns; used by tests/e2e/test_lifecycle.py, tests/e2e/test_two_nodes.py and
+benchmarks/recovery.py."""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from devtools.cluster import deploy
+from devtools.cluster import deploy, host
 from devtools.cluster.control_plane import Cluster
+from devtools.cluster.node import RealNode
 
 # Lists the trainer processes (torchrun's workers, `python ... -m kubetron_trainer --config`) of
 # the container as JSON [[pid, rank], ...]; the launcher and torchrun are not among them.
@@ -81,10 +84,45 @@ def apply_long_job(
     claim = f"{name}-ckpt"
     volume = deploy.checkpoint_claim(cluster, namespace, claim)
     job = deploy.example_job(
-        recipe={"trainIters": iters, "logInterval": 1},
+        recipe={"trainIters": iters, "logInterval": 1, **changes.pop("recipe", {})},
         checkpoint={"saveInterval": save_interval, "volume": {"claimName": claim}},
         **changes,
     )
     job["metadata"] = {"name": name, "namespace": namespace}
     cluster.apply(job)
     return volume
+
+
+def lose_node(cluster: Cluster, real: RealNode) -> None:
+    """Node `real` (a further one) is gone like a machine that lost power: its link goes down
+    first (its peers hear nothing more), then its kubelet, kube-proxy, containerd, shims and
+    containers die by SIGKILL, without a word to the API server. The cluster stops watching
+    those processes; `Cluster.remove_node` still removes what the node left."""
+    if real.net.first:
+        raise ValueError("the first node carries the API server's address and CoreDNS")
+    host.run("ip", "link", "set", real.net.host_veth, "down")
+    for name in ("kubelet", "kube-proxy", "containerd"):
+        component = cluster.components.pop(real.net.component(name), None)
+        if component is not None:
+            component.kill()
+    host.kill_processes_mentioning(str(real.socket))  # the shims
+    host.kill_cgroup_processes(real.net.cgroup_root)  # the containers
+    cluster.save_state()
+
+
+def node_ready(cluster: Cluster, name: str) -> bool:
+    node = cluster.api_get(f"/api/v1/nodes/{name}") or {}
+    conditions = {c["type"]: c["status"] for c in node.get("status", {}).get("conditions", [])}
+    return conditions.get("Ready") == "True"
+
+
+def declare_out_of_service(cluster: Cluster, name: str, timeout: float = 300) -> None:
+    """What an administrator (or a cloud's node controller) does for a node that is gone, once
+    the node controller has marked it not Ready (after kube-controller-manager's
+    --node-monitor-grace-period): taint it out-of-service (Kubernetes' non-graceful node
+    shutdown), so its pods, which no kubelet will ever confirm stopped, are deleted for good
+    (the taint evicts them, the pod garbage collector force-deletes them)."""
+    cluster.wait_for(lambda: not node_ready(cluster, name), timeout=timeout,
+                     what=f"node {name} not Ready", interval=1.0)  # fmt: skip
+    taint = "node.kubernetes.io/out-of-service=nodeshutdown:NoExecute"
+    cluster.kubectl("taint", "node", name, taint, "--overwrite")

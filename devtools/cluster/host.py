@@ -1,8 +1,11 @@
-"""What the real node changes on this machine, and how it is all found and removed again.
+"""What the real nodes change on this machine, and how it is all found and removed again.
 
-The node's network (bridge kubetron0, its address, the Service route, iptables rules tagged with
-a comment, kube-proxy's chains), its cgroups under /kubetron, the mounts below its directories,
-the pods' network namespaces and the owner file are machine-wide: one real node per machine.
+The first node's network (bridge kubetron0, its address, the Service route, iptables rules
+tagged with a comment, kube-proxy's chains), its cgroups under /kubetron, the mounts below its
+directories, the pods' network namespaces and the owner file are machine-wide: one cluster with
+real nodes per machine. Further nodes (NodeNet index 2, 3, ...) each live in a network namespace
+of their own, joined to the host by a veth on a /30 link network, with a bridge for their pods
+inside; the host routes between the nodes' pod ranges and lets nothing else through.
 
 Everything started is recorded so that `teardown()` removes it, and teardown also finds by name
 what an interrupted start may have left (the bridge, rules tagged with a comment, cgroups under
@@ -20,7 +23,10 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+from devtools.cluster.paths import node_containerd_root
 
 BRIDGE = "kubetron0"
 NODE_IP = "10.213.0.1"
@@ -34,6 +40,11 @@ NODE_NAME = "kubetron-node"
 NODE_LABEL = "kubetron.io/real-node"
 CGROUP_ROOT = "kubetron"  # kubelet's cgroupRoot: /kubetron in every v1 hierarchy
 RULE_COMMENT = "kubetron-test-node"  # tags our own iptables rules so teardown finds them
+# Every node's pods get one route, to this range: the Services and every node's pods (a node's
+# pod range is 10.213.<index>.0/24 from index 2; 10.213.1.0/24 is the Services').
+CLUSTER_CIDR = "10.213.0.0/16"
+LINK_BASE = 100  # node <index>'s link network to the host: 10.213.<LINK_BASE + index>.0/30
+NETNS_PREFIX = f"{NODE_NAME}-"  # a further node's network namespace: kubetron-node-<index>
 
 
 class NodeError(RuntimeError):
@@ -61,6 +72,151 @@ def ctr(
 # --------------------------------------------------------------------------- network
 
 
+@dataclass(frozen=True)
+class NodeNet:
+    """Names and addresses of real node `index`: 1 is the first (on the host's bridge), 2... each
+    run in a network namespace of their own."""
+
+    index: int = 1
+
+    @property
+    def first(self) -> bool:
+        return self.index == 1
+
+    def _suffixed(self, base: str, sep: str = "") -> str:
+        return base if self.first else f"{base}{sep}{self.index}"
+
+    @property
+    def name(self) -> str:  # the Node's name
+        return self._suffixed(NODE_NAME)
+
+    def component(self, name: str) -> str:  # a process of this node, as the cluster records it
+        return self._suffixed(name, "-node")
+
+    def dir(self, workdir: Path) -> Path:
+        return workdir / self._suffixed("node")
+
+    @property
+    def netns(self) -> str | None:
+        return None if self.first else f"{NETNS_PREFIX}{self.index}"
+
+    @property
+    def bridge(self) -> str:  # inside the node's namespace for index >= 2
+        return BRIDGE if self.first else f"kubetron{self.index}"
+
+    @property
+    def host_veth(self) -> str:
+        return f"kubetron{self.index}h"
+
+    @property
+    def ip(self) -> str:  # the InternalIP: the bridge's for node 1, the link's for the others
+        return NODE_IP if self.first else f"10.213.{LINK_BASE + self.index}.2"
+
+    @property
+    def link_host_ip(self) -> str:
+        return f"10.213.{LINK_BASE + self.index}.1"
+
+    @property
+    def pod_cidr(self) -> str:
+        return NODE_CIDR if self.first else f"10.213.{self.index}.0/24"
+
+    @property
+    def gateway(self) -> str:  # the pods' gateway: the bridge's address
+        return NODE_IP if self.first else f"10.213.{self.index}.1"
+
+    @property
+    def pod_range(self) -> tuple[str, str]:
+        return POD_RANGE if self.first else (f"10.213.{self.index}.16", f"10.213.{self.index}.250")
+
+    @property
+    def probe_address(self) -> str:  # where the node's health endpoints listen, seen from here
+        return "127.0.0.1" if self.first else self.ip
+
+    @property
+    def cgroup_root(self) -> str:
+        return self._suffixed(CGROUP_ROOT, "-node")
+
+    @property
+    def comment(self) -> str:  # node 1's comment is a prefix of the others': teardown finds all
+        return self._suffixed(RULE_COMMENT, "-")
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        """argv run in the node's network namespace (only that: the mounts stay the host's, so
+        containerd sees what kubelet mounts, and teardown finds both's mounts)."""
+        return argv if self.netns is None else ["nsenter", f"--net=/run/netns/{self.netns}", *argv]
+
+    @classmethod
+    def found(cls, workdir: Path | None) -> list[NodeNet]:
+        """The further nodes (index >= 2) whose namespace or directory exists."""
+        indices = set()
+        netns = Path("/run/netns")
+        for entry in netns.iterdir() if netns.is_dir() else []:
+            rest = entry.name.removeprefix(NETNS_PREFIX)
+            if rest != entry.name and rest.isdigit():
+                indices.add(int(rest))
+        for entry in workdir.glob("node[0-9]*") if workdir and workdir.is_dir() else []:
+            indices.add(int(entry.name.removeprefix("node")))
+        return [cls(i) for i in sorted(indices) if i >= 2]
+
+
+def _in_netns(net: NodeNet, *argv: str, check: bool = True) -> None:
+    run("ip", "netns", "exec", str(net.netns), *argv, check=check)
+
+
+def node_network_up(net: NodeNet) -> None:
+    """A further node's namespace: a veth to the host (the node's InternalIP at its end), a
+    bridge for its pods, routes both ways between the nodes' pod ranges, and rules on the
+    host that let exactly that through (tagged with the node's comment)."""
+    node_network_down(net)
+    ns, veth, inner = str(net.netns), net.host_veth, f"kubetron{net.index}n"
+    # Not `ip netns add`: that turns /run/netns into a bind mount of itself, over the pod
+    # namespaces the first node's containerd has mounted there (which then cannot be removed).
+    handle = Path(f"/run/netns/{ns}")
+    handle.parent.mkdir(parents=True, exist_ok=True)
+    handle.touch()
+    run("unshare", f"--net={handle}", "true")
+    _in_netns(net, "ip", "link", "set", "lo", "up")
+    run("ip", "link", "add", veth, "type", "veth", "peer", "name", inner, "netns", ns)
+    run("ip", "addr", "add", f"{net.link_host_ip}/30", "dev", veth)
+    run("ip", "link", "set", veth, "up")
+    _in_netns(net, "ip", "addr", "add", f"{net.ip}/30", "dev", inner)
+    _in_netns(net, "ip", "link", "set", inner, "up")
+    _in_netns(net, "ip", "link", "add", net.bridge, "type", "bridge")
+    _in_netns(net, "ip", "addr", "add", f"{net.gateway}/24", "dev", net.bridge)
+    _in_netns(net, "ip", "link", "set", net.bridge, "up")
+    # No default route in the namespace: what is not ours has nowhere to go.
+    _in_netns(net, "ip", "route", "add", CLUSTER_CIDR, "via", net.link_host_ip)
+    _in_netns(net, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    run("ip", "route", "add", net.pod_cidr, "via", net.ip, "dev", veth)
+    tag = ["-m", "comment", "--comment", net.comment]
+    # Inserted in this order, so the two accepts end first: pod to pod between node 1 and this
+    # node; everything else forwarded from or to the link dropped; and the node reaches no host
+    # address but the first node's (the API server, CoreDNS) by a connection it opens.
+    for rule in (
+        ["FORWARD", "-i", veth, *tag, "-j", "DROP"],
+        ["FORWARD", "-o", veth, *tag, "-j", "DROP"],
+        ["INPUT", "-i", veth, "!", "-d", NODE_IP, "-m", "conntrack", "--ctstate", "NEW", *tag,
+         "-j", "DROP"],
+        ["FORWARD", "-i", BRIDGE, "-o", veth, "-s", NODE_CIDR, "-d", net.pod_cidr, *tag,
+         "-j", "ACCEPT"],
+        ["FORWARD", "-i", veth, "-o", BRIDGE, "-s", net.pod_cidr, "-d", NODE_CIDR, *tag,
+         "-j", "ACCEPT"],
+    ):  # fmt: skip
+        run("iptables", "-t", "mangle", "-I", *rule)
+
+
+def node_network_down(net: NodeNet) -> None:
+    """Remove a further node's namespace (its bridge, its end of the veth and every rule its
+    kube-proxy made in it go with it), the host's end, route and rules."""
+    if net.netns and Path(f"/run/netns/{net.netns}").exists():
+        run("ip", "netns", "del", net.netns, check=False)
+    if Path(f"/sys/class/net/{net.host_veth}").exists():
+        run("ip", "link", "del", net.host_veth, check=False)
+    for binary in ("iptables", "ip6tables"):
+        if shutil.which(binary):
+            _delete_tagged_rules(binary, net.comment)
+
+
 def network_up() -> None:
     """The bridge, its address, the Service route, forwarding and the rules that fence it."""
     network_down()  # whatever an interrupted earlier run left
@@ -82,11 +238,12 @@ def network_up() -> None:
         run("iptables", "-t", "mangle", "-I", *rule)
 
 
-def _delete_tagged_rules(binary: str) -> None:
+def _delete_tagged_rules(binary: str, comment: str = RULE_COMMENT) -> None:
+    """Rules whose comment contains `comment` (node 1's is in every node's)."""
     for table in ("filter", "nat", "mangle"):
         listing = run(binary, "-t", table, "-S", check=False).stdout.splitlines()
         for line in listing:
-            if RULE_COMMENT in line and line.startswith("-A "):
+            if comment in line and line.startswith("-A "):
                 run(binary, "-t", table, "-D", *shlex.split(line)[1:], check=False)
 
 
@@ -106,7 +263,10 @@ def _delete_kube_chains(binary: str) -> None:
 
 
 def network_down() -> None:
-    """Remove the bridge (and with it its address and route), our rules and kube-proxy's."""
+    """Remove the bridge (and with it its address and route), our rules and kube-proxy's, and
+    every further node's network."""
+    for net in NodeNet.found(None):
+        node_network_down(net)
     if Path(f"/sys/class/net/{BRIDGE}").exists():
         run("ip", "link", "del", BRIDGE, check=False)
     for binary in ("iptables", "ip6tables"):
@@ -155,26 +315,26 @@ def kill_processes_mentioning(needle: str) -> None:
                 os.kill(int(entry.name), 9)
 
 
-def create_cgroups() -> None:
+def create_cgroups(root_name: str = CGROUP_ROOT) -> None:
     """kubelet's cgroupRoot must exist in every cgroup v1 hierarchy before it starts."""
     for line in Path("/proc/self/mounts").read_text().splitlines():
         _dev, target, fstype, *_ = line.split()
         if fstype != "cgroup":
             continue
-        root = Path(target) / CGROUP_ROOT
+        root = Path(target) / root_name
         root.mkdir(exist_ok=True)
         if (root / "cpuset.cpus").exists():  # a v1 cpuset starts empty: inherit the parent's
             for name in ("cpuset.cpus", "cpuset.mems"):
                 (root / name).write_text((Path(target) / name).read_text())
 
 
-def kill_cgroup_processes() -> None:
+def kill_cgroup_processes(root_name: str = CGROUP_ROOT) -> None:
     """SIGKILL every process left in the node's cgroups: container processes whose shim died
     first (a crashed run) mention nothing of the node on their command line."""
     base = Path("/sys/fs/cgroup")
     pids: set[int] = set()
     for hierarchy in base.iterdir() if base.exists() else []:
-        for procs in (hierarchy / CGROUP_ROOT).rglob("cgroup.procs"):
+        for procs in (hierarchy / root_name).rglob("cgroup.procs"):
             with contextlib.suppress(OSError, ValueError):
                 pids |= {int(line) for line in procs.read_text().split()}
     for pid in pids:
@@ -182,12 +342,13 @@ def kill_cgroup_processes() -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def remove_cgroups() -> None:
-    """Remove /sys/fs/cgroup/<controller>/kubetron trees, deepest first (procs killed before)."""
-    kill_cgroup_processes()
+def remove_cgroups(root_name: str = CGROUP_ROOT) -> None:
+    """Remove /sys/fs/cgroup/<controller>/<root_name> trees, deepest first (procs killed
+    before)."""
+    kill_cgroup_processes(root_name)
     base = Path("/sys/fs/cgroup")
     for hierarchy in base.iterdir() if base.exists() else []:
-        root = hierarchy / CGROUP_ROOT
+        root = hierarchy / root_name
         if not root.is_dir():
             continue
         dirs = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
@@ -202,13 +363,21 @@ def remove_cgroups() -> None:
                     time.sleep(0.1)
 
 
-def remove_netns(prefix: str = "cni-") -> None:
-    """Network namespaces the CRI made for pods (their veths go with them)."""
+def _pod_netns_in(name: str, cidr: str) -> bool:
+    """Whether the pod namespace `name` holds an address of `cidr` (a /24: compared by prefix)."""
+    out = run("ip", "-n", name, "-4", "-o", "addr", "show", check=False).stdout
+    prefix = cidr.rsplit(".", 1)[0] + "."
+    return any(part.startswith(prefix) for part in out.split())
+
+
+def remove_netns(prefix: str = "cni-", cidr: str | None = None) -> None:
+    """Network namespaces the CRI made for pods (their veths go with them); with `cidr`, only
+    those of the pods of that range (one further node's)."""
     netns_dir = Path("/run/netns")
     if not netns_dir.is_dir():
         return
     for ns in netns_dir.iterdir():
-        if ns.name.startswith(prefix):
+        if ns.name.startswith(prefix) and (cidr is None or _pod_netns_in(ns.name, cidr)):
             run("ip", "netns", "del", ns.name, check=False)
             with contextlib.suppress(OSError):
                 run("umount", "-l", str(ns), check=False)
@@ -220,8 +389,9 @@ def remove_netns(prefix: str = "cni-") -> None:
 OWNER_FILE = Path("/run/kubetron-node")
 
 
-def _alive(workdir: Path) -> bool:
-    needle = f"{workdir}/node/".encode()
+def _alive(workdir: Path, node: str = "node/") -> bool:
+    """Whether a process of the first node (or with `node` "", of any) of `workdir` runs."""
+    needle = f"{workdir}/{node}".encode()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
@@ -282,42 +452,53 @@ def stop_containers(socket_path: Path) -> None:
 
 
 def leftovers(workdir: Path | None = None) -> list[str]:
-    """What a node (of `workdir`, or any) left on this machine; [] after a clean teardown."""
-    found = []
-    if Path(f"/sys/class/net/{BRIDGE}").exists():
-        found.append(f"interface {BRIDGE}")
+    """What the nodes (of `workdir`, or any) left on this machine; [] after a clean teardown."""
+    found = [f"interface {n.name}" for n in Path("/sys/class/net").iterdir()
+             if n.name.startswith("kubetron")]  # fmt: skip
     for binary in ("iptables", "ip6tables"):
         for table in ("filter", "nat", "mangle"):
             rules = run(binary, "-t", table, "-S", check=False).stdout
             found += [f"{binary} -t {table} {ln}" for ln in rules.splitlines()
                       if RULE_COMMENT in ln or "KUBE-" in ln]  # fmt: skip
     base = Path("/sys/fs/cgroup")
-    found += [f"cgroup {h / CGROUP_ROOT}" for h in base.iterdir() if (h / CGROUP_ROOT).exists()]
+    found += [f"cgroup {c}" for h in base.iterdir() for c in h.glob(f"{CGROUP_ROOT}*")]
     netns = Path("/run/netns")
     found += [f"netns {n.name}" for n in netns.iterdir()] if netns.is_dir() else []
     if workdir is not None:
-        found += [f"mount {m}" for m in _mounts_under([workdir / "node"])]
-        if _alive(workdir):
-            found.append(f"processes of {workdir}/node")
+        found += [f"mount {m}" for m in _mounts_under([workdir])]
+        found += [f"processes of {workdir}" for _ in [0] if _alive(workdir, "")]
     return found
 
 
 def teardown(workdir: Path, containerd_root: Path | None, stop: Callable[[str], None]) -> None:
-    """Remove everything a real node of `workdir` made; safe after a crash or a partial start.
+    """Remove everything the real nodes of `workdir` made; safe after a crash or a partial start.
 
     `stop(name)` stops one recorded process (the control plane's Component.stop); what survives that
-    is found by its command line.
+    is found by its command line. `containerd_root` None: the containerd roots are left alone.
     """
-    node_dir = workdir / "node"
+    for net in NodeNet.found(workdir):
+        teardown_node(workdir, net, containerd_root is not None, stop)
+    teardown_node(workdir, NodeNet(), containerd_root is not None, stop)
+
+
+def teardown_node(
+    workdir: Path, net: NodeNet, unmount_root: bool, stop: Callable[[str], None]
+) -> None:
+    """Remove what one node made: its processes, containers, pods' namespaces, mounts, cgroups
+    and network (node 1's removal removes every node's rules and kube-proxy's host chains)."""
+    node_dir = net.dir(workdir)
     socket_path = node_dir / "containerd" / "containerd.sock"
     for name in ("coredns", "kube-proxy", "kubelet"):
-        stop(name)
+        stop(net.component(name))
     stop_containers(socket_path)
-    stop("containerd")
+    stop(net.component("containerd"))
     kill_processes_mentioning(str(socket_path))  # shims, if containerd died first
-    kill_processes_mentioning(str(node_dir))
+    kill_processes_mentioning(str(node_dir) + "/")
     time.sleep(0.3)
-    remove_netns()
-    unmount_under([node_dir] + ([containerd_root] if containerd_root else []))
-    remove_cgroups()
-    network_down()
+    remove_netns(cidr=None if net.first else net.pod_cidr)
+    unmount_under([node_dir] + ([node_containerd_root(net.index)] if unmount_root else []))
+    remove_cgroups(net.cgroup_root)
+    if net.first:
+        network_down()
+    else:
+        node_network_down(net)

@@ -1,17 +1,25 @@
-"""A real worker node beside the test control plane: containerd, kubelet, kube-proxy, CoreDNS.
+"""Real worker nodes beside the test control plane: containerd, kubelet, kube-proxy, CoreDNS.
 
-kwok nodes run no containers; this node does. It runs pods from images built locally from the
-project's Dockerfile (hack/build-images.sh), on a Linux bridge that exists only for it:
+kwok nodes run no containers; these do. They run pods from images built locally from the
+project's Dockerfile (hack/build-images.sh). The first node sits on a Linux bridge that exists
+only for it:
 
     bridge kubetron0    10.213.0.1/24: the node's InternalIP and the pods' gateway
     pods                10.213.0.16 - 10.213.0.250 (CNI bridge + host-local, no masquerade)
     Services            10.213.1.0/24 (kubernetes = .1, kube-dns = .10), routed onto the bridge
 
+A further node N (2, 3, ...; opt-in: `Cluster.add_node()`, `python -m devtools.cluster up
+--nodes 2`) runs its containerd, kubelet and kube-proxy in a network namespace of its own, its
+pods on a bridge inside it (10.213.N.0/24), its InternalIP the namespace's end of a veth to the
+host (10.213.(100+N).2/30); its containerd root, kubelet root, node name and cgroup root are its
+own (host.NodeNet names them all). Every pod's one route goes to 10.213.0.0/16 (Services and
+every node's pods); the cluster's single CoreDNS runs on the first node's address.
+
 The API server binds the bridge address (reachable from pods through the `kubernetes` Service)
-and reaches the kubelet by InternalIP. Nothing leaves the bridge: a FORWARD rule drops whatever
-would be routed from it to another interface, CoreDNS has no forwarder, pods get no default
-route (their only route is the Service range). Needs root (the cluster starts one only where
-it can); what the node changes on the machine, and its teardown, are in host.py.
+and reaches each kubelet by its InternalIP. Nothing leaves the machine: FORWARD rules drop
+whatever would be routed from the nodes' interfaces elsewhere than to each other's pods,
+CoreDNS has no forwarder, pods get no default route. Needs root (the cluster starts nodes only
+where it can); what the nodes change on the machine, and their teardown, are in host.py.
 """
 
 from __future__ import annotations
@@ -31,18 +39,14 @@ from typing import Any, Protocol
 import yaml
 
 from devtools.cluster.host import (
-    BRIDGE,
-    CGROUP_ROOT,
+    CLUSTER_CIDR,
     CLUSTER_DOMAIN,
     DNS_SERVICE_IP,
     KUBERNETES_SERVICE_IP,
-    NODE_CIDR,
     NODE_IP,
     NODE_LABEL,
-    NODE_NAME,
-    POD_RANGE,
-    SERVICE_CIDR,
     NodeError,
+    NodeNet,
     create_cgroups,
     ctr,
 )
@@ -162,6 +166,11 @@ class NodePorts:
     def pick(cls) -> NodePorts:
         return cls(*(free_port() for _ in range(6)))
 
+    @classmethod
+    def standard(cls) -> NodePorts:
+        """Kubernetes' own defaults: free in a node's own network namespace (no CoreDNS there)."""
+        return cls(10250, 10248, 10256, 10249, 0, 0)
+
 
 class NodeCluster(Protocol):
     """What the node needs of the control plane it joins (`base.ClusterBase` is the one)."""
@@ -187,25 +196,37 @@ class NodeCluster(Protocol):
 
 
 class RealNode:
-    """Configuration and processes of the real node of one cluster."""
+    """Configuration and processes of one real node of a cluster (`net`: which one; the first
+    also runs the cluster's CoreDNS)."""
 
-    def __init__(self, cluster: NodeCluster, ports: NodePorts, containerd_root: Path):
+    def __init__(
+        self, cluster: NodeCluster, ports: NodePorts, containerd_root: Path, net: NodeNet
+    ) -> None:
         self.cluster = cluster
         self.ports = ports
-        self.dir = cluster.workdir / "node"
+        self.net = net
+        self.name = net.name
+        self.dir = net.dir(cluster.workdir)
         self.containerd_root = containerd_root  # persistent: imported images survive clusters
         self.socket = self.dir / "containerd" / "containerd.sock"
 
+    def _launch(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.cluster._launch(self.net.component(name), self.net.wrap(argv), env)
+
     # ------------------------------------------------------------------ certificates
+
+    def _leaf(self, name: str) -> str:  # the node's own certificates are named after it
+        return name if self.net.first else f"{name}-{self.name}"
 
     def make_certs(self) -> None:
         pki = self.cluster.pki
-        node = f"/O=system:nodes/CN=system:node:{NODE_NAME}"
-        new_leaf(pki, "kubelet-client", node, "clientAuth")
-        new_leaf(pki, "kubelet-serving", f"/CN={NODE_NAME}", "serverAuth",
-                  f"IP:{NODE_IP},DNS:{NODE_NAME}")  # fmt: skip
-        new_leaf(pki, "kube-proxy", "/CN=system:kube-proxy", "clientAuth")
-        new_leaf(pki, "coredns", f"/CN={COREDNS_USER}", "clientAuth")
+        node = f"/O=system:nodes/CN=system:node:{self.name}"
+        new_leaf(pki, self._leaf("kubelet-client"), node, "clientAuth")
+        new_leaf(pki, self._leaf("kubelet-serving"), f"/CN={self.name}", "serverAuth",
+                  f"IP:{self.net.ip},DNS:{self.name}")  # fmt: skip
+        if self.net.first:  # one identity for every node's kube-proxy
+            new_leaf(pki, "kube-proxy", "/CN=system:kube-proxy", "clientAuth")
+            new_leaf(pki, "coredns", f"/CN={COREDNS_USER}", "clientAuth")
 
     def _kubeconfig(self, name: str) -> Path:
         pki = self.cluster.pki
@@ -230,23 +251,24 @@ class RealNode:
         state = self.dir / "containerd" / "state"
         pause = self.pause_image()
         cni_conf = self.dir / "cni" / "net.d"
+        net = self.net
         cni = {
             "cniVersion": "0.4.0",
             "name": CNI_NETWORK,
             "plugins": [
                 {
                     "type": "bridge",
-                    "bridge": BRIDGE,
-                    "isGateway": False,  # host.network_up owns the bridge and its address
+                    "bridge": self.net.bridge,
+                    "isGateway": False,  # host.py owns the bridge and its address
                     "ipMasq": False,
                     "hairpinMode": True,
                     "ipam": {
                         "type": "host-local",
                         "dataDir": str(self.dir / "cni" / "ipam"),
-                        "ranges": [[{"subnet": NODE_CIDR, "rangeStart": POD_RANGE[0],
-                                     "rangeEnd": POD_RANGE[1], "gateway": NODE_IP}]],
-                        # No default route: pods reach only the bridge and the Service range.
-                        "routes": [{"dst": SERVICE_CIDR, "gw": NODE_IP}],
+                        "ranges": [[{"subnet": net.pod_cidr, "rangeStart": net.pod_range[0],
+                                     "rangeEnd": net.pod_range[1], "gateway": net.gateway}]],
+                        # No default route: pods reach only the Services and the nodes' pods.
+                        "routes": [{"dst": CLUSTER_CIDR, "gw": net.gateway}],
                     },
                 },
             ],  # the CRI sets up each pod's loopback itself
@@ -278,6 +300,7 @@ oom_score = 0
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
+        Root = "{state / "runc"}"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{CNI_BIN_DIR}"
     conf_dir = "{cni_conf}"
@@ -300,7 +323,7 @@ oom_score = 0
         env = self.cluster._env({"HTTP_PROXY": dead_proxy, "HTTPS_PROXY": dead_proxy,
                                  "NO_PROXY": "", "http_proxy": dead_proxy,
                                  "https_proxy": dead_proxy, "no_proxy": ""})  # fmt: skip
-        self.cluster._launch("containerd", ["containerd", "--config", str(config)], env)
+        self._launch("containerd", ["containerd", "--config", str(config)], env)
         self.cluster.wait_for(
             lambda: self.socket.exists() and self.ctr("version", timeout=5),
             timeout=60,
@@ -351,7 +374,7 @@ oom_score = 0
         config = {
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
             "kind": "KubeletConfiguration",
-            "address": NODE_IP,
+            "address": self.net.ip,
             "port": self.ports.kubelet,
             "readOnlyPort": 0,
             "healthzBindAddress": "127.0.0.1",
@@ -362,11 +385,11 @@ oom_score = 0
                 "x509": {"clientCAFile": str(pki.ca_crt)},
             },
             "authorization": {"mode": "Webhook"},
-            "tlsCertFile": str(pki.dir / "kubelet-serving.crt"),
-            "tlsPrivateKeyFile": str(pki.dir / "kubelet-serving.key"),
+            "tlsCertFile": str(pki.dir / f"{self._leaf('kubelet-serving')}.crt"),
+            "tlsPrivateKeyFile": str(pki.dir / f"{self._leaf('kubelet-serving')}.key"),
             "containerRuntimeEndpoint": f"unix://{self.socket}",
             "cgroupDriver": "cgroupfs",
-            "cgroupRoot": f"/{CGROUP_ROOT}",
+            "cgroupRoot": f"/{self.net.cgroup_root}",
             "failCgroupV1": False,
             "failSwapOn": False,
             "oomScoreAdj": 0,  # no CAP_SYS_RESOURCE here: negative scores make runc fail
@@ -393,38 +416,39 @@ oom_score = 0
         return _write(self.dir / "kubelet.yaml", yaml.safe_dump(config))
 
     def start_kubelet(self) -> None:
-        create_cgroups()
+        create_cgroups(self.net.cgroup_root)
         argv = [
             str(self.cluster.bin_dir / "kubelet"), f"--config={self._kubelet_config()}",
-            f"--kubeconfig={self._kubeconfig('kubelet-client')}",
+            f"--kubeconfig={self._kubeconfig(self._leaf('kubelet-client'))}",
             f"--root-dir={self.dir / 'kubelet'}", f"--cert-dir={self.dir / 'kubelet-certs'}",
-            f"--hostname-override={NODE_NAME}", f"--node-ip={NODE_IP}",
+            f"--hostname-override={self.name}", f"--node-ip={self.net.ip}",
             f"--node-labels={NODE_LABEL}=true", "--v=1",
         ]  # fmt: skip
-        self.cluster._launch("kubelet", argv)
+        self._launch("kubelet", argv)
 
     # ------------------------------------------------------------------ kube-proxy
 
     def start_kube_proxy(self) -> None:
+        net, probe = self.net, self.net.probe_address
         config = {
             "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
             "kind": "KubeProxyConfiguration",
             "clientConnection": {"kubeconfig": str(self._kubeconfig("kube-proxy"))},
             "mode": "iptables",
-            "clusterCIDR": NODE_CIDR,
-            "hostnameOverride": NODE_NAME,
-            "bindAddress": NODE_IP,
-            "healthzBindAddress": f"127.0.0.1:{self.ports.proxy_healthz}",
-            "metricsBindAddress": f"127.0.0.1:{self.ports.proxy_metrics}",
-            "nodePortAddresses": [f"{NODE_IP}/32"],
+            "clusterCIDR": net.pod_cidr,
+            "hostnameOverride": net.name,
+            "bindAddress": net.ip,
+            "healthzBindAddress": f"{probe}:{self.ports.proxy_healthz}",
+            "metricsBindAddress": f"{probe}:{self.ports.proxy_metrics}",
+            "nodePortAddresses": [f"{net.ip}/32"],
             "iptables": {"localhostNodePorts": False, "masqueradeAll": False},
             # Zero: kube-proxy leaves the host's conntrack settings alone.
             "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s",
                           "tcpCloseWaitTimeout": "0s"},
         }  # fmt: skip
         path = _write(self.dir / "kube-proxy.yaml", yaml.safe_dump(config))
-        self.cluster._launch("kube-proxy", [str(self.cluster.bin_dir / "kube-proxy"),
-                                            f"--config={path}", "--v=1"])  # fmt: skip
+        self._launch("kube-proxy", [str(self.cluster.bin_dir / "kube-proxy"), f"--config={path}",
+                                    "--v=1"])  # fmt: skip
 
     # ------------------------------------------------------------------ CoreDNS
 
@@ -449,7 +473,7 @@ oom_score = 0
 }}
 """
         path = _write(self.dir / "Corefile", corefile)
-        self.cluster._launch("coredns", [str(self.cluster.bin_dir / "coredns"), "-conf", str(path)])
+        self._launch("coredns", [str(self.cluster.bin_dir / "coredns"), "-conf", str(path)])
 
     def _cluster_objects(self) -> list[dict[str, Any]]:
         """RBAC for the node and CoreDNS, the kube-dns Service and its endpoints, storage."""
@@ -494,19 +518,22 @@ oom_score = 0
         self.cluster.apply(self._cluster_objects())
         self.start_kubelet()
         self.start_kube_proxy()
-        self.start_coredns()
+        if self.net.first:  # the cluster's DNS server, which every node's pods reach
+            self.start_coredns()
 
     def image(self, prefix: str) -> str:
         return built_image(self.cluster.cache, prefix)
 
     def wait_ready(self, timeout: float) -> None:
-        self.cluster.wait_for(self._ready, timeout=timeout, what=f"node {NODE_NAME} Ready",
+        self.cluster.wait_for(self._ready, timeout=timeout, what=f"node {self.name} Ready",
                               interval=0.3)  # fmt: skip
         self.cluster.wait_for(
-            lambda: self._http_ok(self.ports.proxy_healthz),
+            lambda: self._http_ok(self.net.probe_address, self.ports.proxy_healthz),
             timeout=timeout,
-            what="kube-proxy /healthz (rules synced)",
+            what=f"kube-proxy of {self.name} /healthz (rules synced)",
         )
+        if not self.net.first:
+            return
         # CoreDNS's ready endpoint answers before its listener does: ask a real question.
         self.cluster.wait_for(
             lambda: (
@@ -518,12 +545,12 @@ oom_score = 0
         )
 
     @staticmethod
-    def _http_ok(port: int) -> bool:
-        http_get(f"http://127.0.0.1:{port}/healthz")
+    def _http_ok(address: str, port: int) -> bool:
+        http_get(f"http://{address}:{port}/healthz")
         return True
 
     def _ready(self) -> bool:
-        node = self.cluster.api_get(f"/api/v1/nodes/{NODE_NAME}") or {}
+        node = self.cluster.api_get(f"/api/v1/nodes/{self.name}") or {}
         conditions = {c["type"]: c["status"] for c in node.get("status", {}).get("conditions", [])}
         taints = {t["key"] for t in node.get("spec", {}).get("taints", []) or []}
         return conditions.get("Ready") == "True" and "node.kubernetes.io/not-ready" not in taints

@@ -64,7 +64,12 @@ def missing_tools(bin_dir: Path) -> list[str]:
 
 def containerd_root() -> Path:
     """The real node's containerd root: persistent, so imported images survive clusters."""
-    return cache_dir() / "containerd"
+    return node_containerd_root(1)
+
+
+def node_containerd_root(index: int) -> Path:
+    """Real node `index`'s containerd root (each node has its own, kept like the first's)."""
+    return cache_dir() / ("containerd" if index == 1 else f"containerd-node{index}")
 
 
 def state_file() -> Path:

@@ -82,6 +82,13 @@ class Component:
         if self.proc is not None:
             self.proc.wait()
 
+    def kill(self) -> None:
+        """SIGKILL at once (a fault, not a stop) and reap it."""
+        if self.alive():
+            os.kill(self.pid, signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait()
+
     def tail(self, lines: int = 30) -> str:
         try:
             text = self.log.read_text(errors="replace").splitlines()

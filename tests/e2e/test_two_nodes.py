@@ -1,0 +1,99 @@
+"""Training across two real nodes: the CPU example's two pods, kept apart by pod anti-affinity
+(`spec.resources.affinity`), run one on each node, in two pod networks (10.213.0.0/24 on the
+first node, 10.213.2.0/24 in the second node's network namespace); torchrun's rendezvous
+through worker 0's Service DNS name and gloo's collectives cross between them, and the job ends
+Succeeded. When the second node is lost mid-run (its link down, every process of it killed; then
+declared out-of-service, as Kubernetes' non-graceful node shutdown asks), the job restarts as a
+new attempt on the remaining node, resumes from its last checkpoint and succeeds.
+
+The second node is added to the session's cluster by this module (`Cluster.add_node`) and
+removed at its end; the operator is installed before, pinned to the first node.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from devtools.cluster import Cluster, deploy, faults, host
+from devtools.cluster.node import RealNode
+from tests.e2e.test_lifecycle import FIRST_SAVE, ITERS, SAVE, resumed_and_trained_once
+from tests.e2e.test_train import report
+
+pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.slow]
+
+TIMEOUT = 600.0
+
+
+@pytest.fixture(scope="module")
+def two_nodes(cluster: Cluster) -> Iterator[tuple[str, RealNode]]:
+    """A namespace watched by a `helm install`ed operator on the first node, and the second
+    node (added here unless the cluster has one: `python -m devtools.cluster up --nodes 2`)."""
+    namespace, release = "e2e-nodes", "kubetron-nodes"
+    restricted = {"pod-security.kubernetes.io/enforce": "restricted"}
+    for ns in (namespace, release):
+        metadata = {"name": ns, "labels": restricted}
+        cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": metadata})
+    first = {"kubernetes.io/hostname": host.NODE_NAME}
+    deploy.install_operator(cluster, release, release, watch=[namespace], crds=False,
+                            progress_seconds=2, node_selector=first)  # fmt: skip
+    added = cluster.add_node() if len(cluster.real_nodes) < 2 else None
+    try:
+        yield namespace, cluster.real_nodes[1]
+    finally:
+        deploy.uninstall_operator(cluster, release, release)
+        cluster.kubectl("delete", "namespace", namespace, release, "--wait=false")
+        if added is not None:
+            cluster.remove_node(added)
+
+
+def test_a_job_trains_with_one_pod_on_each_node(
+    cluster: Cluster, two_nodes: tuple[str, RealNode]
+) -> None:
+    namespace, second = two_nodes
+    name = "two-nodes"
+    faults.apply_long_job(cluster, namespace, name, 40, 20,
+                          resources={"affinity": deploy.one_pod_per_node(name)})  # fmt: skip
+    status = deploy.wait_final(cluster, namespace, name, TIMEOUT)["status"]
+    assert status["phase"] == "Succeeded", (status, report(cluster, namespace, name))
+    pods = deploy.pods(cluster, namespace, name)
+    assert len(pods) == 2, [p["metadata"]["name"] for p in pods]
+    placed = {p["spec"]["nodeName"]: p["status"]["podIP"] for p in pods}
+    assert set(placed) == {host.NODE_NAME, second.name}, placed
+    for node_name, pod_ip in placed.items():
+        net = host.NodeNet() if node_name == host.NODE_NAME else second.net
+        assert ipaddress.ip_address(pod_ip) in ipaddress.ip_network(net.pod_cidr), placed
+    log = deploy.logs(cluster, namespace, f"{name}-worker-0")
+    assert [s for s, _, _ in deploy.steps(log)][-1] == 40, log[-3000:]
+
+
+def test_a_lost_node_restarts_the_job_on_the_remaining_node_from_its_checkpoint(
+    cluster: Cluster, two_nodes: tuple[str, RealNode]
+) -> None:
+    """Runs after the test above (its second node is taken away for good)."""
+    namespace, second = two_nodes
+    name = "node-loss"
+    volume = faults.apply_long_job(
+        cluster, namespace, name, ITERS, SAVE,
+        resources={"affinity": deploy.one_pod_per_node(name, required=False)},
+        runPolicy={"progressDeadlineSeconds": 40},  # the lost peer hangs the survivor's collective
+    )  # fmt: skip
+    faults.wait_for_log(cluster, namespace, f"{name}-worker-0", FIRST_SAVE)
+    before = deploy.placement(cluster, namespace, name)
+    assert set(before.values()) == {host.NODE_NAME, second.name}, before
+    lost = time.monotonic()
+    faults.lose_node(cluster, second)
+    faults.declare_out_of_service(cluster, second.name)
+    not_ready_s = time.monotonic() - lost
+    final = deploy.wait_final(cluster, namespace, name, TIMEOUT)
+    status = final["status"]
+    assert status["phase"] == "Succeeded", (status, report(cluster, namespace, name))
+    assert (status["attempt"], status["restarts"]) == (2, 1), status
+    after = deploy.placement(cluster, namespace, name)
+    assert set(after.values()) == {host.NODE_NAME}, after
+    resumed_and_trained_once(cluster, namespace, name, volume)
+    print(f"node lost -> not Ready and tainted out-of-service after {not_ready_s:.0f} s; "
+          f"job Succeeded {time.monotonic() - lost:.0f} s after the loss")  # fmt: skip
