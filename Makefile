@@ -39,6 +39,7 @@ generate crd: setup
 	@cp manifests/crds/kubetron.io_megatronjobs.yaml charts/kubetron/files/crds/
 	@$(VENV)/bin/kubetron rbac > manifests/rbac/operator.yaml
 	@$(VENV)/bin/kubetron rbac --helm > charts/kubetron/templates/_rbac.tpl
+	@$(VENV)/bin/kubetron runtime > charts/kubetron/files/trainjob-runtime.yaml
 	@echo "wrote manifests/crds/, charts/kubetron/files/crds/, manifests/rbac/ and the chart's _rbac.tpl"
 
 # make demo: the CPU example through Kubernetes on the local cluster (kept up; DOWN=1 stops it).

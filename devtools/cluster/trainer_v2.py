@@ -18,6 +18,7 @@ $TMPDIR/k8s-webhook-server/serving-certs, so it runs with a TMPDIR of its own un
 
 from __future__ import annotations
 
+import functools
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +102,10 @@ def webhook_configs(cluster: Cluster, ports: TrainerPorts | None = None) -> list
     return configs
 
 
+def _ready(port: int) -> bool:
+    return http_get(f"http://127.0.0.1:{port}/readyz") == "ok"
+
+
 def start(cluster: Cluster) -> None:
     """Install the CRDs, start JobSet and the Trainer, wait for /readyz, register the webhooks.
     Idempotent: nothing happens while both run."""
@@ -125,7 +130,7 @@ def start(cluster: Cluster) -> None:
         cluster._launch(name, argv, cluster._env({"TMPDIR": str(tmp)}))
     for name, port in ((TRAINER, ports.trainer_probe), (JOBSET, ports.jobset_probe)):
         cluster.wait_for(
-            lambda port=port: http_get(f"http://127.0.0.1:{port}/readyz") == "ok",
+            functools.partial(_ready, port),
             timeout=cluster.config.startup_timeout,
             what=f"{name} /readyz",
             interval=0.3,

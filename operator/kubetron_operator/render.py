@@ -18,6 +18,7 @@ from kubetron_api.v1alpha1 import (
     DEFAULT_MEMORY_PER_PROCESS_MI,
     KIND,
     TRAINER_UID,
+    Backend,
     MegatronJob,
     ResourcesSpec,
 )
@@ -55,6 +56,9 @@ JOB_ROLE_LABEL = "training.kubeflow.org/job-role"  # "master" on worker 0
 # The operator restarts the whole group itself (lifecycle.py): the training-operator never
 # restarts a single pod, and a failed pod fails the PyTorchJob, which the operator then replaces.
 RESTART_POLICY = "Never"
+# The container's entry point: the pod launcher running torchrun over the trainer.
+LAUNCH_COMMAND = ("python", "-m", "kubetron_trainer.launch")
+TRAINER_ARGS = ("-m", "kubetron_trainer", "--config", CONFIG_PATH)
 
 
 def labels(job: MegatronJob, component: str) -> dict[str, str]:
@@ -117,7 +121,7 @@ def render_config_map(job: MegatronJob, plan: Plan) -> Obj:
 
 
 class JobBuilder(Protocol):
-    """Builds the backend job object (PyTorchJob today, TrainJob later)."""
+    """Builds the backend job object: a PyTorchJob, or a TrainJob (render_trainjob.py)."""
 
     api_version: str
     kind: str
@@ -162,12 +166,17 @@ class PyTorchJobBuilder:
         }
 
 
+def created_suspended(job: MegatronJob, scheduler: Scheduler) -> bool:
+    """The backend job's suspend: the spec's, or queued (created suspended, and the queue
+    un-suspends it when it admits it)."""
+    return job.spec.run_policy.suspend or scheduler.queues
+
+
 def _run_policy(job: MegatronJob, scheduler: Scheduler) -> Obj:
     rp = job.spec.run_policy
     out: Obj = {  # backoffLimit: the operator counts restarts (attempts) itself
         "cleanPodPolicy": rp.clean_pod_policy.value,
-        # queued: created suspended, and the queue un-suspends it when it admits it
-        "suspend": rp.suspend or scheduler.queues,
+        "suspend": created_suspended(job, scheduler),
     }
     if rp.active_deadline_seconds is not None:
         out["activeDeadlineSeconds"] = rp.active_deadline_seconds
@@ -189,7 +198,7 @@ def _pod_spec(job: MegatronJob, plan: Plan, attempt: int) -> Obj:
         # the launcher forwards SIGTERM to the trainers and waits this long for their save
         "terminationGracePeriodSeconds": job.spec.run_policy.termination_grace_period_seconds,
         "containers": [_container(job, plan, attempt)],
-        "volumes": _volumes(job),
+        "volumes": pod_volumes(job),
     }
     optional = {
         "nodeSelector": dict(sorted(res.node_selector.items())) or None,
@@ -214,16 +223,16 @@ def _container(job: MegatronJob, plan: Plan, attempt: int) -> Obj:
         # and PET_MASTER_* (ours) and gives each process its own RANK/LOCAL_RANK/WORLD_SIZE; the
         # launcher then exits with the workers' own code (torchrun alone exits 1 for every
         # failure, preemption included).
-        "command": ["python", "-m", "kubetron_trainer.launch"],
-        "args": ["-m", "kubetron_trainer", "--config", CONFIG_PATH],
-        "env": _env(job, plan, attempt),
+        "command": list(LAUNCH_COMMAND),
+        "args": list(TRAINER_ARGS),
+        "env": container_env(job, plan, attempt),
         "ports": [
             {"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"},
             {"name": "pytorchjob-port", "containerPort": MASTER_PORT, "protocol": "TCP"},
         ],
-        "resources": _resources(res),
+        "resources": container_resources(res),
         "securityContext": container_security_context(res),
-        "volumeMounts": _volume_mounts(job),
+        "volumeMounts": volume_mounts(job),
     }
 
 
@@ -232,16 +241,27 @@ def rendezvous_host(job: MegatronJob) -> str:
     return f"{job.name}-{WORKER.lower()}-0"
 
 
-def _env(job: MegatronJob, plan: Plan, attempt: int) -> list[Obj]:
+def container_env(
+    job: MegatronJob,
+    plan: Plan,
+    attempt: int,
+    index_field: str = f"metadata.labels['{REPLICA_INDEX_LABEL}']",
+    rendezvous: bool = True,
+) -> list[Obj]:
+    """The trainer container's environment. `index_field`: where the pod reads its index;
+    `rendezvous`: whether kubetron sets PET_MASTER_* itself (a backend may set them)."""
     field = {
         "POD_NAME": "metadata.name",
         "NODE_NAME": "spec.nodeName",
-        REPLICA_INDEX_ENV: f"metadata.labels['{REPLICA_INDEX_LABEL}']",
+        REPLICA_INDEX_ENV: index_field,
     }
-    env: list[Obj] = [
-        {"name": JOB_NAME_ENV, "value": job.name},
-        {"name": MASTER_ADDR_ENV, "value": rendezvous_host(job)},
-        {"name": MASTER_PORT_ENV, "value": str(MASTER_PORT)},
+    env: list[Obj] = [{"name": JOB_NAME_ENV, "value": job.name}]
+    if rendezvous:
+        env += [
+            {"name": MASTER_ADDR_ENV, "value": rendezvous_host(job)},
+            {"name": MASTER_PORT_ENV, "value": str(MASTER_PORT)},
+        ]
+    env += [
         # pod index -> node rank: each model-parallel group on consecutive pods (kueue.py)
         {"name": NODE_RANKS_ENV, "value": ",".join(map(str, plan.pod_order()))},
         # the trainer fences its checkpoint writes with both (ckpt_meta.claim)
@@ -269,7 +289,7 @@ def quantity_bytes(quantity: str) -> int:
     return int(float(number) * _MEMORY_UNITS.get(unit, 1))
 
 
-def _resources(res: ResourcesSpec) -> Obj:
+def container_resources(res: ResourcesSpec) -> Obj:
     """Requests (and limits where the spec gives a value). The memory-backed /dev/shm is charged
     to the pod, so the default memory request includes it."""
     limits: Obj = {}
@@ -307,7 +327,7 @@ def container_security_context(res: ResourcesSpec) -> Obj:
     return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 
-def _volumes(job: MegatronJob) -> list[Obj]:
+def pod_volumes(job: MegatronJob) -> list[Obj]:
     res, ckpt = job.spec.resources, job.spec.checkpoint
     volumes: list[Obj] = [
         {"name": "config", "configMap": {"name": config_map_name(job)}},
@@ -320,7 +340,7 @@ def _volumes(job: MegatronJob) -> list[Obj]:
     return volumes + list(res.volumes)
 
 
-def _volume_mounts(job: MegatronJob) -> list[Obj]:
+def volume_mounts(job: MegatronJob) -> list[Obj]:
     ckpt = job.spec.checkpoint
     mounts: list[Obj] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
@@ -353,11 +373,28 @@ def drifted(desired: object, live: object) -> bool:
     return desired != live
 
 
+def job_backend(job: MegatronJob, default: Backend = Backend.PYTORCHJOB) -> Backend:
+    """The job's backend: spec.backend, else the operator's default (--backend)."""
+    return job.spec.backend or default
+
+
+def builder_for(backend: Backend) -> JobBuilder:
+    # render_trainjob builds on this module's pod pieces, so it is imported only when asked for
+    from kubetron_operator.render_trainjob import TrainJobBuilder
+
+    return TrainJobBuilder() if backend is Backend.TRAINJOB else PyTorchJobBuilder()
+
+
 def render(
-    job: MegatronJob, plan: Plan, builder: JobBuilder | None = None, attempt: int = 1
+    job: MegatronJob,
+    plan: Plan,
+    builder: JobBuilder | None = None,
+    attempt: int = 1,
+    default_backend: Backend = Backend.PYTORCHJOB,
 ) -> list[Obj]:
-    """The ConfigMap and the backend job of `attempt` for a MegatronJob, in apply order."""
-    builder = builder or PyTorchJobBuilder()
+    """The ConfigMap and the backend job of `attempt` for a MegatronJob, in apply order; the
+    builder of the job's backend unless one is given."""
+    builder = builder or builder_for(job_backend(job, default_backend))
     return [render_config_map(job, plan), builder.build(job, plan, attempt)]
 
 

@@ -11,6 +11,8 @@ import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
+from kubetron_api.v1alpha1 import Backend
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -30,6 +32,7 @@ class Settings:
     resync_period: float = 30.0
     progress_period: float = 15.0
     kubeconfig: str | None = None
+    backend: Backend = Backend.PYTORCHJOB
 
     @property
     def all_namespaces(self) -> bool:
@@ -57,6 +60,7 @@ def parse_settings(
     values = {f.name: getattr(a, f.name) for f in fields(Settings)}
     values["namespaces"] = tuple(ns.strip() for ns in a.namespaces.split(",") if ns.strip())
     values["log_level"] = a.log_level.upper()
+    values["backend"] = Backend(a.backend)
     return Settings(**values)
 
 
@@ -114,5 +118,12 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "--kubeconfig",
         default=env.get("KUBECONFIG"),
         help="kubeconfig file; in-cluster config when unset",
+    )
+    p.add_argument(
+        "--backend",
+        choices=[b.value for b in Backend],
+        default=env.get("KUBETRON_BACKEND", d.backend.value),
+        help="the Kubeflow job of a MegatronJob without spec.backend (TrainJob: Kubeflow "
+        "Trainer v2 on kubetron's ClusterTrainingRuntime)",
     )
     return p

@@ -99,3 +99,10 @@ Included by the Deployment, so every render runs them.
 {{- fail (printf "operator.metricsPort and operator.healthPort are both %d: the operator serves /metrics and /healthz on separate ports; give them different values" (int .Values.operator.metricsPort)) }}
 {{- end }}
 {{- end }}
+
+{{/*
+Non-empty when the TrainJob backend is on: the operator's default backend, or allowed beside it.
+*/}}
+{{- define "kubetron.trainJobOn" -}}
+{{- if or (eq .Values.backend "TrainJob") .Values.trainJob.enabled }}true{{- end }}
+{{- end }}

@@ -26,6 +26,15 @@ do not edit by hand: the operator's least-privilege rules.
   verbs: [get, list, watch, patch]
 {{- end }}
 
+{{- define "kubetron.trainJobRules" -}}
+- apiGroups: [trainer.kubeflow.org]
+  resources: [trainjobs]
+  verbs: [get, list, watch, create, patch, update, delete]
+- apiGroups: [jobset.x-k8s.io]
+  resources: [jobsets]
+  verbs: [get, list, watch]
+{{- end }}
+
 {{- define "kubetron.leaseRules" -}}
 - apiGroups: [coordination.k8s.io]
   resources: [leases]

@@ -25,6 +25,7 @@ _DROP_KEYS = {"title", "additionalProperties", "$defs", OFF_WHEN_UNSET_KEY}
 # Everything but runPolicy.suspend is fixed once created: a running job cannot change shape.
 IMMUTABLE_FIELDS: tuple[str, ...] = ("model", "models", "recipe", "parallelism", "data")
 IMMUTABLE_FIELDS += ("checkpoint", "resources", "scheduling", "metrics", "observability")
+IMMUTABLE_FIELDS += ("backend",)  # a running job's pods stay under the one Kubeflow job kind
 IMMUTABLE_RUN_POLICY = ("backoffLimit", "cleanPodPolicy")
 OPTIONAL_RUN_POLICY = ("activeDeadlineSeconds", "ttlSecondsAfterFinished")
 
