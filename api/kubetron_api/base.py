@@ -22,6 +22,7 @@ import functools
 import math
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
@@ -71,6 +72,12 @@ def field_json_type(model: type[BaseModel], name: str) -> JsonType | None:
     return json_type(model.model_fields[name].annotation)
 
 
+@functools.cache
+def _aliases(model: type[BaseModel]) -> frozenset[str]:
+    """The (camelCase) keys of a model's fields."""
+    return frozenset(f.alias or name for name, f in model.model_fields.items())
+
+
 def _shown(value: Any) -> str:
     """A value as a user reads it in the YAML they wrote."""
     if isinstance(value, bool):
@@ -81,7 +88,9 @@ def _shown(value: Any) -> str:
         return f"the number {value}"
     if isinstance(value, list | tuple):
         return "a list"
-    return "an object (a mapping)" if isinstance(value, dict | BaseModel) else type(value).__name__
+    if isinstance(value, Mapping | BaseModel):
+        return "an object (a mapping)"
+    return type(value).__name__
 
 
 def _unquoted_hint(text: str, expected: JsonType) -> str:
@@ -116,7 +125,7 @@ def type_problem(expected: JsonType, value: Any) -> str | None:
     elif expected == "array":
         ok = isinstance(value, list | tuple)
     else:
-        ok = isinstance(value, dict | BaseModel)
+        ok = isinstance(value, Mapping | BaseModel)
     if ok:
         return None
     hint = _unquoted_hint(value, expected) if isinstance(value, str) else ""
@@ -132,7 +141,7 @@ def _without_null_values(value: Any, annotation: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         options = [a for a in args if a is not type(None)]
         return _without_null_values(value, options[0]) if len(options) == 1 else value
-    if origin is dict and isinstance(value, dict) and json_type(args[1]) is not None:
+    if origin is dict and isinstance(value, Mapping) and json_type(args[1]) is not None:
         return {k: v for k, v in value.items() if v is not None}
     return value
 
@@ -149,9 +158,9 @@ class ApiModel(BaseModel):
     @classmethod
     def _null_is_absent(cls, data: Any) -> Any:
         # Only a field's own (camelCase) key: a null under an unknown key is still refused.
-        if not isinstance(data, dict):
+        if not isinstance(data, Mapping):
             return data
-        aliases = {f.alias or name for name, f in cls.model_fields.items()}
+        aliases = _aliases(cls)
         return {k: v for k, v in data.items() if v is not None or k not in aliases}
 
     @field_validator("*", mode="before")
@@ -162,6 +171,6 @@ class ApiModel(BaseModel):
         expected = field_json_type(cls, info.field_name)
         if expected is not None and (problem := type_problem(expected, value)):
             raise PydanticCustomError("json_type", problem)
-        if expected != "object" or not isinstance(value, dict):
+        if expected != "object" or not isinstance(value, Mapping):
             return value
         return _without_null_values(value, cls.model_fields[info.field_name].annotation)
