@@ -83,6 +83,7 @@ _GPU_OOM_FIX = (
     "spec.recipe.microBatchSize, spec.recipe.recomputeLayers (activation recompute), more "
     "spec.parallelism.pipeline stages or a larger spec.parallelism.tensor"
 )
+_FIXES = {FailureCause.OOM_KILLED: _OOM_KILLED_FIX, FailureCause.GPU_OUT_OF_MEMORY: _GPU_OOM_FIX}
 PERMANENT = frozenset(
     {FailureCause.OOM_KILLED, FailureCause.GPU_OUT_OF_MEMORY, FailureCause.PERMANENT_ERROR}
 )
@@ -118,11 +119,8 @@ class ContainerExit:
         line += f" ({self.reason})"
         text = " ".join(self.message.split())
         line = f"{line}: {text[:limit]}" if text else line
-        fix = {
-            FailureCause.OOM_KILLED: _OOM_KILLED_FIX,
-            FailureCause.GPU_OUT_OF_MEMORY: _GPU_OOM_FIX,
-        }
-        return f"{line}; {fix[self.cause]}" if self.cause in fix else line
+        fix = _FIXES.get(self.cause)
+        return f"{line}; {fix}" if fix else line
 
     def ended(self) -> Ended:
         return Ended(self.cause, self.pod, self.node, self.cause == FailureCause.GPU_FAULT)
