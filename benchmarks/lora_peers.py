@@ -300,13 +300,13 @@ def run(args: argparse.Namespace) -> int:
                                                args.run_timeout)),
         ("peft", lambda: run_peer(shape, weights, workdir / "peft", False, args.run_timeout)),
     ]  # fmt: skip
-    if args.liger:
-        sides.append(("peft_liger", lambda: run_peer(shape, weights, workdir / "peft-liger",
-                                                     True, args.run_timeout)))  # fmt: skip
     if args.full_preset:
         full = Shape(**asdict(shape) | {"preset": args.full_preset})
         full_weights = workdir / full.preset
         sides.append(("kubetron_full", lambda: _full(full, full_weights, workdir, args)))
+    if args.liger:
+        sides.append(("peft_liger", lambda: run_peer(shape, weights, workdir / "peft-liger",
+                                                     True, args.run_timeout)))  # fmt: skip
     for name, side in sides:
         result = report["results"][name] = side()
         if result.get("ok"):
