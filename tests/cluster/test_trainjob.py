@@ -1,0 +1,175 @@
+"""The TrainJob backend against the real Kubeflow Trainer v2 and JobSet controllers.
+
+A MegatronJob with `spec.backend: TrainJob` is stored by the API server (its CRD's rules), its
+render -- the ConfigMap and the TrainJob on kubetron's ClusterTrainingRuntime -- is applied
+through Trainer v2's admission webhooks, and the Trainer v2 controller makes a JobSet of it,
+the JobSet controller one indexed Job, the Job controller the pods, which kwok runs on its fake
+GPU nodes. The live pods are compared with the pods the PyTorchJob backend renders for the same
+job: the same container, requests, security contexts, volumes and placement, with the rank
+environment split between Trainer v2 (PET_*) and kubetron (the index and the node-rank order).
+
+The operator itself does not drive this backend yet (status and lifecycle follow the
+PyTorchJob), so the test applies the render as the operator would. The backend's CEL transition
+rule is checked against the same API server.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kubernetes.utils import parse_quantity
+
+from devtools.cluster import Cluster, ClusterError
+from devtools.cluster.kubetron import fake_gpu_job
+from kubetron_api.parse import parse_job
+from kubetron_api.wire import MASTER_ADDR_ENV, MASTER_PORT_ENV, REPLICA_INDEX_ENV
+from kubetron_operator.plan import plan
+from kubetron_operator.render import CONTAINER, WORKER, PyTorchJobBuilder, drifted, render
+from kubetron_operator.render_trainjob import (
+    COMPLETION_INDEX_ANNOTATION,
+    NODE,
+    cluster_training_runtime,
+)
+
+pytestmark = pytest.mark.cluster
+
+Obj = dict[str, Any]
+JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
+TRAINER_PORT = "29500"  # Trainer v2's rendezvous port (PET_MASTER_PORT)
+# What the live pods must share with the PyTorchJob backend's worker template.
+POD_FIELDS = ("automountServiceAccountToken", "enableServiceLinks", "securityContext")
+POD_FIELDS += ("terminationGracePeriodSeconds", "volumes", "nodeSelector")
+CONTAINER_FIELDS = ("image", "imagePullPolicy", "command", "args")
+CONTAINER_FIELDS += ("securityContext", "volumeMounts")
+
+
+@pytest.fixture(scope="module")
+def trainer_v2(kubetron: Cluster) -> Iterator[Cluster]:
+    """Trainer v2 and JobSet beside the session's training-operator, kubetron's runtime in."""
+    kubetron.start_trainer_v2()
+    try:
+        kubetron.apply(cluster_training_runtime())
+        yield kubetron
+    finally:
+        kubetron.stop_trainer_v2()
+
+
+def _create(cluster: Cluster, namespace: str, name: str, backend: str | None) -> Obj:
+    body = fake_gpu_job(name, nodes=2, complete_after="600s")
+    if backend:
+        body["spec"]["backend"] = backend
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(body))
+    stored = cluster.get("megatronjob", name, namespace)
+    assert stored is not None
+    return stored
+
+
+def _pods(cluster: Cluster, namespace: str, name: str, count: int) -> list[Obj]:
+    def listed() -> list[Obj] | None:
+        out = cluster.kubectl("get", "pods", "-n", namespace, "-l",
+                              f"{JOBSET_NAME_LABEL}={name}", "-o", "json").stdout  # fmt: skip
+        pods = json.loads(out)["items"]
+        return pods if len(pods) == count else None
+
+    return cluster.wait_for(listed, timeout=90, what=f"{count} pods of the JobSet {name}")
+
+
+def _quantities(resources: Obj) -> dict[str, dict[str, Any]]:
+    return {kind: {name: parse_quantity(value) for name, value in values.items()}
+            for kind, values in resources.items()}  # fmt: skip
+
+
+def _env(container: Obj) -> dict[str, Obj]:
+    return {var["name"]: var for var in container.get("env", [])}
+
+
+def test_a_trainjob_job_becomes_a_jobset_of_the_pods_the_pytorchjob_backend_renders(
+    trainer_v2: Cluster, namespace: str
+) -> None:
+    cluster = trainer_v2
+    job = parse_job(_create(cluster, namespace, "tj", "TrainJob"))
+    job_plan = plan(job)
+    objs = render(job, job_plan)
+    assert [o["kind"] for o in objs] == ["ConfigMap", "TrainJob"]
+    cluster.apply(objs)
+
+    jobset = cluster.wait_for(
+        lambda: cluster.get("jobset", "tj", namespace), timeout=60, what="the JobSet tj"
+    )
+    assert jobset["metadata"]["ownerReferences"][0]["kind"] == "TrainJob"
+    assert jobset["spec"]["failurePolicy"].get("maxRestarts", 0) == 0  # 0 is left out
+    (replicated,) = jobset["spec"]["replicatedJobs"]
+    job_spec = replicated["template"]["spec"]
+    assert (replicated["name"], replicated["replicas"]) == (NODE, 1)
+    assert (job_spec["parallelism"], job_spec["completions"]) == (2, 2)
+    assert job_spec["completionMode"] == "Indexed"
+    # pod index 0 is the rendezvous: JobSet's headless Service gives it a DNS name
+    assert cluster.get("service", "tj", namespace) is not None
+
+    want = PyTorchJobBuilder().build(job, job_plan, 1)["spec"]["pytorchReplicaSpecs"][WORKER]
+    want_pod, want_meta = want["template"]["spec"], want["template"]["metadata"]
+    (want_container,) = want_pod["containers"]
+    assert want_container["name"] == CONTAINER
+    pods = sorted(
+        _pods(cluster, namespace, "tj", 2),
+        key=lambda p: int(p["metadata"]["annotations"][COMPLETION_INDEX_ANNOTATION]),
+    )
+    for index, pod in enumerate(pods):
+        meta, spec = pod["metadata"], pod["spec"]
+        assert meta["annotations"][COMPLETION_INDEX_ANNOTATION] == str(index)
+        assert (spec["hostname"], spec["subdomain"]) == (f"tj-node-0-{index}", "tj")
+        assert not drifted(want_meta["labels"], meta["labels"]), meta["labels"]
+        assert not drifted(want_meta["annotations"], meta["annotations"]), meta["annotations"]
+        for key in POD_FIELDS:
+            assert not drifted(want_pod[key], spec[key]), (key, spec[key])
+        # admission adds the not-ready/unreachable tolerations to every pod
+        assert all(t in spec["tolerations"] for t in want_pod["tolerations"]), spec["tolerations"]
+        assert spec["restartPolicy"] == "Never"
+        assert spec["nodeName"].startswith("kwok-gpu-")
+        (container,) = spec["containers"]
+        assert container["name"] == NODE
+        for key in CONTAINER_FIELDS:
+            assert not drifted(want_container[key], container[key]), (key, container[key])
+        # quantities as numbers: the API server writes them canonically (147456Mi as 144Gi)
+        want_res, res = (
+            _quantities(want_container["resources"]),
+            _quantities(container["resources"]),
+        )
+        assert not drifted(want_res, res), container["resources"]
+        assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in container["ports"]
+
+        env, want_env = _env(container), _env(want_container)
+        # Trainer v2's torch plugin: the rank environment torchrun reads
+        assert env["PET_NNODES"]["value"] == "2"
+        assert env["PET_NPROC_PER_NODE"]["value"] == "8"
+        index_ref = {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}
+        assert not drifted(index_ref, env["PET_NODE_RANK"]["valueFrom"]["fieldRef"])
+        assert env[MASTER_ADDR_ENV]["value"] == "tj-node-0-0.tj"
+        assert env[MASTER_PORT_ENV]["value"] == TRAINER_PORT
+        # kubetron's: the same pod index (the launcher's node rank), everything else as rendered
+        assert not drifted(index_ref, env[REPLICA_INDEX_ENV]["valueFrom"]["fieldRef"])
+        for name, var in want_env.items():
+            if name not in (REPLICA_INDEX_ENV, MASTER_ADDR_ENV, MASTER_PORT_ENV):
+                assert not drifted(var, env[name]), (name, env[name])
+
+
+def test_a_running_job_cannot_switch_backend(kubetron: Cluster, namespace: str) -> None:
+    """The CEL transition rule on spec.backend, in both directions and for an unset one."""
+    _create(kubetron, namespace, "pinned", "TrainJob")
+    _create(kubetron, namespace, "default", None)
+    changes = [
+        ("pinned", {"spec": {"backend": "PyTorchJob"}}),
+        ("pinned", {"spec": {"backend": None}}),
+        ("default", {"spec": {"backend": "TrainJob"}}),
+    ]
+    for name, patch in changes:
+        with pytest.raises(ClusterError, match=r"spec\.backend is immutable"):
+            kubetron.kubectl("patch", "megatronjob", name, "-n", namespace, "--type=merge",
+                             "-p", json.dumps(patch))  # fmt: skip
+    kubetron.kubectl("patch", "megatronjob", "pinned", "-n", namespace, "--type=merge",
+                     "-p", json.dumps({"spec": {"runPolicy": {"suspend": True}}}))  # fmt: skip
+    stored = kubetron.get("megatronjob", "pinned", namespace)
+    assert stored is not None and stored["spec"]["backend"] == "TrainJob"
