@@ -64,12 +64,16 @@ def _lose_node(cluster: Cluster, ns: str, pod: Obj) -> str:
     return str(node)
 
 
-def _run(cluster: Cluster, ns: str, name: str, nodes: int, backoff_limit: int) -> None:
-    """A job whose pods run until the test ends them, running."""
+def _run(
+    cluster: Cluster, ns: str, start_operator: Any, name: str, nodes: int, backoff_limit: int
+) -> tuple[OperatorProcess, list[Obj]]:
+    """An operator, and a job whose pods run until the test ends them, running: its pods."""
+    op = start_operator(f"op-{name}")
     job = fake_gpu_job(name, nodes=nodes, complete_after="600s")
     job["spec"]["runPolicy"]["backoffLimit"] = backoff_limit
     _apply(cluster, ns, job)
     wait_phase(cluster, ns, name, "Running")
+    return op, _pods(cluster, ns, name, 1)
 
 
 def _attempt(cluster: Cluster, ns: str, job: str, attempt: int) -> Obj:
@@ -84,9 +88,7 @@ def _attempt(cluster: Cluster, ns: str, job: str, attempt: int) -> Obj:
 def test_an_oom_killed_pod_fails_the_job_at_once(
     kubetron: Cluster, namespace: str, start_operator: Any
 ) -> None:
-    op = start_operator("op-oom")
-    _run(kubetron, namespace, "oom", nodes=1, backoff_limit=3)
-    (pod,) = _pods(kubetron, namespace, "oom", 1)
+    op, (pod,) = _run(kubetron, namespace, start_operator, "oom", nodes=1, backoff_limit=3)
     (container,) = pod["spec"]["containers"]
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     term = {"exitCode": 137, "reason": "OOMKilled", "startedAt": now, "finishedAt": now}
@@ -114,9 +116,7 @@ def test_an_oom_killed_pod_fails_the_job_at_once(
 def test_a_lost_node_restarts_the_group_off_that_node(
     kubetron: Cluster, namespace: str, start_operator: Any
 ) -> None:
-    op = start_operator("op-lost")
-    _run(kubetron, namespace, "lost", nodes=1, backoff_limit=2)
-    (pod,) = _pods(kubetron, namespace, "lost", 1)
+    op, (pod,) = _run(kubetron, namespace, start_operator, "lost", nodes=1, backoff_limit=2)
     node = _lose_node(kubetron, namespace, pod)
     pj = _attempt(kubetron, namespace, "lost", 2)
     spec = pj["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
@@ -143,9 +143,8 @@ def test_with_no_other_node_the_next_attempt_waits_spending_no_restart(
 ) -> None:
     """Two pods on the cluster's two nodes: once one node is avoided, attempt 2's second pod
     fits nowhere; the job waits in Restarting with NodesAvoided, its restarts unchanged."""
-    start_operator("op-wait")
-    _run(kubetron, namespace, "full", nodes=2, backoff_limit=1)
-    node = _lose_node(kubetron, namespace, _pods(kubetron, namespace, "full", 1)[1])
+    _, pods = _run(kubetron, namespace, start_operator, "full", nodes=2, backoff_limit=1)
+    node = _lose_node(kubetron, namespace, pods[1])
 
     def waiting() -> Obj | None:
         status = (kubetron.get("megatronjob", "full", namespace) or {}).get("status") or {}

@@ -282,15 +282,21 @@ def failures_total(metrics: OperatorMetrics, cause: str) -> float | None:
     return metrics.registry.get_sample_value("kubetron_operator_job_failures_total", labels)
 
 
-def test_an_oom_killed_pod_fails_the_job_at_once_with_its_cause(kube: FakeKube) -> None:
+def running_controller(kube: FakeKube) -> tuple[Controller, OperatorMetrics]:
+    """A controller, its metrics, and the job's attempt 1 running."""
     metrics = OperatorMetrics()
     c = Controller(kube, metrics)  # type: ignore[arg-type]
     c.reconcile("ml", "job")
     trainer_pod(kube, "worker-0", 1)
     c.reconcile("ml", "job")
+    return c, metrics
+
+
+def test_an_oom_killed_pod_fails_the_job_at_once_with_its_cause(kube: FakeKube) -> None:
+    c, metrics = running_controller(kube)
     term = {"exitCode": 137, "reason": "OOMKilled"}
-    put_pod(kube, "worker-0", 1, "gpu-1", phase="Failed",
-                containerStatuses=[{"name": "pytorch", "state": {"terminated": term}}])  # fmt: skip
+    state = {"name": "pytorch", "state": {"terminated": term}}
+    put_pod(kube, "worker-0", 1, "gpu-1", phase="Failed", containerStatuses=[state])
     assert c.reconcile("ml", "job") == "success"  # no restart
     st = status(kube)
     assert (st["phase"], st["attempt"], st["restarts"]) == ("Failed", 1, 0)
@@ -305,11 +311,7 @@ def test_an_oom_killed_pod_fails_the_job_at_once_with_its_cause(kube: FakeKube) 
 
 
 def test_a_lost_node_restarts_the_group_off_that_node(kube: FakeKube) -> None:
-    metrics = OperatorMetrics()
-    c = Controller(kube, metrics)  # type: ignore[arg-type]
-    c.reconcile("ml", "job")
-    trainer_pod(kube, "worker-0", 1)
-    c.reconcile("ml", "job")
+    c, metrics = running_controller(kube)
     ran = status(kube)["runningSince"]
     ready = {"type": "Ready", "status": "False", "reason": "NodeLost", "message": "unresponsive"}
     put_pod(kube, "worker-0", 1, "gpu-3", phase="Running", conditions=[ready])
