@@ -40,9 +40,9 @@ Obj = dict[str, Any]
 JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
 TRAINER_PORT = "29500"  # Trainer v2's rendezvous port (PET_MASTER_PORT)
 # What the live pods must share with the PyTorchJob backend's worker template.
-POD_FIELDS = ("automountServiceAccountToken", "enableServiceLinks", "securityContext")
-POD_FIELDS += ("terminationGracePeriodSeconds", "volumes", "nodeSelector")
-CONTAINER_FIELDS = ("image", "imagePullPolicy", "command", "args")
+POD_FIELDS: tuple[str, ...] = ("automountServiceAccountToken", "enableServiceLinks")
+POD_FIELDS += ("securityContext", "terminationGracePeriodSeconds", "volumes", "nodeSelector")
+CONTAINER_FIELDS: tuple[str, ...] = ("image", "imagePullPolicy", "command", "args")
 CONTAINER_FIELDS += ("securityContext", "volumeMounts")
 
 
