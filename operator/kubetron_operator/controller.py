@@ -358,8 +358,7 @@ class Controller:
         avoided = faults.avoided_nodes(r.old_status)
         for obj in render(r.job, r.plan, attempt=r.attempt):
             meta = obj["metadata"]
-            if obj["kind"] == "PyTorchJob":  # off the nodes whose fault ended an attempt
-                faults.keep_off(obj, avoided)
+            faults.keep_off(obj, avoided)  # its pods off the nodes whose fault ended an attempt
             live = live_job if obj["kind"] == "PyTorchJob" else None
             if live is None and obj["kind"] != "PyTorchJob":
                 live = self.kube.get(obj["kind"], meta["namespace"], meta["name"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from kubetron_api.parse import parse_job
 from kubetron_api.v1alpha1 import FailureCause as C
 from kubetron_api.v1alpha1 import MegatronJobStatus
 from kubetron_operator.faults import keep_off, newly_failed, record, waiting_message
@@ -14,7 +15,7 @@ from kubetron_operator.lifecycle import Ended, Verdict
 from kubetron_operator.plan import plan
 from kubetron_operator.render import render
 from kubetron_operator.status import Observed, job_status, restart_status, status_differs
-from tests.builders import make_job
+from tests.builders import job_dict, make_job
 
 T0, T1, T2 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z", "2026-01-01T01:00:00Z"
 Obj = dict[str, Any]
@@ -84,6 +85,19 @@ def test_keep_off_adds_not_in_within_every_term_of_the_spec_affinity() -> None:
     assert own["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
         "nodeSelectorTerms"
     ][0]["matchExpressions"] == [zone]  # unchanged
+
+
+def test_keep_off_reaches_a_trainjobs_pods() -> None:
+    body = job_dict()
+    body["spec"]["backend"] = "TrainJob"
+    job = parse_job(body)
+    (tj,) = [o for o in render(job, plan(job)) if o["kind"] == "TrainJob"]
+    keep_off(tj, ["gpu-3", "gpu-7"])
+    (patch,) = tj["spec"]["runtimePatches"]
+    (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    spec = node["template"]["spec"]["template"]["spec"]
+    required = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert required == {"nodeSelectorTerms": [{"matchExpressions": [NOT_IN]}]}
 
 
 def test_a_restart_records_the_failure_and_a_permanent_one_fails_with_it() -> None:
