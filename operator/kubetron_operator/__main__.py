@@ -119,6 +119,7 @@ def run(settings: Settings) -> int:
         may_act=may_act,
         namespaces=settings.namespaces,
         progress_period=settings.progress_period,
+        backend=settings.backend,
     )
     registry = make_registry(controller, settings.resync_period)
     health.ready.set()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from kubetron_api.parse import SpecError, parse_job
-from kubetron_api.v1alpha1 import MegatronJob, Phase
+from kubetron_api.v1alpha1 import Backend, MegatronJob, Phase
 from kubetron_operator import faults, goodput, lifecycle, progress
 from kubetron_operator.kube import ApiError, Kube, Obj
 from kubetron_operator.lifecycle import RESTART_GRACE_SECONDS, Verdict, attempt_of
@@ -36,6 +36,7 @@ from kubetron_operator.render import (
     render,
     replica_types,
 )
+from kubetron_operator.render_trainjob import not_run_yet
 from kubetron_operator.scheduling import Scheduler
 from kubetron_operator.status import (
     Observed,
@@ -84,8 +85,10 @@ class Controller:
         progress_period: float = 15.0,
         read_metrics: Callable[[str, int], str] = progress.fetch,
         clock: Callable[[], float] = time.monotonic,
+        backend: Backend = Backend.PYTORCHJOB,
     ) -> None:
         self.kube, self.metrics, self.may_act = kube, metrics, may_act
+        self.backend = backend  # of jobs without spec.backend (--backend)
         self.namespaces = namespaces
         self.progress_period, self.read_metrics, self.clock = progress_period, read_metrics, clock
         self._progress_read_at: dict[tuple[str, str], float] = {}
@@ -186,6 +189,8 @@ class Controller:
         try:
             job = parse_job(body)
             job_plan = plan(job)
+            if problems := not_run_yet(job, self.backend):
+                raise PlanError(problems)
         except (SpecError, PlanError) as err:
             observed = Observed(generation, old_status, None, [])
             new_status = invalid_status(observed, err.problems, utcnow())

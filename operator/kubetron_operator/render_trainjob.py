@@ -28,7 +28,7 @@ that asks for another of those, a priority class or a pod scheduler is refused (
 from __future__ import annotations
 
 from kubetron_api.observability import MetricsSpec
-from kubetron_api.v1alpha1 import MegatronJob, ResourcesSpec
+from kubetron_api.v1alpha1 import Backend, MegatronJob, ResourcesSpec
 from kubetron_operator.lifecycle import ATTEMPT_LABEL
 from kubetron_operator.plan import Plan
 from kubetron_operator.render import (
@@ -41,6 +41,7 @@ from kubetron_operator.render import (
     container_resources,
     container_security_context,
     created_suspended,
+    job_backend,
     labels,
     pod_security_context,
     pod_volumes,
@@ -65,6 +66,18 @@ RUNTIME_METRICS_PORT = MetricsSpec.model_fields["port"].default
 
 class BackendError(ValueError):
     """The job asks for something the TrainJob backend cannot express."""
+
+
+def not_run_yet(job: MegatronJob, default: Backend) -> list[str]:
+    """The operator renders TrainJobs but does not follow one yet (its status, restarts,
+    suspend and queueing follow the PyTorchJob): such a job is refused as an invalid spec
+    instead of being started and left unwatched."""
+    if job_backend(job, default) is not Backend.TRAINJOB:
+        return []
+    return [
+        "spec.backend: the TrainJob backend is rendered (kubetron render) but not yet run by the "
+        "operator; use PyTorchJob (spec.backend, or the operator's --backend)"
+    ]
 
 
 def cluster_training_runtime() -> Obj:
