@@ -5,7 +5,8 @@ render -- the ConfigMap and the TrainJob on kubetron's ClusterTrainingRuntime --
 through Trainer v2's admission webhooks, and the Trainer v2 controller makes a JobSet of it,
 the JobSet controller one indexed Job, the Job controller the pods, which kwok runs on its fake
 GPU nodes. The live pods are compared with the pods the PyTorchJob backend renders for the same
-job: the same container, requests, security contexts, volumes and placement, with the rank
+job (created in a namespace that enforces the restricted Pod Security Standard): the same
+container, requests, security contexts, volumes and placement, with the rank
 environment split between Trainer v2 (PET_*) and kubetron (the index and the node-rank order).
 
 The operator itself does not drive this backend yet (status and lifecycle follow the
@@ -38,6 +39,7 @@ pytestmark = pytest.mark.cluster
 
 Obj = dict[str, Any]
 JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
+PSS_ENFORCE = "pod-security.kubernetes.io/enforce"
 TRAINER_PORT = "29500"  # Trainer v2's rendezvous port (PET_MASTER_PORT)
 # What the live pods must share with the PyTorchJob backend's worker template.
 POD_FIELDS: tuple[str, ...] = ("automountServiceAccountToken", "enableServiceLinks")
@@ -90,6 +92,8 @@ def test_a_trainjob_job_becomes_a_jobset_of_the_pods_the_pytorchjob_backend_rend
     trainer_v2: Cluster, namespace: str
 ) -> None:
     cluster = trainer_v2
+    # the pods are created under the restricted Pod Security Standard, as the PyTorchJob's are
+    cluster.kubectl("label", "namespace", namespace, f"{PSS_ENFORCE}=restricted")
     job = parse_job(_create(cluster, namespace, "tj", "TrainJob"))
     job_plan = plan(job)
     objs = render(job, job_plan)
