@@ -195,6 +195,7 @@ CHANGES: dict[str, tuple[Any, dict[str, Any]]] = {
     "spec.runPolicy.terminationGracePeriodSeconds": (1200, {}),
     "spec.metrics.enabled": (False, {}),
     "spec.metrics.port": (9500, {}),
+    "spec.backend": ("TrainJob", {}),  # a TrainJob instead of the PyTorchJob
     "spec.observability.tensorboard.path": (
         "/ckpt/tb2",
         {
