@@ -97,8 +97,12 @@ def run(settings: Settings) -> int:
                 log.error("cannot elect a leader: %s", err)
                 fatal.set()
                 stop.set()
-            metrics.leader.set(0)
-            kopf_stop.set()
+            except Exception:  # a dead election thread must not leave kopf leading unrenewed
+                log.exception("leader election failed: stepping down")
+                lost.set()
+            finally:
+                metrics.leader.set(0)
+                kopf_stop.set()
 
         threading.Thread(target=elect, name="leader-election", daemon=True).start()
         health.ready.set()  # a standby is healthy and ready

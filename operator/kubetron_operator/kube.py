@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
@@ -33,7 +34,8 @@ _PLURALS = {plural for _, plural in KINDS.values()}
 
 
 class ApiError(Exception):
-    """A failed API call, with the HTTP status and the server's message."""
+    """A failed API call, with the HTTP status and the server's message; status 0 when the
+    server was not reached (down, restarting): every caller retries that like a 5xx."""
 
     def __init__(self, status: int, reason: str, message: str) -> None:
         self.status = status
@@ -95,6 +97,11 @@ class Kube:
         except ApiException as err:
             self._on_error(method.lower(), resource)
             raise ApiError(err.status or 0, str(err.reason), str(err.body)) from err
+        except (urllib3.exceptions.HTTPError, OSError) as err:
+            # the client lets transport errors through: they would escape the callers'
+            # ApiError handling (and end the leader-election thread) while the server restarts
+            self._on_error(method.lower(), resource)
+            raise ApiError(0, "Unreachable", str(err)) from err
         if status >= 400:
             self._on_error(method.lower(), resource)
             message = _message(data)

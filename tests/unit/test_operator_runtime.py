@@ -9,9 +9,11 @@ import urllib.request
 from typing import Any
 
 import pytest
+from kubernetes import client
 from prometheus_client import generate_latest
 
-from kubetron_operator.kube import ApiError
+from devtools.ports import free_port
+from kubetron_operator.kube import ApiError, Kube
 from kubetron_operator.leader import LeaderElector, LeaseConfig, LeaseNamespaceMissing
 from kubetron_operator.metrics import Health, OperatorMetrics, health_routes, serve
 
@@ -76,3 +78,48 @@ def test_missing_lease_namespace_ends_election_with_the_fix() -> None:
     assert "'kubetron-sytem' does not exist" in str(err.value)
     assert "kubectl create namespace kubetron-sytem" in str(err.value)
     assert "--lease-namespace" in str(err.value)
+
+
+def _unreachable_kube() -> Kube:
+    """A Kube whose API server is not there (a port nothing listens on: a restart's gap)."""
+    configuration = client.Configuration()
+    configuration.host = f"https://127.0.0.1:{free_port()}"
+    configuration.retries = 0
+    return Kube(client.ApiClient(configuration))
+
+
+def test_an_unreachable_api_server_is_an_api_error() -> None:
+    """The client raises transport errors of its own (urllib3): Kube turns them into the
+    ApiError every caller handles, counted like any failed call."""
+    errors: list[tuple[str, str]] = []
+    kube = _unreachable_kube()
+    kube._on_error = lambda verb, resource: errors.append((verb, resource))
+    with pytest.raises(ApiError) as err:
+        kube.get("Lease", "kubetron-system", "kubetron-operator")
+    assert (err.value.status, err.value.reason) == (0, "Unreachable")
+    assert errors == [("get", "leases")]
+
+
+class VanishingKube(Kube):
+    """No lease yet; once this replica created it, the API server goes away (it restarts)."""
+
+    created = False
+
+    def request(self, method: str, url: str, **kwargs: Any) -> dict[str, Any]:
+        if self.created:
+            return super().request(method, url, **kwargs)
+        if method != "POST":
+            raise ApiError(404, "Not Found", "no lease yet")
+        self.created = True
+        return dict(kwargs["body"])
+
+
+def test_a_leader_that_cannot_reach_the_api_server_steps_down_after_the_deadline() -> None:
+    """The election thread survives the gap: it keeps trying, and only once renewDeadline has
+    passed without a renewal does it step down (rather than die and lead unrenewed)."""
+    stopped = threading.Event()
+    kube = VanishingKube(_unreachable_kube().api)
+    cfg = LeaseConfig("kubetron", "kubetron-system", "op-0", 0.5, 0.2, 0.02)
+    elector = LeaderElector(kube, cfg, on_stopped=stopped.set)
+    assert elector.run(threading.Event()) is True  # leadership lost, not an exception
+    assert stopped.is_set() and not elector.is_leader
