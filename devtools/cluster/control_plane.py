@@ -117,6 +117,7 @@ class Cluster(ClusterBase):
       start_kueue() / stop_kueue()  Kueue (PyTorchJob integration, topology-aware scheduling)
       start_trainer_v2() / stop_trainer_v2()  Kubeflow Trainer v2 and JobSet (trainer_v2.py)
       logs(name) / tails()      component logs
+    outage.py restarts etcd and kube-apiserver under a running cluster and compacts etcd.
     """
 
     # ------------------------------------------------------------------ lifecycle
