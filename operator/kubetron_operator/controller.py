@@ -1,7 +1,8 @@
 """The reconcile loop for one MegatronJob: parse -> plan -> apply -> assess -> status.
 
 Each step is a method of its own: parse and plan the spec (`plan.py`), apply the rendered
-children (`render.py`), assess the attempt from its pods, its PyTorchJob, rank 0's progress and
+children (`render.py`), assess the attempt from its pods, its backend job (a PyTorchJob or a
+TrainJob, read through `backends.py`), rank 0's progress and
 the scheduler's admission (`lifecycle.py`), then act on the verdict and write the status
 (`status.py`). What depends on the job's scheduler (Kueue, Volcano, none) is asked of the one
 `Scheduler` the plan carries (`scheduling/`); the reads and writes it describes happen here.
@@ -25,18 +26,13 @@ from datetime import UTC, datetime
 from kubetron_api.parse import SpecError, parse_job
 from kubetron_api.v1alpha1 import Backend, MegatronJob, Phase
 from kubetron_operator import faults, goodput, lifecycle, progress
+from kubetron_operator.backends import BACKENDS, BackendJob, backend_of, ttl_expired
 from kubetron_operator.kube import ApiError, Kube, Obj
 from kubetron_operator.lifecycle import RESTART_GRACE_SECONDS, Verdict, attempt_of
 from kubetron_operator.metrics import OperatorMetrics
 from kubetron_operator.plan import Plan, PlanError, plan
-from kubetron_operator.render import (
-    JOB_NAME_LABEL,
-    JOB_ROLE_LABEL,
-    drifted,
-    render,
-    replica_types,
-)
-from kubetron_operator.render_trainjob import not_run_yet
+from kubetron_operator.render import JOB_NAME_LABEL, drifted, render, replica_types
+from kubetron_operator.render_trainjob import refused
 from kubetron_operator.scheduling import Scheduler
 from kubetron_operator.status import (
     Observed,
@@ -67,6 +63,7 @@ class _Pass:
     plan: Plan
     old_status: Obj
     generation: int
+    backend: BackendJob  # the kind of job its pods run under
 
     @property
     def attempt(self) -> int:
@@ -151,6 +148,24 @@ class Controller:
                 return str(labels[JOB_NAME_LABEL])
         return None
 
+    def watched_backends(self) -> list[BackendJob]:
+        """The backend jobs to watch: the default backend's, and every other whose objects this
+        operator may list (a TrainJob only where its backend is on: RBAC and CRD; a watch it
+        may not list would end the operator's watcher)."""
+        default = BACKENDS[self.backend]
+        out = [default]
+        for backend in BACKENDS.values():
+            if backend is default:
+                continue
+            try:
+                for ns in self.namespaces or (None,):
+                    self.kube.list(backend.kind, ns, limit=1)
+            except ApiError as err:
+                log.info("not watching %ss: %s", backend.kind, err)
+                continue
+            out.append(backend)
+        return out
+
     def resync(self) -> None:
         """Reconcile every job in the watched namespaces (retries, missed events)."""
         for ns in self.namespaces or (None,):
@@ -189,38 +204,41 @@ class Controller:
         try:
             job = parse_job(body)
             job_plan = plan(job)
-            if problems := not_run_yet(job, self.backend):
+            if problems := refused(job, job_plan, self.backend):
                 raise PlanError(problems)
         except (SpecError, PlanError) as err:
             observed = Observed(generation, old_status, None, [])
             new_status = invalid_status(observed, err.problems, utcnow())
             self._write_status(body, old_status, new_status, "InvalidSpec", "; ".join(err.problems))
             return None
-        return _Pass(body, job, job_plan, old_status, generation)
+        return _Pass(body, job, job_plan, old_status, generation, backend_of(job, self.backend))
 
     def _is_final(self, r: _Pass) -> bool:
-        """Final: nothing is re-created, whatever happened to the children (the
-        training-operator's ttlSecondsAfterFinished, a manual delete); the status stays."""
+        """Final: nothing is re-created, whatever happened to the children (the backend's or the
+        operator's ttlSecondsAfterFinished, a manual delete); the status stays."""
         phase = r.old_status.get("phase")
         if phase not in _FINAL_PHASES or r.old_status.get("observedGeneration") != r.generation:
             return False
         self.metrics.jobs.set(r.job.namespace, r.job.name, str(phase))
+        if not r.backend.runs_ttl and ttl_expired(r.job, r.old_status, utcnow()):
+            self.kube.delete(r.backend.kind, r.job.namespace, r.job.name)  # gone already: fine
         return True
 
     def _apply(self, r: _Pass) -> tuple[Obj | None, list[Obj]] | None:
-        """The attempt's children applied: (its PyTorchJob, the job's pods); None while what an
-        older attempt left is still going (status Restarting written)."""
+        """The attempt's children applied: (its backend job as `BackendJob.view` reads it, the
+        job's pods); None while what an older attempt left is still going (status Restarting
+        written)."""
         namespace, name = r.job.namespace, r.job.name
-        pytorch_job = self.kube.get("PyTorchJob", namespace, name)
+        backend_job = self.kube.get(r.backend.kind, namespace, name)
         pods = self.kube.list("Pod", namespace, f"{JOB_NAME_LABEL}={name}")
-        if self._replace_old_attempt(namespace, name, r.attempt, pytorch_job, pods):
+        if self._replace_old_attempt(r, backend_job, pods):
             new_status = waiting_status(r.old_status, r.plan, r.generation, r.attempt, name)
             self._write_status(r.body, r.old_status, new_status, new_status["phase"], "")
             return None
-        return self._apply_children(r, pytorch_job), pods
+        return r.backend.view(self._apply_children(r, backend_job)), pods
 
     def _assess(
-        self, r: _Pass, pytorch_job: Obj | None, pods: list[Obj], now: str
+        self, r: _Pass, backend_job: Obj | None, pods: list[Obj], now: str
     ) -> tuple[Observed, Verdict]:
         """What the cluster shows of the attempt (its pods, with the failed ones seen in watch
         events; rank 0's progress; the scheduler's admission) and the verdict on it."""
@@ -228,14 +246,14 @@ class Controller:
         seen = self._failed_pods.get((job.namespace, job.name), {}).values()
         listed = {p["metadata"]["name"] for p in pods}
         pods = pods + [p for p in seen if p["metadata"]["name"] not in listed]
-        live = self._read_progress(job, pytorch_job, r.attempt, r.old_status.get("progress"), now)
-        admission = self._sync_admission(job, scheduler, pytorch_job)
+        live = self._read_progress(r, backend_job, now)
+        admission = self._sync_admission(job, scheduler, backend_job)
         held = None
-        if not rp.suspend and scheduler.holds(pytorch_job):
+        if not rp.suspend and scheduler.holds(backend_job):
             held = scheduler.waiting(admission, job.name)
         verdict = lifecycle.assess(
             pods=pods,
-            pytorch_job=pytorch_job,
+            pytorch_job=backend_job,
             attempt=r.attempt,
             expected_pods=r.plan.nodes,
             running_since=r.old_status.get("runningSince"),
@@ -247,13 +265,13 @@ class Controller:
         )
         if scheduler.queues and held is None and verdict.action in ("restart", "fail"):
             # the queue may have evicted the job between the two reads: its suspend stops the pods
-            fresh = self.kube.get("PyTorchJob", job.namespace, job.name)
+            fresh = r.backend.view(self.kube.get(r.backend.kind, job.namespace, job.name))
             if fresh is not None and scheduler.holds(fresh) and not rp.suspend:
-                pytorch_job, admission = fresh, self._sync_admission(job, scheduler, fresh)
+                backend_job, admission = fresh, self._sync_admission(job, scheduler, fresh)
                 verdict = Verdict("queue", *scheduler.waiting(admission, job.name))
         if verdict.action in ("succeed", "fail"):
             live = self._final_progress(r, pods, live, now) or live
-        observed = Observed(r.generation, r.old_status, pytorch_job, pods, live, admission)
+        observed = Observed(r.generation, r.old_status, backend_job, pods, live, admission)
         return observed, verdict
 
     def _final_progress(self, r: _Pass, pods: list[Obj], live: Obj | None, now: str) -> Obj | None:
@@ -286,22 +304,21 @@ class Controller:
                            verdict.message)  # fmt: skip
         return "success"
 
-    def _replace_old_attempt(
-        self, namespace: str, name: str, attempt: int, pytorch_job: Obj | None, pods: list[Obj]
-    ) -> bool:
-        """Remove what an older attempt left (its PyTorchJob, its pods); True while any of it
+    def _replace_old_attempt(self, r: _Pass, backend_job: Obj | None, pods: list[Obj]) -> bool:
+        """Remove what an older attempt left (its backend job, its pods); True while any of it
         remains, so the new attempt starts only on a clean slate (same pod names, same Service
         names, no zombie rank joining the new group)."""
+        namespace, name, attempt, kind = r.job.namespace, r.job.name, r.attempt, r.backend.kind
         old = [p for p in pods if attempt_of(p) != attempt]
-        for pod in old:  # before their PyTorchJob (see _restart)
+        for pod in old:  # before their backend job (see _restart)
             if not pod["metadata"].get("deletionTimestamp"):
                 self.kube.delete("Pod", namespace, pod["metadata"]["name"], RESTART_GRACE_SECONDS)
-        if pytorch_job is not None and attempt_of(pytorch_job) not in (attempt, None):
-            log.info("%s/%s: removing the PyTorchJob of attempt %s", namespace, name,
-                     attempt_of(pytorch_job))  # fmt: skip
-            self.kube.delete("PyTorchJob", namespace, name)
-            pytorch_job = None
-        return bool(old) or (pytorch_job is not None and attempt_of(pytorch_job) != attempt)
+        if backend_job is not None and attempt_of(backend_job) not in (attempt, None):
+            log.info("%s/%s: removing the %s of attempt %s", namespace, name, kind,
+                     attempt_of(backend_job))  # fmt: skip
+            self.kube.delete(kind, namespace, name)
+            backend_job = None
+        return bool(old) or (backend_job is not None and attempt_of(backend_job) != attempt)
 
     def _restart(self, r: _Pass, observed: Observed, verdict: Verdict, now: str) -> str:
         """Replace the attempt by the next one, or fail the job when the restarts are used up.
@@ -332,7 +349,7 @@ class Controller:
             # with their own (long, for saves) one, and a kubelet that started stopping a
             # container with it does not shorten it later.
             self._stop_attempt(namespace, name, attempt, observed.pods, keep_failed=False)
-            self.kube.delete("PyTorchJob", namespace, name)
+            self.kube.delete(r.backend.kind, namespace, name)
         self._failed_pods.pop((namespace, name), None)
         return "restarted"
 
@@ -352,33 +369,32 @@ class Controller:
 
     def _apply_children(self, r: _Pass, live_job: Obj | None) -> Obj | None:
         """Apply every child that is missing, differs from what the spec renders (someone
-        deleted or edited it), or belongs to an older generation; returns the PyTorchJob.
+        deleted or edited it), or belongs to an older generation; returns the backend job.
 
-        What the job's scheduler owns on a live PyTorchJob stays (`Scheduler.keep`: a queued
+        What the job's scheduler owns on a live backend job stays (`Scheduler.keep`: a queued
         job's `runPolicy.suspend` and the tolerations Kueue adds when it starts it), and a
-        queued job the user suspends before its PyTorchJob exists gets none (it asks for no
+        queued job the user suspends before its backend job exists gets none (it asks for no
         quota) until it is resumed (`Scheduler.creates`)."""
         new_generation = r.old_status.get("observedGeneration") != r.generation
         scheduler = r.plan.scheduler
         avoided = faults.avoided_nodes(r.old_status)
-        for obj in render(r.job, r.plan, attempt=r.attempt):
+        for obj in render(r.job, r.plan, attempt=r.attempt, default_backend=self.backend):
             meta = obj["metadata"]
             faults.keep_off(obj, avoided)  # its pods off the nodes whose fault ended an attempt
-            live = live_job if obj["kind"] == "PyTorchJob" else None
-            if live is None and obj["kind"] != "PyTorchJob":
-                live = self.kube.get(obj["kind"], meta["namespace"], meta["name"])
-            if obj["kind"] == "PyTorchJob":
+            is_job = obj["kind"] == r.backend.kind
+            live = live_job if is_job else self.kube.get(obj["kind"], *_where(meta))
+            if is_job:
                 if live is None and not scheduler.creates(r.job.spec.run_policy.suspend):
                     continue
                 if live is not None:
                     self._keep_pod_sets(obj, live, r.attempt)
-                    scheduler.keep(obj, live)
+                    r.backend.keep(scheduler, obj, live)
             if new_generation or live is None or drifted(obj, live):
                 if live is not None and not new_generation:
                     log.info("%s %s/%s drifted from its spec: re-applying", obj["kind"],
                              meta["namespace"], meta["name"])  # fmt: skip
                 live = self.kube.apply(obj)
-            if obj["kind"] == "PyTorchJob":
+            if is_job:
                 live_job = live
         return live_job
 
@@ -398,12 +414,12 @@ class Controller:
                      "until the next attempt", *key, have, want)  # fmt: skip
 
     def _sync_admission(
-        self, job: MegatronJob, scheduler: Scheduler, pytorch_job: Obj | None
+        self, job: MegatronJob, scheduler: Scheduler, backend_job: Obj | None
     ) -> Obj | None:
         """The scheduler's record of the PyTorchJob's admission (Kueue's Workload; None before
         the scheduler made it, or without one), patched to follow the user's
         spec.runPolicy.suspend."""
-        query = scheduler.admission_query(pytorch_job)
+        query = scheduler.admission_query(backend_job)
         if query is None:
             return None
         kind, selector = query
@@ -423,21 +439,19 @@ class Controller:
             record = self.kube.patch(kind, job.namespace, name, patch)
         return record
 
-    def _read_progress(
-        self, job: MegatronJob, pytorch_job: Obj | None, attempt: int, old: Obj | None, now: str
-    ) -> Obj | None:
+    def _read_progress(self, r: _Pass, backend_job: Obj | None, now: str) -> Obj | None:
         """Rank 0's progress while the job runs, at most once per `progress_period`; None
         when not due, not running, or the endpoint cannot be read (the last reading stays)."""
+        job, attempt, old = r.job, r.attempt, r.old_status.get("progress")
         key = (job.namespace, job.name)
-        if self.progress_period <= 0 or not _is_running(pytorch_job):
+        if self.progress_period <= 0 or not _is_running(backend_job):
             return None
         if self.clock() - self._progress_read_at.get(key, -math.inf) < self.progress_period:
             return None
         self._progress_read_at[key] = self.clock()
-        selector = f"{JOB_NAME_LABEL}={job.name},{JOB_ROLE_LABEL}=master"  # worker 0: rank 0
         ips = [
             p["status"]["podIP"]
-            for p in self.kube.list("Pod", job.namespace, selector)
+            for p in self.kube.list("Pod", job.namespace, r.backend.rank0_selector(job.name))
             if p.get("status", {}).get("phase") == "Running"
             and p["status"].get("podIP")
             and attempt_of(p) == attempt
@@ -488,8 +502,12 @@ class Controller:
             self.metrics.job_goodput_set(namespace, name, lost, ratio)
 
 
-def _is_running(pytorch_job: Obj | None) -> bool:
-    conditions = (pytorch_job or {}).get("status", {}).get("conditions", [])
+def _where(meta: Obj) -> tuple[str, str]:
+    return meta["namespace"], meta["name"]
+
+
+def _is_running(backend_job: Obj | None) -> bool:
+    conditions = (backend_job or {}).get("status", {}).get("conditions", [])
     return any(c.get("type") == "Running" and c.get("status") == "True" for c in conditions)
 
 

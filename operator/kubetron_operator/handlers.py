@@ -43,12 +43,16 @@ def make_registry(controller: Controller, resync_period: float) -> kopf.Operator
             return
         await asyncio.to_thread(controller.reconcile, meta["namespace"], meta["name"])
 
-    @kopf.on.event("kubeflow.org", "v1", "pytorchjobs", labels=MANAGED_BY, registry=registry)
-    async def on_pytorchjob(body: kopf.Body, **_: Any) -> None:
+    async def on_backend_job(body: kopf.Body, **_: Any) -> None:
         meta = body["metadata"]
         for ref in meta.get("ownerReferences", []):
             if ref.get("kind") == KIND and ref.get("apiVersion", "").startswith(GROUP):
                 await asyncio.to_thread(controller.reconcile, meta["namespace"], ref["name"])
+
+    # the backend jobs the operator owns (PyTorchJobs; TrainJobs where it may read them)
+    for backend in controller.watched_backends():
+        kopf.on.event(backend.group, backend.version, backend.plural, labels=MANAGED_BY,
+                      registry=registry)(on_backend_job)  # fmt: skip
 
     @kopf.on.event("", "v1", "pods", labels=MANAGED_BY, registry=registry)
     async def on_pod(body: kopf.Body, **_: Any) -> None:

@@ -26,6 +26,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "Pod": ("/api/v1", "pods"),
     "Event": ("/api/v1", "events"),
     "PyTorchJob": ("/apis/kubeflow.org/v1", "pytorchjobs"),
+    "TrainJob": ("/apis/trainer.kubeflow.org/v1alpha1", "trainjobs"),
     "MegatronJob": ("/apis/kubetron.io/v1alpha1", "megatronjobs"),
     "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
     "Workload": ("/apis/kueue.x-k8s.io/v1beta2", "workloads"),
@@ -117,8 +118,11 @@ class Kube:
                 return None
             raise
 
-    def list(self, kind: str, namespace: str | None, selector: str = "") -> list[Obj]:
+    def list(
+        self, kind: str, namespace: str | None, selector: str = "", limit: int = 0
+    ) -> list[Obj]:
         query = [("labelSelector", selector)] if selector else []
+        query += [("limit", str(limit))] if limit else []
         return list(self.request("GET", path(kind, namespace), query=query).get("items", []))
 
     def apply(self, obj: Obj) -> Obj:

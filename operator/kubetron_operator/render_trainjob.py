@@ -68,16 +68,12 @@ class BackendError(ValueError):
     """The job asks for something the TrainJob backend cannot express."""
 
 
-def not_run_yet(job: MegatronJob, default: Backend) -> list[str]:
-    """The operator renders TrainJobs but does not follow one yet (its status, restarts,
-    suspend and queueing follow the PyTorchJob): such a job is refused as an invalid spec
-    instead of being started and left unwatched."""
+def refused(job: MegatronJob, plan: Plan, default: Backend) -> list[str]:
+    """What keeps the operator from running `job` on its backend: for a TrainJob, what the
+    runtime cannot carry (`unsupported`), as an invalid spec rather than a failed render."""
     if job_backend(job, default) is not Backend.TRAINJOB:
         return []
-    return [
-        "spec.backend: the TrainJob backend is rendered (kubetron render) but not yet run by the "
-        "operator; use PyTorchJob (spec.backend, or the operator's --backend)"
-    ]
+    return [f"spec.backend TrainJob cannot carry {what}" for what in unsupported(job, plan)]
 
 
 def cluster_training_runtime() -> Obj:
@@ -97,7 +93,9 @@ def cluster_training_runtime() -> Obj:
         "name": NODE,
         "template": {
             "metadata": {"labels": {ANCESTOR_LABEL: "trainer"}},
-            "spec": {"template": {"spec": pod_spec}},
+            # a failed pod fails its Job at once (no replacement pod): the operator restarts
+            # the whole group
+            "spec": {"backoffLimit": 0, "template": {"spec": pod_spec}},
         },
     }
     return {

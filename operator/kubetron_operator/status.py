@@ -1,10 +1,10 @@
 """MegatronJob status from what the cluster shows. Pure: the caller passes `now`.
 
-The verdict on the current attempt (lifecycle.py) decides the phase; the PyTorchJob's Created,
-Running, Succeeded and Suspended conditions are mirrored; Failed and Restarting are the
-operator's own (it restarts whole groups itself). Conditions keep their lastTransitionTime while
-their status does not change, so a status written twice with the same facts is byte-identical
-(no write, no event).
+The verdict on the current attempt (lifecycle.py) decides the phase; the backend job's Created,
+Running, Succeeded and Suspended conditions (a TrainJob's as backends.py states them) are
+mirrored; Failed and Restarting are the operator's own (it restarts whole groups itself).
+Conditions keep their lastTransitionTime while their status does not change, so a status
+written twice with the same facts is byte-identical (no write, no event).
 """
 
 from __future__ import annotations
@@ -94,15 +94,12 @@ def job_status(
         )
     for src in pj_status.get("conditions", []) or []:
         if src.get("type") in MIRRORED:
-            conditions.append(
-                {
-                    "type": src["type"],
-                    "status": src.get("status", "Unknown"),
-                    "reason": src.get("reason", "") or src["type"],
-                    "message": src.get("message", ""),
-                    "lastTransitionTime": src.get("lastTransitionTime") or now,
-                }
-            )
+            kind, state = src["type"], src.get("status", "Unknown")
+            reason, message = src.get("reason", "") or kind, src.get("message", "")
+            mirrored = condition(old, kind, state, reason, message, now)
+            if src.get("lastTransitionTime"):  # else (a TrainJob's Running) kept while it holds
+                mirrored["lastTransitionTime"] = src["lastTransitionTime"]
+            conditions.append(mirrored)
     if restarts:
         conditions.append(_restarting_condition(old, phase, attempt, now))
     admitted = plan.scheduler.admitted(observed.admission)  # None without a queue

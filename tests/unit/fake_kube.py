@@ -27,7 +27,9 @@ class FakeKube:
         obj = self.objects.get((kind, namespace or "", name))
         return copy.deepcopy(obj) if obj is not None else None
 
-    def list(self, kind: str, namespace: str | None, selector: str = "") -> list[Obj]:
+    def list(
+        self, kind: str, namespace: str | None, selector: str = "", limit: int = 0
+    ) -> list[Obj]:
         """Objects of `kind` whose labels match every `key=value` of `selector`."""
         wanted = dict(part.split("=", 1) for part in selector.split(",") if part)
         return [

@@ -6,7 +6,6 @@ Regenerate the golden files after an intended change with `UPDATE_GOLDEN=1 make 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,6 @@ from kubetron_api.v1alpha1 import Backend, MegatronJob
 from kubetron_api.wire import MASTER_ADDR_ENV, MASTER_PORT_ENV, REPLICA_INDEX_ENV
 from kubetron_operator.cli.main import main as kubetron_main
 from kubetron_operator.cli.rbac import manifests
-from kubetron_operator.controller import Controller
-from kubetron_operator.metrics import OperatorMetrics
 from kubetron_operator.plan import plan
 from kubetron_operator.render import WORKER, PyTorchJobBuilder, render, to_yaml
 from kubetron_operator.render_trainjob import (
@@ -31,7 +28,6 @@ from kubetron_operator.render_trainjob import (
 )
 from kubetron_operator.settings import parse_settings
 from tests.builders import job_dict
-from tests.unit.fake_kube import FakeKube
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "manifests" / "examples"
@@ -163,18 +159,3 @@ def test_trainjob_rbac_only_where_the_backend_is_on() -> None:
 
     assert not {"trainjobs", "jobsets"} & resources(False)
     assert {"trainjobs", "jobsets", "pytorchjobs"} <= resources(True)
-
-
-def test_the_operator_refuses_a_trainjob_job_it_would_not_follow(kube: FakeKube) -> None:
-    """Until the operator follows a TrainJob's status, such a job is an invalid spec, not a
-    started and unwatched one: nothing is applied, the reason is in the status."""
-    body = kube.objects[("MegatronJob", "ml", "job")]
-    assert (
-        Controller(kube, OperatorMetrics(), backend=Backend.TRAINJOB).reconcile("ml", "job")
-        == "invalid"
-    )  # type: ignore[arg-type]
-    body["spec"]["backend"] = "TrainJob"
-    assert Controller(kube, OperatorMetrics()).reconcile("ml", "job") == "invalid"  # type: ignore[arg-type]
-    assert kube.applied == []
-    status = kube.objects[("MegatronJob", "ml", "job")]["status"]
-    assert "TrainJob backend" in json.dumps(status)
