@@ -10,6 +10,7 @@ pauses operators by priority but never fences a stale one.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -63,10 +64,15 @@ class LeaderElector:
         self._leading = threading.Event()
         self._observed: tuple[str, str] | None = None
         self._observed_at = 0.0
+        self._renewed_at = -math.inf
 
     @property
     def is_leader(self) -> bool:
-        return self._leading.is_set()
+        """Leading and renewed within renewDeadline: a renewal hung in a call (an API server
+        whose etcd is down answers nothing for minutes) does not extend the lead past the
+        point where a standby may take the lease."""
+        overdue = self.clock() - self._renewed_at > self.cfg.renew_deadline
+        return self._leading.is_set() and not overdue
 
     def run(self, stop: threading.Event) -> bool:  # raises LeaseNamespaceMissing
         """Block until leadership is lost (returns True) or `stop` is set (returns False)."""
@@ -75,14 +81,15 @@ class LeaderElector:
         if stop.is_set():
             return False
         log.info("became leader of lease %s/%s", self.cfg.namespace, self.cfg.name)
+        self._renewed_at = self.clock()
         self._leading.set()
         self._on_started()
-        last_renew = self.clock()
         while not stop.wait(self.cfg.retry_period):
+            started = self.clock()  # the renewal's renewTime is of then, however long it took
             if self._try_safely():
-                last_renew = self.clock()
-            elif self.clock() - last_renew > self.cfg.renew_deadline:
-                log.error("lost the lease: not renewed for %.1fs", self.clock() - last_renew)
+                self._renewed_at = started
+            elif self.clock() - self._renewed_at > self.cfg.renew_deadline:
+                log.error("lost the lease: not renewed for %.1fs", self.clock() - self._renewed_at)
                 self._leading.clear()
                 self._on_stopped()
                 return True

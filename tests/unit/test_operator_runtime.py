@@ -123,3 +123,40 @@ def test_a_leader_that_cannot_reach_the_api_server_steps_down_after_the_deadline
     elector = LeaderElector(kube, cfg, on_stopped=stopped.set)
     assert elector.run(threading.Event()) is True  # leadership lost, not an exception
     assert stopped.is_set() and not elector.is_leader
+
+
+class HangingKube(VanishingKube):
+    """Creates the lease; then every call hangs until released (etcd down behind the API
+    server: requests are accepted and answered minutes later)."""
+
+    def __init__(self) -> None:
+        super().__init__(_unreachable_kube().api)
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def request(self, method: str, url: str, **kwargs: Any) -> dict[str, Any]:
+        if not self.created:
+            return super().request(method, url, **kwargs)
+        self.entered.set()
+        self.release.wait(10)
+        raise ApiError(504, "Gateway Timeout", "etcd is down")
+
+
+def test_a_leader_whose_renewal_hangs_stops_acting_at_the_renew_deadline() -> None:
+    """Fencing does not wait for a hung call to return: past renewDeadline without a renewal
+    the replica no longer acts, as the standby may take the lease soon after."""
+    clock, kube, stop = Clock(), HangingKube(), threading.Event()
+    cfg = LeaseConfig("kubetron", "kubetron-system", "op-0", 15.0, 10.0, 0.01)
+    elector = LeaderElector(kube, cfg, clock=clock)
+    thread = threading.Thread(target=elector.run, args=(stop,))
+    thread.start()
+    try:
+        assert kube.entered.wait(5)  # leading, its first renewal hanging
+        assert elector.is_leader
+        clock.now += 10.0
+        assert elector.is_leader
+        clock.now += 0.5
+        assert not elector.is_leader  # the call still hangs
+    finally:
+        stop.set()
+        kube.release.set()
+        thread.join(10)
