@@ -2,9 +2,11 @@
 (`spec.resources.affinity`), run one on each node, in two pod networks (10.213.0.0/24 on the
 first node, 10.213.2.0/24 in the second node's network namespace); torchrun's rendezvous
 through worker 0's Service DNS name and gloo's collectives cross between them, and the job ends
-Succeeded. When the second node is lost mid-run (its link down, every process of it killed; then
-declared out-of-service, as Kubernetes' non-graceful node shutdown asks), the job restarts as a
-new attempt on the remaining node, resumes from its last checkpoint and succeeds.
+Succeeded. A pod on the second node resolves names through the cluster DNS, reaches the API
+server through the `kubernetes` Service, and nothing off the machine. When the second node is
+lost mid-run (its link down, every process of it killed; then declared out-of-service, as
+Kubernetes' non-graceful node shutdown asks), the job restarts as a new attempt on the
+remaining node, resumes from its last checkpoint and succeeds.
 
 The second node is added to the session's cluster by this module (`Cluster.add_node`) and
 removed at its end; the operator is installed before, pinned to the first node.
@@ -18,9 +20,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from devtools.cluster import Cluster, deploy, faults, host
+from devtools.cluster import Cluster, deploy, faults, host, read_versions
 from devtools.cluster.node import RealNode
 from tests.e2e.test_lifecycle import FIRST_SAVE, ITERS, SAVE, resumed_and_trained_once
+from tests.e2e.test_node import create, pod, wait_phase
 from tests.e2e.test_train import report
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.slow]
@@ -68,6 +71,38 @@ def test_a_job_trains_with_one_pod_on_each_node(
         assert ipaddress.ip_address(pod_ip) in ipaddress.ip_network(net.pod_cidr), placed
     log = deploy.logs(cluster, namespace, f"{name}-worker-0")
     assert [s for s, _, _ in deploy.steps(log)][-1] == 40, log[-3000:]
+
+
+# Run in a pod on the second node: the cluster DNS (CoreDNS on the first node) through the kube-dns
+# Service, the API server through the `kubernetes` Service, and no way off the machine.
+REACH = f"""
+import socket
+from kubernetes import client, config
+print("dns", socket.gethostbyname("kubernetes.default.svc.{host.CLUSTER_DOMAIN}"))
+config.load_incluster_config()
+print("version", client.VersionApi().get_code().git_version)
+for target in ("1.1.1.1", "pypi.org."):
+    try:
+        socket.create_connection((target, 443), timeout=3).close()
+        print("left", target)
+    except OSError as err:
+        print("stayed", target, type(err).__name__)
+"""
+
+
+def test_a_pod_on_the_second_node_reaches_dns_and_the_api_server_and_nothing_else(
+    cluster: Cluster, two_nodes: tuple[str, RealNode], namespace: str
+) -> None:
+    _, second = two_nodes
+    probe = pod(cluster, "reach", ["python", "-c", REACH])
+    probe["spec"]["nodeName"] = second.name
+    create(cluster, namespace, probe)
+    done = wait_phase(cluster, namespace, "reach", "Succeeded", "Failed")
+    logs = cluster.kubectl("logs", "-n", namespace, "reach").stdout
+    assert done["status"]["phase"] == "Succeeded", logs
+    assert f"dns {host.KUBERNETES_SERVICE_IP}" in logs, logs
+    assert f"version {read_versions()['KUBERNETES_VERSION']}" in logs, logs
+    assert "left" not in logs and logs.count("stayed") == 2, logs
 
 
 def test_a_lost_node_restarts_the_job_on_the_remaining_node_from_its_checkpoint(
