@@ -23,7 +23,7 @@ from devtools.cluster.host import NodeError
 from devtools.cluster.node import RealNode
 from devtools.cluster.paths import REPO_ROOT, cache_dir
 from devtools.cluster.waiting import ClusterError
-from kubetron_operator.render import JOB_NAME_LABEL
+from kubetron_operator.render import CONTAINER, JOB_NAME_LABEL
 
 CHART = REPO_ROOT / "charts" / "kubetron"
 EXAMPLE = REPO_ROOT / "manifests" / "examples" / "gpt-tiny-cpu.yaml"
@@ -63,18 +63,21 @@ def install_operator(
     crds: bool = True,
     progress_seconds: int | None = None,
     node_selector: dict[str, str] | None = None,
+    train_job: bool = False,
 ) -> None:
     """`helm upgrade --install` the chart with the built operator image; waits until it is
     Available (its readiness probe passes only once it reaches the API server from the pod).
     `crds=False` when the CRD is already there (the test session applies it at start);
     `progress_seconds` reconciles and reads live progress that often (default: 30 s, 15 s);
-    `node_selector` pins the operator's pod (off a node a test takes away)."""
+    `node_selector` pins the operator's pod (off a node a test takes away); `train_job` turns
+    the TrainJob backend on beside the PyTorchJob (its runtime and RBAC; Trainer v2 runs)."""
     repository, _, tag = built_image(OPERATOR_IMAGE).rpartition(":")
     sets = {
         "image.repository": repository,
         "image.tag": tag,
         "image.pullPolicy": "Never",  # imported into the node's containerd, never pulled
         "crds.install": str(crds).lower(),
+        "trainJob.enabled": str(train_job).lower(),
     }
     args = ["upgrade", "--install", release, str(CHART), "--namespace", namespace]
     args += ["--create-namespace", "--wait", "--timeout", "180s"]
@@ -190,7 +193,7 @@ def pods(cluster: Cluster, namespace: str, job: str) -> list[Obj]:
     return sorted(items, key=lambda p: p["metadata"]["name"])
 
 
-def logs(cluster: Cluster, namespace: str, pod: str, container: str = "pytorch") -> str:
+def logs(cluster: Cluster, namespace: str, pod: str, container: str = CONTAINER) -> str:
     return cluster.kubectl("logs", "-n", namespace, pod, "-c", container).stdout
 
 

@@ -34,32 +34,41 @@ print(json.dumps(sorted(out)))
 """
 
 
-def trainer_processes(cluster: Cluster, namespace: str, pod: str) -> list[tuple[int, int]]:
+def trainer_processes(
+    cluster: Cluster, namespace: str, pod: str, container: str = deploy.CONTAINER
+) -> list[tuple[int, int]]:
     """(pid, global rank) of every trainer process in the pod's container."""
     out = cluster.kubectl(
-        "exec", "-n", namespace, pod, "-c", "pytorch", "--", "python", "-c", _FIND
+        "exec", "-n", namespace, pod, "-c", container, "--", "python", "-c", _FIND
     ).stdout
     return [(int(pid), int(rank)) for pid, rank in json.loads(out)]
 
 
-def signal_rank(cluster: Cluster, namespace: str, pod: str, signal: str) -> int:
+def signal_rank(
+    cluster: Cluster, namespace: str, pod: str, signal: str, container: str = deploy.CONTAINER
+) -> int:
     """Send `signal` (KILL, STOP) to the pod's highest trainer rank; returns that rank."""
-    procs = trainer_processes(cluster, namespace, pod)
+    procs = trainer_processes(cluster, namespace, pod, container)
     assert procs, f"no trainer process in {pod}"
     pid, rank = max(procs, key=lambda p: p[1])
     code = f"import os, signal; os.kill({pid}, signal.SIG{signal})"  # the image has no kill(1)
-    cluster.kubectl("exec", "-n", namespace, pod, "-c", "pytorch", "--", "python", "-c", code)
+    cluster.kubectl("exec", "-n", namespace, pod, "-c", container, "--", "python", "-c", code)
     return rank
 
 
 def wait_for_log(
-    cluster: Cluster, namespace: str, pod: str, pattern: str, timeout: float = 300
+    cluster: Cluster,
+    namespace: str,
+    pod: str,
+    pattern: str,
+    timeout: float = 300,
+    container: str = deploy.CONTAINER,
 ) -> re.Match[str]:
     """Wait until the pod's trainer log matches `pattern`; returns the match."""
     regex = re.compile(pattern)
 
     def found() -> re.Match[str] | None:
-        proc = cluster.kubectl("logs", "-n", namespace, pod, "-c", "pytorch", check=False)
+        proc = cluster.kubectl("logs", "-n", namespace, pod, "-c", container, check=False)
         return regex.search(proc.stdout) if proc.returncode == 0 else None
 
     return cluster.wait_for(found, timeout=timeout, what=f"{pattern!r} in {pod}", interval=0.5)

@@ -28,6 +28,7 @@ Obj = dict[str, Any]
 # Set by the Job controller on every pod of an indexed Job: index 0 is node rank 0.
 COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 TRAINJOB_NODE = "node"  # the runtime's replicated job (render_trainjob.NODE)
+TRAINJOB_IMMUTABLE = ("runtimeRef", "trainer", "activeDeadlineSeconds")
 
 
 @dataclass(frozen=True)
@@ -100,10 +101,18 @@ class _TrainJob(BackendJob):
         return view
 
     def keep(self, scheduler: Scheduler, desired: Obj, live: Obj) -> None:
+        # Trainer v2 makes these immutable, and stores the trainer's quantities in canonical
+        # form (147456Mi as 144Gi): the attempt keeps them as created, the next one has the spec's
+        spec, live_spec = desired["spec"], live.get("spec", {})
+        for key in TRAINJOB_IMMUTABLE:
+            if key in live_spec:
+                spec[key] = live_spec[key]
+            else:
+                spec.pop(key, None)
         # a queued job's suspend belongs to the queue once created (scheduling/kueue.py); the
         # queue's own pod-set changes live in a runtime patch of its own manager
         if scheduler.queues:
-            desired["spec"]["suspend"] = bool(live.get("spec", {}).get("suspend"))
+            spec["suspend"] = bool(live_spec.get("suspend"))
 
 
 PYTORCHJOB = BackendJob("PyTorchJob", "kubeflow.org", "v1", "pytorchjobs",

@@ -9,24 +9,28 @@ job (created in a namespace that enforces the restricted Pod Security Standard):
 container, requests, security contexts, volumes and placement, with the rank
 environment split between Trainer v2 (PET_*) and kubetron (the index and the node-rank order).
 
-The operator itself does not drive this backend yet (status and lifecycle follow the
-PyTorchJob), so the test applies the render as the operator would. The backend's CEL transition
-rule is checked against the same API server.
+The first test applies the render itself, to compare pods; then the operator (a process bound
+to `kubetron rbac --trainjob`) drives a job on this backend: it creates and owns the TrainJob,
+restarts the whole group as a new TrainJob when a pod fails, and ends Succeeded. The backend's
+CEL transition rule is checked against the same API server.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from kubernetes.utils import parse_quantity
 
 from devtools.cluster import Cluster, ClusterError
-from devtools.cluster.kubetron import fake_gpu_job
+from devtools.cluster.kubetron import RBAC, fake_gpu_job, wait_phase
 from kubetron_api.parse import parse_job
 from kubetron_api.wire import MASTER_ADDR_ENV, MASTER_PORT_ENV, REPLICA_INDEX_ENV
+from kubetron_operator.cli.rbac import manifests
+from kubetron_operator.lifecycle import ATTEMPT_LABEL
 from kubetron_operator.plan import plan
 from kubetron_operator.render import CONTAINER, WORKER, PyTorchJobBuilder, drifted, render
 from kubetron_operator.render_trainjob import (
@@ -54,8 +58,10 @@ def trainer_v2(kubetron: Cluster) -> Iterator[Cluster]:
     kubetron.start_trainer_v2()
     try:
         kubetron.apply(cluster_training_runtime())
+        kubetron.apply(manifests(trainjob=True))  # the operator's RBAC with the backend on
         yield kubetron
     finally:
+        kubetron.apply(RBAC)  # the other tests' operators run without it
         kubetron.stop_trainer_v2()
 
 
@@ -177,3 +183,53 @@ def test_a_running_job_cannot_switch_backend(kubetron: Cluster, namespace: str) 
                      "-p", json.dumps({"spec": {"runPolicy": {"suspend": True}}}))  # fmt: skip
     stored = kubetron.get("megatronjob", "pinned", namespace)
     assert stored is not None and stored["spec"]["backend"] == "TrainJob"
+
+
+def _fail(cluster: Cluster, ns: str, pod: Obj) -> None:
+    """The pod's trainer killed (exit 137, retryable), as its kubelet would report it."""
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    killed = {"exitCode": 137, "reason": "Error", "startedAt": now, "finishedAt": now}
+    container = {"name": NODE, "image": pod["spec"]["containers"][0]["image"], "ready": False,
+                 "restartCount": 0, "state": {"terminated": killed}}  # fmt: skip
+    body = json.dumps({"status": {"phase": "Failed", "containerStatuses": [container]}})
+    cluster.kubectl("patch", "pod", pod["metadata"]["name"], "-n", ns, "--subresource=status",
+                    "--type=merge", "-p", body)  # fmt: skip
+
+
+def test_the_operator_runs_a_trainjob_restarts_its_group_and_succeeds(
+    trainer_v2: Cluster, namespace: str, start_operator: Any
+) -> None:
+    cluster = trainer_v2
+    op = start_operator()
+    body = fake_gpu_job("run", nodes=2, complete_after="25s")
+    body["spec"]["backend"] = "TrainJob"
+    body["spec"]["runPolicy"]["backoffLimit"] = 2
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(body))
+    tj = cluster.wait_for(lambda: cluster.get("trainjob", "run", namespace), timeout=30,
+                          what="the operator's TrainJob")  # fmt: skip
+    stored = cluster.get("megatronjob", "run", namespace)
+    assert stored is not None and cluster.get("pytorchjob", "run", namespace) is None
+    (ref,) = tj["metadata"]["ownerReferences"]
+    assert (ref["uid"], ref["controller"]) == (stored["metadata"]["uid"], True)
+    assert tj["metadata"]["labels"][ATTEMPT_LABEL] == "1"
+    wait_phase(cluster, namespace, "run", "Running", timeout=90)
+    pods = _pods(cluster, namespace, "run", 2)
+    assert all(p["metadata"]["labels"][ATTEMPT_LABEL] == "1" for p in pods)
+
+    _fail(cluster, namespace, pods[1])
+    first = tj["metadata"]["uid"]
+
+    def second_attempt() -> bool:
+        tj = cluster.get("trainjob", "run", namespace) or {"metadata": {"labels": {}}}
+        labels = tj["metadata"]["labels"]
+        return tj["metadata"].get("uid") != first and labels.get(ATTEMPT_LABEL) == "2"
+
+    cluster.wait_for(second_attempt, timeout=90, what="attempt 2's TrainJob")
+    running = wait_phase(cluster, namespace, "run", "Running", timeout=90)["status"]
+    assert (running["attempt"], running["restarts"]) == (2, 1)
+    assert running["failures"]["last"]["cause"] == "Signal"
+    pods = _pods(cluster, namespace, "run", 2)
+    assert all(p["metadata"]["labels"][ATTEMPT_LABEL] == "2" for p in pods)
+    done = wait_phase(cluster, namespace, "run", "Succeeded", timeout=120)["status"]
+    assert (done["attempt"], done["restarts"]) == (2, 1) and done["completionTime"]
+    assert op.sample("kubetron_megatronjobs", namespace=namespace, phase="Succeeded") == 1.0

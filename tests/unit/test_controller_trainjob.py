@@ -215,3 +215,21 @@ def test_trainjobs_are_watched_only_where_the_operator_may_list_them(kube: FakeK
     assert c.watched_backends() == [PYTORCHJOB]
     c = Controller(NoTrainJobs(), OperatorMetrics(), backend=Backend.TRAINJOB)  # type: ignore[arg-type]
     assert c.watched_backends() == [TRAINJOB, PYTORCHJOB]  # the default first, whatever it is
+
+
+def test_a_live_trainjob_keeps_its_immutable_trainer_for_its_attempt(
+    kube: FakeKube, controller: Controller
+) -> None:
+    """Trainer v2 stores the trainer's quantities canonically and refuses any change to them:
+    neither is drift, and a new generation (suspend) leaves them as they are."""
+    controller.reconcile("ml", "job")
+    trainer = kube.objects[TJ]["spec"]["trainer"]
+    trainer["resourcesPerNode"]["requests"]["memory"] = "144Gi"  # 147456Mi as stored
+    kube.applied.clear()
+    controller.reconcile("ml", "job")
+    assert kube.applied == []
+    edit_spec(kube, suspend=True)
+    controller.reconcile("ml", "job")
+    assert kube.applied == ["ConfigMap", "TrainJob"]
+    spec = kube.objects[TJ]["spec"]
+    assert spec["suspend"] is True and spec["trainer"] == trainer
