@@ -44,6 +44,9 @@ class BackendJob:
     # the backend's controller deletes it ttlSecondsAfterFinished after it ends; when False the
     # operator does (ttl_expired)
     runs_ttl: bool
+    # how a replaced attempt's job is deleted: "Foreground" keeps it (with a deletionTimestamp)
+    # until what it made is gone, so the next attempt's job of the same name meets none of it
+    propagation: str = "Background"
 
     @property
     def api_version(self) -> str:
@@ -117,8 +120,11 @@ class _TrainJob(BackendJob):
 
 PYTORCHJOB = BackendJob("PyTorchJob", "kubeflow.org", "v1", "pytorchjobs",
                         f"{JOB_ROLE_LABEL}=master", runs_ttl=True)  # fmt: skip
+# Trainer v2 applies the JobSet of the TrainJob's name: a new attempt's TrainJob would adopt
+# the old attempt's failed JobSet while the garbage collector has not yet removed it.
 TRAINJOB = _TrainJob("TrainJob", "trainer.kubeflow.org", "v1alpha1", "trainjobs",
-                     f"{COMPLETION_INDEX_LABEL}=0", runs_ttl=False)  # fmt: skip
+                     f"{COMPLETION_INDEX_LABEL}=0", runs_ttl=False,
+                     propagation="Foreground")  # fmt: skip
 BACKENDS = {Backend.PYTORCHJOB: PYTORCHJOB, Backend.TRAINJOB: TRAINJOB}
 
 

@@ -313,11 +313,13 @@ class Controller:
         for pod in old:  # before their backend job (see _restart)
             if not pod["metadata"].get("deletionTimestamp"):
                 self.kube.delete("Pod", namespace, pod["metadata"]["name"], RESTART_GRACE_SECONDS)
-        if backend_job is not None and attempt_of(backend_job) not in (attempt, None):
+        stale = backend_job is not None and attempt_of(backend_job) not in (attempt, None)
+        if stale and not backend_job["metadata"].get("deletionTimestamp"):  # type: ignore[index]
             log.info("%s/%s: removing the %s of attempt %s", namespace, name, kind,
                      attempt_of(backend_job))  # fmt: skip
-            self.kube.delete(kind, namespace, name)
-            backend_job = None
+            self.kube.delete(kind, namespace, name, propagation=r.backend.propagation)
+            if r.backend.propagation != "Foreground":  # gone at once; else once its pods are
+                backend_job = None
         return bool(old) or (backend_job is not None and attempt_of(backend_job) != attempt)
 
     def _restart(self, r: _Pass, observed: Observed, verdict: Verdict, now: str) -> str:
@@ -349,7 +351,7 @@ class Controller:
             # with their own (long, for saves) one, and a kubelet that started stopping a
             # container with it does not shorten it later.
             self._stop_attempt(namespace, name, attempt, observed.pods, keep_failed=False)
-            self.kube.delete(r.backend.kind, namespace, name)
+            self.kube.delete(r.backend.kind, namespace, name, propagation=r.backend.propagation)
         self._failed_pods.pop((namespace, name), None)
         return "restarted"
 

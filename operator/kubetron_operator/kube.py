@@ -135,11 +135,17 @@ class Kube:
         )
 
     def delete(
-        self, kind: str, namespace: str, name: str, grace_seconds: int | None = None
+        self,
+        kind: str,
+        namespace: str,
+        name: str,
+        grace_seconds: int | None = None,
+        propagation: str = "Background",
     ) -> None:
-        """Delete one object (its dependents in the background); gone already is fine."""
+        """Delete one object (its dependents in the background, or first with "Foreground");
+        gone already is fine."""
         body: Obj = {"kind": "DeleteOptions", "apiVersion": "v1"}
-        body["propagationPolicy"] = "Background"
+        body["propagationPolicy"] = propagation
         if grace_seconds is not None:
             body["gracePeriodSeconds"] = grace_seconds
         try:

@@ -41,7 +41,12 @@ class FakeKube:
         ]
 
     def delete(
-        self, kind: str, namespace: str, name: str, grace_seconds: int | None = None
+        self,
+        kind: str,
+        namespace: str,
+        name: str,
+        grace_seconds: int | None = None,
+        propagation: str = "Background",
     ) -> None:
         self.deleted.append((kind, name, grace_seconds))
         self.objects.pop((kind, namespace, name), None)
