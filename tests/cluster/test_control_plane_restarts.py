@@ -45,7 +45,9 @@ def _uids(pods: list[Obj]) -> dict[str, str]:
     return {p["metadata"]["name"]: p["metadata"]["uid"] for p in pods}
 
 
-def _operator(start_operator: Callable[..., OperatorProcess], ns: str, name: str) -> Any:
+def _operator(
+    start_operator: Callable[..., OperatorProcess], ns: str, name: str
+) -> OperatorProcess:
     """An operator that acts on watch events alone (its resync is 10 minutes away), leading a
     lease of the test's own whose renew deadline outlasts a restart on a busy machine."""
     return start_operator(
@@ -79,13 +81,15 @@ def _fail(cluster: Cluster, ns: str, pod: Obj) -> None:
 
 def _exactly(cluster: Cluster, ns: str, name: str, attempt: int, nodes: int) -> Obj:
     """The job Running on `attempt` (restarts = attempt - 1, one failure per restart), and so
-    it stays: one PyTorchJob and `nodes` pods, all of that attempt; returns the pods."""
+    it stays: one PyTorchJob and `nodes` pods, all of that attempt, none re-created; returns
+    the status."""
     cluster.wait_for(
         lambda: _on_attempt(cluster, ns, name, attempt, nodes),
         timeout=120,
         what=f"{ns}/{name} Running on attempt {attempt} with {nodes} pods of it alone",
     )
     first = _uids(_job_pods(cluster, ns, name))
+    first_job = (cluster.get("pytorchjob", name, ns) or {})["metadata"]["uid"]
     time.sleep(SETTLE)
     status = (cluster.get("megatronjob", name, ns) or {})["status"]
     assert (status["phase"], status["attempt"], status["restarts"]) == (
@@ -94,6 +98,7 @@ def _exactly(cluster: Cluster, ns: str, name: str, attempt: int, nodes: int) -> 
     assert sum(failures.values()) == attempt - 1, failures
     pj = cluster.get("pytorchjob", name, ns) or {}
     assert pj["metadata"]["labels"][ATTEMPT] == str(attempt)
+    assert pj["metadata"]["uid"] == first_job, "PyTorchJob re-created while settled"
     assert _uids(_job_pods(cluster, ns, name)) == first, "pods re-created while settled"
     return status
 
