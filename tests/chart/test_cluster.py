@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-from devtools.cluster import KUEUE_CRDS, Cluster
-from kubetron_operator.cli.rbac import LEASE_RULES, RULES
+from devtools.cluster import KUEUE_CRDS, Cluster, trainer_v2
+from kubetron_operator.cli.rbac import LEASE_RULES, RULES, TRAINJOB_RULES
 from tests.chart.helm import CHART, CI_VALUES, REPO_ROOT, load_all, require_helm, run_helm
 from tests.chart.monitoring import monitoring_crds
 
@@ -56,6 +56,14 @@ def megatronjob_crd(cluster: Cluster) -> None:
     cluster.apply(REPO_ROOT / "manifests" / "crds" / "kubetron.io_megatronjobs.yaml")
     cluster.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
     cluster.install_crds([cluster.bin_dir / KUEUE_CRDS / "kueue.x-k8s.io_workloads.yaml"])
+
+
+@pytest.fixture(scope="module")
+def trainer_crds(cluster: Cluster) -> None:
+    """Kubeflow Trainer v2's CRDs (TrainJob, the training runtimes) and JobSet's, without their
+    controllers: the chart's ClusterTrainingRuntime needs its CRD to apply, and `auth can-i`
+    must resolve trainjobs.trainer.kubeflow.org and jobsets.jobset.x-k8s.io."""
+    cluster.install_crds(sorted((cluster.bin_dir / trainer_v2.CRDS).glob("*.yaml")))
 
 
 @pytest.fixture
@@ -282,6 +290,7 @@ def test_cluster_scope_service_account_can_do_what_the_operator_does_and_no_more
     cluster: Cluster,
     namespace: str,
     release: str,
+    trainer_crds: None,
 ) -> None:
     helm(
         cluster, "install", release, str(CHART), "--namespace", namespace,
@@ -297,7 +306,7 @@ def test_cluster_scope_service_account_can_do_what_the_operator_does_and_no_more
         for verb, resource in granted(LEASE_RULES):
             assert can_i(cluster, sa, verb, resource, namespace), f"cannot {verb} {resource}"
             assert not can_i(cluster, sa, verb, resource, elsewhere), f"may {verb} {resource}"
-        for verb, resource in FORBIDDEN:
+        for verb, resource in FORBIDDEN + granted(TRAINJOB_RULES):  # default backend: PyTorchJob
             assert not can_i(cluster, sa, verb, resource, elsewhere), f"may {verb} {resource}"
         for verb, resource in CLUSTER_FORBIDDEN:
             assert not can_i(cluster, sa, verb, resource, None), f"may {verb} {resource}"
@@ -309,6 +318,7 @@ def test_namespaces_scope_grants_nothing_outside_the_watched_namespaces(
     cluster: Cluster,
     namespace: str,
     release: str,
+    trainer_crds: None,
 ) -> None:
     watched, other = unique("team"), unique("other")
     for ns in (watched, other):
@@ -326,7 +336,7 @@ def test_namespaces_scope_grants_nothing_outside_the_watched_namespaces(
                 f"may {verb} {resource} in {other}"
             )
             assert not can_i(cluster, sa, verb, resource, None), f"may {verb} {resource} anywhere"
-        for verb, resource in FORBIDDEN:
+        for verb, resource in FORBIDDEN + granted(TRAINJOB_RULES):  # default backend: PyTorchJob
             assert not can_i(cluster, sa, verb, resource, watched), f"may {verb} {resource}"
         assert can_i(cluster, sa, "update", "leases.coordination.k8s.io", namespace)
     finally:
