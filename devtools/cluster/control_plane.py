@@ -73,10 +73,11 @@ from devtools.cluster.waiting import (
 from kubetron_operator.scheduling.kueue import QUEUE_LABEL
 
 KUEUE_NAMESPACE = "kueue-system"
-# Of Kueue's webhooks only these are registered: its own API group and PyTorchJobs carrying the
-# queue label (other tests' PyTorchJobs never reach Kueue, and nothing calls a stopped Kueue).
+# Of Kueue's webhooks only these are registered: its own API group and PyTorchJobs and TrainJobs
+# carrying the queue label (other tests' jobs never reach Kueue, and nothing calls a stopped
+# Kueue).
 KUEUE_API_GROUP = "kueue.x-k8s.io"
-KUEUE_JOB_RESOURCE = "pytorchjobs"
+KUEUE_JOB_RESOURCES = ("pytorchjobs", "trainjobs")  # the integrations the harness enables
 CRD_PATH = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
 
 TRAINING_OPERATOR_NAMESPACE = "kubeflow"
@@ -558,7 +559,10 @@ class Cluster(ClusterBase):
                         "certDir": str(cert_dir)},
             "leaderElection": {"leaderElect": False},
             "internalCertManagement": {"enable": False},
-            "integrations": {"frameworks": ["kubeflow.org/pytorchjob"]},
+            # TrainJob: the TrainJob backend (Kueue waits for Trainer v2's CRDs if they are not
+            # there yet)
+            "integrations": {"frameworks": ["kubeflow.org/pytorchjob",
+                                            "trainer.kubeflow.org/trainjob"]},
             # no aggregated visibility API server (another port, and nothing here uses it)
             "featureGates": {"VisibilityOnDemand": False},
         }  # fmt: skip
@@ -575,7 +579,7 @@ class Cluster(ClusterBase):
             for hook in doc.get("webhooks", []):
                 rules = hook.get("rules", [])
                 ours = any(KUEUE_API_GROUP in r.get("apiGroups", []) for r in rules)
-                job = any(KUEUE_JOB_RESOURCE in r.get("resources", []) for r in rules)
+                job = any(set(KUEUE_JOB_RESOURCES) & set(r.get("resources", [])) for r in rules)
                 if not (ours or job):
                     continue
                 path = hook["clientConfig"]["service"]["path"]

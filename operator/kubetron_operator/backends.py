@@ -112,8 +112,12 @@ class _TrainJob(BackendJob):
                 spec[key] = live_spec[key]
             else:
                 spec.pop(key, None)
-        # a queued job's suspend belongs to the queue once created (scheduling/kueue.py); the
-        # queue's own pod-set changes live in a runtime patch of its own manager
+        # other managers' runtime patches stay (Kueue's: its webhook adds one at creation, and
+        # it un-suspends the job only with it); a queued job's suspend belongs to the queue
+        # once created (scheduling/kueue.py)
+        ours = {p.get("manager") for p in spec.get("runtimePatches") or []}
+        theirs = [p for p in live_spec.get("runtimePatches") or [] if p.get("manager") not in ours]
+        spec["runtimePatches"] = list(spec.get("runtimePatches") or []) + theirs
         if scheduler.queues:
             spec["suspend"] = bool(live_spec.get("suspend"))
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -38,6 +37,9 @@ from kubetron_operator.render_trainjob import (
     NODE,
     cluster_training_runtime,
 )
+from kubetron_operator.scheduling.kueue import QUEUE_LABEL
+from tests.cluster.test_control_plane_restarts import _fail
+from tests.cluster.test_kueue import KUEUE_API, cluster_queue, local_queue
 
 pytestmark = pytest.mark.cluster
 
@@ -185,17 +187,6 @@ def test_a_running_job_cannot_switch_backend(kubetron: Cluster, namespace: str) 
     assert stored is not None and stored["spec"]["backend"] == "TrainJob"
 
 
-def _fail(cluster: Cluster, ns: str, pod: Obj) -> None:
-    """The pod's trainer killed (exit 137, retryable), as its kubelet would report it."""
-    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    killed = {"exitCode": 137, "reason": "Error", "startedAt": now, "finishedAt": now}
-    container = {"name": NODE, "image": pod["spec"]["containers"][0]["image"], "ready": False,
-                 "restartCount": 0, "state": {"terminated": killed}}  # fmt: skip
-    body = json.dumps({"status": {"phase": "Failed", "containerStatuses": [container]}})
-    cluster.kubectl("patch", "pod", pod["metadata"]["name"], "-n", ns, "--subresource=status",
-                    "--type=merge", "-p", body)  # fmt: skip
-
-
 def test_the_operator_runs_a_trainjob_restarts_its_group_and_succeeds(
     trainer_v2: Cluster, namespace: str, start_operator: Any
 ) -> None:
@@ -233,3 +224,34 @@ def test_the_operator_runs_a_trainjob_restarts_its_group_and_succeeds(
     done = wait_phase(cluster, namespace, "run", "Succeeded", timeout=120)["status"]
     assert (done["attempt"], done["restarts"]) == (2, 1) and done["completionTime"]
     assert op.sample("kubetron_megatronjobs", namespace=namespace, phase="Succeeded") == 1.0
+
+
+def test_kueue_admits_a_queued_trainjob_job(
+    trainer_v2: Cluster, namespace: str, start_operator: Any
+) -> None:
+    """Kueue with its TrainJob integration: the operator creates the TrainJob suspended with the
+    queue label, Kueue admits its Workload and un-suspends it, the job runs and succeeds."""
+    cluster = trainer_v2
+    cluster.start_kueue()
+    flavor, cq, queue = "kubetron-trainjob", "kubetron-trainjob", "tj-team"
+    try:
+        cluster.apply([{"apiVersion": KUEUE_API, "kind": "ResourceFlavor",
+                        "metadata": {"name": flavor}},
+                       cluster_queue(cq, flavor, 16)])  # fmt: skip
+        local_queue(cluster, namespace, queue, cq)
+        start_operator()
+        body = fake_gpu_job("queued", nodes=2, complete_after="10s", scheduling={"queue": queue})
+        body["spec"]["backend"] = "TrainJob"
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(body))
+        tj = cluster.wait_for(lambda: cluster.get("trainjob", "queued", namespace), timeout=30,
+                              what="the queued job's TrainJob")  # fmt: skip
+        assert tj["metadata"]["labels"][QUEUE_LABEL] == queue
+        running = wait_phase(cluster, namespace, "queued", "Running", timeout=90)
+        queued = next(c for c in running["status"]["conditions"] if c["type"] == "Queued")
+        assert (queued["status"], queued["reason"]) == ("False", "Admitted"), queued
+        assert cq in queued["message"]
+        done = wait_phase(cluster, namespace, "queued", "Succeeded", timeout=90)["status"]
+        assert (done["attempt"], done["restarts"]) == (1, 0)
+    finally:
+        cluster.kubectl("delete", "clusterqueue", cq, "--ignore-not-found", "--wait=false")
+        cluster.stop_kueue()

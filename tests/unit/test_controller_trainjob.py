@@ -221,10 +221,13 @@ def test_a_live_trainjob_keeps_its_immutable_trainer_for_its_attempt(
     kube: FakeKube, controller: Controller
 ) -> None:
     """Trainer v2 stores the trainer's quantities canonically and refuses any change to them:
-    neither is drift, and a new generation (suspend) leaves them as they are."""
+    neither is drift, and a new generation (suspend) leaves them as they are; so is another
+    manager's runtime patch (Kueue's)."""
     controller.reconcile("ml", "job")
     trainer = kube.objects[TJ]["spec"]["trainer"]
     trainer["resourcesPerNode"]["requests"]["memory"] = "144Gi"  # 147456Mi as stored
+    kueue_patch = {"manager": "kueue.x-k8s.io/manager", "trainingRuntimeSpec": {}}
+    kube.objects[TJ]["spec"]["runtimePatches"].append(kueue_patch)  # Kueue's webhook's
     kube.applied.clear()
     controller.reconcile("ml", "job")
     assert kube.applied == []
@@ -233,3 +236,4 @@ def test_a_live_trainjob_keeps_its_immutable_trainer_for_its_attempt(
     assert kube.applied == ["ConfigMap", "TrainJob"]
     spec = kube.objects[TJ]["spec"]
     assert spec["suspend"] is True and spec["trainer"] == trainer
+    assert spec["runtimePatches"][1] == kueue_patch
