@@ -1,6 +1,5 @@
 """The chart's TrainJob backend: the `backend` value reaches the operator, and only where the
-backend is on does the chart ship kubetron's ClusterTrainingRuntime and grant TrainJobs and
-JobSets."""
+backend is on does the chart ship kubetron's ClusterTrainingRuntime and grant TrainJobs."""
 
 from __future__ import annotations
 

@@ -158,4 +158,5 @@ def test_trainjob_rbac_only_where_the_backend_is_on() -> None:
         return {r for rule in role["rules"] for r in rule["resources"]}
 
     assert not {"trainjobs", "jobsets"} & resources(False)
-    assert {"trainjobs", "jobsets", "pytorchjobs"} <= resources(True)
+    assert {"trainjobs", "pytorchjobs"} <= resources(True)
+    assert "jobsets" not in resources(True)  # read through the TrainJob's status

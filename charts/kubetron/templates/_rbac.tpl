@@ -29,10 +29,7 @@ do not edit by hand: the operator's least-privilege rules.
 {{- define "kubetron.trainJobRules" -}}
 - apiGroups: [trainer.kubeflow.org]
   resources: [trainjobs]
-  verbs: [get, list, watch, create, patch, update, delete]
-- apiGroups: [jobset.x-k8s.io]
-  resources: [jobsets]
-  verbs: [get, list, watch]
+  verbs: [get, list, watch, create, patch, delete]
 {{- end }}
 
 {{- define "kubetron.leaseRules" -}}

@@ -39,15 +39,16 @@ RULES: list[Obj] = [
     {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads"], "verbs": [*READ, "patch"]},
 ]
 
-# Only where the TrainJob backend is on (chart: backend TrainJob or trainJob.enabled): its jobs
-# and the JobSets that Kubeflow Trainer v2 makes of them.
+# Only where the TrainJob backend is on (chart: backend TrainJob or trainJob.enabled): its jobs.
+# create and patch: the server-side apply that creates or changes one; delete: a whole-group
+# restart or the TTL. No update (the operator never replaces an object) and no JobSets: a
+# TrainJob's status carries what the operator reads of its JobSet (backends.py).
 TRAINJOB_RULES: list[Obj] = [
     {
         "apiGroups": ["trainer.kubeflow.org"],
         "resources": ["trainjobs"],
-        "verbs": [*READ, "create", "patch", "update", "delete"],
+        "verbs": [*READ, "create", "patch", "delete"],
     },
-    {"apiGroups": ["jobset.x-k8s.io"], "resources": ["jobsets"], "verbs": READ},
 ]
 
 # Leader election: only in the operator's own namespace.
