@@ -74,6 +74,20 @@ def wait_for_log(
     return cluster.wait_for(found, timeout=timeout, what=f"{pattern!r} in {pod}", interval=0.5)
 
 
+def drop_pod_traffic(cluster: Cluster, namespace: str, pod: str) -> None:
+    """Drop every packet into and out of the pod's network namespace but its loopback (the
+    processes of one pod still talk to each other), as a broken network path to the pod would:
+    its peers' collectives with it hang until their timeout. The rules go with the pod."""
+    status = (cluster.get("pod", pod, namespace) or {}).get("status", {})
+    container = status["containerStatuses"][0]["containerID"].split("://", 1)[1]
+    real = deploy.real_node(cluster)
+    spec = json.loads(real.ctr("-n", "k8s.io", "containers", "info", container).stdout)["Spec"]
+    netns = next(n["path"] for n in spec["linux"]["namespaces"] if n["type"] == "network")
+    for chain, loopback in (("INPUT", "-i"), ("OUTPUT", "-o")):
+        host.run("nsenter", f"--net={netns}", "iptables", "-I", chain, "!", loopback, "lo",
+                 "-j", "DROP")  # fmt: skip
+
+
 def timestamped_steps(cluster: Cluster, namespace: str, pod: str) -> list[tuple[datetime, int]]:
     """(when, step) of every step line rank 0 logged, from the kubelet's log timestamps."""
     out = cluster.kubectl("logs", "-n", namespace, pod, "-c", "pytorch", "--timestamps").stdout

@@ -1,7 +1,13 @@
 """Faults during real training on the real node, and what the operator makes of them: a killed
 trainer process, a deleted pod and a stopped rank each restart every pod of the job as the next
 attempt, which resumes from the latest complete checkpoint and ends Succeeded with every step
-trained once; a suspended job saves its current step and a resume continues from it.
+trained once; a suspended job saves its current step and a resume continues from it. The killed
+job also evaluates and writes TensorBoard events onto its checkpoint volume: read back with
+TensorBoard's own reader, every scalar holds each step once across the restart.
+
+The status names each failure's cause and node: a trainer OOM-killed at its memory limit fails
+the job at once (no retry, the fix named); a pod cut off from its peers' network times out their
+collectives, which restarts the group.
 
 The jobs are the CPU example (2 pods x 2 processes, TP2 x DP2) run longer, each with its own
 checkpoint claim; faults are injected through `kubectl exec` and `kubectl delete` once the
@@ -17,8 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from devtools.cluster import Cluster, deploy, faults
+from kubetron_trainer.observe import tensorboard as tb
+from tests.distributed.test_tensorboard_cpu import EVERY_STEP
 from tests.e2e.test_train import assert_final_progress
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.slow]
@@ -26,6 +35,8 @@ pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.slow]
 ITERS, SAVE, GBS = 400, 20, 8  # the example's global batch
 TIMEOUT = 600.0
 FIRST_SAVE = rf"saved checkpoint of step {2 * SAVE}\b"
+EVAL = 20  # validation every EVAL steps, on the mock data's validation split
+BOARD = "tensorboard"  # under the example's checkpoint.path, the claim's root
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +92,19 @@ def test_a_killed_trainer_restarts_every_pod_from_the_last_checkpoint(
     cluster: Cluster, life: str
 ) -> None:
     name = "life-kill"
-    volume = start(cluster, life, name)
+    board = f"{deploy.example_job()['spec']['checkpoint']['path']}/{BOARD}"
+    volume = start(
+        cluster, life, name,
+        recipe={"eval": {"interval": EVAL, "iterations": 1}}, data={"split": "90,10,0"},
+        observability={"tensorboard": {"path": board}},
+    )  # fmt: skip
     faults.wait_for_log(cluster, life, f"{name}-worker-0", FIRST_SAVE)
     rank = faults.signal_rank(cluster, life, f"{name}-worker-1", "KILL")
     assert rank == 3  # worker 1 holds global ranks 2 and 3
     status = finished(cluster, life, name)["status"]
     assert (status["attempt"], status["restarts"]) == (2, 1)
+    assert sum(status["failures"]["counts"].values()) == 1, status["failures"]
+    assert status["failures"]["last"]["node"] == deploy.real_node(cluster).name
     restarting = next(c for c in status["conditions"] if c["type"] == "Restarting")
     assert (restarting["status"], restarting["message"]) == ("False", "attempt 2 runs")
     warnings = [e for e in events(cluster, life, name) if e["type"] == "Warning"]
@@ -96,12 +114,36 @@ def test_a_killed_trainer_restarts_every_pod_from_the_last_checkpoint(
         and "restarting every pod as attempt 2" in e["message"]
         for e in warnings
     ), warnings
-    resumed_and_trained_once(cluster, life, name, volume)
+    resumed = resumed_and_trained_once(cluster, life, name, volume)
     # the final progress is the second attempt's end, from its rank 0's exit report
-    assert_final_progress(status, deploy.logs(cluster, life, f"{name}-worker-0"), ITERS)
+    log = deploy.logs(cluster, life, f"{name}-worker-0")
+    assert_final_progress(status, log, ITERS)
+    assert_tensorboard(volume / BOARD, log, resumed)
     meta = json.loads((volume / f"iter_{ITERS:07d}" / "kubetron.json").read_text())
     assert meta["attempt"] == 2
     assert (volume / "attempt").read_text().split()[1] == "2"  # attempt 2 fenced the directory
+
+
+def assert_tensorboard(board: Path, log: str, resumed: int) -> None:
+    """Two event files (rank 0 of each attempt); every step's scalars once, from 1 to ITERS,
+    those after `resumed` being the second attempt's (its logged losses, attempt 2); the
+    validation loss at every EVAL steps."""
+    assert len(list(board.iterdir())) == 2, sorted(board.iterdir())
+    acc = EventAccumulator(str(board))
+    acc.Reload()
+    got = {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+    assert set(got) == {*EVERY_STEP, tb.ATTEMPT, tb.VALIDATION_LOSS, tb.VALIDATION_PPL}
+    for tag in EVERY_STEP:
+        assert [s for s, _ in got[tag]] == list(range(1, ITERS + 1)), tag
+    attempts = [(s, 1.0 if s <= resumed else 2.0) for s in range(1, ITERS + 1)]
+    assert got[tb.ATTEMPT] == attempts
+    logged = {step: loss for step, loss, _ in deploy.steps(log)}  # the log's 4 decimals
+    after = [(s, v) for s, v in got[tb.LOSS] if s > resumed]
+    assert [s for s, _ in after] == sorted(logged)
+    assert all(v == pytest.approx(logged[s], abs=5.1e-5) for s, v in after), after
+    evals = list(range(EVAL, ITERS + 1, EVAL))
+    assert [s for s, _ in got[tb.VALIDATION_LOSS]] == evals
+    assert [s for s, _ in got[tb.VALIDATION_PPL]] == evals
 
 
 def test_a_deleted_pod_restarts_every_pod(cluster: Cluster, life: str) -> None:
@@ -157,3 +199,34 @@ def test_suspend_saves_the_current_step_and_resume_continues_from_it(
     status = finished(cluster, life, name)["status"]
     assert (status["attempt"], status["restarts"]) == (1, 0)  # a suspend is no failure
     assert resumed_and_trained_once(cluster, life, name, volume) == saved
+
+
+def test_an_oom_killed_trainer_fails_the_job_at_once_naming_the_fix(
+    cluster: Cluster, life: str
+) -> None:
+    """Two trainer processes do not fit 600 MiB: the kernel kills one at the pod's limit."""
+    name = "life-oom"
+    start(cluster, life, name, resources={"memory": "600Mi", "sharedMemory": "64Mi"})
+    status = deploy.wait_final(cluster, life, name, TIMEOUT)["status"]
+    assert status["phase"] == "Failed", json.dumps(status, indent=1)
+    assert (status["attempt"], status["restarts"]) == (1, 0)  # no retry burned
+    assert status["failures"]["counts"] == {"OOMKilled": 1}
+    last = status["failures"]["last"]
+    assert (last["cause"], last["attempt"]) == ("OOMKilled", 1)
+    assert last["node"] == deploy.real_node(cluster).name and last["pod"].startswith(name)
+    assert "spec.resources.memory" in last["message"], last
+    assert "spec.recipe.microBatchSize" in last["message"], last
+
+
+def test_a_pod_cut_off_from_its_peers_restarts_the_group_on_a_collective_timeout(
+    cluster: Cluster, life: str
+) -> None:
+    name = "life-cutoff"
+    volume = start(cluster, life, name, runPolicy={"collectiveTimeoutSeconds": 60})
+    faults.wait_for_log(cluster, life, f"{name}-worker-0", FIRST_SAVE)
+    faults.drop_pod_traffic(cluster, life, f"{name}-worker-1")
+    status = finished(cluster, life, name)["status"]
+    assert (status["attempt"], status["restarts"]) == (2, 1)
+    assert status["failures"]["counts"] == {"CollectiveTimeout": 1}, status["failures"]
+    assert status["failures"]["last"]["node"] == deploy.real_node(cluster).name
+    resumed_and_trained_once(cluster, life, name, volume)
