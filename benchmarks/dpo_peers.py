@@ -656,6 +656,13 @@ def run(args: argparse.Namespace) -> int:
     return 1 if report["errors"] or not report["token_ids"].get("identical") else 0
 
 
+def add_run_args(p: argparse.ArgumentParser, name: str, timeout: float) -> None:
+    """What every side-by-side benchmark takes: its time per side, work directory and output."""
+    p.add_argument("--run-timeout", type=float, default=timeout, help="seconds per side")
+    p.add_argument("--workdir", default=f"/tmp/kubetron-{name}")
+    p.add_argument("--output", type=Path, help="also write the JSON report here")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=(__doc__ or "").splitlines()[0], epilog=EPILOG,
@@ -679,9 +686,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the reference gets other random weights than the policy")  # fmt: skip
     p.add_argument("--tiny", action="store_true",
                    help="CPU plumbing check: 2-layer Qwen3, seq 32, 3 steps, fp32")  # fmt: skip
-    p.add_argument("--run-timeout", type=float, default=420, help="seconds per side")
-    p.add_argument("--workdir", default="/tmp/kubetron-dpo-peers")
-    p.add_argument("--output", type=Path, help="also write the JSON report here")
+    add_run_args(p, "dpo-peers", 420)
     p.add_argument("--trl-worker", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

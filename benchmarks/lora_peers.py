@@ -50,6 +50,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "api"), str(ROOT / "trainer"), str(ROOT / 
 
 from benchmarks.dpo_peers import (  # noqa: E402
     WARMUP,
+    add_run_args,
     peer_versions,
     python_path,
     save_random_model,
@@ -349,9 +350,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=int, default=32)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--no-liger", dest="liger", action="store_false")
-    p.add_argument("--run-timeout", type=float, default=300, help="seconds per side")
-    p.add_argument("--workdir", default="/tmp/kubetron-lora-peers")
-    p.add_argument("--output", type=Path, help="also write the JSON report here")
+    add_run_args(p, "lora-peers", 300)
     p.add_argument("--peer-worker", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
