@@ -187,7 +187,7 @@ def wait_final(
 
 
 def pods(cluster: Cluster, namespace: str, job: str) -> list[Obj]:
-    selector = f"training.kubeflow.org/job-name={job}"
+    selector = f"{JOB_NAME_LABEL}={job}"  # kubetron's, on the pods of either backend
     out = cluster.kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json").stdout
     items: list[Obj] = json.loads(out)["items"]
     return sorted(items, key=lambda p: p["metadata"]["name"])

@@ -105,19 +105,20 @@ class _TrainJob(BackendJob):
 
     def keep(self, scheduler: Scheduler, desired: Obj, live: Obj) -> None:
         # Trainer v2 makes these immutable, and stores the trainer's quantities in canonical
-        # form (147456Mi as 144Gi): the attempt keeps them as created, the next one has the spec's
+        # form (147456Mi as 144Gi): the attempt keeps them as created, the next one has the
+        # spec's.
         spec, live_spec = desired["spec"], live.get("spec", {})
         for key in TRAINJOB_IMMUTABLE:
             if key in live_spec:
                 spec[key] = live_spec[key]
             else:
                 spec.pop(key, None)
-        # other managers' runtime patches stay (Kueue's: its webhook adds one at creation, and
-        # it un-suspends the job only with it); a queued job's suspend belongs to the queue
-        # once created (scheduling/kueue.py)
-        ours = {p.get("manager") for p in spec.get("runtimePatches") or []}
-        theirs = [p for p in live_spec.get("runtimePatches") or [] if p.get("manager") not in ours]
-        spec["runtimePatches"] = list(spec.get("runtimePatches") or []) + theirs
+        # The runtime patches too: Trainer v2 takes changes only while suspended, and JobSet
+        # refuses most of them even then (Kueue v0.17's webhook, built on Trainer v2.2, drops
+        # the pod patch's terminationGracePeriodSeconds at creation: restoring it would be such
+        # a change); other managers' (Kueue's, which it un-suspends the job with) stay.
+        spec["runtimePatches"] = list(live_spec.get("runtimePatches") or [])
+        # a queued job's suspend belongs to the queue once created (scheduling/kueue.py)
         if scheduler.queues:
             spec["suspend"] = bool(live_spec.get("suspend"))
 

@@ -25,7 +25,7 @@ from kubetron_operator.render_trainjob import NODE
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.slow]
 
-ITERS, SAVE = 200, 20
+ITERS, SAVE = 400, 20  # about 5 steps a second: attempt 2 runs over a minute
 TIMEOUT = 600.0
 FIRST_SAVE = rf"saved checkpoint of step {2 * SAVE}\b"
 Obj = dict[str, Any]
@@ -70,12 +70,13 @@ def pod(cluster: Cluster, namespace: str, name: str, index: int, attempt: int = 
     return cluster.wait_for(found, timeout=TIMEOUT, what=f"{name}'s pod {index} of {attempt}")
 
 
-def progress_listed(cluster: Cluster, namespace: str, name: str) -> bool:
-    """`kubectl get mj` shows the job Running at a step the operator read from rank 0."""
+def progress_listed(cluster: Cluster, namespace: str, name: str, least: int) -> bool:
+    """`kubectl get mj` shows the job Running at a step (at least `least`) the operator read
+    from rank 0."""
     header, row = cluster.kubectl("get", "mj", name, "-n", namespace).stdout.splitlines()[:2]
     columns = dict(zip(header.split(), row.split(), strict=False))
     step = columns.get("STEP", "")
-    return columns.get("PHASE") == "Running" and step.isdigit() and int(step) > 0
+    return columns.get("PHASE") == "Running" and step.isdigit() and int(step) >= least
 
 
 def finished(cluster: Cluster, namespace: str, name: str) -> Obj:
@@ -101,12 +102,12 @@ def test_a_killed_trainer_restarts_the_trainjob_from_its_checkpoint(
 ) -> None:
     name = "tj-kill"
     volume = start(cluster, tj, name)
-    rank0 = pod(cluster, tj, name, 0)
-    faults.wait_for_log(cluster, tj, rank0, FIRST_SAVE, container=NODE)
-    cluster.wait_for(lambda: progress_listed(cluster, tj, name), timeout=60,
-                     what=f"{name}'s step in `kubectl get mj`")  # fmt: skip
+    faults.wait_for_log(cluster, tj, pod(cluster, tj, name, 0), FIRST_SAVE, container=NODE)
     first = (cluster.get("trainjob", name, tj) or {})["metadata"]["uid"]
     faults.signal_rank(cluster, tj, pod(cluster, tj, name, 1), "KILL", container=NODE)
+    # attempt 1 ended near step 40: only attempt 2 reaches half way
+    cluster.wait_for(lambda: progress_listed(cluster, tj, name, ITERS // 2), timeout=TIMEOUT,
+                     what=f"{name}'s step in `kubectl get mj`", interval=0.5)  # fmt: skip
     status = finished(cluster, tj, name)["status"]
     assert (status["attempt"], status["restarts"]) == (2, 1)
     assert status["failures"]["last"]["cause"] in ("Signal", "CollectiveTimeout"), status
