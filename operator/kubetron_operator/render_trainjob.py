@@ -28,7 +28,7 @@ that asks for another of those, a priority class or a pod scheduler is refused (
 from __future__ import annotations
 
 from kubetron_api.observability import MetricsSpec
-from kubetron_api.v1alpha1 import Backend, MegatronJob, ResourcesSpec
+from kubetron_api.v1alpha1 import Backend, MegatronJob, ResourcesSpec, RunPolicySpec
 from kubetron_operator.lifecycle import ATTEMPT_LABEL
 from kubetron_operator.plan import Plan
 from kubetron_operator.render import (
@@ -62,6 +62,10 @@ PATCH_MANAGER = "kubetron.io/operator"  # the owner of the TrainJob's runtime pa
 # Fixed by the runtime for every job (a runtime patch cannot set them).
 RUNTIME_PULL_POLICY = ResourcesSpec.model_fields["image_pull_policy"].default
 RUNTIME_METRICS_PORT = MetricsSpec.model_fields["port"].default
+# The runtime's grace period, which a queued job cannot change: Kueue (v0.17, built on Trainer
+# v2.2, whose runtime patch has no grace period) drops it from the patch when it updates the
+# TrainJob, and JobSet then refuses the changed pod template.
+RUNTIME_GRACE_SECONDS = RunPolicySpec.model_fields["termination_grace_period_seconds"].default
 
 
 class BackendError(ValueError):
@@ -87,6 +91,7 @@ def cluster_training_runtime() -> Obj:
         "automountServiceAccountToken": False,  # trainers never talk to the API server
         "enableServiceLinks": False,  # no <SERVICE>_PORT variables colliding with settings
         "restartPolicy": RESTART_POLICY,
+        "terminationGracePeriodSeconds": RUNTIME_GRACE_SECONDS,
         "containers": [container],
     }
     node: Obj = {
@@ -127,6 +132,12 @@ def unsupported(job: MegatronJob, plan: Plan) -> list[str]:
         )
     if job.spec.metrics.port != RUNTIME_METRICS_PORT:
         problems.append(f"metrics.port other than {RUNTIME_METRICS_PORT} (the runtime's)")
+    grace = job.spec.run_policy.termination_grace_period_seconds
+    if plan.scheduler.queues and grace != RUNTIME_GRACE_SECONDS:
+        problems.append(
+            f"runPolicy.terminationGracePeriodSeconds other than {RUNTIME_GRACE_SECONDS} (the "
+            "runtime's) with a queue (Kueue drops a TrainJob's own)"
+        )
     return problems
 
 
@@ -170,7 +181,7 @@ class TrainJobBuilder:
         }
 
     def _pod_patch(self, job: MegatronJob, plan: Plan, attempt: int) -> Obj:
-        res = job.spec.resources
+        res, rp = job.spec.resources, job.spec.run_policy
         meta: Obj = {"labels": {**dict(sorted(res.pod_labels.items())), **labels(job, "trainer")}}
         meta["labels"][ATTEMPT_LABEL] = str(attempt)
         placed = plan.placement.annotations() if plan.placement else {}
@@ -181,13 +192,11 @@ class TrainJobBuilder:
             "volumeMounts": volume_mounts(job),
             "securityContext": container_security_context(res),
         }
-        spec: Obj = {
-            "securityContext": pod_security_context(res),
+        spec: Obj = {"securityContext": pod_security_context(res)}
+        if not plan.scheduler.queues:  # queued: the runtime's (RUNTIME_GRACE_SECONDS)
             # the launcher forwards SIGTERM to the trainers and waits this long for their save
-            "terminationGracePeriodSeconds": job.spec.run_policy.termination_grace_period_seconds,
-            "volumes": pod_volumes(job),
-            "containers": [container],
-        }
+            spec["terminationGracePeriodSeconds"] = rp.termination_grace_period_seconds
+        spec.update({"volumes": pod_volumes(job), "containers": [container]})
         optional = {
             "nodeSelector": dict(sorted(res.node_selector.items())) or None,
             "tolerations": list(res.tolerations) or None,

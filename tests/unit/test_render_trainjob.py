@@ -160,3 +160,18 @@ def test_trainjob_rbac_only_where_the_backend_is_on() -> None:
     assert not {"trainjobs", "jobsets"} & resources(False)
     assert {"trainjobs", "pytorchjobs"} <= resources(True)
     assert "jobsets" not in resources(True)  # read through the TrainJob's status
+
+
+def test_a_queued_job_has_the_runtimes_grace_period() -> None:
+    """Kueue drops a TrainJob's own grace period: a queued job carries none (the runtime's
+    holds), and one that asks for another is refused."""
+    obj = job_dict()
+    obj["spec"] |= {"backend": "TrainJob", "scheduling": {"queue": "team-a"}}
+    queued = parse_job(obj)
+    (patch,) = render(queued, plan(queued))[1]["spec"]["runtimePatches"]
+    (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert "terminationGracePeriodSeconds" not in node["template"]["spec"]["template"]["spec"]
+    obj["spec"]["runPolicy"] = {"terminationGracePeriodSeconds": 900}
+    longer = parse_job(obj)
+    with pytest.raises(BackendError, match="terminationGracePeriodSeconds other than 600"):
+        render(longer, plan(longer))
