@@ -22,6 +22,10 @@ RULES: list[Obj] = [
         "resources": ["megatronjobs/status"],
         "verbs": ["get", "patch", "update"],
     },
+    # the objects it creates name their MegatronJob with blockOwnerDeletion, which clusters with
+    # the OwnerReferencesPermissionEnforcement admission plugin (OpenShift) allow only to who
+    # may update the owner's finalizers
+    {"apiGroups": ["kubetron.io"], "resources": ["megatronjobs/finalizers"], "verbs": ["update"]},
     {
         "apiGroups": ["kubeflow.org"],
         "resources": ["pytorchjobs"],
