@@ -62,6 +62,23 @@ def test_group_variables_are_derived_when_a_launcher_omits_them() -> None:
     assert (topo.node_rank, topo.num_nodes) == (1, 2)
 
 
+def test_worlds_of_one_side_by_side_take_their_own_ports() -> None:
+    """Two single processes on one machine (two exports, say) each bind a free port."""
+    import subprocess
+    import sys
+
+    code = (
+        "import time, torch.distributed as d; "
+        "from kubetron_trainer.runtime.topology import Topology; "
+        "d.init_process_group('gloo', init_method=Topology.single_process().init_method, "
+        "rank=0, world_size=1); time.sleep(3); d.barrier(); print('ok')"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0] and outs == ["ok\n", "ok\n"]
+
+
 def test_no_variables_is_a_world_of_one() -> None:
     assert Topology.from_env({}) == Topology.single_process()
     assert Topology.from_env({"PATH": "/usr/bin"}).world_size == 1

@@ -8,7 +8,7 @@ ranks (a process started without `torchrun` inside such a pod) instead of hangin
 mixing up data shards.
 
 A process started with none of these variables (a plain `python -m kubetron_trainer` on a laptop)
-is a world of one: rank 0 on node 0, rendezvous at 127.0.0.1:29500 (torchrun's default port).
+is a world of one: rank 0 on node 0, its store on any free port of 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ TORCHRUN_VARS = (
     "MASTER_PORT",
 )
 DEFAULT_MASTER_ADDR = "127.0.0.1"
-DEFAULT_MASTER_PORT = 29500
+# A world of one has no peer to meet: its store takes any free port, so that two such processes
+# on one machine (two exports, an export beside a trainer) never contend for one.
+SINGLE_PROCESS_PORT = 0
 LAUNCH_HINT = (
     "start the trainer with torchrun, e.g. `torchrun --nproc-per-node=$PET_NPROC_PER_NODE "
     "--nnodes=$PET_NNODES --node-rank=$PET_NODE_RANK --master-addr=$PET_MASTER_ADDR "
@@ -64,7 +66,7 @@ class Topology:
     @classmethod
     def single_process(cls) -> Topology:
         """A world of one, for a process started without any launcher."""
-        return cls(0, 0, 1, 1, 0, 1, DEFAULT_MASTER_ADDR, DEFAULT_MASTER_PORT)
+        return cls(0, 0, 1, 1, 0, 1, DEFAULT_MASTER_ADDR, SINGLE_PROCESS_PORT)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Topology:
