@@ -89,9 +89,9 @@ class _TrainJob(BackendJob):
         ready = int(nodes.get(TRAINJOB_NODE, {}).get("ready") or 0) > 0
         running = ready and not suspended and ended is None
         # no transition time: the status keeps the old one while this one holds
-        state, why = ("True", "every pod is ready") if running else ("False", "")
-        out.append({"type": "Running", "status": state, "reason": f"TrainJobRunning{state}",
-                    "message": why})  # fmt: skip
+        state, reason = ("True", "PodsReady") if running else ("False", "PodsNotReady")
+        out.append({"type": "Running", "status": state, "reason": reason,
+                    "message": "the JobSet's pods are all ready" if running else ""})  # fmt: skip
         view: Obj = {
             "apiVersion": live.get("apiVersion"),
             "kind": live.get("kind"),
