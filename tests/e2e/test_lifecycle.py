@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,20 @@ def events(cluster: Cluster, namespace: str, name: str) -> list[dict[str, Any]]:
     return list(json.loads(out)["items"])
 
 
+def restarted_once(
+    cluster: Cluster, namespace: str, name: str, fault: Callable[[str], object], **changes: Any
+) -> tuple[dict[str, Any], Path]:
+    """Start the long job, apply `fault` to worker 1 once the checkpoint of step 40 is written,
+    and wait for the end: Succeeded as attempt 2 after one restart. Returns the status and the
+    checkpoint volume."""
+    volume = start(cluster, namespace, name, **changes)
+    faults.wait_for_log(cluster, namespace, f"{name}-worker-0", FIRST_SAVE)
+    fault(f"{name}-worker-1")
+    status = finished(cluster, namespace, name)["status"]
+    assert (status["attempt"], status["restarts"]) == (2, 1)
+    return status, volume
+
+
 def finished(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
     final = deploy.wait_final(cluster, namespace, name, TIMEOUT)
     assert final["status"]["phase"] == "Succeeded", json.dumps(final["status"], indent=1)
@@ -93,16 +107,17 @@ def test_a_killed_trainer_restarts_every_pod_from_the_last_checkpoint(
 ) -> None:
     name = "life-kill"
     board = f"{deploy.example_job()['spec']['checkpoint']['path']}/{BOARD}"
-    volume = start(
-        cluster, life, name,
+    killed: list[int] = []
+
+    def kill(pod: str) -> None:
+        killed.append(faults.signal_rank(cluster, life, pod, "KILL"))
+
+    status, volume = restarted_once(
+        cluster, life, name, kill,
         recipe={"eval": {"interval": EVAL, "iterations": 1}}, data={"split": "90,10,0"},
         observability={"tensorboard": {"path": board}},
     )  # fmt: skip
-    faults.wait_for_log(cluster, life, f"{name}-worker-0", FIRST_SAVE)
-    rank = faults.signal_rank(cluster, life, f"{name}-worker-1", "KILL")
-    assert rank == 3  # worker 1 holds global ranks 2 and 3
-    status = finished(cluster, life, name)["status"]
-    assert (status["attempt"], status["restarts"]) == (2, 1)
+    assert killed == [3]  # worker 1 holds global ranks 2 and 3
     assert sum(status["failures"]["counts"].values()) == 1, status["failures"]
     assert status["failures"]["last"]["node"] == deploy.real_node(cluster).name
     restarting = next(c for c in status["conditions"] if c["type"] == "Restarting")
@@ -150,11 +165,10 @@ def test_a_deleted_pod_restarts_every_pod(cluster: Cluster, life: str) -> None:
     """The deleted pod's SIGTERM reaches every rank at the next step boundary: all save that
     step, then the operator replaces the attempt, which resumes from it."""
     name = "life-delete"
-    volume = start(cluster, life, name)
-    faults.wait_for_log(cluster, life, f"{name}-worker-0", FIRST_SAVE)
-    cluster.kubectl("delete", "pod", "-n", life, f"{name}-worker-1", "--wait=false")
-    status = finished(cluster, life, name)["status"]
-    assert (status["attempt"], status["restarts"]) == (2, 1)
+    _, volume = restarted_once(
+        cluster, life, name,
+        lambda pod: cluster.kubectl("delete", "pod", "-n", life, pod, "--wait=false"),
+    )  # fmt: skip
     reasons = {e["reason"] for e in events(cluster, life, name) if e["type"] == "Warning"}
     assert reasons & {"PodDeleted", "PodFailed"}, reasons
     resumed_and_trained_once(cluster, life, name, volume)
@@ -164,14 +178,15 @@ def test_a_stopped_rank_passes_the_progress_deadline_and_restarts_the_group(
     cluster: Cluster, life: str
 ) -> None:
     name = "life-stop"
-    volume = start(cluster, life, name, runPolicy={"progressDeadlineSeconds": 40})
-    faults.wait_for_log(cluster, life, f"{name}-worker-0", FIRST_SAVE)
-    faults.signal_rank(cluster, life, f"{name}-worker-1", "STOP")  # hangs every collective
-    status = finished(cluster, life, name)["status"]
-    assert (status["attempt"], status["restarts"]) == (2, 1)
+    status, volume = restarted_once(
+        cluster, life, name,
+        lambda pod: faults.signal_rank(cluster, life, pod, "STOP"),  # hangs every collective
+        runPolicy={"progressDeadlineSeconds": 40},
+    )  # fmt: skip
     deadline = [e for e in events(cluster, life, name) if e["reason"] == "ProgressDeadlineExceeded"]
     assert deadline and "has not advanced for" in deadline[0]["message"], deadline
     assert "spec.runPolicy.progressDeadlineSeconds=40" in deadline[0]["message"]
+    assert status["failures"]["counts"] == {"Hang": 1}, status["failures"]
     resumed_and_trained_once(cluster, life, name, volume)
 
 
@@ -222,11 +237,10 @@ def test_a_pod_cut_off_from_its_peers_restarts_the_group_on_a_collective_timeout
     cluster: Cluster, life: str
 ) -> None:
     name = "life-cutoff"
-    volume = start(cluster, life, name, runPolicy={"collectiveTimeoutSeconds": 60})
-    faults.wait_for_log(cluster, life, f"{name}-worker-0", FIRST_SAVE)
-    faults.drop_pod_traffic(cluster, life, f"{name}-worker-1")
-    status = finished(cluster, life, name)["status"]
-    assert (status["attempt"], status["restarts"]) == (2, 1)
+    status, volume = restarted_once(
+        cluster, life, name, lambda pod: faults.drop_pod_traffic(cluster, life, pod),
+        runPolicy={"collectiveTimeoutSeconds": 60},
+    )  # fmt: skip
     assert status["failures"]["counts"] == {"CollectiveTimeout": 1}, status["failures"]
     assert status["failures"]["last"]["node"] == deploy.real_node(cluster).name
     resumed_and_trained_once(cluster, life, name, volume)
