@@ -129,8 +129,9 @@ def waiting(workload: Obj | None, queue: str, job_name: str) -> tuple[str, str]:
     """Why Kueue holds the job, as (reason, message) for the Queued condition."""
     if workload is None:
         return "WaitingForWorkload", (
-            f"no Kueue Workload for PyTorchJob {job_name} yet: Kueue makes one when it runs with "
-            f"the kubeflow.org/pytorchjob integration (LocalQueue {queue})"
+            f"no Kueue Workload for {job_name}'s backend job yet: Kueue makes one when it runs "
+            "with that backend's integration (kubeflow.org/pytorchjob, "
+            f"trainer.kubeflow.org/trainjob) (LocalQueue {queue})"
         )
     conds = _conditions(workload)
     evicted = conds.get("Evicted", {})
