@@ -301,15 +301,24 @@ def timing(ends: list[float], start: float | None, tokens_per_step: int) -> dict
     }
 
 
-def run_kubetron(shape: Shape, inputs: Inputs, workdir: Path, timeout: float) -> dict[str, Any]:
-    cfg = kubetron_config(shape, inputs)
-    started = launch(cfg, workdir / "kubetron", "--attention", "auto",
+def train(
+    cfg: dict[str, Any], workdir: Path, timeout: float
+) -> tuple[str, dict[str, Any]] | dict[str, Any]:
+    """The real trainer on `cfg` in one process: its log and summary, or what failed."""
+    started = launch(cfg, workdir, "--attention", "auto",
                      extra_env={"PYTHONPATH": python_path()})  # fmt: skip
     codes = started.wait(timeout=timeout)
     log = started.output()
     if codes != [0]:
         return {"ok": False, "exit_codes": codes, "log_tail": log[-3000:]}
-    summary = started.result()
+    return log, started.result()
+
+
+def run_kubetron(shape: Shape, inputs: Inputs, workdir: Path, timeout: float) -> dict[str, Any]:
+    ran = train(kubetron_config(shape, inputs), workdir / "kubetron", timeout)
+    if isinstance(ran, dict):
+        return ran
+    log, summary = ran
     steps = summary["steps"]
     return {
         "ok": True,

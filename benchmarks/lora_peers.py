@@ -56,10 +56,10 @@ from benchmarks.dpo_peers import (  # noqa: E402
     save_random_model,
     step_ends,
     timing,
+    train,
     write,
 )
 from benchmarks.report import machine, versions  # noqa: E402
-from devtools.training.launch import launch  # noqa: E402
 from kubetron_api.config import PRESETS, TrainerConfig  # noqa: E402
 
 TARGETS = ["qkv", "proj", "fc1", "fc2"]
@@ -114,13 +114,10 @@ def kubetron_config(shape: Shape, weights: Path, lora: bool) -> dict[str, Any]:
 def run_kubetron(
     shape: Shape, weights: Path, workdir: Path, lora: bool, timeout: float
 ) -> dict[str, Any]:
-    started = launch(kubetron_config(shape, weights, lora), workdir, "--attention", "auto",
-                     extra_env={"PYTHONPATH": python_path()})  # fmt: skip
-    codes = started.wait(timeout=timeout)
-    log = started.output()
-    if codes != [0]:
-        return {"ok": False, "exit_codes": codes, "log_tail": log[-3000:]}
-    summary = started.result()
+    ran = train(kubetron_config(shape, weights, lora), workdir, timeout)
+    if isinstance(ran, dict):
+        return ran
+    log, summary = ran
     return {
         "ok": True,
         **timing(step_ends(log), None, shape.tokens_per_step),
