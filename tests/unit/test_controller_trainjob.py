@@ -59,6 +59,14 @@ def trainjob_status(kube: FakeKube, ready: int = 1, **conditions: str) -> None:
     }  # fmt: skip
 
 
+def all_running(kube: FakeKube, controller: Controller, attempt: int) -> str:
+    """Both pods of `attempt` run and the TrainJob says so; the reconcile that sees it."""
+    pod(kube, 0, attempt)
+    pod(kube, 1, attempt)
+    trainjob_status(kube)
+    return controller.reconcile("ml", "job")
+
+
 def edit_spec(kube: FakeKube, **run_policy: Any) -> None:
     body = kube.objects[MJ]
     body["spec"].setdefault("runPolicy", {}).update(run_policy)
@@ -79,10 +87,7 @@ def test_the_operator_creates_and_owns_a_trainjob_and_rereads_only(
     pod_labels = node["template"]["spec"]["template"]["metadata"]["labels"]
     assert pod_labels["kubetron.io/attempt"] == "1" and pod_labels["kubetron.io/job-name"] == "job"
     assert status(kube)["phase"] == "Pending"
-    pod(kube, 0, 1)
-    pod(kube, 1, 1)
-    trainjob_status(kube)
-    controller.reconcile("ml", "job")
+    all_running(kube, controller, 1)
     st = status(kube)
     assert st["phase"] == "Running"
     running = next(c for c in st["conditions"] if c["type"] == "Running")
@@ -104,10 +109,7 @@ def test_a_failed_pod_restarts_the_group_as_a_new_trainjob(
     kube: FakeKube, controller: Controller
 ) -> None:
     controller.reconcile("ml", "job")
-    pod(kube, 0, 1)
-    pod(kube, 1, 1)
-    trainjob_status(kube)
-    controller.reconcile("ml", "job")
+    all_running(kube, controller, 1)
     pod(kube, 1, 1, "Failed", code=134)  # a lost peer: retryable
     trainjob_status(kube, Failed="FailedJobs")  # JobSet fails as well: the pod says why
     assert controller.reconcile("ml", "job") == "restarted"
@@ -120,10 +122,7 @@ def test_a_failed_pod_restarts_the_group_as_a_new_trainjob(
     controller.reconcile("ml", "job")  # the old pods are gone: attempt 2's TrainJob
     assert kube.applied == ["TrainJob"]
     assert kube.objects[TJ]["metadata"]["labels"]["kubetron.io/attempt"] == "2"
-    pod(kube, 0, 2)
-    pod(kube, 1, 2)
-    trainjob_status(kube)
-    controller.reconcile("ml", "job")
+    all_running(kube, controller, 2)
     assert (status(kube)["phase"], status(kube)["attempt"]) == ("Running", 2)
     trainjob_status(kube, Complete="JobSetCompleted")
     for i in (0, 1):
@@ -137,10 +136,7 @@ def test_suspend_suspends_the_trainjob_and_resume_continues_the_attempt(
     kube: FakeKube, controller: Controller
 ) -> None:
     controller.reconcile("ml", "job")
-    pod(kube, 0, 1)
-    pod(kube, 1, 1)
-    trainjob_status(kube)
-    controller.reconcile("ml", "job")
+    all_running(kube, controller, 1)
     edit_spec(kube, suspend=True)
     controller.reconcile("ml", "job")
     assert kube.objects[TJ]["spec"]["suspend"] is True  # Trainer v2 suspends the JobSet
@@ -154,10 +150,7 @@ def test_suspend_suspends_the_trainjob_and_resume_continues_the_attempt(
     edit_spec(kube, suspend=False)
     controller.reconcile("ml", "job")
     assert kube.objects[TJ]["spec"]["suspend"] is False
-    pod(kube, 0, 1)
-    pod(kube, 1, 1)
-    trainjob_status(kube)
-    assert controller.reconcile("ml", "job") == "success"
+    assert all_running(kube, controller, 1) == "success"
     st = status(kube)
     assert (st["phase"], st["attempt"], st.get("restarts", 0)) == ("Running", 1, 0)
 
