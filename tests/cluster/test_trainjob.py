@@ -58,12 +58,18 @@ CONTAINER_FIELDS += ("securityContext", "volumeMounts")
 def trainer_v2(kubetron: Cluster) -> Iterator[Cluster]:
     """Trainer v2 and JobSet beside the session's training-operator, kubetron's runtime in."""
     kubetron.start_trainer_v2()
+    runtime = cluster_training_runtime()
     try:
-        kubetron.apply(cluster_training_runtime())
+        kubetron.apply(runtime)
         kubetron.apply(manifests(trainjob=True))  # the operator's RBAC with the backend on
         yield kubetron
     finally:
         kubetron.apply(RBAC)  # the other tests' operators run without it
+        # cluster-wide: a later `helm install` of the chart with the backend on ships its own
+        # (its TrainJobs first: Trainer v2 keeps a runtime in use)
+        kubetron.kubectl("delete", "trainjobs", "--all", "--all-namespaces", "--wait=true")
+        kind, name = runtime["kind"].lower(), runtime["metadata"]["name"]
+        kubetron.kubectl("delete", kind, name, "--ignore-not-found", "--wait=true")
         kubetron.stop_trainer_v2()
 
 
