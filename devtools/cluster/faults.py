@@ -88,6 +88,24 @@ def drop_pod_traffic(cluster: Cluster, namespace: str, pod: str) -> None:
                  "-j", "DROP")  # fmt: skip
 
 
+def set_suspend(cluster: Cluster, namespace: str, name: str, on: bool, timeout: float) -> None:
+    """Suspend the MegatronJob (as a user does: runPolicy.suspend) and wait until it is Suspended
+    with its pods gone; or resume it (on=False), returning at once."""
+    patch = json.dumps({"spec": {"runPolicy": {"suspend": on}}})
+    cluster.kubectl("patch", "mj", name, "-n", namespace, "--type", "merge", "-p", patch)
+    if not on:
+        return
+    cluster.wait_for(
+        lambda: (
+            (cluster.get("megatronjob", name, namespace) or {}).get("status", {}).get("phase")
+            == "Suspended"
+            and not deploy.pods(cluster, namespace, name)
+        ),
+        timeout=timeout,
+        what=f"{name} Suspended with its pods gone",
+    )
+
+
 def timestamped_steps(cluster: Cluster, namespace: str, pod: str) -> list[tuple[datetime, int]]:
     """(when, step) of every step line rank 0 logged, from the kubelet's log timestamps."""
     out = cluster.kubectl("logs", "-n", namespace, pod, "-c", "pytorch", "--timestamps").stdout

@@ -196,21 +196,10 @@ def test_suspend_saves_the_current_step_and_resume_continues_from_it(
     name = "life-suspend"
     volume = start(cluster, life, name)
     faults.wait_for_log(cluster, life, f"{name}-worker-0", FIRST_SAVE)
-    patch = json.dumps({"spec": {"runPolicy": {"suspend": True}}})
-    cluster.kubectl("patch", "mj", name, "-n", life, "--type", "merge", "-p", patch)
-    cluster.wait_for(
-        lambda: (
-            (cluster.get("megatronjob", name, life) or {}).get("status", {}).get("phase")
-            == "Suspended"
-            and not deploy.pods(cluster, life, name)
-        ),
-        timeout=TIMEOUT,
-        what=f"{name} Suspended with its pods gone",
-    )
+    faults.set_suspend(cluster, life, name, True, TIMEOUT)
     saved = int((volume / "latest").read_text())
     assert 2 * SAVE <= saved < ITERS
-    patch = json.dumps({"spec": {"runPolicy": {"suspend": False}}})
-    cluster.kubectl("patch", "mj", name, "-n", life, "--type", "merge", "-p", patch)
+    faults.set_suspend(cluster, life, name, False, TIMEOUT)
     status = finished(cluster, life, name)["status"]
     assert (status["attempt"], status["restarts"]) == (1, 0)  # a suspend is no failure
     assert resumed_and_trained_once(cluster, life, name, volume) == saved

@@ -123,22 +123,11 @@ def test_suspend_saves_and_resume_continues_in_the_same_attempt(cluster: Cluster
     name = "tj-suspend"
     volume = start(cluster, tj, name)
     faults.wait_for_log(cluster, tj, pod(cluster, tj, name, 0), FIRST_SAVE, container=NODE)
-    patch = json.dumps({"spec": {"runPolicy": {"suspend": True}}})
-    cluster.kubectl("patch", "mj", name, "-n", tj, "--type", "merge", "-p", patch)
-    cluster.wait_for(
-        lambda: (
-            (cluster.get("megatronjob", name, tj) or {}).get("status", {}).get("phase")
-            == "Suspended"
-            and not deploy.pods(cluster, tj, name)
-        ),
-        timeout=TIMEOUT,
-        what=f"{name} Suspended with its pods gone",
-    )
+    faults.set_suspend(cluster, tj, name, True, TIMEOUT)
     assert (cluster.get("trainjob", name, tj) or {})["spec"]["suspend"] is True
     saved = int((volume / "latest").read_text())
     assert 2 * SAVE <= saved < ITERS
-    patch = json.dumps({"spec": {"runPolicy": {"suspend": False}}})
-    cluster.kubectl("patch", "mj", name, "-n", tj, "--type", "merge", "-p", patch)
+    faults.set_suspend(cluster, tj, name, False, TIMEOUT)
     status = finished(cluster, tj, name)["status"]
     assert (status["attempt"], status["restarts"]) == (1, 0)  # a suspend is no failure
     log = deploy.logs(cluster, tj, pod(cluster, tj, name, 0), NODE)
