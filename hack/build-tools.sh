@@ -118,46 +118,41 @@ build_etcd() {
   echo "$want" >"$STAMPS/etcd"
 }
 
-# A slim CoreDNS: the wrapper module links only the plugins the test cluster uses.
-build_coredns() {
-  local dir="$HACK/go/coredns" want
-  if ! grep -q "^require github.com/coredns/coredns $COREDNS_VERSION\$" "$dir/go.mod"; then
-    log "coredns: $dir/go.mod does not require github.com/coredns/coredns $COREDNS_VERSION"
+# build_wrapper NAME MODULE VERSION PACKAGE LDFLAGS KEYFILES...: the binary NAME built from the
+# wrapper module hack/go/NAME, which requires MODULE at VERSION (refused when it does not).
+build_wrapper() {
+  local name=$1 module=$2 version=$3 pkg=$4 ldflags=$5 dir="$HACK/go/$1" want
+  shift 5
+  if ! grep -q "^require $module $version\$" "$dir/go.mod"; then
+    log "$name: $dir/go.mod does not require $module $version"
     exit 1
   fi
-  want=$(key coredns "$COREDNS_VERSION" "$dir/go.mod" "$dir/go.sum" "$dir/main.go")
-  if fresh "$want" coredns coredns; then
-    log "coredns $COREDNS_VERSION: up to date"
+  want=$(key "$name" "$version" "$@")
+  if fresh "$want" "$name" "$name"; then
+    log "$name $version: up to date"
     return
   fi
-  log "coredns $COREDNS_VERSION: building"
-  (cd "$dir" && go build -p "$JOBS" -trimpath \
-    -ldflags "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION" \
-    -o "$BIN/coredns.new" .)
-  mv -f "$BIN/coredns.new" "$BIN/coredns"
-  echo "$want" >"$STAMPS/coredns"
+  log "$name $version: building"
+  (cd "$dir" && go build -p "$JOBS" -trimpath -ldflags "-s -w $ldflags" -o "$BIN/$name.new" "$pkg")
+  mv -f "$BIN/$name.new" "$BIN/$name"
+  echo "$want" >"$STAMPS/$name"
+}
+
+# A slim CoreDNS: the wrapper module links only the plugins the test cluster uses.
+build_coredns() {
+  local dir="$HACK/go/coredns"
+  build_wrapper coredns github.com/coredns/coredns "$COREDNS_VERSION" . \
+    "-X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION" \
+    "$dir/go.mod" "$dir/go.sum" "$dir/main.go"
 }
 
 # JobSet through a wrapper module: `go install sigs.k8s.io/jobset@version` reads the module's
 # version list (for deprecations), which the module proxy refuses; the wrapper's go.sum is
 # JobSet's own plus its module hash, so the build list is JobSet's go.mod unchanged.
 build_jobset() {
-  local dir="$HACK/go/jobset" want
-  if ! grep -q "^require sigs.k8s.io/jobset $JOBSET_VERSION\$" "$dir/go.mod"; then
-    log "jobset: $dir/go.mod does not require sigs.k8s.io/jobset $JOBSET_VERSION"
-    exit 1
-  fi
-  want=$(key jobset "$JOBSET_VERSION" "$dir/go.mod" "$dir/go.sum")
-  if fresh "$want" jobset jobset; then
-    log "jobset $JOBSET_VERSION: up to date"
-    return
-  fi
-  log "jobset $JOBSET_VERSION: building"
-  (cd "$dir" && go build -p "$JOBS" -trimpath \
-    -ldflags "-s -w -X sigs.k8s.io/jobset/pkg/version.GitVersion=$JOBSET_VERSION" \
-    -o "$BIN/jobset.new" sigs.k8s.io/jobset)
-  mv -f "$BIN/jobset.new" "$BIN/jobset"
-  echo "$want" >"$STAMPS/jobset"
+  local dir="$HACK/go/jobset"
+  build_wrapper jobset sigs.k8s.io/jobset "$JOBSET_VERSION" sigs.k8s.io/jobset \
+    "-X sigs.k8s.io/jobset/pkg/version.GitVersion=$JOBSET_VERSION" "$dir/go.mod" "$dir/go.sum"
 }
 
 # go_install NAME BINARY MODULE/PKG VERSION [LDFLAGS]: `go install` into the bin dir.
