@@ -586,10 +586,10 @@ def compare(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------- main
 
 
-def peer_versions() -> dict[str, Any]:
+def peer_versions(names: tuple[str, ...] = PEERS) -> dict[str, Any]:
     """The peers' versions and where each one is imported from (the image, or carried wheels)."""
     found: dict[str, Any] = {"from": {}}
-    for name in PEERS:
+    for name in names:
         spec = find_spec(name)
         found["from"][name] = str(Path(spec.origin).parents[1]) if spec and spec.origin else None
         found[name] = version(name) if found["from"][name] else None

@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "api"), str(ROOT / "trainer"), str(ROOT / "operator")]
 
 from benchmarks.dpo_peers import (  # noqa: E402
+    PEERS,
     WARMUP,
     add_run_args,
     peer_versions,
@@ -284,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {
         "benchmark": "lora_peers",
         "command": "python -m benchmarks.lora_peers " + shlex.join(sys.argv[1:]),
-        "machine": machine(), "versions": versions() | peer_versions() | {"peft": _peft()},
+        "machine": machine(), "versions": versions() | peer_versions((*PEERS, "peft")),
         "shape": asdict(shape) | {"tokens_per_step": shape.tokens_per_step,
                                   "warmup_steps_excluded": WARMUP, "targets": TARGETS},
         "results": {},
@@ -323,15 +324,6 @@ def _full(shape: Shape, weights: Path, workdir: Path, args: argparse.Namespace) 
     if not (weights / "config.json").exists():
         save_random_model(PRESETS[shape.preset], weights, shape.seed, bf16=True)
     return run_kubetron(shape, weights, workdir / "kt-full", False, args.run_timeout)
-
-
-def _peft() -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version("peft")
-    except Exception:
-        return None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
