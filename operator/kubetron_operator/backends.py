@@ -44,9 +44,9 @@ class BackendJob:
     # the backend's controller deletes it ttlSecondsAfterFinished after it ends; when False the
     # operator does (ttl_expired)
     runs_ttl: bool
-    # how a replaced attempt's job is deleted: "Foreground" keeps it (with a deletionTimestamp)
-    # until what it made is gone, so the next attempt's job of the same name meets none of it
-    propagation: str = "Background"
+    # kinds its controller makes under the job's own name and owns: the next attempt's job is
+    # created only once the old attempt's are gone, so it meets none of them
+    children: tuple[str, ...] = ()
 
     @property
     def api_version(self) -> str:
@@ -126,10 +126,13 @@ class _TrainJob(BackendJob):
 PYTORCHJOB = BackendJob("PyTorchJob", "kubeflow.org", "v1", "pytorchjobs",
                         f"{JOB_ROLE_LABEL}=master", runs_ttl=True)  # fmt: skip
 # Trainer v2 applies the JobSet of the TrainJob's name: a new attempt's TrainJob would adopt
-# the old attempt's failed JobSet while the garbage collector has not yet removed it.
+# the old attempt's failed JobSet while the garbage collector has not yet removed it. The old
+# TrainJob is not deleted in the foreground to wait for it: Trainer v2 (v2.3) reconciles a
+# TrainJob that is being deleted and applies its JobSet again, as often as the garbage
+# collector removes it.
 TRAINJOB = _TrainJob("TrainJob", "trainer.kubeflow.org", "v1alpha1", "trainjobs",
                      f"{COMPLETION_INDEX_LABEL}=0", runs_ttl=False,
-                     propagation="Foreground")  # fmt: skip
+                     children=("JobSet",))  # fmt: skip
 BACKENDS = {Backend.PYTORCHJOB: PYTORCHJOB, Backend.TRAINJOB: TRAINJOB}
 
 

@@ -317,10 +317,24 @@ class Controller:
         if stale and not backend_job["metadata"].get("deletionTimestamp"):  # type: ignore[index]
             log.info("%s/%s: removing the %s of attempt %s", namespace, name, kind,
                      attempt_of(backend_job))  # fmt: skip
-            self.kube.delete(kind, namespace, name, propagation=r.backend.propagation)
-            if r.backend.propagation != "Foreground":  # gone at once; else once its pods are
-                backend_job = None
+            self.kube.delete(kind, namespace, name)
+            backend_job = None
+        if backend_job is None and self._children_left(r):
+            return True
         return bool(old) or (backend_job is not None and attempt_of(backend_job) != attempt)
+
+    def _children_left(self, r: _Pass) -> bool:
+        """Whether what a deleted backend job of this name made (`BackendJob.children`) is still
+        there, waiting for the garbage collector."""
+        namespace, name = r.job.namespace, r.job.name
+        for kind in r.backend.children:
+            child = self.kube.get(kind, namespace, name)
+            owners = (child or {}).get("metadata", {}).get("ownerReferences") or []
+            if any(o.get("kind") == r.backend.kind and o.get("controller") for o in owners):
+                log.info("%s/%s: waiting for the %s of the last %s to go", namespace, name,
+                         kind, r.backend.kind)  # fmt: skip
+                return True
+        return False
 
     def _restart(self, r: _Pass, observed: Observed, verdict: Verdict, now: str) -> str:
         """Replace the attempt by the next one, or fail the job when the restarts are used up.
@@ -351,7 +365,7 @@ class Controller:
             # with their own (long, for saves) one, and a kubelet that started stopping a
             # container with it does not shorten it later.
             self._stop_attempt(namespace, name, attempt, observed.pods, keep_failed=False)
-            self.kube.delete(r.backend.kind, namespace, name, propagation=r.backend.propagation)
+            self.kube.delete(r.backend.kind, namespace, name)
         self._failed_pods.pop((namespace, name), None)
         return "restarted"
 

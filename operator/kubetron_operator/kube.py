@@ -27,6 +27,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "Event": ("/api/v1", "events"),
     "PyTorchJob": ("/apis/kubeflow.org/v1", "pytorchjobs"),
     "TrainJob": ("/apis/trainer.kubeflow.org/v1alpha1", "trainjobs"),
+    "JobSet": ("/apis/jobset.x-k8s.io/v1alpha2", "jobsets"),
     "MegatronJob": ("/apis/kubetron.io/v1alpha1", "megatronjobs"),
     "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
     "Workload": ("/apis/kueue.x-k8s.io/v1beta2", "workloads"),

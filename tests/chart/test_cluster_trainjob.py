@@ -43,13 +43,14 @@ __all__ = ["megatronjob_crd", "trainer_crds"]  # fixtures this module uses
 
 # What the operator never does with the TrainJob backend: it never replaces a TrainJob (it applies
 # server-side), Trainer v2 runs the TrainJob's status and its JobSet (the operator reads what it
-# needs of the JobSet on the TrainJob), and the runtime is the chart's, not the operator's.
+# needs of a running JobSet on the TrainJob, and gets a replaced attempt's by name only to see it
+# gone), and the runtime is the chart's, not the operator's.
 TRAINJOB_FORBIDDEN = [
     ("update", "trainjobs.trainer.kubeflow.org"),
     ("patch", "trainjobs.trainer.kubeflow.org/status"),
     ("update", "trainjobs.trainer.kubeflow.org/status"),
     ("deletecollection", "trainjobs.trainer.kubeflow.org"),
-    *((verb, "jobsets.jobset.x-k8s.io") for verb in ("get", "list", "watch", "create")),
+    *((verb, "jobsets.jobset.x-k8s.io") for verb in ("list", "watch", "create")),
     ("patch", "jobsets.jobset.x-k8s.io"),
     ("delete", "jobsets.jobset.x-k8s.io"),
     ("create", "trainingruntimes.trainer.kubeflow.org"),

@@ -119,7 +119,15 @@ def test_a_failed_pod_restarts_the_group_as_a_new_trainjob(
     assert ("TrainJob", "job", None) in kube.deleted and TJ not in kube.objects
     assert ("Pod", "job-node-0-0-x", 10) in kube.deleted  # the running rank, short grace
     kube.applied.clear()
-    controller.reconcile("ml", "job")  # the old pods are gone: attempt 2's TrainJob
+    # the garbage collector has not yet removed the old TrainJob's JobSet: Trainer v2 would
+    # adopt it for the next TrainJob of the same name
+    owner = {"kind": "TrainJob", "name": "job", "uid": "old", "controller": True}
+    meta = {"name": "job", "namespace": "ml", "ownerReferences": [owner]}
+    kube.put({"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet", "metadata": meta})
+    assert controller.reconcile("ml", "job") == "success"
+    assert kube.applied == [] and status(kube)["phase"] == "Restarting"
+    del kube.objects[("JobSet", "ml", "job")]
+    controller.reconcile("ml", "job")  # the old pods and JobSet are gone: attempt 2's TrainJob
     assert kube.applied == ["TrainJob"]
     assert kube.objects[TJ]["metadata"]["labels"]["kubetron.io/attempt"] == "2"
     all_running(kube, controller, 2)

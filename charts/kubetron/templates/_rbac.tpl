@@ -33,6 +33,9 @@ do not edit by hand: the operator's least-privilege rules.
 - apiGroups: [trainer.kubeflow.org]
   resources: [trainjobs]
   verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [jobset.x-k8s.io]
+  resources: [jobsets]
+  verbs: [get]
 {{- end }}
 
 {{- define "kubetron.leaseRules" -}}

@@ -45,14 +45,16 @@ RULES: list[Obj] = [
 
 # Only where the TrainJob backend is on (chart: backend TrainJob or trainJob.enabled): its jobs.
 # create and patch: the server-side apply that creates or changes one; delete: a whole-group
-# restart or the TTL. No update (the operator never replaces an object) and no JobSets: a
-# TrainJob's status carries what the operator reads of its JobSet (backends.py).
+# restart or the TTL. No update (the operator never replaces an object). JobSets: get only, to
+# see a replaced attempt's JobSet gone before the next TrainJob (backends.py); the TrainJob's
+# status carries what the operator reads of a running one.
 TRAINJOB_RULES: list[Obj] = [
     {
         "apiGroups": ["trainer.kubeflow.org"],
         "resources": ["trainjobs"],
         "verbs": [*READ, "create", "patch", "delete"],
     },
+    {"apiGroups": ["jobset.x-k8s.io"], "resources": ["jobsets"], "verbs": ["get"]},
 ]
 
 # Leader election: only in the operator's own namespace.
