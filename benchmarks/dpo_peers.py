@@ -90,20 +90,30 @@ LOG_ENGINE = re.compile(r"^\S+ \S+ \[rank 0\] INFO \S+: ((?:fast path|attention 
 
 
 @dataclass(frozen=True)
-class Shape:
-    """What both sides run: the model, the pairs and the optimizer."""
+class Run:
+    """What every side of a peer benchmark trains: the model, the batches and the device."""
 
     preset: str
     arch: ModelArch
     seq: int
-    global_batch: int  # pairs per optimizer step
-    micro_batch: int  # pairs per forward pass
+    global_batch: int  # samples (here: pairs) per optimizer step
+    micro_batch: int  # samples per forward pass
     steps: int
-    lr: float
-    beta: float
     seed: int
     device: str  # cuda or cpu
     init_std: float | None  # None: transformers' own initialisation
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.device == "cuda" else "fp32"
+
+
+@dataclass(frozen=True)
+class Shape(Run):
+    """What both sides run: the model, the pairs (`Run`) and the optimizer."""
+
+    lr: float
+    beta: float
 
     @property
     def pairs(self) -> int:
@@ -113,21 +123,17 @@ class Shape:
     def tokens_per_step(self) -> int:
         return 2 * self.global_batch * self.seq
 
-    @property
-    def precision(self) -> str:
-        return "bf16" if self.device == "cuda" else "fp32"
-
 
 def shape_of(args: argparse.Namespace) -> Shape:
     if args.tiny:
         arch = ModelSpec.model_validate({"preset": args.preset, "overrides": TINY_MODEL}).resolve()
-        return Shape(args.preset, arch, 32, 4, 2, 3, 1e-3, args.beta, args.seed, "cpu",
-                     TINY_INIT_STD)  # fmt: skip
+        return Shape(args.preset, arch, 32, 4, 2, 3, args.seed, "cpu", TINY_INIT_STD, 1e-3,
+                     args.beta)  # fmt: skip
     if args.global_batch % args.micro_batch:
         sys.exit("--global-batch must be a multiple of --micro-batch")
     return Shape(
         args.preset, PRESETS[args.preset], args.seq, args.global_batch, args.micro_batch,
-        args.steps, args.lr, args.beta, args.seed, "cuda", None,
+        args.steps, args.seed, "cuda", None, args.lr, args.beta,
     )  # fmt: skip
 
 
@@ -302,10 +308,11 @@ def timing(ends: list[float], start: float | None, tokens_per_step: int) -> dict
 
 
 def train(
-    cfg: dict[str, Any], workdir: Path, timeout: float
+    cfg: dict[str, Any], workdir: Path, timeout: float, attention: str = "auto"
 ) -> tuple[str, dict[str, Any]] | dict[str, Any]:
-    """The real trainer on `cfg` in one process: its log and summary, or what failed."""
-    started = launch(cfg, workdir, "--attention", "auto",
+    """The real trainer on `cfg` in one process (`--attention` as given): its log and summary,
+    or what failed."""
+    started = launch(cfg, workdir, "--attention", attention,
                      extra_env={"PYTHONPATH": python_path()})  # fmt: skip
     codes = started.wait(timeout=timeout)
     log = started.output()

@@ -20,8 +20,8 @@ One invocation, each side in a process of its own, one after the other:
 
 The models have random weights (transformers' initialisation, saved in bf16), nothing is
 downloaded. Every sequence is `--seq` tokens of `MockDataset` (the peers read the trainer's
-kind of mock sequences, in their own order); tokens/s counts global batch x seq a step over the
-steps after two warmup steps.
+mock sequences in its order, with its next-token labels); tokens/s counts global batch x seq a
+step over the steps after two warmup steps.
 MFU uses the trainer's formula (`kubetron_trainer.observe.flops`; LoRA counts 4 FLOPs per frozen
 weight, full fine-tuning 6) against the GPU's dense bf16 peak. Peak memory is each process's
 `torch.cuda.max_memory_allocated`.
@@ -39,9 +39,10 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -61,7 +62,7 @@ from benchmarks.dpo_peers import (  # noqa: E402
     write,
 )
 from benchmarks.report import machine, versions  # noqa: E402
-from kubetron_api.config import PRESETS, TrainerConfig  # noqa: E402
+from kubetron_api.config import PRESETS, ModelArch, TrainerConfig  # noqa: E402
 
 TARGETS = ["qkv", "proj", "fc1", "fc2"]
 PEFT_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -92,20 +93,43 @@ class Shape:
 # ------------------------------------------------------------------------------------ kubetron
 
 
-def kubetron_config(shape: Shape, weights: Path, lora: bool) -> dict[str, Any]:
-    arch = PRESETS[shape.preset].model_dump(mode="json", by_alias=True)
+class Steps(Protocol):
+    """What a side's optimizer steps read: the model, the mock sequences and how a step
+    batches them."""
+
+    @property
+    def preset(self) -> str: ...
+    @property
+    def seq(self) -> int: ...
+    @property
+    def global_batch(self) -> int: ...
+    @property
+    def micro_batch(self) -> int: ...
+    @property
+    def steps(self) -> int: ...
+    @property
+    def seed(self) -> int: ...
+
+
+def kubetron_config(
+    shape: Steps, weights: Path, lora: bool, arch: ModelArch | None = None, **recipe_fields: Any
+) -> dict[str, Any]:
+    """The trainer's config: `arch` (default: the preset's) and recipe fields (`precision`,
+    `fastPath`) as given, else bf16 with the fast path on."""
+    model = (arch or PRESETS[shape.preset]).model_dump(mode="json", by_alias=True)
     recipe: dict[str, Any] = {
         "kind": "finetune", "trainIters": shape.steps, "globalBatchSize": shape.global_batch,
         "microBatchSize": shape.micro_batch, "seqLength": shape.seq, "seed": shape.seed,
         "precision": "bf16", "logInterval": 1, "fastPath": "on",
         "optimizer": {"lr": LR, "minLr": 0.0, "weightDecay": 0.0, "distributed": True},
         "lrSchedule": {"style": "constant", "warmupIters": 0},
-    }  # fmt: skip
+    } | recipe_fields  # fmt: skip
     if lora:
+        assert isinstance(shape, Shape)
         recipe["peft"] = {"type": "lora", "rank": shape.rank, "alpha": shape.alpha,
                           "dropout": 0.0, "targets": TARGETS}  # fmt: skip
     cfg = TrainerConfig.model_validate({
-        "jobName": "lora-peers", "model": arch, "preset": shape.preset, "weights": str(weights),
+        "jobName": "lora-peers", "model": model, "preset": shape.preset, "weights": str(weights),
         "recipe": recipe, "data": {"type": "mock"}, "checkpoint": {"path": None},
     }).model_dump(mode="json", by_alias=True)  # fmt: skip
     cfg["metrics"]["enabled"] = False
@@ -115,13 +139,25 @@ def kubetron_config(shape: Shape, weights: Path, lora: bool) -> dict[str, Any]:
 def run_kubetron(
     shape: Shape, weights: Path, workdir: Path, lora: bool, timeout: float
 ) -> dict[str, Any]:
-    ran = train(kubetron_config(shape, weights, lora), workdir, timeout)
+    return trainer_run(kubetron_config(shape, weights, lora), workdir, shape.tokens_per_step,
+                       timeout)  # fmt: skip
+
+
+def trainer_run(
+    cfg: dict[str, Any],
+    workdir: Path,
+    tokens_per_step: int,
+    timeout: float,
+    attention: str = "auto",
+) -> dict[str, Any]:
+    """The real trainer on `cfg`: its step times, MFU, memory and losses, or what failed."""
+    ran = train(cfg, workdir, timeout, attention)
     if isinstance(ran, dict):
         return ran
     log, summary = ran
     return {
         "ok": True,
-        **timing(step_ends(log), None, shape.tokens_per_step),
+        **timing(step_ends(log), None, tokens_per_step),
         "mfu": summary["mfu"],
         "summary_tokens_per_s": round(summary["tokens_per_s"], 1),
         "peak_memory_gib": summary.get("peak_memory_gib"),
@@ -134,16 +170,21 @@ def run_kubetron(
 
 
 def run_peer(shape: Shape, weights: Path, workdir: Path, liger: bool, timeout: float) -> dict:
-    """peft in a process of its own; once more with gradient checkpointing if it ran out of
-    memory without."""
+    spec = {"shape": asdict(shape), "weights": str(weights), "liger": liger}
+    return run_worker("benchmarks.lora_peers", spec, workdir, shape.tokens_per_step, timeout)
+
+
+def run_worker(
+    module: str, spec: dict[str, Any], workdir: Path, tokens_per_step: int, timeout: float
+) -> dict[str, Any]:
+    """A peer (`python -m MODULE --peer-worker SPEC`) in a process of its own; once more with
+    gradient checkpointing if it ran out of memory without."""
     for checkpointing in (False, True):
-        spec = {"shape": asdict(shape), "weights": str(weights), "liger": liger,
-                "checkpointing": checkpointing, "out": str(workdir)}  # fmt: skip
+        spec = spec | {"checkpointing": checkpointing, "out": str(workdir)}
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "spec.json").write_text(json.dumps(spec))
         (workdir / "result.json").unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "benchmarks.lora_peers", "--peer-worker",
-               str(workdir / "spec.json")]  # fmt: skip
+        cmd = [sys.executable, "-m", module, "--peer-worker", str(workdir / "spec.json")]
         env = os.environ | {"PYTHONPATH": python_path(), "HF_HUB_OFFLINE": "1"}
         with open(workdir / "log.txt", "w") as log:
             try:
@@ -156,15 +197,15 @@ def run_peer(shape: Shape, weights: Path, workdir: Path, liger: bool, timeout: f
         result: dict[str, Any] = json.loads(found.read_text()) if found.exists() else {}
         if result.get("ok"):
             ends, began = result.pop("step_ends"), result.pop("train_began")
-            return {**result, **timing(ends, began, shape.tokens_per_step)}
+            return {**result, **timing(ends, began, tokens_per_step)}
         if not result.get("out_of_memory"):
             break
     tail = (workdir / "log.txt").read_text()[-3000:]
     return {"ok": False, "exit_code": code, **result, "log_tail": tail}
 
 
-def peer_worker(spec_file: Path) -> int:
-    """One peft run (`--peer-worker SPEC`): writes result.json."""
+def peer_worker(spec_file: Path, peer_train: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
+    """One peer run (`--peer-worker SPEC`) by `peer_train`: writes result.json."""
     spec = json.loads(spec_file.read_text())
     out = Path(spec["out"])
     try:
@@ -176,11 +217,9 @@ def peer_worker(spec_file: Path) -> int:
     return 0 if result["ok"] else 1
 
 
-def peer_train(spec: dict[str, Any]) -> dict[str, Any]:
+def lora_train(spec: dict[str, Any]) -> dict[str, Any]:
     import peft
     import transformers
-
-    from kubetron_trainer.data.batches import MockDataset
 
     shape = Shape(**spec["shape"])
     if spec["liger"]:
@@ -198,22 +237,42 @@ def peer_train(spec: dict[str, Any]) -> dict[str, Any]:
                            target_modules=PEFT_MODULES, task_type="CAUSAL_LM")  # fmt: skip
     model = peft.get_peft_model(model, lora)
     params = [p for p in model.parameters() if p.requires_grad]
+    return peer_steps(model, params, shape, model.config.vocab_size, torch.device("cuda")) | {
+        "gradient_checkpointing": spec["checkpointing"], "liger": spec["liger"],
+        "trainable_parameters": sum(p.numel() for p in params),
+        "adapter_dtype": str(params[0].dtype),
+    }  # fmt: skip
+
+
+def peer_steps(
+    model: Any, params: list[torch.nn.Parameter], shape: Steps, vocab: int, device: torch.device
+) -> dict[str, Any]:
+    """The trainer's optimizer steps on a transformers model: its mock sequences in its order
+    (sample `step x global batch + i`), its next-token labels (`shift_labels`: every sequence's
+    `seq` predictions), bf16 autocast on a GPU, fused AdamW with its lr, betas, eps, clipping and
+    no weight decay, gradient accumulation of micro-batches to the global batch, in training
+    mode."""
+    from kubetron_trainer.data.batches import MockDataset
+
     optimizer = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS,
                                   weight_decay=0.0, fused=True)  # fmt: skip
-    vocab = model.config.vocab_size
     data = MockDataset(vocab, shape.seq, shape.global_batch * shape.steps, shape.seed)
+    model.train()  # from_pretrained leaves eval mode, where Liger's loss materialises the logits
     accumulate = shape.global_batch // shape.micro_batch
-    torch.cuda.synchronize()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
     began, ends, losses = time.time(), [], []
     for step in range(shape.steps):
-        total = torch.zeros((), device="cuda")
+        total = torch.zeros((), device=device)
         for micro in range(accumulate):
             first = (step * accumulate + micro) * shape.micro_batch
-            rows = [torch.as_tensor(data.sequence(first + i)[: shape.seq])
-                    for i in range(shape.micro_batch)]  # fmt: skip
-            ids = torch.stack(rows).long().cuda()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(input_ids=ids, labels=ids).loss / accumulate
+            rows = torch.stack([torch.as_tensor(data.sequence(first + i))
+                                for i in range(shape.micro_batch)]).long().to(device)  # fmt: skip
+            ids = rows[:, :-1]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                out = model(input_ids=ids, labels=ids, shift_labels=rows[:, 1:].contiguous())
+            loss = out.loss / accumulate
             loss.backward()
             total += loss.detach()
         torch.nn.utils.clip_grad_norm_(params, CLIP)
@@ -221,25 +280,22 @@ def peer_train(spec: dict[str, Any]) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(total))  # a host sync: the step's kernels are done
         ends.append(time.time())
-    return {
-        "ok": True, "losses": losses, "step_ends": ends, "train_began": began,
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "gradient_checkpointing": spec["checkpointing"], "liger": spec["liger"],
-        "trainable_parameters": sum(p.numel() for p in params),
-        "adapter_dtype": str(params[0].dtype),
-    }  # fmt: skip
+    peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
+    return {"ok": True, "losses": losses, "step_ends": ends, "train_began": began,
+            "peak_memory_gib": peak}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------- comparison
 
 
-def mfu(tokens_per_s: float | None, preset: str, seq: int, lora: bool) -> float | None:
+def mfu(tokens_per_s: float | None, arch: ModelArch, seq: int, lora: bool) -> float | None:
+    """The trainer's formula against this GPU's dense bf16 peak (None without a GPU)."""
     from kubetron_trainer.models.megatron_config import padded_vocab_size
     from kubetron_trainer.observe.flops import flops_per_token, peak_flops
 
-    arch = PRESETS[preset]
     per_token = flops_per_token(arch, seq, padded_vocab_size(arch.vocab_size, 1), not lora)
-    peak = peak_flops(torch.cuda.get_device_name(0), "bf16")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    peak = peak_flops(gpu, "bf16")
     return round(tokens_per_s * per_token / peak, 4) if tokens_per_s and peak else None
 
 
@@ -310,8 +366,8 @@ def run(args: argparse.Namespace) -> int:
         result = report["results"][name] = side()
         if result.get("ok"):
             preset = args.full_preset if name == "kubetron_full" else shape.preset
-            result["mfu_by_formula"] = mfu(result.get("tokens_per_s"), preset, shape.seq,
-                                           name != "kubetron_full")  # fmt: skip
+            result["mfu_by_formula"] = mfu(result.get("tokens_per_s"), PRESETS[preset],
+                                           shape.seq, name != "kubetron_full")  # fmt: skip
         print(f"[lora_peers] {name}: {result.get('tokens_per_s', 'failed')} tokens/s",
               file=sys.stderr, flush=True)  # fmt: skip
         report["comparison"] = ratios(report["results"])
@@ -337,16 +393,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=int, default=32)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--no-liger", dest="liger", action="store_false")
-    add_run_args(p, "lora-peers", 300)
-    p.add_argument("--peer-worker", type=Path, help=argparse.SUPPRESS)
+    add_peer_args(p, "lora-peers", 300)
     return p.parse_args(argv)
+
+
+def add_peer_args(p: argparse.ArgumentParser, name: str, timeout: float) -> None:
+    """What a benchmark against transformers peers takes besides its shape: the seed, whether
+    the peers run Liger's kernels, its run arguments and its workers' hidden flag."""
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--no-liger", dest="liger", action="store_false",
+                   help="the peers without Liger's kernels")  # fmt: skip
+    add_run_args(p, name, timeout)
+    p.add_argument("--peer-worker", type=Path, help=argparse.SUPPRESS)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return peer_worker(args.peer_worker) if args.peer_worker else run(args)
+    return peer_worker(args.peer_worker, lora_train) if args.peer_worker else run(args)
 
 
 if __name__ == "__main__":
