@@ -1,6 +1,8 @@
-"""Full training against its peers on one GPU: kubetron's fast path (bf16, FP8), Megatron-Core's
-local spec and transformers with Liger's kernels, same model, sequences and tokens per optimizer
-step, in one invocation, JSON out.
+"""Full training on one GPU: kubetron against Megatron-Core's local spec and transformers + Liger.
+
+kubetron's fast path (bf16, FP8), Megatron-Core's local spec and transformers with Liger's
+kernels train the same model on the same sequences and tokens per optimizer step, in one
+invocation, JSON out.
 
 Each run in a process of its own, one after the other:
 
@@ -14,7 +16,8 @@ Each run in a process of its own, one after the other:
 - `hf_liger`: transformers' model of the same checkpoint, fp32 weights under bf16 autocast,
   Liger's Qwen3 kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy), SDPA attention,
   fused AdamW with the trainer's lr, betas, eps, clipping and no weight decay, micro-batches
-  with gradient accumulation to the same tokens a step; `hf_liger_compile` (`--compile`): the
+  (`--peer-micro-batch`, default the trainer's) with gradient accumulation to the same tokens a
+  step; `hf_liger_compile` (`--compile`): the
   same under `torch.compile`. Where a peer runs out of memory without gradient checkpointing it
   is run again with it, and the report says so.
 
@@ -39,7 +42,7 @@ import json
 import re
 import shlex
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +95,8 @@ def shape_of(args: argparse.Namespace) -> Shape:
     if args.tiny:
         arch = ModelSpec.model_validate({"preset": args.preset, "overrides": TINY_MODEL}).resolve()
         return Shape(args.preset, arch, 32, 4, 2, 3, args.seed, "cpu", TINY_INIT_STD)
-    if args.global_batch % args.micro_batch:
-        sys.exit("--global-batch must be a multiple of --micro-batch")
+    if any(args.global_batch % (m or 1) for m in (args.micro_batch, args.peer_micro_batch)):
+        sys.exit("--global-batch must be a multiple of --micro-batch and --peer-micro-batch")
     return Shape(args.preset, PRESETS[args.preset], args.seq, args.global_batch,
                  args.micro_batch, args.steps, args.seed, "cuda", None)  # fmt: skip
 
@@ -119,8 +122,11 @@ def run_kubetron(name: str, shape: Shape, weights: Path, workdir: Path, timeout:
 # ---------------------------------------------------------------------------------------- peer
 
 
-def run_peer(name: str, shape: Shape, weights: Path, workdir: Path, timeout: float) -> dict:
-    spec = {"shape": asdict(shape) | {"arch": shape.arch.model_dump(mode="json")},
+def run_peer(
+    name: str, shape: Shape, micro_batch: int, weights: Path, workdir: Path, timeout: float
+) -> dict:
+    ran = replace(shape, micro_batch=micro_batch)
+    spec = {"shape": asdict(ran) | {"arch": shape.arch.model_dump(mode="json")},
             "weights": str(weights), "liger": "liger" in name,
             "compile": name.endswith("_compile")}  # fmt: skip
     return run_worker("benchmarks.peers", spec, workdir / name, shape.tokens_per_step, timeout)
@@ -148,7 +154,7 @@ def hf_train(spec: dict[str, Any]) -> dict[str, Any]:
     return peer_steps(runs, params, shape, model.config.vocab_size, device) | {
         "gradient_checkpointing": spec["checkpointing"], "liger": spec["liger"],
         "compile": spec["compile"], "weights_dtype": str(params[0].dtype),
-        "bf16_autocast": device.type == "cuda",
+        "bf16_autocast": device.type == "cuda", "micro_batch": shape.micro_batch,
         "trainable_parameters": sum(p.numel() for p in params),
     }  # fmt: skip
 
@@ -163,7 +169,7 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
     for ours in KUBETRON:
         mine = results.get(ours, {})
         for name, theirs in results.items():
-            if name == ours or (name == "kubetron_bf16" and ours == "kubetron_fp8"):
+            if name == ours or (ours, name) == KUBETRON:  # fp8 over bf16, not bf16 over fp8
                 continue
             if mine.get("tokens_per_s") and theirs.get("tokens_per_s"):
                 out[f"{ours}_over_{name}"] = round(mine["tokens_per_s"] / theirs["tokens_per_s"], 4)
@@ -201,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
                           shape.init_std)  # fmt: skip
     for name in names:
         if name.startswith("hf"):
-            result = run_peer(name, shape, weights, workdir, args.run_timeout)
+            micro = shape.micro_batch if args.tiny else args.peer_micro_batch or shape.micro_batch
+            result = run_peer(name, shape, micro, weights, workdir, args.run_timeout)
         else:
             result = run_kubetron(name, shape, weights, workdir, args.run_timeout)
         if result.get("ok"):
@@ -221,6 +228,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=4096, help="tokens per sequence (default 4096)")
     p.add_argument("--global-batch", type=int, default=16, help="sequences per step (default 16)")
     p.add_argument("--micro-batch", type=int, default=4, help="sequences per forward (default 4)")
+    p.add_argument("--peer-micro-batch", type=int,
+                   help="the peers' sequences per forward (default: --micro-batch)")  # fmt: skip
     p.add_argument("--steps", type=int, default=10, help="optimizer steps (default 10)")
     p.add_argument("--compile", action="store_true", help="also the peer under torch.compile")
     p.add_argument("--tiny", action="store_true",
