@@ -42,6 +42,7 @@ import json
 import re
 import shlex
 import sys
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
     peer = "hf_liger" if shape.device == "cuda" and args.liger else "hf"
     names = ["kubetron_bf16", "kubetron_fp8", "megatron_local", peer]
     names += [f"{peer}_compile"] if args.compile else []
+    names = [n for n in names if not args.runs or n in args.runs]
     report: dict[str, Any] = {
         "benchmark": "peers",
         "command": "python -m benchmarks.peers " + shlex.join(sys.argv[1:]),
@@ -206,11 +208,13 @@ def run(args: argparse.Namespace) -> int:
         save_random_model(shape.arch, weights, shape.seed, shape.precision == "bf16",
                           shape.init_std)  # fmt: skip
     for name in names:
+        began = time.monotonic()
         if name.startswith("hf"):
             micro = shape.micro_batch if args.tiny else args.peer_micro_batch or shape.micro_batch
             result = run_peer(name, shape, micro, weights, workdir, args.run_timeout)
         else:
             result = run_kubetron(name, shape, weights, workdir, args.run_timeout)
+        result["wall_s"] = round(time.monotonic() - began, 1)  # start-up included
         if result.get("ok"):
             result["mfu_by_formula"] = mfu(result.get("tokens_per_s"), shape.arch, shape.seq, False)
         report["results"][name] = result
@@ -232,6 +236,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the peers' sequences per forward (default: --micro-batch)")  # fmt: skip
     p.add_argument("--steps", type=int, default=10, help="optimizer steps (default 10)")
     p.add_argument("--compile", action="store_true", help="also the peer under torch.compile")
+    p.add_argument("--runs", nargs="+", metavar="NAME",
+                   help="only these runs (kubetron_bf16 kubetron_fp8 megatron_local hf_liger "
+                        "hf_liger_compile; default: all)")  # fmt: skip
     p.add_argument("--tiny", action="store_true",
                    help="CPU plumbing check: 2-layer Qwen3, seq 32, 3 steps, fp32")  # fmt: skip
     add_peer_args(p, "peers", 600)
