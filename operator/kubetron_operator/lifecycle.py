@@ -258,8 +258,10 @@ def assess(
                 f"(spec.runPolicy.progressDeadlineSeconds={deadline_seconds})",
                 Ended(FailureCause.HANG),
             )
-    running = [p for p in current if p.get("status", {}).get("phase") == "Running"]
-    return Verdict("run" if len(running) >= expected_pods else "wait")
+    # A pod that exited 0 trained to the end: the attempt runs on until its job says Succeeded
+    # (a TrainJob says so only after its Job and JobSet have).
+    started = [p for p in current if p.get("status", {}).get("phase") in ("Running", "Succeeded")]
+    return Verdict("run" if len(started) >= expected_pods else "wait")
 
 
 def _pods_ended(current: list[Obj], running_since: str | None) -> Verdict | None:

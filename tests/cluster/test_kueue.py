@@ -80,36 +80,46 @@ def tas_nodes() -> list[dict[str, Any]]:
     ]
 
 
+def tas_objects() -> list[dict[str, Any]]:
+    """Seven labelled nodes of their own (`tas_nodes`), the Topology over them and a
+    topology-aware flavor with 56 GPUs in the ClusterQueue TAS_CLUSTER_QUEUE."""
+    return [
+        *tas_nodes(),
+        {
+            "apiVersion": KUEUE_API,
+            "kind": "Topology",
+            "metadata": {"name": "kubetron-test"},
+            "spec": {"levels": [{"nodeLabel": BLOCK}, {"nodeLabel": RACK}, {"nodeLabel": HOST}]},
+        },
+        {
+            "apiVersion": KUEUE_API,
+            "kind": "ResourceFlavor",
+            "metadata": {"name": TAS_FLAVOR},
+            "spec": {
+                "nodeLabels": {TAS_LABEL: "true"},
+                "topologyName": "kubetron-test",
+                # Kueue adds these to the pod templates when it starts a job
+                "tolerations": [{**TAS_TAINT, "operator": "Equal"}],
+            },
+        },
+        cluster_queue(TAS_CLUSTER_QUEUE, TAS_FLAVOR, 56),
+    ]
+
+
+def remove_tas_nodes(cluster: Cluster) -> None:
+    cluster.kubectl("delete", "node", *TAS_NODES, "--ignore-not-found", "--wait=false")
+
+
 @pytest.fixture(scope="module")
 def kueue(kubetron: Cluster) -> Iterator[Cluster]:
     """Kueue running, a quota of 16 GPUs (the two default kwok nodes) and, on seven labelled
     nodes of their own, a topology-aware flavor with 56 GPUs."""
     kubetron.start_kueue()
-    kubetron.apply(tas_nodes())
+    kubetron.apply(tas_objects())
     kubetron.apply(
         [
             {"apiVersion": KUEUE_API, "kind": "ResourceFlavor", "metadata": {"name": FLAVOR}},
             cluster_queue(CLUSTER_QUEUE, FLAVOR, 16),
-            {
-                "apiVersion": KUEUE_API,
-                "kind": "Topology",
-                "metadata": {"name": "kubetron-test"},
-                "spec": {
-                    "levels": [{"nodeLabel": BLOCK}, {"nodeLabel": RACK}, {"nodeLabel": HOST}]
-                },
-            },
-            {
-                "apiVersion": KUEUE_API,
-                "kind": "ResourceFlavor",
-                "metadata": {"name": TAS_FLAVOR},
-                "spec": {
-                    "nodeLabels": {TAS_LABEL: "true"},
-                    "topologyName": "kubetron-test",
-                    # Kueue adds these to the pod templates when it starts a job
-                    "tolerations": [{**TAS_TAINT, "operator": "Equal"}],
-                },
-            },
-            cluster_queue(TAS_CLUSTER_QUEUE, TAS_FLAVOR, 56),
             cluster_queue(PREEMPT_CLUSTER_QUEUE, FLAVOR, 8, preempt=True),
             *(
                 {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
@@ -121,7 +131,7 @@ def kueue(kubetron: Cluster) -> Iterator[Cluster]:
     try:
         yield kubetron
     finally:
-        kubetron.kubectl("delete", "node", *TAS_NODES, "--ignore-not-found", "--wait=false")
+        remove_tas_nodes(kubetron)
         kubetron.kubectl("delete", "priorityclass", LOW, HIGH, "--ignore-not-found")
         kubetron.stop_kueue()
 
@@ -150,13 +160,16 @@ def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:
     return next((c for c in conds if c["type"] == type_), {})
 
 
-def workload(cluster: Cluster, ns: str, name: str) -> dict[str, Any] | None:
-    pj = cluster.get("pytorchjob", name, ns)
-    if pj is None:
+def workload(
+    cluster: Cluster, ns: str, name: str, kind: str = "pytorchjob"
+) -> dict[str, Any] | None:
+    """The Workload Kueue made of the job's backend job (`kind`), if any."""
+    backend_job = cluster.get(kind, name, ns)
+    if backend_job is None:
         return None
     out = cluster.kubectl(
         "get", "workloads.kueue.x-k8s.io", "-n", ns, "-l",
-        f"{JOB_UID_LABEL}={pj['metadata']['uid']}", "-o", "json",
+        f"{JOB_UID_LABEL}={backend_job['metadata']['uid']}", "-o", "json",
     ).stdout  # fmt: skip
     items = json.loads(out)["items"]
     return items[0] if items else None

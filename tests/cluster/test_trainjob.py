@@ -12,7 +12,9 @@ environment split between Trainer v2 (PET_*) and kubetron (the index and the nod
 The first test applies the render itself, to compare pods; then the operator (a process bound
 to `kubetron rbac --trainjob`) drives a job on this backend: it creates and owns the TrainJob,
 restarts the whole group as a new TrainJob when a pod fails, and ends Succeeded. The backend's
-CEL transition rule is checked against the same API server.
+CEL transition rule is checked against the same API server. With the real Kueue and its TrainJob
+integration, a queued job's TrainJob is admitted, and a topology-aware one keeps each
+model-parallel group inside one rack, as the PyTorchJob does in test_kueue.py.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from kubernetes.utils import parse_quantity
 
 from devtools.cluster import Cluster, ClusterError
 from devtools.cluster.kubetron import RBAC, fake_gpu_job, wait_phase
+from kubetron_api.dims import ParallelDims
 from kubetron_api.parse import parse_job
-from kubetron_api.wire import MASTER_ADDR_ENV, MASTER_PORT_ENV, REPLICA_INDEX_ENV
+from kubetron_api.wire import MASTER_ADDR_ENV, MASTER_PORT_ENV, NODE_RANKS_ENV, REPLICA_INDEX_ENV
+from kubetron_operator.backends import COMPLETION_INDEX_LABEL
 from kubetron_operator.cli.rbac import manifests
 from kubetron_operator.lifecycle import ATTEMPT_LABEL
 from kubetron_operator.plan import plan
@@ -35,11 +39,25 @@ from kubetron_operator.render import CONTAINER, WORKER, PyTorchJobBuilder, drift
 from kubetron_operator.render_trainjob import (
     COMPLETION_INDEX_ANNOTATION,
     NODE,
+    PATCH_MANAGER,
     cluster_training_runtime,
 )
-from kubetron_operator.scheduling.kueue import QUEUE_LABEL
+from kubetron_operator.scheduling.kueue import QUEUE_LABEL, SLICE_SIZE, SLICE_TOPOLOGY
 from tests.cluster.test_control_plane_restarts import _fail
-from tests.cluster.test_kueue import KUEUE_API, cluster_queue, local_queue
+from tests.cluster.test_kueue import (
+    KUEUE_API,
+    RACK,
+    TAS_CLUSTER_QUEUE,
+    TAS_NODES,
+    TAS_QUEUE,
+    TAS_TAINT,
+    cluster_queue,
+    local_queue,
+    rack_groups_job,
+    remove_tas_nodes,
+    tas_objects,
+    workload,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -232,32 +250,89 @@ def test_the_operator_runs_a_trainjob_restarts_its_group_and_succeeds(
     assert op.sample("kubetron_megatronjobs", namespace=namespace, phase="Succeeded") == 1.0
 
 
+TJ_FLAVOR, TJ_CLUSTER_QUEUE, TJ_QUEUE = "kubetron-trainjob", "kubetron-trainjob", "tj-team"
+
+
+@pytest.fixture(scope="module")
+def kueue_v2(trainer_v2: Cluster) -> Iterator[Cluster]:
+    """Kueue with its TrainJob integration beside Trainer v2: a plain flavor with 16 GPUs in
+    TJ_CLUSTER_QUEUE, and the topology-aware one of the Kueue tests on nodes of its own."""
+    cluster = trainer_v2
+    cluster.start_kueue()
+    try:
+        cluster.apply([{"apiVersion": KUEUE_API, "kind": "ResourceFlavor",
+                        "metadata": {"name": TJ_FLAVOR}},
+                       cluster_queue(TJ_CLUSTER_QUEUE, TJ_FLAVOR, 16), *tas_objects()])  # fmt: skip
+        yield cluster
+    finally:
+        for cq in (TJ_CLUSTER_QUEUE, TAS_CLUSTER_QUEUE):
+            cluster.kubectl("delete", "clusterqueue", cq, "--ignore-not-found", "--wait=false")
+        remove_tas_nodes(cluster)
+        cluster.stop_kueue()
+
+
 def test_kueue_admits_a_queued_trainjob_job(
-    trainer_v2: Cluster, namespace: str, start_operator: Any
+    kueue_v2: Cluster, namespace: str, start_operator: Any
 ) -> None:
     """Kueue with its TrainJob integration: the operator creates the TrainJob suspended with the
     queue label, Kueue admits its Workload and un-suspends it, the job runs and succeeds."""
-    cluster = trainer_v2
-    cluster.start_kueue()
-    flavor, cq, queue = "kubetron-trainjob", "kubetron-trainjob", "tj-team"
-    try:
-        cluster.apply([{"apiVersion": KUEUE_API, "kind": "ResourceFlavor",
-                        "metadata": {"name": flavor}},
-                       cluster_queue(cq, flavor, 16)])  # fmt: skip
-        local_queue(cluster, namespace, queue, cq)
-        start_operator()
-        body = fake_gpu_job("queued", nodes=2, complete_after="10s", scheduling={"queue": queue})
-        body["spec"]["backend"] = "TrainJob"
-        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(body))
-        tj = cluster.wait_for(lambda: cluster.get("trainjob", "queued", namespace), timeout=30,
-                              what="the queued job's TrainJob")  # fmt: skip
-        assert tj["metadata"]["labels"][QUEUE_LABEL] == queue
-        running = wait_phase(cluster, namespace, "queued", "Running", timeout=90)
-        queued = next(c for c in running["status"]["conditions"] if c["type"] == "Queued")
-        assert (queued["status"], queued["reason"]) == ("False", "Admitted"), queued
-        assert cq in queued["message"]
-        done = wait_phase(cluster, namespace, "queued", "Succeeded", timeout=90)["status"]
-        assert (done["attempt"], done["restarts"]) == (1, 0)
-    finally:
-        cluster.kubectl("delete", "clusterqueue", cq, "--ignore-not-found", "--wait=false")
-        cluster.stop_kueue()
+    cluster = kueue_v2
+    local_queue(cluster, namespace, TJ_QUEUE, TJ_CLUSTER_QUEUE)
+    start_operator()
+    body = fake_gpu_job("queued", nodes=2, complete_after="10s", scheduling={"queue": TJ_QUEUE})
+    body["spec"]["backend"] = "TrainJob"
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(body))
+    tj = cluster.wait_for(lambda: cluster.get("trainjob", "queued", namespace), timeout=30,
+                          what="the queued job's TrainJob")  # fmt: skip
+    assert tj["metadata"]["labels"][QUEUE_LABEL] == TJ_QUEUE
+    running = wait_phase(cluster, namespace, "queued", "Running", timeout=90)
+    queued = next(c for c in running["status"]["conditions"] if c["type"] == "Queued")
+    assert (queued["status"], queued["reason"]) == ("False", "Admitted"), queued
+    assert TJ_CLUSTER_QUEUE in queued["message"]
+    done = wait_phase(cluster, namespace, "queued", "Succeeded", timeout=90)["status"]
+    assert (done["attempt"], done["restarts"]) == (1, 0)
+
+
+def test_kueue_places_each_model_parallel_group_of_a_trainjob_inside_one_rack(
+    kueue_v2: Cluster, namespace: str, start_operator: Any
+) -> None:
+    """The Kueue placement test's TP8 x PP2 x DP2 job on the TrainJob backend: the slice
+    annotations ride in the TrainJob's runtime patch, Kueue's TrainJob integration reads them
+    from the JobSet's pod template and assigns a topology, and each data-parallel replica's two
+    pods (node ranks {0, 2} and {1, 3}, consecutive pod indices) land inside one rack."""
+    cluster = kueue_v2
+    local_queue(cluster, namespace, TAS_QUEUE, TAS_CLUSTER_QUEUE)
+    start_operator()
+    body = rack_groups_job("sliced", nodes=4, complete_after="15s")
+    body["spec"]["backend"] = "TrainJob"
+    # The job tolerates the nodes' taint itself: Kueue's node controller judges taints by the
+    # Workload's pod sets, which lack the toleration the flavor adds at admission, and evicts a
+    # Workload whose pods on a tainted node have all ended -- which for a TrainJob lasts until
+    # the Job, JobSet and TrainJob have each marked themselves complete.
+    resources = body["spec"]["resources"]
+    resources["tolerations"] = [*resources["tolerations"], {**TAS_TAINT, "operator": "Equal"}]
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(body))
+    wait_phase(cluster, namespace, "sliced", "Running", timeout=90)
+    tj = cluster.get("trainjob", "sliced", namespace)
+    assert tj is not None
+    (patch,) = [p for p in tj["spec"]["runtimePatches"] if p["manager"] == PATCH_MANAGER]
+    (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    annotations = node["template"]["spec"]["template"]["metadata"]["annotations"]
+    assert (annotations[SLICE_TOPOLOGY], annotations[SLICE_SIZE]) == (RACK, "2")
+    order = [int(r) for r in _env(tj["spec"]["trainer"])[NODE_RANKS_ENV]["value"].split(",")]
+    assert order == [0, 2, 1, 3]
+    wl = workload(cluster, namespace, "sliced", kind="trainjob")
+    assert wl is not None
+    assignments = wl["status"]["admission"]["podSetAssignments"]
+    assert all(a.get("topologyAssignment") for a in assignments), assignments
+    pods = _pods(cluster, namespace, "sliced", 4)
+    rack_of_node_rank = {
+        order[int(p["metadata"]["labels"][COMPLETION_INDEX_LABEL])]:
+            TAS_NODES[p["spec"]["nodeName"]][1]
+        for p in pods
+    }  # fmt: skip
+    assert len(rack_of_node_rank) == 4, rack_of_node_rank
+    dims = ParallelDims.from_degrees(32, tp=8, pp=2)
+    racks = [{rack_of_node_rank[r // 8] for r in dims.model_parallel_ranks(d)} for d in range(2)]
+    assert all(len(r) == 1 for r in racks) and racks[0] != racks[1], rack_of_node_rank
+    wait_phase(cluster, namespace, "sliced", "Succeeded", timeout=90)

@@ -56,6 +56,10 @@ def judge(pods: list[Obj], pj: Obj | None = None, **kw: Any) -> Verdict:
 
 def test_all_pods_running_runs_and_fewer_waits() -> None:
     assert judge([pod("worker-0"), pod("worker-1")]).action == "run"
+    # the pods have exited 0 before the job says Succeeded: still running, not back to Pending
+    done = [pod("worker-0", phase="Succeeded"), pod("worker-1", phase="Succeeded")]
+    assert judge(done).action == "run"
+    assert judge([done[0], pod("worker-1")]).action == "run"
     assert judge([pod("worker-0"), pod("worker-1", phase="Pending")], running_since=None).action \
         == "wait"  # fmt: skip
 
