@@ -42,6 +42,7 @@ from kubetron_trainer.observe.flops import peak_flops  # noqa: E402
 WARMUP = 2
 FP8_DENSE_PEAK = {"H100": 1979e12, "H200": 1979e12}  # e4m3 dense, SXM (twice bf16's)
 GEMM_SHAPE = (4096, 2048, 6144)  # tokens x in-features x out-features
+CURVE_FROM, CURVE_WINDOW = 50, 10  # the loss curves must agree within 1% from step 50 on
 
 
 def gemm_check(repeat: int = 50) -> dict[str, Any]:
@@ -235,8 +236,28 @@ def main() -> None:
         data = stdlib_corpus(Path(args.workdir))
         curves = {p: measure(args, args.presets[0], p, args.curve, data) for p in ("bf16", "fp8")}
         out["curve"] = {p: {k: r.get(k) for k in ("ok", "losses")} for p, r in curves.items()}
+        if all(r.get("ok") for r in curves.values()):
+            out["curve"]["agreement"] = agreement(curves["bf16"]["losses"], curves["fp8"]["losses"])
         record(args, out, None, {"curve_steps": args.curve})
     print(json.dumps({k: v for k, v in out.items() if k != "runs"}, indent=1))
+
+
+def agreement(bf16: list[float], fp8: list[float], start: int = CURVE_FROM) -> dict[str, Any]:
+    """How far fp8's losses stray from bf16's (same data, same order) from step `start` on:
+    the largest relative gap of one step, and of the means over windows of CURVE_WINDOW steps."""
+    pairs = list(zip(bf16, fp8, strict=True))[start - 1 :]
+    step_gaps = [abs(f - b) / b for b, f in pairs]
+    windows = [pairs[i : i + CURVE_WINDOW] for i in range(0, len(pairs), CURVE_WINDOW)]
+    window_gaps = [
+        abs(sum(f for _, f in w) - sum(b for b, _ in w)) / sum(b for b, _ in w) for w in windows
+    ]
+    return {
+        "from_step": start,
+        "max_step_rel_gap": round(max(step_gaps), 5),
+        "window_steps": CURVE_WINDOW,
+        "max_window_rel_gap": round(max(window_gaps), 5),
+        "within_1_percent": max(step_gaps) <= 0.01,
+    }
 
 
 def record(
