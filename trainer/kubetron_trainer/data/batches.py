@@ -10,7 +10,9 @@ the samples an uninterrupted run of its shape would read from that step on, and 
 state needs saving. Only the first
 and last pipeline stages read data (tokens feed the embedding, labels the loss); the others get
 `None` micro-batches. Indexed datasets go through Megatron-Core's `BlendedMegatronDatasetBuilder`
-and `GPTDataset`, so blends, splits and the index caches are Megatron's own.
+and `GPTDataset`, so blends, splits and the index caches are Megatron's own; the caches go
+beside the data as Megatron puts them, or under the checkpoint path where the data's volume is
+read-only (`index_cache`).
 
 With `recipe.eval` a second `Batches` reads the validation split (`build_data`): the same
 layout, from sample 0 of that split at every evaluation, so each evaluation scores the same
@@ -28,6 +30,7 @@ pairs' global sample indices.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,6 +56,7 @@ from kubetron_trainer.data.tokenizer import Tokenizer, check_for_model
 from kubetron_trainer.models.megatron_config import padded_vocab_size
 
 log = logging.getLogger(__name__)
+INDEX_CACHE = "data-cache"  # under checkpoint.path, where the data's own directory is read-only
 
 
 class SampleSource(Protocol):
@@ -233,12 +237,45 @@ def indexed_datasets(
         reset_attention_mask=False,
         eod_mask_loss=False,
         create_attention_mask=False,
+        path_to_cache=index_cache(cfg),
     )
     builder = BlendedMegatronDatasetBuilder(
         GPTDataset, [num_samples, num_valid, 0], lambda: reads_data, config
     )
     train, valid, _ = builder.build()
     return train, (valid if num_valid else None)
+
+
+def index_cache(cfg: TrainerConfig) -> str | None:
+    """Where Megatron-Core keeps the index caches (each dataset's document, sample and shuffle
+    order) that global rank 0 writes and every rank reading data loads: None, Megatron's own
+    place (beside each dataset), while every dataset's directory can be written; else
+    INDEX_CACHE under `checkpoint.path`, a volume every pod shares and writes. Raises
+    ConfigError when neither can be written. Every rank decides alike: its pods mount the same
+    volumes."""
+    read_only = [i for i, p in enumerate(cfg.data.paths) if not _writable(Path(p.prefix).parent)]
+    if not read_only:
+        return None
+    ckpt = cfg.checkpoint.path
+    if ckpt is not None and _writable(Path(ckpt)):
+        cache = Path(ckpt) / INDEX_CACHE
+        log.info("indexed data: read-only, so its index caches go to %s", cache)
+        return str(cache)
+    i = read_only[0]
+    raise ConfigError(
+        f"data.paths[{i}].prefix",
+        f"{Path(cfg.data.paths[i].prefix).parent} is read-only and Megatron-Core writes the "
+        "dataset's index cache beside it: mount the data writable, or set checkpoint.path on a "
+        f"writable volume (the cache then goes to <checkpoint.path>/{INDEX_CACHE})",
+    )
+
+
+def _writable(path: Path) -> bool:
+    """Whether `path`, or the nearest existing directory above it, can be written (a read-only
+    mount cannot, even by root)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return os.access(path, os.W_OK)
 
 
 class Batches:
