@@ -15,12 +15,19 @@ from prometheus_client import generate_latest
 from pydantic import ValidationError
 
 from kubetron_api.config import EvalSpec, RecipeSpec, TrainerConfig
+from kubetron_api.exitcodes import ConfigError
 from kubetron_api.parse import parse_job
 from kubetron_operator.cli.crd import crd
 from kubetron_operator.plan import PlanError, plan
 from kubetron_operator.progress import parse, progress
 from kubetron_operator.render import config_json
-from kubetron_trainer.data.batches import Batches, MockDataset, build_data, split_indices
+from kubetron_trainer.data.batches import (
+    Batches,
+    MockDataset,
+    build_data,
+    check_indexed_data,
+    split_indices,
+)
 from kubetron_trainer.data.packing import ChatDataset, split_documents, train_documents
 from kubetron_trainer.data.pairs import write_marker
 from kubetron_trainer.data.preference import PreferenceDataset
@@ -216,6 +223,26 @@ def test_indexed_validation_samples_are_megatrons_second_share(tmp_path: Path) -
     }
     assert tokens["validation"] <= set(range(41, 51))  # documents 40..49: 80,20 of 50
     assert tokens["train"] <= set(range(1, 41))
+
+
+@pytest.mark.parametrize(("split", "part"), [("99,1,0", "validation"), ("98,1,1", "test")])
+def test_a_split_part_with_no_sequence_is_refused_naming_it(
+    tmp_path: Path, split: str, part: str
+) -> None:
+    """50 sequences: 1% of them rounds to none, and Megatron-Core would loop for ever building
+    that part; a weight of 0 builds no part and is fine."""
+    prefix = tmp_path / "corpus"
+    with IndexedWriter(prefix, 512) as out:
+        out.add(np.repeat(np.arange(1, 51), 20), [20] * 50)
+        out.commit()
+    body = job_dict("gpt-tiny", seqLength=16, globalBatchSize=8, trainIters=3)
+    body["spec"]["data"] = {"type": "indexed", "paths": [{"prefix": str(prefix)}], "split": split}
+    cfg = plan(parse_job(body)).trainer_config
+    with pytest.raises(ConfigError, match=rf"data.split: {split} gives the {part} part none of "
+                       rf"the 50 sequences of data.paths\[0\]"):  # fmt: skip
+        check_indexed_data(cfg)
+    data = cfg.data.model_copy(update={"split": "100,0,0"})
+    check_indexed_data(cfg.model_copy(update={"data": data}))
 
 
 def test_mock_validation_is_a_stream_of_its_own() -> None:

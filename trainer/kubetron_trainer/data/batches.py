@@ -43,9 +43,14 @@ import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import (
     BlendedMegatronDatasetBuilder,
 )
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+    parse_and_normalize_split,
+)
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from kubetron_api.config import RecipeSpec, TrainerConfig
+from kubetron_api.config import DataSpec, RecipeSpec, TrainerConfig
 from kubetron_api.exitcodes import ConfigError
 from kubetron_api.files import unreadable
 from kubetron_trainer.data.chat import LOSS_MASK
@@ -192,8 +197,27 @@ def check_indexed_data(cfg: TrainerConfig) -> Tokenizer:
                 raise ConfigError(f"data.paths[{i}].prefix", problem)
         if data.type == "preference":
             check_marker(path.prefix, f"data.paths[{i}].prefix")
+    if data.type == "indexed":
+        check_split(data)
     padded = padded_vocab_size(cfg.model.vocab_size, cfg.parallelism.tensor)
     return check_for_model(data.tokenizer, cfg.model.vocab_size, padded)
+
+
+def check_split(data: DataSpec) -> None:
+    """Megatron-Core builds every part of `data.split` whose weight is not 0, and loops for ever
+    on a part that gets none of a dataset's sequences (a small share of a small dataset, rounded
+    as Megatron rounds it): refused here, naming the part."""
+    bounds = convert_split_vector_to_split_matrix(parse_and_normalize_split(data.split))
+    for i, path in enumerate(data.paths):
+        n = IndexedDataset(path.prefix).sequence_lengths.shape[0]
+        for part, share in zip(("train", "validation", "test"), bounds, strict=True):
+            if share is not None and round(share[0] * n) == round(share[1] * n):
+                raise ConfigError(
+                    "data.split",
+                    f"{data.split} gives the {part} part none of the {n} sequences of "
+                    f"data.paths[{i}] ({path.prefix}), and Megatron-Core cannot build an empty "
+                    f"part: give the {part} part a larger weight or 0, or use more data",
+                )
 
 
 def chat_dataset(
