@@ -451,26 +451,29 @@ def encoded_chunks(
     template: Template | None = None,
 ) -> Generator[Encoded]:
     """The chunks tokenized, in input order: in this process with one worker, else by a pool
-    of spawned workers with at most 2 chunks per worker in flight (bounded memory)."""
+    of spawned workers with at most 2 chunks per worker in flight (bounded memory). On an error
+    (bad input in a chunk) the chunks not started are cancelled and the pool waits for the few
+    in flight: multiprocessing.Pool's terminate() could deadlock there, its task thread blocked
+    on the task queue's lock."""
     if workers == 1:
         for chunk in chunks:
             yield encode_records(chunk, tokenizer, job, template)
         return
     import multiprocessing
+    from concurrent.futures import Future, ProcessPoolExecutor
 
-    pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (job,))
-    try:
-        pending: deque[Any] = deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-        pool.close()
-    finally:
-        pool.terminate()
-        pool.join()
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, spawn, initializer=_init_worker, initargs=(job,)) as pool:
+        pending: deque[Future[Encoded]] = deque()
+        try:
+            for chunk in chunks:
+                pending.append(pool.submit(_encode_in_worker, chunk))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _check_arguments(
