@@ -44,6 +44,8 @@ RULE_COMMENT = "kubetron-test-node"  # tags our own iptables rules so teardown f
 # pod range is 10.213.<index>.0/24 from index 2; 10.213.1.0/24 is the Services').
 CLUSTER_CIDR = "10.213.0.0/16"
 LINK_BASE = 100  # node <index>'s link network to the host: 10.213.<LINK_BASE + index>.0/30
+IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+SAVED_FORWARD = Path("/run/kubetron-ip-forward")  # the host's value while the bridge is up
 NETNS_PREFIX = f"{NODE_NAME}-"  # a further node's network namespace: kubetron-node-<index>
 
 
@@ -225,7 +227,7 @@ def network_up() -> None:
     run("ip", "link", "set", BRIDGE, "up")
     # Traffic to Service IPs that kube-proxy does not (yet) translate stays on the bridge.
     run("ip", "route", "add", SERVICE_CIDR, "dev", BRIDGE)
-    Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+    forwarding_on()
     # In the mangle table, which runs before kube-proxy's filter rules (they could accept first):
     # nothing is routed off the bridge or onto it, and pods reach no host address but the
     # node's (the API server and CoreDNS; Service IPs are translated to it before INPUT).
@@ -236,6 +238,21 @@ def network_up() -> None:
         ["INPUT", "-i", BRIDGE, "!", "-d", NODE_IP, *tag, "-j", "DROP"],
     ):
         run("iptables", "-t", "mangle", "-I", *rule)
+
+
+def forwarding_on(sysctl: Path = IP_FORWARD, saved: Path = SAVED_FORWARD) -> None:
+    """IPv4 forwarding on, its earlier value kept in `saved` for `forwarding_restored` (kept
+    from the first call: an interrupted run's value is not the host's)."""
+    if not saved.exists():
+        saved.write_text(sysctl.read_text())
+    sysctl.write_text("1\n")
+
+
+def forwarding_restored(sysctl: Path = IP_FORWARD, saved: Path = SAVED_FORWARD) -> None:
+    """IPv4 forwarding as it was before `forwarding_on`, if that ran."""
+    if saved.exists():
+        sysctl.write_text(saved.read_text())
+        saved.unlink()
 
 
 def _delete_tagged_rules(binary: str, comment: str = RULE_COMMENT) -> None:
@@ -273,6 +290,7 @@ def network_down() -> None:
         if shutil.which(binary):
             _delete_tagged_rules(binary)
             _delete_kube_chains(binary)
+    forwarding_restored()
 
 
 # --------------------------------------------------------------------------- cleanup by search
